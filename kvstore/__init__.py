@@ -1,1 +1,40 @@
-"""x"""
+"""The KaVa store: teacher K/V (and Q) on the student's token grid, in chunked, checksummed Zarr.
+
+Owns the format (``FORMAT.md``), its manifest, the writer, the reader, verification and interop with
+zarr/dask/xarray/pyarrow. Knows nothing about models or tokenizers.
+"""
+
+from .errors import (
+    ChecksumError,
+    ConfigError,
+    FormatVersionError,
+    IncompleteError,
+    KavaError,
+    NotAStoreError,
+    SampleError,
+    SchemaError,
+    StoreError,
+)
+from .manifest import (
+    FORMAT_VERSION,
+    SEGMENT_NAMES,
+    DatasetSpec,
+    LayerMap,
+    StorageSpec,
+    StoreManifest,
+    TeacherSpec,
+    TokenizerSpec,
+    proportional_layer_map,
+)
+from .store import KVStore, Rows, TeacherKV, default_storage, plan_shards, sample_ids_hash
+from .writer import ShardWriter
+from .verify import Problem, VerifyReport, verify_store
+from .interop import summary, to_dask, to_xarray
+
+__all__ = [
+    "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "ConfigError", "DatasetSpec", "FormatVersionError",
+    "IncompleteError", "KVStore", "KavaError", "LayerMap", "NotAStoreError", "Rows", "SampleError", "SchemaError",
+    "ShardWriter", "StorageSpec", "StoreError", "StoreManifest", "TeacherKV", "TeacherSpec", "TokenizerSpec",
+    "default_storage", "plan_shards", "proportional_layer_map", "sample_ids_hash", "Problem", "VerifyReport",
+    "verify_store", "summary", "to_dask", "to_xarray",
+]

@@ -1,0 +1,151 @@
+"""Thin helpers over zarr-python 3: backends, raw keys, array creation, and error translation."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, MemoryStore
+
+from .errors import ChecksumError, SchemaError
+
+
+def as_zarr_store(location: str | os.PathLike | Store, *, read_only: bool) -> Store:
+    """A path becomes a LocalStore; a zarr Store (e.g. ``MemoryStore()``) is used as it is."""
+    if isinstance(location, Store):
+        return location.with_read_only(read_only) if location.read_only != read_only else location
+    return LocalStore(Path(location), read_only=read_only)
+
+
+def describe(store: Store) -> str:
+    """How to name a store in messages: its path, or ``<memory store>``."""
+    if isinstance(store, LocalStore):
+        return str(store.root)
+    if isinstance(store, MemoryStore):
+        return "<memory store>"
+    return repr(store)
+
+
+def get_bytes(store: Store, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def set_bytes(store: Store, key: str, data: bytes) -> None:
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def exists(store: Store, key: str) -> bool:
+    return bool(sync(store.exists(key)))
+
+
+def delete_prefix(store: Store, prefix: str) -> None:
+    sync(store.delete_dir(prefix))
+
+
+def list_dir(store: Store, prefix: str) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list_dir(prefix)]
+
+    return sync(collect())
+
+
+def list_prefix(store: Store, prefix: str) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def codecs_for(compressor: dict[str, Any], itemsize: int) -> list[Any]:
+    """The bytes-to-bytes codec chain: compression (optional) then crc32c, so every chunk carries a checksum."""
+    chain: list[Any] = []
+    if compressor:
+        name = compressor.get("name")
+        if name != "blosc":
+            raise SchemaError(f"storage.compressor: expected 'blosc' or nothing. Got {name!r} instead.")
+        chain.append(BloscCodec(**{**compressor.get("configuration", {}), "typesize": itemsize}))
+    chain.append(Crc32cCodec())
+    return chain
+
+
+def create_array(
+    store: Store,
+    key: str,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: np.dtype | str,
+    dims: tuple[str, ...],
+    compressor: dict[str, Any] | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> zarr.Array:
+    dtype = np.dtype(dtype)
+    # Chunks may not be zero-sized even when the array is empty.
+    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
+    return zarr.create_array(
+        store,
+        name=key,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=codecs_for(compressor or {}, dtype.itemsize),
+        fill_value=0,
+        dimension_names=dims,
+        attributes=attributes or {},
+        # Write every chunk, even all-zero ones, so `verify` can tell a missing chunk from a zero one.
+        config={"write_empty_chunks": True},
+        overwrite=True,
+    )
+
+
+def open_array(store: Store, key: str) -> zarr.Array:
+    try:
+        return zarr.open_array(store, path=key, mode="r" if store.read_only else "r+")
+    except (FileNotFoundError, KeyError) as e:
+        raise SchemaError(
+            f"{describe(store)}: expected an array at {key!r}. It is missing. "
+            "Run `kava store verify` for a full report; re-extract what it names."
+        ) from e
+
+
+@contextmanager
+def reading(where: str) -> Iterator[None]:
+    """Turn zarr's checksum failure into a ChecksumError that names what was being read."""
+    try:
+        yield
+    except ValueError as e:
+        if "checksum" in str(e).lower():
+            raise ChecksumError(
+                f"{where}: a chunk's crc32c does not match its bytes; the data is corrupted. "
+                "Run `kava store verify` to list every bad chunk, then delete that shard and re-extract it "
+                "with `--resume`."
+            ) from e
+        raise
+
+
+def fsync_tree(store: Store, prefix: str) -> None:
+    """Flush a LocalStore subtree to disk, so a completion marker never outlives the data it vouches for."""
+    if not isinstance(store, LocalStore):
+        return
+    root = Path(store.root) / prefix
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,43 @@
+"""One error family for every stage.
+
+Messages name the thing (store, path, array, flag), what was expected, what was found, and the fix:
+``"Expected X. Got Y instead. <fix>"``. Wrap lower-level exceptions with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+
+class KavaError(Exception):
+    """Base class of every error KaVa raises on purpose."""
+
+
+class ConfigError(KavaError, ValueError):
+    """A bad option, flag or config value; raised before any model loads or any file is written."""
+
+
+class StoreError(KavaError):
+    """Something is wrong with a KV store on disk or in memory."""
+
+
+class NotAStoreError(StoreError, FileNotFoundError):
+    """The path holds no KaVa store."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written by a newer (or unknown) format version."""
+
+
+class SchemaError(StoreError, ValueError):
+    """Store metadata or an array does not match the format: missing, malformed, wrong shape or dtype."""
+
+
+class SampleError(StoreError, ValueError):
+    """A sample handed to a writer does not fit the store (shape, dtype, order, non-finite values)."""
+
+
+class ChecksumError(StoreError):
+    """A chunk's stored crc32c does not match its bytes: the data is corrupted."""
+
+
+class IncompleteError(StoreError):
+    """A shard, teacher or store was not finished (no completion marker)."""

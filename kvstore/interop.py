@@ -1,0 +1,128 @@
+"""The store seen through the ecosystem: dask arrays, xarray datasets, a summary for `kava store info`.
+
+Each shard's arrays open with plain ``zarr.open_array`` / ``dask.array.from_zarr`` / ``xarray.open_zarr`` (they
+carry dimension names); the functions here stitch the shards into one array on the flat token axis.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import codecs, layout
+from .errors import IncompleteError
+from .store import KVStore
+
+
+def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = True) -> Any:
+    """One teacher's ``k``, ``v`` or ``q`` as a dask array ``[tokens, layers, heads, head_dim]``, lazily.
+
+    Concatenates every shard along the token axis (aligned with ``grid/input_ids``). ``decode`` turns bfloat16
+    bits and int8 codes back into float32; without it you get the stored values. All shards must be complete.
+    """
+    import dask.array as da
+
+    spec = store.teacher(teacher)
+    missing = store.missing_shards(teacher)
+    if missing:
+        raise IncompleteError(
+            f"{store.where}: teacher {teacher!r} has {len(missing)} unfinished shards (first: {missing[:5]}). "
+            "Finish the extraction with `kava extract --resume` before reading it as one array."
+        )
+    parts = []
+    for shard in range(store.num_shards):
+        key = layout.shard_array_key(teacher, shard, array)
+        arr = store._array(key)
+        x = da.from_zarr(arr)
+        if decode and spec.storage.dtype == "int8":
+            scale = da.from_zarr(store._array(f"{key}_scale"))
+            x = x.astype(np.float32) * scale.astype(np.float32)[..., None]
+        elif decode and spec.storage.dtype == "bfloat16":
+            x = x.map_blocks(codecs.bf16_bits_to_float, dtype=np.float32)
+        parts.append(x)
+    return da.concatenate(parts, axis=0)
+
+
+def to_xarray(store: KVStore, teacher: str) -> Any:
+    """A teacher as an ``xarray.Dataset`` (dask-backed) with the grid's input and segment ids as coordinates."""
+    import dask.array as da
+    import xarray as xr
+
+    spec = store.teacher(teacher)
+    data = {
+        "k": (("token", "layer", "kv_head", "head_dim"), to_dask(store, teacher, "k")),
+        "v": (("token", "layer", "kv_head", "head_dim"), to_dask(store, teacher, "v")),
+    }
+    if spec.has_q:
+        data["q"] = (("token", "q_layer", "q_head", "head_dim"), to_dask(store, teacher, "q"))
+    weights = da.concatenate(
+        [da.from_zarr(store._array(layout.shard_array_key(teacher, s, "align_weight"))) for s in range(store.num_shards)]
+    )
+    data["align_weight"] = (("token",), weights)
+    coords = {
+        "layer": list(spec.layers),
+        "input_id": (("token",), da.from_zarr(store._array(layout.grid_key("input_ids")))),
+        "segment_id": (("token",), da.from_zarr(store._array(layout.grid_key("segment_ids")))),
+    }
+    if spec.has_q:
+        coords["q_layer"] = list(spec.q_layers)
+    return xr.Dataset(data, coords=coords, attrs={"teacher": teacher, "k_rope": spec.k_rope})
+
+
+def _disk_bytes(store: KVStore, prefix: str) -> int | None:
+    root = getattr(store.zarr_store, "root", None)
+    if root is None:
+        return None
+    total = 0
+    for dirpath, _, files in os.walk(Path(root) / prefix):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def summary(store: KVStore) -> dict[str, Any]:
+    """What `kava store info --json` prints."""
+    m = store.manifest
+    status = np.bincount(store.sample_status, minlength=len(layout.SAMPLE_STATUS))
+    teachers = {}
+    for name, spec in store.teachers.items():
+        complete = store.complete_shards(name)
+        markers = [store.shard_marker(name, s) for s in complete]
+        teachers[name] = {
+            "model": spec.model.get("id") or spec.model.get("path"),
+            "layers": list(spec.layers),
+            "num_layers": spec.num_layers,
+            "kv_heads": spec.kv_heads,
+            "num_heads": spec.num_heads,
+            "head_dim": spec.head_dim,
+            "k_rope": spec.k_rope,
+            "has_q": spec.has_q,
+            "q_layers": list(spec.q_layers),
+            "dtype": spec.storage.dtype,
+            "compressor": spec.storage.compressor.get("configuration", {}).get("cname", "none")
+            if spec.storage.compressor else "none",
+            "layer_map": spec.layer_map.method,
+            "alignment": spec.alignment.get("method"),
+            "shards_complete": len(complete),
+            "quarantined": sum(len(mk.get("quarantined", [])) for mk in markers if mk),
+            "bytes_logical": int(sum(mk.get("bytes_logical", 0) for mk in markers if mk)),
+            "bytes_on_disk": _disk_bytes(store, layout.teacher_key(name)),
+        }
+    return {
+        "path": store.where,
+        "format_version": m.format_version,
+        "samples": m.num_samples,
+        "tokens": m.num_tokens,
+        "shards": m.num_shards,
+        "samples_by_status": {s: int(c) for s, c in zip(layout.SAMPLE_STATUS, status)},
+        "student_tokenizer": {"name": m.student_tokenizer.name, "fingerprint": m.student_tokenizer.fingerprint,
+                              "vocab_size": m.student_tokenizer.vocab_size},
+        "dataset": {"name": m.dataset.name, "split": m.dataset.split,
+                    "sample_ids_hash": m.dataset.sample_ids_hash},
+        "created_by": m.created_by,
+        "created_at": m.created_at,
+        "teachers": teachers,
+        "bytes_on_disk": _disk_bytes(store, ""),
+    }

@@ -1,0 +1,50 @@
+"""Where everything lives inside a store: the one place that spells its keys (see FORMAT.md)."""
+
+from __future__ import annotations
+
+MANIFEST_ATTR = "kava"
+"""Root group attribute holding the StoreManifest."""
+TEACHER_ATTR = "kava_teacher"
+"""``teachers/<name>`` group attribute holding the TeacherSpec."""
+SHARD_ATTR = "kava_shard"
+"""``teachers/<name>/shards/<i>`` group attribute: the completion marker, written last."""
+DTYPE_ATTR = "kava_dtype"
+"""Array attribute naming the logical dtype when it differs from zarr's (``bfloat16`` stored as uint16)."""
+
+INDEX_FILE = "index.parquet"
+"""The per-sample index as a Parquet table, for pandas users (not a zarr node)."""
+GRID = "grid"
+GRID_ARRAYS = ("offsets", "input_ids", "segment_ids", "sample_status", "shard_starts")
+TOKENIZER = "student_tokenizer"
+"""Group of the student tokenizer's files, each a 1-D uint8 array named after the file."""
+
+SAMPLE_STATUS = ("ok", "truncated", "skipped")
+"""Grid-level sample status codes (``grid/sample_status``)."""
+TEACHER_STATUS = ("ok", "quarantined")
+"""Teacher-level sample status codes (``teachers/<name>/shards/<i>/sample_status``)."""
+
+SHARD_DIGITS = 6
+
+
+def grid_key(name: str) -> str:
+    return f"{GRID}/{name}"
+
+
+def teacher_key(teacher: str) -> str:
+    return f"teachers/{teacher}"
+
+
+def shard_key(teacher: str, shard: int) -> str:
+    return f"teachers/{teacher}/shards/{shard:0{SHARD_DIGITS}d}"
+
+
+def shard_array_key(teacher: str, shard: int, array: str) -> str:
+    return f"{shard_key(teacher, shard)}/{array}"
+
+
+def cka_key(teacher: str, name: str) -> str:
+    return f"teachers/{teacher}/cka/{name}"
+
+
+def tokenizer_file_key(filename: str) -> str:
+    return f"{TOKENIZER}/{filename}"

@@ -1,0 +1,406 @@
+"""The store's metadata as frozen dataclasses: parsed from JSON, never read as loose dicts.
+
+Every on-disk field goes through a ``parse_<field>()`` function with one error template,
+``"Expected X. Got Y instead."``; every dataclass round-trips through ``to_dict()`` / ``from_dict()``.
+The exact format is written down in ``FORMAT.md`` next to this file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError, FormatVersionError, SchemaError
+
+FORMAT_VERSION = 1
+"""The store format this code writes and the newest it reads."""
+
+SEGMENT_NAMES = ("prompt", "reasoning", "answer", "special")
+"""Segment id ``i`` of a student token means ``SEGMENT_NAMES[i]``."""
+
+KV_DTYPES = ("float16", "bfloat16", "float32", "int8")
+K_ROPE = ("pre", "post")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+_TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def _expect(cond: bool, what: str, got: Any, where: str) -> None:
+    if not cond:
+        raise SchemaError(f"{where}: expected {what}. Got {got!r} instead.")
+
+
+def parse_int(value: Any, where: str, *, minimum: int | None = None) -> int:
+    _expect(isinstance(value, int) and not isinstance(value, bool), "an integer", value, where)
+    if minimum is not None:
+        _expect(value >= minimum, f"an integer >= {minimum}", value, where)
+    return value
+
+
+def parse_str(value: Any, where: str, *, choices: tuple[str, ...] | None = None) -> str:
+    _expect(isinstance(value, str), "a string", value, where)
+    if choices is not None:
+        _expect(value in choices, f"one of {', '.join(choices)}", value, where)
+    return value
+
+
+def parse_opt_str(value: Any, where: str) -> str | None:
+    return None if value is None else parse_str(value, where)
+
+
+def parse_int_list(value: Any, where: str) -> tuple[int, ...]:
+    _expect(isinstance(value, (list, tuple)), "a list of integers", value, where)
+    return tuple(parse_int(v, f"{where}[{i}]", minimum=0) for i, v in enumerate(value))
+
+
+def parse_dict(value: Any, where: str) -> dict[str, Any]:
+    _expect(isinstance(value, Mapping), "an object", value, where)
+    return dict(value)
+
+
+def parse_format_version(value: Any, where: str = "format_version") -> int:
+    version = parse_int(value, where, minimum=1)
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: this store has format version {version}; this kava reads up to {FORMAT_VERSION}. "
+            "Upgrade kava (pip install -U kava) to read it."
+        )
+    return version
+
+
+def check_teacher_name(name: Any) -> str:
+    """A teacher name becomes a folder name: letters, digits and ``. _ + -``, no path separators, no ``..``."""
+    if not isinstance(name, str) or not _TEACHER_NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"Expected a teacher name of letters, digits and '._+-' (at most 100, not starting with a "
+            f"separator, no '..'). Got {name!r} instead. Choose another name with --name."
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Store level
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The student tokenizer that defines the store's token grid."""
+
+    name: str
+    """Model id or path the tokenizer was loaded from (informational; the fingerprint is what is checked)."""
+    fingerprint: str
+    """sha256 of the tokenizer's canonical serialisation; two stores with equal fingerprints share a token grid."""
+    vocab_size: int
+    kind: str = ""
+    """Tokenizer class, e.g. ``Qwen2TokenizerFast``."""
+    files: tuple[str, ...] = ()
+    """Files saved under ``student_tokenizer/`` in the store, enough to rebuild it offline."""
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TokenizerSpec:
+        w = "student_tokenizer"
+        d = parse_dict(d, w)
+        opt = lambda k: None if d.get(k) is None else parse_int(d[k], f"{w}.{k}")  # noqa: E731
+        return cls(
+            name=parse_str(d.get("name"), f"{w}.name"),
+            fingerprint=parse_str(d.get("fingerprint"), f"{w}.fingerprint"),
+            vocab_size=parse_int(d.get("vocab_size"), f"{w}.vocab_size", minimum=1),
+            kind=parse_str(d.get("kind", ""), f"{w}.kind"),
+            files=tuple(parse_str(f, f"{w}.files") for f in d.get("files", [])),
+            bos_token_id=opt("bos_token_id"),
+            eos_token_id=opt("eos_token_id"),
+            pad_token_id=opt("pad_token_id"),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which data the grid was made from."""
+
+    name: str
+    """``synthetic``, ``gsm8k`` or a file path."""
+    split: str
+    fingerprint: str
+    """sha256 over the samples' ids and texts."""
+    sample_ids_hash: str = ""
+    """sha256 of the sample ids in store order, one per line; computed by the store itself at creation."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Free-form: template name and hash, limit, seed, calculator notes kept or stripped, max length policy."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> DatasetSpec:
+        w = "dataset"
+        d = parse_dict(d, w)
+        return cls(
+            name=parse_str(d.get("name"), f"{w}.name"),
+            split=parse_str(d.get("split"), f"{w}.split"),
+            fingerprint=parse_str(d.get("fingerprint"), f"{w}.fingerprint"),
+            sample_ids_hash=parse_str(d.get("sample_ids_hash", ""), f"{w}.sample_ids_hash"),
+            details=parse_dict(d.get("details", {}), f"{w}.details"),
+        )
+
+
+@dataclass(frozen=True)
+class StoreManifest:
+    """Store-level metadata, written once at creation in the root group's ``attributes["kava"]``."""
+
+    student_tokenizer: TokenizerSpec
+    dataset: DatasetSpec
+    num_samples: int
+    num_tokens: int
+    num_shards: int
+    grid_fingerprint: str = ""
+    """sha256 over the grid's offsets and input ids: equal fingerprints mean the same student token grid."""
+    created_by: str = ""
+    """The command line that created the store."""
+    created_at: str = ""
+    kava_version: str = ""
+    format_version: int = FORMAT_VERSION
+    segment_names: tuple[str, ...] = SEGMENT_NAMES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "num_samples": self.num_samples,
+            "num_tokens": self.num_tokens,
+            "num_shards": self.num_shards,
+            "grid_fingerprint": self.grid_fingerprint,
+            "segment_names": list(self.segment_names),
+            "student_tokenizer": self.student_tokenizer.to_dict(),
+            "dataset": self.dataset.to_dict(),
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "kava_version": self.kava_version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> StoreManifest:
+        d = parse_dict(d, "manifest")
+        return cls(
+            format_version=parse_format_version(d.get("format_version")),
+            num_samples=parse_int(d.get("num_samples"), "num_samples", minimum=0),
+            num_tokens=parse_int(d.get("num_tokens"), "num_tokens", minimum=0),
+            num_shards=parse_int(d.get("num_shards"), "num_shards", minimum=0),
+            grid_fingerprint=parse_str(d.get("grid_fingerprint", ""), "grid_fingerprint"),
+            segment_names=tuple(parse_str(s, "segment_names") for s in d.get("segment_names", SEGMENT_NAMES)),
+            student_tokenizer=TokenizerSpec.from_dict(d.get("student_tokenizer")),
+            dataset=DatasetSpec.from_dict(d.get("dataset")),
+            created_by=parse_str(d.get("created_by", ""), "created_by"),
+            created_at=parse_str(d.get("created_at", ""), "created_at"),
+            kava_version=parse_str(d.get("kava_version", ""), "kava_version"),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Teacher level
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which teacher layers feed which student layer.
+
+    ``sources[s]`` lists ``(teacher_layer, weight)`` pairs for student layer ``s``; weights of one student layer
+    sum to 1. Only the teacher layers named here are stored (``TeacherSpec.layers``).
+    """
+
+    method: str
+    """``proportional``, ``explicit`` or ``cka``."""
+    sources: tuple[tuple[tuple[int, float], ...], ...]
+    details: dict[str, Any] = field(default_factory=dict)
+    """E.g. the CKA estimator and top-k for ``cka``."""
+
+    @property
+    def student_layers(self) -> int:
+        return len(self.sources)
+
+    @property
+    def teacher_layers(self) -> tuple[int, ...]:
+        """The sorted teacher layers any student layer uses."""
+        return tuple(sorted({t for src in self.sources for t, _ in src}))
+
+    def __post_init__(self) -> None:
+        for s, src in enumerate(self.sources):
+            if not src:
+                raise SchemaError(f"layer_map.sources[{s}]: expected at least one teacher layer. Got none instead.")
+            total = sum(w for _, w in src)
+            if abs(total - 1.0) > 1e-4:
+                raise SchemaError(f"layer_map.sources[{s}]: expected weights summing to 1. Got {total} instead.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "sources": [[[t, w] for t, w in src] for src in self.sources],
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LayerMap:
+        w = "layer_map"
+        d = parse_dict(d, w)
+        raw = d.get("sources")
+        _expect(isinstance(raw, list), "a list (one entry per student layer)", raw, f"{w}.sources")
+        sources = []
+        for s, src in enumerate(raw):
+            _expect(isinstance(src, list), "a list of [teacher_layer, weight] pairs", src, f"{w}.sources[{s}]")
+            pairs = []
+            for pair in src:
+                ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], (int, float))
+                _expect(ok, "a [teacher_layer, weight] pair", pair, f"{w}.sources[{s}]")
+                pairs.append((parse_int(pair[0], f"{w}.sources[{s}]", minimum=0), float(pair[1])))
+            sources.append(tuple(pairs))
+        return cls(
+            method=parse_str(d.get("method"), f"{w}.method"),
+            sources=tuple(sources),
+            details=parse_dict(d.get("details", {}), f"{w}.details"),
+        )
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """How a teacher's K/V/Q values are encoded on disk."""
+
+    dtype: str = "float16"
+    """``float16`` (default), ``bfloat16`` (stored as its uint16 bit pattern), ``float32`` or ``int8``
+    (with one float16 scale per token, layer and head)."""
+    compressor: dict[str, Any] = field(default_factory=dict)
+    """The zarr bytes-to-bytes codec before the checksum, as zarr writes it (``{"name": "blosc", ...}``)."""
+    checksum: str = "crc32c"
+    chunk_tokens: int = 4096
+    """Rows of the token axis per chunk."""
+    chunk_layers: int = 1
+    """Layers per chunk: 1 lets a reader skip layers it does not need; all layers when a layer is small."""
+
+    def __post_init__(self) -> None:
+        parse_str(self.dtype, "storage.dtype", choices=KV_DTYPES)
+        parse_int(self.chunk_tokens, "storage.chunk_tokens", minimum=1)
+        parse_int(self.chunk_layers, "storage.chunk_layers", minimum=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> StorageSpec:
+        w = "storage"
+        d = parse_dict(d, w)
+        return cls(
+            dtype=parse_str(d.get("dtype"), f"{w}.dtype", choices=KV_DTYPES),
+            compressor=parse_dict(d.get("compressor", {}), f"{w}.compressor"),
+            checksum=parse_str(d.get("checksum", "crc32c"), f"{w}.checksum", choices=("crc32c",)),
+            chunk_tokens=parse_int(d.get("chunk_tokens"), f"{w}.chunk_tokens", minimum=1),
+            chunk_layers=parse_int(d.get("chunk_layers"), f"{w}.chunk_layers", minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything distillation needs to know about one teacher's arrays; written in ``teachers/<name>/``.
+
+    K and V are ``[tokens, len(layers), kv_heads, head_dim]``; Q (optional) is
+    ``[tokens, len(q_layers), num_heads, head_dim]``. ``layers`` are teacher layer indices, in axis-1 order.
+    """
+
+    name: str
+    model: dict[str, Any]
+    """Model id or path, revision, architecture, quantization, compute dtype, parameter count."""
+    num_layers: int
+    """The teacher's total layer count (``layers`` is the stored subset)."""
+    layers: tuple[int, ...]
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    layer_map: LayerMap
+    k_rope: str = "pre"
+    """``pre``: keys before the rotary embedding (default); ``post``: as the KV cache holds them."""
+    rope: dict[str, Any] | None = None
+    """The teacher's RoPE parameters (type, theta, scaling, rotary dims); None for models without RoPE."""
+    q_layers: tuple[int, ...] = ()
+    """Teacher layers whose queries are stored; empty when Q is not stored."""
+    alignment: dict[str, Any] = field(default_factory=lambda: {"method": "identity"})
+    """How teacher tokens were mapped to the student grid: ``identity``, ``char_iou``, ``char_iou+time_warp``."""
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    created_by: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_teacher_name(self.name)
+        if self.k_rope not in K_ROPE:
+            raise SchemaError(f"k_rope: expected one of pre, post. Got {self.k_rope!r} instead.")
+        for what, layers in (("layers", self.layers), ("q_layers", self.q_layers)):
+            if any(not 0 <= l < self.num_layers for l in layers) or len(set(layers)) != len(layers):
+                raise SchemaError(
+                    f"{what}: expected distinct teacher layers in [0, {self.num_layers}). Got {list(layers)} instead."
+                )
+        missing = set(self.layer_map.teacher_layers) - set(self.layers)
+        if missing:
+            raise SchemaError(
+                f"layers: expected every teacher layer the layer map uses. Got {list(self.layers)} instead, "
+                f"missing {sorted(missing)}."
+            )
+
+    @property
+    def has_q(self) -> bool:
+        return bool(self.q_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "layers": list(self.layers),
+            "num_heads": self.num_heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "k_rope": self.k_rope,
+            "rope": self.rope,
+            "q_layers": list(self.q_layers),
+            "layer_map": self.layer_map.to_dict(),
+            "alignment": self.alignment,
+            "storage": self.storage.to_dict(),
+            "created_by": self.created_by,
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TeacherSpec:
+        d = parse_dict(d, "teacher")
+        name = parse_str(d.get("name"), "teacher.name")
+        w = f"teachers/{name}"
+        rope = d.get("rope")
+        return cls(
+            name=name,
+            model=parse_dict(d.get("model", {}), f"{w}.model"),
+            num_layers=parse_int(d.get("num_layers"), f"{w}.num_layers", minimum=1),
+            layers=parse_int_list(d.get("layers"), f"{w}.layers"),
+            num_heads=parse_int(d.get("num_heads"), f"{w}.num_heads", minimum=1),
+            kv_heads=parse_int(d.get("kv_heads"), f"{w}.kv_heads", minimum=1),
+            head_dim=parse_int(d.get("head_dim"), f"{w}.head_dim", minimum=1),
+            k_rope=parse_str(d.get("k_rope", "pre"), f"{w}.k_rope", choices=K_ROPE),
+            rope=None if rope is None else parse_dict(rope, f"{w}.rope"),
+            q_layers=parse_int_list(d.get("q_layers", []), f"{w}.q_layers"),
+            layer_map=LayerMap.from_dict(d.get("layer_map")),
+            alignment=parse_dict(d.get("alignment", {"method": "identity"}), f"{w}.alignment"),
+            storage=StorageSpec.from_dict(d.get("storage")),
+            created_by=parse_str(d.get("created_by", ""), f"{w}.created_by"),
+            details=parse_dict(d.get("details", {}), f"{w}.details"),
+        )
+
+
+def proportional_layer_map(teacher_layers: int, student_layers: int) -> LayerMap:
+    """Student layer ``s`` takes teacher layer ``round(s * (L_t - 1) / (L_s - 1))`` (ends map to ends)."""
+    if teacher_layers < 1 or student_layers < 1:
+        raise ConfigError(
+            f"Expected positive layer counts. Got teacher={teacher_layers}, student={student_layers} instead."
+        )
+    if student_layers == 1:
+        return LayerMap("proportional", (((teacher_layers - 1, 1.0),),))
+    scale = (teacher_layers - 1) / (student_layers - 1)
+    return LayerMap("proportional", tuple(((round(s * scale), 1.0),) for s in range(student_layers)))

@@ -1,0 +1,632 @@
+"""The store facade: create or open a store, register teachers, read samples and shards.
+
+A store is a zarr v3 hierarchy (see FORMAT.md). The student token grid (input ids, segment ids, offsets, shard
+plan) is written once, at creation; each teacher then fills its own shards, each shard a zarr group whose
+completion marker (an attribute) is written last. Any zarr Store works as a backend: a path gives a LocalStore,
+``zarr.storage.MemoryStore()`` gives an in-memory store for tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.abc.store import Store
+
+from . import _zarr, codecs, layout
+from .errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
+from .manifest import (
+    FORMAT_VERSION,
+    DatasetSpec,
+    StorageSpec,
+    StoreManifest,
+    TeacherSpec,
+    TokenizerSpec,
+    check_teacher_name,
+)
+
+GRID_CHUNK = 1 << 20
+"""Rows per chunk of the 1-D grid arrays (4 MiB of int32 input ids)."""
+
+
+def sample_ids_hash(sample_ids: Sequence[str]) -> str:
+    """sha256 of the sample ids in order, one per line: the split's identity."""
+    h = hashlib.sha256()
+    for sid in sample_ids:
+        h.update(sid.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def plan_shards(lengths: np.ndarray, *, shard_tokens: int, max_samples: int | None = None) -> np.ndarray:
+    """Cut samples into contiguous shards of about ``shard_tokens`` tokens (and at most ``max_samples``).
+
+    Returns ``shard_starts`` ``[S+1]``: shard ``s`` holds samples ``shard_starts[s]:shard_starts[s+1]``.
+    """
+    starts = [0]
+    tokens = 0
+    for i, n in enumerate(lengths):
+        tokens += int(n)
+        count = i + 1 - starts[-1]
+        if tokens >= shard_tokens or (max_samples is not None and count >= max_samples):
+            starts.append(i + 1)
+            tokens = 0
+    if starts[-1] != len(lengths):
+        starts.append(len(lengths))
+    return np.asarray(starts, dtype=np.int64)
+
+
+@dataclass
+class TeacherKV:
+    """One teacher's rows for a run of student tokens. Shapes: ``k``/``v`` ``[T, L, H, D]``, ``q``
+    ``[T, Lq, Hq, D]`` or None, ``align_weight`` ``[T]``, ``status`` ``[n_samples]`` (0 ok, 1 quarantined)."""
+
+    k: np.ndarray
+    v: np.ndarray
+    align_weight: np.ndarray
+    status: np.ndarray
+    layers: tuple[int, ...]
+    q: np.ndarray | None = None
+    q_layers: tuple[int, ...] = ()
+
+
+@dataclass
+class Rows:
+    """A run of samples on the flat token axis: a single sample or a whole shard.
+
+    ``offsets`` ``[n+1]`` are relative to the first row; ``input_ids``/``segment_ids`` ``[T]``.
+    """
+
+    sample_indices: np.ndarray
+    sample_ids: list[str]
+    offsets: np.ndarray
+    input_ids: np.ndarray
+    segment_ids: np.ndarray
+    teachers: dict[str, TeacherKV] = field(default_factory=dict)
+    shard: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.sample_indices)
+
+
+class KVStore:
+    """A KaVa store. Use :meth:`create` or :meth:`open`; read-only unless opened with ``mode="a"``."""
+
+    def __init__(self, store: Store, manifest: StoreManifest) -> None:
+        self._store = store
+        self.manifest = manifest
+        self.where = _zarr.describe(store)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._specs: dict[str, TeacherSpec] = {}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Opening and creating
+
+    @classmethod
+    def open(cls, location: str | os.PathLike | Store, *, mode: str = "r") -> KVStore:
+        """Open an existing store; ``mode="a"`` to add teachers or shards."""
+        if mode not in ("r", "a"):
+            raise ConfigError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
+        store = _zarr.as_zarr_store(location, read_only=mode == "r")
+        where = _zarr.describe(store)
+        if not isinstance(location, Store) and not os.path.isdir(location):
+            raise NotAStoreError(f"{where}: no such directory. Check the path, or create a store with `kava extract`.")
+        try:
+            attrs = zarr.open_group(store, mode="r").attrs.asdict()
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise NotAStoreError(
+                f"{where}: not a KaVa store (no zarr group here). Check the path, or create one with `kava extract`."
+            ) from e
+        if layout.MANIFEST_ATTR not in attrs:
+            raise NotAStoreError(
+                f"{where}: a zarr group, but not a KaVa store (no '{layout.MANIFEST_ATTR}' manifest attribute). "
+                "If a creation was interrupted, delete the directory and run the extraction again."
+            )
+        try:
+            manifest = StoreManifest.from_dict(attrs[layout.MANIFEST_ATTR])
+        except SchemaError as e:
+            raise SchemaError(f"{where}: bad manifest: {e}") from e
+        return cls(store, manifest)
+
+    @classmethod
+    def create(
+        cls,
+        location: str | os.PathLike | Store,
+        *,
+        sample_ids: Sequence[str],
+        input_ids: Sequence[Any],
+        segment_ids: Sequence[Any],
+        student_tokenizer: TokenizerSpec,
+        dataset: DatasetSpec,
+        sample_status: Sequence[str] | None = None,
+        status_reasons: Sequence[str] | None = None,
+        shard_tokens: int = 32768,
+        shard_samples: int | None = None,
+        tokenizer_files: Mapping[str, bytes] | None = None,
+        created_by: str = "",
+        exist_ok: bool = True,
+    ) -> KVStore:
+        """Create a store and write its student token grid; return it opened for appending.
+
+        ``input_ids[i]`` and ``segment_ids[i]`` are sample ``i``'s student tokens ``[T_i]``. If a store with the
+        same grid already exists (another job of a job array got there first) it is opened instead; a store with
+        a different grid is refused.
+        """
+        n = len(sample_ids)
+        if not (len(input_ids) == len(segment_ids) == n):
+            raise ConfigError(
+                f"Expected one input_ids and one segment_ids array per sample ({n}). "
+                f"Got {len(input_ids)} and {len(segment_ids)} instead."
+            )
+        if len(set(sample_ids)) != n:
+            raise ConfigError("Expected unique sample ids. Got duplicates instead; give every row its own id.")
+        status = list(sample_status) if sample_status is not None else ["ok"] * n
+        reasons = list(status_reasons) if status_reasons is not None else [""] * n
+        if len(status) != n or len(reasons) != n or any(s not in layout.SAMPLE_STATUS for s in status):
+            raise ConfigError(f"Expected one status in {layout.SAMPLE_STATUS} and one reason per sample.")
+        ids = [np.asarray(x, dtype=np.int64).reshape(-1) for x in input_ids]
+        segs = [np.asarray(x, dtype=np.int64).reshape(-1) for x in segment_ids]
+        for i, (a, b) in enumerate(zip(ids, segs)):
+            if len(a) != len(b):
+                raise ConfigError(f"Sample {sample_ids[i]!r}: {len(a)} input ids but {len(b)} segment ids.")
+            if len(b) and (b.min() < 0 or b.max() >= len(layout.SAMPLE_STATUS) + 1):
+                raise ConfigError(f"Sample {sample_ids[i]!r}: segment ids must be 0..3 (prompt..special).")
+            if len(a) and (a.min() < 0 or a.max() >= student_tokenizer.vocab_size):
+                raise ConfigError(
+                    f"Sample {sample_ids[i]!r}: input ids outside [0, {student_tokenizer.vocab_size}) "
+                    "of the student tokenizer."
+                )
+        lengths = np.array([len(a) for a in ids], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat_ids = np.concatenate(ids).astype(np.int32) if n else np.zeros(0, np.int32)
+        flat_segs = np.concatenate(segs).astype(np.uint8) if n else np.zeros(0, np.uint8)
+        shard_starts = plan_shards(lengths, shard_tokens=shard_tokens, max_samples=shard_samples)
+
+        grid_hash = hashlib.sha256(offsets.tobytes() + flat_ids.tobytes()).hexdigest()
+        manifest = StoreManifest(
+            student_tokenizer=student_tokenizer,
+            dataset=replace(dataset, sample_ids_hash=sample_ids_hash(sample_ids)),
+            num_samples=n,
+            num_tokens=int(offsets[-1]),
+            num_shards=len(shard_starts) - 1,
+            grid_fingerprint=grid_hash,
+            created_by=created_by,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            kava_version=_version(),
+            format_version=FORMAT_VERSION,
+        )
+
+        store = _zarr.as_zarr_store(location, read_only=False)
+        if _zarr.exists(store, "zarr.json"):
+            existing = cls.open(location if not isinstance(location, Store) else store, mode="a")
+            existing._check_same_grid(manifest)
+            if not exist_ok:
+                raise StoreError(f"{existing.where}: a store already exists here. Choose another path.")
+            return existing
+
+        def grid(name: str, data: np.ndarray, dim: str) -> None:
+            _zarr.create_array(
+                store, layout.grid_key(name), shape=data.shape, chunks=(GRID_CHUNK,), dtype=data.dtype,
+                dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
+            )[...] = data
+
+        grid("offsets", offsets, "sample_edge")
+        grid("input_ids", flat_ids, "token")
+        grid("segment_ids", flat_segs, "token")
+        grid("sample_status", np.array([layout.SAMPLE_STATUS.index(s) for s in status], np.uint8), "sample")
+        grid("shard_starts", shard_starts, "shard_edge")
+        for fname, data in (tokenizer_files or {}).items():
+            arr = np.frombuffer(data, dtype=np.uint8)
+            _zarr.create_array(
+                store, layout.tokenizer_file_key(fname), shape=arr.shape, chunks=(max(1, arr.size),),
+                dtype=np.uint8, dims=("byte",),
+            )[...] = arr
+        table = pa.table(
+            {
+                "sample_index": pa.array(np.arange(n, dtype=np.int64)),
+                "sample_id": pa.array(list(sample_ids), pa.string()),
+                "shard": pa.array(np.searchsorted(shard_starts, np.arange(n), side="right") - 1),
+                "token_offset": pa.array(offsets[:-1]),
+                "num_tokens": pa.array(lengths),
+                "status": pa.array(status, pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+            }
+        )
+        sink = io.BytesIO()
+        pq.write_table(table, sink, write_page_checksum=True)
+        _zarr.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
+        # The root attribute is written last: a store without it is an interrupted creation.
+        zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: manifest.to_dict()})
+        return cls(store, manifest)
+
+    def _check_same_grid(self, other: StoreManifest) -> None:
+        mine = self.manifest
+        problems = []
+        if mine.student_tokenizer.fingerprint != other.student_tokenizer.fingerprint:
+            problems.append(
+                f"student tokenizer {mine.student_tokenizer.name!r} (fingerprint "
+                f"{mine.student_tokenizer.fingerprint[:12]}) vs {other.student_tokenizer.name!r} "
+                f"({other.student_tokenizer.fingerprint[:12]})"
+            )
+        if mine.dataset.sample_ids_hash != other.dataset.sample_ids_hash:
+            problems.append(
+                f"split {mine.dataset.name}:{mine.dataset.split} ({mine.num_samples} samples, ids hash "
+                f"{mine.dataset.sample_ids_hash[:12]}) vs {other.dataset.name}:{other.dataset.split} "
+                f"({other.num_samples} samples, {other.dataset.sample_ids_hash[:12]})"
+            )
+        elif mine.grid_fingerprint != other.grid_fingerprint:
+            problems.append("the same samples tokenized differently (prompt template or max length differ)")
+        if problems:
+            raise StoreError(
+                f"{self.where}: this store was made for another student grid: " + "; ".join(problems)
+                + ". Use a new --store path, or the same student tokenizer, split and template."
+            )
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The grid
+
+    @property
+    def zarr_store(self) -> Store:
+        return self._store
+
+    @property
+    def read_only(self) -> bool:
+        return self._store.read_only
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest.num_shards
+
+    def _array(self, key: str) -> zarr.Array:
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self._arrays[key] = _zarr.open_array(self._store, key)
+        return arr
+
+    def _read(self, key: str, selection: Any = Ellipsis, what: str | None = None) -> np.ndarray:
+        with _zarr.reading(f"{self.where}: {what or key}"):
+            return np.asarray(self._array(key)[selection])
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """``[N+1]`` int64: sample ``i`` is rows ``offsets[i]:offsets[i+1]`` of the flat token axis."""
+        return self._read(layout.grid_key("offsets"))
+
+    @cached_property
+    def shard_starts(self) -> np.ndarray:
+        """``[S+1]`` int64: shard ``s`` holds samples ``shard_starts[s]:shard_starts[s+1]``."""
+        return self._read(layout.grid_key("shard_starts"))
+
+    @cached_property
+    def sample_status(self) -> np.ndarray:
+        """``[N]`` uint8 grid status: index into ``layout.SAMPLE_STATUS`` (ok, truncated, skipped)."""
+        return self._read(layout.grid_key("sample_status"))
+
+    def index_table(self) -> pa.Table:
+        """The per-sample index (``index.parquet``) with its page checksums verified."""
+        data = _zarr.get_bytes(self._store, layout.INDEX_FILE)
+        if data is None:
+            raise SchemaError(f"{self.where}: {layout.INDEX_FILE} is missing. The store's creation was incomplete.")
+        try:
+            return pq.read_table(io.BytesIO(data), page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as e:
+            raise SchemaError(f"{self.where}: {layout.INDEX_FILE} is unreadable or corrupted: {e}") from e
+
+    @cached_property
+    def sample_ids(self) -> list[str]:
+        return self.index_table().column("sample_id").to_pylist()
+
+    @cached_property
+    def _id_to_index(self) -> dict[str, int]:
+        return {sid: i for i, sid in enumerate(self.sample_ids)}
+
+    def sample_index(self, sample: int | str) -> int:
+        """A sample's position from its index or its id."""
+        if isinstance(sample, str):
+            try:
+                return self._id_to_index[sample]
+            except KeyError:
+                raise KeyError(f"{self.where}: no sample with id {sample!r}") from None
+        i = int(sample)
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"{self.where}: sample index {i} out of range [0, {self.num_samples})")
+        return i
+
+    def shard_of(self, sample: int | str) -> int:
+        return int(np.searchsorted(self.shard_starts, self.sample_index(sample), side="right") - 1)
+
+    def shard_samples(self, shard: int) -> range:
+        self._check_shard(shard)
+        return range(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
+
+    def shard_tokens(self, shard: int) -> tuple[int, int]:
+        """The shard's rows ``[start, stop)`` on the flat token axis."""
+        s = self.shard_samples(shard)
+        return int(self.offsets[s.start]), int(self.offsets[s.stop])
+
+    def _check_shard(self, shard: int) -> None:
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"{self.where}: shard {shard} out of range [0, {self.num_shards})")
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The student tokenizer's files saved in the store (empty if none were saved)."""
+        return {
+            name: self._read(layout.tokenizer_file_key(name)).tobytes()
+            for name in self.manifest.student_tokenizer.files
+        }
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Teachers
+
+    @property
+    def teachers(self) -> dict[str, TeacherSpec]:
+        """Registered teachers by name (read fresh: other writers may add teachers)."""
+        out = {}
+        for name in sorted(_zarr.list_dir(self._store, "teachers/")):
+            if not _zarr.exists(self._store, f"{layout.teacher_key(name)}/zarr.json"):
+                continue
+            out[name] = self.teacher(name)
+        return out
+
+    def teacher(self, name: str) -> TeacherSpec:
+        check_teacher_name(name)
+        try:
+            attrs = zarr.open_group(self._store, path=layout.teacher_key(name), mode="r").attrs.asdict()
+        except (FileNotFoundError, KeyError) as e:
+            raise self._missing_teacher(name) from e
+        if layout.TEACHER_ATTR not in attrs:
+            raise self._missing_teacher(name)
+        try:
+            return TeacherSpec.from_dict(attrs[layout.TEACHER_ATTR])
+        except SchemaError as e:
+            raise SchemaError(f"{self.where}: teachers/{name}: {e}") from e
+
+    def _missing_teacher(self, name: str) -> SchemaError:
+        names = [n for n in sorted(_zarr.list_dir(self._store, "teachers/"))] if _zarr.exists(
+            self._store, "teachers/zarr.json") else []
+        return SchemaError(
+            f"{self.where}: no teacher {name!r} in this store. It has: {', '.join(names) or 'none'}."
+        )
+
+    def add_teacher(self, spec: TeacherSpec) -> TeacherSpec:
+        """Register a teacher (or confirm one registered with the same spec) before writing its shards.
+
+        A name already registered with a different geometry, layer map or storage is refused: two models under
+        one name would mix their arrays.
+        """
+        self._check_writable()
+        check_teacher_name(spec.name)
+        if spec.storage.chunk_tokens <= 0:
+            raise ConfigError("storage.chunk_tokens must be positive")
+        key = layout.teacher_key(spec.name)
+        if _zarr.exists(self._store, f"{key}/zarr.json"):
+            existing = self.teacher(spec.name)
+            fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map")
+            diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
+            if diff:
+                raise StoreError(
+                    f"{self.where}: teacher {spec.name!r} already exists with different {', '.join(diff)}. "
+                    "Use another --name, or delete teachers/" + spec.name + " to start it over."
+                )
+            return existing
+        zarr.open_group(self._store, path=key, mode="a").attrs.put({layout.TEACHER_ATTR: spec.to_dict()})
+        return spec
+
+    def shard_marker(self, teacher: str, shard: int) -> dict[str, Any] | None:
+        """The shard's completion marker, or None when the shard is absent or unfinished."""
+        key = layout.shard_key(teacher, shard)
+        raw = _zarr.get_bytes(self._store, f"{key}/zarr.json")
+        if raw is None:
+            return None
+        try:
+            import json
+
+            marker = json.loads(raw).get("attributes", {}).get(layout.SHARD_ATTR)
+        except ValueError:
+            return None  # a torn metadata document: the shard is not complete
+        return marker if isinstance(marker, dict) and marker.get("complete") is True else None
+
+    def complete_shards(self, teacher: str) -> list[int]:
+        """Shards of ``teacher`` whose completion marker is written."""
+        present = _zarr.list_dir(self._store, f"{layout.teacher_key(teacher)}/shards/")
+        done = []
+        for name in present:
+            if name.isdigit() and self.shard_marker(teacher, int(name)) is not None:
+                done.append(int(name))
+        return sorted(done)
+
+    def missing_shards(self, teacher: str) -> list[int]:
+        done = set(self.complete_shards(teacher))
+        return [s for s in range(self.num_shards) if s not in done]
+
+    def shard_writer(self, teacher: str, shard: int, *, nonfinite: str = "error") -> Any:
+        """A writer for one whole shard of a registered teacher; see :class:`kava.kvstore.ShardWriter`."""
+        from .writer import ShardWriter
+
+        self._check_writable()
+        return ShardWriter(self, self.teacher(teacher), shard, nonfinite=nonfinite)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.where}: opened read-only. Open it with mode='a' to write.")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # CKA matrices
+
+    def write_cka(self, teacher: str, name: str, matrix: np.ndarray, **attrs: Any) -> None:
+        """Store a layer×layer CKA matrix (e.g. ``teacher_teacher``, ``teacher_student``) with its estimator."""
+        self._check_writable()
+        self.teacher(teacher)
+        check_teacher_name(name)
+        m = np.asarray(matrix, dtype=np.float64)
+        if m.ndim != 2:
+            raise ConfigError(f"Expected a 2-D CKA matrix. Got shape {m.shape} instead.")
+        _zarr.create_array(
+            self._store, layout.cka_key(teacher, name), shape=m.shape, chunks=m.shape, dtype=np.float64,
+            dims=("layer_a", "layer_b"), attributes=attrs,
+        )[...] = m
+
+    def cka(self, teacher: str) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """All stored CKA matrices of a teacher: name → (matrix, attributes)."""
+        out = {}
+        for name in sorted(_zarr.list_dir(self._store, f"{layout.teacher_key(teacher)}/cka/")):
+            key = layout.cka_key(teacher, name)
+            out[name] = (self._read(key), dict(self._array(key).attrs))
+        return out
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Reading K/V
+
+    def read_sample(
+        self,
+        sample: int | str,
+        *,
+        teachers: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        with_q: bool = False,
+        dtype: Any = np.float32,
+    ) -> Rows:
+        """One sample's grid rows and each teacher's K/V (and Q). Random access: reads the 1-2 chunks it needs."""
+        i = self.sample_index(sample)
+        shard = self.shard_of(i)
+        return self._read_rows(shard, i, i + 1, teachers, layers, with_q, dtype)
+
+    def read_shard(
+        self,
+        shard: int,
+        *,
+        teachers: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        with_q: bool = False,
+        dtype: Any = np.float32,
+    ) -> Rows:
+        """A whole shard: the unit of streaming."""
+        s = self.shard_samples(shard)
+        return self._read_rows(shard, s.start, s.stop, teachers, layers, with_q, dtype)
+
+    def iter_shards(
+        self,
+        shards: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Rows]:
+        """Stream shards in the given order (default: all, in order). Keyword arguments as :meth:`read_shard`."""
+        for s in range(self.num_shards) if shards is None else shards:
+            yield self.read_shard(s, **kwargs)
+
+    def _read_rows(
+        self, shard: int, first: int, stop: int, teachers, layers, with_q, dtype
+    ) -> Rows:
+        a, b = int(self.offsets[first]), int(self.offsets[stop])
+        ids = self.sample_ids[first:stop]
+        rows = Rows(
+            sample_indices=np.arange(first, stop),
+            sample_ids=ids,
+            offsets=self.offsets[first : stop + 1] - a,
+            input_ids=self._read(layout.grid_key("input_ids"), slice(a, b)),
+            segment_ids=self._read(layout.grid_key("segment_ids"), slice(a, b)),
+            shard=shard,
+        )
+        names = list(self.teachers) if teachers is None else list(teachers)
+        s0 = int(self.shard_starts[shard])
+        t0 = int(self.offsets[s0])
+        for name in names:
+            rows.teachers[name] = self._read_teacher(name, shard, a - t0, b - t0, first - s0, stop - s0,
+                                                     layers, with_q, dtype)
+        return rows
+
+    def _layer_positions(self, spec: TeacherSpec, layers: Sequence[int] | None, stored: tuple[int, ...],
+                         what: str) -> tuple[Any, tuple[int, ...]]:
+        if layers is None:
+            return slice(None), stored
+        missing = [l for l in layers if l not in stored]
+        if missing:
+            raise SchemaError(
+                f"{self.where}: teacher {spec.name!r} stores {what} layers {list(stored)}; "
+                f"{missing} were asked for. Ask for stored layers, or re-extract with those layers in the map."
+            )
+        pos = [stored.index(l) for l in layers]
+        # A contiguous run reads as a slice; otherwise orthogonal indexing touches only the chunks it needs.
+        sel: Any = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
+        return sel, tuple(layers)
+
+    def _read_teacher(self, name, shard, a, b, sa, sb, layers, with_q, dtype) -> TeacherKV:
+        spec = self._specs.get(name) or self._specs.setdefault(name, self.teacher(name))
+        if self.shard_marker(name, shard) is None:
+            first, stop = self.shard_samples(shard).start, self.shard_samples(shard).stop
+            raise IncompleteError(
+                f"{self.where}: teacher {name!r} has not finished shard {shard} (samples {first}-{stop - 1}). "
+                "Finish the extraction with `kava extract --resume`, or read complete_shards() only."
+            )
+        out_dtype = np.dtype(dtype)
+        sel, kept = self._layer_positions(spec, layers, spec.layers, "K/V")
+
+        def values(array: str, lsel: Any) -> np.ndarray:
+            key = layout.shard_array_key(name, shard, array)
+            where = f"teacher {name!r} shard {shard} array {array!r}"
+            arr = self._array(key)
+            with _zarr.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
+                               f"-{self.shard_samples(shard).start + sb - 1})"):
+                if isinstance(lsel, list):
+                    stored = arr.get_orthogonal_selection((slice(a, b), lsel))
+                else:
+                    stored = arr[a:b, lsel]
+                scale = None
+                if spec.storage.dtype == "int8":
+                    sarr = self._array(f"{key}_scale")
+                    scale = (sarr.get_orthogonal_selection((slice(a, b), lsel)) if isinstance(lsel, list)
+                             else sarr[a:b, lsel])
+            return codecs.decode(np.asarray(stored), scale, spec.storage.dtype, out_dtype)
+
+        kv = TeacherKV(
+            k=values("k", sel),
+            v=values("v", sel),
+            align_weight=self._read(layout.shard_array_key(name, shard, "align_weight"), slice(a, b)),
+            status=self._read(layout.shard_array_key(name, shard, "sample_status"), slice(sa, sb)),
+            layers=kept,
+        )
+        if with_q:
+            if not spec.has_q:
+                raise SchemaError(
+                    f"{self.where}: teacher {name!r} has no stored queries. Re-extract it with --with-q."
+                )
+            qsel, qkept = self._layer_positions(spec, None, spec.q_layers, "Q")
+            kv.q, kv.q_layers = values("q", qsel), qkept
+        return kv
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kava")
+    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+        return "0+unknown"
+
+
+def default_storage(layers: int, kv_heads: int, head_dim: int, dtype: str = "float16", *,
+                    compress: bool = True) -> StorageSpec:
+    """The storage choice for a teacher: chunking planned from its geometry, blosc-zstd unless told not to."""
+    tokens, per_chunk_layers = codecs.plan_chunks(layers, kv_heads, head_dim, dtype)
+    return StorageSpec(
+        dtype=dtype,
+        compressor=dict(codecs.DEFAULT_COMPRESSOR) if compress else {},
+        chunk_tokens=tokens,
+        chunk_layers=min(per_chunk_layers, layers),
+    )

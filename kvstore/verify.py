@@ -1,0 +1,203 @@
+"""`kava store verify`: schema, completeness and every chunk's checksum, with problems named precisely."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import zarr  # noqa: F401 - zarr.Array in annotations
+
+from . import _zarr, codecs, layout
+from .errors import ChecksumError, KavaError, SchemaError
+from .manifest import TeacherSpec
+from .store import KVStore
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    """The array or document, e.g. ``teachers/qwen/shards/000003/k``."""
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    problems: list[Problem] = field(default_factory=list)
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    shards_complete: dict[str, int] = field(default_factory=dict)
+    shards_expected: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "ok": self.ok,
+            "problems": [{"where": p.where, "message": p.message} for p in self.problems],
+            "chunks_checked": self.chunks_checked,
+            "bytes_checked": self.bytes_checked,
+            "shards_expected": self.shards_expected,
+            "shards_complete": self.shards_complete,
+        }
+
+
+def _chunk_coords(arr: zarr.Array) -> Sequence[tuple[int, ...]]:
+    grid = [-(-s // c) if s else 0 for s, c in zip(arr.shape, arr.chunks)]
+    return list(itertools.product(*(range(g) for g in grid)))
+
+
+def _check_chunks(
+    store: KVStore, report: VerifyReport, key: str, describe_rows: Callable[[int, int], str]
+) -> np.ndarray | None:
+    """Decode every chunk of an array (checking its crc32c); report missing or corrupted ones.
+
+    Returns the whole array when it is small and sound (for further checks), else None.
+    """
+    zstore = store.zarr_store
+    try:
+        arr = _zarr.open_array(zstore, key)
+    except (SchemaError, ValueError) as e:
+        report.problems.append(Problem(key, f"unreadable array metadata: {e}"))
+        return None
+    bad = False
+    for coords in _chunk_coords(arr):
+        chunk_key = f"{key}/{arr.metadata.encode_chunk_key(coords)}"
+        rows = (coords[0] * arr.chunks[0], min((coords[0] + 1) * arr.chunks[0], arr.shape[0]))
+        if not _zarr.exists(zstore, chunk_key):
+            report.problems.append(Problem(key, f"chunk {coords} is missing ({describe_rows(*rows)})"))
+            bad = True
+            continue
+        try:
+            with _zarr.reading(key):
+                block = arr.blocks[coords]
+        except ChecksumError:
+            report.problems.append(
+                Problem(key, f"chunk {coords} fails its crc32c checksum: corrupted ({describe_rows(*rows)})")
+            )
+            bad = True
+            continue
+        except Exception as e:  # noqa: BLE001 - any decode failure is a finding, not a crash
+            report.problems.append(Problem(key, f"chunk {coords} does not decode: {e} ({describe_rows(*rows)})"))
+            bad = True
+            continue
+        report.chunks_checked += 1
+        report.bytes_checked += block.nbytes
+    if bad or arr.nbytes > (64 << 20):
+        return None
+    return np.asarray(arr[...])
+
+
+def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> VerifyReport:
+    """Check a store completely. Raises only when it is not a store at all; everything else is a Problem."""
+    store = KVStore.open(location)
+    m = store.manifest
+    report = VerifyReport(store=store.where, shards_expected=m.num_shards)
+    problems = report.problems
+
+    def grid_rows(a: int, b: int) -> str:
+        offsets = store.offsets
+        first = int(np.searchsorted(offsets, a, side="right") - 1)
+        last = int(np.searchsorted(offsets, max(a, b - 1), side="right") - 1)
+        return f"tokens {a}-{b - 1}, samples {first}-{last}"
+
+    # The grid: every chunk, then its invariants.
+    arrays = {}
+    for name in layout.GRID_ARRAYS:
+        key = layout.grid_key(name)
+        arrays[name] = _check_chunks(store, report, key, lambda a, b, n=name: f"{n} rows {a}-{b - 1}")
+    expected = {"offsets": (m.num_samples + 1,), "input_ids": (m.num_tokens,), "segment_ids": (m.num_tokens,),
+                "sample_status": (m.num_samples,), "shard_starts": (m.num_shards + 1,)}
+    for name, shape in expected.items():
+        if arrays[name] is not None and arrays[name].shape != shape:
+            problems.append(Problem(layout.grid_key(name), f"expected shape {shape}. Got {arrays[name].shape}."))
+            arrays[name] = None
+    off, starts = arrays["offsets"], arrays["shard_starts"]
+    if off is not None and (off[0] != 0 or off[-1] != m.num_tokens or np.any(np.diff(off) < 0)):
+        problems.append(Problem("grid/offsets", f"expected non-decreasing offsets from 0 to {m.num_tokens}."))
+        off = None
+    if starts is not None and (starts[0] != 0 or starts[-1] != m.num_samples or np.any(np.diff(starts) <= 0)
+                               and m.num_samples):
+        problems.append(Problem("grid/shard_starts", f"expected increasing shard starts from 0 to {m.num_samples}."))
+        starts = None
+    if arrays["segment_ids"] is not None and m.num_tokens and arrays["segment_ids"].max() >= len(m.segment_names):
+        problems.append(Problem("grid/segment_ids", f"expected ids below {len(m.segment_names)}."))
+    try:
+        table = store.index_table()
+        if table.num_rows != m.num_samples:
+            problems.append(Problem(layout.INDEX_FILE, f"expected {m.num_samples} rows. Got {table.num_rows}."))
+        elif off is not None and not np.array_equal(table.column("num_tokens").to_numpy(), np.diff(off)):
+            problems.append(Problem(layout.INDEX_FILE, "num_tokens disagrees with grid/offsets."))
+    except SchemaError as e:
+        problems.append(Problem(layout.INDEX_FILE, str(e)))
+    for fname in m.student_tokenizer.files:
+        _check_chunks(store, report, layout.tokenizer_file_key(fname), lambda a, b: f"bytes {a}-{b - 1}")
+    if off is None or starts is None:
+        return report  # without a sound grid, shard ranges can't be named
+
+    names = list(store.teachers) if teachers is None else list(teachers)
+    for name in names:
+        try:
+            spec = store.teacher(name)
+        except KavaError as e:
+            problems.append(Problem(layout.teacher_key(name), str(e)))
+            continue
+        _verify_teacher(store, report, spec, grid_rows)
+    return report
+
+
+def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, grid_rows) -> None:
+    problems = report.problems
+    complete = 0
+    stored_dtype = codecs.storage_numpy_dtype(spec.storage.dtype)
+    for shard in range(store.num_shards):
+        samples = store.shard_samples(shard)
+        t0, t1 = store.shard_tokens(shard)
+        skey = layout.shard_key(spec.name, shard)
+        marker = store.shard_marker(spec.name, shard)
+        if marker is None:
+            problems.append(Problem(
+                skey, f"incomplete: no completion marker (samples {samples.start}-{samples.stop - 1}). "
+                "Finish it with `kava extract --resume`."))
+            continue
+        complete += 1
+        if marker.get("samples") != [samples.start, samples.stop] or marker.get("tokens") != [t0, t1]:
+            problems.append(Problem(skey, f"marker ranges {marker.get('samples')}/{marker.get('tokens')} disagree "
+                                          f"with the grid ([{samples.start}, {samples.stop}]/[{t0}, {t1}])."))
+            continue
+        n = t1 - t0
+        shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+            "k": ((n, len(spec.layers), spec.kv_heads, spec.head_dim), stored_dtype),
+            "v": ((n, len(spec.layers), spec.kv_heads, spec.head_dim), stored_dtype),
+            "align_weight": ((n,), np.dtype(np.float32)),
+            "sample_status": ((len(samples),), np.dtype(np.uint8)),
+        }
+        if spec.has_q:
+            shapes["q"] = ((n, len(spec.q_layers), spec.num_heads, spec.head_dim), stored_dtype)
+        if spec.storage.dtype == "int8":
+            for name in [a for a in ("k", "v", "q") if a in shapes]:
+                shapes[f"{name}_scale"] = (shapes[name][0][:3], np.dtype(np.float16))
+        for array, (shape, dtype) in shapes.items():
+            key = f"{skey}/{array}"
+            try:
+                arr = _zarr.open_array(store.zarr_store, key)
+            except SchemaError:
+                problems.append(Problem(key, "missing array"))
+                continue
+            if arr.shape != shape or arr.dtype != dtype:
+                problems.append(Problem(key, f"expected shape {shape} {dtype}. Got {arr.shape} {arr.dtype}."))
+                continue
+            rows = ((lambda a, b: f"shard {shard}, " + grid_rows(t0 + a, t0 + b)) if array != "sample_status"
+                    else (lambda a, b: f"shard {shard}, samples {samples.start + a}-{samples.start + b - 1}"))
+            _check_chunks(store, report, key, rows)
+    report.shards_complete[spec.name] = complete
+    for name in _zarr.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
+        _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")

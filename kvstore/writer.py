@@ -1,0 +1,246 @@
+"""Writing one teacher's shard: whole, in order, by one writer, made visible by a marker written last.
+
+Rows are buffered one chunk-row block at a time (``chunk_tokens`` rows × all stored layers) and written with
+chunk-aligned slices, so zarr never reads back and rewrites a chunk. Each sample is checked before any of its
+bytes are buffered: shape, dtype, finiteness and fp16 range. Nothing is visible to readers until :meth:`close`
+has flushed every chunk to disk and then written the shard group's ``kava_shard`` attribute.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from . import _zarr, codecs, layout
+from .errors import IncompleteError, SampleError, StoreError
+from .manifest import TeacherSpec
+
+if TYPE_CHECKING:
+    from .store import KVStore
+
+NONFINITE_POLICIES = ("error", "quarantine")
+
+
+class _Block:
+    """A chunk-row block of one 4-D array (values + int8 scales) waiting to be written."""
+
+    def __init__(self, array: zarr.Array, scale: zarr.Array | None, rows: int, inner: tuple[int, ...],
+                 dtype: np.dtype) -> None:
+        self.array, self.scale = array, scale
+        self.values = np.zeros((rows, *inner), dtype=dtype)
+        self.scales = np.zeros((rows, *inner[:-1]), dtype=np.float16) if scale is not None else None
+
+
+class ShardWriter:
+    """Writes shard ``shard`` of teacher ``spec.name``. Use as a context manager::
+
+        with store.shard_writer("qwen-7b", 3) as w:
+            for k, v, weight in samples_of_shard_3:   # k, v: [T_i, L, H, D]
+                w.add(k, v, align_weight=weight)
+
+    Leaving the block by an exception leaves the shard unfinished (invisible; a resumed run redoes it).
+    ``nonfinite="quarantine"`` stores a sample with NaN/Inf as zeros with alignment weight 0 and status
+    ``quarantined`` instead of raising.
+    """
+
+    def __init__(self, store: KVStore, spec: TeacherSpec, shard: int, *, nonfinite: str = "error") -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise SampleError(f"Expected nonfinite in {NONFINITE_POLICIES}. Got {nonfinite!r} instead.")
+        store._check_shard(shard)
+        self.store, self.spec, self.shard, self.nonfinite = store, spec, shard, nonfinite
+        self._samples = store.shard_samples(shard)
+        t0, t1 = store.shard_tokens(shard)
+        self._lengths = np.diff(store.offsets[self._samples.start : self._samples.stop + 1])
+        self.num_tokens = t1 - t0
+        self._next = 0  # position in the shard of the next sample
+        self._row = 0  # rows handed to add() so far
+        self._flushed = 0  # rows written to zarr so far
+        self._closed = False
+        self.quarantined: list[dict[str, Any]] = []
+        self._align = np.zeros(self.num_tokens, dtype=np.float32)
+        self._status = np.zeros(len(self._samples), dtype=np.uint8)
+        self._bytes_logical = 0
+
+        zstore = store.zarr_store
+        self._key = layout.shard_key(spec.name, shard)
+        if store.shard_marker(spec.name, shard) is not None:
+            raise StoreError(
+                f"{store.where}: teacher {spec.name!r} shard {shard} is already complete. "
+                "Skip complete shards (see complete_shards()), or delete it to rewrite it."
+            )
+        # Leftovers of a crashed writer are removed first: a shard is always written whole.
+        _zarr.delete_prefix(zstore, self._key)
+        st = spec.storage
+        self._dtype = codecs.storage_numpy_dtype(st.dtype)
+        self._rows = st.chunk_tokens
+        self._blocks: dict[str, _Block] = {}
+        geometry = {"k": (len(spec.layers), spec.kv_heads), "v": (len(spec.layers), spec.kv_heads)}
+        if spec.has_q:
+            geometry["q"] = (len(spec.q_layers), spec.num_heads)
+        for name, (nl, nh) in geometry.items():
+            attrs = {layout.DTYPE_ATTR: st.dtype} if st.dtype == "bfloat16" else {}
+            arr = _zarr.create_array(
+                zstore, f"{self._key}/{name}", shape=(self.num_tokens, nl, nh, spec.head_dim),
+                chunks=(st.chunk_tokens, min(st.chunk_layers, nl), nh, spec.head_dim), dtype=self._dtype,
+                dims=("token", f"{name}_layer" if name == "q" else "layer", f"{name}_head" if name == "q"
+                      else "kv_head", "head_dim"),
+                compressor=st.compressor, attributes=attrs,
+            )
+            scale = None
+            if st.dtype == "int8":
+                scale = _zarr.create_array(
+                    zstore, f"{self._key}/{name}_scale", shape=(self.num_tokens, nl, nh),
+                    chunks=(st.chunk_tokens, min(st.chunk_layers, nl), nh), dtype=np.float16,
+                    dims=("token", "q_layer" if name == "q" else "layer", "q_head" if name == "q" else "kv_head"),
+                    compressor=st.compressor,
+                )
+            self._blocks[name] = _Block(arr, scale, self._rows, (nl, nh, spec.head_dim), self._dtype)
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+    @property
+    def next_sample(self) -> int:
+        """The store index of the sample :meth:`add` expects next."""
+        return self._samples.start + self._next
+
+    def add(self, k: Any, v: Any, *, q: Any = None, align_weight: Any = None, sample: int | None = None) -> None:
+        """Append the next sample of the shard.
+
+        k, v: ``[T_i, len(layers), kv_heads, head_dim]``; q: ``[T_i, len(q_layers), num_heads, head_dim]`` when
+        the teacher stores queries; align_weight: ``[T_i]`` in [0, 1] (default 1). numpy or torch, any float
+        dtype (bf16 included). ``sample`` (optional) is checked against the expected store index.
+        """
+        if self._closed:
+            raise StoreError("This shard writer is closed.")
+        if self._next >= len(self._samples):
+            raise SampleError(
+                f"Shard {self.shard} holds {len(self._samples)} samples "
+                f"({self._samples.start}-{self._samples.stop - 1}); an extra sample was added."
+            )
+        index = self.next_sample
+        if sample is not None and sample != index:
+            raise SampleError(f"Expected sample {index} next in shard {self.shard}. Got sample {sample} instead.")
+        n = int(self._lengths[self._next])
+        spec = self.spec
+        arrays = {"k": k, "v": v}
+        if spec.has_q:
+            if q is None:
+                raise SampleError(f"Teacher {spec.name!r} stores queries (q_layers {list(spec.q_layers)}); pass q=.")
+            arrays["q"] = q
+        elif q is not None:
+            raise SampleError(f"Teacher {spec.name!r} was registered without queries; q= was given.")
+
+        # Validate everything before buffering anything, so a rejected sample leaves the writer unchanged.
+        values: dict[str, np.ndarray] = {}
+        problem = None
+        for name, x in arrays.items():
+            x = codecs.to_numpy(x)
+            nl, nh = (len(spec.q_layers), spec.num_heads) if name == "q" else (len(spec.layers), spec.kv_heads)
+            expected = (n, nl, nh, spec.head_dim)
+            if x.shape != expected:
+                raise SampleError(
+                    f"Sample {index} ({self.store.sample_ids[index]!r}), {name}: expected shape {expected} "
+                    f"[tokens, layers, heads, head_dim]. Got {tuple(x.shape)} instead."
+                )
+            if not np.issubdtype(x.dtype, np.floating):
+                raise SampleError(
+                    f"Sample {index}, {name}: expected a floating dtype. Got {x.dtype} instead."
+                )
+            problem = problem or codecs.check_values(x, spec.storage.dtype)
+            values[name] = x
+        weight = np.ones(n, np.float32) if align_weight is None else np.asarray(
+            codecs.to_numpy(align_weight), dtype=np.float32).reshape(-1)
+        if weight.shape != (n,) or not np.all(np.isfinite(weight)) or (n and (weight.min() < 0 or weight.max() > 1)):
+            raise SampleError(
+                f"Sample {index}, align_weight: expected {n} finite values in [0, 1]. "
+                f"Got shape {weight.shape} instead." if weight.shape != (n,) else
+                f"Sample {index}, align_weight: expected finite values in [0, 1]."
+            )
+        if problem is not None:
+            if problem.startswith("non-finite") and self.nonfinite == "quarantine":
+                self.quarantined.append({"sample": index, "sample_id": self.store.sample_ids[index],
+                                         "reason": problem})
+                self._status[self._next] = layout.TEACHER_STATUS.index("quarantined")
+                weight = np.zeros(n, np.float32)
+                values = {name: np.zeros_like(x, dtype=np.float32) for name, x in values.items()}
+            else:
+                raise SampleError(
+                    f"Sample {index} ({self.store.sample_ids[index]!r}) of teacher {spec.name!r}: {problem}. "
+                    + ("Pass nonfinite='quarantine' (--on-nonfinite quarantine) to record it and go on."
+                       if problem.startswith("non-finite") else "")
+                )
+
+        self._align[self._row : self._row + n] = weight
+        encoded = {name: codecs.encode(x, spec.storage.dtype) for name, x in values.items()}
+        for name, (stored, scale) in encoded.items():
+            self._bytes_logical += stored.nbytes + (scale.nbytes if scale is not None else 0)
+        # Copy rows into the pending block, writing each block out as soon as it fills.
+        done = 0
+        while done < n:
+            pos = (self._row + done) - self._flushed  # row inside the pending block
+            take = min(n - done, self._rows - pos)
+            for name, (stored, scale) in encoded.items():
+                block = self._blocks[name]
+                block.values[pos : pos + take] = stored[done : done + take]
+                if block.scales is not None:
+                    block.scales[pos : pos + take] = scale[done : done + take]
+            done += take
+            if pos + take == self._rows:
+                self._flush(self._rows)
+        self._row += n
+        self._next += 1
+
+    def _flush(self, rows: int) -> None:
+        start = self._flushed
+        with _zarr.reading(f"{self.store.where}: writing teacher {self.spec.name!r} shard {self.shard}"):
+            for block in self._blocks.values():
+                block.array[start : start + rows] = block.values[:rows]
+                if block.scale is not None:
+                    block.scale[start : start + rows] = block.scales[:rows]
+        self._flushed += rows
+
+    def close(self) -> dict[str, Any]:
+        """Flush the last rows, sync to disk, and write the completion marker. Returns the marker."""
+        if self._closed:
+            raise StoreError("This shard writer is already closed.")
+        if self._next != len(self._samples):
+            raise IncompleteError(
+                f"Teacher {self.spec.name!r} shard {self.shard}: {self._next} of {len(self._samples)} samples "
+                "were added; a shard is written whole. Add the rest, or leave it for a resumed run."
+            )
+        if self._row > self._flushed:
+            self._flush(self._row - self._flushed)
+        zstore = self.store.zarr_store
+        for name, data, dim in (("align_weight", self._align, "token"), ("sample_status", self._status, "sample")):
+            _zarr.create_array(
+                zstore, f"{self._key}/{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
+                dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
+            )[...] = data
+        _zarr.fsync_tree(zstore, self._key)
+        marker = {
+            "complete": True,
+            "shard": self.shard,
+            "samples": [self._samples.start, self._samples.stop],
+            "tokens": list(self.store.shard_tokens(self.shard)),
+            "quarantined": self.quarantined,
+            "bytes_logical": int(self._bytes_logical),
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "writer": f"{socket.gethostname()}:{os.getpid()}",
+        }
+        # The marker is the last write: an atomic replacement of the shard group's zarr.json.
+        zarr.open_group(zstore, path=self._key, mode="a").attrs.put({layout.SHARD_ATTR: marker})
+        self._closed = True
+        self._blocks.clear()
+        return marker
