@@ -15,6 +15,10 @@ class ConfigError(KavaError, ValueError):
     """A bad option, flag or config value; raised before any model loads or any file is written."""
 
 
+class DatasetError(KavaError):
+    """A dataset can't be read: the file is malformed, or the hub dataset is not available offline."""
+
+
 class StoreError(KavaError):
     """Something is wrong with a KV store on disk or in memory."""
 

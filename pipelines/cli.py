@@ -1,2 +1,168 @@
-def main():
-    print("hi")
+"""The `kava` command line. Callbacks only parse options, build a config and call a stage.
+
+Heavy imports (torch, transformers, zarr, dask) happen inside the commands that need them, so `kava --help`
+answers at once. Every command with ``--json`` prints only JSON on stdout; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import click
+
+NOT_BUILT_EXIT = 2
+PLANNED = {
+    "extract": "Run each teacher once over a dataset and write its aligned K/V into a store.",
+    "distill": "Train a student on cross-entropy plus K/V alignment against a store.",
+    "eval": "Score a model on a reasoning dataset (greedy generation, answer extraction, accuracy).",
+    "run": "Run a whole experiment from a YAML config (default: the embedded laptop-sized one).",
+    "cka": "Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.",
+    "estimate": "Predict store size and extraction time before anything runs.",
+    "slurm": "Render sbatch scripts for extraction job arrays and torchrun distillation.",
+    "doctor": "Check what a cluster run needs: CUDA, bitsandbytes, cached models, disk, dask.",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kava")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def emit_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(_version(), prog_name="kava")
+def main() -> None:
+    """KaVa: distil reasoning from a large LLM into a small one through its key-value cache.
+
+    Two stages with a store between them: `kava extract` runs each teacher once and writes its keys and values,
+    aligned to the student's tokens, into a chunked Zarr store; `kava distill` streams that store into a student
+    trainer. Teachers and student never share a GPU.
+    """
+
+
+def _planned(name: str, summary: str) -> click.Command:
+    @click.command(
+        name,
+        help=f"{summary}\n\nNot built yet in this version.",
+        short_help=summary,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+    @click.pass_context
+    def command(ctx: click.Context) -> None:
+        click.echo(f"kava {name}: not built yet in kava {_version()}; `kava store info|verify` work now.", err=True)
+        ctx.exit(NOT_BUILT_EXIT)
+
+    return command
+
+
+for _name, _summary in PLANNED.items():
+    main.add_command(_planned(_name, _summary))
+
+
+@main.group()
+def store() -> None:
+    """Inspect and check a KV store."""
+
+
+@store.command("info")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def store_info(path: str, as_json: bool) -> None:
+    """Summarise the store at PATH: samples, tokens, teachers, sizes."""
+    from kava.kvstore import KavaError, KVStore, summary
+
+    try:
+        info = summary(KVStore.open(path))
+    except KavaError as e:
+        fail(str(e))
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(format_info(info))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    by = info["samples_by_status"]
+    lines = [
+        f"store       {info['path']}  (format v{info['format_version']})",
+        f"samples     {info['samples']}  ({by['ok']} ok, {by['truncated']} truncated, {by['skipped']} skipped)",
+        f"tokens      {info['tokens']}  in {info['shards']} shards",
+        f"student     {info['student_tokenizer']['name']}  (tokenizer {info['student_tokenizer']['fingerprint'][:12]},"
+        f" vocab {info['student_tokenizer']['vocab_size']})",
+        f"dataset     {info['dataset']['name']}:{info['dataset']['split']}"
+        f"  (ids {info['dataset']['sample_ids_hash'][:12]})",
+        f"on disk     {_size(info['bytes_on_disk'])}",
+    ]
+    if info["created_by"]:
+        lines.append(f"created by  {info['created_by']}")
+    if not info["teachers"]:
+        lines.append("teachers    none yet")
+    for name, t in info["teachers"].items():
+        ratio = (t["bytes_logical"] / t["bytes_on_disk"]) if t["bytes_on_disk"] else float("nan")
+        lines += [
+            f"teacher     {name}  ({t['model']})",
+            f"  layers    {t['layers']} of {t['num_layers']}, map {t['layer_map']}, alignment {t['alignment']}",
+            f"  heads     {t['kv_heads']} kv x {t['head_dim']}, K {t['k_rope']}-RoPE,"
+            f" Q {'layers ' + str(t['q_layers']) if t['has_q'] else 'not stored'}",
+            f"  storage   {t['dtype']} + {t['compressor']}: {_size(t['bytes_logical'])} logical,"
+            f" {_size(t['bytes_on_disk'])} on disk ({ratio:.2f}x)",
+            f"  shards    {t['shards_complete']} of {info['shards']} complete, {t['quarantined']} samples quarantined",
+        ]
+    return "\n".join(lines)
+
+
+@store.command("verify")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.option("--teacher", "teachers", multiple=True, help="Check only this teacher (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def store_verify(path: str, teachers: tuple[str, ...], as_json: bool) -> None:
+    """Check schema, completeness and every chunk's crc32c. Exit 0 when sound, 1 when not."""
+    from kava.kvstore import KavaError, verify_store
+
+    try:
+        report = verify_store(path, teachers=list(teachers) or None)
+    except KavaError as e:
+        if as_json:
+            emit_json({"store": path, "ok": False, "problems": [{"where": path, "message": str(e)}]})
+            sys.exit(1)
+        fail(str(e))
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for p in report.problems:
+            click.echo(f"PROBLEM {p}")
+        status = "sound" if report.ok else f"{len(report.problems)} problem(s)"
+        shards = ", ".join(f"{n}: {c}/{report.shards_expected} shards" for n, c in report.shards_complete.items())
+        click.echo(
+            f"{report.store}: {status}; {report.chunks_checked} chunks ({_size(report.bytes_checked)}) checked"
+            + (f"; {shards}" if shards else "")
+        )
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

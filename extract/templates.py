@@ -1,0 +1,250 @@
+"""Prompt templates, formatted text with exact character spans, and per-token segment ids.
+
+A row becomes one text through a :class:`PromptTemplate` (``format_row``), which records where the question
+("prompt"), the reasoning and the answer lie in it. ``segment_ids`` maps those character spans onto any tokenizer's
+tokens (from ``return_offsets_mapping=True``); ``truncate_at_segment`` finds where a too-long sample can be cut.
+
+Segment rule (``segment_ids``):
+
+- A token with a zero-width span (BOS, EOS and other added tokens), or flagged in ``special_mask``, is SPECIAL.
+- Template glue (text between the pieces, e.g. ``"Question: "``, ``"\\nAnswer: "``, ``"\\n#### "``) belongs to the
+  segment of the piece it precedes; glue after the last piece belongs to the last piece. So the text is cut into
+  consecutive regions that each end where a piece ends: ``[0, end(prompt))`` is prompt,
+  ``[end(prompt), end(reasoning))`` is reasoning, ``[end(reasoning), ∞)`` is answer. With the plain template,
+  ``"Question: "`` is prompt, ``"\\nAnswer: "`` is reasoning and ``"\\n#### "`` is answer.
+- Every other token takes the region its character span overlaps most; a tie goes to the earlier region.
+
+Truncation rule (``truncate_at_segment``): see its docstring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from kava.extract.data import ReasoningRow
+from kava.kvstore.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Templates
+
+PLACEHOLDERS = ("question", "reasoning", "answer")
+_PLACEHOLDER = re.compile(r"\{(question|reasoning|answer)\}")
+# The span key of each placeholder: the question is the "prompt" piece.
+_SPAN_OF = {"question": "prompt", "reasoning": "reasoning", "answer": "answer"}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named text format with ``{question}``, ``{reasoning}`` and ``{answer}`` each exactly once.
+
+    Everything else in ``format`` is literal text, braces included (no ``str.format`` escaping).
+    """
+
+    name: str
+    format: str
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("Expected a template name. Got an empty string instead.")
+        found = _PLACEHOLDER.findall(self.format)
+        counts = {p: found.count(p) for p in PLACEHOLDERS}
+        if any(c != 1 for c in counts.values()):
+            raise ConfigError(
+                f"Expected each of {{question}}, {{reasoning}}, {{answer}} exactly once in template {self.name!r}. "
+                f"Got counts {counts} instead."
+            )
+
+    @property
+    def sha256(self) -> str:
+        """sha256 (hex) of the format string, for the store's metadata."""
+        return hashlib.sha256(self.format.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, name: str | None = None) -> PromptTemplate:
+        """Read a template from a text file (UTF-8); one trailing newline, as editors add, is dropped."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if text.endswith("\n"):
+            text = text[:-1]
+        return cls(name or path.stem, text)
+
+
+_TEMPLATES = {
+    t.name: t
+    for t in (
+        PromptTemplate("plain", "Question: {question}\nAnswer: {reasoning}\n#### {answer}"),
+        PromptTemplate(
+            "chat",
+            "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{reasoning}\n#### {answer}<|im_end|>",
+        ),
+        PromptTemplate("cot", "Q: {question}\nA: Let's think step by step.\n{reasoning}\n#### {answer}"),
+    )
+}
+TEMPLATES: Mapping[str, PromptTemplate] = MappingProxyType(_TEMPLATES)
+"""The named templates. All end the answer with ``#### <answer>`` so one parser reads every teacher's output."""
+
+
+def load_template(name_or_path: str | Path) -> PromptTemplate:
+    """A registered template by name (``"plain"``, ``"chat"``, ``"cot"``), or one read from a file path."""
+    if isinstance(name_or_path, str) and name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    if Path(name_or_path).is_file():
+        return PromptTemplate.from_file(name_or_path)
+    raise ConfigError(
+        f"Expected --template to be one of {sorted(TEMPLATES)} or a template file. Got {str(name_or_path)!r} instead."
+    )
+
+
+@dataclass(frozen=True)
+class FormattedText:
+    """A formatted row. ``spans[k] = (start, end)`` in characters with ``text[start:end]`` exactly the piece, for
+    k in ``"prompt"`` (the question), ``"reasoning"``, ``"answer"``."""
+
+    text: str
+    spans: dict[str, tuple[int, int]]
+
+    def piece(self, key: str) -> str:
+        start, end = self.spans[key]
+        return self.text[start:end]
+
+
+def format_row(row: ReasoningRow, template: PromptTemplate) -> FormattedText:
+    """Fill ``template`` with the row's question, reasoning and answer, recording each one's character span."""
+    values = {"question": row.question, "reasoning": row.reasoning, "answer": row.answer}
+    parts: list[str] = []
+    spans: dict[str, tuple[int, int]] = {}
+    length, last = 0, 0
+    for match in _PLACEHOLDER.finditer(template.format):
+        glue = template.format[last : match.start()]
+        value = values[match.group(1)]
+        parts += [glue, value]
+        length += len(glue)
+        spans[_SPAN_OF[match.group(1)]] = (length, length + len(value))
+        length += len(value)
+        last = match.end()
+    parts.append(template.format[last:])
+    return FormattedText("".join(parts), spans)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Segments
+
+SEGMENT_PROMPT = 0
+SEGMENT_REASONING = 1
+SEGMENT_ANSWER = 2
+SEGMENT_SPECIAL = 3
+SEGMENT_NAMES = ("prompt", "reasoning", "answer", "special")
+"""``SEGMENT_NAMES[id]`` is the name of segment ``id``; span keys of ``FormattedText`` are these names."""
+_SEGMENT_OF_SPAN = {"prompt": SEGMENT_PROMPT, "reasoning": SEGMENT_REASONING, "answer": SEGMENT_ANSWER}
+
+
+def _as_token_spans(token_spans: np.ndarray) -> np.ndarray:
+    spans = np.asarray(token_spans, dtype=np.int64)
+    if spans.ndim != 2 or spans.shape[1] != 2:
+        raise ValueError(f"Expected token_spans of shape [T, 2]. Got shape {spans.shape} instead.")
+    return spans
+
+
+def segment_ids(
+    token_spans: np.ndarray,
+    seg_spans: Mapping[str, tuple[int, int]],
+    *,
+    special_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Segment id per token, by the rule in the module docstring.
+
+    Args:
+        token_spans: ``[T, 2]`` character (start, end) per token, as a fast tokenizer's ``offset_mapping``.
+        seg_spans: ``FormattedText.spans`` (any subset of "prompt", "reasoning", "answer").
+        special_mask: ``[T]`` bool, True for tokens that are SPECIAL whatever their span — e.g.
+            ``np.isin(input_ids, tokenizer.all_special_ids)``: special tokens written in the text (``<|im_start|>``,
+            an appended ``<|endoftext|>``) have non-zero spans, and tokenizers do not flag them themselves.
+
+    Returns:
+        ``[T]`` uint8 with values in ``SEGMENT_PROMPT .. SEGMENT_SPECIAL``.
+    """
+    spans = _as_token_spans(token_spans)
+    unknown = set(seg_spans) - set(_SEGMENT_OF_SPAN)
+    if unknown:
+        raise ValueError(f"Expected seg_spans keys among {list(_SEGMENT_OF_SPAN)}. Got {sorted(unknown)} instead.")
+    if not seg_spans:
+        raise ValueError("Expected at least one segment span. Got none.")
+    # Regions: sorted by position, region k covers [end of piece k-1, end of piece k); the first starts at -inf
+    # (glue before the first piece), the last runs to +inf (glue after the last piece).
+    ordered = sorted(seg_spans.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+    ids = np.array([_SEGMENT_OF_SPAN[k] for k, _ in ordered], dtype=np.uint8)
+    ends = np.array([e for _, (_, e) in ordered], dtype=np.int64)
+    big = np.iinfo(np.int64).max // 2
+    lo = np.concatenate([[-big], ends[:-1]])  # (K,)
+    hi = np.concatenate([ends[:-1], [big]])  # (K,)
+    starts, stops = spans[:, :1], spans[:, 1:]  # (T, 1)
+    overlap = np.minimum(stops, hi) - np.maximum(starts, lo)  # (T, K)
+    out = ids[np.argmax(overlap, axis=1)] if len(spans) else np.zeros(0, dtype=np.uint8)
+    special = spans[:, 1] <= spans[:, 0]
+    if special_mask is not None:
+        special_mask = np.asarray(special_mask, dtype=bool)
+        if special_mask.shape != special.shape:
+            raise ValueError(f"Expected special_mask of shape {special.shape}. Got {special_mask.shape} instead.")
+        special |= special_mask
+    out[special] = SEGMENT_SPECIAL
+    return out.astype(np.uint8, copy=False)
+
+
+def truncate_at_segment(
+    token_spans: np.ndarray,
+    seg_ids: np.ndarray,
+    max_length: int,
+    *,
+    text: str | None = None,
+) -> int | None:
+    """How many leading tokens to keep so a sample fits ``max_length``; None when no clean cut exists.
+
+    Policy:
+
+    - Fits already (``T <= max_length``): ``T``.
+    - Otherwise keep the longest prefix of at most ``max_length`` tokens that (1) holds the whole prompt (every
+      PROMPT token), (2) holds at least one REASONING token, and (3) ends at a clean cut: where the segment id
+      changes (so the answer is kept whole or dropped whole, never cut), or — given ``text`` — inside the
+      reasoning at a line end (the last kept token ends with ``"\\n"`` or the next one starts with it).
+    - None when no prefix qualifies (the prompt alone is too long, or no line end fits): the caller chooses to skip
+      the sample or to cut it anyway.
+
+    Args:
+        token_spans: ``[T, 2]`` character spans of the tokens (used for line ends with ``text``).
+        seg_ids: ``[T]`` segment ids from ``segment_ids``.
+        max_length: the most tokens a sample may have (>= 1).
+        text: the formatted text the spans index; without it only segment boundaries are cut points.
+    """
+    spans = _as_token_spans(token_spans)
+    seg = np.asarray(seg_ids)
+    if max_length < 1:
+        raise ValueError(f"Expected max_length >= 1. Got {max_length} instead.")
+    if seg.shape != (len(spans),):
+        raise ValueError(f"Expected seg_ids of shape ({len(spans)},). Got {seg.shape} instead.")
+    T = len(seg)
+    if T <= max_length:
+        return T
+    # Candidate n means "keep tokens [0, n)"; n in 1..max_length, and n < T here, so token n exists.
+    n = np.arange(1, max_length + 1)
+    prev, nxt = seg[n - 1], seg[n]
+    clean = prev != nxt
+    if text is not None:
+        ends_line = np.array([text[e - 1 : e] == "\n" for e in spans[n - 1, 1]])
+        next_starts_line = np.array([text[s : s + 1] == "\n" for s in spans[n, 0]])
+        inside = (prev == SEGMENT_REASONING) & (nxt == SEGMENT_REASONING)
+        clean |= inside & (ends_line | next_starts_line)
+    prompt_at = np.flatnonzero(seg == SEGMENT_PROMPT)
+    need = prompt_at[-1] + 1 if len(prompt_at) else 0  # keep at least up to the last prompt token
+    first_reasoning = np.flatnonzero(seg == SEGMENT_REASONING)
+    if not len(first_reasoning):
+        return None
+    need = max(need, first_reasoning[0] + 1)
+    ok = np.flatnonzero(clean & (n >= need))
+    return int(n[ok[-1]]) if len(ok) else None
