@@ -91,7 +91,7 @@ def summary(store: KVStore) -> dict[str, Any]:
         complete = store.complete_shards(name)
         markers = [store.shard_marker(name, s) for s in complete]
         teachers[name] = {
-            "model": spec.model.get("id") or spec.model.get("path"),
+            "model": next((spec.model[k] for k in ("model_id", "id", "path") if spec.model.get(k)), None),
             "layers": list(spec.layers),
             "num_layers": spec.num_layers,
             "kv_heads": spec.kv_heads,

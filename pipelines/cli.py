@@ -7,6 +7,7 @@ answers at once. Every command with ``--json`` prints only JSON on stdout; logs 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import Any, NoReturn
 
@@ -14,12 +15,10 @@ import click
 
 NOT_BUILT_EXIT = 2
 PLANNED = {
-    "extract": "Run each teacher once over a dataset and write its aligned K/V into a store.",
     "distill": "Train a student on cross-entropy plus K/V alignment against a store.",
     "eval": "Score a model on a reasoning dataset (greedy generation, answer extraction, accuracy).",
     "run": "Run a whole experiment from a YAML config (default: the embedded laptop-sized one).",
     "cka": "Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.",
-    "estimate": "Predict store size and extraction time before anything runs.",
     "slurm": "Render sbatch scripts for extraction job arrays and torchrun distillation.",
     "doctor": "Check what a cluster run needs: CUDA, bitsandbytes, cached models, disk, dask.",
 }
@@ -43,7 +42,22 @@ def emit_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """Builds the commands that need their stage's config only when they are asked for (keeps --help instant)."""
+
+    lazy: dict[str, Any] = {}
+    """name → a function building the command."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            return self.lazy[name]()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(_version(), prog_name="kava")
 def main() -> None:
     """KaVa: distil reasoning from a large LLM into a small one through its key-value cache.
@@ -71,6 +85,77 @@ def _planned(name: str, summary: str) -> click.Command:
 
 for _name, _summary in PLANNED.items():
     main.add_command(_planned(_name, _summary))
+
+
+def _extract_command() -> click.Command:
+    from kava.extract.config import ExtractConfig
+
+    from .options import config_options
+
+    @click.command("extract", short_help="Run each teacher once over a dataset and write its aligned K/V into a store.")
+    @config_options(ExtractConfig, exclude=("command", "extra", "teacher", "store"))
+    @click.option("--store", "store", help="The store directory (created on first use). [required]")
+    @click.option("--teacher", "teacher", help="Preset name (see --list-teachers), local model directory, or hub id. "
+                                               "[required]")
+    @click.option("--list-teachers", is_flag=True, help="List the teacher presets and exit.")
+    @click.option("--json", "as_json", is_flag=True, help="Print only the run's summary as JSON on stdout.")
+    def extract(list_teachers: bool, as_json: bool, config_file: str | None, **values: Any) -> None:
+        """Run a teacher once over a dataset (teacher forcing) and write its K/V, aligned to the student's tokens,
+        into a store. Run it again with another --teacher, --name or --prompt-template to add teachers; --resume
+        finishes a killed run; --shard i/n splits the work over jobs."""
+        if list_teachers:
+            from kava.extract.teachers import format_preset_table
+
+            click.echo(format_preset_table())
+            return
+        from kava.kvstore import KavaError
+
+        from .options import build_config
+
+        try:
+            cfg = build_config(ExtractConfig, {**values, "command": shlex.join(["kava", *sys.argv[1:]])}, config_file)
+            from kava.extract.recipe import run_extract
+
+            result = run_extract(cfg)
+        except KavaError as e:
+            fail(str(e))
+        if as_json:
+            emit_json(result.to_dict())
+
+    return extract
+
+
+def _estimate_command() -> click.Command:
+    from kava.extract.config import ExtractConfig
+
+    from .options import config_options
+
+    @click.command("estimate", short_help="Predict store size and extraction time before anything runs.")
+    @config_options(ExtractConfig, exclude=("command", "extra", "teacher", "store"))
+    @click.option("--store", "store", default="(estimate)", help="Accepted so an extract command line can be reused.")
+    @click.option("--teacher", "teacher", help="Preset name, local model directory, or hub id. [required]")
+    @click.option("--timed-samples", default=16, show_default=True, help="Samples run through the teacher to time it.")
+    @click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+    def estimate(as_json: bool, timed_samples: int, config_file: str | None, **values: Any) -> None:
+        """Takes the same options as `kava extract`; prints the store size for each storage dtype (with the
+        compression measured on a timed sample) and the predicted extraction time. Writes nothing."""
+        from kava.extract.estimate import estimate as run_estimate, format_estimate
+        from kava.kvstore import KavaError
+
+        from .options import build_config
+
+        try:
+            result = run_estimate(build_config(ExtractConfig, values, config_file), timed_samples=timed_samples)
+        except KavaError as e:
+            fail(str(e))
+        emit_json(result) if as_json else click.echo(format_estimate(result))
+
+    return estimate
+
+
+_Main.lazy.update(extract=_extract_command, estimate=_estimate_command)
+
+
 
 
 @main.group()

@@ -1,0 +1,170 @@
+"""`kava extract` options as one typed dataclass; click flags and YAML keys load into the same fields.
+
+Every cross-field rule lives in ``validate()``, which reports all problems at once in the flags' own spelling
+before any model loads or file is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kava.kvstore.errors import ConfigError
+from kava.kvstore.manifest import KV_DTYPES, check_teacher_name
+
+_SHARD = re.compile(r"^(\d+)/(\d+)$")
+
+
+@dataclass
+class ExtractConfig:
+    """Run one teacher once over a dataset and write its aligned K/V into a store."""
+
+    teacher: str
+    """Preset name (see --list-teachers), local model directory, or hub id."""
+    store: str
+    """The store directory (created on first use)."""
+    name: str | None = None
+    """The teacher's name inside the store (default: preset or directory name, plus the template when not plain)."""
+    dataset: str = "synthetic"
+    """``synthetic`` (generated, seeded), ``gsm8k``, or a JSONL/Parquet file."""
+    split: str = "train"
+    """Dataset split."""
+    limit: int | None = None
+    """Use only the first N rows (synthetic: how many to generate; default 2000)."""
+    data_files: str | None = None
+    """Local files holding the rows of --split (for --dataset gsm8k)."""
+    question_field: str = "question"
+    """Field holding the question (file datasets)."""
+    answer_field: str = "answer"
+    """Field holding the reasoning lines and '#### N' (file datasets)."""
+    seed: int = 0
+    """Seed of the synthetic dataset."""
+    strip_calculator: bool = False
+    """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
+    prompt_template: str = "plain"
+    """A named template (plain, chat, cot) or a template file; a different template makes a different teacher."""
+    student_tokenizer: str | None = None
+    """Tokenizer of the student (name or path); default: the teacher's own."""
+    student: str | None = None
+    """Student model (path or id), needed for --layer-map cka (teacher×student CKA) and its layer count."""
+    student_layers: int | None = None
+    """Number of student layers for the layer map, when no --student is given (default: the teacher's)."""
+    load_in_4bit: bool = False
+    """Load the teacher in bitsandbytes nf4."""
+    load_in_8bit: bool = False
+    """Load the teacher in bitsandbytes int8."""
+    dtype: str | None = None
+    """Teacher compute dtype (float32, bfloat16, float16, auto)."""
+    device: str | None = None
+    """cpu (default) or cuda[:N]."""
+    revision: str | None = None
+    """Hub revision of the teacher."""
+    trust_remote_code: bool = False
+    """Allow modelling code shipped with the checkpoint."""
+    with_q: bool = False
+    """Also store queries."""
+    q_layers: str | None = None
+    """Teacher layers whose queries are stored, e.g. '0,5,9' (default with --with-q: the stored K/V layers)."""
+    k_rope: str = "pre"
+    """Store keys before RoPE (pre, default) or as the cache holds them (post)."""
+    layer_map: str = "proportional"
+    """proportional, cka, or an explicit list of teacher layers per student layer ('0,4,8' or '0:0.5+1:0.5,...')."""
+    cka_top_k: int = 2
+    """With --layer-map cka: teacher layers per student layer."""
+    calibration_samples: int = 32
+    """Samples used for the CKA matrices."""
+    alignment: str = "soft"
+    """Tokenizer alignment: soft (IoU weights over overlapping teacher tokens) or hard (the best one)."""
+    kv_dtype: str = "float16"
+    """Storage dtype: float16, bfloat16, float32 or int8 (lossy, ~0.5% error)."""
+    compress: bool = True
+    """Compress chunks (blosc zstd); off stores raw bytes plus checksums."""
+    max_length: int = 1024
+    """Longest student sequence; longer samples are cut at a segment boundary or skipped (--on-too-long)."""
+    on_too_long: str = "truncate"
+    """truncate (at a segment boundary, recorded) or skip (recorded)."""
+    on_nonfinite: str = "quarantine"
+    """A teacher output with NaN/Inf: quarantine the sample (recorded, run goes on) or error."""
+    batch_size: int = 8
+    """Samples per teacher forward pass."""
+    shard_tokens: int = 32768
+    """Target student tokens per shard (fixed when the store is created)."""
+    resume: bool = False
+    """Keep complete shards of this teacher and redo the rest."""
+    shard: str | None = None
+    """Extract only shards s with s % n == i, written 'i/n' (job arrays)."""
+    teacher_generates: bool = False
+    """The teacher writes its own chain of thought greedily first; its K/V are time-warped onto the student text."""
+    max_new_tokens: int = 256
+    """Generation budget with --teacher-generates."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    command: str = ""
+    """The command line, recorded in the store."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form details recorded with the teacher."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExtractConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown extract option(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+    @property
+    def shard_slice(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        m = _SHARD.match(self.shard)
+        assert m is not None  # validate() guarantees it
+        return int(m.group(1)), int(m.group(2))
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem, in the flags' spelling."""
+        p: list[str] = []
+        if self.load_in_4bit and self.load_in_8bit:
+            p.append("Can't set both --load-in-4bit and --load-in-8bit. Choose one.")
+        if self.kv_dtype not in KV_DTYPES:
+            p.append(f"--kv-dtype: expected one of {', '.join(KV_DTYPES)}. Got {self.kv_dtype!r} instead.")
+        if self.k_rope not in ("pre", "post"):
+            p.append(f"--k-rope: expected pre or post. Got {self.k_rope!r} instead.")
+        if self.alignment not in ("soft", "hard"):
+            p.append(f"--alignment: expected soft or hard. Got {self.alignment!r} instead.")
+        if self.on_too_long not in ("truncate", "skip"):
+            p.append(f"--on-too-long: expected truncate or skip. Got {self.on_too_long!r} instead.")
+        if self.on_nonfinite not in ("quarantine", "error"):
+            p.append(f"--on-nonfinite: expected quarantine or error. Got {self.on_nonfinite!r} instead.")
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 2),
+                                 ("--shard-tokens", self.shard_tokens, 1), ("--cka-top-k", self.cka_top_k, 1),
+                                 ("--calibration-samples", self.calibration_samples, 4),
+                                 ("--max-new-tokens", self.max_new_tokens, 1)):
+            if not isinstance(value, int) or value < low:
+                p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
+        if self.limit is not None and self.limit < 1:
+            p.append(f"--limit: expected a positive integer. Got {self.limit!r} instead.")
+        if self.student_layers is not None and self.student_layers < 1:
+            p.append(f"--student-layers: expected a positive integer. Got {self.student_layers!r} instead.")
+        if self.student_layers is not None and self.student is not None:
+            p.append("Can't set both --student and --student-layers (the student's config has its layer count). "
+                     "Choose one.")
+        if self.layer_map == "cka" and self.student is None:
+            p.append("--layer-map cka needs --student (CKA compares teacher and student layers).")
+        if self.q_layers is not None and not self.with_q:
+            p.append("--q-layers needs --with-q.")
+        if self.shard is not None:
+            m = _SHARD.match(self.shard)
+            if not m or not int(m.group(2)) >= 1 or not 0 <= int(m.group(1)) < int(m.group(2)):
+                p.append(f"--shard: expected 'i/n' with 0 <= i < n. Got {self.shard!r} instead.")
+        if self.name is not None:
+            try:
+                check_teacher_name(self.name)
+            except ConfigError as e:
+                p.append(f"--name: {e}")
+        if not self.store:
+            p.append("--store: expected a directory path. Got nothing.")
+        if p:
+            raise ConfigError(
+                ("Found " + str(len(p)) + " problems:\n  - " + "\n  - ".join(p)) if len(p) > 1 else p[0]
+            )

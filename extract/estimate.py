@@ -1,0 +1,144 @@
+"""`kava estimate`: store size per storage choice and extraction time, predicted before anything is written.
+
+Sizes come from the teacher's config (layers, KV heads, head dim) and the dataset's token counts (the student grid
+is tokenized for real, which is cheap); compression ratios and teacher speed come from a short timed sample: a few
+batches through the real model, whose K/V are encoded with each storage choice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from kava.kvstore import codecs
+from kava.kvstore.manifest import KV_DTYPES
+
+from .config import ExtractConfig
+
+
+def _bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str) -> float:
+    values = layers * heads * head_dim * codecs.storage_numpy_dtype(dtype).itemsize
+    return values + (layers * heads * 2 if dtype == "int8" else 0)  # + the fp16 scale per (layer, head)
+
+
+def _compressed_ratio(sample: np.ndarray, dtype: str) -> float:
+    """Uncompressed / compressed bytes of ``sample`` [T, L, H, D] under the default codec."""
+    from numcodecs import Blosc
+
+    stored, scale = codecs.encode(sample, dtype)
+    conf = codecs.DEFAULT_COMPRESSOR["configuration"]
+    raw = stored.tobytes() + (b"" if scale is None else scale.tobytes())
+    blosc = Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=Blosc.SHUFFLE,
+                  blocksize=conf["blocksize"], typesize=stored.dtype.itemsize)
+    packed = len(blosc.encode(stored.tobytes())) + (0 if scale is None else len(blosc.encode(scale.tobytes())))
+    return len(raw) / packed
+
+
+def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
+    """Predicted sizes and time for ``cfg``; runs the teacher on ``timed_samples`` samples only."""
+    from kava.kvstore.manifest import proportional_layer_map
+
+    from .align import token_spans
+    from .data import load_rows
+    from .grid import build_grid
+    from .recipe import _forward, _load_tokenizer
+    from .capture import attention_geometry, capture_qkv
+    from .teachers import load_teacher, resolve_teacher
+    from .templates import load_template
+
+    cfg.validate()
+    source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+                             dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code)
+    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
+                     question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
+                     strip_calculator=cfg.strip_calculator)
+    teacher_tok = _load_tokenizer(source.model_id, flag="--teacher", revision=source.revision,
+                                  trust_remote_code=source.trust_remote_code)
+    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_tokenizer(
+        cfg.student_tokenizer, flag="--student-tokenizer")
+    grid = build_grid(rows, student_tok, load_template(cfg.prompt_template), max_length=cfg.max_length,
+                      on_too_long=cfg.on_too_long)
+    student_tokens = int(sum(len(s.input_ids) for s in grid))
+    teacher_tokens = int(sum(len(token_spans(teacher_tok, s.text)[0]) for s in grid if s.text))
+
+    model, _ = load_teacher(source)
+    num_layers, num_heads, kv_heads, head_dim = attention_geometry(model.config)
+    student_layers = cfg.student_layers or num_layers
+    if cfg.layer_map in ("proportional", "cka"):
+        stored = len(proportional_layer_map(num_layers, student_layers).teacher_layers)
+        if cfg.layer_map == "cka":
+            stored = min(num_layers, stored * cfg.cka_top_k)  # an upper bound: top-k layers may coincide
+    else:
+        stored = len({int(part.split(":")[0]) for item in cfg.layer_map.split(",") for part in item.split("+")})
+    q_layers = stored if cfg.with_q else 0
+
+    # The timed sample: a few real batches; their K/V give the compression ratios too.
+    live = [s for s in grid if s.text][:timed_samples]
+    layers = tuple(range(stored)) if stored <= num_layers else tuple(range(num_layers))
+    k_rows = []
+    t = time.perf_counter()
+    timed_tokens = 0
+    for b in range(0, len(live), cfg.batch_size):
+        encoded = [token_spans(teacher_tok, s.text) for s in live[b : b + cfg.batch_size]]
+        timed_tokens += sum(len(e[0]) for e in encoded)
+        for k, v, _ in _forward(model, encoded, layers, (), cfg.k_rope, next(model.parameters()).device,
+                                capture_qkv):
+            k_rows += [k.numpy(), v.numpy()]
+    seconds = time.perf_counter() - t
+    tokens_per_s = timed_tokens / seconds if seconds > 0 else float("nan")
+    sample = np.concatenate(k_rows) if k_rows else np.zeros((0, len(layers), kv_heads, head_dim), np.float32)
+
+    choices = []
+    for dtype in KV_DTYPES:
+        per_token = 2 * _bytes_per_token(stored, kv_heads, head_dim, dtype) + \
+            _bytes_per_token(q_layers, num_heads, head_dim, dtype)
+        logical = per_token * student_tokens
+        ratio = _compressed_ratio(sample, dtype) if len(sample) else 1.0
+        choices.append({"kv_dtype": dtype, "bytes_per_token": per_token, "logical_bytes": int(logical),
+                        "compressed_ratio": round(ratio, 3), "bytes_on_disk_zstd": int(logical / ratio),
+                        "bytes_on_disk_raw": int(logical), "lossless": dtype != "int8"})
+    return {
+        "teacher": source.model_id,
+        "quantization": source.quantization,
+        "dataset": f"{cfg.dataset}:{cfg.split}",
+        "samples": len(grid),
+        "student_tokens": student_tokens,
+        "teacher_tokens": teacher_tokens,
+        "geometry": {"layers": num_layers, "stored_layers": stored, "kv_heads": kv_heads, "heads": num_heads,
+                     "head_dim": head_dim, "q_layers": q_layers},
+        "storage": choices,
+        "timed": {"samples": len(live), "teacher_tokens": timed_tokens, "seconds": round(seconds, 3),
+                  "tokens_per_s": round(tokens_per_s, 1), "device": str(next(model.parameters()).device)},
+        "predicted_seconds": round(teacher_tokens / tokens_per_s, 1) if tokens_per_s > 0 else None,
+    }
+
+
+def format_estimate(e: dict[str, Any]) -> str:
+    def size(n: float) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if n < 1024 or unit == "TiB":
+                return f"{n:.1f} {unit}"
+            n /= 1024
+        return str(n)
+
+    g = e["geometry"]
+    lines = [
+        f"teacher   {e['teacher']} ({e['quantization']}): {g['layers']} layers ({g['stored_layers']} stored), "
+        f"{g['kv_heads']} KV heads x {g['head_dim']}" + (f", Q on {g['q_layers']} layers" if g["q_layers"] else ""),
+        f"data      {e['dataset']}: {e['samples']} samples, {e['student_tokens']:,} student tokens, "
+        f"{e['teacher_tokens']:,} teacher tokens",
+        "",
+        f"{'kv dtype':<10}{'per token':>12}{'logical':>12}{'zstd ratio':>12}{'on disk':>12}  lossless",
+    ]
+    for c in e["storage"]:
+        lines.append(f"{c['kv_dtype']:<10}{size(c['bytes_per_token']):>12}{size(c['logical_bytes']):>12}"
+                     f"{c['compressed_ratio']:>11.2f}x{size(c['bytes_on_disk_zstd']):>12}  "
+                     f"{'yes' if c['lossless'] else 'no (~0.5%)'}")
+    t = e["timed"]
+    lines += ["", f"timed     {t['samples']} samples, {t['teacher_tokens']} tokens in {t['seconds']} s on {t['device']}"
+              f" → {t['tokens_per_s']:,.0f} tokens/s",
+              f"predicted extraction time: {e['predicted_seconds']} s (forward passes only)"]
+    return "\n".join(lines)

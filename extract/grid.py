@@ -1,0 +1,102 @@
+"""The student token grid: dataset rows → formatted text → student tokens with segment ids, cut to --max-length.
+
+The grid is what every teacher of a store lines up with; it depends only on the rows, the prompt template, the
+student tokenizer and the length policy, never on a teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kava.kvstore.manifest import TokenizerSpec
+
+from .align import token_spans
+from .data import RowSet
+from .templates import PromptTemplate, format_row, segment_ids, truncate_at_segment
+
+
+@dataclass(frozen=True)
+class GridSample:
+    """One sample on the student grid. ``text`` is what the teachers read: the formatted row, cut where the
+    student's tokens were cut. Token arrays are ``[T]`` (``spans`` ``[T, 2]``)."""
+
+    sample_id: str
+    text: str
+    seg_spans: dict[str, tuple[int, int]]
+    input_ids: np.ndarray
+    spans: np.ndarray
+    segment_ids: np.ndarray
+    status: str = "ok"
+    """``ok``, ``truncated`` or ``skipped`` (zero tokens)."""
+    reason: str = ""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of a fast tokenizer's full serialisation (vocab, merges, normaliser, pre/post-processing)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def tokenizer_spec(tokenizer: Any, name: str) -> tuple[TokenizerSpec, dict[str, bytes]]:
+    """The store's description of the student tokenizer, plus its files (saved so distill can rebuild it offline)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+    spec = TokenizerSpec(
+        name=name,
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=len(tokenizer),
+        kind=type(tokenizer).__name__,
+        files=tuple(files),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return spec, files
+
+
+def _index_of(sample_id: str) -> tuple[int, str]:
+    m = re.search(r"(\d+)$", sample_id)
+    return (int(m.group(1)) if m else 0, sample_id)
+
+
+def build_grid(
+    rows: RowSet, tokenizer: Any, template: PromptTemplate, *, max_length: int, on_too_long: str
+) -> list[GridSample]:
+    """Tokenize every row with the student tokenizer; rows the dataset flagged become skipped samples.
+
+    Order is the dataset's (by the row index in the sample id), so the split's id hash is the same whichever
+    rows were flagged.
+    """
+    out: list[GridSample] = []
+    special = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
+    empty_ids, empty_spans = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    for problem in rows.problems:
+        out.append(GridSample(problem.sample_id, "", {}, empty_ids, empty_spans, empty_ids.astype(np.uint8),
+                              "skipped", problem.reason))
+    for row in rows:
+        formatted = format_row(row, template)
+        ids, spans = token_spans(tokenizer, formatted.text)
+        segs = segment_ids(spans, formatted.spans, special_mask=np.isin(ids, special))
+        status, reason, text = "ok", "", formatted.text
+        if len(ids) > max_length:
+            cut = truncate_at_segment(spans, segs, max_length, text=formatted.text) if on_too_long == "truncate" \
+                else None
+            if cut is None:
+                status = "skipped"
+                reason = f"{len(ids)} tokens > --max-length {max_length}" + (
+                    "" if on_too_long == "skip" else "; no segment boundary to cut at")
+                ids, spans, segs, text = empty_ids, empty_spans, segs[:0], ""
+            else:
+                status, reason = "truncated", f"{len(ids)} tokens cut to {cut} at a segment boundary"
+                ids, spans, segs = ids[:cut], spans[:cut], segs[:cut]
+                text = formatted.text[: int(spans[:, 1].max())] if cut else ""
+        out.append(GridSample(row.sample_id, text, dict(formatted.spans), ids, spans, segs, status, reason))
+    out.sort(key=lambda s: _index_of(s.sample_id))
+    return out

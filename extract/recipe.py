@@ -1,0 +1,403 @@
+"""The extraction recipe: one teacher, one pass over the data, its K/V aligned onto the student grid.
+
+Reads top to bottom: resolve and validate → data and student grid → store → teacher → layer map (with CKA on a
+calibration subset) → teacher spec → the loop over shards (forward pass on this thread, alignment and writing on a
+background thread) → summary. Components it calls take tensors and return tensors; I/O and logging live here.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kava.kvstore import KVStore, StorageSpec, TeacherSpec, default_storage
+from kava.kvstore.errors import ConfigError
+from kava.kvstore.manifest import DatasetSpec
+
+from .config import ExtractConfig
+from .grid import GridSample, build_grid, tokenizer_fingerprint, tokenizer_spec
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    teacher: str
+    shards_written: list[int] = field(default_factory=list)
+    shards_kept: list[int] = field(default_factory=list)
+    samples: int = 0
+    student_tokens: int = 0
+    teacher_tokens: int = 0
+    quarantined: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    loop_seconds: float = 0.0
+    """Wall time of the shard loop (forward passes, alignment, writing), without loading and calibration."""
+    forward_seconds: float = 0.0
+    write_wait_seconds: float = 0.0
+    bytes_logical: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class BackgroundWriter:
+    """Runs submitted callables in order on one thread, so encoding and writing overlap the next forward pass.
+
+    The queue is bounded (the forward pass waits when the writer falls behind, keeping memory flat); an error on
+    the writer thread is raised on the caller's next ``submit`` or ``close``.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="kava-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                    self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._check()
+        t = time.perf_counter()
+        self._queue.put(job)
+        self.wait_seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        self._queue.put(None)
+        t = time.perf_counter()
+        self._thread.join()
+        self.wait_seconds += time.perf_counter() - t
+        self._check()
+
+
+def default_teacher_name(cfg: ExtractConfig) -> str:
+    base = Path(cfg.teacher.rstrip("/")).name if ("/" in cfg.teacher or Path(cfg.teacher).exists()) else cfg.teacher
+    name = base if cfg.prompt_template == "plain" else f"{base}+{Path(cfg.prompt_template).stem}"
+    return "".join(c if c.isalnum() or c in "._+-" else "-" for c in name).lstrip("._+-") or "teacher"
+
+
+def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
+    """Extract one teacher into ``cfg.store``; returns what was done. Raises KavaError on bad input."""
+    from .align import align_tokens, apply, token_spans
+    from .capture import attention_geometry, capture_qkv
+    from .data import load_rows
+    from .rope import rope_params
+    from .teachers import describe_model, load_teacher, resolve_teacher
+    from .templates import load_template
+
+    started = time.perf_counter()
+    # 1. Everything that can be checked without loading a model, all at once.
+    cfg.validate()
+    source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+                             dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code)
+    template = load_template(cfg.prompt_template)
+    name = cfg.name or default_teacher_name(cfg)
+
+    # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
+    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
+                     question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
+                     strip_calculator=cfg.strip_calculator)
+    teacher_tok = _load_tokenizer(source.model_id, revision=source.revision,
+                                  trust_remote_code=source.trust_remote_code, flag="--teacher")
+    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_tokenizer(
+        cfg.student_tokenizer, flag="--student-tokenizer")
+    grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    if not grid:
+        raise ConfigError(f"Dataset {cfg.dataset}:{cfg.split} has no rows. Check --dataset, --split and --limit.")
+
+    # 3. The store (created by the first extraction, checked by every later one).
+    tok_spec, tok_files = tokenizer_spec(student_tok, cfg.student_tokenizer or source.model_id)
+    store = KVStore.create(
+        cfg.store,
+        sample_ids=[s.sample_id for s in grid],
+        input_ids=[s.input_ids for s in grid],
+        segment_ids=[s.segment_ids for s in grid],
+        sample_status=[s.status for s in grid],
+        status_reasons=[s.reason for s in grid],
+        student_tokenizer=tok_spec,
+        tokenizer_files=tok_files,
+        dataset=DatasetSpec(cfg.dataset, cfg.split, rows.fingerprint, details={
+            "limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator,
+            "template": template.name, "template_sha256": template.sha256, "max_length": cfg.max_length,
+            "on_too_long": cfg.on_too_long, "row_problems": len(rows.problems)}),
+        shard_tokens=cfg.shard_tokens,
+        created_by=cfg.command,
+    )
+
+    # 4. The teacher (only now: a store that refuses this grid fails before minutes of model loading).
+    teacher_model, _ = load_teacher(source)
+
+    # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
+    num_layers, num_heads, kv_heads, head_dim = attention_geometry(teacher_model.config)
+    same_tokenizer = tokenizer_fingerprint(teacher_tok) == tok_spec.fingerprint
+    layer_map, cka = _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, same_tokenizer, log)
+    layers = layer_map.teacher_layers
+    q_layers = _q_layers(cfg, layers, num_layers)
+    storage: StorageSpec = default_storage(len(layers), kv_heads, head_dim, cfg.kv_dtype, compress=cfg.compress)
+    # With --teacher-generates the teacher reads its own text, so rows are resampled segment by segment.
+    alignment = {"method": "time_warp" if cfg.teacher_generates else "identity" if same_tokenizer else "char_iou",
+                 "mode": cfg.alignment, "teacher_tokenizer": tokenizer_fingerprint(teacher_tok)}
+    store.add_teacher(TeacherSpec(
+        name=name, model=describe_model(teacher_model, source), num_layers=num_layers, layers=layers,
+        num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, layer_map=layer_map, k_rope=cfg.k_rope,
+        rope=rope_params(teacher_model.config), q_layers=q_layers, alignment=alignment, storage=storage,
+        created_by=cfg.command,
+        details={"prompt_template": template.name, "template_sha256": template.sha256,
+                 "teacher_generates": cfg.teacher_generates, **cfg.extra},
+    ))
+    for matrix_name, (matrix, attrs) in cka.items():
+        store.write_cka(name, matrix_name, matrix, **attrs)
+
+    # 6. Which shards: this job's slice, minus complete ones when resuming.
+    todo = list(range(store.num_shards))
+    if cfg.shard_slice is not None:
+        i, n = cfg.shard_slice
+        todo = [s for s in todo if s % n == i]
+    done = set(store.complete_shards(name)) & set(todo)
+    if done and not cfg.resume:
+        raise ConfigError(
+            f"{store.where}: teacher {name!r} already has {len(done)} complete shard(s) of this slice. "
+            "Pass --resume to keep them and finish the rest, or choose another --name."
+        )
+    result = ExtractResult(store=store.where, teacher=name, shards_kept=sorted(done),
+                           truncated=sum(s.status == "truncated" for s in grid),
+                           skipped=sum(s.status == "skipped" for s in grid))
+    todo = [s for s in todo if s not in done]
+    log(f"kava extract: teacher {name!r} ({source.model_id}, {source.quantization}) → {store.where}: "
+        f"{len(todo)} shard(s) to write, {len(done)} kept; layers {list(layers)}, K {cfg.k_rope}-RoPE, "
+        f"{storage.dtype}")
+
+    # 7. The loop: forward pass here, alignment + writing on the background thread.
+    device = next(teacher_model.parameters()).device
+    total = sum(len(store.shard_samples(s)) for s in todo)
+    bar = _progress(total, cfg.progress)
+    writer = BackgroundWriter()
+    loop_started = time.perf_counter()
+    open_writers: dict[int, Any] = {}  # touched only on the writer thread
+    try:
+        for shard in todo:
+            samples = [grid[i] for i in store.shard_samples(shard)]
+            writer.submit(lambda shard=shard: open_writers.__setitem__(
+                shard, store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)))
+            for b in range(0, len(samples), cfg.batch_size):
+                batch = samples[b : b + cfg.batch_size]
+                texts = [s.text for s in batch]
+                if cfg.teacher_generates:
+                    texts = _generate(teacher_model, teacher_tok, batch, cfg.max_new_tokens, device)
+                encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
+                           for t in texts]
+                t0 = time.perf_counter()
+                captured = _forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
+                result.forward_seconds += time.perf_counter() - t0
+
+                def write(batch=batch, encoded=encoded, captured=captured, texts=texts, shard=shard) -> None:
+                    w = open_writers[shard]
+                    for sample, (t_ids, t_spans), kv, text in zip(batch, encoded, captured, texts):
+                        if not len(sample.input_ids):  # a skipped sample: nothing on the grid
+                            shape = (0, len(layers), kv_heads, head_dim)
+                            w.add(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                                  q=np.zeros((0, len(q_layers), num_heads, head_dim), np.float32) if q_layers
+                                  else None)
+                            continue
+                        k, v, q = kv
+                        if cfg.teacher_generates:
+                            al = _warp_alignment(sample, text, t_spans)
+                        elif same_tokenizer and np.array_equal(t_ids, sample.input_ids):
+                            al = None
+                        else:
+                            al = align_tokens(sample.spans, t_spans)
+                        if al is not None:
+                            al = al.hard() if cfg.alignment == "hard" else al
+                            k, v = apply(al, k), apply(al, v)
+                            q = None if q is None else apply(al, q)
+                            weight = al.coverage
+                        else:  # the teacher's own tokens: every row is an exact target
+                            weight = np.ones(len(sample.input_ids), np.float32)
+                        w.add(k, v, q=q, align_weight=weight)
+                writer.submit(write)
+                result.samples += len(batch)
+                result.student_tokens += sum(len(s.input_ids) for s in batch)
+                result.teacher_tokens += sum(len(e[0]) for e in encoded)
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{result.teacher_tokens / max(1e-9, time.perf_counter() - loop_started):,.0f} tok/s",
+                                    refresh=False)
+
+            def finish(shard=shard) -> None:
+                marker = open_writers.pop(shard).close()
+                result.shards_written.append(shard)
+                result.quarantined += len(marker["quarantined"])
+                result.bytes_logical += marker["bytes_logical"]
+            writer.submit(finish)
+        writer.close()
+        result.loop_seconds = time.perf_counter() - loop_started
+    finally:
+        bar.close()
+    result.write_wait_seconds = writer.wait_seconds
+    result.seconds = time.perf_counter() - started
+    log(f"kava extract: wrote {len(result.shards_written)} shard(s), {result.samples} samples, "
+        f"{result.student_tokens} student tokens in {result.seconds:.1f} s; {result.quarantined} quarantined, "
+        f"{result.truncated} truncated, {result.skipped} skipped")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pieces of the recipe
+
+
+def _load_tokenizer(name: str, *, flag: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                            local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{flag} {name!r}: its tokenizer could not be loaded ({e}). Pass a local directory, or a hub id that is "
+            "in the local cache."
+        ) from e
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"{flag}: expected a fast tokenizer (alignment needs character offsets). "
+                          f"Got {type(tok).__name__} instead.")
+    return tok
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    if not cfg.with_q:
+        return ()
+    if cfg.q_layers is None:
+        return layers
+    try:
+        chosen = tuple(int(x) for x in cfg.q_layers.split(","))
+    except ValueError:
+        raise ConfigError(f"--q-layers: expected comma-separated layer numbers. Got {cfg.q_layers!r} instead.") from None
+    bad = [l for l in chosen if not 0 <= l < num_layers]
+    if bad:
+        raise ConfigError(f"--q-layers: the teacher has layers 0-{num_layers - 1}. Got {bad} instead.")
+    return chosen
+
+
+def _forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> list[tuple[Any, Any, Any]]:
+    """One padded forward pass → per sample (k, v, q) as float32 ``[T_t, L, H, D]`` on the CPU (q may be None)."""
+    import torch
+
+    lengths = [len(ids) for ids, _ in encoded]
+    out: list[tuple[Any, Any, Any]] = [None] * len(encoded)  # type: ignore[list-item]
+    live = [i for i, n in enumerate(lengths) if n > 0]
+    if not live:
+        return out
+    T = max(lengths[i] for i in live)
+    ids = torch.zeros(len(live), T, dtype=torch.long)
+    mask = torch.zeros(len(live), T, dtype=torch.long)
+    for row, i in enumerate(live):
+        ids[row, : lengths[i]] = torch.as_tensor(encoded[i][0])
+        mask[row, : lengths[i]] = 1
+    cap = capture_qkv(model, ids.to(device), mask.to(device), layers=list(layers),
+                      with_q=list(q_layers) if q_layers else False, k_rope=k_rope)
+
+    def stack(per_layer: dict[int, Any], which: tuple[int, ...]) -> Any:
+        # per layer (B, heads, T, D) → (B, T, L, heads, D), float32 on the CPU
+        return torch.stack([per_layer[l] for l in which], 2).transpose(1, 3).float().cpu()
+
+    k, v = stack(cap.keys, layers), stack(cap.values, layers)
+    q = stack(cap.queries, q_layers) if q_layers else None
+    for row, i in enumerate(live):
+        n = lengths[i]
+        out[i] = (k[row, :n], v[row, :n], None if q is None else q[row, :n])
+    return out
+
+
+def _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, same_tokenizer, log):
+    """The layer map, plus CKA matrices computed on a calibration subset (name → (matrix, attributes))."""
+    from .calibrate import calibrate_cka
+    from .layer_map import format_layer_map, parse_layer_map
+
+    student_layers = cfg.student_layers or num_layers
+    student_model = None
+    if cfg.student is not None:
+        from transformers import AutoModelForCausalLM
+
+        student_model = AutoModelForCausalLM.from_pretrained(cfg.student, local_files_only=_offline()).eval()
+        student_layers = student_model.config.num_hidden_layers
+    calibration = [s for s in grid if s.status != "skipped"][: cfg.calibration_samples]
+    cka = calibrate_cka(teacher_model, teacher_tok, student_model, calibration, batch_size=cfg.batch_size)
+    ts = cka.get("teacher_student_unbiased")
+    layer_map = parse_layer_map(cfg.layer_map, num_layers, student_layers, cka=None if ts is None else ts[0],
+                                k=cfg.cka_top_k, estimator="unbiased")
+    log(f"kava extract: layer map {layer_map.method}: {format_layer_map(layer_map)} "
+        f"(teacher layer per student layer)")
+    return layer_map, cka
+
+
+def _generate(model, tok, batch: list[GridSample], max_new_tokens: int, device) -> list[str]:
+    """The teacher writes its own reasoning and answer, greedily, after each sample's prompt."""
+    import torch
+
+    from .align import token_spans
+
+    texts = []
+    for sample in batch:
+        if not sample.text:
+            texts.append("")
+            continue
+        prompt = sample.text[: sample.seg_spans["reasoning"][0]]
+        ids = torch.as_tensor([token_spans(tok, prompt)[0].tolist()], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        texts.append(prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def _warp_alignment(sample: GridSample, teacher_text: str, teacher_spans: np.ndarray):
+    """Segment-aware resampling of a teacher's own text onto the student's: prompt→prompt, reasoning→reasoning,
+    answer→answer."""
+    from .templates import SEGMENT_ANSWER, SEGMENT_PROMPT, SEGMENT_REASONING, SEGMENT_SPECIAL
+    from .warp import time_warp
+
+    prompt_end = sample.seg_spans["reasoning"][0]
+    answer_at = teacher_text.find("####", prompt_end)
+    starts = teacher_spans[:, 0]
+    segs = np.where(starts < prompt_end, SEGMENT_PROMPT,
+                    np.where((answer_at >= 0) & (starts >= max(answer_at, 0)), SEGMENT_ANSWER, SEGMENT_REASONING))
+    segs = np.where(teacher_spans[:, 1] <= teacher_spans[:, 0], SEGMENT_SPECIAL, segs).astype(np.uint8)
+    return time_warp(segs, sample.segment_ids)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                desc="extract")
+
+
