@@ -12,6 +12,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
@@ -47,13 +48,30 @@ def exists(store: Store, key: str) -> bool:
     return bool(sync(store.exists(key)))
 
 
+def create_group_once(store: Store, key: str, attributes: dict[str, Any]) -> None:
+    """Write group ``key``'s metadata document, attributes included, in one exclusive write (parents as needed).
+
+    Where a node already exists nothing is written: of two processes creating the same group at once, exactly one
+    wins and neither fails, and no reader ever sees the group without its attributes.
+    """
+    proto = default_buffer_prototype()
+    parts = key.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        parent = GroupMetadata().to_buffer_dict(proto)["zarr.json"]
+        sync(store.set_if_not_exists("/".join(parts[:depth]) + "/zarr.json", parent))
+    doc = GroupMetadata(attributes=attributes).to_buffer_dict(proto)["zarr.json"]
+    sync(store.set_if_not_exists(f"{key}/zarr.json", doc))
+
+
 def delete_prefix(store: Store, prefix: str) -> None:
     sync(store.delete_dir(prefix))
 
 
 def list_dir(store: Store, prefix: str) -> list[str]:
+    """Names of the child nodes under ``prefix``: the group's own ``zarr.json`` is not a child."""
+
     async def collect() -> list[str]:
-        return [k async for k in store.list_dir(prefix)]
+        return [k async for k in store.list_dir(prefix) if k != "zarr.json"]
 
     return sync(collect())
 
@@ -113,6 +131,11 @@ def open_array(store: Store, key: str) -> zarr.Array:
     except (FileNotFoundError, KeyError) as e:
         raise SchemaError(
             f"{describe(store)}: expected an array at {key!r}. It is missing. "
+            "Run `kava store verify` for a full report; re-extract what it names."
+        ) from e
+    except (ValueError, TypeError) as e:  # what zarr raises for a corrupted zarr.json: bad JSON, fields, codecs
+        raise SchemaError(
+            f"{describe(store)}: the metadata of array {key!r} (its zarr.json) is unreadable or corrupted: {e}. "
             "Run `kava store verify` for a full report; re-extract what it names."
         ) from e
 

@@ -66,6 +66,12 @@ def check_values(x: np.ndarray, dtype: str) -> str | None:
             f"values up to {peak:.4g} overflow float16 (max {FP16_MAX:g}); store this teacher with "
             "--kv-dtype bfloat16 (lossless for bf16 teachers) or --kv-dtype int8"
         )
+    if dtype == "int8" and peak / 127.0 > FP16_MAX:
+        # The per-row scale is float16: it would become inf and the row would read back as NaN.
+        return (
+            f"values up to {peak:.4g} overflow int8's float16 scales (rows up to {FP16_MAX * 127:.4g}); store "
+            "this teacher with --kv-dtype bfloat16"
+        )
     return None
 
 

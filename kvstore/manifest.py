@@ -325,7 +325,7 @@ class TeacherSpec:
     q_layers: tuple[int, ...] = ()
     """Teacher layers whose queries are stored; empty when Q is not stored."""
     alignment: dict[str, Any] = field(default_factory=lambda: {"method": "identity"})
-    """How teacher tokens were mapped to the student grid: ``identity``, ``char_iou``, ``char_iou+time_warp``."""
+    """How teacher tokens were mapped to the student grid: ``identity``, ``char_iou``, ``time_warp``."""
     storage: StorageSpec = field(default_factory=StorageSpec)
     created_by: str = ""
     details: dict[str, Any] = field(default_factory=dict)

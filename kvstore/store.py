@@ -26,6 +26,7 @@ from . import _zarr, codecs, layout
 from .errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
 from .manifest import (
     FORMAT_VERSION,
+    SEGMENT_NAMES,
     DatasetSpec,
     StorageSpec,
     StoreManifest,
@@ -36,6 +37,11 @@ from .manifest import (
 
 GRID_CHUNK = 1 << 20
 """Rows per chunk of the 1-D grid arrays (4 MiB of int32 input ids)."""
+INDEX_SCHEMA = pa.schema([
+    ("sample_index", pa.int64()), ("sample_id", pa.string()), ("shard", pa.int64()), ("token_offset", pa.int64()),
+    ("num_tokens", pa.int64()), ("status", pa.string()), ("reason", pa.string()),
+])
+"""Columns of ``index.parquet``. Page checksums do not cover the footer, so the schema is checked too."""
 
 
 def sample_ids_hash(sample_ids: Sequence[str]) -> str:
@@ -122,7 +128,7 @@ class KVStore:
             raise NotAStoreError(f"{where}: no such directory. Check the path, or create a store with `kava extract`.")
         try:
             attrs = zarr.open_group(store, mode="r").attrs.asdict()
-        except (FileNotFoundError, KeyError, ValueError) as e:
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
             raise NotAStoreError(
                 f"{where}: not a KaVa store (no zarr group here). Check the path, or create one with `kava extract`."
             ) from e
@@ -178,7 +184,7 @@ class KVStore:
         for i, (a, b) in enumerate(zip(ids, segs)):
             if len(a) != len(b):
                 raise ConfigError(f"Sample {sample_ids[i]!r}: {len(a)} input ids but {len(b)} segment ids.")
-            if len(b) and (b.min() < 0 or b.max() >= len(layout.SAMPLE_STATUS) + 1):
+            if len(b) and (b.min() < 0 or b.max() >= len(SEGMENT_NAMES)):
                 raise ConfigError(f"Sample {sample_ids[i]!r}: segment ids must be 0..3 (prompt..special).")
             if len(a) and (a.min() < 0 or a.max() >= student_tokenizer.vocab_size):
                 raise ConfigError(
@@ -239,7 +245,8 @@ class KVStore:
                 "num_tokens": pa.array(lengths),
                 "status": pa.array(status, pa.string()),
                 "reason": pa.array(reasons, pa.string()),
-            }
+            },
+            schema=INDEX_SCHEMA,
         )
         sink = io.BytesIO()
         pq.write_table(table, sink, write_page_checksum=True)
@@ -325,9 +332,16 @@ class KVStore:
         if data is None:
             raise SchemaError(f"{self.where}: {layout.INDEX_FILE} is missing. The store's creation was incomplete.")
         try:
-            return pq.read_table(io.BytesIO(data), page_checksum_verification=True)
+            table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
         except (OSError, pa.ArrowException) as e:
             raise SchemaError(f"{self.where}: {layout.INDEX_FILE} is unreadable or corrupted: {e}") from e
+        if not table.schema.equals(INDEX_SCHEMA):
+            got = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+            raise SchemaError(
+                f"{self.where}: {layout.INDEX_FILE} is unreadable or corrupted: expected columns "
+                f"{', '.join(f'{f.name}: {f.type}' for f in INDEX_SCHEMA)}. Got {got} instead."
+            )
+        return table
 
     @cached_property
     def sample_ids(self) -> list[str]:
@@ -391,6 +405,8 @@ class KVStore:
             attrs = zarr.open_group(self._store, path=layout.teacher_key(name), mode="r").attrs.asdict()
         except (FileNotFoundError, KeyError) as e:
             raise self._missing_teacher(name) from e
+        except (ValueError, TypeError) as e:  # a corrupted zarr.json
+            raise SchemaError(f"{self.where}: teachers/{name}/zarr.json is unreadable or corrupted: {e}") from e
         if layout.TEACHER_ATTR not in attrs:
             raise self._missing_teacher(name)
         try:
@@ -416,18 +432,19 @@ class KVStore:
         if spec.storage.chunk_tokens <= 0:
             raise ConfigError("storage.chunk_tokens must be positive")
         key = layout.teacher_key(spec.name)
-        if _zarr.exists(self._store, f"{key}/zarr.json"):
-            existing = self.teacher(spec.name)
-            fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map")
-            diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
-            if diff:
-                raise StoreError(
-                    f"{self.where}: teacher {spec.name!r} already exists with different {', '.join(diff)}. "
-                    "Use another --name, or delete teachers/" + spec.name + " to start it over."
-                )
-            return existing
-        zarr.open_group(self._store, path=key, mode="a").attrs.put({layout.TEACHER_ATTR: spec.to_dict()})
-        return spec
+        if not _zarr.exists(self._store, f"{key}/zarr.json"):
+            # One exclusive write of the group with its spec: when the jobs of a job array register the same
+            # teacher at once, one of them wins and the others compare against its spec below.
+            _zarr.create_group_once(self._store, key, {layout.TEACHER_ATTR: spec.to_dict()})
+        existing = self.teacher(spec.name)
+        fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map")
+        diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
+        if diff:
+            raise StoreError(
+                f"{self.where}: teacher {spec.name!r} already exists with different {', '.join(diff)}. "
+                "Use another --name, or delete teachers/" + spec.name + " to start it over."
+            )
+        return existing
 
     def shard_marker(self, teacher: str, shard: int) -> dict[str, Any] | None:
         """The shard's completion marker, or None when the shard is absent or unfinished."""
@@ -478,8 +495,10 @@ class KVStore:
         m = np.asarray(matrix, dtype=np.float64)
         if m.ndim != 2:
             raise ConfigError(f"Expected a 2-D CKA matrix. Got shape {m.shape} instead.")
+        key = layout.cka_key(teacher, name)
+        self._arrays.pop(key, None)  # a rewrite may change the shape: drop the cached metadata
         _zarr.create_array(
-            self._store, layout.cka_key(teacher, name), shape=m.shape, chunks=m.shape, dtype=np.float64,
+            self._store, key, shape=m.shape, chunks=m.shape, dtype=np.float64,
             dims=("layer_a", "layer_b"), attributes=attrs,
         )[...] = m
 
@@ -555,6 +574,8 @@ class KVStore:
                          what: str) -> tuple[Any, tuple[int, ...]]:
         if layers is None:
             return slice(None), stored
+        if len(layers) == 0:
+            raise ConfigError("Expected at least one layer in layers=. Got [] instead; pass None for all layers.")
         missing = [l for l in layers if l not in stored]
         if missing:
             raise SchemaError(

@@ -143,7 +143,8 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     if off is None or starts is None:
         return report  # without a sound grid, shard ranges can't be named
 
-    names = list(store.teachers) if teachers is None else list(teachers)
+    # Every folder under teachers/, so one whose metadata is corrupted is reported rather than raised.
+    names = sorted(_zarr.list_dir(store.zarr_store, "teachers/")) if teachers is None else list(teachers)
     for name in names:
         try:
             spec = store.teacher(name)
@@ -189,8 +190,9 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
             key = f"{skey}/{array}"
             try:
                 arr = _zarr.open_array(store.zarr_store, key)
-            except SchemaError:
-                problems.append(Problem(key, "missing array"))
+            except SchemaError as e:
+                missing = not _zarr.exists(store.zarr_store, f"{key}/zarr.json")
+                problems.append(Problem(key, "missing array" if missing else f"unreadable array metadata: {e}"))
                 continue
             if arr.shape != shape or arr.dtype != dtype:
                 problems.append(Problem(key, f"expected shape {shape} {dtype}. Got {arr.shape} {arr.dtype}."))
