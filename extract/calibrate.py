@@ -63,24 +63,29 @@ def calibrate_cka(
     teacher: Any, teacher_tokenizer: Any, student: Any | None, samples: Sequence[GridSample], *, batch_size: int = 8
 ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
     """CKA matrices: ``teacher_teacher_{biased,unbiased}`` ``[L_t, L_t]`` and, with a student,
-    ``teacher_student_{biased,unbiased}`` ``[L_s, L_t]`` (rows: student layers). Empty when no sample has ≥ 4
-    tokens."""
+    ``teacher_student_{biased,unbiased}`` ``[L_s, L_t]`` (rows: student layers). Samples with non-finite
+    teacher K/V are left out (``nonfinite_samples_left_out``); empty when no sample is left with ≥ 4 tokens."""
     samples = [s for s in samples if len(s.input_ids) >= 4]
     if not samples:
         return {}
     teacher_feats, kept = _features(teacher, teacher_tokenizer, samples, student_grid=False, batch_size=batch_size)
+    # A sample with NaN/Inf teacher K/V (the extraction quarantines it) would make every CKA entry NaN: leave it out.
+    finite = [all(np.isfinite(f).all() for f in feats) for feats in teacher_feats]
     tt = CKAAccumulator()
-    for feats in teacher_feats:
-        if len(feats[0]) >= 4:
+    for feats, ok in zip(teacher_feats, finite):
+        if ok and len(feats[0]) >= 4:
             tt.update(feats, feats)
-    attrs = {"samples": len(samples), "tokens": int(sum(len(f[0]) for f in teacher_feats)), "features": FEATURES}
+    if not tt.num_batches:
+        return {}
+    attrs = {"samples": sum(finite), "tokens": int(sum(len(f[0]) for f, ok in zip(teacher_feats, finite) if ok)),
+             "nonfinite_samples_left_out": len(finite) - sum(finite), "features": FEATURES}
     out = {f"teacher_teacher_{e}": (tt.matrix(e), {**attrs, "estimator": e, "rows": "teacher layers",
                                                    "cols": "teacher layers"}) for e in ("biased", "unbiased")}
     if student is not None:
         student_feats, _ = _features(student, None, samples, student_grid=True, batch_size=batch_size)
         ts = CKAAccumulator()
-        for s_feats, t_feats, keep in zip(student_feats, teacher_feats, kept):
-            if len(t_feats[0]) >= 4:
+        for s_feats, t_feats, keep, ok in zip(student_feats, teacher_feats, kept, finite):
+            if ok and len(t_feats[0]) >= 4:
                 # Teacher rows were kept where teacher tokens cover the student token; keep the same student rows.
                 ts.update([f[keep] for f in s_feats], t_feats)
         out.update({f"teacher_student_{e}": (ts.matrix(e), {**attrs, "estimator": e, "rows": "student layers",

@@ -304,6 +304,11 @@ def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> t
     bad = [l for l in chosen if not 0 <= l < num_layers]
     if bad:
         raise ConfigError(f"--q-layers: the teacher has layers 0-{num_layers - 1}. Got {bad} instead.")
+    # Q is captured in the same pass as K/V, so only stored K/V layers can have their Q stored too.
+    outside = [l for l in chosen if l not in layers]
+    if outside:
+        raise ConfigError(f"--q-layers: expected layers among the stored K/V layers {list(layers)} (set by "
+                          f"--layer-map). Got {outside} instead.")
     return chosen
 
 

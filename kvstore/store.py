@@ -12,8 +12,11 @@ import datetime as _dt
 import hashlib
 import io
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -213,11 +216,16 @@ class KVStore:
 
         store = _zarr.as_zarr_store(location, read_only=False)
         if _zarr.exists(store, "zarr.json"):
-            existing = cls.open(location if not isinstance(location, Store) else store, mode="a")
-            existing._check_same_grid(manifest)
-            if not exist_ok:
-                raise StoreError(f"{existing.where}: a store already exists here. Choose another path.")
-            return existing
+            return cls._open_same_grid(location if not isinstance(location, Store) else store, manifest, exist_ok)
+        final: Path | None = None
+        if not isinstance(location, Store):
+            # A directory is built under a private name beside it and renamed into place: of two jobs of an array
+            # creating the same store at once exactly one rename wins, and no job opens a half-written grid (the
+            # root zarr.json appears with the first grid array, long before the manifest).
+            final = Path(location)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            building = Path(tempfile.mkdtemp(prefix=f".{final.name}.creating-", dir=final.parent))
+            store = _zarr.as_zarr_store(building, read_only=False)
 
         def grid(name: str, data: np.ndarray, dim: str) -> None:
             _zarr.create_array(
@@ -253,7 +261,26 @@ class KVStore:
         _zarr.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
         # The root attribute is written last: a store without it is an interrupted creation.
         zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: manifest.to_dict()})
+        if final is not None:
+            try:
+                os.rename(building, final)  # atomic; refused when `final` is a non-empty directory
+            except OSError:
+                shutil.rmtree(building, ignore_errors=True)
+                if not (final / "zarr.json").exists():
+                    raise StoreError(
+                        f"{final}: exists and is not a KaVa store (nor empty). Choose a new or empty directory."
+                    ) from None
+                return cls._open_same_grid(final, manifest, exist_ok)  # another job created it first
+            store = _zarr.as_zarr_store(final, read_only=False)
         return cls(store, manifest)
+
+    @classmethod
+    def _open_same_grid(cls, location: Any, manifest: StoreManifest, exist_ok: bool) -> KVStore:
+        existing = cls.open(location, mode="a")
+        existing._check_same_grid(manifest)
+        if not exist_ok:
+            raise StoreError(f"{existing.where}: a store already exists here. Choose another path.")
+        return existing
 
     def _check_same_grid(self, other: StoreManifest) -> None:
         mine = self.manifest
@@ -270,7 +297,7 @@ class KVStore:
                 f"{mine.dataset.sample_ids_hash[:12]}) vs {other.dataset.name}:{other.dataset.split} "
                 f"({other.num_samples} samples, {other.dataset.sample_ids_hash[:12]})"
             )
-        elif mine.grid_fingerprint != other.grid_fingerprint:
+        elif not problems and mine.grid_fingerprint != other.grid_fingerprint:  # another tokenizer explains it
             problems.append("the same samples tokenized differently (prompt template or max length differ)")
         if problems:
             raise StoreError(
