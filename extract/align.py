@@ -21,6 +21,7 @@ zero-width student token gets no teacher weights and coverage 0, and a zero-widt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -417,3 +418,33 @@ def apply(alignment: Alignment, teacher_values: ArrayOrTensor) -> ArrayOrTensor:
         # entries because reduceat reads an empty segment as one element, not as zero.
         out[has] = np.add.reduceat(weighted, alignment.indptr[:-1][has], axis=0)
     return out.reshape((n_s, *values.shape[1:]))
+
+
+def remap_spans(
+    spans: np.ndarray, src_pieces: Mapping[str, tuple[int, int]], dst_pieces: Mapping[str, tuple[int, int]]
+) -> np.ndarray:
+    """Move token spans from one formatting of a row to another, piece by piece.
+
+    Two prompt templates put the same pieces (question, reasoning, answer) in different glue text. A span's part
+    inside piece ``k`` of the source text moves by ``dst_start_k - src_start_k``; a span touching several pieces keeps
+    its largest part; a span entirely in glue text (``"Question: "``) has no counterpart and becomes zero-width (never
+    aligned), placed after the previous span's end so spans stay sorted.
+
+    spans: ``[T, 2]`` over the source text → ``[T, 2]`` over the destination text.
+    """
+    spans = _check_spans(spans, "spans")
+    out = np.zeros_like(spans)
+    best = np.zeros(len(spans), dtype=np.int64)
+    for key in src_pieces.keys() & dst_pieces.keys():
+        (sa, sb), (da, db) = src_pieces[key], dst_pieces[key]
+        lo = np.maximum(spans[:, 0], sa)
+        hi = np.minimum(spans[:, 1], min(sb, sa + (db - da)))  # a cut destination piece is shorter
+        overlap = hi - lo
+        take = overlap > best
+        out[take, 0], out[take, 1] = lo[take] - sa + da, hi[take] - sa + da
+        best[take] = overlap[take]
+    glue = best == 0
+    if glue.any():
+        ends = np.maximum.accumulate(np.where(glue, 0, out[:, 1]))
+        out[glue, 0] = out[glue, 1] = ends[glue]
+    return out

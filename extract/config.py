@@ -7,7 +7,7 @@ before any model loads or file is written.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from kava.kvstore.errors import ConfigError
@@ -42,8 +42,12 @@ class ExtractConfig:
     """Seed of the synthetic dataset."""
     strip_calculator: bool = False
     """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
-    prompt_template: str = "plain"
-    """A named template (plain, chat, cot) or a template file; a different template makes a different teacher."""
+    student_template: str = "plain"
+    """Template of the student's text (plain, chat, cot or a file): the grid every teacher lines up with, fixed when
+    the store is created."""
+    prompt_template: str | None = None
+    """Template the teacher reads (default: the student's). The same model under another template is another
+    teacher ("dual prompt"); its rows are mapped onto the student's text piece by piece."""
     student_tokenizer: str | None = None
     """Tokenizer of the student (name or path); default: the teacher's own."""
     student: str | None = None
@@ -100,18 +104,16 @@ class ExtractConfig:
     """Generation budget with --teacher-generates."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
     command: str = ""
     """The command line, recorded in the store."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form details recorded with the teacher."""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExtractConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown extract option(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
-        return cls(**data)
+    @property
+    def teacher_template(self) -> str:
+        return self.prompt_template or self.student_template
 
     @property
     def shard_slice(self) -> tuple[int, int] | None:
@@ -142,6 +144,8 @@ class ExtractConfig:
                                  ("--max-new-tokens", self.max_new_tokens, 1)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
+        if self.threads is not None and self.threads < 1:
+            p.append(f"--threads: expected a positive integer. Got {self.threads!r} instead.")
         if self.limit is not None and self.limit < 1:
             p.append(f"--limit: expected a positive integer. Got {self.limit!r} instead.")
         if self.student_layers is not None and self.student_layers < 1:

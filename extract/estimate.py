@@ -43,15 +43,12 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from .align import token_spans
     from .data import load_rows
     from .grid import build_grid
-    from .recipe import _forward, _load_tokenizer
     from .capture import attention_geometry, capture_qkv
-    from .teachers import load_teacher, resolve_teacher
+    from .recipe import _forward, _load_tokenizer, _teacher_texts, validate_and_resolve
+    from .teachers import load_teacher
     from .templates import load_template
 
-    cfg.validate()
-    source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
-                             dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
-                             trust_remote_code=cfg.trust_remote_code)
+    source = validate_and_resolve(cfg)
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
@@ -59,10 +56,11 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
                                   trust_remote_code=source.trust_remote_code)
     student_tok = teacher_tok if cfg.student_tokenizer is None else _load_tokenizer(
         cfg.student_tokenizer, flag="--student-tokenizer")
-    grid = build_grid(rows, student_tok, load_template(cfg.prompt_template), max_length=cfg.max_length,
-                      on_too_long=cfg.on_too_long)
+    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
+    grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    texts = _teacher_texts(grid, template, teacher_template)[0]
     student_tokens = int(sum(len(s.input_ids) for s in grid))
-    teacher_tokens = int(sum(len(token_spans(teacher_tok, s.text)[0]) for s in grid if s.text))
+    teacher_tokens = int(sum(len(token_spans(teacher_tok, t)[0]) for t in texts if t))
 
     model, _ = load_teacher(source)
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(model.config)
@@ -76,13 +74,13 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     q_layers = stored if cfg.with_q else 0
 
     # The timed sample: a few real batches; their K/V give the compression ratios too.
-    live = [s for s in grid if s.text][:timed_samples]
+    live = [t for t in texts if t][:timed_samples]
     layers = tuple(range(stored)) if stored <= num_layers else tuple(range(num_layers))
     k_rows = []
     t = time.perf_counter()
     timed_tokens = 0
     for b in range(0, len(live), cfg.batch_size):
-        encoded = [token_spans(teacher_tok, s.text) for s in live[b : b + cfg.batch_size]]
+        encoded = [token_spans(teacher_tok, t) for t in live[b : b + cfg.batch_size]]
         timed_tokens += sum(len(e[0]) for e in encoded)
         for k, v, _ in _forward(model, encoded, layers, (), cfg.k_rope, next(model.parameters()).device,
                                 capture_qkv):

@@ -18,7 +18,7 @@ import numpy as np
 from kava.kvstore.manifest import TokenizerSpec
 
 from .align import token_spans
-from .data import RowSet
+from .data import ReasoningRow, RowSet
 from .templates import PromptTemplate, format_row, segment_ids, truncate_at_segment
 
 
@@ -36,6 +36,8 @@ class GridSample:
     status: str = "ok"
     """``ok``, ``truncated`` or ``skipped`` (zero tokens)."""
     reason: str = ""
+    row: ReasoningRow | None = None
+    """The dataset row (None for rows the dataset flagged), for teachers that read it under another template."""
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -97,6 +99,6 @@ def build_grid(
                 status, reason = "truncated", f"{len(ids)} tokens cut to {cut} at a segment boundary"
                 ids, spans, segs = ids[:cut], spans[:cut], segs[:cut]
                 text = formatted.text[: int(spans[:, 1].max())] if cut else ""
-        out.append(GridSample(row.sample_id, text, dict(formatted.spans), ids, spans, segs, status, reason))
+        out.append(GridSample(row.sample_id, text, dict(formatted.spans), ids, spans, segs, status, reason, row))
     out.sort(key=lambda s: _index_of(s.sample_id))
     return out

@@ -96,27 +96,32 @@ class BackgroundWriter:
 
 def default_teacher_name(cfg: ExtractConfig) -> str:
     base = Path(cfg.teacher.rstrip("/")).name if ("/" in cfg.teacher or Path(cfg.teacher).exists()) else cfg.teacher
-    name = base if cfg.prompt_template == "plain" else f"{base}+{Path(cfg.prompt_template).stem}"
+    name = base if cfg.teacher_template == cfg.student_template else f"{base}+{Path(cfg.teacher_template).stem}"
     return "".join(c if c.isalnum() or c in "._+-" else "-" for c in name).lstrip("._+-") or "teacher"
 
 
 def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
     """Extract one teacher into ``cfg.store``; returns what was done. Raises KavaError on bad input."""
-    from .align import align_tokens, apply, token_spans
+    from .align import align_tokens, apply, remap_spans, token_spans
     from .capture import attention_geometry, capture_qkv
     from .data import load_rows
     from .rope import rope_params
-    from .teachers import describe_model, load_teacher, resolve_teacher
+    from .teachers import describe_model, load_teacher
     from .templates import load_template
 
     started = time.perf_counter()
     # 1. Everything that can be checked without loading a model, all at once.
-    cfg.validate()
-    source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
-                             dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
-                             trust_remote_code=cfg.trust_remote_code)
-    template = load_template(cfg.prompt_template)
+    source = validate_and_resolve(cfg)
+    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     name = cfg.name or default_teacher_name(cfg)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bars too
 
     # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
@@ -143,13 +148,15 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
         tokenizer_files=tok_files,
         dataset=DatasetSpec(cfg.dataset, cfg.split, rows.fingerprint, details={
             "limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator,
-            "template": template.name, "template_sha256": template.sha256, "max_length": cfg.max_length,
+            "student_template": template.name, "template_sha256": template.sha256, "max_length": cfg.max_length,
             "on_too_long": cfg.on_too_long, "row_problems": len(rows.problems)}),
         shard_tokens=cfg.shard_tokens,
         created_by=cfg.command,
     )
 
-    # 4. The teacher (only now: a store that refuses this grid fails before minutes of model loading).
+    todo, done = _shards_to_do(cfg, store, name)
+
+    # 4. The teacher (only now: a store that refuses this grid or this run fails before minutes of model loading).
     teacher_model, _ = load_teacher(source)
 
     # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
@@ -160,34 +167,25 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
     q_layers = _q_layers(cfg, layers, num_layers)
     storage: StorageSpec = default_storage(len(layers), kv_heads, head_dim, cfg.kv_dtype, compress=cfg.compress)
     # With --teacher-generates the teacher reads its own text, so rows are resampled segment by segment.
-    alignment = {"method": "time_warp" if cfg.teacher_generates else "identity" if same_tokenizer else "char_iou",
+    same_text = teacher_template.format == template.format
+    alignment = {"method": "time_warp" if cfg.teacher_generates else
+                 "identity" if same_tokenizer and same_text else "char_iou",
                  "mode": cfg.alignment, "teacher_tokenizer": tokenizer_fingerprint(teacher_tok)}
     store.add_teacher(TeacherSpec(
         name=name, model=describe_model(teacher_model, source), num_layers=num_layers, layers=layers,
         num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, layer_map=layer_map, k_rope=cfg.k_rope,
         rope=rope_params(teacher_model.config), q_layers=q_layers, alignment=alignment, storage=storage,
         created_by=cfg.command,
-        details={"prompt_template": template.name, "template_sha256": template.sha256,
+        details={"prompt_template": teacher_template.name, "template_sha256": teacher_template.sha256,
                  "teacher_generates": cfg.teacher_generates, **cfg.extra},
     ))
     for matrix_name, (matrix, attrs) in cka.items():
         store.write_cka(name, matrix_name, matrix, **attrs)
 
-    # 6. Which shards: this job's slice, minus complete ones when resuming.
-    todo = list(range(store.num_shards))
-    if cfg.shard_slice is not None:
-        i, n = cfg.shard_slice
-        todo = [s for s in todo if s % n == i]
-    done = set(store.complete_shards(name)) & set(todo)
-    if done and not cfg.resume:
-        raise ConfigError(
-            f"{store.where}: teacher {name!r} already has {len(done)} complete shard(s) of this slice. "
-            "Pass --resume to keep them and finish the rest, or choose another --name."
-        )
-    result = ExtractResult(store=store.where, teacher=name, shards_kept=sorted(done),
+    # 6. The shards to write were chosen right after the store opened.
+    result = ExtractResult(store=store.where, teacher=name, shards_kept=done,
                            truncated=sum(s.status == "truncated" for s in grid),
                            skipped=sum(s.status == "skipped" for s in grid))
-    todo = [s for s in todo if s not in done]
     log(f"kava extract: teacher {name!r} ({source.model_id}, {source.quantization}) → {store.where}: "
         f"{len(todo)} shard(s) to write, {len(done)} kept; layers {list(layers)}, K {cfg.k_rope}-RoPE, "
         f"{storage.dtype}")
@@ -206,18 +204,19 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
                 shard, store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)))
             for b in range(0, len(samples), cfg.batch_size):
                 batch = samples[b : b + cfg.batch_size]
-                texts = [s.text for s in batch]
+                texts, pieces = _teacher_texts(batch, template, teacher_template)
                 if cfg.teacher_generates:
-                    texts = _generate(teacher_model, teacher_tok, batch, cfg.max_new_tokens, device)
+                    texts = _generate(teacher_model, teacher_tok, texts, pieces, cfg.max_new_tokens, device)
                 encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
                            for t in texts]
                 t0 = time.perf_counter()
                 captured = _forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
                 result.forward_seconds += time.perf_counter() - t0
 
-                def write(batch=batch, encoded=encoded, captured=captured, texts=texts, shard=shard) -> None:
+                def write(batch=batch, encoded=encoded, captured=captured, texts=texts, pieces=pieces,
+                          shard=shard) -> None:
                     w = open_writers[shard]
-                    for sample, (t_ids, t_spans), kv, text in zip(batch, encoded, captured, texts):
+                    for sample, (t_ids, t_spans), kv, text, piece in zip(batch, encoded, captured, texts, pieces):
                         if not len(sample.input_ids):  # a skipped sample: nothing on the grid
                             shape = (0, len(layers), kv_heads, head_dim)
                             w.add(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
@@ -226,11 +225,13 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
                             continue
                         k, v, q = kv
                         if cfg.teacher_generates:
-                            al = _warp_alignment(sample, text, t_spans)
-                        elif same_tokenizer and np.array_equal(t_ids, sample.input_ids):
+                            al = _warp_alignment(sample, text, piece, t_spans)
+                        elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids):
                             al = None
-                        else:
+                        elif same_text:
                             al = align_tokens(sample.spans, t_spans)
+                        else:  # another template: move teacher spans into the student's text first
+                            al = align_tokens(sample.spans, remap_spans(t_spans, piece, sample.seg_spans))
                         if al is not None:
                             al = al.hard() if cfg.alignment == "hard" else al
                             k, v = apply(al, k), apply(al, v)
@@ -244,8 +245,8 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
                 result.student_tokens += sum(len(s.input_ids) for s in batch)
                 result.teacher_tokens += sum(len(e[0]) for e in encoded)
                 bar.update(len(batch))
-                bar.set_postfix_str(f"{result.teacher_tokens / max(1e-9, time.perf_counter() - loop_started):,.0f} tok/s",
-                                    refresh=False)
+                rate = result.student_tokens / max(1e-9, time.perf_counter() - loop_started)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
 
             def finish(shard=shard) -> None:
                 marker = open_writers.pop(shard).close()
@@ -267,6 +268,78 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pieces of the recipe
+
+
+def validate_and_resolve(cfg: ExtractConfig) -> Any:
+    """Check the options and resolve the teacher, reporting every problem of both at once."""
+    from .teachers import resolve_teacher
+    from .templates import load_template
+
+    problems = []
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        problems.append(str(e))
+    for flag, value in (("--student-template", cfg.student_template), ("--prompt-template", cfg.prompt_template)):
+        if value is not None:
+            try:
+                load_template(value)
+            except ConfigError as e:
+                problems.append(f"{flag}: {e}")
+    source = None
+    try:
+        source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit and not cfg.load_in_8bit,
+                                 load_in_8bit=cfg.load_in_8bit and not cfg.load_in_4bit, dtype=cfg.dtype,
+                                 device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return source
+
+
+def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[int], list[int]]:
+    """(shards to write, complete shards kept): this job's slice, minus complete ones when resuming."""
+    todo = list(range(store.num_shards))
+    if cfg.shard_slice is not None:
+        i, n = cfg.shard_slice
+        todo = [s for s in todo if s % n == i]
+    done = set(store.complete_shards(name)) & set(todo)
+    if done and not cfg.resume:
+        raise ConfigError(
+            f"{store.where}: teacher {name!r} already has {len(done)} complete shard(s) of this slice. "
+            "Pass --resume to keep them and finish the rest, or choose another --name."
+        )
+    return [s for s in todo if s not in done], sorted(done)
+
+
+def _teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
+                   ) -> tuple[list[str], list[dict[str, tuple[int, int]]]]:
+    """What the teacher reads for each sample, and the character spans of its pieces in that text.
+
+    Under the student's own template that is the grid text. Under another template the row is formatted anew and
+    cut where the student's text was cut (the same position inside the same piece).
+    """
+    from .templates import format_row
+
+    if teacher_template.format == template.format:
+        return [s.text for s in batch], [s.seg_spans for s in batch]
+    texts, pieces = [], []
+    for sample in batch:
+        if sample.row is None or not sample.text:
+            texts.append("")
+            pieces.append({})
+            continue
+        formatted = format_row(sample.row, teacher_template)
+        text = formatted.text
+        if sample.status == "truncated":
+            cut = len(sample.text)  # the student's text ends here, inside one of its pieces
+            key = next((k for k, (a, b) in sample.seg_spans.items() if a <= cut <= b), None)
+            if key is not None:
+                text = text[: formatted.spans[key][0] + cut - sample.seg_spans[key][0]]
+        texts.append(text)
+        pieces.append(dict(formatted.spans))
+    return texts, pieces
 
 
 def _load_tokenizer(name: str, *, flag: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -364,33 +437,35 @@ def _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, s
     return layer_map, cka
 
 
-def _generate(model, tok, batch: list[GridSample], max_new_tokens: int, device) -> list[str]:
+def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,
+              device) -> list[str]:
     """The teacher writes its own reasoning and answer, greedily, after each sample's prompt."""
     import torch
 
     from .align import token_spans
 
-    texts = []
-    for sample in batch:
-        if not sample.text:
-            texts.append("")
+    out = []
+    for text, piece in zip(texts, pieces):
+        if not text:
+            out.append("")
             continue
-        prompt = sample.text[: sample.seg_spans["reasoning"][0]]
+        prompt = text[: piece["reasoning"][0]]
         ids = torch.as_tensor([token_spans(tok, prompt)[0].tolist()], device=device)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        texts.append(prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return texts
+        out.append(prompt + tok.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
 
 
-def _warp_alignment(sample: GridSample, teacher_text: str, teacher_spans: np.ndarray):
+def _warp_alignment(sample: GridSample, teacher_text: str, pieces: dict[str, tuple[int, int]],
+                    teacher_spans: np.ndarray):
     """Segment-aware resampling of a teacher's own text onto the student's: prompt→prompt, reasoning→reasoning,
     answer→answer."""
     from .templates import SEGMENT_ANSWER, SEGMENT_PROMPT, SEGMENT_REASONING, SEGMENT_SPECIAL
     from .warp import time_warp
 
-    prompt_end = sample.seg_spans["reasoning"][0]
+    prompt_end = pieces["reasoning"][0]
     answer_at = teacher_text.find("####", prompt_end)
     starts = teacher_spans[:, 0]
     segs = np.where(starts < prompt_end, SEGMENT_PROMPT,

@@ -365,6 +365,13 @@ def _import_bitsandbytes() -> None:
     ``-W error`` (as in our tests) that exception is swallowed by bitsandbytes, which then silently keeps the
     uncompiled kernels. The warning is torch's internal business, so it is ignored here, for this import only.
     """
+    import logging
+
+    # On CPU it also logs that an optional faster 4-bit kernel package ("kernels") is missing, at every import:
+    # a speed notice, not a problem, so that one logger is quieted while importing.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -373,6 +380,8 @@ def _import_bitsandbytes() -> None:
             import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise ConfigError("Quantized teachers need bitsandbytes. Run `pip install bitsandbytes`.") from e
+    finally:
+        cpu_ops.setLevel(level)
 
 
 def _parse_dtype(dtype: Any, problems: list[str]) -> str | None:

@@ -92,6 +92,7 @@ def summary(store: KVStore) -> dict[str, Any]:
         markers = [store.shard_marker(name, s) for s in complete]
         teachers[name] = {
             "model": next((spec.model[k] for k in ("model_id", "id", "path") if spec.model.get(k)), None),
+            "quantization": spec.model.get("quantization", "none"),
             "layers": list(spec.layers),
             "num_layers": spec.num_layers,
             "kv_heads": spec.kv_heads,

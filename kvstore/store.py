@@ -298,11 +298,12 @@ class KVStore:
                 f"({other.num_samples} samples, {other.dataset.sample_ids_hash[:12]})"
             )
         elif not problems and mine.grid_fingerprint != other.grid_fingerprint:  # another tokenizer explains it
-            problems.append("the same samples tokenized differently (prompt template or max length differ)")
+            problems.append("the same samples tokenized differently (student template or max length differ)")
         if problems:
             raise StoreError(
                 f"{self.where}: this store was made for another student grid: " + "; ".join(problems)
-                + ". Use a new --store path, or the same student tokenizer, split and template."
+                + ". Use a new --store path, or the same student tokenizer, split and template "
+                "(--student-tokenizer, --dataset/--split/--limit/--seed, --student-template, --max-length)."
             )
 
     # ---------------------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def format_info(info: dict[str, Any]) -> str:
     for name, t in info["teachers"].items():
         ratio = (t["bytes_logical"] / t["bytes_on_disk"]) if t["bytes_on_disk"] else float("nan")
         lines += [
-            f"teacher     {name}  ({t['model']})",
+            f"teacher     {name}  ({t['model']}, {t['quantization']})",
             f"  layers    {t['layers']} of {t['num_layers']}, map {t['layer_map']}, alignment {t['alignment']}",
             f"  heads     {t['kv_heads']} kv x {t['head_dim']}, K {t['k_rope']}-RoPE,"
             f" Q {'layers ' + str(t['q_layers']) if t['has_q'] else 'not stored'}",

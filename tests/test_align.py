@@ -362,3 +362,16 @@ def test_apply_and_to_dense_reject_wrong_sizes():
         al.to_dense(1)
     with pytest.raises(ConfigError, match=r"Expected indptr \[T_s\+1\]"):
         Alignment(np.array([0, 2]), np.array([0]), np.array([1.0], dtype=np.float32), np.ones(1), 2)
+
+
+def test_remap_spans_moves_each_piece_and_drops_glue():
+    from kava.extract.align import remap_spans
+
+    # teacher text "Q: abc\\nA: de" (pieces at 3-6 and 10-12) → student text "Question: abc\\nAnswer: de"
+    src = {"prompt": (3, 6), "answer": (10, 12)}
+    dst = {"prompt": (10, 13), "answer": (22, 24)}
+    spans = np.array([[0, 2], [2, 4], [4, 6], [6, 10], [10, 12]])
+    out = remap_spans(spans, src, dst)
+    # "Q:" is glue → zero-width; " a" keeps its piece part "a"; "bc" moves by 7; "\\nA: " is glue; "de" moves by 12
+    np.testing.assert_array_equal(out, [[0, 0], [10, 11], [11, 13], [13, 13], [22, 24]])
+    assert np.all(np.diff(out[:, 0]) >= 0)  # still sorted for the linear sweep

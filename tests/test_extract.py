@@ -446,7 +446,7 @@ def test_two_shard_jobs_at_once_make_the_single_run_store(tmp_path, stories, ref
 
 
 @pytest.mark.integration
-def test_two_teachers_share_a_store_but_another_template_is_another_grid(tmp_path, stories, tiny_llama):
+def test_teachers_and_dual_prompts_share_a_store_but_another_student_template_is_another_grid(tmp_path, stories, tiny_llama):
     path = tmp_path / "kv.zarr"
     options = dict(limit=8, shard_tokens=512, **QUIET)
     extract(stories, path, **options)
@@ -463,14 +463,31 @@ def test_two_teachers_share_a_store_but_another_template_is_another_grid(tmp_pat
     assert f"{STORIES_NAME}: {shards}/{shards} shards" in verified.stdout
     assert f"tiny-llama: {shards}/{shards} shards" in verified.stdout
 
-    # The prompt template is part of the student grid (the text the student reads), so a `cot` run of the same
-    # model is another grid, and this store refuses it before the teacher loads.
-    refused = cli("extract", "--teacher", str(stories), "--store", str(path), "--prompt-template", "cot",
+    # Dual prompt: the same model reading another template is a third teacher on the same student grid. Its rows
+    # are mapped piece by piece (question, reasoning, answer); the student's template glue ("Question: ") gets
+    # weight 0, and every piece's tokens are covered.
+    dual = cli("extract", "--teacher", str(stories), "--store", str(path), "--prompt-template", "cot",
+               *flags(**options))
+    assert dual.exit_code == 0, dual.stderr
+    store = KVStore.open(path)
+    assert sorted(store.teachers) == sorted([STORIES_NAME, f"{STORIES_NAME}+cot", "tiny-llama"])
+    spec = store.teacher(f"{STORIES_NAME}+cot")
+    assert spec.alignment["method"] == "char_iou" and spec.details["prompt_template"] == "cot"
+    rows = store.read_sample(0, teachers=[STORIES_NAME, f"{STORIES_NAME}+cot"])
+    plain, cot = rows.teachers[STORIES_NAME], rows.teachers[f"{STORIES_NAME}+cot"]
+    covered = cot.align_weight > 0
+    assert 0.5 < covered.mean() < 1.0  # the glue of the student's template has no counterpart
+    # Layer 0's pre-RoPE keys depend only on the token itself: where both read the same token, they agree.
+    same = covered & (cot.align_weight == 1)
+    np.testing.assert_allclose(cot.k[same][:, 0], plain.k[same][:, 0], rtol=2e-3, atol=2e-3)
+
+    # The student template is part of the grid: another one is another grid, refused before the teacher loads.
+    refused = cli("extract", "--teacher", str(stories), "--store", str(path), "--student-template", "cot",
                   *flags(**options))
     assert refused.exit_code == 1
     assert "made for another student grid" in refused.stderr
-    assert "prompt template or max length differ" in refused.stderr and "--store" in refused.stderr
-    assert sorted(KVStore.open(path).teachers) == sorted([STORIES_NAME, "tiny-llama"])
+    assert "student template or max length differ" in refused.stderr and "--store" in refused.stderr
+    assert len(KVStore.open(path).teachers) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -485,8 +502,9 @@ def test_store_for_another_grid_is_refused_naming_the_difference(ref_store, stor
     other_tok = cli(*base, *flags(**{**REF, "student_tokenizer": gpt2}))
     assert other_tok.exit_code == 1
     assert f"student tokenizer {str(stories)!r}" in other_tok.stderr and f"vs {gpt2!r}" in other_tok.stderr
-    assert "Use a new --store path, or the same student tokenizer, split and template." in other_tok.stderr
-    assert "prompt template" not in other_tok.stderr  # the tokenizer explains the other tokens; nothing else
+    assert "Use a new --store path, or the same student tokenizer, split and template" in other_tok.stderr
+    assert "--student-tokenizer" in other_tok.stderr
+    assert "student template or max length" not in other_tok.stderr  # the tokenizer explains the other tokens; nothing else
 
     fewer = cli(*base, *flags(**{**REF, "limit": 99}))
     assert fewer.exit_code == 1
