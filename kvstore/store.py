@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 
-from . import _zarr, codecs, layout
+from . import _fastread, _zarr, codecs, layout
 from .errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
 from .manifest import (
     FORMAT_VERSION,
@@ -116,6 +116,7 @@ class KVStore:
         self.where = _zarr.describe(store)
         self._arrays: dict[str, zarr.Array] = {}
         self._specs: dict[str, TeacherSpec] = {}
+        self._grid_cache: dict[tuple[str, int], np.ndarray] = {}
 
     # ---------------------------------------------------------------------------------------------------------
     # Opening and creating
@@ -337,7 +338,28 @@ class KVStore:
 
     def _read(self, key: str, selection: Any = Ellipsis, what: str | None = None) -> np.ndarray:
         with _zarr.reading(f"{self.where}: {what or key}"):
-            return np.asarray(self._array(key)[selection])
+            arr = self._array(key)
+            if isinstance(selection, slice) and arr.ndim == 1 and selection.step is None:
+                a, b, _ = selection.indices(arr.shape[0])
+                return self._rows(key, arr, a, max(a, b), slice(None))
+            return np.asarray(arr[selection])
+
+    def _grid_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` of a 1-D grid array, through a small cache of decoded chunks: a grid chunk holds 1M
+        tokens, and streaming reads the same chunk for many shards in a row."""
+        key = layout.grid_key(name)
+        arr = self._array(key)
+        size = arr.chunks[0]
+        parts = []
+        for c in range(a // size, (b - 1) // size + 1) if b > a else ():
+            chunk = self._grid_cache.get((name, c))
+            if chunk is None:
+                chunk = self._read(key, slice(c * size, min((c + 1) * size, arr.shape[0])))
+                if len(self._grid_cache) >= 4:
+                    self._grid_cache.pop(next(iter(self._grid_cache)))
+                self._grid_cache[(name, c)] = chunk
+            parts.append(chunk[max(a, c * size) - c * size : min(b, (c + 1) * size) - c * size])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=arr.dtype)
 
     @cached_property
     def offsets(self) -> np.ndarray:
@@ -586,8 +608,8 @@ class KVStore:
             sample_indices=np.arange(first, stop),
             sample_ids=ids,
             offsets=self.offsets[first : stop + 1] - a,
-            input_ids=self._read(layout.grid_key("input_ids"), slice(a, b)),
-            segment_ids=self._read(layout.grid_key("segment_ids"), slice(a, b)),
+            input_ids=self._grid_rows("input_ids", a, b),
+            segment_ids=self._grid_rows("segment_ids", a, b),
             shard=shard,
         )
         names = list(self.teachers) if teachers is None else list(teachers)
@@ -615,6 +637,17 @@ class KVStore:
         sel: Any = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
         return sel, tuple(layers)
 
+    def _rows(self, key: str, arr: zarr.Array, a: int, b: int, lsel: Any) -> np.ndarray:
+        """``arr[a:b, lsel]``: from the chunk files directly when the fast path applies, else through zarr."""
+        fast = _fastread.read(self._store, key, arr, (a, b), lsel)
+        if fast is not None:
+            return fast
+        if arr.ndim == 1:
+            return np.asarray(arr[a:b])
+        if isinstance(lsel, list):
+            return np.asarray(arr.get_orthogonal_selection((slice(a, b), lsel)))
+        return np.asarray(arr[a:b, lsel])
+
     def _read_teacher(self, name, shard, a, b, sa, sb, layers, with_q, dtype) -> TeacherKV:
         spec = self._specs.get(name) or self._specs.setdefault(name, self.teacher(name))
         if self.shard_marker(name, shard) is None:
@@ -632,16 +665,11 @@ class KVStore:
             arr = self._array(key)
             with _zarr.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
                                f"-{self.shard_samples(shard).start + sb - 1})"):
-                if isinstance(lsel, list):
-                    stored = arr.get_orthogonal_selection((slice(a, b), lsel))
-                else:
-                    stored = arr[a:b, lsel]
+                stored = self._rows(key, arr, a, b, lsel)
                 scale = None
                 if spec.storage.dtype == "int8":
-                    sarr = self._array(f"{key}_scale")
-                    scale = (sarr.get_orthogonal_selection((slice(a, b), lsel)) if isinstance(lsel, list)
-                             else sarr[a:b, lsel])
-            return codecs.decode(np.asarray(stored), scale, spec.storage.dtype, out_dtype)
+                    scale = self._rows(f"{key}_scale", self._array(f"{key}_scale"), a, b, lsel)
+            return codecs.decode(stored, scale, spec.storage.dtype, out_dtype)
 
         kv = TeacherKV(
             k=values("k", sel),

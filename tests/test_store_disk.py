@@ -451,3 +451,71 @@ def test_many_samples_few_files(tmp_path):
     files = [f for _, _, fs in os.walk(path) for f in fs]
     assert len(files) < 60, sorted(files)  # 2000 samples, tens of files
     assert verify_store(path).ok
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fast read path (chunk files decoded directly) against zarr's own reads
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16"])
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("chunk_layers", [1, 3])
+def test_fast_read_path_equals_zarr(tmp_path, dtype, compress, chunk_layers):
+    import zarr as zarr_mod
+
+    from kava.kvstore import _fastread, layout
+    from kava.kvstore.manifest import StorageSpec
+
+    rng = np.random.default_rng(7)
+    lengths = [int(n) for n in rng.integers(1, 40, 12)]
+    store = KVStore.create(
+        tmp_path / "kv.zarr", sample_ids=[f"s{i}" for i in range(12)],
+        input_ids=[np.zeros(n, np.int64) for n in lengths], segment_ids=[np.zeros(n, np.int64) for n in lengths],
+        student_tokenizer=TokenizerSpec("t", "f", 10), dataset=DatasetSpec("d", "train", "f"), shard_tokens=10_000,
+    )
+    storage = StorageSpec(dtype=dtype, compressor=dict(default_storage(3, 2, 4).compressor) if compress else {},
+                          chunk_tokens=16, chunk_layers=chunk_layers)
+    store.add_teacher(TeacherSpec(
+        name="A", model={}, num_layers=3, layers=(0, 1, 2), num_heads=2, kv_heads=2, head_dim=4, storage=storage,
+        layer_map=LayerMap("explicit", (((0, 1.0),), ((1, 1.0),), ((2, 1.0),))),
+    ))
+    with store.shard_writer("A", 0) as w:
+        for n in lengths:
+            w.add(rng.standard_normal((n, 3, 2, 4)), rng.standard_normal((n, 3, 2, 4)))
+    total = sum(lengths)
+    for name in ("k", "k_scale") if dtype == "int8" else ("k",):
+        key = layout.shard_array_key("A", 0, name)
+        arr = zarr_mod.open_array(store.zarr_store, path=key, mode="r")
+        for rows in [(0, total), (0, 16), (5, 37), (16, 32), (total - 3, total), (7, 8)]:
+            for sel in [slice(None), slice(1, 3), [0, 2], [2, 0], [1]]:
+                fast = _fastread.read(store.zarr_store, key, arr, rows, sel)
+                assert fast is not None, "the fast path should apply to what this package writes"
+                want = arr.get_orthogonal_selection((slice(*rows), sel)) if isinstance(sel, list) \
+                    else arr[rows[0]:rows[1], sel]
+                np.testing.assert_array_equal(fast, want)
+
+
+def test_fast_read_path_refuses_a_missing_chunk_instead_of_zeros(tmp_path):
+    store = _small_store(tmp_path)
+    chunk = tmp_path / "kv.zarr" / "teachers/A/shards/000000/k/c/0/0/0/0"
+    chunk.unlink()
+    with pytest.raises(SchemaError, match=r"chunk \(0, 0, 0, 0\) is missing"):
+        KVStore.open(tmp_path / "kv.zarr").read_shard(0)
+    del store
+
+
+def _small_store(tmp_path):
+    rng = np.random.default_rng(0)
+    store = KVStore.create(
+        tmp_path / "kv.zarr", sample_ids=["a", "b"], input_ids=[np.zeros(5, np.int64), np.zeros(7, np.int64)],
+        segment_ids=[np.zeros(5, np.int64), np.zeros(7, np.int64)], student_tokenizer=TokenizerSpec("t", "f", 10),
+        dataset=DatasetSpec("d", "train", "f"),
+    )
+    store.add_teacher(TeacherSpec(
+        name="A", model={}, num_layers=1, layers=(0,), num_heads=1, kv_heads=1, head_dim=4,
+        layer_map=LayerMap("explicit", (((0, 1.0),),)), storage=default_storage(1, 1, 4),
+    ))
+    with store.shard_writer("A", 0) as w:
+        w.add(rng.standard_normal((5, 1, 1, 4)), rng.standard_normal((5, 1, 1, 4)))
+        w.add(rng.standard_normal((7, 1, 1, 4)), rng.standard_normal((7, 1, 1, 4)))
+    return store

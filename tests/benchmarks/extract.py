@@ -68,17 +68,23 @@ def main() -> None:
                 mask[i, : len(e)] = 1
             batches.append((ids, mask))
         tokens = sum(int(m.sum()) for _, m in batches)
+        def bare_pass() -> float:
+            with torch.no_grad():
+                t = time.perf_counter()
+                for ids, mask in batches:
+                    model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                return time.perf_counter() - t
+
         with torch.no_grad():
             model(*batches[0])  # warm-up
-            t = time.perf_counter()
-            for ids, mask in batches:
-                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            bare = time.perf_counter() - t
-
+        # Bare passes before and after the extraction: the machine's speed drifts, the mean of the two is the base.
+        bare_before = bare_pass()
         result = run_extract(ExtractConfig(
             teacher=str(work / "teacher"), store=str(work / "kv.zarr"), limit=args.samples,
             batch_size=args.batch_size, progress=False, calibration_samples=4,
         ), log=lambda m: None)
+        bare_after = bare_pass()
+        bare = (bare_before + bare_after) / 2
         print(json.dumps({
             "benchmark": "extract",
             "date": dt.date.today().isoformat(),
@@ -86,6 +92,7 @@ def main() -> None:
             "teacher": {"arch": "llama", "params": params, "layers": args.layers, "hidden": args.hidden},
             "samples": args.samples, "tokens": tokens, "batch_size": args.batch_size,
             "bare_forward_s": round(bare, 3),
+            "bare_forward_before_after_s": [round(bare_before, 3), round(bare_after, 3)],
             "extract_loop_s": round(result.loop_seconds, 3),
             "overhead_ratio": round(result.loop_seconds / bare, 3),
             "extract_forward_s": round(result.forward_seconds, 3),
