@@ -68,12 +68,25 @@ def delete_prefix(store: Store, prefix: str) -> None:
 
 
 def list_dir(store: Store, prefix: str) -> list[str]:
-    """Names of the child nodes under ``prefix``: the group's own ``zarr.json`` is not a child."""
+    """Names of the child nodes under ``prefix``: neither the group's own ``zarr.json`` nor the
+    ``zarr.<id>.partial`` temporary a LocalStore write leaves behind when its process is killed mid-write."""
 
     async def collect() -> list[str]:
-        return [k async for k in store.list_dir(prefix) if k != "zarr.json"]
+        return [k async for k in store.list_dir(prefix) if k != "zarr.json" and not k.endswith(".partial")]
 
     return sync(collect())
+
+
+def substore(store: Store, prefix: str) -> tuple[Store, str]:
+    """(store, key prefix) for writing under ``prefix``.
+
+    zarr writes (``set_if_not_exists``) every ancestor group's metadata on each array it creates; in a LocalStore each
+    such write goes through a temporary file beside the target, which a killed writer would leave in a shared
+    directory. A LocalStore rooted at ``prefix`` keeps all of a writer's files under its own directory.
+    """
+    if isinstance(store, LocalStore):
+        return LocalStore(Path(store.root) / prefix), ""
+    return store, f"{prefix}/"
 
 
 def list_prefix(store: Store, prefix: str) -> list[str]:

@@ -486,6 +486,9 @@ class KVStore:
             # One exclusive write of the group with its spec: when the jobs of a job array register the same
             # teacher at once, one of them wins and the others compare against its spec below.
             _zarr.create_group_once(self._store, key, {layout.TEACHER_ATTR: spec.to_dict()})
+            # The groups shard writers fill, made now so writers never write outside their shard's directory.
+            _zarr.create_group_once(self._store, f"{key}/shards", {})
+            _zarr.create_group_once(self._store, f"{key}/cka", {})
         existing = self.teacher(spec.name)
         fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map")
         diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
@@ -547,8 +550,9 @@ class KVStore:
             raise ConfigError(f"Expected a 2-D CKA matrix. Got shape {m.shape} instead.")
         key = layout.cka_key(teacher, name)
         self._arrays.pop(key, None)  # a rewrite may change the shape: drop the cached metadata
+        own, base = _zarr.substore(self._store, f"{layout.teacher_key(teacher)}/cka")
         _zarr.create_array(
-            self._store, key, shape=m.shape, chunks=m.shape, dtype=np.float64,
+            own, f"{base}{name}", shape=m.shape, chunks=m.shape, dtype=np.float64,
             dims=("layer_a", "layer_b"), attributes=attrs,
         )[...] = m
 

@@ -75,6 +75,8 @@ class ShardWriter:
             )
         # Leftovers of a crashed writer are removed first: a shard is always written whole.
         _zarr.delete_prefix(zstore, self._key)
+        own, base = _zarr.substore(zstore, self._key)  # this writer's files stay under its shard's directory
+        self._own, self._base = own, base
         st = spec.storage
         self._dtype = codecs.storage_numpy_dtype(st.dtype)
         self._rows = st.chunk_tokens
@@ -85,7 +87,7 @@ class ShardWriter:
         for name, (nl, nh) in geometry.items():
             attrs = {layout.DTYPE_ATTR: st.dtype} if st.dtype == "bfloat16" else {}
             arr = _zarr.create_array(
-                zstore, f"{self._key}/{name}", shape=(self.num_tokens, nl, nh, spec.head_dim),
+                own, f"{base}{name}", shape=(self.num_tokens, nl, nh, spec.head_dim),
                 chunks=(st.chunk_tokens, min(st.chunk_layers, nl), nh, spec.head_dim), dtype=self._dtype,
                 dims=("token", f"{name}_layer" if name == "q" else "layer", f"{name}_head" if name == "q"
                       else "kv_head", "head_dim"),
@@ -94,7 +96,7 @@ class ShardWriter:
             scale = None
             if st.dtype == "int8":
                 scale = _zarr.create_array(
-                    zstore, f"{self._key}/{name}_scale", shape=(self.num_tokens, nl, nh),
+                    own, f"{base}{name}_scale", shape=(self.num_tokens, nl, nh),
                     chunks=(st.chunk_tokens, min(st.chunk_layers, nl), nh), dtype=np.float16,
                     dims=("token", "q_layer" if name == "q" else "layer", "q_head" if name == "q" else "kv_head"),
                     compressor=st.compressor,
@@ -225,7 +227,7 @@ class ShardWriter:
         zstore = self.store.zarr_store
         for name, data, dim in (("align_weight", self._align, "token"), ("sample_status", self._status, "sample")):
             _zarr.create_array(
-                zstore, f"{self._key}/{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
+                self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
                 dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
             )[...] = data
         _zarr.fsync_tree(zstore, self._key)

@@ -519,3 +519,35 @@ def _small_store(tmp_path):
         w.add(rng.standard_normal((5, 1, 1, 4)), rng.standard_normal((5, 1, 1, 4)))
         w.add(rng.standard_normal((7, 1, 1, 4)), rng.standard_normal((7, 1, 1, 4)))
     return store
+
+
+def test_temporaries_left_by_a_killed_write_are_not_nodes(tmp_path):
+    """A LocalStore write goes through ``zarr.<id>.partial`` beside its target; SIGKILL can leave one behind."""
+    _small_store(tmp_path)
+    root = tmp_path / "kv.zarr"
+    for folder in (root / "teachers", root / "teachers/A/shards", root / "teachers/A/cka"):
+        (folder / "zarr.0123abcd.partial").write_bytes(b"{")
+    store = KVStore.open(root)
+    assert list(store.teachers) == ["A"]
+    assert store.complete_shards("A") == [0] and store.cka("A") == {}
+    report = verify_store(root)
+    assert report.ok, report.problems
+
+
+def test_shard_writers_write_only_under_their_shard(tmp_path):
+    """Everything a shard writer creates lies under its shard's folder, so a writer killed at any moment leaves
+    nothing outside what a resumed run deletes and rewrites."""
+    store = _small_store(tmp_path)
+    root = tmp_path / "kv.zarr"
+    before = {p for p in root.rglob("*") if "shards/000000" not in str(p)}
+    stamps = {p: p.stat().st_mtime_ns for p in before if p.is_file()}
+    import shutil
+
+    shutil.rmtree(root / "teachers/A/shards/000000")
+    rng = np.random.default_rng(1)
+    with store.shard_writer("A", 0) as w:
+        w.add(rng.standard_normal((5, 1, 1, 4)), rng.standard_normal((5, 1, 1, 4)))
+        w.add(rng.standard_normal((7, 1, 1, 4)), rng.standard_normal((7, 1, 1, 4)))
+    after = {p for p in root.rglob("*") if "shards/000000" not in str(p)}
+    assert after == before
+    assert {p: p.stat().st_mtime_ns for p in after if p.is_file()} == stamps
