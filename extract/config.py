@@ -77,7 +77,7 @@ class ExtractConfig:
     cka_top_k: int = 2
     """With --layer-map cka: teacher layers per student layer."""
     calibration_samples: int = 32
-    """Samples used for the CKA matrices."""
+    """Samples used for the stored CKA matrices (at least 4; 0 skips them, except with --layer-map cka)."""
     alignment: str = "soft"
     """Tokenizer alignment: soft (IoU weights over overlapping teacher tokens) or hard (the best one)."""
     kv_dtype: str = "float16"
@@ -140,7 +140,7 @@ class ExtractConfig:
             p.append(f"--on-nonfinite: expected quarantine or error. Got {self.on_nonfinite!r} instead.")
         for flag, value, low in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 2),
                                  ("--shard-tokens", self.shard_tokens, 1), ("--cka-top-k", self.cka_top_k, 1),
-                                 ("--calibration-samples", self.calibration_samples, 4),
+                                 ("--calibration-samples", self.calibration_samples, 0),
                                  ("--max-new-tokens", self.max_new_tokens, 1)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
@@ -153,6 +153,11 @@ class ExtractConfig:
         if self.student_layers is not None and self.student is not None:
             p.append("Can't set both --student and --student-layers (the student's config has its layer count). "
                      "Choose one.")
+        if 0 < self.calibration_samples < 4:
+            p.append(f"--calibration-samples: expected 0 (no CKA) or at least 4 (the unbiased estimator needs 4). "
+                     f"Got {self.calibration_samples} instead.")
+        if self.layer_map == "cka" and self.calibration_samples == 0:
+            p.append("--layer-map cka needs CKA: --calibration-samples must be at least 4.")
         if self.layer_map == "cka" and self.student is None:
             p.append("--layer-map cka needs --student (CKA compares teacher and student layers).")
         if self.q_layers is not None and not self.with_q:

@@ -191,6 +191,7 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
         f"{storage.dtype}")
 
     # 7. The loop: forward pass here, alignment + writing on the background thread.
+    special_ids = np.asarray(sorted(teacher_tok.all_special_ids), dtype=np.int64)
     device = next(teacher_model.parameters()).device
     total = sum(len(store.shard_samples(s)) for s in todo)
     bar = _progress(total, cfg.progress)
@@ -225,7 +226,7 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
                             continue
                         k, v, q = kv
                         if cfg.teacher_generates:
-                            al = _warp_alignment(sample, text, piece, t_spans)
+                            al = _warp_alignment(sample, text, piece, t_spans, t_ids, special_ids)
                         elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids):
                             al = None
                         elif same_text:
@@ -428,7 +429,8 @@ def _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, s
         student_model = AutoModelForCausalLM.from_pretrained(cfg.student, local_files_only=_offline()).eval()
         student_layers = student_model.config.num_hidden_layers
     calibration = [s for s in grid if s.status != "skipped"][: cfg.calibration_samples]
-    cka = calibrate_cka(teacher_model, teacher_tok, student_model, calibration, batch_size=cfg.batch_size)
+    cka = calibrate_cka(teacher_model, teacher_tok, student_model, calibration, batch_size=cfg.batch_size) \
+        if calibration else {}
     ts = cka.get("teacher_student_unbiased")
     layer_map = parse_layer_map(cfg.layer_map, num_layers, student_layers, cka=None if ts is None else ts[0],
                                 k=cfg.cka_top_k, estimator="unbiased")
@@ -459,18 +461,26 @@ def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, in
 
 
 def _warp_alignment(sample: GridSample, teacher_text: str, pieces: dict[str, tuple[int, int]],
-                    teacher_spans: np.ndarray):
+                    teacher_spans: np.ndarray, teacher_ids: np.ndarray, special_ids: np.ndarray):
     """Segment-aware resampling of a teacher's own text onto the student's: prompt→prompt, reasoning→reasoning,
-    answer→answer."""
-    from .templates import SEGMENT_ANSWER, SEGMENT_PROMPT, SEGMENT_REASONING, SEGMENT_SPECIAL
+    answer→answer.
+
+    The teacher's text is its prompt followed by what it generated; the generation is split at its ``####`` into
+    reasoning and answer, and segment ids follow the grid's own rule (``segment_ids``), so equal prompts give equal
+    prompt segments and the prompt maps one to one.
+    """
+    from .templates import segment_ids
     from .warp import time_warp
 
-    prompt_end = pieces["reasoning"][0]
-    answer_at = teacher_text.find("####", prompt_end)
-    starts = teacher_spans[:, 0]
-    segs = np.where(starts < prompt_end, SEGMENT_PROMPT,
-                    np.where((answer_at >= 0) & (starts >= max(answer_at, 0)), SEGMENT_ANSWER, SEGMENT_REASONING))
-    segs = np.where(teacher_spans[:, 1] <= teacher_spans[:, 0], SEGMENT_SPECIAL, segs).astype(np.uint8)
+    generated = pieces["reasoning"][0]
+    answer_at = teacher_text.find("####", generated)
+    seg_spans = {"prompt": pieces["prompt"]}
+    if answer_at < 0:
+        seg_spans["reasoning"] = (generated, len(teacher_text))
+    else:
+        seg_spans["reasoning"] = (generated, len(teacher_text[:answer_at].rstrip()))
+        seg_spans["answer"] = (answer_at, len(teacher_text))
+    segs = segment_ids(teacher_spans, seg_spans, special_mask=np.isin(teacher_ids, special_ids))
     return time_warp(segs, sample.segment_ids)
 
 

@@ -735,3 +735,30 @@ def test_estimate_json_prints_only_json(stories):
     assert f16["bytes_per_token"] == 2 * 5 * 4 * 8 * 2 + 5 * 8 * 8 * 2  # K+V, plus Q on 5 layers × 8 heads
     assert f16["logical_bytes"] == f16["bytes_per_token"] * store_tokens
     assert e["samples"] == 20 and e["timed"]["samples"] == 4 and e["predicted_seconds"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --teacher-generates: the teacher writes its own reasoning; its rows are time-warped onto the student's text
+
+
+def test_teacher_generates_warps_its_own_text_segment_by_segment(tmp_path, stories, ref_store):
+    path = tmp_path / "kv.zarr"
+    result = extract(stories, path, limit=4, shard_tokens=1024, batch_size=4, teacher_generates=True,
+                     max_new_tokens=24, **QUIET)
+    assert result.samples == 4
+    store, ref = KVStore.open(path), KVStore.open(ref_store)
+    spec = store.teacher(STORIES_NAME)
+    assert spec.alignment["method"] == "time_warp" and spec.details["teacher_generates"] is True
+    for i in range(4):
+        warped = store.read_sample(i).teachers[STORIES_NAME]
+        plain = ref.read_sample(i).teachers[STORIES_NAME]  # the same sample read with teacher forcing
+        segments = store.read_sample(i).segment_ids
+        prompt = segments == 0
+        # The teacher read the same prompt (a causal model: the same keys and values there), and equal prompt
+        # segments map one to one.
+        np.testing.assert_array_equal(warped.align_weight[prompt], 1.0)
+        np.testing.assert_allclose(warped.k[prompt], plain.k[prompt], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(warped.v[prompt], plain.v[prompt], rtol=2e-3, atol=2e-3)
+        # stories260K never writes "####": the student's answer tokens have no counterpart and weight 0.
+        assert np.all(warped.align_weight[segments == 2] == 0)
+        assert np.all((warped.align_weight >= 0) & (warped.align_weight <= 1))
