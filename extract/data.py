@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kava.kvstore.errors import ConfigError, DatasetError  # noqa: F401 - DatasetError is part of this API
-from kava.kvstore.store import sample_ids_hash  # noqa: F401 - re-exported: the store checks this definition
+from kava.kvstore.create import sample_ids_hash  # noqa: F401 - re-exported: the store checks this definition
 
 
 

@@ -26,7 +26,8 @@ from .manifest import (
     TokenizerSpec,
     proportional_layer_map,
 )
-from .store import KVStore, Rows, TeacherKV, default_storage, plan_shards, sample_ids_hash
+from .create import plan_shards, sample_ids_hash
+from .store import KVStore, Rows, TeacherKV, default_storage
 from .writer import ShardWriter
 from .verify import Problem, VerifyReport, verify_store
 from .interop import summary, to_dask, to_xarray
