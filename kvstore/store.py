@@ -79,6 +79,8 @@ class KVStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._specs: dict[str, TeacherSpec] = {}
         self._grid_cache: dict[tuple[str, int], np.ndarray] = {}
+        self._all_teachers: list[str] | None = None
+        self._infos: dict[str, Any] = {}  # key → _fastread.ArrayInfo, or None where zarr reads the array
 
     # ---------------------------------------------------------------------------------------------------------
     # Opening and creating
@@ -147,11 +149,16 @@ class KVStore:
 
     def _read(self, key: str, selection: Any = Ellipsis, what: str | None = None) -> np.ndarray:
         with _zarr.reading(f"{self.where}: {what or key}"):
-            arr = self._array(key)
-            if isinstance(selection, slice) and arr.ndim == 1 and selection.step is None:
-                a, b, _ = selection.indices(arr.shape[0])
-                return self._rows(key, arr, a, max(a, b), slice(None))
-            return np.asarray(arr[selection])
+            info = self._fast_info(key)
+            if info is not None and len(info.shape) == 1 and isinstance(selection, slice) and selection.step is None:
+                a, b, _ = selection.indices(info.shape[0])
+                return self._rows(key, a, max(a, b), slice(None))
+            return np.asarray(self._array(key)[selection])
+
+    def _fast_info(self, key: str) -> Any:
+        if key not in self._infos:
+            self._infos[key] = _fastread.array_info(self._store, key)
+        return self._infos[key]
 
     def _grid_rows(self, name: str, a: int, b: int) -> np.ndarray:
         """Rows ``[a, b)`` of a 1-D grid array, through a small cache of decoded chunks: a grid chunk holds 1M
@@ -406,11 +413,29 @@ class KVStore:
     def iter_shards(
         self,
         shards: Sequence[int] | None = None,
+        *,
+        prefetch: int = 1,
         **kwargs: Any,
     ) -> Iterator[Rows]:
-        """Stream shards in the given order (default: all, in order). Keyword arguments as :meth:`read_shard`."""
-        for s in range(self.num_shards) if shards is None else shards:
-            yield self.read_shard(s, **kwargs)
+        """Stream shards in the given order (default: all, in order). Keyword arguments as :meth:`read_shard`.
+
+        ``prefetch`` shards are read ahead on a background thread while the caller works on the current one (the
+        reads wait on the disk and decompress with the GIL released); 0 reads each shard only when asked.
+        """
+        order = list(range(self.num_shards) if shards is None else shards)
+        if prefetch <= 0:
+            for s in order:
+                yield self.read_shard(s, **kwargs)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kava-prefetch") as pool:
+            pending = [pool.submit(self.read_shard, s, **kwargs) for s in order[: prefetch + 1]]
+            for i in range(len(order)):
+                rows = pending.pop(0).result()
+                if i + prefetch + 1 < len(order):
+                    pending.append(pool.submit(self.read_shard, order[i + prefetch + 1], **kwargs))
+                yield rows
 
     def _read_rows(
         self, shard: int, first: int, stop: int, teachers, layers, with_q, dtype
@@ -425,7 +450,12 @@ class KVStore:
             segment_ids=self._grid_rows("segment_ids", a, b),
             shard=shard,
         )
-        names = list(self.teachers) if teachers is None else list(teachers)
+        if teachers is None:
+            # A read-only handle lists the teachers once; one opened for writing looks again each time.
+            if self._all_teachers is None or not self.read_only:
+                self._all_teachers = list(self.teachers)
+            teachers = self._all_teachers
+        names = list(teachers)
         s0 = int(self.shard_starts[shard])
         t0 = int(self.offsets[s0])
         for name in names:
@@ -450,11 +480,13 @@ class KVStore:
         sel: Any = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
         return sel, tuple(layers)
 
-    def _rows(self, key: str, arr: zarr.Array, a: int, b: int, lsel: Any) -> np.ndarray:
-        """``arr[a:b, lsel]``: from the chunk files directly when the fast path applies, else through zarr."""
-        fast = _fastread.read(self._store, key, arr, (a, b), lsel)
+    def _rows(self, key: str, a: int, b: int, lsel: Any) -> np.ndarray:
+        """``array[a:b, lsel]``: from the chunk files directly when the fast path applies, else through zarr."""
+        info = self._fast_info(key)
+        fast = None if info is None else _fastread.read(info, key, (a, b), lsel)
         if fast is not None:
             return fast
+        arr = self._array(key)
         if arr.ndim == 1:
             return np.asarray(arr[a:b])
         if isinstance(lsel, list):
@@ -475,13 +507,10 @@ class KVStore:
         def values(array: str, lsel: Any) -> np.ndarray:
             key = layout.shard_array_key(name, shard, array)
             where = f"teacher {name!r} shard {shard} array {array!r}"
-            arr = self._array(key)
             with _zarr.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
                                f"-{self.shard_samples(shard).start + sb - 1})"):
-                stored = self._rows(key, arr, a, b, lsel)
-                scale = None
-                if spec.storage.dtype == "int8":
-                    scale = self._rows(f"{key}_scale", self._array(f"{key}_scale"), a, b, lsel)
+                stored = self._rows(key, a, b, lsel)
+                scale = self._rows(f"{key}_scale", a, b, lsel) if spec.storage.dtype == "int8" else None
             return codecs.decode(stored, scale, spec.storage.dtype, out_dtype)
 
         kv = TeacherKV(
