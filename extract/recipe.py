@@ -441,22 +441,30 @@ def _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, s
 
 def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,
               device) -> list[str]:
-    """The teacher writes its own reasoning and answer, greedily, after each sample's prompt."""
+    """The teacher writes its own reasoning and answer, greedily, after each sample's prompt: one batched
+    ``generate`` with the prompts left-padded (a decoder continues from the last position of every row)."""
     import torch
 
     from .align import token_spans
 
-    out = []
-    for text, piece in zip(texts, pieces):
-        if not text:
-            out.append("")
-            continue
-        prompt = text[: piece["reasoning"][0]]
-        ids = torch.as_tensor([token_spans(tok, prompt)[0].tolist()], device=device)
-        with torch.no_grad():
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        out.append(prompt + tok.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+    prompts = [text[: piece["reasoning"][0]] if text else "" for text, piece in zip(texts, pieces)]
+    live = [i for i, prompt in enumerate(prompts) if prompt]
+    out = [""] * len(texts)
+    if not live:
+        return out
+    encoded = [token_spans(tok, prompts[i])[0] for i in live]
+    T = max(len(e) for e in encoded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(live), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(live), T, dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, T - len(e):] = torch.as_tensor(e)
+        mask[row, T - len(e):] = 1
+    with torch.no_grad():
+        generated = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=pad)
+    for row, i in enumerate(live):
+        out[i] = prompts[i] + tok.decode(generated[row, T:], skip_special_tokens=True)
     return out
 
 
