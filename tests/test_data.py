@@ -25,8 +25,8 @@ from kava.extract.data import (
     parse_gsm8k_answer,
     sample_ids_hash,
     strip_calculator_notes,
-    synthetic_rows,
 )
+from kava.extract.synthetic import synthetic_rows
 from kava.extract.templates import (
     SEGMENT_ANSWER,
     SEGMENT_NAMES,

@@ -38,7 +38,7 @@ from conftest import asset_path  # the `assets` fixture's lookup, for module-sco
 from kava.extract.align import align_tokens, apply, token_spans
 from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
-from kava.extract.data import synthetic_rows
+from kava.extract.synthetic import synthetic_rows
 from kava.extract.recipe import run_extract
 from kava.extract.templates import TEMPLATES, format_row
 from kava.kvstore import KVStore, SampleError, SchemaError, StoreError, summary, verify_store

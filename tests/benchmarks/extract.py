@@ -37,7 +37,7 @@ def main() -> None:
 
     from kava.extract.align import token_spans
     from kava.extract.config import ExtractConfig
-    from kava.extract.data import synthetic_rows
+    from kava.extract.synthetic import synthetic_rows
     from kava.extract.grid import build_grid
     from kava.extract.recipe import run_extract
     from kava.extract.templates import load_template
