@@ -102,7 +102,7 @@ def default_teacher_name(cfg: ExtractConfig) -> str:
 
 def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
     """Extract one teacher into ``cfg.store``; returns what was done. Raises KavaError on bad input."""
-    from .align import align_tokens, apply, remap_spans, token_spans
+    from .align import apply, token_spans
     from .capture import attention_geometry, capture_qkv
     from .data import load_rows
     from .rope import rope_params
@@ -225,22 +225,14 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
                                   else None)
                             continue
                         k, v, q = kv
-                        if cfg.teacher_generates:
-                            al = _warp_alignment(sample, text, piece, t_spans, t_ids, special_ids)
-                        elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids):
-                            al = None
-                        elif same_text:
-                            al = align_tokens(sample.spans, t_spans)
-                        else:  # another template: move teacher spans into the student's text first
-                            al = align_tokens(sample.spans, remap_spans(t_spans, piece, sample.seg_spans))
-                        if al is not None:
-                            al = al.hard() if cfg.alignment == "hard" else al
-                            k, v = apply(al, k), apply(al, v)
-                            q = None if q is None else apply(al, q)
-                            weight = al.coverage
-                        else:  # the teacher's own tokens: every row is an exact target
-                            weight = np.ones(len(sample.input_ids), np.float32)
-                        w.add(k, v, q=q, align_weight=weight)
+                        al = _alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
+                                        same_text=same_text, same_tokenizer=same_tokenizer,
+                                        hard=cfg.alignment == "hard", special_ids=special_ids)
+                        if al is None:  # the teacher's own tokens: every row is an exact target
+                            w.add(k, v, q=q, align_weight=np.ones(len(sample.input_ids), np.float32))
+                        else:
+                            w.add(apply(al, k), apply(al, v), q=None if q is None else apply(al, q),
+                                  align_weight=al.coverage)
                 writer.submit(write)
                 result.samples += len(batch)
                 result.student_tokens += sum(len(s.input_ids) for s in batch)
@@ -466,6 +458,24 @@ def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, in
     for row, i in enumerate(live):
         out[i] = prompts[i] + tok.decode(generated[row, T:], skip_special_tokens=True)
     return out
+
+
+def _alignment(sample: GridSample, t_ids: np.ndarray, t_spans: np.ndarray, text: str,
+               piece: dict[str, tuple[int, int]], *, generated: bool, same_text: bool, same_tokenizer: bool,
+               hard: bool, special_ids: np.ndarray) -> Any:
+    """How a sample's teacher rows ``[T_t]`` map onto its student tokens ``[T_s]`` (an ``Alignment``), or None
+    when they are the same tokens."""
+    from .align import align_tokens, remap_spans
+
+    if generated:  # the teacher read its own text: resample segment by segment
+        al = _warp_alignment(sample, text, piece, t_spans, t_ids, special_ids)
+    elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids):
+        return None
+    elif same_text:
+        al = align_tokens(sample.spans, t_spans)
+    else:  # another template: move the teacher's spans into the student's text first, piece by piece
+        al = align_tokens(sample.spans, remap_spans(t_spans, piece, sample.seg_spans))
+    return al.hard() if hard else al
 
 
 def _warp_alignment(sample: GridSample, teacher_text: str, pieces: dict[str, tuple[int, int]],
