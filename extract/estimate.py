@@ -44,33 +44,30 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from .data import load_rows
     from .grid import build_grid
     from .capture import attention_geometry, capture_qkv
-    from .recipe import _forward, _load_tokenizer, _teacher_texts, validate_and_resolve
-    from .teachers import load_teacher
+    from .layer_map import parse_layer_map
+    from .recipe import _forward, _load_student_tokenizer, _teacher_texts, validate_and_resolve
+    from .teachers import load_model, load_tokenizer
     from .templates import load_template
 
     source = validate_and_resolve(cfg)
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
-    teacher_tok = _load_tokenizer(source.model_id, flag="--teacher", revision=source.revision,
-                                  trust_remote_code=source.trust_remote_code)
-    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_tokenizer(
-        cfg.student_tokenizer, flag="--student-tokenizer")
+    teacher_tok = load_tokenizer(source)
+    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_student_tokenizer(cfg.student_tokenizer)
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
     texts = _teacher_texts(grid, template, teacher_template)[0]
     student_tokens = int(sum(len(s.input_ids) for s in grid))
     teacher_tokens = int(sum(len(token_spans(teacher_tok, t)[0]) for t in texts if t))
 
-    model, _ = load_teacher(source)
+    model = load_model(source)
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(model.config)
     student_layers = cfg.student_layers or num_layers
-    if cfg.layer_map in ("proportional", "cka"):
-        stored = len(proportional_layer_map(num_layers, student_layers).teacher_layers)
-        if cfg.layer_map == "cka":
-            stored = min(num_layers, stored * cfg.cka_top_k)  # an upper bound: top-k layers may coincide
+    if cfg.layer_map == "cka":  # no calibration here: an upper bound, as top-k layers may coincide
+        stored = min(num_layers, len(proportional_layer_map(num_layers, student_layers).teacher_layers) * cfg.cka_top_k)
     else:
-        stored = len({int(part.split(":")[0]) for item in cfg.layer_map.split(",") for part in item.split("+")})
+        stored = len(parse_layer_map(cfg.layer_map, num_layers, student_layers).teacher_layers)
     q_layers = stored if cfg.with_q else 0
 
     # The timed sample: a few real batches; their K/V give the compression ratios too.

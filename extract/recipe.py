@@ -106,7 +106,7 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
     from .capture import attention_geometry, capture_qkv
     from .data import load_rows
     from .rope import rope_params
-    from .teachers import describe_model, load_teacher
+    from .teachers import describe_model, load_model, load_tokenizer
     from .templates import load_template
 
     started = time.perf_counter()
@@ -127,10 +127,8 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
-    teacher_tok = _load_tokenizer(source.model_id, revision=source.revision,
-                                  trust_remote_code=source.trust_remote_code, flag="--teacher")
-    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_tokenizer(
-        cfg.student_tokenizer, flag="--student-tokenizer")
+    teacher_tok = load_tokenizer(source)
+    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_student_tokenizer(cfg.student_tokenizer)
     grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
     if not grid:
         raise ConfigError(f"Dataset {cfg.dataset}:{cfg.split} has no rows. Check --dataset, --split and --limit.")
@@ -157,12 +155,12 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
     todo, done = _shards_to_do(cfg, store, name)
 
     # 4. The teacher (only now: a store that refuses this grid or this run fails before minutes of model loading).
-    teacher_model, _ = load_teacher(source)
+    teacher_model = load_model(source)
 
     # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(teacher_model.config)
     same_tokenizer = tokenizer_fingerprint(teacher_tok) == tok_spec.fingerprint
-    layer_map, cka = _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, same_tokenizer, log)
+    layer_map, cka = _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log)
     layers = layer_map.teacher_layers
     q_layers = _q_layers(cfg, layers, num_layers)
     storage: StorageSpec = default_storage(len(layers), kv_heads, head_dim, cfg.kv_dtype, compress=cfg.compress)
@@ -335,27 +333,26 @@ def _teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
     return texts, pieces
 
 
-def _load_tokenizer(name: str, *, flag: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def _load_student_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
-                                            local_files_only=_offline())
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=_offline())
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"{flag} {name!r}: its tokenizer could not be loaded ({e}). Pass a local directory, or a hub id that is "
-            "in the local cache."
+            f"--student-tokenizer {name!r}: its tokenizer could not be loaded ({e}). Pass a local directory, or a "
+            "hub id that is in the local cache."
         ) from e
     if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"{flag}: expected a fast tokenizer (alignment needs character offsets). "
+        raise ConfigError(f"--student-tokenizer: expected a fast tokenizer (alignment needs character offsets). "
                           f"Got {type(tok).__name__} instead.")
     return tok
 
 
 def _offline() -> bool:
-    import os
+    from .teachers import _hub_offline  # one reading of the offline settings for teachers and students
 
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return _hub_offline()
 
 
 def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -408,7 +405,7 @@ def _forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> l
     return out
 
 
-def _layer_map(cfg, teacher_model, teacher_tok, student_tok, grid, num_layers, same_tokenizer, log):
+def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
     """The layer map, plus CKA matrices computed on a calibration subset (name → (matrix, attributes))."""
     from .calibrate import calibrate_cka
     from .layer_map import format_layer_map, parse_layer_map

@@ -244,15 +244,46 @@ def resolve_teacher(
     )
 
 
-def load_teacher(source: TeacherSource) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a resolved teacher: model in eval mode with gradients off, on ``source.device``, and its fast tokenizer.
+def _common_kwargs(source: TeacherSource) -> dict[str, Any]:
+    return {
+        "revision": source.revision,
+        # Explicit False (not None): transformers would otherwise prompt on a terminal for repos with custom code.
+        "trust_remote_code": source.trust_remote_code,
+        # huggingface_hub reads HF_HUB_OFFLINE once at import; ask again so a later setting is honoured too.
+        "local_files_only": source.is_local or _hub_offline(),
+    }
+
+
+def load_tokenizer(source: TeacherSource) -> PreTrainedTokenizerBase:
+    """The teacher's fast tokenizer: cheap, so callers load it first and fail fast (no tokenizer.json, remote code)
+    before gigabytes of weights load.
+
+    Raises:
+        ConfigError: a slow-only tokenizer, remote code needed without the flag, or files that cannot be found.
+    """
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.model_id, **_common_kwargs(source))
+    except (OSError, ValueError) as e:
+        raise _load_error(source, "tokenizer", e) from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"Expected a fast (tokenizers-backed) tokenizer for {source.model_id}, needed for character offsets. "
+            f"Got {type(tokenizer).__name__} instead. Save a tokenizer.json next to the model."
+        )
+    return tokenizer
+
+
+def load_model(source: TeacherSource) -> PreTrainedModel:
+    """The teacher model in eval mode with gradients off, on ``source.device``.
 
     nf4 uses bitsandbytes 4-bit with double quantization and ``source.dtype`` as the compute dtype; int8 uses
     LLM.int8. Both run on CPU as well as CUDA. Remote code runs only when ``source.trust_remote_code`` is set.
 
     Raises:
-        ConfigError: CUDA requested but unavailable, a slow-only tokenizer, remote code needed without the flag,
-            or files that cannot be found (wrapping the underlying error).
+        ConfigError: CUDA requested but unavailable, remote code needed without the flag, or files that cannot be
+            found (wrapping the underlying error).
     """
     import torch
     import transformers
@@ -260,18 +291,6 @@ def load_teacher(source: TeacherSource) -> tuple[PreTrainedModel, PreTrainedToke
     if source.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(_no_cuda_message(source.device))
     quantization_config = _quantization_config(source)
-    common = {
-        "revision": source.revision,
-        # Explicit False (not None): transformers would otherwise prompt on a terminal for repos with custom code.
-        "trust_remote_code": source.trust_remote_code,
-        # huggingface_hub reads HF_HUB_OFFLINE once at import; ask again so a later setting is honoured too.
-        "local_files_only": source.is_local or _hub_offline(),
-    }
-    # Tokenizer first: it is cheap and fails fast (no tokenizer.json, remote code) before gigabytes of weights load.
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source.model_id, **common)
-    except (OSError, ValueError) as e:
-        raise _load_error(source, "tokenizer", e) from e
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source.model_id,
@@ -279,19 +298,20 @@ def load_teacher(source: TeacherSource) -> tuple[PreTrainedModel, PreTrainedToke
             quantization_config=quantization_config,
             # Placed directly on the device by accelerate; bitsandbytes quantizes weights as they are placed.
             device_map={"": source.device},
-            **common,
+            **_common_kwargs(source),
         )
     except (OSError, ValueError) as e:
         raise _load_error(source, "model", e) from e
-
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            f"Expected a fast (tokenizers-backed) tokenizer for {source.model_id}, needed for character offsets. "
-            f"Got {type(tokenizer).__name__} instead. Save a tokenizer.json next to the model."
-        )
     model.eval()
     model.requires_grad_(False)  # a teacher only runs forward; no grad buffers, no autograd graph
-    return model, tokenizer
+    return model
+
+
+def load_teacher(source: TeacherSource) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a resolved teacher: its fast tokenizer first (see :func:`load_tokenizer`), then the model (see
+    :func:`load_model`)."""
+    tokenizer = load_tokenizer(source)
+    return load_model(source), tokenizer
 
 
 def describe_model(model: PreTrainedModel, source: TeacherSource) -> dict[str, Any]:

@@ -88,8 +88,7 @@ def summary(store: KVStore) -> dict[str, Any]:
     status = np.bincount(store.sample_status, minlength=len(layout.SAMPLE_STATUS))
     teachers = {}
     for name, spec in store.teachers.items():
-        complete = store.complete_shards(name)
-        markers = [store.shard_marker(name, s) for s in complete]
+        markers = list(store.shard_markers(name).values())
         teachers[name] = {
             "model": next((spec.model[k] for k in ("model_id", "id", "path") if spec.model.get(k)), None),
             "quantization": spec.model.get("quantization", "none"),
@@ -106,9 +105,9 @@ def summary(store: KVStore) -> dict[str, Any]:
             if spec.storage.compressor else "none",
             "layer_map": spec.layer_map.method,
             "alignment": spec.alignment.get("method"),
-            "shards_complete": len(complete),
-            "quarantined": sum(len(mk.get("quarantined", [])) for mk in markers if mk),
-            "bytes_logical": int(sum(mk.get("bytes_logical", 0) for mk in markers if mk)),
+            "shards_complete": len(markers),
+            "quarantined": sum(len(mk.get("quarantined", [])) for mk in markers),
+            "bytes_logical": int(sum(mk.get("bytes_logical", 0) for mk in markers)),
             "bytes_on_disk": _disk_bytes(store, layout.teacher_key(name)),
         }
     return {

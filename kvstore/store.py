@@ -9,6 +9,7 @@ completion marker (an attribute) is written last. Any zarr Store works as a back
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -80,6 +81,7 @@ class KVStore:
         self._specs: dict[str, TeacherSpec] = {}
         self._grid_cache: dict[tuple[str, int], np.ndarray] = {}
         self._all_teachers: list[str] | None = None
+        self._markers: dict[tuple[str, int], dict[str, Any]] = {}  # complete shards seen by a read-only handle
         self._infos: dict[str, Any] = {}  # key → _fastread.ArrayInfo, or None where zarr reads the array
 
     # ---------------------------------------------------------------------------------------------------------
@@ -281,8 +283,7 @@ class KVStore:
             raise SchemaError(f"{self.where}: teachers/{name}: {e}") from e
 
     def _missing_teacher(self, name: str) -> SchemaError:
-        names = [n for n in sorted(_zarr.list_dir(self._store, "teachers/"))] if _zarr.exists(
-            self._store, "teachers/zarr.json") else []
+        names = sorted(_zarr.list_dir(self._store, "teachers/"))
         return SchemaError(
             f"{self.where}: no teacher {name!r} in this store. It has: {', '.join(names) or 'none'}."
         )
@@ -316,27 +317,36 @@ class KVStore:
         return existing
 
     def shard_marker(self, teacher: str, shard: int) -> dict[str, Any] | None:
-        """The shard's completion marker, or None when the shard is absent or unfinished."""
-        key = layout.shard_key(teacher, shard)
-        raw = _zarr.get_bytes(self._store, f"{key}/zarr.json")
+        """The shard's completion marker, or None when the shard is absent or unfinished.
+
+        A complete shard is never rewritten in place, so a read-only handle remembers the markers it has seen
+        (random access reads a shard's marker on every sample otherwise).
+        """
+        marker = self._markers.get((teacher, shard))
+        if marker is not None:
+            return marker
+        raw = _zarr.get_bytes(self._store, f"{layout.shard_key(teacher, shard)}/zarr.json")
         if raw is None:
             return None
         try:
-            import json
-
             marker = json.loads(raw).get("attributes", {}).get(layout.SHARD_ATTR)
         except ValueError:
             return None  # a torn metadata document: the shard is not complete
-        return marker if isinstance(marker, dict) and marker.get("complete") is True else None
+        if not (isinstance(marker, dict) and marker.get("complete") is True):
+            return None
+        if self.read_only:
+            self._markers[(teacher, shard)] = marker
+        return marker
+
+    def shard_markers(self, teacher: str) -> dict[int, dict[str, Any]]:
+        """Completion markers of ``teacher``'s complete shards, by shard."""
+        present = _zarr.list_dir(self._store, f"{layout.teacher_key(teacher)}/shards/")
+        markers = {int(name): self.shard_marker(teacher, int(name)) for name in present if name.isdigit()}
+        return {shard: marker for shard, marker in sorted(markers.items()) if marker is not None}
 
     def complete_shards(self, teacher: str) -> list[int]:
         """Shards of ``teacher`` whose completion marker is written."""
-        present = _zarr.list_dir(self._store, f"{layout.teacher_key(teacher)}/shards/")
-        done = []
-        for name in present:
-            if name.isdigit() and self.shard_marker(teacher, int(name)) is not None:
-                done.append(int(name))
-        return sorted(done)
+        return list(self.shard_markers(teacher))
 
     def missing_shards(self, teacher: str) -> list[int]:
         done = set(self.complete_shards(teacher))

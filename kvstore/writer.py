@@ -86,20 +86,17 @@ class ShardWriter:
             geometry["q"] = (len(spec.q_layers), spec.num_heads)
         for name, (nl, nh) in geometry.items():
             attrs = {layout.DTYPE_ATTR: st.dtype} if st.dtype == "bfloat16" else {}
+            dims = ("token", "q_layer", "q_head") if name == "q" else ("token", "layer", "kv_head")
+            chunks = (st.chunk_tokens, min(st.chunk_layers, nl), nh)
             arr = _zarr.create_array(
-                own, f"{base}{name}", shape=(self.num_tokens, nl, nh, spec.head_dim),
-                chunks=(st.chunk_tokens, min(st.chunk_layers, nl), nh, spec.head_dim), dtype=self._dtype,
-                dims=("token", f"{name}_layer" if name == "q" else "layer", f"{name}_head" if name == "q"
-                      else "kv_head", "head_dim"),
-                compressor=st.compressor, attributes=attrs,
+                own, f"{base}{name}", shape=(self.num_tokens, nl, nh, spec.head_dim), chunks=(*chunks, spec.head_dim),
+                dtype=self._dtype, dims=(*dims, "head_dim"), compressor=st.compressor, attributes=attrs,
             )
             scale = None
             if st.dtype == "int8":
                 scale = _zarr.create_array(
-                    own, f"{base}{name}_scale", shape=(self.num_tokens, nl, nh),
-                    chunks=(st.chunk_tokens, min(st.chunk_layers, nl), nh), dtype=np.float16,
-                    dims=("token", "q_layer" if name == "q" else "layer", "q_head" if name == "q" else "kv_head"),
-                    compressor=st.compressor,
+                    own, f"{base}{name}_scale", shape=(self.num_tokens, nl, nh), chunks=chunks, dtype=np.float16,
+                    dims=dims, compressor=st.compressor,
                 )
             self._blocks[name] = _Block(arr, scale, self._rows, (nl, nh, spec.head_dim), self._dtype)
 
@@ -206,11 +203,10 @@ class ShardWriter:
 
     def _flush(self, rows: int) -> None:
         start = self._flushed
-        with _zarr.reading(f"{self.store.where}: writing teacher {self.spec.name!r} shard {self.shard}"):
-            for block in self._blocks.values():
-                block.array[start : start + rows] = block.values[:rows]
-                if block.scale is not None:
-                    block.scale[start : start + rows] = block.scales[:rows]
+        for block in self._blocks.values():
+            block.array[start : start + rows] = block.values[:rows]
+            if block.scale is not None:
+                block.scale[start : start + rows] = block.scales[:rows]
         self._flushed += rows
 
     def close(self) -> dict[str, Any]:
