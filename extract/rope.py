@@ -179,3 +179,97 @@ def rope_params(config: Any) -> dict[str, Any] | None:
     if all(isinstance(v, dict) for v in params.values()):
         return {"type": "per_layer_type", "layer_types": {k: _one_rope(v, text) for k, v in params.items()}}
     return _one_rope(params, text)
+
+
+def cos_sin(
+    params: dict[str, Any],
+    positions: torch.Tensor,
+    *,
+    layer_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebuild the model's own ``(cos, sin)`` for ``positions`` from a ``rope_params`` description.
+
+    ``"default"`` RoPE is computed here; every other type (``linear``, ``llama3``, ``yarn``, ``longrope``, ...) goes
+    through transformers' ``ROPE_INIT_FUNCTIONS`` on a minimal config, so the frequencies and the attention factor
+    are the library's own. ``dynamic`` is refused: it rescales from the longest sequence the module has seen so far,
+    so its cos/sin are not a function of the positions alone.
+
+    Args:
+        params: what ``rope_params(config)`` returned (not ``None``).
+        positions: ``[T]`` or ``[B, T]`` integer positions (the model's ``position_ids``).
+        layer_type: which layer type's RoPE, for ``{"type": "per_layer_type", ...}`` descriptions.
+        dtype: dtype of the result (the model casts to its hidden states' dtype).
+
+    Returns:
+        ``(cos, sin)``, each ``[B or 1, T, R]`` with ``R`` the rotary channels, scaled by the attention factor.
+    """
+    if params.get("type") == "per_layer_type":
+        types = params.get("layer_types", {})
+        if layer_type not in types:
+            raise ConfigError(
+                f"Expected layer_type to be one of {sorted(types)}. Got {layer_type!r} instead. "
+                "This model has one RoPE per layer type: pass the type of the layer you rotate for."
+            )
+        params = types[layer_type]
+    if positions.dim() not in (1, 2) or positions.is_floating_point() or positions.dtype == torch.bool:
+        raise ConfigError(
+            f"Expected integer positions of shape [T] or [B, T]. Got {positions.dtype} of shape "
+            f"{tuple(positions.shape)} instead. Pass the position_ids the model saw."
+        )
+    position_ids = positions if positions.dim() == 2 else positions.unsqueeze(0)  # [B|1, T]
+    rope_type = params["type"]
+    rotary_dim = int(params["rotary_dim"])
+    if rope_type == "default":
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        inv_freq = 1.0 / (params["theta"] ** exponents)
+        attention_factor = 1.0
+    else:
+        inv_freq, attention_factor = _library_inv_freq(params, position_ids)
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    # Elementwise product, not a matmul, exactly as the rotary modules do it, so the values match bit for bit.
+    freqs = position_ids[..., None].float() * inv_freq  # [B|1, T, R/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+
+
+def _library_inv_freq(params: dict[str, Any], position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[R/2]`` and attention factor of a non-default RoPE, from transformers itself."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = params["type"]
+    if rope_type == "dynamic":
+        raise ConfigError(
+            "Expected a RoPE whose cos/sin depend on the positions only. Got 'dynamic' (NTK) instead, which "
+            "rescales from the longest sequence the model has seen so far. Capture with --k-rope post."
+        )
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ConfigError(
+            f"Expected a RoPE type transformers knows ({', '.join(['default', *ROPE_INIT_FUNCTIONS])}). "
+            f"Got {rope_type!r} instead. Capture with --k-rope post."
+        )
+    head_dim = int(params["head_dim"])
+    rope_parameters = {
+        "rope_type": rope_type,
+        "rope_theta": params["theta"],
+        "partial_rotary_factor": params["partial_rotary_factor"],
+        **params["scaling"],
+    }
+    # The init functions read only head_dim, hidden_size/num_attention_heads, max_position_embeddings and
+    # rope_parameters from the config; a one-head Llama config carries exactly those.
+    config_kwargs: dict[str, Any] = {
+        "hidden_size": head_dim,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": head_dim,
+        "rope_parameters": rope_parameters,
+    }
+    if params.get("max_position_embeddings") is not None:
+        config_kwargs["max_position_embeddings"] = int(params["max_position_embeddings"])
+    config = LlamaConfig(**config_kwargs)
+    # LongRoPE switches to its long factors once a sequence outgrows the original context, judged by the largest
+    # position in the call; the other types ignore seq_len.
+    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else None
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=seq_len)
+    return inv_freq, float(attention_factor)

@@ -1,0 +1,221 @@
+"""Distillation losses on K/V and on attention maps, per token, plus the masked mean that reduces them.
+
+Every per-token function returns ``[B, T]`` so the recipe can weight tokens (padding, prompt vs answer, alignment
+confidence) with one ``weighted_mean``. Weights are float ``[B, T]``, ``>= 0``, and 0 means "ignore".
+
+Nothing here produces NaN, in values or gradients, for zero vectors, all-masked rows or all-zero weights: masked
+entries use a large finite negative score instead of ``-inf``, ``0 * log 0`` is taken as 0 through ``torch.where``
+on sanitised inputs (a plain ``where`` still back-propagates NaN from the branch it drops), and divisions by a sum
+that may be 0 are clamped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kava.distill.projectors import head_share_matrix
+from kava.kvstore.errors import ConfigError
+
+# Score given to masked (future or padded) keys before the softmax: exp() of it is exactly 0 in float32, yet it
+# stays finite after the max is subtracted, unlike -inf (NaN on all-masked rows) or finfo.min (overflows to -inf).
+MASKED_SCORE = -1e9
+
+
+def _accumulate(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are reduced in float32; float32/float64 keep their dtype (float64 for gradcheck)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_same(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.dim() != 4 or pred.shape != target.shape:
+        raise ConfigError(
+            f"Expected pred and target of the same shape [B, H, T, D]. Got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)} instead. Project the student's K/V onto the teacher's layout first."
+        )
+
+
+def per_token_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per token.
+
+    Args:
+        pred, target: ``[B, H, T, D]``.
+
+    Returns:
+        ``[B, T]``: the mean over heads and channels of ``(pred - target)**2``.
+    """
+    _check_same(pred, target)
+    diff = _accumulate(pred) - _accumulate(target)
+    return diff.pow(2).mean(dim=(1, 3))
+
+
+def per_token_cosine(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Cosine similarity over channels for each (batch, head, token), averaged over heads.
+
+    Norms are floored at ``eps`` before dividing (``sqrt(max(|x|², eps²))``), so a zero vector gives cosine 0 with
+    finite gradients; ``torch.linalg.norm`` would have an undefined gradient there.
+
+    Args:
+        pred, target: ``[B, H, T, D]``.
+        eps: floor on each vector's norm.
+
+    Returns:
+        ``[B, T]`` in ``[-1, 1]``.
+    """
+    _check_same(pred, target)
+    if not eps > 0:
+        raise ConfigError(f"Expected eps > 0. Got {eps!r} instead. Pass a small positive number such as 1e-8.")
+    p, t = _accumulate(pred), _accumulate(target)
+    floor = eps * eps
+    norm_p = p.pow(2).sum(-1).clamp_min(floor).sqrt()  # [B, H, T]
+    norm_t = t.pow(2).sum(-1).clamp_min(floor).sqrt()
+    cos = (p * t).sum(-1) / (norm_p * norm_t)
+    return cos.mean(dim=1)
+
+
+def per_token_mercator(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Direction loss ``1 - per_token_cosine``: 0 when every head points the same way, blind to magnitude.
+
+    Args:
+        pred, target: ``[B, H, T, D]``.
+
+    Returns:
+        ``[B, T]`` in ``[0, 2]``.
+    """
+    return 1.0 - per_token_cosine(pred, target)
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum(weight * values) / sum(weight)``, and 0 (still in the graph) when all weights are 0.
+
+    Entries with weight 0 are dropped before multiplying, so a NaN or inf there (say, a padded token) does not leak
+    into the value or the gradient; the price is that the gradient with respect to a weight that is exactly 0 treats
+    its value as 0 (weights here are masks and confidences, not trained).
+
+    Args:
+        values: ``[B, T]`` per-token losses.
+        weight: ``[B, T]``, ``>= 0``.
+
+    Returns:
+        A scalar tensor.
+    """
+    if values.shape != weight.shape:
+        raise ConfigError(
+            f"Expected values and weight of the same shape. Got {tuple(values.shape)} and {tuple(weight.shape)} "
+            "instead. Pass one weight per token, [B, T]."
+        )
+    values = _accumulate(values)
+    weight = weight.to(values.dtype)
+    kept = weight > 0
+    safe = torch.where(kept, values, torch.zeros_like(values))
+    total = weight.sum()
+    # Divide by 1 rather than 0 when nothing is weighted: a clamp to a tiny floor would still send 0/0 = NaN back
+    # through the division's gradient (num / den**2 with den**2 underflowing).
+    mean = (safe * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, mean, (safe * 0).sum())
+
+
+def _allowed_keys(lengths: torch.Tensor, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[B, T, T]`` bool: key ``s`` is visible from query ``t`` iff ``s <= t < lengths[b]``."""
+    pos = torch.arange(seq_len, device=device)
+    causal = pos.view(1, -1, 1) >= pos.view(1, 1, -1)  # [1, T(query), T(key)]
+    valid_query = pos.view(1, -1, 1) < lengths.to(device).view(-1, 1, 1)  # [B, T, 1]; implies the key is unpadded
+    return causal & valid_query
+
+
+def _check_lengths(lengths: torch.Tensor, batch: int) -> None:
+    if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ConfigError(
+            f"Expected lengths as an integer tensor of shape [{batch}]. Got {lengths.dtype} of shape "
+            f"{tuple(lengths.shape)} instead. Pass attention_mask.sum(-1) for right-padded batches."
+        )
+
+
+def attention_log_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal, padding-masked attention log-probabilities, with grouped-query attention.
+
+    Query head ``h`` reads key head ``h // (Hq // Hk)`` (the ``repeat_kv`` convention of transformers). Key ``s`` is
+    visible from query ``t`` when ``s <= t < lengths[b]``; other keys get ``MASKED_SCORE`` (probability exactly 0,
+    log-probability finite). Queries at padded positions (``t >= lengths[b]``) attend only to key 0, a harmless
+    valid distribution, so every row is finite and sums to 1.
+
+    Args:
+        q: ``[B, Hq, T, D]`` queries after RoPE.
+        k: ``[B, Hk, T, D]`` keys after RoPE; ``Hq`` must be a multiple of ``Hk``.
+        lengths: ``[B]`` integer, number of real (left-aligned) tokens per row.
+        scaling: score multiplier, usually ``D ** -0.5``.
+
+    Returns:
+        ``[B, Hq, T, T]`` log-probabilities over keys, in float32 (float64 if the inputs are).
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ConfigError(
+            f"Expected q [B, Hq, T, D] and k [B, Hk, T, D]. Got {tuple(q.shape)} and {tuple(k.shape)} instead. "
+            "Pass queries and keys of the same layer, heads before tokens."
+        )
+    batch, q_heads, seq_len, _ = q.shape
+    kv_heads = k.shape[1]
+    if q_heads % kv_heads:
+        raise ConfigError(
+            f"Expected the query heads to be a multiple of the key heads. Got Hq={q_heads}, Hk={kv_heads} instead. "
+            "Pass the model's own q and k (grouped-query attention shares each key head among Hq // Hk heads)."
+        )
+    _check_lengths(lengths, batch)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    group = q_heads // kv_heads
+    qg = q.to(dtype).unflatten(1, (kv_heads, group))  # [B, Hk, G, T, D]
+    scores = torch.einsum("bkgtd,bksd->bkgts", qg, k.to(dtype)).flatten(1, 2) * scaling  # [B, Hq, T, T]
+    allowed = _allowed_keys(lengths, seq_len, q.device)  # [B, T, T]
+    padded_query = torch.arange(seq_len, device=q.device).view(1, -1) >= lengths.to(q.device).view(-1, 1)  # [B, T]
+    first_key = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
+    first_key[0] = True
+    visible = allowed | (padded_query.unsqueeze(-1) & first_key)  # [B, T, T]
+    scores = scores.masked_fill(~visible.unsqueeze(1), MASKED_SCORE)
+    return torch.log_softmax(scores, dim=-1)
+
+
+def attention_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-query ``KL(teacher || student)`` over visible keys, averaged over student heads.
+
+    With ``Ht != Hs`` the teacher's probabilities are first mixed onto student heads with
+    ``head_share_matrix(Ht, Hs)``; a convex mix of distributions is a distribution. Only keys with
+    ``s <= t < lengths[b]`` count, entries with teacher probability 0 contribute 0, and queries at padded positions
+    give 0.
+
+    Args:
+        teacher_logp: ``[B, Ht, T, T]`` log-probabilities (e.g. from ``attention_log_probs``).
+        student_logp: ``[B, Hs, T, T]`` log-probabilities.
+        lengths: ``[B]`` integer, real tokens per row.
+
+    Returns:
+        ``[B, T]``, ``>= 0`` up to rounding.
+    """
+    if (
+        teacher_logp.dim() != 4
+        or student_logp.dim() != 4
+        or teacher_logp.shape[0] != student_logp.shape[0]
+        or teacher_logp.shape[2:] != student_logp.shape[2:]
+        or teacher_logp.shape[2] != teacher_logp.shape[3]
+    ):
+        raise ConfigError(
+            f"Expected teacher_logp [B, Ht, T, T] and student_logp [B, Hs, T, T]. Got {tuple(teacher_logp.shape)} "
+            f"and {tuple(student_logp.shape)} instead. Pass attention over the same (aligned) tokens."
+        )
+    batch, t_heads, seq_len, _ = teacher_logp.shape
+    s_heads = student_logp.shape[1]
+    _check_lengths(lengths, batch)
+    dtype = torch.promote_types(torch.promote_types(teacher_logp.dtype, student_logp.dtype), torch.float32)
+    allowed = _allowed_keys(lengths, seq_len, teacher_logp.device).unsqueeze(1)  # [B, 1, T, T]
+    zero = torch.zeros((), dtype=dtype, device=teacher_logp.device)
+
+    t_logp = torch.where(allowed, teacher_logp.to(dtype), zero)
+    p = torch.where(allowed, t_logp.exp(), zero)  # [B, Ht, T, T]
+    if t_heads != s_heads:
+        share = head_share_matrix(t_heads, s_heads).to(device=p.device, dtype=dtype)  # [Hs, Ht]
+        p = torch.einsum("sh,bhqk->bsqk", share, p)  # [B, Hs, T, T]
+        t_logp = torch.where(p > 0, p, torch.ones_like(p)).log()
+    # Sanitise both logs wherever p == 0, or else where()'s dropped branch (0 * -inf) would send NaN backwards.
+    counted = allowed & (p > 0)
+    t_logp = torch.where(counted, t_logp, zero)
+    s_logp = torch.where(counted, student_logp.to(dtype), zero)
+    kl = (p * (t_logp - s_logp)).sum(-1)  # [B, Hs, T]
+    return kl.mean(dim=1)
