@@ -1,0 +1,278 @@
+"""`kava eval`: answer extraction, prompts, batched generation and stopping, the whole run on real models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kava.distill.evaluate import (
+    EvalConfig,
+    answers_match,
+    cut_after_answer,
+    extract_answer,
+    generate_batched,
+    prompt_text,
+    resolve_template,
+    run_eval,
+)
+from kava.extract.data import ReasoningRow, load_rows, parse_gsm8k_answer
+from kava.extract.templates import TEMPLATES, format_row
+from kava.kvstore.errors import ConfigError
+
+STORIES = "models/stories260K_hf_derived"
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answers
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "18"),
+        ("#### 1,080", "1080"),
+        ("#### 109,200,000", "109200000"),
+        ("#### -3", "-3"),
+        ("The temperature drops to -10 degrees.", "-10"),
+        ("#### $2.50", "2.5"),
+        ("#### 3.0", "3"),
+        ("#### 0.00", "0"),
+        ("#### -0", "0"),
+        ("So the answer is 5.", "5"),
+        ("It costs $1,234.", "1234"),
+        ("He pays -$3 in fees.", "-3"),
+        ("5-3=2", "2"),  # a minus between operands is not a sign
+        ("3,4,5", "5"),  # a list, not a thousands group
+        ("1,2345", "2345"),
+        ("#### 72\n#### 9", "72"),  # the first answer line wins
+        ("first 4 then 12\n#### 30 marbles.", "30"),
+        ("#### none, but 7 apples", "7"),  # a mark without a number: the last number
+        ("####42", "42"),
+        ("no number here", None),
+        ("", None),
+        ("#### ", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_reads_every_real_gsm8k_answer(assets):
+    """Every `#### N` line of GSM8K's test split (commas and negatives included) parses to the row's answer."""
+    lines = assets("gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1319
+    for line in lines:
+        answer_text = json.loads(line)["answer"]
+        _, gold = parse_gsm8k_answer(answer_text)
+        predicted = extract_answer(answer_text)
+        assert predicted == gold.replace(",", "")
+        assert answers_match(predicted, gold)
+        assert not answers_match(str(int(predicted) + 1), gold)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        ("1080", "1,080", True),
+        ("2.5", "2.50", True),
+        ("18", "18", True),
+        ("-3", "-3", True),
+        ("3", "-3", False),
+        ("18.0", "18", True),
+        ("17", "18", False),
+        (None, "18", False),
+        ("yes", "yes", True),  # a gold answer with no number compares as text
+    ],
+)
+def test_answers_match(pred, gold, expected):
+    assert answers_match(pred, gold) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" yes\n#### 42\n#### 42\n", " yes\n#### 42"),
+        ("a = 3\n#### 1,080 marbles\nQuestion: next", "a = 3\n#### 1,080 marbles"),
+        ("#### 5.\nmore", "#### 5."),
+        ("#### 42", "#### 42"),  # stopped right after the number (EOS or budget): nothing to cut
+        ("still thinking\n3 + 4 = 7\n", "still thinking\n3 + 4 = 7\n"),
+        ("#### soon\n#### 7\nafter", "#### soon\n#### 7"),  # a mark without a number does not end the answer
+    ],
+)
+def test_cut_after_answer(text, expected):
+    assert cut_after_answer(text) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@pytest.mark.parametrize("tokenizer", ["tokenizers/gpt2", "tokenizers/qwen2", STORIES])
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_prompt_is_the_start_of_the_training_text(assets, tokenizer, template):
+    """The prompt's text and its tokens are where the training text and its tokens start, up to the reasoning."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets(tokenizer))
+    for row in load_rows("gsm8k", split="test", data_files=assets("gsm8k/test.jsonl"), limit=5):
+        formatted = format_row(row, TEMPLATES[template])
+        prompt = prompt_text(row, TEMPLATES[template])
+        assert formatted.text.startswith(prompt)
+        assert formatted.text[len(prompt) : formatted.spans["reasoning"][0]].strip(" ") == ""
+        assert formatted.piece("prompt") in prompt
+        ids = tok(prompt)["input_ids"]
+        assert tok(formatted.text)["input_ids"][: len(ids)] == ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation on the real pretrained model
+
+
+def test_batched_generation_equals_one_at_a_time(assets):
+    model, tok = _load(assets(STORIES))
+    rows = load_rows("gsm8k", split="test", data_files=assets("gsm8k/test.jsonl"), limit=8)
+    # Eight lengths, from a few tokens to a whole question, so every batch has left padding.
+    prompts = [prompt_text(row, TEMPLATES["plain"])[: 12 + 30 * i] for i, row in enumerate(rows)]
+    side = tok.padding_side
+    alone = [generate_batched(model, tok, [p], batch_size=1, max_new_tokens=20)[0] for p in prompts]
+    for batch_size in (3, 8):
+        assert generate_batched(model, tok, prompts, batch_size=batch_size, max_new_tokens=20) == alone
+    assert tok.padding_side == side
+    assert all(alone)
+
+
+def test_run_eval_on_the_real_model(assets, tmp_path):
+    out = tmp_path / "items.jsonl"
+    config = EvalConfig(model=str(assets(STORIES)), dataset="gsm8k", data_files=str(assets("gsm8k/test.jsonl")),
+                        limit=6, max_new_tokens=24, batch_size=4, out=str(out), progress=False, threads=1)
+    result = run_eval(config)
+    items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(items) == result.n == 6
+    assert [i["sample_id"] for i in items] == [f"gsm8k/test/{k:06d}" for k in range(6)]
+    for item in items:
+        assert set(item) >= {"sample_id", "question", "prompt", "generated", "predicted", "gold", "correct"}
+        assert item["prompt"].startswith("Question: " + item["question"])
+        assert item["predicted"] == extract_answer(item["generated"])
+        assert item["correct"] == answers_match(item["predicted"], item["gold"])
+        assert 1 <= item["generated_tokens"] <= 24
+    assert result.correct == sum(i["correct"] for i in items)
+    assert result.accuracy == pytest.approx(sum(i["correct"] for i in items) / 6)
+    summary = result.to_dict()
+    assert json.loads(json.dumps(summary)) == summary and "items" not in summary
+    assert (summary["dataset"], summary["split"], summary["template"], summary["out"]) == \
+        ("gsm8k", "test", "plain", str(out))
+    assert summary["generated_tokens"] == sum(i["generated_tokens"] for i in items)
+    assert list(tmp_path.iterdir()) == [out]  # the temporary file was renamed, not left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stopping, on a model whose output is known
+
+
+def _forced_model(tokenizer, chain: dict[str, str | None]):
+    """A tiny Llama whose next token depends only on the current one: ``chain[token] = next token`` (None: EOS).
+
+    The layers add nothing (zero output projections), so the last hidden state is the token's embedding; the chain's
+    tokens get orthonormal embeddings and the LM head maps each onto its successor.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in chain}
+    basis = torch.linalg.qr(torch.randn(32, len(chain)))[0].T  # (len(chain), 32), orthonormal rows
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (token, successor) in enumerate(chain.items()):
+            model.model.embed_tokens.weight[ids[token]] = basis[k]
+            target = tokenizer.eos_token_id if successor is None else tokenizer.convert_tokens_to_ids(successor)
+            model.lm_head.weight[target] += 10 * basis[k]
+    return model
+
+
+# ':' answers and then repeats its answer line forever; '?' never answers; '!' says " done" and ends (EOS).
+CHAIN = {":": "Ġyes", "Ġyes": "Ċ", "Ċ": "####", "####": "Ġ42", "Ġ42": "Ċ", "?": "Ġno", "Ġno": "Ġno", "!": "Ġdone",
+         "Ġdone": None}
+
+
+def test_each_row_stops_at_its_own_end(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    model = _forced_model(tok, CHAIN)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)  # loaded back through the same path users take
+    (tmp_path / "bare.txt").write_text("Q: {question}{reasoning}\n#### {answer}\n", encoding="utf-8")
+    (tmp_path / "kava.json").write_text(json.dumps({"template": str(tmp_path / "bare.txt")}), encoding="utf-8")
+    data = tmp_path / "rows.jsonl"
+    questions = {"Say it:": "42", "How many?": "42", "Stop!": "7", "Tell me:": "41"}
+    data.write_text("".join(json.dumps({"question": q, "answer": f"It is so.\n#### {a}"}) + "\n"
+                            for q, a in questions.items()), encoding="utf-8")
+
+    prompts = [f"Q: {q}" for q in questions]
+    alone = [generate_batched(*_load(tmp_path), [p], batch_size=1, max_new_tokens=30)[0] for p in prompts]
+    assert alone == [" yes\n#### 42", " no" * 30, " done", " yes\n#### 42"]
+    assert generate_batched(*_load(tmp_path), prompts, batch_size=4, max_new_tokens=30) == alone
+
+    result = run_eval(EvalConfig(model=str(tmp_path), dataset=str(data), max_new_tokens=30, batch_size=4,
+                                 progress=False))
+    out = tmp_path / "eval-rows-test.jsonl"  # the default: beside the model
+    assert result.out == str(out) and result.template == "bare"  # the template recorded in kava.json
+    items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    # Stopped at the answer line's newline (5 tokens), at the budget, and at EOS (counted).
+    assert [i["generated_tokens"] for i in items] == [5, 30, 2, 5]
+    assert [i["predicted"] for i in items] == ["42", None, None, "42"]
+    assert [i["correct"] for i in items] == [True, False, False, False]
+    assert (result.n, result.correct, result.accuracy) == (4, 1, 0.25)
+    assert result.generated_tokens == 42
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_reports_every_problem_at_once(tmp_path):
+    config = EvalConfig(model="", dataset="synthetic", data_files="nowhere.jsonl", split="dev", batch_size=0,
+                        max_new_tokens=0, limit=-1, threads=0, template="fancy", device="tpu")
+    with pytest.raises(ConfigError, match=r"(?s)Found 9 problems.*--model.*--data-files is for --dataset gsm8k.*"
+                                          r"--split: expected one of train, validation, test.*--template.*"
+                                          r"--batch-size.*--max-new-tokens.*--limit.*--threads.*--device"):
+        config.validate()
+    with pytest.raises(ConfigError, match=r"^--dataset: expected synthetic, gsm8k or a JSONL/Parquet file\. "
+                                          r"Got 'nowhere\.csv' instead\.$"):
+        EvalConfig(model="m", dataset="nowhere.csv").validate()
+    EvalConfig(model="m").validate()
+
+
+def test_template_and_output_defaults(tmp_path):
+    config = EvalConfig(model=str(tmp_path), dataset="synthetic", split="validation")
+    assert resolve_template(config) is TEMPLATES["plain"]  # no kava.json
+    assert config.out_path == tmp_path / "eval-synthetic-validation.jsonl"
+    (tmp_path / "kava.json").write_text(json.dumps({"template": "cot", "other": 1}), encoding="utf-8")
+    assert resolve_template(config) is TEMPLATES["cot"]
+    assert resolve_template(EvalConfig(model=str(tmp_path), template="chat")) is TEMPLATES["chat"]
+    (tmp_path / "kava.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ConfigError, match="to hold a JSON object.*Pass --template"):
+        resolve_template(config)
+    assert EvalConfig(model="org/some-model").out_path.name == "eval-gsm8k-test.jsonl"
+
+
+def test_prompt_of_a_row_without_reasoning():
+    row = ReasoningRow("x/test/000000", "What is 2 + 2?", "", "4")
+    assert prompt_text(row, TEMPLATES["plain"]) == "Question: What is 2 + 2?\nAnswer:"
+    assert prompt_text(row, TEMPLATES["cot"]) == "Q: What is 2 + 2?\nA: Let's think step by step.\n"
