@@ -230,7 +230,7 @@ def _ensure_registered(original: str) -> str:
     return name
 
 
-def _rotary_module(model: nn.Module) -> nn.Module | None:
+def rotary_module(model: nn.Module) -> nn.Module | None:
     base = getattr(model, "base_model", model)
     for owner in (base, model):
         rotary = getattr(owner, "rotary_emb", None)
@@ -258,6 +258,7 @@ def attention_capture(
     layers: Sequence[int] | None = None,
     with_q: bool | Sequence[int] = False,
     k_rope: KRope = "pre",
+    training: bool = False,
 ) -> Iterator[CaptureRecorder]:
     """Record Q/K/V of ``layers`` during the forward run inside the block; restore the model on exit.
 
@@ -271,6 +272,8 @@ def attention_capture(
         with_q: ``True`` for Q of every kept layer, a sequence for Q of those layers only (a subset of
             ``layers``), ``False`` for none.
         k_rope: ``"pre"`` (default) stores K and Q with the rotation undone, ``"post"`` as the model attends.
+        training: allow a model in training mode. Extraction keeps this off (dropout would make the teacher's K/V
+            noise); a student's trainer turns it on and records its K/V with the autograd graph attached.
 
     Yields:
         The recorder; its ``keys``/``values``/``queries``/``scaling`` dicts fill during the forward.
@@ -289,7 +292,7 @@ def attention_capture(
                 f"Expected with_q layers to be a subset of the captured layers {sorted(kept)}. "
                 f"Got {sorted(q_layers - kept)} outside it. Add them to layers, or drop them from with_q."
             )
-    if model.training:
+    if model.training and not training:
         raise ConfigError(
             "Expected the model in eval mode (no dropout) for capture. Got training mode. Call model.eval() first."
         )
@@ -312,7 +315,7 @@ def attention_capture(
         )
 
     has_rope = rope_params(config) is not None
-    rotary = _rotary_module(model) if has_rope else None
+    rotary = rotary_module(model) if has_rope else None
     if has_rope and k_rope == "pre" and rotary is None:
         raise ConfigError(
             f"Expected {type(model).__name__} to expose its rotary module as `rotary_emb` for pre-RoPE capture. "

@@ -45,7 +45,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from .grid import build_grid
     from .capture import attention_geometry, capture_qkv
     from .layer_map import parse_layer_map
-    from .recipe import _forward, _load_student_tokenizer, _teacher_texts, validate_and_resolve
+    from .recipe import _forward, load_student_tokenizer, _teacher_texts, validate_and_resolve
     from .teachers import load_model, load_tokenizer
     from .templates import load_template
 
@@ -54,7 +54,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
     teacher_tok = load_tokenizer(source)
-    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_student_tokenizer(cfg.student_tokenizer)
+    student_tok = teacher_tok if cfg.student_tokenizer is None else load_student_tokenizer(cfg.student_tokenizer)
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
     texts = _teacher_texts(grid, template, teacher_template)[0]

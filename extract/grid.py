@@ -102,3 +102,49 @@ def build_grid(
         out.append(GridSample(row.sample_id, text, dict(formatted.spans), ids, spans, segs, status, reason, row))
     out.sort(key=lambda s: _index_of(s.sample_id))
     return out
+
+
+def create_grid_store(
+    path: Any,
+    rows: RowSet,
+    tokenizer: Any,
+    template: PromptTemplate,
+    *,
+    tokenizer_name: str,
+    dataset: str,
+    split: str,
+    max_length: int,
+    on_too_long: str,
+    shard_tokens: int,
+    command: str = "",
+    details: dict[str, Any] | None = None,
+) -> Any:
+    """Create (or reopen, if it holds the same grid) the store at ``path`` for ``rows`` on ``tokenizer``'s grid.
+
+    Extraction calls this before its first teacher; distillation without ``--store`` calls it to train on the same
+    kind of batches (grid only, no teachers), so the CE-only baseline goes through the same loader.
+    """
+    from kava.kvstore import DatasetSpec, KVStore
+
+    grid = build_grid(rows, tokenizer, template, max_length=max_length, on_too_long=on_too_long)
+    if not grid:
+        from kava.kvstore.errors import ConfigError
+
+        raise ConfigError(f"Dataset {dataset}:{split} has no rows. Check --dataset, --split and --limit.")
+    tok_spec, tok_files = tokenizer_spec(tokenizer, tokenizer_name)
+    store = KVStore.create(
+        path,
+        sample_ids=[s.sample_id for s in grid],
+        input_ids=[s.input_ids for s in grid],
+        segment_ids=[s.segment_ids for s in grid],
+        sample_status=[s.status for s in grid],
+        status_reasons=[s.reason for s in grid],
+        student_tokenizer=tok_spec,
+        tokenizer_files=tok_files,
+        dataset=DatasetSpec(dataset, split, rows.fingerprint, details={
+            **(details or {}), "student_template": template.name, "template_sha256": template.sha256,
+            "max_length": max_length, "on_too_long": on_too_long, "row_problems": len(rows.problems)}),
+        shard_tokens=shard_tokens,
+        created_by=command,
+    )
+    return store, grid

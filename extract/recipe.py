@@ -19,10 +19,9 @@ import numpy as np
 
 from kava.kvstore import KVStore, StorageSpec, TeacherSpec, default_storage
 from kava.kvstore.errors import ConfigError
-from kava.kvstore.manifest import DatasetSpec
 
 from .config import ExtractConfig
-from .grid import GridSample, build_grid, tokenizer_fingerprint, tokenizer_spec
+from .grid import GridSample, create_grid_store, tokenizer_fingerprint
 
 Log = Callable[[str], None]
 
@@ -128,28 +127,13 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
     teacher_tok = load_tokenizer(source)
-    student_tok = teacher_tok if cfg.student_tokenizer is None else _load_student_tokenizer(cfg.student_tokenizer)
-    grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
-    if not grid:
-        raise ConfigError(f"Dataset {cfg.dataset}:{cfg.split} has no rows. Check --dataset, --split and --limit.")
-
-    # 3. The store (created by the first extraction, checked by every later one).
-    tok_spec, tok_files = tokenizer_spec(student_tok, cfg.student_tokenizer or source.model_id)
-    store = KVStore.create(
-        cfg.store,
-        sample_ids=[s.sample_id for s in grid],
-        input_ids=[s.input_ids for s in grid],
-        segment_ids=[s.segment_ids for s in grid],
-        sample_status=[s.status for s in grid],
-        status_reasons=[s.reason for s in grid],
-        student_tokenizer=tok_spec,
-        tokenizer_files=tok_files,
-        dataset=DatasetSpec(cfg.dataset, cfg.split, rows.fingerprint, details={
-            "limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator,
-            "student_template": template.name, "template_sha256": template.sha256, "max_length": cfg.max_length,
-            "on_too_long": cfg.on_too_long, "row_problems": len(rows.problems)}),
-        shard_tokens=cfg.shard_tokens,
-        created_by=cfg.command,
+    student_tok = teacher_tok if cfg.student_tokenizer is None else load_student_tokenizer(cfg.student_tokenizer)
+    # 3. The grid and the store (created by the first extraction, checked by every later one).
+    store, grid = create_grid_store(
+        cfg.store, rows, student_tok, template, tokenizer_name=cfg.student_tokenizer or source.model_id,
+        dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+        shard_tokens=cfg.shard_tokens, command=cfg.command,
+        details={"limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator},
     )
 
     todo, done = _shards_to_do(cfg, store, name)
@@ -159,7 +143,7 @@ def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
 
     # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(teacher_model.config)
-    same_tokenizer = tokenizer_fingerprint(teacher_tok) == tok_spec.fingerprint
+    same_tokenizer = tokenizer_fingerprint(teacher_tok) == store.manifest.student_tokenizer.fingerprint
     layer_map, cka = _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log)
     layers = layer_map.teacher_layers
     q_layers = _q_layers(cfg, layers, num_layers)
@@ -333,7 +317,8 @@ def _teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
     return texts, pieces
 
 
-def _load_student_tokenizer(name: str) -> Any:
+def load_student_tokenizer(name: str) -> Any:
+    """The student's fast tokenizer from a directory or a cached hub id (the grid is cut with it)."""
     from transformers import AutoTokenizer
 
     try:

@@ -56,7 +56,7 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Cal
                                   help=help_text)(fn)
             else:
                 show = "" if required or f.default is None else f" [default: {f.default}]"
-                fn = click.option(flag, f.name, type={int: int, str: str}.get(kind, str), default=None,
+                fn = click.option(flag, f.name, type={int: int, float: float, str: str}.get(kind, str), default=None,
                                   help=help_text + (" [required]" if required else show))(fn)
         return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                             help="YAML file with these options as keys; flags given here override it.")(fn)
