@@ -1,0 +1,362 @@
+"""The training loader: the batch plan's properties, and batches from a real extracted store, in-process and from
+spawned workers, resumed mid-run.
+
+The store is built once per module by the real extraction: stories260K (with Q for layers 0 and 2) over 60
+synthetic problems in ~512-token shards (22 shards), one row's question emptied (a skipped, zero-length sample)
+and one row given a '§'. A tiny seeded Llama whose embedding of that byte is NaN is a second teacher on the same
+grid, so the '§' sample is quarantined for it; stories260K again, under another name and with only the even
+shards extracted (``shard="0/2"``), is an unfinished third teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import asset_path  # the `assets` fixture's lookup, for module-scoped fixtures
+from kava.distill.loader import (
+    Batch,
+    KVStream,
+    LoaderConfig,
+    StreamLoader,
+    TeacherRequest,
+    check_request,
+    plan_epoch,
+)
+from kava.distill.plan import check_layout
+from kava.extract.config import ExtractConfig
+from kava.extract.recipe import run_extract
+from kava.extract.synthetic import synthetic_rows
+from kava.kvstore import ConfigError, IncompleteError, KVStore, SchemaError
+
+STORIES = "stories260K_hf_derived"  # the default teacher name: the model directory's name
+SKIPPED, NAN_ROW = 7, 20  # the emptied row and the row with a '§'
+SETTINGS = dict(deadline=None, database=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+
+
+def extract(teacher: Path | str, store: Path, **options: Any) -> None:
+    options = {"progress": False, "calibration_samples": 4, "batch_size": 8, "shard_tokens": 512, **options}
+    run_extract(ExtractConfig(teacher=str(teacher), store=str(store), **options), log=lambda _: None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Two shared cores: extra intra-op threads only fight the other processes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    stories = asset_path("models/stories260K_hf_derived")
+    root = tmp_path_factory.mktemp("loader")
+    rows = [{"question": r.question, "answer": f"{r.reasoning}\n#### {r.answer}"} for r in synthetic_rows(60)]
+    rows[SKIPPED]["question"] = ""
+    rows[NAN_ROW]["question"] += " §"
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+    # A tiny Llama on the stories tokenizer whose embedding of <0xA7> (the second byte of '§') is NaN.
+    tok = AutoTokenizer.from_pretrained(stories)
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids("<0xA7>")] = float("nan")
+    nan_llama = root / "nan-llama"
+    model.save_pretrained(nan_llama)
+    tok.save_pretrained(nan_llama)
+
+    path = root / "kv.zarr"
+    extract(stories, path, dataset=str(data), with_q=True, q_layers="0,2")
+    extract(nan_llama, path, dataset=str(data))
+    extract(stories, path, dataset=str(data), name="partial", shard="0/2", calibration_samples=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(store_path) -> KVStore:
+    return KVStore.open(store_path)
+
+
+def collect(batches) -> list[Batch]:
+    return list(batches)
+
+
+def assert_same_batches(got: list[Batch], want: list[Batch]) -> None:
+    assert [(b.epoch, b.index) for b in got] == [(b.epoch, b.index) for b in want]
+    for a, b in zip(got, want):
+        for name in ("sample_indices", "input_ids", "attention_mask", "segment_ids"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (a.epoch, a.index, name)
+        assert a.teachers.keys() == b.teachers.keys()
+        for t in a.teachers:
+            for name in ("k", "v", "align_weight", "q"):
+                x, y = getattr(a.teachers[t], name), getattr(b.teachers[t], name)
+                assert (x is None and y is None) or torch.equal(x, y), (a.epoch, a.index, t, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan, from metadata alone
+
+
+@st.composite
+def layouts(draw):
+    """Random sample lengths (some 0) and a shard plan over them."""
+    n = draw(st.integers(1, 300))
+    lengths = np.array(draw(st.lists(st.integers(0, 60), min_size=n, max_size=n)), dtype=np.int64)
+    cuts = sorted(set(draw(st.lists(st.integers(1, n - 1), max_size=min(n - 1, 25))))) if n > 1 else []
+    return lengths, np.array([0, *cuts, n], dtype=np.int64)
+
+
+@settings(**SETTINGS)
+@given(layouts(), st.integers(1, 9), st.sampled_from([None, 1, 40, 200]), st.integers(1, 5), st.integers(0, 3),
+       st.integers(0, 2**32), st.integers(0, 3))
+def test_plan_holds_each_sample_once_in_windows_dealt_round_robin(layout, batch_size, max_tokens, buffer_shards,
+                                                                  num_workers, seed, epoch):
+    lengths, shard_starts = layout
+    shards = range(len(shard_starts) - 1)
+    plan = plan_epoch(lengths, shard_starts, shards, epoch=epoch, seed=seed, batch_size=batch_size,
+                      max_tokens=max_tokens, buffer_shards=buffer_shards, rank=0, world_size=1,
+                      num_workers=num_workers)
+    assert plan.dropped == 0 and [b.index for b in plan.batches] == list(range(len(plan)))
+    got = np.concatenate([b.samples for b in plan.batches]) if plan.batches else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(np.sort(got), np.flatnonzero(lengths > 0))
+
+    workers = max(num_workers, 1)
+    window_shards: dict[int, tuple[int, ...]] = {}
+    for b in plan.batches:
+        assert b.epoch == epoch and 1 <= len(b.samples) <= batch_size and b.worker == b.window % workers
+        if max_tokens is not None and len(b.samples) > 1:
+            assert len(b.samples) * lengths[b.samples].max() <= max_tokens
+        assert 1 <= len(b.shards) <= buffer_shards
+        assert window_shards.setdefault(b.window, b.shards) == b.shards
+        owner = np.searchsorted(shard_starts, b.samples, side="right") - 1
+        assert set(owner.tolist()) <= set(b.shards)
+    # Windows split the shards; each worker's batches come one from each worker in turn, a window at a time.
+    all_shards = [s for w in sorted(window_shards) for s in window_shards[w]]
+    assert len(all_shards) == len(set(all_shards))
+    per_worker = [[b for b in plan.batches if b.worker == w] for w in range(workers)]
+    for seq in per_worker:
+        assert [b.window for b in seq] == sorted(b.window for b in seq)
+    turns = [b.worker for b in plan.batches]
+    expect = [w for t in range(max(map(len, per_worker))) for w in range(workers) if t < len(per_worker[w])]
+    assert turns == expect
+
+
+def test_plan_is_reproducible_and_differs_by_epoch_and_seed():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, 500)
+    shard_starts = np.arange(0, 501, 25)
+    kw = dict(batch_size=4, max_tokens=None, buffer_shards=3, rank=0, world_size=1, num_workers=2)
+    def order(**options) -> list[tuple[int, ...]]:
+        return [tuple(b.samples) for b in plan_epoch(lengths, shard_starts, range(20), **kw, **options).batches]
+
+    assert order(epoch=1, seed=3) == order(epoch=1, seed=3)
+    assert order(epoch=1, seed=3) != order(epoch=2, seed=3)
+    assert order(epoch=1, seed=3) != order(epoch=1, seed=4)
+    # The shard list's order doesn't matter: it is sorted before the shuffle.
+    shuffled = plan_epoch(lengths, shard_starts, list(reversed(range(20))), epoch=1, seed=3, **kw)
+    assert [tuple(b.samples) for b in shuffled.batches] == order(epoch=1, seed=3)
+    # Sorting runs of 16 batches by length: far less padding than batching the shuffled samples as they come.
+    plan = plan_epoch(lengths, shard_starts, range(20), epoch=0, seed=0, **kw)
+    padded = sum(len(b.samples) * lengths[b.samples].max() for b in plan.batches)
+    assert padded < 1.3 * lengths.sum()
+
+
+@pytest.mark.parametrize("world_size,max_tokens,seed", [(2, None, 0), (3, 150, 1), (4, 90, 2), (3, None, 5)])
+def test_ranks_read_disjoint_shards_and_take_the_same_number_of_steps(world_size, max_tokens, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 50, 700)
+    shard_starts = np.unique(np.concatenate([[0, 700], rng.integers(1, 700, 30)]))
+    num_shards = len(shard_starts) - 1
+    plans = [plan_epoch(lengths, shard_starts, range(num_shards), epoch=3, seed=seed, batch_size=5,
+                        max_tokens=max_tokens, buffer_shards=2, rank=r, world_size=world_size, num_workers=2)
+             for r in range(world_size)]
+    assert len({len(p) for p in plans}) == 1
+    assert any(p.dropped for p in plans) or world_size == 2  # uneven ranks really are cut
+    shards = [{s for b in p.batches for s in b.shards} for p in plans]
+    samples = [np.concatenate([b.samples for b in p.batches]) for p in plans]
+    everything = np.concatenate(samples)
+    assert len(everything) == len(set(everything.tolist()))  # disjoint
+    for r, p in enumerate(plans):
+        for other in range(r):
+            assert not shards[r] & shards[other]
+        mine = np.concatenate([np.arange(shard_starts[s], shard_starts[s + 1]) for s in shards[r]])
+        mine = mine[lengths[mine] > 0]
+        assert set(samples[r].tolist()) <= set(mine.tolist())
+        missing = len(mine) - len(samples[r])
+        assert missing <= p.dropped * 5 and (missing > 0) == (p.dropped > 0)
+
+
+def test_ranks_with_equal_work_drop_nothing_and_cover_every_sample():
+    lengths = np.full(240, 7)
+    shard_starts = np.arange(0, 241, 10)  # 24 equal shards: 6 per rank, 3 windows of 2
+    plans = [plan_epoch(lengths, shard_starts, range(24), epoch=0, seed=1, batch_size=4, max_tokens=None,
+                        buffer_shards=2, rank=r, world_size=4, num_workers=2) for r in range(4)]
+    assert [p.dropped for p in plans] == [0] * 4 and len({len(p) for p in plans}) == 1
+    everything = np.concatenate([b.samples for p in plans for b in p.batches])
+    np.testing.assert_array_equal(np.sort(everything), np.arange(240))
+    with pytest.raises(ConfigError, match="one usable shard per rank"):
+        check_layout(3, world_size=4, buffer_shards=1, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_check_request_lists_what_the_store_has(store, store_path):
+    config = lambda *teachers, **kw: LoaderConfig(str(store_path), teachers=teachers, **kw)  # noqa: E731
+    with pytest.raises(SchemaError, match=r"teacher 'gpt9'.*Got only 'nan-llama', 'partial', "
+                                          r"'stories260K_hf_derived' instead"):
+        check_request(store, config(TeacherRequest("gpt9")))
+    with pytest.raises(SchemaError, match=r"layers \[1, 7\] of teacher 'stories260K_hf_derived'.*stored layers "
+                                          r"\[0, 1, 2, 3, 4\].*\[7\] missing"):
+        check_request(store, config(TeacherRequest(STORIES, layers=(1, 7))))
+    with pytest.raises(SchemaError, match="queries for teacher 'nan-llama'.*--with-q"):
+        check_request(store, config(TeacherRequest("nan-llama", with_q=True)))
+    # Every problem at once.
+    with pytest.raises(SchemaError, match="(?s)'gpt9'.*layers.*queries"):
+        check_request(store, config(TeacherRequest("gpt9"), TeacherRequest(STORIES, layers=(9,)),
+                                    TeacherRequest("nan-llama", with_q=True)))
+
+    n = store.num_shards
+    with pytest.raises(IncompleteError, match=rf"teacher 'partial' missing {n // 2} of {n} shards \(1, 3, 5.*"
+                                              r"kava extract --resume.*allow_incomplete"):
+        check_request(store, config(TeacherRequest(STORIES), TeacherRequest("partial")))
+    usable = check_request(store, config(TeacherRequest(STORIES), TeacherRequest("partial"), allow_incomplete=True))
+    assert usable == list(range(0, n, 2)) == store.complete_shards("partial")
+    assert check_request(store, config()) == list(range(n))  # grid only
+    assert check_request(store, config(TeacherRequest(STORIES, layers=(4, 0), with_q=True))) == list(range(n))
+
+    with pytest.raises(ConfigError, match="batch_size >= 1.*rank < world_size"):
+        LoaderConfig(str(store_path), batch_size=0, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="each teacher once"):
+        config(TeacherRequest(STORIES), TeacherRequest(STORIES))
+    with pytest.raises(ConfigError, match="distinct teacher layers"):
+        TeacherRequest(STORIES, layers=(1, 1))
+    with pytest.raises(ConfigError, match="Lower num_workers or buffer_shards"):
+        StreamLoader(config(num_workers=8, buffer_shards=4))  # 22 shards make only 6 windows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches from the store
+
+
+def test_batches_hold_each_samples_rows_padded(store, store_path, monkeypatch):
+    reads: list[tuple[Any, Any, bool]] = []
+    read_shard = KVStore.read_shard
+
+    def recording(self, shard, **kw):
+        reads.append((shard, tuple(kw.get("teachers")), kw.get("layers"), kw.get("with_q", False)))
+        return read_shard(self, shard, **kw)
+
+    monkeypatch.setattr(KVStore, "read_shard", recording)
+    requests = (TeacherRequest(STORIES, layers=(3, 1), with_q=True), TeacherRequest("nan-llama"))
+    loader = StreamLoader(LoaderConfig(str(store_path), teachers=requests, batch_size=5, buffer_shards=3, seed=7),
+                          epochs=1)
+    batches = collect(loader)
+    assert loader.position == (1, 0) and len(batches) == loader.batches_per_epoch == len(loader.plan(0))
+
+    # Each shard is read once, with only what was asked for: layers (3, 1) of stories260K, all of nan-llama's.
+    assert sorted(r[0] for r in reads if r[1] == (STORIES,)) == list(range(store.num_shards))
+    assert {r[1:] for r in reads} == {((), None, False), ((STORIES,), (3, 1), True), (("nan-llama",), None, False)}
+
+    seen = np.concatenate([b.sample_indices.numpy() for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), [i for i in range(store.num_samples) if i != SKIPPED])
+    pad = store.manifest.student_tokenizer
+    pad_id = pad.pad_token_id if pad.pad_token_id is not None else (pad.eos_token_id or 0)
+    quarantined = 0
+    for b in batches:
+        B, T = b.input_ids.shape
+        assert b.teachers[STORIES].k.shape[:4] == (B, 2, 4, T) and b.teachers[STORIES].layers == (3, 1)
+        assert b.teachers[STORIES].q.shape[:4] == (B, 2, 8, T) and b.teachers[STORIES].q_layers == (0, 2)
+        assert b.teachers["nan-llama"].k.shape[:4] == (B, 2, 2, T) and b.teachers["nan-llama"].q is None
+        assert b.num_tokens == int(b.attention_mask.sum()) and b.input_ids.dtype == torch.int64
+        for row, i in enumerate(b.sample_indices.tolist()):
+            n = store.offsets[i + 1] - store.offsets[i]
+            ref = store.read_sample(i, teachers=[STORIES], layers=[3, 1], with_q=True)
+            np.testing.assert_array_equal(b.input_ids[row, :n], ref.input_ids)
+            assert torch.all(b.input_ids[row, n:] == pad_id)
+            assert b.attention_mask[row].tolist() == [1] * n + [0] * (T - n)
+            np.testing.assert_array_equal(b.segment_ids[row, :n], ref.segment_ids)
+            assert torch.all(b.segment_ids[row, n:] == -1)
+            for name, ref_kv in ((STORIES, ref.teachers[STORIES]),
+                                 ("nan-llama", store.read_sample(i, teachers=["nan-llama"]).teachers["nan-llama"])):
+                got = b.teachers[name]
+                for array in ("k", "v", "q"):
+                    want = getattr(ref_kv, array)
+                    if want is not None:
+                        x = getattr(got, array)[row]  # [L, H, T, D]
+                        np.testing.assert_array_equal(x[:, :, :n], want.transpose(1, 2, 0, 3))
+                        assert torch.all(x[:, :, n:] == 0)
+                weight = got.align_weight[row]
+                assert torch.all(weight[n:] == 0)
+                if ref_kv.status[0] == 1:
+                    assert (name, i) == ("nan-llama", NAN_ROW) and torch.all(weight == 0)
+                    quarantined += 1
+                else:
+                    np.testing.assert_array_equal(weight[:n], ref_kv.align_weight)
+    assert quarantined == 1
+    moved = batches[0].to("cpu")
+    assert torch.equal(moved.teachers[STORIES].q, batches[0].teachers[STORIES].q)
+
+
+def test_grid_only_batches_respect_max_tokens(store, store_path):
+    loader = StreamLoader(LoaderConfig(str(store_path), batch_size=16, max_tokens=1000), epochs=1)
+    batches = collect(loader)
+    assert all(not b.teachers for b in batches)
+    assert all(b.input_ids.numel() <= 1000 or len(b.sample_indices) == 1 for b in batches)
+    assert max(len(b.sample_indices) for b in batches) > 1
+    assert sum(b.num_tokens for b in batches) == store.num_tokens
+
+
+def test_resume_in_process_across_an_epoch_boundary(store_path):
+    config = LoaderConfig(str(store_path), teachers=(TeacherRequest(STORIES, layers=(0,)),), batch_size=6, seed=3)
+    full = collect(StreamLoader(config, epochs=2))
+    first = StreamLoader(config, epochs=2)
+    per_epoch = first.batches_per_epoch
+    assert len(full) == per_epoch + len(first.plan(1))
+    assert [tuple(b.sample_indices.tolist()) for b in full[:per_epoch]] != [
+        tuple(b.sample_indices.tolist()) for b in full[per_epoch:per_epoch * 2]]  # epochs are shuffled apart
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == per_epoch - 2:
+            break
+    assert first.position == (0, per_epoch - 2)
+    rest = collect(StreamLoader(config, start=first.position, epochs=2))
+    assert_same_batches(head + rest, full)
+    # A loader iterated again continues where it stopped.
+    assert_same_batches(head + collect(first), full)
+
+
+@pytest.mark.slow
+def test_two_workers_yield_the_plan_order_and_resume_exactly(store_path):
+    # 22 shards in windows of 2: 11 windows, 6 for worker 0 and 5 for worker 1, so the workers finish each epoch
+    # unevenly and the loader must reorder around the epoch boundary.
+    config = LoaderConfig(str(store_path), teachers=(TeacherRequest(STORIES, layers=(2, 4), with_q=True),),
+                          batch_size=6, buffer_shards=2, num_workers=2, seed=11)
+    want = collect(KVStream(config, epochs=2))  # in-process: the plan order, both workers' batches
+    loader = StreamLoader(config, epochs=2)
+    plan = loader.plan(0)
+    assert [b.index for b in want[: len(plan)]] == list(range(len(plan)))
+    assert {b.worker for b in plan.batches} == {0, 1}
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == len(plan) - 3:
+            break
+    rest = collect(StreamLoader(config, start=loader.position, epochs=2))
+    assert_same_batches(head + rest, want)
