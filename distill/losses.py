@@ -130,23 +130,22 @@ def _check_lengths(lengths: torch.Tensor, batch: int) -> None:
         )
 
 
-def attention_log_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal, padding-masked attention log-probabilities, with grouped-query attention.
+def attention_bias(lengths: torch.Tensor, seq_len: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[B, 1, T, T]`` additive mask: 0 where key ``s`` is visible from query ``t`` (``s <= t < lengths[b]``),
+    ``MASKED_SCORE`` elsewhere; queries at padded positions see key 0 only, so every row stays a distribution.
+    Build it once per batch and pass it to every layer's scores."""
+    allowed = _allowed_keys(lengths, seq_len, device or lengths.device)  # [B, T, T]
+    pos = torch.arange(seq_len, device=allowed.device)
+    padded_query = pos.view(1, -1) >= lengths.to(allowed.device).view(-1, 1)  # [B, T]
+    visible = allowed | (padded_query.unsqueeze(-1) & (pos == 0).view(1, 1, -1))
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(visible, zero, torch.full((), MASKED_SCORE, dtype=dtype, device=allowed.device)).unsqueeze(1)
 
-    Query head ``h`` reads key head ``h // (Hq // Hk)`` (the ``repeat_kv`` convention of transformers). Key ``s`` is
-    visible from query ``t`` when ``s <= t < lengths[b]``; other keys get ``MASKED_SCORE`` (probability exactly 0,
-    log-probability finite). Queries at padded positions (``t >= lengths[b]``) attend only to key 0, a harmless
-    valid distribution, so every row is finite and sums to 1.
 
-    Args:
-        q: ``[B, Hq, T, D]`` queries after RoPE.
-        k: ``[B, Hk, T, D]`` keys after RoPE; ``Hq`` must be a multiple of ``Hk``.
-        lengths: ``[B]`` integer, number of real (left-aligned) tokens per row.
-        scaling: score multiplier, usually ``D ** -0.5``.
-
-    Returns:
-        ``[B, Hq, T, T]`` log-probabilities over keys, in float32 (float64 if the inputs are).
-    """
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scaling: float,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, Hq, T, T]`` scaled scores plus the ``attention_bias`` (invisible keys at ``MASKED_SCORE``)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ConfigError(
             f"Expected q [B, Hq, T, D] and k [B, Hk, T, D]. Got {tuple(q.shape)} and {tuple(k.shape)} instead. "
@@ -161,16 +160,34 @@ def attention_log_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
         )
     _check_lengths(lengths, batch)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
-    group = q_heads // kv_heads
-    qg = q.to(dtype).unflatten(1, (kv_heads, group))  # [B, Hk, G, T, D]
-    scores = torch.einsum("bkgtd,bksd->bkgts", qg, k.to(dtype)).flatten(1, 2) * scaling  # [B, Hq, T, T]
-    allowed = _allowed_keys(lengths, seq_len, q.device)  # [B, T, T]
-    padded_query = torch.arange(seq_len, device=q.device).view(1, -1) >= lengths.to(q.device).view(-1, 1)  # [B, T]
-    first_key = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
-    first_key[0] = True
-    visible = allowed | (padded_query.unsqueeze(-1) & first_key)  # [B, T, T]
-    scores = scores.masked_fill(~visible.unsqueeze(1), MASKED_SCORE)
-    return torch.log_softmax(scores, dim=-1)
+    if bias is None:
+        bias = attention_bias(lengths, seq_len, device=q.device, dtype=dtype)
+    qg = q.to(dtype).unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, Hk, G, T, D]
+    scores = torch.einsum("bkgtd,bksd->bkgts", qg, k.to(dtype)).flatten(1, 2)  # [B, Hq, T, T]
+    # One fused pass: scale and mask (an add, whose backward is free, rather than a masked_fill).
+    return torch.addcmul(bias.to(dtype), scores, torch.full((), scaling, dtype=dtype, device=scores.device))
+
+
+def attention_log_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scaling: float,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal, padding-masked attention log-probabilities, with grouped-query attention.
+
+    Query head ``h`` reads key head ``h // (Hq // Hk)`` (the ``repeat_kv`` convention of transformers). Key ``s`` is
+    visible from query ``t`` when ``s <= t < lengths[b]``; other keys get ``MASKED_SCORE`` (probability exactly 0,
+    log-probability finite). Queries at padded positions (``t >= lengths[b]``) attend only to key 0, a harmless
+    valid distribution, so every row is finite and sums to 1.
+
+    Args:
+        q: ``[B, Hq, T, D]`` queries after RoPE.
+        k: ``[B, Hk, T, D]`` keys after RoPE; ``Hq`` must be a multiple of ``Hk``.
+        lengths: ``[B]`` integer, number of real (left-aligned) tokens per row.
+        scaling: score multiplier, usually ``D ** -0.5``.
+        bias: ``attention_bias(lengths, T)``, when the caller has built it once for several layers.
+
+    Returns:
+        ``[B, Hq, T, T]`` log-probabilities over keys, in float32 (float64 if the inputs are).
+    """
+    return torch.log_softmax(_masked_scores(q, k, lengths, scaling, bias), dim=-1)
 
 
 def attention_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -219,3 +236,42 @@ def attention_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, lengths
     s_logp = torch.where(counted, student_logp.to(dtype), zero)
     kl = (p * (t_logp - s_logp)).sum(-1)  # [B, Hs, T]
     return kl.mean(dim=1)
+
+
+def attention_kl_from_scores(teacher_probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
+                             scaling: float, *, bias: torch.Tensor | None = None,
+                             teacher_neg_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """``attention_kl`` against the student's own queries and keys, without materialising its log-probabilities.
+
+    Per query row ``KL(p || softmax(s)) = Σ p log p − Σ p·s + logsumexp(s)`` over visible keys, where ``s`` are the
+    student's masked scores. The teacher side (``Σ p log p``) carries no gradient; the student side is one matmul,
+    one logsumexp and one weighted sum, so its backward is ``softmax(s) − p`` — about half the work of going
+    through ``log_softmax`` and an explicit KL.
+
+    Args:
+        teacher_probs: ``[B, Hq, T, T]`` teacher attention already on the student's query heads (see
+            ``attention_kl`` for mixing), 0 on invisible keys; no gradient.
+        q: ``[B, Hq, T, D]`` student queries after RoPE.
+        k: ``[B, Hk, T, D]`` student keys after RoPE.
+        lengths: ``[B]`` integer, real tokens per row.
+        scaling: the student's score multiplier.
+        bias: ``attention_bias(lengths, T)`` when built once for several layers.
+        teacher_neg_entropy: ``[B, Hq, T]`` ``Σ p log p`` when the caller has it (e.g. from the teacher's
+            log-probabilities); computed from ``teacher_probs`` otherwise.
+
+    Returns:
+        ``[B, T]``, the same values as ``attention_kl(log teacher_probs, attention_log_probs(q, k, ...), lengths)``.
+    """
+    scores = _masked_scores(q, k, lengths, scaling, bias)  # [B, Hq, T, T]
+    if teacher_probs.shape != scores.shape:
+        raise ConfigError(
+            f"Expected teacher_probs of shape {tuple(scores.shape)} (the student's heads). Got "
+            f"{tuple(teacher_probs.shape)} instead. Mix the teacher's heads onto the student's first."
+        )
+    p = teacher_probs.to(scores.dtype)
+    if teacher_neg_entropy is None:
+        with torch.no_grad():
+            teacher_neg_entropy = torch.xlogy(p, p).sum(-1)  # 0·log 0 = 0
+    kl = teacher_neg_entropy.to(scores.dtype) - (p * scores).sum(-1) + torch.logsumexp(scores, dim=-1)  # [B, Hq, T]
+    padded = torch.arange(scores.shape[-1], device=q.device).view(1, 1, -1) >= lengths.to(q.device).view(-1, 1, 1)
+    return kl.masked_fill(padded, 0.0).mean(dim=1)

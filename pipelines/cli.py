@@ -15,8 +15,6 @@ import click
 
 NOT_BUILT_EXIT = 2
 PLANNED = {
-    "distill": "Train a student on cross-entropy plus K/V alignment against a store.",
-    "eval": "Score a model on a reasoning dataset (greedy generation, answer extraction, accuracy).",
     "run": "Run a whole experiment from a YAML config (default: the embedded laptop-sized one).",
     "cka": "Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.",
     "slurm": "Render sbatch scripts for extraction job arrays and torchrun distillation.",
@@ -153,7 +151,75 @@ def _estimate_command() -> click.Command:
     return estimate
 
 
-_Main.lazy.update(extract=_extract_command, estimate=_estimate_command)
+def _distill_command() -> click.Command:
+    from kava.distill.config import DistillConfig
+
+    from .options import config_options
+
+    @click.command("distill", short_help="Train a student on cross-entropy plus K/V alignment against a store.")
+    @config_options(DistillConfig, exclude=("command", "extra", "student", "out"))
+    @click.option("--out", "out", help="Output directory: the trained student, checkpoints, metrics.jsonl. [required]")
+    @click.option("--student", "student", help="Preset (tiny-qwen2, tiny-llama), local model directory, or hub id. "
+                                               "[required]")
+    @click.option("--json", "as_json", is_flag=True, help="Print only the run's summary as JSON on stdout.")
+    def distill(as_json: bool, config_file: str | None, **values: Any) -> None:
+        """Train a student with cross-entropy plus losses that make its keys and values (and attention) follow
+        the teachers' stored ones, streaming the store's shards; no teacher is loaded. Without --store it is plain
+        fine-tuning on --dataset (the CE-only baseline). --resume continues a killed run exactly."""
+        from kava.kvstore import KavaError
+
+        from .options import build_config
+
+        try:
+            cfg = build_config(DistillConfig, {**values, "command": shlex.join(["kava", *sys.argv[1:]])}, config_file)
+            from kava.distill.trainer import run_distill
+
+            result = run_distill(cfg)
+        except KavaError as e:
+            fail(str(e))
+        if as_json:
+            emit_json(result.to_dict())
+        else:
+            click.echo(f"wrote {result.out} after {result.steps} steps ({result.tokens:,} tokens, "
+                       f"{result.seconds:.0f} s)", err=True)
+
+    return distill
+
+
+def _eval_command() -> click.Command:
+    from kava.distill.evaluate import EvalConfig
+
+    from .options import config_options
+
+    @click.command("eval", short_help="Score a model on a reasoning dataset (greedy generation, accuracy).")
+    @config_options(EvalConfig, exclude=("model",))
+    @click.option("--model", "model", help="A directory written by `kava distill`, or any causal LM dir/id. "
+                                           "[required]")
+    @click.option("--json", "as_json", is_flag=True, help="Print only the result as JSON on stdout.")
+    def eval_(as_json: bool, config_file: str | None, **values: Any) -> None:
+        """Generate greedily (batched) for each question, extract the answer (#### N, else the last number) and
+        report accuracy; every item goes to a JSONL file."""
+        from kava.kvstore import KavaError
+
+        from .options import build_config
+
+        try:
+            cfg = build_config(EvalConfig, values, config_file)
+            from kava.distill.evaluate import run_eval
+
+            result = run_eval(cfg)
+        except KavaError as e:
+            fail(str(e))
+        if as_json:
+            emit_json(result.to_dict())
+        else:
+            click.echo(f"accuracy {result.accuracy:.4f} ({result.correct}/{result.n}) on {result.dataset}:"
+                       f"{result.split}; items in {result.out}")
+
+    return eval_
+
+
+_Main.lazy.update(extract=_extract_command, estimate=_estimate_command, distill=_distill_command, eval=_eval_command)
 
 
 

@@ -317,3 +317,36 @@ def test_attention_kl_handles_zero_teacher_probabilities_and_all_padding() -> No
 def test_attention_kl_rejects_mismatched_tokens() -> None:
     with pytest.raises(ConfigError, match=r"Expected teacher_logp \[B, Ht, T, T\] and student_logp"):
         attention_kl(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 4, 4), torch.tensor([3]))
+
+
+@pytest.mark.parametrize("t_heads,s_heads,kv_heads", [(4, 4, 2), (3, 2, 1), (8, 4, 4)])
+def test_attention_kl_from_scores_equals_the_explicit_kl_and_its_gradient(t_heads, s_heads, kv_heads):
+    from kava.distill.losses import attention_kl, attention_kl_from_scores
+    from kava.distill.projectors import head_share_matrix
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([6, 3, 1])
+    t_logp = attention_log_probs(torch.randn(3, t_heads, 6, 4), torch.randn(3, t_heads, 6, 4), lengths, 0.5)
+    mixed = torch.einsum("sh,bhqk->bsqk", head_share_matrix(t_heads, s_heads), t_logp.exp())
+    q = torch.randn(3, s_heads, 6, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, kv_heads, 6, 5, dtype=torch.float64, requires_grad=True)
+    explicit = attention_kl(t_logp.double(), attention_log_probs(q, k, lengths, 0.3), lengths)
+    fused = attention_kl_from_scores(mixed.double(), q, k, lengths, 0.3)
+    torch.testing.assert_close(fused, explicit)
+    from kava.distill.losses import attention_bias
+
+    bias = attention_bias(lengths, 6, dtype=torch.float64)  # built once per batch, the same numbers
+    torch.testing.assert_close(attention_kl_from_scores(mixed.double(), q, k, lengths, 0.3, bias=bias), explicit)
+    g_explicit = torch.autograd.grad(explicit.sum(), (q, k))
+    g_fused = torch.autograd.grad(fused.sum(), (q, k))
+    for a, b in zip(g_fused, g_explicit):
+        torch.testing.assert_close(a, b)
+    assert (fused[1, 3:] == 0).all() and (fused[2, 1:] == 0).all()  # padded queries
+
+
+def test_attention_kl_from_scores_refuses_teacher_heads_not_on_the_student():
+    from kava.distill.losses import attention_kl_from_scores
+
+    with pytest.raises(ConfigError, match=r"Mix the teacher's heads onto the student's first"):
+        attention_kl_from_scores(torch.zeros(1, 3, 4, 4), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8),
+                                 torch.tensor([4]), 1.0)

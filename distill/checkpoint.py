@@ -1,0 +1,109 @@
+"""Resumable checkpoints: ``<out>/checkpoints/step-NNNNNN/``.
+
+Each holds the weights of the student and its heads (``weights.safetensors``), the optimizer, the schedule and
+the RNG states (``state.pt``, read back with ``weights_only=True``), and ``state.json`` (step, loader position,
+tokens seen, the run's config). A checkpoint is written under a ``.tmp`` name and renamed into place when whole,
+so a run killed while writing one leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kava.kvstore.errors import ConfigError
+
+from .config import RESUME_MAY_DIFFER, DistillConfig
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    root = checkpoint_dir(out)
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and
+             (p / "state.json").exists()]
+    return max(steps)[1] if steps else None
+
+
+def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule: Any, cfg: DistillConfig, *,
+                    step: int, position: tuple[int, int], tokens: int, keep: int, shards: list[int],
+                    tag: str | None = None) -> Path:
+    """Write a checkpoint of the state after ``step`` optimizer steps; keep the newest ``keep`` step checkpoints."""
+    from safetensors.torch import save_model
+
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / (tag or f"step-{step:06d}")
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(module, str(tmp / "weights.safetensors"))  # handles tied embeddings (shared storage)
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng},
+               tmp / "state.pt")
+    # The shards the loader planned with: with --allow-incomplete they can grow between runs, and the order with them.
+    meta = {"step": step, "position": list(position), "tokens": tokens, "shards": list(shards),
+            "config": cfg.to_dict()}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if tag is None:
+        steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+        for _, old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: Any, schedule: Any,
+                    cfg: DistillConfig, shards: list[int]) -> dict[str, Any]:
+    """Restore ``path`` into the run's objects; refuse when the run's config or usable shards differ."""
+    from safetensors.torch import load_model
+
+    meta = json.loads((path / "state.json").read_text())
+    saved = meta["config"]
+    now = cfg.to_dict()
+    changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+               for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(
+            f"--resume: {path} was written by a run with other settings, and resuming would not continue it: "
+            + "; ".join(changed) + ". Resume with the original flags, or start a new run with another --out."
+        )
+    if list(meta["shards"]) != list(shards):
+        raise ConfigError(
+            f"--resume: {path} was trained on {len(meta['shards'])} usable shards, and the store now offers "
+            f"{len(shards)}; the data order would change. Resume only after the extraction stops changing the store, "
+            "or start a new run with another --out."
+        )
+    load_model(module, str(path / "weights.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return {**meta, "rng": state["rng"]}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,268 @@
+"""`kava distill` options as one typed dataclass; click flags and YAML keys load into the same fields.
+
+``validate()`` reports every problem at once, in the flags' spelling, before a model loads or a file is written.
+Rules that need the store (which teachers and layers it has) are checked by the trainer right after it opens the
+store, still before training.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kava.kvstore.errors import ConfigError
+from kava.kvstore.manifest import SEGMENT_NAMES
+
+LOSSES = ("mse", "mercator", "structural")
+FUSIONS = ("fixed", "similarity", "learnable")
+PROJECTORS = ("structured", "flat")
+_WEIGHT = re.compile(r"^\s*([a-z]+)\s*=\s*([0-9.eE+-]+)\s*$")
+
+RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard"})
+"""Fields a resumed run may change; any other difference would change the loss sequence, so it is refused."""
+
+
+@dataclass
+class DistillConfig:
+    """Train a student on cross-entropy plus K/V alignment against a store's teachers."""
+
+    student: str
+    """Preset (tiny-qwen2, tiny-llama), local model directory, or hub id."""
+    out: str
+    """Output directory: the trained student, checkpoints, metrics.jsonl, the resolved config."""
+    store: str | None = None
+    """Store written by `kava extract`. Without it: CE-only fine-tuning on --dataset."""
+    teachers: str | None = None
+    """Teachers to learn from, comma-separated (default: the store's only teacher)."""
+    kv_layers: str | None = None
+    """Student layers whose K/V are aligned, e.g. '0,2,3' (default: every layer of the store's layer map)."""
+    allow_incomplete: bool = False
+    """Train on the shards every teacher finished instead of refusing a store with unfinished shards."""
+    dataset: str = "synthetic"
+    """Without --store: synthetic, gsm8k, or a JSONL/Parquet file (tokenized into <out>/grid.zarr)."""
+    split: str = "train"
+    """Without --store: dataset split."""
+    limit: int | None = None
+    """Without --store: use only the first N rows."""
+    data_files: str | None = None
+    """Without --store: local files holding the rows of --split (for --dataset gsm8k)."""
+    data_seed: int = 0
+    """Without --store: seed of the synthetic dataset."""
+    template: str = "plain"
+    """Without --store: the text template (plain, chat, cot or a file)."""
+    tokenizer: str | None = None
+    """Without --store, for a preset student: the tokenizer to build it on."""
+    max_length: int = 1024
+    """Without --store: longest sequence; longer samples are cut at a segment boundary."""
+    lora_r: int | None = None
+    """LoRA rank through peft; unset trains every weight."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: 2 x rank)."""
+    lora_targets: str = "all-linear"
+    """Modules LoRA adapts: all-linear or a comma-separated list (q_proj,v_proj)."""
+    projector: str = "structured"
+    """structured (head mixer, then head-dim projection) or flat (heads and dims concatenated, the baseline)."""
+    init_uniform: bool = True
+    """Start the head mixer as the mean of each head's share of the other side's heads (--no-init-uniform: random)."""
+    share_dim_proj: bool = False
+    """One head-dim projection shared by all heads instead of one per head."""
+    project: str = "student"
+    """Which side the projector maps: student (into the teacher's space; the target stays fixed) or teacher."""
+    loss: str = "mercator"
+    """mse, mercator (1 - cosine over head_dim) or structural (mercator on K and V plus attention KL)."""
+    alpha_k: float = 1.0
+    """Weight of the key term."""
+    alpha_v: float = 1.0
+    """Weight of the value term."""
+    alpha_attn: float = 1.0
+    """Weight of the attention KL term (structural loss; needs stored teacher queries)."""
+    kv_weight: float = 1.0
+    """Weight of the whole K/V term against cross-entropy; 0 trains CE only."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy term."""
+    ce_on: str = "completion"
+    """Tokens cross-entropy is computed on: completion (reasoning and answer) or all."""
+    segment_weights: str | None = None
+    """K/V loss weight per segment, e.g. 'prompt=0.5,reasoning=1,answer=2' (others 1)."""
+    fusion: str = "fixed"
+    """How several teachers combine: fixed, similarity (softmax of cosine / temperature) or learnable (router)."""
+    fusion_weights: str | None = None
+    """With --fusion fixed: one weight per teacher, e.g. '0.7,0.3' (default equal)."""
+    fusion_temperature: float = 0.1
+    """With --fusion similarity: softmax temperature."""
+    router_hidden: int = 64
+    """With --fusion learnable: hidden width of the router MLP."""
+    steps: int | None = None
+    """Optimizer steps to train (default: --epochs)."""
+    epochs: int | None = None
+    """Passes over the data (default 1 when --steps is not given)."""
+    batch_size: int = 8
+    """Samples per micro-batch."""
+    max_tokens: int | None = None
+    """Cap on padded tokens per micro-batch (batch size x longest sample)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (student and projectors)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (default: 5% of the steps)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at this fraction of --lr."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+    seed: int = 0
+    """Seeds the student's initialisation, the projectors and the data order."""
+    workers: int = 0
+    """Loader worker processes (0: read in the training process)."""
+    buffer_shards: int = 4
+    """Shards per shuffle window."""
+    device: str | None = None
+    """cpu or cuda[:N] (default: cuda when available)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint."""
+    log_every: int = 10
+    """Print progress every N steps (metrics.jsonl gets every step)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under <out>/tb (needs the tensorboard package)."""
+    progress: bool = True
+    """Print progress lines on stderr."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+    trust_remote_code: bool = False
+    """Allow modelling code shipped with the student checkpoint."""
+    command: str = ""
+    """The command line, recorded with the outputs."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form details recorded with the outputs."""
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def teacher_names(self) -> list[str] | None:
+        return None if self.teachers is None else [t.strip() for t in self.teachers.split(",") if t.strip()]
+
+    @property
+    def kv_layer_list(self) -> list[int] | None:
+        if self.kv_layers is None:
+            return None
+        return [int(x) for x in self.kv_layers.split(",") if x.strip()]
+
+    @property
+    def uses_kv(self) -> bool:
+        return self.store is not None and self.kv_weight > 0 and (
+            self.alpha_k > 0 or self.alpha_v > 0 or (self.loss == "structural" and self.alpha_attn > 0))
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.uses_kv and self.loss == "structural" and self.alpha_attn > 0
+
+    def segment_weight_map(self) -> dict[str, float]:
+        """Weight per segment name (every name present; unspecified ones 1.0)."""
+        out = {name: 1.0 for name in SEGMENT_NAMES}
+        for part in (self.segment_weights or "").split(","):
+            if part.strip():
+                m = _WEIGHT.match(part)
+                assert m is not None  # validate() guarantees it
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    def fusion_weight_list(self) -> list[float] | None:
+        if self.fusion_weights is None:
+            return None
+        return [float(x) for x in self.fusion_weights.split(",") if x.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem, in the flags' spelling."""
+        p: list[str] = []
+
+        def choice(flag: str, value: str, options: tuple[str, ...]) -> None:
+            if value not in options:
+                p.append(f"{flag}: expected one of {', '.join(options)}. Got {value!r} instead.")
+
+        choice("--loss", self.loss, LOSSES)
+        choice("--fusion", self.fusion, FUSIONS)
+        choice("--projector", self.projector, PROJECTORS)
+        choice("--project", self.project, ("student", "teacher"))
+        choice("--ce-on", self.ce_on, ("completion", "all"))
+        choice("--precision", self.precision, ("auto", "bf16", "fp32"))
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
+                                 ("--buffer-shards", self.buffer_shards, 1), ("--workers", self.workers, 0),
+                                 ("--checkpoint-every", self.checkpoint_every, 0), ("--log-every", self.log_every, 1),
+                                 ("--keep-checkpoints", self.keep_checkpoints, 1), ("--max-length", self.max_length, 2),
+                                 ("--router-hidden", self.router_hidden, 1)):
+            if not isinstance(value, int) or value < low:
+                p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
+        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs), ("--limit", self.limit),
+                            ("--max-tokens", self.max_tokens), ("--threads", self.threads),
+                            ("--lora-r", self.lora_r)):
+            if value is not None and (not isinstance(value, int) or value < (0 if flag == "--lora-r" else 1)):
+                p.append(f"{flag}: expected a positive integer. Got {value!r} instead.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            p.append(f"--warmup-steps: expected an integer >= 0. Got {self.warmup_steps!r} instead.")
+        if self.steps is not None and self.epochs is not None:
+            p.append("Can't set both --steps and --epochs. Choose one.")
+        for flag, value in (("--alpha-k", self.alpha_k), ("--alpha-v", self.alpha_v),
+                            ("--alpha-attn", self.alpha_attn), ("--kv-weight", self.kv_weight),
+                            ("--ce-weight", self.ce_weight), ("--weight-decay", self.weight_decay),
+                            ("--max-grad-norm", self.max_grad_norm)):
+            if not isinstance(value, (int, float)) or value < 0:
+                p.append(f"{flag}: expected a number >= 0. Got {value!r} instead.")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            p.append(f"--lr: expected a positive number. Got {self.lr!r} instead.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {self.min_lr_ratio!r} instead.")
+        if self.fusion_temperature <= 0:
+            p.append(f"--fusion-temperature: expected a positive number. Got {self.fusion_temperature!r} instead.")
+        if self.ce_weight == 0 and not self.uses_kv:
+            p.append("Nothing to train: --ce-weight is 0 and there is no K/V term (no --store, or --kv-weight 0). "
+                     "Set --ce-weight or give a --store.")
+        if self.segment_weights is not None:
+            for part in self.segment_weights.split(","):
+                m = _WEIGHT.match(part) if part.strip() else None
+                if part.strip() and (m is None or m.group(1) not in SEGMENT_NAMES):
+                    p.append(f"--segment-weights: expected name=weight with names in {', '.join(SEGMENT_NAMES)}. "
+                             f"Got {part.strip()!r} instead.")
+                elif m is not None and float(m.group(2)) < 0:
+                    p.append(f"--segment-weights: expected weights >= 0. Got {part.strip()!r} instead.")
+        if self.fusion_weights is not None:
+            try:
+                weights = self.fusion_weight_list() or []
+                if self.fusion != "fixed":
+                    p.append("--fusion-weights needs --fusion fixed.")
+                elif any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+                    p.append(f"--fusion-weights: expected non-negative weights, one positive. Got {weights} instead.")
+                elif self.teacher_names is not None and len(weights) != len(self.teacher_names):
+                    p.append(f"--fusion-weights: expected one weight per teacher ({len(self.teacher_names)}). "
+                             f"Got {len(weights)} instead.")
+            except ValueError:
+                p.append(f"--fusion-weights: expected numbers like '0.7,0.3'. Got {self.fusion_weights!r} instead.")
+        if self.kv_layers is not None:
+            try:
+                layers = self.kv_layer_list or []
+                if not layers or any(x < 0 for x in layers) or len(set(layers)) != len(layers):
+                    p.append(f"--kv-layers: expected distinct layer indices >= 0. Got {self.kv_layers!r} instead.")
+            except ValueError:
+                p.append(f"--kv-layers: expected integers like '0,2,3'. Got {self.kv_layers!r} instead.")
+        if self.store is None and (self.teachers is not None or self.kv_layers is not None):
+            p.append("--teachers and --kv-layers need --store (they pick what to read from it).")
+        if self.store is not None and self.tokenizer is not None:
+            p.append("Can't set both --store and --tokenizer (the store fixes the student's tokenizer). Choose one.")
+        if self.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
+            p.append(f"--device: expected cpu or cuda[:N]. Got {self.device!r} instead.")
+        if not self.out:
+            p.append("--out: expected a directory path. Got nothing.")
+        if p:
+            raise ConfigError(
+                ("Found " + str(len(p)) + " problems:\n  - " + "\n  - ".join(p)) if len(p) > 1 else p[0]
+            )

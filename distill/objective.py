@@ -1,0 +1,257 @@
+"""The K/V objective: the student's captured K/V (and attention) against each teacher's stored rows.
+
+For every aligned student layer ``s`` and teacher ``i`` the store's layer map names teacher layers and weights;
+the target is their weighted sum (``[B, H_t, T, D_t]``). A projector per (teacher, layer, K|V) brings one side into
+the other's space (``--project student``: the student is mapped into the teacher's space and the target stays
+fixed; ``--project teacher``: the teacher is mapped into the student's). Each term is a per-token ``[B, T]`` value;
+teachers are fused per token by the fusion module, and tokens are weighted by the stored alignment weight and the
+segment weight. Everything here takes tensors and returns tensors; the trainer owns devices and logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from kava.extract.rope import apply_rope, cos_sin, invert_rope
+from kava.kvstore.manifest import TeacherSpec
+
+from .fusion import build_fusion, router_entropy
+from .losses import (
+    attention_bias,
+    attention_kl_from_scores,
+    attention_log_probs,
+    per_token_cosine,
+    per_token_mercator,
+    per_token_mse,
+    weighted_mean,
+)
+from .projectors import KVProjectors, head_share_matrix
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """What the run takes from one teacher: per aligned student layer, the (teacher layer, weight) pairs of the
+    store's layer map, and for the attention term the pairs whose queries are stored (renormalised)."""
+
+    spec: TeacherSpec
+    sources: dict[int, tuple[tuple[int, float], ...]]
+    attn_sources: dict[int, tuple[tuple[int, float], ...]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def read_layers(self) -> tuple[int, ...]:
+        """Teacher K/V layers to read from the store: only those the aligned student layers use."""
+        return tuple(sorted({t for src in self.sources.values() for t, _ in src}))
+
+    @property
+    def with_q(self) -> bool:
+        return any(self.attn_sources.values())
+
+
+@dataclass
+class StudentKV:
+    """The student's side of one forward pass, as it attended: K/Q after RoPE (what attention uses directly).
+
+    ``keys``/``values``: layer → ``[B, kv_heads, T, head_dim]``; ``queries``: layer → ``[B, heads, T, head_dim]``;
+    ``cos_sin``: the rotation of this forward (``[B|1, T, R]`` each), None for a model without RoPE. Pre-RoPE keys,
+    for teachers stored pre-RoPE, are the exact inverse of that rotation, computed once per layer when first asked.
+    """
+
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    queries: dict[int, torch.Tensor]
+    scaling: dict[int, float]
+    lengths: torch.Tensor
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    rotate: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _pre: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def key(self, layer: int, k_rope: str) -> torch.Tensor:
+        if k_rope == "post" or self.cos_sin is None:
+            return self.keys[layer]  # without RoPE, pre and post are the same tensors
+        if layer not in self._pre:
+            kwargs = {} if self.rotate is None else {"rotate": self.rotate}
+            self._pre[layer] = invert_rope(self.keys[layer], *self.cos_sin, **kwargs)
+        return self._pre[layer]
+
+
+def _mix(stack: torch.Tensor, layers: tuple[int, ...], pairs: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """``Σ w · stack[:, layers.index(l)]`` for the layer map's pairs: ``[B, L, H, T, D]`` → ``[B, H, T, D]``."""
+    out = None
+    for layer, weight in pairs:
+        term = stack[:, layers.index(layer)] * weight
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+class KVObjective(nn.Module):
+    """Projectors, fusion and the K/V loss terms for a run. ``forward(student, batch)`` → ``(loss, terms)``.
+
+    Args:
+        plans: one per teacher, in the order of the fusion weights.
+        student_geometry: ``(num_heads, kv_heads, head_dim)`` of the student.
+        kv_layers: the aligned student layers.
+        loss: ``mse``, ``mercator`` or ``structural``.
+        segment_weights: ``[num_segments]`` weight per segment id.
+    """
+
+    def __init__(self, plans: Sequence[TeacherPlan], student_geometry: tuple[int, int, int], kv_layers: Sequence[int],
+                 *, loss: str, alpha_k: float, alpha_v: float, alpha_attn: float, projector: str, project: str,
+                 init_uniform: bool, share_dim: bool, fusion: str, fusion_weights: Sequence[float] | None,
+                 temperature: float, router_hidden: int, segment_weights: Sequence[float]) -> None:
+        super().__init__()
+        self.plans = list(plans)
+        self.kv_layers = tuple(kv_layers)
+        self.loss, self.project = loss, project
+        self.alpha_k, self.alpha_v = alpha_k, alpha_v
+        self.alpha_attn = alpha_attn if loss == "structural" else 0.0
+        _, s_kv, s_dim = student_geometry
+        self.projectors = nn.ModuleDict()
+        for plan in self.plans:
+            t = plan.spec
+            src, dst = ((s_kv, s_dim), (t.kv_heads, t.head_dim)) if project == "student" else \
+                ((t.kv_heads, t.head_dim), (s_kv, s_dim))
+            self.projectors[plan.name] = KVProjectors(projector, self.kv_layers, src[0], src[1], dst[0], dst[1],
+                                                      init_uniform=init_uniform, share_dim=share_dim)
+        self.fusion = build_fusion(fusion, len(self.plans), weights=fusion_weights, temperature=temperature,
+                                   feature_dim=s_dim, hidden=router_hidden)
+        self.register_buffer("segment_weights", torch.tensor(list(segment_weights), dtype=torch.float32),
+                             persistent=False)
+
+    def parameter_counts(self) -> dict[str, int]:
+        out = {f"projector/{name}": sum(p.numel() for p in m.parameters()) for name, m in self.projectors.items()}
+        out["router"] = sum(p.numel() for p in self.fusion.parameters())
+        return out
+
+    def token_weight(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` segment weight; padding (segment -1) gets 0."""
+        seg = segment_ids.clamp(min=0)
+        return torch.where(segment_ids >= 0, self.segment_weights[seg], torch.zeros((), device=seg.device))
+
+    def forward(self, student: StudentKV, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The fused K/V loss (a scalar in the graph) and detached per-term logs (scalars)."""
+        per_teacher: list[dict[str, torch.Tensor]] = []
+        target_var = []
+        for plan in self.plans:
+            tb = batch.teachers[plan.name]
+            terms = self._teacher_terms(plan, tb, student, target_var)
+            per_teacher.append(terms)
+
+        # Fusion over teachers, per token. available: [B, T, N]; weights: [B, T, N].
+        align = torch.stack([batch.teachers[p.name].align_weight for p in self.plans], dim=-1)
+        similarity = torch.stack([t["similarity"] for t in per_teacher], dim=-1)
+        last = self.kv_layers[-1]
+        features = student.key(last, "pre").mean(dim=1)  # [B, T, D_s]: the student's own view of each token
+        weights = self.fusion(similarity, features, align > 0)
+        token_w = self.token_weight(batch.segment_ids) * (weights * align).sum(-1)  # [B, T]
+
+        def fused(key: str) -> torch.Tensor:
+            return sum(weights[..., i] * t[key] for i, t in enumerate(per_teacher))  # [B, T]
+
+        loss = weighted_mean(fused("total"), token_w)
+        logs: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key in ("k", "v") + (("attn",) if self.alpha_attn > 0 else ()):
+                logs[f"loss/{key}"] = weighted_mean(fused(key), token_w)
+            for layer in self.kv_layers:
+                logs[f"cos_k/L{layer}"] = weighted_mean(fused(f"cos_k/{layer}"), token_w)
+                logs[f"cos_v/L{layer}"] = weighted_mean(fused(f"cos_v/{layer}"), token_w)
+            logs["target_var"] = torch.stack(target_var).mean()
+            if len(self.plans) > 1:
+                mask = token_w > 0
+                for i, plan in enumerate(self.plans):
+                    logs[f"router/{plan.name}"] = weighted_mean(weights[..., i], mask.float())
+                logs["router/entropy"] = router_entropy(weights, mask)
+        return loss, logs
+
+    def _teacher_terms(self, plan: TeacherPlan, tb: Any, student: StudentKV,
+                       target_var: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-token ``[B, T]`` terms of one teacher, averaged over the aligned layers."""
+        per_token = per_token_mse if self.loss == "mse" else per_token_mercator
+        proj = self.projectors[plan.name]
+        out: dict[str, torch.Tensor] = {}
+        k_sum = v_sum = cos_sum = None
+        mask = tb.align_weight > 0  # [B, T]
+        for layer in self.kv_layers:
+            pairs = plan.sources[layer]
+            t_k = _mix(tb.k, tb.layers, pairs)  # [B, H_t, T, D_t]
+            t_v = _mix(tb.v, tb.layers, pairs)
+            s_k, s_v = student.key(layer, plan.spec.k_rope), student.values[layer]
+            if self.project == "student":
+                pred_k, pred_v, tgt_k, tgt_v = proj("k", layer, s_k), proj("v", layer, s_v), t_k, t_v
+            else:
+                pred_k, pred_v, tgt_k, tgt_v = s_k, s_v, proj("k", layer, t_k), proj("v", layer, t_v)
+            lk, lv = per_token(pred_k, tgt_k), per_token(pred_v, tgt_v)
+            with torch.no_grad():
+                ck, cv = per_token_cosine(pred_k, tgt_k), per_token_cosine(pred_v, tgt_v)
+                target_var.append(_token_variance(tgt_k, mask))
+            out[f"cos_k/{layer}"], out[f"cos_v/{layer}"] = ck, cv
+            k_sum = lk if k_sum is None else k_sum + lk
+            v_sum = lv if v_sum is None else v_sum + lv
+            cos_sum = ck if cos_sum is None else cos_sum + ck
+        n = len(self.kv_layers)
+        out["k"], out["v"] = k_sum / n, v_sum / n
+        out["similarity"] = cos_sum / n
+        out["total"] = self.alpha_k * out["k"] + self.alpha_v * out["v"]
+        if self.alpha_attn > 0:
+            out["attn"] = self._attention_term(plan, tb, student)
+            out["total"] = out["total"] + self.alpha_attn * out["attn"]
+        return out
+
+    def _attention_term(self, plan: TeacherPlan, tb: Any, student: StudentKV) -> torch.Tensor:
+        """KL(teacher attention ‖ student attention) per query token ``[B, T]``, averaged over aligned layers.
+
+        Each side's attention is computed with its own RoPE (the teacher's from the store's parameters) at the
+        positions of the student grid, which is where the stored teacher rows live.
+        """
+        steps = tb.k.shape[-2]
+        lengths = student.lengths
+        t_rope = plan.spec.rope
+        cs = None
+        if t_rope is not None:
+            positions = torch.arange(steps, device=tb.k.device)
+            cs = cos_sin(t_rope, positions)
+        bias = attention_bias(lengths, steps, device=tb.k.device)  # [B, 1, T, T], shared by every layer and side
+        total, count = None, 0
+        for layer in self.kv_layers:
+            pairs = plan.attn_sources.get(layer) or ()
+            if not pairs:
+                continue
+            s_q, s_k = student.queries[layer], student.keys[layer]  # post-RoPE, as the student attended
+            with torch.no_grad():  # the target: the layer map's teacher layers, mixed onto the student's heads
+                t_p = neg_entropy = None
+                for t_layer, w in pairs:
+                    q = tb.q[:, tb.q_layers.index(t_layer)]
+                    k = tb.k[:, tb.layers.index(t_layer)]
+                    if plan.spec.k_rope == "pre" and cs is not None:
+                        q, k = apply_rope(q, *cs), apply_rope(k, *cs)
+                    logp = attention_log_probs(q, k, lengths, q.shape[-1] ** -0.5, bias)  # [B, Hq_t, T, T]
+                    p = logp.exp()
+                    if len(pairs) == 1 and p.shape[1] == s_q.shape[1]:
+                        neg_entropy = (p * logp).sum(-1)  # the common case: no mixture, log p is at hand
+                    t_p = p * w if t_p is None else t_p + p * w
+                if t_p.shape[1] != s_q.shape[1]:
+                    share = head_share_matrix(t_p.shape[1], s_q.shape[1]).to(t_p)  # [Hq_s, Hq_t]
+                    t_p = torch.einsum("sh,bhqk->bsqk", share, t_p)
+            kl = attention_kl_from_scores(t_p, s_q, s_k, lengths, student.scaling[layer], bias=bias,
+                                          teacher_neg_entropy=neg_entropy)
+            total = kl if total is None else total + kl
+            count += 1
+        assert total is not None
+        return total / count
+
+
+def _token_variance(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Variance across the valid tokens of ``target [B, H, T, D]``, averaged over (H, D): the collapse watch."""
+    x = target.permute(0, 2, 1, 3).reshape(target.shape[0] * target.shape[2], -1)[mask.reshape(-1)]
+    if x.shape[0] < 2:
+        return torch.zeros((), device=target.device)
+    return x.float().var(dim=0).mean()

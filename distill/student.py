@@ -1,0 +1,179 @@
+"""The student: a Hugging Face causal LM from a directory or hub id, or a small preset initialised at random.
+
+Presets (``tiny-qwen2``, ``tiny-llama``) are built from a config on the store's own student tokenizer, the one the
+grid was cut with, so their vocabulary is the grid's by construction. Their layer count is taken from the store's
+layer map (every student layer has its teacher targets); without a store it is the preset's own.
+
+LoRA goes through peft (``--lora-r``): the adapters are injected into the model's own linear layers, so the model
+that runs forward — and whose attention the capture records — is still the transformers model, with the adapters
+inside it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kava.kvstore.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train on a laptop CPU in minutes; GQA on the Qwen2 one, plain MHA on the Llama one.
+    "tiny-qwen2": dict(arch="qwen2", hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny-llama": dict(arch="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+}
+"""Embedded student presets: random initialisation from these config values."""
+
+
+@dataclass
+class Student:
+    """A loaded student. ``model`` is what the optimiser trains (a peft model under LoRA); ``inner`` is the
+    transformers model inside it, which runs forward and is captured."""
+
+    model: Any
+    inner: Any
+    tokenizer: Any
+    name: str
+    preset: str | None
+    lora_r: int | None
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _preset_config(name: str, tokenizer: Any, num_layers: int | None) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    values = dict(PRESETS[name])
+    arch = values.pop("arch")
+    if num_layers is not None:
+        values["num_hidden_layers"] = num_layers
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    return cls(
+        vocab_size=len(tokenizer), max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **values,
+    )
+
+
+def tokenizer_from_files(files: dict[str, bytes]) -> Any:
+    """A tokenizer rebuilt from the files a store keeps under ``student_tokenizer/``."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="kava-tok-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def load_student(
+    name: str,
+    *,
+    tokenizer: Any | None = None,
+    num_layers: int | None = None,
+    seed: int = 0,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "all-linear",
+    trust_remote_code: bool = False,
+) -> Student:
+    """Load or build the student, in training mode on CPU (the trainer moves it), on sdpa attention.
+
+    Args:
+        name: a preset (``tiny-qwen2``, ``tiny-llama``), a local model directory, or a hub id.
+        tokenizer: the grid's tokenizer. Required for a preset; for a pretrained student its own tokenizer is
+            loaded and the caller checks it against the store.
+        num_layers: a preset's layer count (the store's layer map); ignored for pretrained students.
+        seed: seeds a preset's random initialisation.
+        lora_r: LoRA rank; ``None`` or 0 trains every weight.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    preset = name.lower() if name.lower() in PRESETS else None
+    if preset is not None:
+        if tokenizer is None:
+            raise ConfigError(
+                f"Expected a tokenizer for the preset student {name!r}. Got none: pass --store (its student "
+                "tokenizer is used) or --tokenizer NAME_OR_PATH."
+            )
+        config = _preset_config(preset, tokenizer, num_layers)
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model_tokenizer = tokenizer
+    else:
+        from kava.extract.teachers import load_tokenizer, resolve_teacher
+
+        source = resolve_teacher(name, trust_remote_code=trust_remote_code)
+        model_tokenizer = load_tokenizer(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.model_id, attn_implementation="sdpa", dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Could not load the student {name!r}: {e}. Check --student.") from e
+    if model_tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere; any id works, eos is the usual choice.
+        model_tokenizer.pad_token = model_tokenizer.eos_token
+    inner = model
+    if lora_r:
+        model = _with_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
+        inner = model.get_base_model()
+    model.train()
+    return Student(model=model, inner=inner, tokenizer=model_tokenizer, name=name, preset=preset,
+                   lora_r=lora_r or None)
+
+
+def _with_lora(model: Any, r: int, alpha: float | None, dropout: float, targets: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    target: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+                        target_modules=target, task_type="CAUSAL_LM")
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"--lora-targets {targets!r}: {e}. Name linear modules of the student, or 'all-linear'.") \
+            from e
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft still reads transformers' deprecated ``is_gradient_checkpointing``: that FutureWarning is peft's, not
+    the user's, and would otherwise repeat on every LoRA run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def save_student(student: Student, out: Path) -> None:
+    """Write the student where ``AutoModelForCausalLM.from_pretrained(out)`` loads it: a LoRA student is merged
+    into its base weights first (its adapters alone are kept under ``out/adapter``)."""
+    model = student.model
+    if student.lora_r:
+        model.save_pretrained(out / "adapter")
+        # merge_and_unload changes the training model in place; merge a copy so training state stays intact.
+        import copy
+
+        with _quiet_peft():
+            model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out)
+    student.tokenizer.save_pretrained(out)
