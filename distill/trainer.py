@@ -90,6 +90,11 @@ def run_distill(cfg: DistillConfig, *, log: Log = _stderr) -> DistillResult:
 
     # 4. The loader: every rank of a DDP job reads its own shards.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        # The loader already splits shards by rank; without gradient synchronisation the ranks would train
+        # different models, so refuse rather than do that silently.
+        raise ConfigError(f"WORLD_SIZE={world}: this trainer runs one process; gradients are not synchronised "
+                          "across ranks yet. Run a single process (unset WORLD_SIZE/RANK).")
     loader_cfg = data.loader_config(cfg, rank=rank, world_size=world)
     check_request(data.store, loader_cfg)
 
