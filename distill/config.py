@@ -37,6 +37,9 @@ class DistillConfig:
     """Teachers to learn from, comma-separated (default: the store's only teacher)."""
     kv_layers: str | None = None
     """Student layers whose K/V are aligned, e.g. '0,2,3' (default: every layer of the store's layer map)."""
+    attn_layers: str | None = None
+    """With --loss structural: student layers whose attention is matched, e.g. '5' (default: every aligned layer).
+    The attention term costs O(T^2) per layer; fewer layers make it cheaper."""
     allow_incomplete: bool = False
     """Train on the shards every teacher finished instead of refusing a store with unfinished shards."""
     dataset: str = "synthetic"
@@ -156,6 +159,12 @@ class DistillConfig:
         return [int(x) for x in self.kv_layers.split(",") if x.strip()]
 
     @property
+    def attn_layer_list(self) -> list[int] | None:
+        if self.attn_layers is None:
+            return None
+        return [int(x) for x in self.attn_layers.split(",") if x.strip()]
+
+    @property
     def uses_kv(self) -> bool:
         return self.store is not None and self.kv_weight > 0 and (
             self.alpha_k > 0 or self.alpha_v > 0 or (self.loss == "structural" and self.alpha_attn > 0))
@@ -254,6 +263,17 @@ class DistillConfig:
                     p.append(f"--kv-layers: expected distinct layer indices >= 0. Got {self.kv_layers!r} instead.")
             except ValueError:
                 p.append(f"--kv-layers: expected integers like '0,2,3'. Got {self.kv_layers!r} instead.")
+        if self.attn_layers is not None:
+            try:
+                attn = self.attn_layer_list or []
+                if not attn or len(set(attn)) != len(attn) or any(x < 0 for x in attn):
+                    p.append(f"--attn-layers: expected distinct layer indices >= 0. Got {self.attn_layers!r} instead.")
+                elif self.kv_layers is not None and not set(attn) <= set(self.kv_layer_list or []):
+                    p.append(f"--attn-layers {self.attn_layers}: expected a subset of --kv-layers {self.kv_layers}.")
+                if self.loss != "structural":
+                    p.append("--attn-layers needs --loss structural (the only loss with an attention term).")
+            except ValueError:
+                p.append(f"--attn-layers: expected integers like '3,5'. Got {self.attn_layers!r} instead.")
         if self.store is None and (self.teachers is not None or self.kv_layers is not None):
             p.append("--teachers and --kv-layers need --store (they pick what to read from it).")
         if self.store is not None and self.tokenizer is not None:

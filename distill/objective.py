@@ -126,6 +126,11 @@ class KVObjective(nn.Module):
         self.register_buffer("segment_weights", torch.tensor(list(segment_weights), dtype=torch.float32),
                              persistent=False)
 
+    @property
+    def attn_layers(self) -> tuple[int, ...]:
+        """Student layers with an attention term for some teacher (their queries are captured)."""
+        return tuple(layer for layer in self.kv_layers if any(p.attn_sources.get(layer) for p in self.plans))
+
     def parameter_counts(self) -> dict[str, int]:
         out = {f"projector/{name}": sum(p.numel() for p in m.parameters()) for name, m in self.projectors.items()}
         out["router"] = sum(p.numel() for p in self.fusion.parameters())

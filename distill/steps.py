@@ -116,21 +116,26 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
     out_of_range = [layer for layer in kv_layers if layer >= depth]
     if out_of_range:
         raise ConfigError(f"--kv-layers {out_of_range}: the store's layer map has student layers 0-{depth - 1}.")
-    plans = [_teacher_plan(spec, kv_layers, cfg.uses_attention, store) for spec in specs]
+    attn_layers = tuple(cfg.attn_layer_list or kv_layers)
+    outside = [layer for layer in attn_layers if layer not in kv_layers]
+    if outside:
+        raise ConfigError(f"--attn-layers {outside}: not among the aligned student layers {list(kv_layers)}.")
+    plans = [_teacher_plan(spec, kv_layers, attn_layers if cfg.uses_attention else (), store) for spec in specs]
     return RunData(store, path, tokenizer, template, plans, kv_layers, depth)
 
 
-def _teacher_plan(spec: Any, kv_layers: tuple[int, ...], attention: bool, store: KVStore) -> TeacherPlan:
+def _teacher_plan(spec: Any, kv_layers: tuple[int, ...], attn_layers: tuple[int, ...], store: KVStore) -> TeacherPlan:
+    """``attn_layers``: the student layers whose attention is matched (empty: no attention term)."""
     sources = {s: tuple(spec.layer_map.sources[s]) for s in kv_layers}
     attn: dict[int, tuple[tuple[int, float], ...]] = {}
-    if attention:
+    if attn_layers:
         if not spec.has_q:
             raise SchemaError(
                 f"{store.where}: teacher {spec.name!r} has no stored queries, and the structural loss's attention "
                 "term needs them. Re-extract it with --with-q, or set --alpha-attn 0 (or --loss mercator)."
             )
-        for s, pairs in sources.items():
-            with_q = [(t, w) for t, w in pairs if t in spec.q_layers]
+        for s in attn_layers:
+            with_q = [(t, w) for t, w in sources[s] if t in spec.q_layers]
             total = sum(w for _, w in with_q)
             attn[s] = tuple((t, w / total) for t, w in with_q) if total > 0 else ()
         if not any(attn.values()):
@@ -221,7 +226,7 @@ class DistillModule(nn.Module):
             logits = self.student(**inputs).logits
         else:
             layers = self.objective.kv_layers
-            with_q = layers if self.objective.alpha_attn > 0 else False
+            with_q = self.objective.attn_layers if self.objective.alpha_attn > 0 else False
             # Captured as attended (post-RoPE): the attention term uses Q/K as they are, and pre-RoPE keys are the
             # exact inverse of the rotation recorded here, computed only where a teacher's K is stored pre-RoPE.
             rotation: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -374,6 +374,17 @@ def test_config_reports_every_problem_at_once():
         assert fragment in str(e.value)
 
 
+def test_attention_term_on_chosen_layers_only(tmp_path, store, stories):
+    """The self-distilled teacher again: with the attention term on layer 4 alone, only layer 4's queries are
+    captured, and its KL is still 0."""
+    distill(tmp_path / "one", store=str(store), student=str(stories), loss="structural", project="teacher",
+            attn_layers="4", steps=1, lr=1e-9)
+    assert 0 <= metrics(tmp_path / "one")[0]["loss/attn"] < 1e-4
+    with pytest.raises(ConfigError, match=r"--attn-layers 1: expected a subset of --kv-layers 0,2"):
+        distill(tmp_path / "bad", store=str(store), student="tiny-llama", loss="structural", kv_layers="0,2",
+                attn_layers="1")
+
+
 def test_loader_reads_only_the_layers_the_run_maps(tmp_path, store):
     from kava.distill.steps import resolve_data
 

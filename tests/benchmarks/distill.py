@@ -81,7 +81,8 @@ def main() -> None:
         }
 
         # 1. K/V overhead on fixed batches.
-        variants = {"ce": dict(kv_weight=0.0), "mercator": dict(loss="mercator"), "structural": dict(loss="structural")}
+        variants = {"ce": dict(kv_weight=0.0), "mercator": dict(loss="mercator"), "structural": dict(loss="structural"),
+                    "structural_last_layer_attn": dict(loss="structural", attn_layers=str(args.layers - 1))}
         runs = {}
         for name, extra in variants.items():
             cfg = DistillConfig(student=student_path, out=str(work / name), store=str(store),
