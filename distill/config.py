@@ -283,6 +283,4 @@ class DistillConfig:
         if not self.out:
             p.append("--out: expected a directory path. Got nothing.")
         if p:
-            raise ConfigError(
-                ("Found " + str(len(p)) + " problems:\n  - " + "\n  - ".join(p)) if len(p) > 1 else p[0]
-            )
+            raise ConfigError.from_problems(p)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kava.extract.data import ReasoningRow, load_rows
+from kava.extract.recipe import left_pad
 from kava.extract.synthetic import SYNTHETIC_SPLITS
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
 from kava.kvstore.errors import ConfigError, DatasetError
@@ -155,14 +156,8 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
     out: list[tuple[str, int]] = [("", 0)] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        # Left padding: a decoder continues every row from its last column; the mask hides the pads and generate
-        # derives position ids from it, so a padded row sees the same positions as it would alone.
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        for row, i in enumerate(batch):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
+        ids, mask = left_pad([encoded[i] for i in batch], pad)  # (B, T) each
+        width = ids.shape[1]
         stop = _AnswerLineStop(tokenizer, width, len(batch))
         with torch.no_grad():
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -386,9 +381,7 @@ class EvalConfig:
         if self.device is not None and not _DEVICE.match(self.device):
             p.append(f"--device: expected cpu, cuda, cuda:N or mps. Got {self.device!r} instead.")
         if p:
-            raise ConfigError(
-                ("Found " + str(len(p)) + " problems:\n  - " + "\n  - ".join(p)) if len(p) > 1 else p[0]
-            )
+            raise ConfigError.from_problems(p)
 
 
 def resolve_template(config: EvalConfig) -> PromptTemplate:

@@ -420,6 +420,10 @@ class StreamLoader:
             )
         self._position = self._normalise(start)
 
+    def seek(self, position: tuple[int, int]) -> None:
+        """Continue from ``position`` (a checkpoint's saved :attr:`position`) at the next ``iter()``."""
+        self._position = self._normalise(_check_start(position, self.epochs))
+
     def plan(self, epoch: int) -> EpochPlan:
         """This rank's plan of ``epoch`` (cached: planning reads only metadata, but every sample)."""
         if epoch not in self._plans:

@@ -196,7 +196,10 @@ class KVObjective(nn.Module):
                 pred_k, pred_v, tgt_k, tgt_v = s_k, s_v, proj("k", layer, t_k), proj("v", layer, t_v)
             lk, lv = per_token(pred_k, tgt_k), per_token(pred_v, tgt_v)
             with torch.no_grad():
-                ck, cv = per_token_cosine(pred_k, tgt_k), per_token_cosine(pred_v, tgt_v)
+                if self.loss == "mse":
+                    ck, cv = per_token_cosine(pred_k, tgt_k), per_token_cosine(pred_v, tgt_v)
+                else:  # the loss is 1 - cosine already: no second pass over [B, H, T, D]
+                    ck, cv = 1 - lk.detach(), 1 - lv.detach()
                 target_var.append(_token_variance(tgt_k, mask))
             out[f"cos_k/{layer}"], out[f"cos_v/{layer}"] = ck, cv
             k_sum = lk if k_sum is None else k_sum + lk

@@ -80,11 +80,16 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
     """Open the store (or build a grid-only one from --dataset) and plan what each teacher contributes."""
     from .student import PRESETS, tokenizer_from_files
 
+    preset = cfg.student.lower() in PRESETS
     path = str(out / "grid.zarr") if cfg.store is None else cfg.store
-    store = _grid_store(cfg, out, log) if cfg.store is None else KVStore.open(path)
-    tokenizer = tokenizer_from_files(store.tokenizer_files())
-    if cfg.store is None and cfg.student.lower() not in PRESETS:
-        tokenizer = None  # a pretrained student brings its own (the grid was cut with it)
+    if cfg.store is None:
+        store, tokenizer = _grid_store(cfg, out, log)
+    else:
+        store, tokenizer = KVStore.open(path), None
+        if preset:
+            tokenizer = tokenizer_from_files(store.tokenizer_files())
+    # A preset is built on the grid's tokenizer; a pretrained student brings its own (checked against the grid).
+    tokenizer = tokenizer if preset else None
     template = str(store.manifest.dataset.details.get("student_template", "plain"))
     if not cfg.uses_kv:
         # A CE-only run on a store with teachers builds the same preset student as the K/V run it is compared with.
@@ -147,8 +152,9 @@ def _teacher_plan(spec: Any, kv_layers: tuple[int, ...], attn_layers: tuple[int,
     return TeacherPlan(spec=spec, sources=sources, attn_sources=attn)
 
 
-def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> KVStore:
-    """CE-only without a store: tokenize --dataset into ``<out>/grid.zarr`` once (reused on resume)."""
+def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tuple[KVStore, Any]:
+    """CE-only without a store: tokenize --dataset into ``<out>/grid.zarr`` once (reused on resume); return the
+    store and the tokenizer it was cut with."""
     from kava.extract.data import load_rows
     from kava.extract.grid import create_grid_store
     from kava.extract.recipe import load_student_tokenizer
@@ -172,7 +178,7 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> KV
                                     on_too_long="truncate", shard_tokens=32768, command=cfg.command,
                                     details={"limit": cfg.limit, "seed": cfg.data_seed})
     log(f"tokenized {len(grid)} samples of {cfg.dataset}:{cfg.split} into {path}")
-    return KVStore.open(path)
+    return KVStore.open(path), tokenizer
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -218,6 +224,14 @@ class DistillModule(nn.Module):
         self.ce_weight, self.kv_weight, self.ce_on = cfg.ce_weight, cfg.kv_weight, cfg.ce_on
         modeling = sys.modules.get(type(student.inner).__module__)
         self._rotate = getattr(modeling, "rotate_half", None)
+        # Found once: the rotary module whose cos/sin each forward records (None for a model without RoPE).
+        self._rotary = None
+        if objective is not None and rope_params(student.inner.config) is not None:
+            self._rotary = rotary_module(student.inner)
+            if self._rotary is None:
+                raise ConfigError(f"Expected {type(student.inner).__name__} to expose its rotary module as "
+                                  "`rotary_emb`. Got none, so its pre-RoPE keys can't be recovered. Use another "
+                                  "student.")
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -230,12 +244,8 @@ class DistillModule(nn.Module):
             # Captured as attended (post-RoPE): the attention term uses Q/K as they are, and pre-RoPE keys are the
             # exact inverse of the rotation recorded here, computed only where a teacher's K is stored pre-RoPE.
             rotation: list[tuple[torch.Tensor, torch.Tensor]] = []
-            rotary = rotary_module(self._inner[0]) if rope_params(self._inner[0].config) is not None else None
-            if rotary is None and rope_params(self._inner[0].config) is not None:
-                raise ConfigError(f"Expected {type(self._inner[0]).__name__} to expose its rotary module as "
-                                  "`rotary_emb`. Got none, so its pre-RoPE keys can't be recovered. Use another student.")
-            hook = rotary.register_forward_hook(lambda _m, _a, out: rotation.append((out[0], out[1]))) \
-                if rotary is not None else None
+            hook = None if self._rotary is None else self._rotary.register_forward_hook(
+                lambda _m, _a, out: rotation.append((out[0], out[1])))
             try:
                 with attention_capture(self._inner[0], layers=layers, with_q=with_q, k_rope="post",
                                        training=True) as rec:

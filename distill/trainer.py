@@ -19,25 +19,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from kava.extract.recipe import Log, log_stderr
 from kava.kvstore.errors import ConfigError, KavaError
 
 from .config import DistillConfig
 
-Log = Callable[[str], None]
-
-
 class TrainingError(KavaError):
     """Training cannot go on (a non-finite loss); a checkpoint was written first."""
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -58,12 +51,12 @@ class DistillResult:
         return dict(self.__dict__)
 
 
-def run_distill(cfg: DistillConfig, *, log: Log = _stderr) -> DistillResult:
+def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     """Train ``cfg.student`` and write it, with its heads, config and metrics, into ``cfg.out``."""
     import torch
 
     from .checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
-    from .loader import StreamLoader, check_request
+    from .loader import StreamLoader
     from .student import load_student, save_student
     from .steps import DistillModule, build_objective, make_optimizer, make_schedule, resolve_data
 
@@ -88,26 +81,25 @@ def run_distill(cfg: DistillConfig, *, log: Log = _stderr) -> DistillResult:
                            trust_remote_code=cfg.trust_remote_code)
     data.check_student(student)
 
-    # 4. The loader: every rank of a DDP job reads its own shards.
+    # 4. The loader: every rank of a DDP job reads its own shards. Building it checks the request against the store
+    # (teachers, layers, Q, finished shards), still before anything trains.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         # The loader already splits shards by rank; without gradient synchronisation the ranks would train
         # different models, so refuse rather than do that silently.
         raise ConfigError(f"WORLD_SIZE={world}: this trainer runs one process; gradients are not synchronised "
                           "across ranks yet. Run a single process (unset WORLD_SIZE/RANK).")
-    loader_cfg = data.loader_config(cfg, rank=rank, world_size=world)
-    check_request(data.store, loader_cfg)
+    loader = StreamLoader(data.loader_config(cfg, rank=rank, world_size=world), epochs=cfg.epochs)
 
     # 5. Objective, optimizer, schedule. The objective's random init is seeded apart from the student's.
     torch.manual_seed(cfg.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
     module = DistillModule(student, objective, cfg).to(device)
     optimizer = make_optimizer(module, cfg)
-    probe = StreamLoader(loader_cfg, epochs=cfg.epochs or 1)
     if cfg.steps is not None:
         total = cfg.steps
     else:
-        micro = sum(len(probe.plan(e).batches) for e in range(cfg.epochs or 1))
+        micro = sum(len(loader.plan(e).batches) for e in range(cfg.epochs or 1))
         total = max(1, micro // cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
     schedule = make_schedule(optimizer, total, warmup, cfg.min_lr_ratio)
@@ -116,10 +108,11 @@ def run_distill(cfg: DistillConfig, *, log: Log = _stderr) -> DistillResult:
         params.update(objective.parameter_counts())
 
     # 6. Resume: everything restored into exists now.
-    step, position, tokens_seen = 0, (0, 0), 0
+    step, tokens_seen = 0, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(probe.shards))
+        state = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(loader.shards))
         step, position, tokens_seen = state["step"], tuple(state["position"]), state["tokens"]
+        loader.seek(position)
         truncate_metrics(out / "metrics.jsonl", step)
         log(f"resumed from {resume_from.name}: step {step}, loader at epoch {position[0]} batch {position[1]}")
     else:
@@ -138,7 +131,6 @@ def run_distill(cfg: DistillConfig, *, log: Log = _stderr) -> DistillResult:
            if objective is not None else ", cross-entropy only"))
 
     # 7. The loop.
-    loader = StreamLoader(loader_cfg, start=position, epochs=cfg.epochs)
     batches = iter(loader)
     autocast = _autocast(cfg, device)
     writer = _tensorboard(out) if cfg.tensorboard else None
@@ -161,7 +153,8 @@ def run_distill(cfg: DistillConfig, *, log: Log = _stderr) -> DistillResult:
                 batch = batch.to(device, non_blocking=True)
                 with autocast:
                     loss, terms = module(batch)
-                values = {k: float(v) for k, v in terms.items()}  # one sync per micro-batch, for the NaN check
+                # One device-to-host copy per micro-batch for every logged term (and the NaN check).
+                values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
                 # The most specific term first: a NaN in K alone makes loss/kv and loss/total NaN too.
                 bad = [k for k in ("loss/ce", "loss/k", "loss/v", "loss/attn", "loss/kv", "loss/total")
                        if k in values and not math.isfinite(values[k])]

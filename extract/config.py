@@ -174,6 +174,4 @@ class ExtractConfig:
         if not self.store:
             p.append("--store: expected a directory path. Got nothing.")
         if p:
-            raise ConfigError(
-                ("Found " + str(len(p)) + " problems:\n  - " + "\n  - ".join(p)) if len(p) > 1 else p[0]
-            )
+            raise ConfigError.from_problems(p)

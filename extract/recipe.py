@@ -26,7 +26,8 @@ from .grid import GridSample, create_grid_store, tokenizer_fingerprint
 Log = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
+def log_stderr(message: str) -> None:
+    """The default log of the stage recipes: one line on stderr, flushed."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -99,7 +100,7 @@ def default_teacher_name(cfg: ExtractConfig) -> str:
     return "".join(c if c.isalnum() or c in "._+-" else "-" for c in name).lstrip("._+-") or "teacher"
 
 
-def run_extract(cfg: ExtractConfig, *, log: Log = _stderr) -> ExtractResult:
+def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
     """Extract one teacher into ``cfg.store``; returns what was done. Raises KavaError on bad input."""
     from .align import apply, token_spans
     from .capture import attention_geometry, capture_qkv
@@ -413,6 +414,21 @@ def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
     return layer_map, cka
 
 
+def left_pad(sequences: list[Any], pad: int) -> tuple[Any, Any]:
+    """Token id sequences as ``(ids [B, T], attention_mask [B, T])``, left-padded with ``pad``: the layout batched
+    generation needs (a decoder continues every row from the last column; generate derives positions from the
+    mask, so a padded row sees the positions it would see alone)."""
+    import torch
+
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,
               device) -> list[str]:
     """The teacher writes its own reasoning and answer, greedily, after each sample's prompt: one batched
@@ -427,13 +443,9 @@ def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, in
     if not live:
         return out
     encoded = [token_spans(tok, prompts[i])[0] for i in live]
-    T = max(len(e) for e in encoded)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(live), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(live), T, dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, T - len(e):] = torch.as_tensor(e)
-        mask[row, T - len(e):] = 1
+    ids, mask = left_pad(encoded, pad)
+    T = ids.shape[1]
     with torch.no_grad():
         generated = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=pad)

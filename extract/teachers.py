@@ -478,7 +478,5 @@ def _offline_cache_problem(model_id: str, revision: str | None) -> str | None:
 
 
 def _raise_all(problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
     if problems:
-        raise ConfigError(f"Found {len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+        raise ConfigError.from_problems(problems)

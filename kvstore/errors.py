@@ -14,6 +14,14 @@ class KavaError(Exception):
 class ConfigError(KavaError, ValueError):
     """A bad option, flag or config value; raised before any model loads or any file is written."""
 
+    @classmethod
+    def from_problems(cls, problems: list[str]) -> ConfigError:
+        """One error for every problem found (configs report them all at once): the message itself for one,
+        a counted list for several."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        return cls(f"Found {len(problems)} problems:\n  - " + "\n  - ".join(problems))
+
 
 class DatasetError(KavaError):
     """A dataset can't be read: the file is malformed, or the hub dataset is not available offline."""

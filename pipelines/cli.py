@@ -36,6 +36,26 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def run_stage(config_cls: type, values: dict[str, Any], config_file: str | None, stage: str, *,
+              record_command: bool = False, **kwargs: Any) -> Any:
+    """Build ``config_cls`` from ``--config`` YAML and the flags, then call ``stage`` (``"module:function"``, imported
+    only now) with it. Any KavaError becomes one ``error:`` line on stderr and exit status 1."""
+    import importlib
+
+    from kava.kvstore import KavaError
+
+    from .options import build_config
+
+    if record_command:
+        values = {**values, "command": shlex.join(["kava", *sys.argv[1:]])}
+    module, function = stage.split(":")
+    try:
+        return getattr(importlib.import_module(module), function)(build_config(config_cls, values, config_file),
+                                                                    **kwargs)
+    except KavaError as e:
+        fail(str(e))
+
+
 def emit_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
 
@@ -106,17 +126,7 @@ def _extract_command() -> click.Command:
 
             click.echo(format_preset_table())
             return
-        from kava.kvstore import KavaError
-
-        from .options import build_config
-
-        try:
-            cfg = build_config(ExtractConfig, {**values, "command": shlex.join(["kava", *sys.argv[1:]])}, config_file)
-            from kava.extract.recipe import run_extract
-
-            result = run_extract(cfg)
-        except KavaError as e:
-            fail(str(e))
+        result = run_stage(ExtractConfig, values, config_file, "kava.extract.recipe:run_extract", record_command=True)
         if as_json:
             emit_json(result.to_dict())
 
@@ -137,15 +147,10 @@ def _estimate_command() -> click.Command:
     def estimate(as_json: bool, timed_samples: int, config_file: str | None, **values: Any) -> None:
         """Takes the same options as `kava extract`; prints the store size for each storage dtype (with the
         compression measured on a timed sample) and the predicted extraction time. Writes nothing."""
-        from kava.extract.estimate import estimate as run_estimate, format_estimate
-        from kava.kvstore import KavaError
+        from kava.extract.estimate import format_estimate
 
-        from .options import build_config
-
-        try:
-            result = run_estimate(build_config(ExtractConfig, values, config_file), timed_samples=timed_samples)
-        except KavaError as e:
-            fail(str(e))
+        result = run_stage(ExtractConfig, values, config_file, "kava.extract.estimate:estimate",
+                           timed_samples=timed_samples)
         emit_json(result) if as_json else click.echo(format_estimate(result))
 
     return estimate
@@ -166,17 +171,7 @@ def _distill_command() -> click.Command:
         """Train a student with cross-entropy plus losses that make its keys and values (and attention) follow
         the teachers' stored ones, streaming the store's shards; no teacher is loaded. Without --store it is plain
         fine-tuning on --dataset (the CE-only baseline). --resume continues a killed run exactly."""
-        from kava.kvstore import KavaError
-
-        from .options import build_config
-
-        try:
-            cfg = build_config(DistillConfig, {**values, "command": shlex.join(["kava", *sys.argv[1:]])}, config_file)
-            from kava.distill.trainer import run_distill
-
-            result = run_distill(cfg)
-        except KavaError as e:
-            fail(str(e))
+        result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True)
         if as_json:
             emit_json(result.to_dict())
         else:
@@ -199,17 +194,7 @@ def _eval_command() -> click.Command:
     def eval_(as_json: bool, config_file: str | None, **values: Any) -> None:
         """Generate greedily (batched) for each question, extract the answer (#### N, else the last number) and
         report accuracy; every item goes to a JSONL file."""
-        from kava.kvstore import KavaError
-
-        from .options import build_config
-
-        try:
-            cfg = build_config(EvalConfig, values, config_file)
-            from kava.distill.evaluate import run_eval
-
-            result = run_eval(cfg)
-        except KavaError as e:
-            fail(str(e))
+        result = run_stage(EvalConfig, values, config_file, "kava.distill.evaluate:run_eval")
         if as_json:
             emit_json(result.to_dict())
         else:

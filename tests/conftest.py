@@ -8,7 +8,11 @@ instead when ``KAVA_REQUIRE_ASSETS=1`` (as in CI), so a fresh clone passes and C
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -40,6 +44,37 @@ def asset_path(relative: str) -> Path:
 def assets():
     """Callable fixture: ``assets("gsm8k/test.jsonl")`` → Path, skipping or failing as described above."""
     return asset_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread(request):
+    """Torch on one thread in modules that set ``ONE_TORCH_THREAD = True``: the machine's two cores are shared
+    with the subprocesses those modules start, and extra intra-op threads only fight them."""
+    if not getattr(request.module, "ONE_TORCH_THREAD", False):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120) -> str:
+    """Poll ``ready()`` until it holds (or ``proc`` ends, or ``timeout`` passes), then SIGKILL ``proc``; return its
+    stderr. The process is reaped whatever happens."""
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err
 
 
 def pytest_collection_modifyitems(config, items):

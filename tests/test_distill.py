@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import asset_path
+from conftest import asset_path, sigkill_when
 from kava.distill.config import DistillConfig
 from kava.distill.loader import LoaderConfig, StreamLoader, TeacherRequest
 from kava.distill.trainer import TrainingError, run_distill
@@ -43,12 +42,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 FAST = {"batch_size": 4, "progress": False, "checkpoint_every": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
 
 def extract(teacher: Path | str, store: Path, **options: Any):
@@ -228,18 +222,7 @@ def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(tmp_path, store
             "--loss", "structural", "--grad-accum", "2", "--batch-size", "4", "--checkpoint-every", "3",
             "--no-progress"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (out / "checkpoints" / "step-000003").exists():
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = sigkill_when(proc, lambda: (out / "checkpoints" / "step-000003").exists())
     assert proc.returncode == -signal.SIGKILL, err
     assert not (out / "kava.json").exists()
 

@@ -34,7 +34,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from conftest import asset_path  # the `assets` fixture's lookup, for module-scoped fixtures (same skip/fail rules)
+from conftest import asset_path, sigkill_when  # asset_path: the `assets` lookup, for module-scoped fixtures
 from kava.extract.align import align_tokens, apply, token_spans
 from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
@@ -125,12 +125,7 @@ def assert_same_store(a: Path, b: Path, teacher: str) -> None:
 # Models and reference stores, built once
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
 
 @pytest.fixture(scope="module")
@@ -383,21 +378,14 @@ def test_killed_run_is_refused_without_resume_and_finished_with_it(tmp_path, sto
     path = tmp_path / "kv.zarr"
     args = ["extract", "--teacher", str(stories), "--store", str(path), *flags(**REF)]
     proc = kava_bg(*args)
-    try:
-        deadline = time.monotonic() + 120
-        done: list[int] = []
-        while not done and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                done = KVStore.open(path).complete_shards(STORIES_NAME)
-            except StoreError:  # not created yet, or its manifest not written yet
-                pass
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def some_shard_done() -> bool:
+        try:
+            return bool(KVStore.open(path).complete_shards(STORIES_NAME))
+        except StoreError:  # not created yet, or its manifest not written yet
+            return False
+
+    err = sigkill_when(proc, some_shard_done)
     assert proc.returncode == -signal.SIGKILL, err
     store = KVStore.open(path)
     complete = store.complete_shards(STORIES_NAME)

@@ -46,13 +46,7 @@ def extract(teacher: Path | str, store: Path, **options: Any) -> None:
     run_extract(ExtractConfig(teacher=str(teacher), store=str(store), **options), log=lambda _: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Two shared cores: extra intra-op threads only fight the other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
 
 @pytest.fixture(scope="module")
