@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from kava.extract.data import ReasoningRow, load_rows
-from kava.extract.recipe import left_pad
 from kava.extract.synthetic import SYNTHETIC_SPLITS
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
 from kava.kvstore.errors import ConfigError, DatasetError
@@ -139,6 +138,8 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
     """``(continuation text, tokens generated)`` per prompt, in the prompts' order; see ``generate_batched``."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
+
+    from kava.extract.recipe import left_pad  # imported here: the recipe pulls in torch, and `kava --help` must not
 
     eos = _eos_ids(model, tokenizer)
     if not eos:
