@@ -56,6 +56,9 @@ class DistillConfig:
     """Without --store: the text template (plain, chat, cot or a file)."""
     tokenizer: str | None = None
     """Without --store, for a preset student: the tokenizer to build it on."""
+    layers: int | None = None
+    """Without --store (or with --kv-weight 0), for a preset student: its depth (default: the store's layer map,
+    else the preset's)."""
     max_length: int = 1024
     """Without --store: longest sequence; longer samples are cut at a segment boundary."""
     lora_r: int | None = None
@@ -213,7 +216,7 @@ class DistillConfig:
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
         for flag, value in (("--steps", self.steps), ("--epochs", self.epochs), ("--limit", self.limit),
-                            ("--max-tokens", self.max_tokens), ("--threads", self.threads),
+                            ("--max-tokens", self.max_tokens), ("--threads", self.threads), ("--layers", self.layers),
                             ("--lora-r", self.lora_r)):
             if value is not None and (not isinstance(value, int) or value < (0 if flag == "--lora-r" else 1)):
                 p.append(f"{flag}: expected a positive integer. Got {value!r} instead.")

@@ -206,6 +206,47 @@ def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_si
                                           max_new_tokens=max_new_tokens)]
 
 
+def reference_nll(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template: PromptTemplate, *,
+                  batch_size: int) -> float:
+    """Mean negative log-likelihood (nats per token) of each row's own reasoning and answer, given its prompt.
+
+    Teacher-forced, so it moves with every bit of learning even where greedy accuracy sits at the floor; the tokens
+    scored are those of the training text (``format_row``) that start at or after the reasoning. Rows are
+    right-padded into batches; padding and prompt positions are not scored.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs: list[tuple[list[int], int]] = []  # (ids, index of the first scored token)
+    for row in rows:
+        formatted = format_row(row, template)
+        enc = tokenizer(formatted.text, add_special_tokens=True, return_offsets_mapping=True)
+        start = formatted.spans["reasoning"][0]
+        first = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= start),
+                     len(enc["input_ids"]))
+        seqs.append((enc["input_ids"], max(first, 1)))
+    total, count = 0.0, 0
+    for lo in range(0, len(seqs), batch_size):
+        batch = seqs[lo : lo + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        scored = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: positions whose token is scored
+        for r, (seq, first) in enumerate(batch):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            scored[r, first : len(seq)] = True
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
+        nll = -logp.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
+        keep = scored[:, 1:].to(device)
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return total / count if count else float("nan")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -239,6 +280,8 @@ class EvalResult:
     generated_tokens: int
     tokens_per_second: float
     out: str | None = None
+    reference_nll: float | None = None
+    """With --nll: nats per token of the reference reasoning and answer (teacher-forced; lower is better)."""
     items: list[EvalItem] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,6 +381,8 @@ class EvalConfig:
     """CPU threads for torch (default: torch's choice)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    nll: bool = False
+    """Also score each row's reference reasoning and answer: mean negative log-likelihood per token."""
 
     @property
     def dataset_name(self) -> str:
@@ -457,4 +502,6 @@ def run_eval(config: EvalConfig) -> EvalResult:
     result = evaluate(model, tokenizer, rows, template, batch_size=config.batch_size,
                       max_new_tokens=config.max_new_tokens, progress=config.progress)
     _write_jsonl_atomic(out, result.items)
-    return replace(result, dataset=config.dataset, split=config.split, model=config.model, out=str(out))
+    nll = reference_nll(model, tokenizer, rows, template, batch_size=config.batch_size) if config.nll else None
+    return replace(result, dataset=config.dataset, split=config.split, model=config.model, out=str(out),
+                   reference_nll=nll)

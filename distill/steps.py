@@ -94,7 +94,8 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
     if not cfg.uses_kv:
         # A CE-only run on a store with teachers builds the same preset student as the K/V run it is compared with.
         depths = {spec.layer_map.student_layers for spec in store.teachers.values()}
-        return RunData(store, path, tokenizer, template, [], (), depths.pop() if len(depths) == 1 else None)
+        depth = cfg.layers if cfg.layers is not None else depths.pop() if len(depths) == 1 else None
+        return RunData(store, path, tokenizer, template, [], (), depth)
 
     have = store.teachers
     names = cfg.teacher_names

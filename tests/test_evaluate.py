@@ -276,3 +276,31 @@ def test_prompt_of_a_row_without_reasoning():
     row = ReasoningRow("x/test/000000", "What is 2 + 2?", "", "4")
     assert prompt_text(row, TEMPLATES["plain"]) == "Question: What is 2 + 2?\nAnswer:"
     assert prompt_text(row, TEMPLATES["cot"]) == "Q: What is 2 + 2?\nA: Let's think step by step.\n"
+
+
+def test_reference_nll_equals_transformers_loss_on_the_completion_tokens(assets):
+    """Batched, padded scoring equals the model's own loss row by row, with the prompt's labels masked."""
+    from kava.distill.evaluate import reference_nll
+
+    model, tokenizer = _load(assets(STORIES))
+    rows = list(load_rows("synthetic", split="test", limit=5))
+    template = TEMPLATES["plain"]
+    batched = reference_nll(model, tokenizer, rows, template, batch_size=3)
+
+    total, count = 0.0, 0
+    for row in rows:
+        formatted = format_row(row, template)
+        enc = tokenizer(formatted.text, return_offsets_mapping=True, return_tensors="pt")
+        start = formatted.spans["reasoning"][0]
+        labels = enc["input_ids"].clone()
+        for i, (a, b) in enumerate(enc["offset_mapping"][0].tolist()):
+            if not (b > a and a >= start):
+                labels[0, i] = -100  # prompt (and special) tokens are not scored
+        first = int((labels[0] != -100).nonzero()[0])
+        labels[0, :first] = -100
+        labels[0, first:] = enc["input_ids"][0, first:]
+        n = int((labels[0, 1:] != -100).sum())
+        with torch.no_grad():
+            loss = model(input_ids=enc["input_ids"], labels=labels).loss
+        total, count = total + float(loss) * n, count + n
+    assert batched == pytest.approx(total / count, rel=1e-5)
