@@ -248,6 +248,7 @@ def accuracy_bars(
     points: Mapping[str, Sequence[float]] | None = None,
     extra: Mapping[str, float] | None = None,
     percent: bool = True,
+    ylabel: str | None = None,
     dpi: int = DPI,
 ) -> Path:
     """Bars of each variant's mean with its bootstrap CI, the seeds as dots, ``*`` where significant.
@@ -297,18 +298,18 @@ def accuracy_bars(
             ax.text(x[k], tops[k] + pad, "*", ha="center", va="bottom", fontsize=16, fontweight="bold")
 
     # Headroom above the tallest element for the asterisks and the legend.
-    ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)
+    ax.set_ylim(0, top * 1.4 if top > 0 else 1.0)
     rotate = len(comparisons) > 4 or max(len(c.variant) for c in comparisons) > 12
     ax.set_xticks(x, [c.variant for c in comparisons], rotation=20 if rotate else 0,
                   ha="right" if rotate else "center")
     ax.set_xlabel(f"* significant vs {comparisons[0].baseline} (Welch t-test, α = {comparisons[0].alpha:g})",
                   fontsize=8, color="0.35")
-    ax.set_ylabel("accuracy (%)" if percent else "accuracy")
+    ax.set_ylabel(ylabel or ("accuracy (%)" if percent else "accuracy"))
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3, zorder=0)
     handles, _ = ax.get_legend_handles_labels()
-    if handles:  # one row in the headroom kept above the bars
-        ax.legend(loc="upper left", fontsize=8, framealpha=0.9, ncols=len(handles))
+    if handles:  # in the headroom kept above the bars
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.9, ncols=min(len(handles), 2))
     return _save(fig, path, dpi)
 
 

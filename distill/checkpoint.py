@@ -28,14 +28,44 @@ def checkpoint_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+def step_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Every complete step checkpoint as ``(step, path)``, oldest first."""
     root = checkpoint_dir(out)
     if not root.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and
-             (p / "state.json").exists()]
-    return max(steps)[1] if steps else None
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and
+                  (p / "state.json").exists())
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    steps = step_checkpoints(out)
+    return steps[-1][1] if steps else None
+
+
+def student_at(out: Path, checkpoint: Path) -> Any:
+    """The student saved in ``out`` (its config and architecture) with the weights of ``checkpoint``, in eval mode:
+    what a learning curve of task accuracy evaluates."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    saved = load_file(str(checkpoint / "weights.safetensors"))
+    own = {k[len("student."):]: v for k, v in saved.items() if k.startswith("student.")}  # heads are not the student's
+    if any("lora_" in k for k in own):
+        raise ConfigError(f"{checkpoint}: a LoRA checkpoint holds adapters, not a merged student; evaluate the final "
+                          "student instead.")
+    # Tied weights (embedding = LM head) are saved under one of their names: a missing name is fine when a name
+    # sharing its storage was loaded.
+    groups: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(param.data_ptr(), set()).add(name)
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    lost = [k for k in missing if not any(n in own for g in groups.values() if k in g for n in g)]
+    if lost or unexpected:
+        raise ConfigError(f"{checkpoint}: its weights do not fit the student in {out} (missing {sorted(lost)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}).")
+    return model.eval()
 
 
 def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule: Any, cfg: DistillConfig, *,
@@ -67,8 +97,7 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule
         shutil.rmtree(final)
     tmp.rename(final)
     if tag is None:
-        steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-        for _, old in steps[:-keep]:
+        for _, old in step_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -15,8 +15,6 @@ import click
 
 NOT_BUILT_EXIT = 2
 PLANNED = {
-    "run": "Run a whole experiment from a YAML config (default: the embedded laptop-sized one).",
-    "cka": "Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.",
     "slurm": "Render sbatch scripts for extraction job arrays and torchrun distillation.",
     "doctor": "Check what a cluster run needs: CUDA, bitsandbytes, cached models, disk, dask.",
 }
@@ -298,6 +296,79 @@ def store_verify(path: str, teachers: tuple[str, ...], as_json: bool) -> None:
             + (f"; {shards}" if shards else "")
         )
     sys.exit(0 if report.ok else 1)
+
+
+@main.command("run", short_help="Run a whole experiment from a YAML config (default: the embedded one).")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--check", is_flag=True, help="Only validate the config (every problem at once) and exit.")
+@click.option("--force", "force", multiple=True, metavar="STAGE",
+              help="Redo a stage even if its outputs are there: data, teachers, extract, distill, eval or report "
+                   "(repeatable).")
+@click.option("--out", "out", help="Parent directory of the run (overrides the config's `out`).")
+@click.option("--name", "name", help="The run's name (overrides the config's `name`).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the run's summary as JSON on stdout.")
+def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None, name: str | None,
+        as_json: bool) -> None:
+    """Run an experiment end to end: data splits, teachers, one store, each variant x seed, eval, report.
+
+    With no CONFIG it runs the embedded default (offline, minutes on a laptop CPU): a teacher trained here on
+    synthetic arithmetic, a smaller student with another tokenizer, CE-only vs CE + K/V at equal compute over three
+    seeds, and a report with significance tests. A rerun reuses every finished stage; --force redoes one.
+    Shipped configs live in the package's pipelines/configs/ folder.
+    """
+    from kava.kvstore import KavaError
+
+    from .config import load_config
+    from .runner import Runner, check_force
+
+    try:
+        cfg = load_config(config)
+        check_force(force)
+        if out is not None:
+            cfg.out = out
+        if name is not None:
+            cfg.name = name
+        if check:
+            click.echo(f"{config or 'embedded default'}: ok ({len(cfg.teachers)} teachers, {len(cfg.variants)} "
+                       f"variants x {len(cfg.seeds)} seeds)", err=True)
+            return
+        result = Runner(cfg, force=force).run()
+    except KavaError as e:
+        fail(str(e))
+    if as_json:
+        emit_json({"root": str(result.root), "report": str(result.report), "ran": result.ran,
+                   "timings": result.timings})
+    else:
+        click.echo(f"report: {result.report}", err=True)
+
+
+@main.command("cka", short_help="Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.")
+@click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="The store directory.")
+@click.option("--teacher", required=True, help="The teacher whose layers are compared.")
+@click.option("--vs", default=None, help="Compare with this other teacher of the store instead of with itself.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for .npy, .csv, .png, .json.")
+@click.option("--array", default="k", show_default=True, help="Features: k, v or kv (both concatenated).")
+@click.option("--estimator", default="biased", show_default=True,
+              help="biased (linear CKA) or unbiased (minibatch HSIC_1, one minibatch per block).")
+@click.option("--block-tokens", default=4096, show_default=True, help="Tokens per block held in memory.")
+@click.option("--segments", default=None, help="Only tokens of these segments, e.g. reasoning,answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the result as JSON on stdout.")
+def cka(store: str, teacher: str, vs: str | None, out: str, array: str, estimator: str, block_tokens: int,
+        segments: str | None, as_json: bool) -> None:
+    """Linear CKA between every pair of a teacher's stored layers (or against another teacher's), computed out
+    of core with dask: memory stays near one block of tokens. Writes the matrix as .npy and .csv, a heatmap .png
+    and a .json summary into --out."""
+    from kava.analysis.cka import run_cka
+    from kava.kvstore import KavaError
+
+    try:
+        result = run_cka(store, teacher, vs=vs, out=out, array=array, estimator=estimator, block_tokens=block_tokens,
+                         segments=segments.split(",") if segments else None,
+                         log=lambda line: click.echo(line, err=True))
+    except KavaError as e:
+        fail(str(e))
+    if as_json:
+        emit_json(result.to_dict())
 
 
 if __name__ == "__main__":  # pragma: no cover

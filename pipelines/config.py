@@ -1,0 +1,371 @@
+"""The experiment config of `kava run`: typed dataclasses read from YAML, with every problem reported at once.
+
+An experiment is data → teachers (trained here, or pretrained) → one store → students (variant × seed) → eval →
+report. The stage configs (`ExtractConfig`, `DistillConfig`, `EvalConfig`) are built from this one, so a key here
+is either a section field below or, under ``extract:`` / ``distill:``, a field of that stage's config.
+
+Equal compute is structural: steps, batch and length live in ``train:`` and are the same for every variant; a
+variant that tries to set one of them is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kava.kvstore.errors import ConfigError
+
+COMPUTE_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_tokens", "max_length")
+"""DistillConfig fields that decide a student's compute: set once in ``train:``, never per variant."""
+
+RUNNER_FIELDS = ("student", "out", "store", "teachers", "seed", "dataset", "split", "limit", "data_files",
+                 "tokenizer", "resume", "progress", "command", "threads", "device")
+"""DistillConfig fields the runner sets itself."""
+
+
+@dataclass
+class DataSpec:
+    dataset: str = "synthetic"
+    """synthetic, gsm8k, or a JSONL/Parquet file of question/answer records."""
+    data_files: str | None = None
+    """For gsm8k: a local file instead of the hub (one file per split: use pool_files / eval_files)."""
+    eval_files: str | None = None
+    """For gsm8k: the local file of the evaluation split."""
+    seed: int = 0
+    """Seed of the synthetic generator and of the pool's shuffle."""
+    pool_split: str = "train"
+    """The split the teacher-training and student-training rows are drawn from."""
+    pool_size: int | None = 2000
+    """Rows of the pool (None: all of it)."""
+    teacher_fraction: float = 0.8
+    """Share of the pool that trains the teachers (the rest trains the students); 0 when no teacher is trained."""
+    eval_split: str = "test"
+    """A separate split for evaluation: never seen by a teacher or a student."""
+    eval_size: int | None = 200
+    """Rows evaluated (None: the whole split)."""
+
+
+@dataclass
+class TeacherTrainSpec:
+    preset: str = "tiny-llama"
+    """The architecture preset trained from scratch (see `kava distill --student`)."""
+    layers: int | None = None
+    """Its depth (None: the preset's)."""
+    vocab_size: int = 512
+    """Its byte-level BPE, trained on the teacher split."""
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class TeacherSpec:
+    name: str
+    """The teacher's name in the store."""
+    model: str | None = None
+    """A registry name, hub id or directory of a pretrained teacher (or use ``train:``)."""
+    train: TeacherTrainSpec | None = None
+    """Train this teacher here, CE only, on the teacher split (cached by its settings)."""
+    extract: dict[str, Any] = field(default_factory=dict)
+    """`kava extract` options for this teacher (with_q, layer_map, alignment, kv_dtype, ...)."""
+
+
+@dataclass
+class StudentSpec:
+    model: str = "tiny-qwen2"
+    """A preset (built at random on the student tokenizer) or a pretrained model directory / hub id."""
+    layers: int | None = 3
+    """A preset's depth (the store's layer map is made for it)."""
+    tokenizer: str | None = None
+    """A preset's tokenizer (directory or hub id); None trains a byte-level BPE of ``vocab_size`` here."""
+    vocab_size: int = 384
+
+
+@dataclass
+class TrainSpec:
+    """Compute, the same for every variant: the report shows it is."""
+
+    steps: int = 150
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 512
+    distill: dict[str, Any] = field(default_factory=dict)
+    """Other `kava distill` options shared by every variant (lr, warmup_steps, workers, ...)."""
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    teachers: list[str] = field(default_factory=list)
+    """Teachers whose K/V the variant learns from; none is CE-only."""
+    distill: dict[str, Any] = field(default_factory=dict)
+    """`kava distill` options of this variant (loss, projector, fusion, ...); compute options are refused."""
+
+
+@dataclass
+class EvalSpec:
+    batch_size: int = 50
+    max_new_tokens: int = 200
+    teachers: bool = True
+    """Evaluate the teachers too (the ceiling the students are compared with)."""
+    checkpoint_rows: int = 50
+    """Task accuracy at each kept checkpoint (a learning curve) is measured on the first N eval rows; 0: none."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Outputs go to ``<out>/<name>/``."""
+    out: str = "runs"
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
+    baseline: str = "ce"
+    """The variant every other one is tested against."""
+    data: DataSpec = field(default_factory=DataSpec)
+    teachers: list[TeacherSpec] = field(default_factory=list)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    variants: list[VariantSpec] = field(default_factory=list)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    device: str | None = None
+    """cpu (default), cuda[:N] or mps, for every stage."""
+    threads: int | None = None
+    """CPU threads for torch in every stage."""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def teacher(self, name: str) -> TeacherSpec:
+        return next(t for t in self.teachers if t.name == name)
+
+    def variant(self, name: str) -> VariantSpec:
+        return next(v for v in self.variants if v.name == name)
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value: stage outputs are reused only when their inputs hash the same."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML → dataclasses, collecting problems instead of stopping at the first
+
+
+def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where, problems)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list. Got {value!r} instead.")
+            return []
+        return [_convert(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping. Got {value!r} instead.")
+            return {}
+        return {str(k).replace("-", "_"): v for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        problems.append(f"{where}: expected {tp.__name__}. Got {value!r} instead.")
+    return value
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping. Got {data!r} instead.")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for key in sorted(set(data) - set(names)):
+        problems.append(f"{where or 'config'}: unknown key {key!r}. Expected one of: {', '.join(names)}.")
+    values = {}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in data:
+            before = len(problems)
+            value = _convert(hints[f.name], data[f.name], f"{where}.{f.name}".lstrip("."), problems)
+            # A badly typed value keeps the default, so the meaning checks still run and report the rest.
+            if len(problems) == before or required:
+                values[f.name] = value
+        elif required:
+            problems.append(f"{where or 'config'}: missing key {f.name!r}.")
+            values[f.name] = None
+    return cls(**values)
+
+
+def parse_config(data: Any, *, source: str = "config") -> RunConfig:
+    """A RunConfig from a YAML mapping; raises one ConfigError with every problem (types and meaning)."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, data if data is not None else {}, "", problems)
+    try:
+        problems += semantic_problems(cfg)
+    except (TypeError, AttributeError, ValueError):  # a required value is missing or mistyped: already reported
+        if not problems:
+            raise
+    if problems:
+        raise ConfigError.from_problems([f"{source}: {p}" for p in problems])
+    return cfg
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """The config at ``path``, or the embedded default (``pipelines/configs/default.yaml``) for None."""
+    import yaml
+
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"Config {str(path)!r} does not exist. Pass a YAML file, or none for the embedded default "
+                          f"(shipped configs: {', '.join(shipped_configs())}).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}).") from e
+    return parse_config(data, source=str(path))
+
+
+def configs_dir() -> Path:
+    return Path(__file__).parent / "configs"
+
+
+def default_config_path() -> Path:
+    return configs_dir() / "default.yaml"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Meaning: what no type check catches
+
+
+def semantic_problems(cfg: RunConfig) -> list[str]:
+    """Every problem of a well-typed config, including those of the stage configs built from it."""
+    from kava.distill.config import DistillConfig
+    from kava.extract.config import ExtractConfig
+
+    p: list[str] = []
+    d = cfg.data
+    if not cfg.name or "/" in cfg.name:
+        p.append(f"name: expected a plain directory name. Got {cfg.name!r} instead.")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        p.append(f"seeds: expected distinct integers, at least one. Got {cfg.seeds!r} instead.")
+    if d.dataset not in ("synthetic", "gsm8k") and not Path(d.dataset).is_file():
+        p.append(f"data.dataset: expected synthetic, gsm8k or an existing JSONL/Parquet file. Got {d.dataset!r}.")
+    trained = [t.name for t in cfg.teachers if t.train is not None]
+    if trained and not 0 < d.teacher_fraction < 1:
+        p.append(f"data.teacher_fraction: teachers {trained} are trained here, so it must be in (0, 1). "
+                 f"Got {d.teacher_fraction} instead.")
+    if not trained and d.teacher_fraction != 0:
+        p.append(f"data.teacher_fraction: no teacher is trained here, so the whole pool trains students: set it "
+                 f"to 0. Got {d.teacher_fraction} instead.")
+    for key, value in (("data.pool_size", d.pool_size), ("data.eval_size", d.eval_size)):
+        if value is not None and value < 1:
+            p.append(f"{key}: expected a positive integer or null. Got {value} instead.")
+    if d.dataset != "gsm8k" and d.pool_split == d.eval_split and d.dataset == "synthetic":
+        p.append(f"data.eval_split: it must differ from data.pool_split ({d.pool_split!r}); evaluation data is "
+                 "never trained on.")
+
+    names = [t.name for t in cfg.teachers]
+    if not names:
+        p.append("teachers: expected at least one teacher.")
+    if len(set(names)) != len(names):
+        p.append(f"teachers: names must be distinct. Got {names}.")
+    extract_fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    own = {"teacher", "store", "name", "dataset", "split", "limit", "data_files", "student_tokenizer",
+           "student_layers", "student", "resume", "progress", "command"}
+    for t in cfg.teachers:
+        w = f"teachers[{t.name}]"
+        if (t.model is None) == (t.train is None):
+            p.append(f"{w}: set exactly one of model (pretrained) and train (trained here).")
+        for key in sorted(set(t.extract) - extract_fields):
+            p.append(f"{w}.extract: unknown option {key!r} (see `kava extract --help`).")
+        _typed(ExtractConfig, t.extract, f"{w}.extract", p)
+        for key in sorted(set(t.extract) & own):
+            p.append(f"{w}.extract: {key!r} is set by the runner; remove it.")
+        if t.train is not None and t.train.steps < 1:
+            p.append(f"{w}.train.steps: expected a positive integer. Got {t.train.steps}.")
+        from kava.distill.student import PRESETS
+
+        who = {"student_layers": cfg.student.layers} if cfg.student.model.lower() in PRESETS else \
+            {"student": cfg.student.model}
+        try:  # the known options, by extraction's own rules
+            ExtractConfig(teacher="t", store="s", **who,
+                          **{k: v for k, v in t.extract.items() if k in extract_fields - own}).validate()
+        except ConfigError as e:
+            p.append(f"{w}.extract: {e}")
+
+    distill_fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    for key in sorted(set(cfg.train.distill) - distill_fields):
+        p.append(f"train.distill: unknown option {key!r} (see `kava distill --help`).")
+    _typed(DistillConfig, cfg.train.distill, "train.distill", p)
+    for key in sorted(set(cfg.train.distill) & set(COMPUTE_FIELDS + RUNNER_FIELDS)):
+        p.append(f"train.distill: {key!r} is set by train.{key} or the runner; remove it.")
+    vnames = [v.name for v in cfg.variants]
+    if not vnames:
+        p.append("variants: expected at least the baseline variant.")
+    if len(set(vnames)) != len(vnames):
+        p.append(f"variants: names must be distinct. Got {vnames}.")
+    if vnames and cfg.baseline not in vnames:
+        p.append(f"baseline: {cfg.baseline!r} is not a variant. Variants: {', '.join(vnames)}.")
+    for v in cfg.variants:
+        w = f"variants[{v.name}]"
+        for key in sorted(set(v.distill) - distill_fields):
+            p.append(f"{w}.distill: unknown option {key!r} (see `kava distill --help`).")
+        _typed(DistillConfig, v.distill, f"{w}.distill", p)
+        for key in sorted(set(v.distill) & set(COMPUTE_FIELDS)):
+            p.append(f"{w}.distill: {key!r} sets compute, which every variant shares for a fair comparison; "
+                     f"set it once in train.{key}.")
+        for key in sorted(set(v.distill) & set(RUNNER_FIELDS)):
+            p.append(f"{w}.distill: {key!r} is set by the runner; remove it.")
+        unknown = [t for t in v.teachers if t not in names]
+        if unknown:
+            p.append(f"{w}.teachers: no teacher {unknown}. Teachers: {', '.join(names) or 'none'}.")
+        if not v.distill.keys() - distill_fields:
+            try:
+                stage_distill_config(cfg, v, seed=0, store="s", out="o").validate()
+            except ConfigError as e:
+                p.append(f"{w}: {e}")
+    return p
+
+
+def _typed(cls: type, options: dict[str, Any], where: str, problems: list[str]) -> None:
+    """Type-check a stage's options against its config's fields (values of the wrong type are dropped)."""
+    hints = typing.get_type_hints(cls)
+    for key in [k for k in options if k in hints]:
+        before = len(problems)
+        options[key] = _convert(hints[key], options[key], f"{where}.{key}", problems)
+        if len(problems) > before:
+            del options[key]
+
+
+def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, store: str, out: str) -> Any:
+    """The DistillConfig one (variant, seed) trains with: shared compute and options, then the variant's own."""
+    from kava.distill.config import DistillConfig
+
+    t = cfg.train
+    options: dict[str, Any] = {k: v for k, v in {**t.distill, **variant.distill}.items()
+                               if k not in COMPUTE_FIELDS + RUNNER_FIELDS}  # refused by semantic_problems
+    if not variant.teachers:
+        options["kv_weight"] = 0.0  # CE only, on the same store grid: same tokens, same batches
+    return DistillConfig(
+        student=cfg.student.model, out=out, store=store, seed=seed,
+        teachers=",".join(variant.teachers) or None, steps=t.steps, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, max_length=t.max_length, device=cfg.device, threads=cfg.threads,
+        progress=False, **options,
+    )

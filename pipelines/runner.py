@@ -1,0 +1,367 @@
+"""`kava run`: one experiment from its config, stage by stage, skipping what is already done.
+
+Stages, in order (``--force NAME`` redoes one; what depends on its outputs is redone because their hashes change):
+
+- ``data``      the three disjoint splits (``splits.py``) and the student's tokenizer when it is trained here
+- ``teachers``  teachers trained here, CE only, on the teacher split; cached under ``<out>/.cache/teachers/``
+- ``extract``   every teacher into one store over the student split
+- ``distill``   every variant × seed, at the same steps, batch and length
+- ``eval``      the teachers and every student on the eval split
+- ``report``    ``report.md``, its PNGs and ``report.json``
+
+Each unit of work writes ``stage.json`` next to its outputs: a digest of everything it was made from, its seconds,
+and the resolved settings of the stage it ran (``settings``: the ExtractConfig, DistillConfig or EvalConfig). A unit is skipped only when that digest matches *and* its outputs check out (a store
+that verifies its shards, a student whose ``kava.json`` says it finished). The run's resolved config is written to
+``<out>/<name>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kava.kvstore.errors import ConfigError
+
+from . import splits
+from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config
+
+STAGES = ("data", "teachers", "extract", "distill", "eval", "report")
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    root: Path
+    report: Path
+    ran: list[str] = field(default_factory=list)
+    """Units of work that ran (the others were reused)."""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_force(force: tuple[str, ...]) -> None:
+    bad = [s for s in force if s not in STAGES]
+    if bad:
+        raise ConfigError(f"--force: expected stages from {', '.join(STAGES)}. Got {', '.join(bad)} instead.")
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, *, force: tuple[str, ...] = (), log: Log | None = None) -> None:
+        from kava.extract.recipe import log_stderr
+
+        check_force(force)
+        self.cfg, self.force, self.log = cfg, set(force), log or log_stderr
+        self.root = cfg.root
+        self.resumable = False
+        self.result = RunResult(self.root, self.root / "report.md")
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------------
+
+    def _done(self, where: Path, stage: str, key: str, check: Callable[[], bool] = lambda: True) -> bool:
+        record = where / "stage.json"
+        if stage in self.force or not record.is_file():
+            return False
+        try:
+            same = json.loads(record.read_text()).get("digest") == key
+        except json.JSONDecodeError:
+            return False
+        return same and check()
+
+    def _unit(self, where: Path, stage: str, label: str, key: str, work: Callable[[], dict[str, Any]],
+              check: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        """Run ``work`` unless ``where`` already holds its outputs for ``key``; return its stage.json record."""
+        if self._done(where, stage, key, check):
+            record = json.loads((where / "stage.json").read_text())
+            self.log(f"[{stage}] {label}: done already ({where})")
+            self.result.timings[label] = record.get("seconds", 0.0)
+            return record
+        self.log(f"[{stage}] {label}: running")
+        where.mkdir(parents=True, exist_ok=True)
+        pending = where / "stage.pending"  # a unit killed with this same key may resume its checkpoints
+        self.resumable = pending.is_file() and pending.read_text() == key
+        pending.write_text(key)
+        t0 = time.perf_counter()
+        info = work()
+        seconds = time.perf_counter() - t0
+        record = {"stage": stage, "unit": label, "digest": key, "seconds": round(seconds, 2),
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "made": time.time_ns(), **info}
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = where / "stage.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.replace(where / "stage.json")
+        (where / "stage.pending").unlink(missing_ok=True)
+        self.result.ran.append(label)
+        self.result.timings[label] = record["seconds"]
+        self.log(f"[{stage}] {label}: {seconds:.1f} s")
+        return record
+
+    # -- the stages ---------------------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        data = self.data()
+        teachers = {t.name: self.teacher(t, data) for t in self.cfg.teachers}
+        store = self.extract(teachers, data)
+        students = {(v.name, s): self.distill(v, s, store) for v in self.cfg.variants for s in self.cfg.seeds}
+        evals = self.evaluate(teachers, students, data)
+        self.report(data, teachers, store, students, evals)
+        (self.root / "timings.json").write_text(json.dumps(self.result.timings, indent=2))
+        return self.result
+
+    def data(self) -> dict[str, Any]:
+        where = self.root / "data"
+        d = self.cfg.data
+        key = digest({"data": d.__dict__, "student_tokenizer": self._student_tokenizer_settings()})
+
+        def work() -> dict[str, Any]:
+            record = splits.make_splits(d, self.root)
+            if self._trains_student_tokenizer():
+                from kava.extract.vocab import train_bpe_tokenizer
+
+                rows = splits.load_split(self.root, "student-train")
+                train_bpe_tokenizer(_texts(rows), where / "student-tokenizer", vocab_size=self.cfg.student.vocab_size)
+            return {"splits": record["splits"]}
+
+        def check() -> bool:
+            try:
+                for role in splits.ROLES:
+                    splits.check_split(self.root, role, stage="data")
+            except Exception:  # noqa: BLE001 — any failure means: make them again
+                return False
+            return not self._trains_student_tokenizer() or (where / "student-tokenizer" / "tokenizer.json").is_file()
+
+        return self._unit(where, "data", "data", key, work, check)
+
+    def _trains_student_tokenizer(self) -> bool:
+        return self.cfg.student.tokenizer is None and self._student_is_preset()
+
+    def _student_tokenizer_settings(self) -> dict[str, Any]:
+        return {"vocab_size": self.cfg.student.vocab_size} if self._trains_student_tokenizer() else \
+            {"tokenizer": self.student_tokenizer}
+
+    @property
+    def student_tokenizer(self) -> str:
+        """A preset's tokenizer (given, or trained in the data stage), else the pretrained student's own."""
+        if self._trains_student_tokenizer():
+            return str(self.root / "data" / "student-tokenizer")
+        return self.cfg.student.tokenizer or self.cfg.student.model
+
+    def teacher(self, spec: TeacherSpec, data: dict[str, Any]) -> dict[str, Any]:
+        """A trained teacher's directory (trained once per settings and split, then cached), or the pretrained id."""
+        if spec.train is None:
+            return {"model": spec.model, "trained": False, "digest": digest(spec.model)}
+        t = spec.train
+        split_hash = data["splits"]["teacher-train"]["questions_hash"]
+        key = digest({"train": t.__dict__, "split": split_hash, "device": self.cfg.device,
+                      "max_length": self.cfg.train.max_length})
+        where = Path(self.cfg.out) / ".cache" / "teachers" / key
+
+        def work() -> dict[str, Any]:
+            from kava.distill.config import DistillConfig
+            from kava.distill.trainer import run_distill
+            from kava.extract.vocab import train_bpe_tokenizer
+
+            rows = splits.check_split(self.root, "teacher-train", stage=f"teacher {spec.name}")
+            if where.exists():
+                shutil.rmtree(where)  # a half-trained teacher from a killed run: train it again
+            tok = train_bpe_tokenizer(_texts(rows), where / "tokenizer", vocab_size=t.vocab_size)
+            config = DistillConfig(
+                student=t.preset, out=str(where / "model"), tokenizer=str(tok),
+                dataset=str(splits.split_path(self.root, "teacher-train")), split=splits.FILE_SPLIT["teacher-train"],
+                steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed, checkpoint_every=0, progress=False,
+                device=self.cfg.device, threads=self.cfg.threads, warmup_steps=max(1, t.steps // 10),
+                max_length=self.cfg.train.max_length, layers=t.layers,
+            )
+            result = run_distill(config, log=self._quiet)
+            return {"model": str(where / "model"), "steps": result.steps, "tokens": result.tokens,
+                    "final_ce": result.final.get("loss/ce"), "split": split_hash, "settings": asdict(config)}
+
+        record = self._unit(where, "teachers", f"teacher {spec.name}", key, work,
+                            check=lambda: _finished_student(where / "model", t.steps))
+        return {**record, "model": str(where / "model"), "trained": True, "digest": digest([key, record.get("made")])}
+
+    def extract(self, teachers: dict[str, dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
+        from kava.kvstore import KVStore
+
+        path = self.root / "kv.zarr"
+        want = data["splits"]["student-train"]["sample_ids_hash"]
+        records = {}
+        for spec in self.cfg.teachers:
+            key = digest({"teacher": teachers[spec.name]["digest"], "extract": spec.extract, "split": want,
+                          "student": self._student_tokenizer_settings(), "layers": self.cfg.student.layers,
+                          "student_model": self.cfg.student.model})
+            where = self.root / "stages" / "extract" / spec.name
+
+            def work(spec: TeacherSpec = spec) -> dict[str, Any]:
+                from kava.extract.config import ExtractConfig
+                from kava.extract.recipe import run_extract
+
+                splits.check_split(self.root, "student-train", stage=f"extract {spec.name}")
+                if path.exists():
+                    store = KVStore.open(path)
+                    if store.manifest.dataset.sample_ids_hash != want:
+                        shutil.rmtree(path)  # cut from another split (the data changed): start over
+                resume = path.exists() and spec.name in KVStore.open(path).teachers
+                preset = self._student_is_preset()
+                config = ExtractConfig(
+                    teacher=teachers[spec.name]["model"], store=str(path), name=spec.name,
+                    dataset=str(splits.split_path(self.root, "student-train")),
+                    split=splits.FILE_SPLIT["student-train"], student_tokenizer=self.student_tokenizer,
+                    student_layers=self.cfg.student.layers if preset else None,
+                    student=None if preset else self.cfg.student.model,
+                    device=self.cfg.device, threads=self.cfg.threads, progress=False, resume=resume,
+                    **spec.extract,
+                )
+                result = run_extract(config, log=self._quiet)
+                return {"samples": result.samples, "student_tokens": result.student_tokens,
+                        "teacher_tokens": result.teacher_tokens, "quarantined": result.quarantined,
+                        "settings": asdict(config)}
+
+            def check(name: str = spec.name) -> bool:
+                try:
+                    store = KVStore.open(path)
+                except Exception:  # noqa: BLE001
+                    return False
+                return name in store.teachers and not store.missing_shards(name) \
+                    and store.manifest.dataset.sample_ids_hash == want
+
+            records[spec.name] = self._unit(where, "extract", f"extract {spec.name}", key, work, check)
+        store = KVStore.open(path)
+        splits.check_split(self.root, "student-train", stage="extract",
+                           sample_ids_hash=store.manifest.dataset.sample_ids_hash)
+        return {"path": str(path), "teachers": records,
+                "digest": digest([[r["digest"], r.get("made")] for r in records.values()])}
+
+    def _student_is_preset(self) -> bool:
+        from kava.distill.student import PRESETS
+
+        return self.cfg.student.model.lower() in PRESETS
+
+    def distill(self, variant: VariantSpec, seed: int, store: dict[str, Any]) -> dict[str, Any]:
+        from kava.kvstore import KVStore
+
+        where = self.root / "students" / variant.name / f"seed-{seed}"
+        cfg = stage_distill_config(self.cfg, variant, seed=seed, store=store["path"], out=str(where))
+        key = digest({"config": cfg.to_dict(), "store": store["digest"]})
+
+        def work() -> dict[str, Any]:
+            from kava.distill.trainer import run_distill
+
+            splits.check_split(self.root, "student-train", stage=f"distill {variant.name}",
+                               sample_ids_hash=KVStore.open(store["path"]).manifest.dataset.sample_ids_hash)
+            resume = self.resumable and (where / "checkpoints").is_dir()
+            if not resume:
+                for old in where.iterdir():  # another config's outputs: start clean
+                    if old.name != "stage.pending":
+                        shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if resume:
+                self.log(f"[distill] {variant.name} seed {seed}: resuming its last checkpoint")
+            cfg.resume = resume
+            result = run_distill(cfg, log=self._quiet)
+            return {"variant": variant.name, "seed": seed, "steps": result.steps, "tokens": result.tokens,
+                    "batch_size": cfg.batch_size * cfg.grad_accum, "final": result.final,
+                    "parameters": result.parameters, "train_seconds": result.seconds, "settings": asdict(cfg)}
+
+        return self._unit(where, "distill", f"distill {variant.name} seed {seed}", key, work,
+                          check=lambda: _finished_student(where, cfg.steps))
+
+    def evaluate(self, teachers: dict[str, dict[str, Any]], students: dict[tuple[str, int], dict[str, Any]],
+                 data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        models = {}
+        if self.cfg.eval.teachers:
+            models.update({f"teacher {n}": (t["model"], t["digest"]) for n, t in teachers.items()})
+        models.update({f"{v} seed {s}": (str(self.root / "students" / v / f"seed-{s}"),
+                                         digest([r["digest"], r.get("made")]))
+                       for (v, s), r in students.items()})
+        e = self.cfg.eval
+        out = {}
+        for label, (model, model_key) in models.items():
+            where = self.root / "eval" / label.replace(" ", "-")
+            key = digest({"model": model_key, "eval": e.__dict__, "split": data["splits"]["eval"]})
+
+            def work(model: str = model, label: str = label, where: Path = where) -> dict[str, Any]:
+                from kava.distill.evaluate import EvalConfig, run_eval
+
+                splits.check_split(self.root, "eval", stage=f"eval {label}")
+                where.mkdir(parents=True, exist_ok=True)
+                config = EvalConfig(
+                    model=model, dataset=str(splits.split_path(self.root, "eval")), split=splits.FILE_SPLIT["eval"],
+                    batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, out=str(where / "items.jsonl"),
+                    device=self.cfg.device, threads=self.cfg.threads, progress=False, nll=True,
+                )
+                result = run_eval(config)
+                curve = [] if label.startswith("teacher ") else self._checkpoint_curve(Path(model), result)
+                return {"model": model, "accuracy": result.accuracy, "nll": result.reference_nll, "n": result.n,
+                        "correct": result.correct, "generated_tokens": result.generated_tokens, "curve": curve,
+                        "settings": asdict(config)}
+
+            out[label] = self._unit(where, "eval", f"eval {label}", key, work,
+                                    check=lambda where=where: (where / "items.jsonl").is_file())
+        return out
+
+    def _checkpoint_curve(self, student: Path, final: Any) -> list[dict[str, float]]:
+        """Accuracy and reference NLL on the first ``eval.checkpoint_rows`` eval rows at every kept checkpoint,
+        ending with the final student (its items from the full eval, the same rows)."""
+        from transformers import AutoTokenizer
+
+        from kava.distill.checkpoint import step_checkpoints, student_at
+        from kava.distill.evaluate import evaluate, reference_nll
+        from kava.extract.templates import load_template
+
+        n, e = self.cfg.eval.checkpoint_rows, self.cfg.eval
+        if n <= 0:
+            return []
+        rows = list(splits.load_split(self.root, "eval"))[:n]
+        tokenizer = AutoTokenizer.from_pretrained(student)
+        template = load_template(json.loads((student / "kava.json").read_text())["template"])
+        steps = json.loads((student / "kava.json").read_text())["steps"]
+        curve = []
+        for step, path in step_checkpoints(student):
+            if step >= steps:
+                continue
+            model = student_at(student, path)
+            scored = evaluate(model, tokenizer, rows, template, batch_size=e.batch_size,
+                              max_new_tokens=e.max_new_tokens)
+            curve.append({"step": step, "accuracy": scored.accuracy,
+                          "nll": reference_nll(model, tokenizer, rows, template, batch_size=e.batch_size)})
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(student).eval()
+        curve.append({"step": steps, "accuracy": sum(i.correct for i in final.items[:n]) / len(rows),
+                      "nll": reference_nll(model, tokenizer, rows, template, batch_size=e.batch_size)})
+        return curve
+
+    def report(self, data: dict[str, Any], teachers: dict[str, Any], store: dict[str, Any],
+               students: dict[tuple[str, int], dict[str, Any]], evals: dict[str, dict[str, Any]]) -> None:
+        from .report import write_report
+
+        t0 = time.perf_counter()
+        self.log("[report] writing")
+        write_report(self.cfg, self.root, data=data, teachers=teachers, store=store, students=students,
+                     evals=evals, timings=self.result.timings)
+        self.result.timings["report"] = round(time.perf_counter() - t0, 2)
+        self.log(f"[report] {self.result.report}")
+
+    def _quiet(self, line: str) -> None:
+        """Stage logs are kept short: the runner prints one line per unit of work."""
+
+
+def _texts(rows: Any) -> list[str]:
+    return [f"{r.question}\n{r.reasoning}\n#### {r.answer}" for r in rows]
+
+
+def _finished_student(where: Path, steps: int | None) -> bool:
+    manifest = where / "kava.json"
+    if not manifest.is_file() or not (where / "config.json").is_file():
+        return False
+    return steps is None or json.loads(manifest.read_text()).get("steps") == steps
+

@@ -1,0 +1,117 @@
+"""The experiment's three disjoint splits, written once and checked by every stage that reads one.
+
+``teacher-train`` trains the teachers made here, ``student-train`` is what the store is extracted over and the
+students learn from, ``eval`` is a separate split no model ever trains on. Each is a GSM8K-form JSONL file under
+``<run>/data/``; ``splits.json`` records each one's row count, its sample-id hash (the hash a store's manifest
+records for the rows it was cut from) and a hash of its questions. A stage loads its file, recomputes the hash and
+refuses to run on anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from kava.kvstore.errors import DatasetError
+
+from .config import DataSpec
+
+ROLES = ("teacher-train", "student-train", "eval")
+FILE_SPLIT = {"teacher-train": "train", "student-train": "train", "eval": "test"}
+"""The split name the rows of each file are read under (it is part of their sample ids)."""
+
+
+def split_path(root: Path, role: str) -> Path:
+    return root / "data" / f"{role}.jsonl"
+
+
+def load_split(root: Path, role: str) -> Any:
+    """The rows of one split file, as every stage reads them."""
+    from kava.extract.data import load_rows
+
+    return load_rows(str(split_path(root, role)), split=FILE_SPLIT[role])
+
+
+def _question_hash(questions: list[str]) -> str:
+    h = hashlib.sha256()
+    for q in sorted(questions):
+        h.update(q.encode() + b"\0")
+    return h.hexdigest()
+
+
+def describe(rows: Any) -> dict[str, Any]:
+    from kava.kvstore import sample_ids_hash
+
+    return {"rows": len(rows), "sample_ids_hash": sample_ids_hash([r.sample_id for r in rows]),
+            "questions_hash": _question_hash([r.question for r in rows])}
+
+
+def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
+    """Draw the pool and the eval split, cut the pool by ``teacher_fraction``, write the files and splits.json."""
+    from kava.extract.data import load_rows
+
+    pool = list(load_rows(spec.dataset, split=spec.pool_split, limit=spec.pool_size, seed=spec.seed,
+                          data_files=spec.data_files))
+    evals = list(load_rows(spec.dataset if spec.eval_files is None or spec.dataset != "gsm8k" else "gsm8k",
+                           split=spec.eval_split, limit=spec.eval_size, seed=spec.seed,
+                           data_files=spec.eval_files))
+    order = list(range(len(pool)))
+    random.Random(spec.seed).shuffle(order)
+    cut = round(spec.teacher_fraction * len(pool))
+    parts = {"teacher-train": [pool[i] for i in sorted(order[:cut])],
+             "student-train": [pool[i] for i in sorted(order[cut:])], "eval": evals}
+    # Disjoint by content, not just by id: the same question under two ids would still leak.
+    seen: dict[str, str] = {}
+    for role, rows in parts.items():
+        for r in rows:
+            if seen.get(r.question, role) != role:
+                raise DatasetError(f"A question is in both the {seen[r.question]} and the {role} split "
+                                   f"({r.sample_id}: {r.question[:60]!r}...). Pick an eval split with no overlap.")
+            seen[r.question] = role
+    if not parts["student-train"] or not parts["eval"]:
+        counts = {k: len(v) for k, v in parts.items()}
+        raise DatasetError(f"Expected rows in every split. Got {counts}. Raise data.pool_size or data.eval_size.")
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"dataset": spec.dataset, "seed": spec.seed, "pool_split": spec.pool_split,
+                              "eval_split": spec.eval_split, "splits": {}}
+    for role, rows in parts.items():
+        path = split_path(root, role)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for r in rows:
+                f.write(json.dumps({"question": r.question, "answer": f"{r.reasoning}\n#### {r.answer}",
+                                    "source_id": r.sample_id}) + "\n")
+        tmp.replace(path)
+        record["splits"][role] = {**describe(load_split(root, role)), "file": str(path.relative_to(root))}
+    (root / "data" / "splits.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def recorded(root: Path) -> dict[str, Any]:
+    path = root / "data" / "splits.json"
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: the data stage has not run. Run `kava run` without --force, or "
+                           "with --force data.")
+    return json.loads(path.read_text())
+
+
+def check_split(root: Path, role: str, *, stage: str, sample_ids_hash: str | None = None) -> Any:
+    """Load ``role``'s rows and refuse if they (or a store's recorded hash) are not the recorded split."""
+    want = recorded(root)["splits"][role]
+    rows = load_split(root, role)
+    got = describe(rows)
+    if got["sample_ids_hash"] != want["sample_ids_hash"] or got["questions_hash"] != want["questions_hash"]:
+        raise DatasetError(f"{stage}: {split_path(root, role)} is not the recorded {role} split (hash "
+                           f"{got['sample_ids_hash'][:12]} vs {want['sample_ids_hash'][:12]}); it changed after the "
+                           "data stage. Rerun with --force data.")
+    if sample_ids_hash is not None and sample_ids_hash != want["sample_ids_hash"]:
+        other = next((r for r, s in recorded(root)["splits"].items() if s["sample_ids_hash"] == sample_ids_hash),
+                     "an unknown set of rows")
+        raise DatasetError(f"{stage}: expected data from the {role} split (hash {want['sample_ids_hash'][:12]}). "
+                           f"Got {other} (hash {sample_ids_hash[:12]}). Each stage reads only its own split; rerun "
+                           f"the stage that wrote it with --force.")
+    return rows

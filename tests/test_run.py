@@ -1,0 +1,266 @@
+"""`kava run`: a whole experiment through the real CLI on a tiny config, then reruns, forced stages, split checks
+and config validation. Everything is real: a teacher trained here, a store on disk, students, eval and the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from kava.kvstore import KVStore
+from kava.kvstore.errors import ConfigError, DatasetError
+from kava.pipelines import splits
+from kava.pipelines.config import load_config, parse_config, shipped_configs
+from kava.pipelines.runner import Runner
+
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
+KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seeds": [1, 2],
+    "baseline": "ce",
+    "data": {"dataset": "synthetic", "pool_size": 48, "teacher_fraction": 0.5, "eval_size": 6},
+    "teachers": [{"name": "t", "train": {"preset": "tiny-llama", "vocab_size": 300, "steps": 4, "batch_size": 4},
+                  "extract": {"with_q": True, "calibration_samples": 0, "shard_tokens": 2048}}],
+    "student": {"model": "tiny-qwen2", "layers": 2, "vocab_size": 280},
+    "train": {"steps": 3, "batch_size": 4, "max_length": 256, "distill": {"checkpoint_every": 2}},
+    "variants": [{"name": "ce"}, {"name": "kv", "teachers": ["t"], "distill": {"loss": "mercator"}}],
+    "eval": {"batch_size": 6, "max_new_tokens": 12, "checkpoint_rows": 4},
+    "threads": 1,
+}
+
+
+def tiny(out: Path, **changes: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(TINY)
+    cfg["out"] = str(out)
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Any]:
+    """The tiny experiment, run once through `kava run CONFIG --json` in a subprocess."""
+    base = tmp_path_factory.mktemp("run")
+    config = base / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(base / "runs")))
+    proc = subprocess.run([*KAVA, "run", str(config), "--json"], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "runs" / "tiny", json.loads(proc.stdout)
+
+
+def records(root: Path, stage: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in root.rglob("stage.json"):
+        r = json.loads(path.read_text())
+        if r["stage"] == stage:
+            out[r["unit"]] = r
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run, end to end
+
+
+def test_run_writes_every_artifact_and_the_report_numbers_come_from_the_run(run):
+    root, summary = run
+    assert Path(summary["report"]) == root / "report.md"
+    assert {"data", "teacher t", "extract t", "distill ce seed 1", "distill kv seed 2", "eval teacher t",
+            "eval kv seed 1"} <= set(summary["ran"])
+    assert yaml.safe_load((root / "config.yaml").read_text()) == parse_config(tiny(root.parent)).to_dict()
+
+    evals = records(root, "eval")
+    report = json.loads((root / "report.json").read_text())
+    acc = {row["variant"]: row for row in report["accuracy"]}
+    for variant in ("ce", "kv"):
+        seeds = [evals[f"eval {variant} seed {s}"]["accuracy"] for s in (1, 2)]
+        assert acc[variant]["mean"] == pytest.approx(np.mean(seeds))
+        assert acc[variant]["n"] == 2
+    nll = {row["variant"]: row for row in report["nll"]}
+    assert nll["kv"]["mean"] == pytest.approx(np.mean([evals[f"eval kv seed {s}"]["nll"] for s in (1, 2)]))
+    assert acc["kv"]["p"] is None or 0 <= acc["kv"]["p"] <= 1
+
+    text = (root / "report.md").read_text()
+    teacher_acc = evals["eval teacher t"]["accuracy"]
+    assert f"| teacher `t` | – | {100 * teacher_acc:.1f} |" in text
+    assert "Steps and tokens are **equal across variants for every seed**." in text
+    # Task accuracy at the kept checkpoint (step 2) and at the end, on the first 4 eval rows.
+    curve = evals["eval kv seed 1"]["curve"]
+    assert [p["step"] for p in curve] == [2, 3]
+    items = [json.loads(line) for line in (root / "eval" / "kv-seed-1" / "items.jsonl").read_text().splitlines()]
+    assert curve[-1]["accuracy"] == sum(i["correct"] for i in items[:4]) / 4
+    assert report["checkpoints"]["kv"][0]["step"] == 2
+    for png in ("accuracy", "nll", "learning-curves", "layer-cosine", "cka-t-k", "layer-map-t", "checkpoint-accuracy",
+                "checkpoint-nll"):
+        assert f"figures/{png}.png" in text
+        assert (root / "figures" / f"{png}.png").stat().st_size > 10_000
+
+
+def test_variants_train_at_equal_compute_on_the_recorded_student_split(run):
+    root, _ = run
+    compute = json.loads((root / "report.json").read_text())["compute"]
+    for seed in (1, 2):
+        assert compute[f"ce seed {seed}"] == compute[f"kv seed {seed}"]
+        assert compute[f"ce seed {seed}"]["steps"] == 3
+    store = KVStore.open(root / "kv.zarr")
+    recorded = splits.recorded(root)["splits"]
+    assert store.manifest.dataset.sample_ids_hash == recorded["student-train"]["sample_ids_hash"]
+    assert store.manifest.num_samples == recorded["student-train"]["rows"] == 24
+
+
+def test_splits_are_disjoint_and_hashed(run):
+    root, _ = run
+    questions = {role: {json.loads(line)["question"] for line in splits.split_path(root, role).read_text().splitlines()}
+                 for role in splits.ROLES}
+    assert [len(q) for q in questions.values()] == [24, 24, 6]
+    assert not questions["teacher-train"] & questions["student-train"]
+    assert not (questions["teacher-train"] | questions["student-train"]) & questions["eval"]
+    for role, s in splits.recorded(root)["splits"].items():
+        assert splits.describe(splits.load_split(root, role))["sample_ids_hash"] == s["sample_ids_hash"]
+
+
+def test_a_stage_fed_another_split_refuses(run, tmp_path):
+    root, _ = run
+    student_hash = splits.recorded(root)["splits"]["student-train"]["sample_ids_hash"]
+    with pytest.raises(DatasetError, match="expected data from the eval split .* Got student-train"):
+        splits.check_split(root, "eval", stage="eval", sample_ids_hash=student_hash)
+
+    copy_root = tmp_path / "copy"
+    (copy_root / "data").mkdir(parents=True)
+    for f in (root / "data").glob("*.json*"):
+        (copy_root / "data" / f.name).write_bytes(f.read_bytes())
+    edited = splits.split_path(copy_root, "student-train")
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))  # one row dropped
+    with pytest.raises(DatasetError, match="distill: .*student-train.jsonl is not the recorded student-train split"):
+        splits.check_split(copy_root, "student-train", stage="distill")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reruns
+
+
+def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_forced(run, tmp_path):
+    root, _ = run
+    cfg = parse_config(tiny(root.parent))
+    assert Runner(cfg, log=lambda _: None).run().ran == []
+
+    # Outputs are checked, not assumed: a student without its weights is trained (and evaluated) again.
+    (root / "students" / "kv" / "seed-1" / "kava.json").unlink()
+    assert Runner(cfg, log=lambda _: None).run().ran == ["distill kv seed 1", "eval kv seed 1"]
+
+    # --force eval redoes every evaluation and nothing upstream.
+    ran = Runner(cfg, force=("eval",), log=lambda _: None).run().ran
+    assert sorted(ran) == sorted(["eval teacher t"] + [f"eval {v} seed {s}" for v in ("ce", "kv") for s in (1, 2)])
+
+    with pytest.raises(ConfigError, match="--force: expected stages from data, teachers, .* Got distil instead"):
+        Runner(cfg, force=("distil",))
+
+
+def test_killed_run_resumes_the_interrupted_student_exactly(tmp_path):
+    from conftest import sigkill_when
+
+    out = tmp_path / "runs"
+    config = tmp_path / "tiny.yaml"
+    cfg = tiny(out, seeds=[1], variants=[{"name": "ce"}],
+               train={"steps": 8, "batch_size": 4, "max_length": 256, "distill": {"checkpoint_every": 1}})
+    cfg["eval"]["teachers"] = False
+    config.write_text(yaml.safe_dump(cfg))
+    student = out / "tiny" / "students" / "ce" / "seed-1"
+
+    def checkpointed() -> bool:
+        metrics = student / "metrics.jsonl"
+        return metrics.is_file() and len(metrics.read_text().splitlines()) >= 3
+
+    proc = subprocess.Popen([*KAVA, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    sigkill_when(proc, checkpointed)
+    assert not (student / "stage.json").exists()
+
+    done = subprocess.run([*KAVA, "run", str(config)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming its last checkpoint" in done.stderr
+    assert "teacher t: done already" in done.stderr
+    steps = [json.loads(line)["step"] for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_validates(name):
+    from kava.pipelines.config import configs_dir
+
+    cfg = load_config(configs_dir() / f"{name}.yaml")
+    assert cfg.baseline in [v.name for v in cfg.variants]
+    assert set(shipped_configs()) >= {"default", "gsm8k-qwen7b4bit-to-qwen0.5b", "multi-teacher", "ablation"}
+
+
+def test_the_ablation_config_covers_the_design_matrix():
+    from kava.pipelines.config import configs_dir
+
+    cfg = load_config(configs_dir() / "ablation.yaml")
+    options = [{**v.distill, "teachers": tuple(v.teachers)} for v in cfg.variants]
+    assert {o.get("projector") for o in options} >= {"flat", "structured"}
+    assert any(o.get("share_dim_proj") for o in options) and any(o.get("init_uniform") is False for o in options)
+    assert any(o.get("alpha_v") == 0 for o in options) and any(o.get("alpha_k") == 0 for o in options)
+    assert any(o.get("loss") == "structural" for o in options)
+    assert {o.get("fusion") for o in options if len(o["teachers"]) == 2} == {"fixed", "similarity", "learnable"}
+    assert {cfg.teacher(t).extract.get("alignment") for o in options for t in o["teachers"]} >= {"hard", "soft"}
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    bad = tiny(tmp_path, seeds=[], stpes=3)
+    bad["teachers"][0]["extract"]["with_q"] = "maybe"
+    bad["teachers"][0]["extract"]["bogus"] = 1
+    bad["variants"] = [{"name": "ce", "distill": {"steps": 10}}, {"name": "kv", "teachers": ["nope"],
+                                                                   "distill": {"loss": "cosine"}}]
+    bad["baseline"] = "base"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([*KAVA, "run", str(path), "--check"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 1
+    for expected in ("Found 8 problems", "unknown key 'stpes'", "seeds: expected distinct integers",
+                     "extract.with_q: expected bool. Got 'maybe'", "unknown option 'bogus'",
+                     "variants[ce].distill: 'steps' sets compute", "no teacher ['nope']",
+                     "--loss: expected one of mse, mercator, structural. Got 'cosine'", "'base' is not a variant"):
+        assert expected in proc.stderr
+    assert not (tmp_path / "tiny").exists()  # nothing ran
+
+
+def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
+    ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 3 seeds)" in ok.stderr
+    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, default"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_a_checkpoint_loads_as_the_student_it_was(run):
+    """The last checkpoint (written at the final step) loads into exactly the saved student; an earlier one differs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kava.distill.checkpoint import step_checkpoints, student_at
+
+    root, _ = run
+    out = root / "students" / "kv" / "seed-1"
+    (early, first), (last, final) = step_checkpoints(out)
+    assert (early, last) == (2, 3)
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        want = saved(ids).logits
+        assert torch.equal(student_at(out, final)(ids).logits, want)
+        assert not torch.allclose(student_at(out, first)(ids).logits, want)
