@@ -90,3 +90,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def related():
+    """Two related feature sets ``[300, 24]`` and ``[300, 16]`` with non-zero means (as activations have): what the
+    CKA tests compare, in extraction's estimators and in the analysis references."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 24)) + rng.normal(size=24) * 5
+    y = np.tanh(x[:, :16]) @ rng.normal(size=(16, 16)) + 0.5 * rng.normal(size=(300, 16)) + 3.0
+    return x, y

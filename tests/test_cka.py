@@ -43,15 +43,6 @@ def _random_orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-@pytest.fixture
-def related() -> tuple[np.ndarray, np.ndarray]:
-    """Two related feature sets [300, 24] and [300, 16] with non-zero means (as activations have)."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 24)) + rng.normal(size=24) * 5
-    y = np.tanh(x[:, :16]) @ rng.normal(size=(16, 16)) + 0.5 * rng.normal(size=(300, 16)) + 3.0
-    return x, y
-
-
 def test_self_similarity_is_one(related):
     x, y = related
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
