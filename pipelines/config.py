@@ -224,10 +224,13 @@ def parse_config(data: Any, *, source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path | None) -> RunConfig:
-    """The config at ``path``, or the embedded default (``pipelines/configs/default.yaml``) for None."""
+    """The config at ``path`` (or a shipped config by name), or the embedded default
+    (``pipelines/configs/default.yaml``) for None."""
     import yaml
 
     path = Path(path) if path is not None else default_config_path()
+    if not path.is_file() and str(path) in shipped_configs():
+        path = configs_dir() / f"{path}.yaml"  # a shipped config by name: `kava run ablation`
     if not path.is_file():
         raise ConfigError(f"Config {str(path)!r} does not exist. Pass a YAML file, or none for the embedded default "
                           f"(shipped configs: {', '.join(shipped_configs())}).")

@@ -243,6 +243,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
     ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
     assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 3 seeds)" in ok.stderr
+    assert load_config("ablation") == load_config(Path(__file__).parents[1] / "pipelines" / "configs" / "ablation.yaml")
     with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, default"):
         load_config(tmp_path / "nope.yaml")
 
