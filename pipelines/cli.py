@@ -141,11 +141,38 @@ def _estimate_command() -> click.Command:
     @click.option("--store", "store", default="(estimate)", help="Accepted so an extract command line can be reused.")
     @click.option("--teacher", "teacher", help="Preset name, local model directory, or hub id. [required]")
     @click.option("--timed-samples", default=16, show_default=True, help="Samples run through the teacher to time it.")
+    @click.option("--run-config", help="Plan a `kava run` config instead (e.g. gsm8k-qwen7b4bit-to-qwen0.5b): sizes "
+                                       "from the models' geometry, no teacher is loaded.")
+    @click.option("--tokens-per-s", default=5000.0, show_default=True,
+                  help="With --run-config: the teacher throughput to assume (tokens/s per GPU).")
+    @click.option("--step-seconds", default=0.5, show_default=True,
+                  help="With --run-config: the student step time to assume.")
+    @click.option("--read-store", help="With --run-config: measure how fast this machine streams this store.")
     @click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
-    def estimate(as_json: bool, timed_samples: int, config_file: str | None, **values: Any) -> None:
+    def estimate(as_json: bool, timed_samples: int, run_config: str | None, tokens_per_s: float,
+                 step_seconds: float, read_store: str | None, config_file: str | None, **values: Any) -> None:
         """Takes the same options as `kava extract`; prints the store size for each storage dtype (with the
-        compression measured on a timed sample) and the predicted extraction time. Writes nothing."""
+        compression measured on a timed sample) and the predicted extraction time. Writes nothing.
+
+        With --run-config it plans a whole experiment instead: store size per dtype and layer subset, extraction
+        GPU-hours and the read bandwidth a student step needs (--student-tokenizer, --data-files and --limit
+        apply)."""
         from kava.extract.estimate import format_estimate
+
+        if run_config is not None:
+            from kava.kvstore import KavaError
+
+            from .config import load_config
+            from .scale import format_plan, plan
+
+            try:
+                result = plan(load_config(run_config), student_tokenizer=values.get("student_tokenizer"),
+                              data_files=values.get("data_files"), limit=values.get("limit"),
+                              tokens_per_s=tokens_per_s, step_seconds=step_seconds, store=read_store)
+            except KavaError as e:
+                fail(str(e))
+            emit_json(result) if as_json else click.echo(format_plan(result))
+            return
 
         result = run_stage(ExtractConfig, values, config_file, "kava.extract.estimate:estimate",
                            timed_samples=timed_samples)
