@@ -13,13 +13,6 @@ from typing import Any, NoReturn
 
 import click
 
-NOT_BUILT_EXIT = 2
-PLANNED = {
-    "slurm": "Render sbatch scripts for extraction job arrays and torchrun distillation.",
-    "doctor": "Check what a cluster run needs: CUDA, bitsandbytes, cached models, disk, dask.",
-}
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -82,25 +75,6 @@ def main() -> None:
     aligned to the student's tokens, into a chunked Zarr store; `kava distill` streams that store into a student
     trainer. Teachers and student never share a GPU.
     """
-
-
-def _planned(name: str, summary: str) -> click.Command:
-    @click.command(
-        name,
-        help=f"{summary}\n\nNot built yet in this version.",
-        short_help=summary,
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    )
-    @click.pass_context
-    def command(ctx: click.Context) -> None:
-        click.echo(f"kava {name}: not built yet in kava {_version()}; `kava store info|verify` work now.", err=True)
-        ctx.exit(NOT_BUILT_EXIT)
-
-    return command
-
-
-for _name, _summary in PLANNED.items():
-    main.add_command(_planned(_name, _summary))
 
 
 def _extract_command() -> click.Command:
@@ -397,6 +371,132 @@ def cka(store: str, teacher: str, vs: str | None, out: str, array: str, estimato
         fail(str(e))
     if as_json:
         emit_json(result.to_dict())
+
+
+def _write_scripts(scripts: list[tuple[str, str]], out_dir: str | None) -> None:
+    """Print one script to stdout, or write each to ``out_dir/<name>.sbatch`` and say how to submit them."""
+    from pathlib import Path
+
+    if out_dir is None:
+        if len(scripts) != 1:
+            fail(f"This renders {len(scripts)} scripts ({', '.join(n for n, _ in scripts)}): pass --out-dir DIR.")
+        click.echo(scripts[0][1], nl=False)
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name, text in scripts:
+        path = Path(out_dir) / f"{name}.sbatch"
+        path.write_text(text)
+        click.echo(f"wrote {path}", err=True)
+
+
+def _slurm_command(stage: str) -> click.Command:
+    """`kava slurm extract|distill`: every option of the stage, the Slurm options, and where the script goes."""
+    import dataclasses
+
+    from .options import build_config, config_options
+    from .slurm import SlurmOptions
+
+    if stage == "extract":
+        from kava.extract.config import ExtractConfig as cls
+
+        required, exclude = ("teacher", "store"), ("command", "extra", "shard", "resume", "cluster", "scheduler")
+    else:
+        from kava.distill.config import DistillConfig as cls
+
+        required, exclude = ("student", "out"), ("command", "extra", "resume")
+    slurm_fields = {f.name for f in dataclasses.fields(SlurmOptions)}
+
+    @click.command(stage, short_help=f"An sbatch script for `kava {stage}`"
+                   + (" (a job array over shards)." if stage == "extract" else " under torchrun."))
+    @config_options(SlurmOptions, config_flag=False)
+    @config_options(cls, exclude=exclude + required)
+    @click.option("--jobs", default=8, show_default=True, help="Extraction: array tasks (each writes 1/N of the shards).")
+    @click.option("--out-dir", help="Write <job-name>.sbatch files here instead of printing the script.")
+    def command(jobs: int, out_dir: str | None, config_file: str | None, **values: Any) -> None:
+        from kava.kvstore import KavaError
+
+        from . import slurm as render
+
+        slurm_values = {k: values.pop(k) for k in list(values) if k in slurm_fields}
+        try:
+            opts = SlurmOptions(**{k: v for k, v in slurm_values.items() if v is not None})
+            cfg = build_config(cls, values, config_file)
+            if stage == "extract":
+                scripts = [(f"{opts.job_name}-extract", render.render_extract(cfg, opts, jobs=jobs)),
+                           (f"{opts.job_name}-verify", render.render_verify(cfg, opts))]
+                scripts = scripts if out_dir else scripts[:1]
+            else:
+                scripts = [(f"{opts.job_name}-distill", render.render_distill(cfg, opts))]
+        except KavaError as e:
+            fail(str(e))
+        _write_scripts(scripts, out_dir)
+
+    for name in reversed(required):  # the stage's required options, spelled as in `kava extract|distill`
+        command = click.option(f"--{name}", name, help=f"As in `kava {stage}`. [required]")(command)
+    return command
+
+
+class _SlurmGroup(click.Group):
+    """Builds `extract` and `distill` (options from their stage's config) only when they are asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {"extract", "distill"})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _slurm_command(name) if name in ("extract", "distill") else super().get_command(ctx, name)
+
+
+@main.group("slurm", cls=_SlurmGroup, short_help="Render sbatch scripts: extraction job arrays, torchrun distillation.")
+def slurm() -> None:
+    """Render sbatch scripts from the same options (or config) as the commands they run: `kava slurm extract` is a
+    job array whose task i writes shards i, i+N, ... of one store (`--shard i/N --resume`, so a requeued task
+    finishes its slice); `kava slurm distill` launches torchrun on every node with a c10d rendezvous on the first;
+    `kava slurm run CONFIG` renders one stage of a `kava run` experiment. Print to stdout or write to --out-dir."""
+
+
+@slurm.command("run", short_help="The scripts of one stage of a `kava run` experiment.")
+@click.argument("config", type=str)
+@click.option("--stage", type=click.Choice(["extract", "distill"]), required=True)
+@click.option("--jobs", default=8, show_default=True, help="Extraction: array tasks per teacher.")
+@click.option("--out-dir", required=True, help="Directory for the <name>.sbatch files.")
+def slurm_run(config: str, stage: str, jobs: int, out_dir: str) -> None:
+    """One script per teacher (extraction array + verify) or per variant and seed (distillation), at the paths
+    `kava run CONFIG` uses, so `kava run` picks up a store the cluster extracted."""
+    from kava.kvstore import KavaError
+
+    from .config import load_config
+    from .slurm import SlurmOptions, render_from_run_config
+
+    try:
+        scripts = render_from_run_config(load_config(config), SlurmOptions(), stage=stage, jobs=jobs, config=config)
+    except KavaError as e:
+        fail(str(e))
+    _write_scripts(scripts, out_dir)
+
+
+@main.command("doctor", short_help="Check what a cluster run needs: CUDA, bitsandbytes, cached models, disk, dask.")
+@click.argument("config", required=False)
+@click.option("--store", help="Where the store goes (default: the config's run directory).")
+@click.option("--teacher", "teachers", multiple=True, help="A teacher to check (preset, hub id or directory).")
+@click.option("--student", "students", multiple=True, help="A student to check.")
+@click.option("--slurm", "use_slurm", is_flag=True, help="Also require dask-jobqueue and the Slurm commands.")
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def doctor(config: str | None, store: str | None, teachers: tuple[str, ...], students: tuple[str, ...],
+           use_slurm: bool, as_json: bool) -> None:
+    """Check this machine for a run of CONFIG (a `kava run` YAML or a shipped config's name) or of the given
+    teachers and students: Python and torch, CUDA devices, bitsandbytes' backend, every model in the local Hugging
+    Face cache when offline, free disk for the estimated store, write access, dask and dask-jobqueue. Exit 0 when
+    nothing fails, 1 otherwise; each problem names its fix."""
+    from kava.kvstore import KavaError
+
+    from .doctor import run_doctor
+
+    try:
+        report = run_doctor(config, store=store, teachers=teachers, students=students, slurm=use_slurm)
+    except KavaError as e:
+        fail(str(e))
+    emit_json(report.to_dict()) if as_json else click.echo(report.format())
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -372,3 +372,33 @@ def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, sto
         grad_accum=t.grad_accum, max_length=t.max_length, device=cfg.device, threads=cfg.threads,
         progress=False, **options,
     )
+
+
+def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | None = None,
+                         resume: bool = False) -> Any:
+    """The ExtractConfig `kava run` extracts ``teacher`` with: into ``<root>/kv.zarr``, over the student-train split
+    file, on the student's tokenizer grid and layer count, then the teacher's own ``extract:`` options.
+
+    ``model`` is the teacher to load (default: its ``model:``); a teacher trained here passes its trained directory.
+    """
+    from kava.distill.student import PRESETS
+    from kava.extract.config import ExtractConfig
+
+    from . import splits  # imports this module: not at the top
+
+    model = model if model is not None else teacher.model
+    if model is None:
+        raise ConfigError(f"teachers[{teacher.name}] is trained by `kava run` (train:): pass its trained model "
+                          "directory to extract it.")
+    root = cfg.root
+    preset = cfg.student.model.lower() in PRESETS
+    # A preset student without a tokenizer gets one trained in the data stage; otherwise the given or its own.
+    tokenizer = str(root / "data" / "student-tokenizer") if preset and cfg.student.tokenizer is None else \
+        cfg.student.tokenizer or cfg.student.model
+    return ExtractConfig(
+        teacher=model, store=str(root / "kv.zarr"), name=teacher.name,
+        dataset=str(splits.split_path(root, "student-train")), split=splits.FILE_SPLIT["student-train"],
+        student_tokenizer=tokenizer, student_layers=cfg.student.layers if preset else None,
+        student=None if preset else cfg.student.model, device=cfg.device, threads=cfg.threads, progress=False,
+        resume=resume, **teacher.extract,
+    )

@@ -37,8 +37,10 @@ def _base_type(annotation: Any) -> type:
     return args[0] if args else annotation
 
 
-def config_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorate a click command with one option per dataclass field (plus ``--config``)."""
+def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: bool = True) -> Callable[[Callable],
+                                                                                                      Callable]:
+    """Decorate a click command with one option per dataclass field (plus ``--config`` unless ``config_flag`` is
+    False: a command taking two dataclasses' options has one)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
 
@@ -58,6 +60,8 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Cal
                 show = "" if required or f.default is None else f" [default: {f.default}]"
                 fn = click.option(flag, f.name, type={int: int, float: float, str: str}.get(kind, str), default=None,
                                   help=help_text + (" [required]" if required else show))(fn)
+        if not config_flag:
+            return fn
         return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                             help="YAML file with these options as keys; flags given here override it.")(fn)
 

@@ -29,7 +29,7 @@ import yaml
 from kava.kvstore.errors import ConfigError
 
 from . import splits
-from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config
+from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config
 
 STAGES = ("data", "teachers", "extract", "distill", "eval", "report")
 Log = Callable[[str], None]
@@ -202,7 +202,6 @@ class Runner:
             where = self.root / "stages" / "extract" / spec.name
 
             def work(spec: TeacherSpec = spec) -> dict[str, Any]:
-                from kava.extract.config import ExtractConfig
                 from kava.extract.recipe import run_extract
 
                 splits.check_split(self.root, "student-train", stage=f"extract {spec.name}")
@@ -211,16 +210,7 @@ class Runner:
                     if store.manifest.dataset.sample_ids_hash != want:
                         shutil.rmtree(path)  # cut from another split (the data changed): start over
                 resume = path.exists() and spec.name in KVStore.open(path).teachers
-                preset = self._student_is_preset()
-                config = ExtractConfig(
-                    teacher=teachers[spec.name]["model"], store=str(path), name=spec.name,
-                    dataset=str(splits.split_path(self.root, "student-train")),
-                    split=splits.FILE_SPLIT["student-train"], student_tokenizer=self.student_tokenizer,
-                    student_layers=self.cfg.student.layers if preset else None,
-                    student=None if preset else self.cfg.student.model,
-                    device=self.cfg.device, threads=self.cfg.threads, progress=False, resume=resume,
-                    **spec.extract,
-                )
+                config = stage_extract_config(self.cfg, spec, model=teachers[spec.name]["model"], resume=resume)
                 result = run_extract(config, log=self._quiet)
                 return {"samples": result.samples, "student_tokens": result.student_tokens,
                         "teacher_tokens": result.teacher_tokens, "quarantined": result.quarantined,
