@@ -40,7 +40,7 @@ class RunResult:
     root: Path
     report: Path
     ran: list[str] = field(default_factory=list)
-    """Units of work that ran (the others were reused)."""
+    """Units of work that ran (the others were reused, or adopted from runs made elsewhere)."""
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -73,20 +73,31 @@ class Runner:
         return same and check()
 
     def _unit(self, where: Path, stage: str, label: str, key: str, work: Callable[[], dict[str, Any]],
-              check: Callable[[], bool] = lambda: True) -> dict[str, Any]:
-        """Run ``work`` unless ``where`` already holds its outputs for ``key``; return its stage.json record."""
+              check: Callable[[], bool] = lambda: True,
+              adopt: Callable[[], dict[str, Any] | None] | None = None) -> dict[str, Any]:
+        """Run ``work`` unless ``where`` already holds its outputs for ``key``; return its stage.json record.
+
+        ``adopt`` recognises outputs made outside the runner (by the rendered sbatch scripts) when there is no
+        stage.json: it returns their record, or None to run ``work``."""
         if self._done(where, stage, key, check):
             record = json.loads((where / "stage.json").read_text())
             self.log(f"[{stage}] {label}: done already ({where})")
             self.result.timings[label] = record.get("seconds", 0.0)
             return record
-        self.log(f"[{stage}] {label}: running")
-        where.mkdir(parents=True, exist_ok=True)
-        pending = where / "stage.pending"  # a unit killed with this same key may resume its checkpoints
-        self.resumable = pending.is_file() and pending.read_text() == key
-        pending.write_text(key)
+        adopted = None
+        if adopt is not None and stage not in self.force and not (where / "stage.json").is_file():
+            adopted = adopt()
         t0 = time.perf_counter()
-        info = work()
+        if adopted is not None:
+            self.log(f"[{stage}] {label}: made elsewhere, checked and adopted ({where})")
+            info = {**adopted, "adopted": True}
+        else:
+            self.log(f"[{stage}] {label}: running")
+            where.mkdir(parents=True, exist_ok=True)
+            pending = where / "stage.pending"  # a unit killed with this same key may resume its checkpoints
+            self.resumable = pending.is_file() and pending.read_text() == key
+            pending.write_text(key)
+            info = work()
         seconds = time.perf_counter() - t0
         record = {"stage": stage, "unit": label, "digest": key, "seconds": round(seconds, 2),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "made": time.time_ns(), **info}
@@ -95,7 +106,8 @@ class Runner:
         tmp.write_text(json.dumps(record, indent=2, default=str))
         tmp.replace(where / "stage.json")
         (where / "stage.pending").unlink(missing_ok=True)
-        self.result.ran.append(label)
+        if adopted is None:
+            self.result.ran.append(label)
         self.result.timings[label] = record["seconds"]
         self.log(f"[{stage}] {label}: {seconds:.1f} s")
         return record
@@ -224,7 +236,10 @@ class Runner:
                 return name in store.teachers and not store.missing_shards(name) \
                     and store.manifest.dataset.sample_ids_hash == want
 
-            records[spec.name] = self._unit(where, "extract", f"extract {spec.name}", key, work, check)
+            def adopt(name: str = spec.name) -> dict[str, Any] | None:
+                return {"samples": KVStore.open(path).manifest.num_samples} if check(name) else None
+
+            records[spec.name] = self._unit(where, "extract", f"extract {spec.name}", key, work, check, adopt)
         store = KVStore.open(path)
         splits.check_split(self.root, "student-train", stage="extract",
                            sample_ids_hash=store.manifest.dataset.sample_ids_hash)
@@ -261,8 +276,22 @@ class Runner:
                     "batch_size": cfg.batch_size * cfg.grad_accum, "final": result.final,
                     "parameters": result.parameters, "train_seconds": result.seconds, "settings": asdict(cfg)}
 
+        def adopt() -> dict[str, Any] | None:
+            """A student the rendered sbatch script trained: finished, with this very config."""
+            from kava.distill.config import RESUME_MAY_DIFFER
+
+            saved = where / "config.yaml"
+            if not _finished_student(where, cfg.steps) or not saved.is_file():
+                return None
+            theirs, mine = yaml.safe_load(saved.read_text()), cfg.to_dict()
+            if any(theirs.get(k) != v for k, v in mine.items() if k not in RESUME_MAY_DIFFER):
+                return None
+            made = json.loads((where / "kava.json").read_text())
+            return {"variant": variant.name, "seed": seed, "steps": made["steps"], "tokens": made["tokens"],
+                    "batch_size": cfg.batch_size * cfg.grad_accum, "final": made["final"], "settings": asdict(cfg)}
+
         return self._unit(where, "distill", f"distill {variant.name} seed {seed}", key, work,
-                          check=lambda: _finished_student(where, cfg.steps))
+                          check=lambda: _finished_student(where, cfg.steps), adopt=adopt)
 
     def evaluate(self, teachers: dict[str, dict[str, Any]], students: dict[tuple[str, int], dict[str, Any]],
                  data: dict[str, Any]) -> dict[str, dict[str, Any]]:

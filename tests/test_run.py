@@ -156,6 +156,16 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_forced(run, tmp_
     cfg = parse_config(tiny(root.parent))
     assert Runner(cfg, log=lambda _: None).run().ran == []
 
+    # A student and a store made outside the runner (by the rendered sbatch scripts) are checked and adopted.
+    (root / "students" / "ce" / "seed-2" / "stage.json").unlink()
+    lines: list[str] = []
+    assert Runner(cfg, log=lines.append).run().ran == ["eval ce seed 2"]
+    assert any(line.startswith("[distill] distill ce seed 2: made elsewhere, checked and adopted") for line in lines)
+    (root / "stages" / "extract" / "t" / "stage.json").unlink()
+    lines.clear()
+    ran = Runner(cfg, log=lines.append).run().ran
+    assert any(line.startswith("[extract] extract t: made elsewhere") for line in lines) and "teacher t" not in ran
+
     # Outputs are checked, not assumed: a student without its weights is trained (and evaluated) again.
     (root / "students" / "kv" / "seed-1" / "kava.json").unlink()
     assert Runner(cfg, log=lambda _: None).run().ran == ["distill kv seed 1", "eval kv seed 1"]
