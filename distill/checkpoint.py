@@ -1,9 +1,10 @@
 """Resumable checkpoints: ``<out>/checkpoints/step-NNNNNN/``.
 
 Each holds the weights of the student and its heads (``weights.safetensors``), the optimizer, the schedule and
-the RNG states (``state.pt``, read back with ``weights_only=True``), and ``state.json`` (step, loader position,
-tokens seen, the run's config). A checkpoint is written under a ``.tmp`` name and renamed into place when whole,
-so a run killed while writing one leaves the previous checkpoint as the latest.
+the RNG states (``state.pt``, read back with ``weights_only=True``; under DDP every rank's), and ``state.json``
+(step, loader position, tokens seen, the number of processes, the run's config). A checkpoint is written under a
+``.tmp`` name and renamed into place when whole, so a run killed while writing one leaves the previous checkpoint as
+the latest.
 """
 
 from __future__ import annotations
@@ -68,10 +69,21 @@ def student_at(out: Path, checkpoint: Path) -> Any:
     return model.eval()
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: the CPU generator's and every CUDA device's (None without CUDA)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
 def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule: Any, cfg: DistillConfig, *,
                     step: int, position: tuple[int, int], tokens: int, keep: int, shards: list[int],
-                    tag: str | None = None) -> Path:
-    """Write a checkpoint of the state after ``step`` optimizer steps; keep the newest ``keep`` step checkpoints."""
+                    tag: str | None = None, world_size: int = 1,
+                    rank_rng: list[dict[str, Any]] | None = None) -> Path:
+    """Write a checkpoint of the state after ``step`` optimizer steps; keep the newest ``keep`` step checkpoints.
+
+    Under DDP rank 0 writes it for the job: ``world_size`` ranks, whose RNG states (:func:`rng_state`, in rank
+    order) are ``rank_rng``; without them this process's own are saved.
+    """
     from safetensors.torch import save_model
 
     root = checkpoint_dir(out)
@@ -82,13 +94,15 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(module, str(tmp / "weights.safetensors"))  # handles tied embeddings (shared storage)
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng},
-               tmp / "state.pt")
+    state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "rng": rank_rng[0] if rank_rng else rng_state()}
+    if rank_rng:
+        state["rank_rng"] = rank_rng
+    torch.save(state, tmp / "state.pt")
     # The shards the loader planned with: with --allow-incomplete they can grow between runs, and the order with them.
+    # The loader's position is one rank's, and every rank's only for the same number of ranks.
     meta = {"step": step, "position": list(position), "tokens": tokens, "shards": list(shards),
-            "config": cfg.to_dict()}
+            "world_size": world_size, "config": cfg.to_dict()}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -102,11 +116,27 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule
     return final
 
 
+def check_world_size(path: Path, world_size: int) -> None:
+    """Refuse to resume ``path`` with another number of processes: the ranks' shards and the saved loader position
+    hold only for the number it was written with (checkpoints from before DDP were written by one)."""
+    saved = int(json.loads((path / "state.json").read_text()).get("world_size", 1))
+    if saved != world_size:
+        fix = ("Resume it in one process, without torchrun" if saved == 1 else
+               f"Resume it with {saved} processes (torchrun --nproc-per-node {saved}, or kava distill --nproc {saved})")
+        raise ConfigError(
+            f"--resume: {path} was written by a run of {saved} process(es) (WORLD_SIZE={saved}), and this run has "
+            f"{world_size} (WORLD_SIZE={world_size}); each rank's shards and the saved loader position depend on "
+            f"the number of processes. {fix}, or start a new run with another --out."
+        )
+
+
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: Any, schedule: Any,
-                    cfg: DistillConfig, shards: list[int]) -> dict[str, Any]:
-    """Restore ``path`` into the run's objects; refuse when the run's config or usable shards differ."""
+                    cfg: DistillConfig, shards: list[int], *, world_size: int = 1, rank: int = 0) -> dict[str, Any]:
+    """Restore ``path`` into the run's objects; refuse when the run's config, usable shards or number of processes
+    differ. The returned ``rng`` is rank ``rank``'s."""
     from safetensors.torch import load_model
 
+    check_world_size(path, world_size)
     meta = json.loads((path / "state.json").read_text())
     saved = meta["config"]
     now = cfg.to_dict()
@@ -127,7 +157,7 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: Any, schedul
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    return {**meta, "rng": state["rng"]}
+    return {**meta, "rng": state["rank_rng"][rank] if "rank_rng" in state else state["rng"]}
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -12,13 +12,16 @@ Order of construction, and why:
 7. the loop: micro-batches with accumulation, one optimizer step, one metrics line, a checkpoint every N steps.
 
 With no store, or a K/V weight of 0, the same loop is plain fine-tuning: the CE-only baseline.
+
+Under torchrun (``WORLD_SIZE`` > 1) every rank runs this recipe with the same config: it reads its own shards, DDP
+averages the gradients, the logged terms are averaged over ranks and the tokens summed, and rank 0 alone writes the
+metrics, checkpoints and outputs (:mod:`.ddp`). One process runs exactly the loop above.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from kava.extract.recipe import Log, log_stderr
 from kava.kvstore.errors import ConfigError, KavaError
 
 from .config import DistillConfig
+from .ddp import Ranks
+
 
 class TrainingError(KavaError):
     """Training cannot go on (a non-finite loss); a checkpoint was written first."""
@@ -52,19 +57,21 @@ class DistillResult:
 
 
 def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
-    """Train ``cfg.student`` and write it, with its heads, config and metrics, into ``cfg.out``."""
+    """Train ``cfg.student`` and write it, with its heads, config and metrics, into ``cfg.out``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same config and trains with DDP on its own
+    shards; rank 0 alone writes and logs (see :mod:`.ddp`). Every rank returns the run's result (times its own).
+    """
     import torch
 
-    from .checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
-    from .loader import StreamLoader
-    from .student import load_student, save_student
-    from .steps import DistillModule, build_objective, make_optimizer, make_schedule, resolve_data
+    from . import ddp
 
     started = time.perf_counter()
-    # 1. The config and the output directory.
+    # 1. The config, the process layout and the output directory, checked by every rank before any rank writes.
     cfg.validate()
+    ranks = ddp.ranks_from_env()
     out = Path(cfg.out)
-    resume_from = _check_out(cfg, out)
+    resume_from = _check_out(cfg, out, ranks.world_size)
     if cfg.tensorboard:
         _check_tensorboard()
     if cfg.threads is not None:
@@ -72,26 +79,47 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available here. Use --device cpu.")
-    out.mkdir(parents=True, exist_ok=True)
+    device = ddp.rank_device(device, ranks, cfg.device)
+    with ddp.process_group(ranks, device):  # one process: no group
+        return _train(cfg, out, resume_from, device, ranks, log if ranks.main else _quiet, started)
 
-    # 2-3. Data, teachers and the student.
-    data = resolve_data(cfg, out, log)
-    student = load_student(cfg.student, tokenizer=data.tokenizer, num_layers=data.student_layers, seed=cfg.seed,
-                           lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                           trust_remote_code=cfg.trust_remote_code)
+
+def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any, ranks: Ranks, log: Log,
+           started: float) -> DistillResult:
+    """Steps 2-8 of the recipe, on every rank of the job (``ranks``); ``log`` is silent except on rank 0."""
+    import torch
+
+    from . import ddp
+    from .checkpoint import checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, truncate_metrics
+    from .loader import StreamLoader
+    from .student import load_student, save_student
+    from .steps import DistillModule, build_objective, make_optimizer, make_schedule, resolve_data
+
+    main = ranks.main  # rank 0: the only writer
+    # 2-3. Data, teachers and the student. Rank 0 goes first: without --store it tokenizes --dataset into
+    # <out>/grid.zarr, and a hub student lands in the cache; the other ranks then read both.
+    with ddp.main_first(ranks):
+        out.mkdir(parents=True, exist_ok=True)
+        data = resolve_data(cfg, out, log)
+        student = load_student(cfg.student, tokenizer=data.tokenizer, num_layers=data.student_layers, seed=cfg.seed,
+                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                               trust_remote_code=cfg.trust_remote_code)
     data.check_student(student)
 
-    # 4. The loader: every rank of a DDP job reads its own shards. Building it checks the request against the store
-    # (teachers, layers, Q, finished shards), still before anything trains.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        # The loader already splits shards by rank; without gradient synchronisation the ranks would train
-        # different models, so refuse rather than do that silently.
-        raise ConfigError(f"WORLD_SIZE={world}: this trainer runs one process; gradients are not synchronised "
-                          "across ranks yet. Run a single process (unset WORLD_SIZE/RANK).")
-    loader = StreamLoader(data.loader_config(cfg, rank=rank, world_size=world), epochs=cfg.epochs)
+    # 4. The loader: every rank of a DDP job reads its own shards, and as many batches as every other rank. Building
+    # it checks the request against the store (teachers, layers, Q, finished shards), still before anything trains.
+    loader = StreamLoader(data.loader_config(cfg, rank=ranks.rank, world_size=ranks.world_size), epochs=cfg.epochs)
+    if ranks.distributed:
+        seen = ddp.gather(list(loader.shards), ranks)
+        if any(s != seen[0] for s in seen):
+            raise ConfigError(
+                f"{data.store.where}: expected every rank to plan with the same usable shards. Got "
+                f"{[len(s) for s in seen]} shards on ranks 0-{ranks.world_size - 1} instead: an extraction is still "
+                "finishing shards. Start the run once it has stopped, or drop --allow-incomplete."
+            )
 
-    # 5. Objective, optimizer, schedule. The objective's random init is seeded apart from the student's.
+    # 5. Objective, optimizer, schedule. The objective's random init is seeded apart from the student's; every rank
+    # draws the same weights (and DDP broadcasts rank 0's anyway).
     torch.manual_seed(cfg.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
     module = DistillModule(student, objective, cfg).to(device)
@@ -107,43 +135,62 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     if objective is not None:
         params.update(objective.parameter_counts())
 
-    # 6. Resume: everything restored into exists now.
+    # 6. Resume: everything restored into exists now. Every rank reads the checkpoint rank 0 wrote.
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(loader.shards))
+        state = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(loader.shards),
+                                world_size=ranks.world_size, rank=ranks.rank)
         step, position, tokens_seen = state["step"], tuple(state["position"]), state["tokens"]
         loader.seek(position)
-        truncate_metrics(out / "metrics.jsonl", step)
+        if main:
+            truncate_metrics(out / "metrics.jsonl", step)
         log(f"resumed from {resume_from.name}: step {step}, loader at epoch {position[0]} batch {position[1]}")
-    else:
+    elif main:
         (out / "metrics.jsonl").write_text("")
         _write_config(cfg, out)
-    torch.manual_seed(cfg.seed + 2 + step)  # dropout etc.; a resumed run also restores the exact RNG state
+    # Dropout etc., each rank its own draws; a resumed run also restores each rank's exact RNG state.
+    torch.manual_seed(cfg.seed + 2 + step + _RANK_SEED_STRIDE * ranks.rank)
     if resume_from is not None:
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    # What runs forward and backward: DDP around the module under torchrun (after the restore, so the ranks start
+    # from the checkpoint), the module itself otherwise. The optimizer, clipping and checkpoints use the module.
+    model = ddp.wrap(module, device, ranks)
 
     log(f"student {cfg.student}: {params['student_trainable']:,} trainable of {params['student_total']:,} parameters"
         + "".join(f"; {k} {v:,}" for k, v in params.items() if k.startswith(("projector", "router")) and v))
     log(f"training {total} steps of {cfg.grad_accum} x {cfg.batch_size} samples on {device}"
+        + (f" x {ranks.world_size} ranks" if ranks.distributed else "")
         + (f", K/V from {', '.join(data.teacher_names)} ({cfg.loss}, layers {list(data.kv_layers)})"
            if objective is not None else ", cross-entropy only"))
+
+    def checkpoint(step: int, tokens: int, tag: str | None = None) -> Path:
+        """Every rank hands rank 0 its RNG state; rank 0 writes; the others wait until the checkpoint is whole."""
+        rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
+        path = checkpoint_dir(out) / (tag or f"step-{step:06d}")
+        if main:
+            path = save_checkpoint(out, module, optimizer, schedule, cfg, step=step, position=loader.position,
+                                   tokens=tokens, keep=cfg.keep_checkpoints, shards=list(loader.shards), tag=tag,
+                                   world_size=ranks.world_size, rank_rng=rank_rng)
+        ddp.barrier(ranks)
+        return path
 
     # 7. The loop.
     batches = iter(loader)
     autocast = _autocast(cfg, device)
-    writer = _tensorboard(out) if cfg.tensorboard else None
+    writer = _tensorboard(out) if cfg.tensorboard and main else None
     wait_total = step_total = 0.0
     last: dict[str, float] = {}
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics = (out / "metrics.jsonl").open("a") if main else None
     try:
         while step < total:
             t0 = time.perf_counter()
             wait = 0.0
             step_tokens = 0
             sums: dict[str, float] = {}
-            for _ in range(cfg.grad_accum):
+            bad_samples: list[int] | None = None  # under DDP: this rank's micro-batch with a non-finite term
+            for micro in range(cfg.grad_accum):
                 tw = time.perf_counter()
                 try:
                     batch = next(batches)
@@ -151,28 +198,33 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
                     break
                 wait += time.perf_counter() - tw
                 batch = batch.to(device, non_blocking=True)
-                with autocast:
-                    loss, terms = module(batch)
-                # One device-to-host copy per micro-batch for every logged term (and the NaN check).
-                values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
-                # The most specific term first: a NaN in K alone makes loss/kv and loss/total NaN too.
-                bad = [k for k in ("loss/ce", "loss/k", "loss/v", "loss/attn", "loss/kv", "loss/total")
-                       if k in values and not math.isfinite(values[k])]
-                if bad:
-                    path = save_checkpoint(out, module, optimizer, schedule, cfg, step=step,
-                                           position=loader.position, tokens=tokens_seen, shards=list(loader.shards),
-                                           tag=f"nan-step-{step + 1}", keep=cfg.keep_checkpoints)
-                    raise TrainingError(
-                        f"Loss term {bad[0]} is {values[bad[0]]} at step {step + 1} (samples "
-                        f"{batch.sample_indices.tolist()}). Stopped; the state before this step is in {path}. "
-                        "Lower --lr, check the store with `kava store verify`, or drop those samples."
-                    )
-                (loss / cfg.grad_accum).backward()
+                # DDP all-reduces the gradients in the step's last backward; the earlier ones accumulate locally.
+                # Every rank has as many batches as the others, so all of them agree on which backward is last.
+                with ddp.backward_sync(model, sync=micro == cfg.grad_accum - 1 or _exhausted(loader)):
+                    with autocast:
+                        loss, terms = model(batch)
+                    # One device-to-host copy per micro-batch for every logged term (and the NaN check).
+                    values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
+                    bad = _non_finite(values)
+                    if bad and not ranks.distributed:
+                        path = checkpoint(step, tokens_seen, tag=f"nan-step-{step + 1}")
+                        raise _nan_error(bad[0], values[bad[0]], step, batch.sample_indices.tolist(), path)
+                    if bad and bad_samples is None:
+                        bad_samples = batch.sample_indices.tolist()
+                    (loss / cfg.grad_accum).backward()
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
                 step_tokens += batch.num_tokens
             if not sums:
                 break  # the data ran out (--epochs): the schedule's last steps were never reached
+            if ranks.distributed:
+                # A rank's non-finite term shows in the mean: every rank stops here together, after the backward's
+                # all-reduce and before the step, once rank 0 has saved the state before this step.
+                sums, step_tokens = ddp.reduce_step(sums, step_tokens, device, ranks)
+                bad = _non_finite(sums)
+                if bad:
+                    path = checkpoint(step, tokens_seen, tag=f"nan-step-{step + 1}")
+                    raise _nan_error(bad[0], sums[bad[0]], step, bad_samples, path)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in module.parameters() if p.requires_grad],
                 cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
@@ -186,11 +238,13 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
             wait_total += wait
             step_total += elapsed
             epoch, index = loader.position
+            # Under DDP: losses are means over ranks, tokens sums; times and waits are this rank's.
             last = {"step": step, "epoch": epoch, "lr": schedule.get_last_lr()[0], **sums,
                     "grad_norm": float(grad_norm), "tokens": step_tokens, "tokens_per_s": step_tokens / elapsed,
                     "step_s": elapsed, "data_wait_s": wait, "data_wait_frac": wait / elapsed}
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
             if writer is not None:
                 for k, v in last.items():
                     if k != "step":
@@ -198,20 +252,22 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
             if cfg.progress and (step % cfg.log_every == 0 or step == total or step == 1):
                 log(_progress_line(last, total))
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
-                save_checkpoint(out, module, optimizer, schedule, cfg, step=step, position=loader.position,
-                                tokens=tokens_seen, keep=cfg.keep_checkpoints, shards=list(loader.shards))
+                checkpoint(step, tokens_seen)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()  # stops the loader's worker processes now rather than at garbage collection
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if writer is not None:
             writer.close()
 
-    # 8. Outputs.
-    save_student(student, out)
-    module.save_heads(out)
-    _write_manifest(cfg, out, data, step, tokens_seen, last, params)
+    # 8. Outputs, written by rank 0; the other ranks return once they are whole.
+    if main:
+        save_student(student, out)
+        module.save_heads(out)
+        _write_manifest(cfg, out, data, step, tokens_seen, last, params)
+    ddp.barrier(ranks)
     seconds = time.perf_counter() - started
     return DistillResult(out=str(out), steps=step, tokens=tokens_seen, seconds=seconds, final=last,
                          parameters=params, data_wait_fraction=wait_total / step_total if step_total else 0.0,
@@ -219,14 +275,45 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
                          teachers=list(data.teacher_names))
 
 
-def _check_out(cfg: DistillConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to overwrite a run."""
-    from .checkpoint import latest_checkpoint
+_RANK_SEED_STRIDE = 1_000_003
+"""Rank ``r`` seeds its dropout with ``seed + 2 + step + r * stride``: apart from every other rank's for runs of
+fewer steps than the stride; rank 0 (and a single process) with ``seed + 2 + step``."""
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _exhausted(loader: Any) -> bool:
+    """Whether the loader has yielded its last batch (only with --epochs: otherwise it streams on)."""
+    return loader.epochs is not None and loader.position[0] >= loader.epochs
+
+
+def _non_finite(values: dict[str, float]) -> list[str]:
+    """The loss terms in ``values`` that are NaN or infinite, the most specific first: a NaN in K alone makes
+    loss/kv and loss/total NaN too."""
+    return [k for k in ("loss/ce", "loss/k", "loss/v", "loss/attn", "loss/kv", "loss/total")
+            if k in values and not math.isfinite(values[k])]
+
+
+def _nan_error(term: str, value: float, step: int, samples: list[int] | None, path: Path) -> TrainingError:
+    where = f"samples {samples}" if samples is not None else "samples on another rank"
+    return TrainingError(
+        f"Loss term {term} is {value} at step {step + 1} ({where}). Stopped; the state before this step is in "
+        f"{path}. Lower --lr, check the store with `kava store verify`, or drop those samples."
+    )
+
+
+def _check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
+    """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to overwrite a run, or to
+    resume one with another number of processes."""
+    from .checkpoint import check_world_size, latest_checkpoint
 
     found = latest_checkpoint(out) if out.exists() else None
     if cfg.resume:
         if found is None:
             raise ConfigError(f"--resume: {out} holds no checkpoint to resume from. Drop --resume to start a run.")
+        check_world_size(found, world_size)
         return found
     if out.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         raise ConfigError(

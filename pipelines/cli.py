@@ -165,12 +165,24 @@ def _distill_command() -> click.Command:
     @click.option("--out", "out", help="Output directory: the trained student, checkpoints, metrics.jsonl. [required]")
     @click.option("--student", "student", help="Preset (tiny-qwen2, tiny-llama), local model directory, or hub id. "
                                                "[required]")
+    @click.option("--nproc", type=int, default=None,
+                  help="Run N DDP processes on this machine (launches torchrun); batch sizes are per process.")
     @click.option("--json", "as_json", is_flag=True, help="Print only the run's summary as JSON on stdout.")
-    def distill(as_json: bool, config_file: str | None, **values: Any) -> None:
+    def distill(nproc: int | None, as_json: bool, config_file: str | None, **values: Any) -> None:
         """Train a student with cross-entropy plus losses that make its keys and values (and attention) follow
         the teachers' stored ones, streaming the store's shards; no teacher is loaded. Without --store it is plain
-        fine-tuning on --dataset (the CE-only baseline). --resume continues a killed run exactly."""
+        fine-tuning on --dataset (the CE-only baseline). --resume continues a killed run exactly. --nproc N (or
+        `torchrun --nproc-per-node N -m kava.pipelines.cli distill ...`) trains with DDP, each rank on its own
+        shards."""
+        import os
+
+        if nproc is not None and nproc > 1 and "LOCAL_RANK" not in os.environ:
+            from kava.distill.ddp import launch
+
+            sys.exit(launch(sys.argv[2:], nproc))
         result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True)
+        if os.environ.get("RANK", "0") != "0":
+            return  # rank 0 speaks for the job
         if as_json:
             emit_json(result.to_dict())
         else:

@@ -18,11 +18,9 @@ click commands to prove it.
 - ``render_from_run_config``: the scripts of one stage of a ``kava run`` experiment, built with the configs the
   runner builds (``stage_extract_config``, ``stage_distill_config``) and at the runner's paths.
 
-Known limits, as of this version: the trainer refuses ``WORLD_SIZE > 1`` ("gradients are not synchronised across
-ranks yet"), so a distillation script with more than one process in all (``nodes × gpus_per_node > 1``) fails at
-start until the trainer runs DDP; its layout is the one DDP needs. And ``kava run`` adopts no unit it did not record
-itself (its ``stage.json``): it reuses a store the scripts extracted (resuming finds every shard complete) but
-retrains a student it has no record of, clearing that student's directory first.
+Under torchrun every process is one DDP rank (``distill/ddp.py``); ``device: cuda`` becomes ``cuda:LOCAL_RANK`` on
+each. ``kava run`` adopts what these scripts make (a complete store, a finished student with the config it would
+train), so running it afterwards only evaluates and reports.
 """
 
 from __future__ import annotations
