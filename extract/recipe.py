@@ -3,6 +3,10 @@
 Reads top to bottom: resolve and validate → data and student grid → store → teacher → layer map (with CKA on a
 calibration subset) → teacher spec → the loop over shards (forward pass on this thread, alignment and writing on a
 background thread) → summary. Components it calls take tensors and return tensors; I/O and logging live here.
+
+``run_extract`` is the single process: ``prepare_extract`` (everything up to the teacher's spec) and then
+``write_shards`` over this job's shards. A scale-out driver runs the same two pieces as tasks: the preparation once,
+and ``write_shards`` for one shard at a time on workers that keep their teacher loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -100,28 +104,120 @@ def default_teacher_name(cfg: ExtractConfig) -> str:
     return "".join(c if c.isalnum() or c in "._+-" else "-" for c in name).lstrip("._+-") or "teacher"
 
 
+class LoadedTeacher(NamedTuple):
+    """A teacher ready to run: its model (eval mode, on its device) and its fast tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass
+class ExtractPlan:
+    """What writing a shard needs besides the loaded teacher, fixed by :func:`prepare_extract`.
+
+    Small and picklable, so a driver can send it to worker processes along with each shard's grid samples.
+    """
+
+    cfg: ExtractConfig
+    source: Any
+    """The resolved teacher (``TeacherSource``): what a worker loads, and the key of its cache."""
+    name: str
+    """The teacher's name inside the store."""
+    store: str
+    """The store as messages name it."""
+    todo: list[int]
+    """Shards to write, in order."""
+    done: list[int]
+    """Complete shards kept (with --resume)."""
+    shard_starts: tuple[int, ...]
+    """The store's shard plan: shard s holds samples shard_starts[s]:shard_starts[s+1]."""
+    layers: tuple[int, ...]
+    q_layers: tuple[int, ...]
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    same_tokenizer: bool
+    """The teacher's tokenizer is the student's (with the same text, rows need no alignment)."""
+    truncated: int
+    skipped: int
+
+    def shard_samples(self, shard: int) -> range:
+        return range(self.shard_starts[shard], self.shard_starts[shard + 1])
+
+    @property
+    def samples_to_write(self) -> int:
+        return sum(len(self.shard_samples(s)) for s in self.todo)
+
+    def new_result(self) -> ExtractResult:
+        """An empty result for this plan: counters at zero, the kept shards and the grid's counts filled in."""
+        return ExtractResult(store=self.store, teacher=self.name, shards_kept=list(self.done),
+                             truncated=self.truncated, skipped=self.skipped)
+
+
 def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
     """Extract one teacher into ``cfg.store``; returns what was done. Raises KavaError on bad input."""
-    from .align import apply, token_spans
-    from .capture import attention_geometry, capture_qkv
-    from .data import load_rows
-    from .rope import rope_params
-    from .teachers import describe_model, load_model, load_tokenizer
-    from .templates import load_template
-
     started = time.perf_counter()
     # 1. Everything that can be checked without loading a model, all at once.
     source = validate_and_resolve(cfg)
-    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
-    name = cfg.name or default_teacher_name(cfg)
-    if cfg.threads is not None:
+    if cfg.cluster is not None or cfg.scheduler is not None:
+        raise ConfigError("--cluster and --scheduler run through kava.pipelines.cluster.run_extract_cluster "
+                          "(`kava extract` picks it); run_extract is the single-process recipe.")
+    configure_process(cfg.threads, progress=cfg.progress)
+
+    # 2-6. Data, grid, store, teacher, layer map and the teacher's spec.
+    plan, grid, teacher = prepare_extract(cfg, source, log=log)
+
+    # 7. The loop over this job's shards.
+    result = plan.new_result()
+    bar = progress_bar(plan.samples_to_write, cfg.progress)
+    try:
+        write_shards(plan, teacher, [(s, [grid[i] for i in plan.shard_samples(s)]) for s in plan.todo], result,
+                     bar=bar)
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - started
+    log(summary_line(result))
+    return result
+
+
+def configure_process(threads: int | None, *, progress: bool) -> None:
+    """Torch's intra-op threads and transformers' own progress bars: set once per process, before models load."""
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(cfg.threads)
-    if not cfg.progress:
+        torch.set_num_threads(threads)
+    if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars too
+
+
+def summary_line(result: ExtractResult) -> str:
+    """The line an extraction ends with."""
+    return (f"kava extract: wrote {len(result.shards_written)} shard(s), {result.samples} samples, "
+            f"{result.student_tokens} student tokens in {result.seconds:.1f} s; {result.quarantined} quarantined, "
+            f"{result.truncated} truncated, {result.skipped} skipped")
+
+
+def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
+                    load_model: Callable[[Any], Any] | None = None
+                    ) -> tuple[ExtractPlan, list[GridSample], LoadedTeacher]:
+    """Everything before the first shard: data, student grid, store, teacher, layer map and the teacher's spec.
+
+    Creates the store (or checks that it holds this grid), chooses the shards to write (complete ones are refused
+    without --resume), loads the teacher, computes its layer map and CKA matrices and registers it. ``source`` is
+    ``validate_and_resolve(cfg)``; ``load_model`` turns it into the model (default ``teachers.load_model``; a
+    worker passes its cache's). Returns the plan, the grid (indexed by store sample) and the loaded teacher.
+    """
+    from .capture import attention_geometry
+    from .data import load_rows
+    from .rope import rope_params
+    from .teachers import describe_model, load_tokenizer
+    from .teachers import load_model as load_teacher_model
+    from .templates import load_template
+
+    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
+    name = cfg.name or default_teacher_name(cfg)
 
     # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
@@ -140,7 +236,7 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
     todo, done = _shards_to_do(cfg, store, name)
 
     # 4. The teacher (only now: a store that refuses this grid or this run fails before minutes of model loading).
-    teacher_model = load_model(source)
+    teacher_model = (load_model or load_teacher_model)(source)
 
     # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(teacher_model.config)
@@ -166,80 +262,93 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
         store.write_cka(name, matrix_name, matrix, **attrs)
 
     # 6. The shards to write were chosen right after the store opened.
-    result = ExtractResult(store=store.where, teacher=name, shards_kept=done,
-                           truncated=sum(s.status == "truncated" for s in grid),
-                           skipped=sum(s.status == "skipped" for s in grid))
+    plan = ExtractPlan(
+        cfg=cfg, source=source, name=name, store=store.where, todo=todo, done=done,
+        shard_starts=tuple(int(s) for s in store.shard_starts), layers=layers, q_layers=q_layers,
+        num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, same_tokenizer=same_tokenizer,
+        truncated=sum(s.status == "truncated" for s in grid), skipped=sum(s.status == "skipped" for s in grid),
+    )
     log(f"kava extract: teacher {name!r} ({source.model_id}, {source.quantization}) → {store.where}: "
         f"{len(todo)} shard(s) to write, {len(done)} kept; layers {list(layers)}, K {cfg.k_rope}-RoPE, "
         f"{storage.dtype}")
+    return plan, grid, LoadedTeacher(teacher_model, teacher_tok)
 
-    # 7. The loop: forward pass here, alignment + writing on the background thread.
+
+def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tuple[int, Sequence[GridSample]]],
+                 result: ExtractResult, *, bar: Any = None) -> None:
+    """Write ``shards`` (each with its grid samples, in store order), adding to ``result``'s counters.
+
+    The forward pass runs on this thread, alignment and writing on a background thread, one shard writer at a
+    time; a shard becomes visible when its marker is written, so one left unfinished by an error is redone by a
+    resumed run. ``bar`` (a tqdm bar, optional) advances per batch.
+    """
+    from .align import apply, token_spans
+    from .capture import capture_qkv
+    from .templates import load_template
+
+    cfg = plan.cfg
+    store = KVStore.open(cfg.store, mode="a")
+    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
+    same_text = teacher_template.format == template.format
+    name, layers, q_layers = plan.name, plan.layers, plan.q_layers
+    num_heads, kv_heads, head_dim = plan.num_heads, plan.kv_heads, plan.head_dim
+    teacher_model, teacher_tok = teacher
     special_ids = np.asarray(sorted(teacher_tok.all_special_ids), dtype=np.int64)
     device = next(teacher_model.parameters()).device
-    total = sum(len(store.shard_samples(s)) for s in todo)
-    bar = _progress(total, cfg.progress)
     writer = BackgroundWriter()
     loop_started = time.perf_counter()
     open_writers: dict[int, Any] = {}  # touched only on the writer thread
-    try:
-        for shard in todo:
-            samples = [grid[i] for i in store.shard_samples(shard)]
-            writer.submit(lambda shard=shard: open_writers.__setitem__(
-                shard, store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)))
-            for b in range(0, len(samples), cfg.batch_size):
-                batch = samples[b : b + cfg.batch_size]
-                texts, pieces = _teacher_texts(batch, template, teacher_template)
-                if cfg.teacher_generates:
-                    texts = _generate(teacher_model, teacher_tok, texts, pieces, cfg.max_new_tokens, device)
-                encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
-                           for t in texts]
-                t0 = time.perf_counter()
-                captured = _forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
-                result.forward_seconds += time.perf_counter() - t0
+    for shard, samples in shards:
+        writer.submit(lambda shard=shard: open_writers.__setitem__(
+            shard, store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)))
+        for b in range(0, len(samples), cfg.batch_size):
+            batch = samples[b : b + cfg.batch_size]
+            texts, pieces = _teacher_texts(batch, template, teacher_template)
+            if cfg.teacher_generates:
+                texts = _generate(teacher_model, teacher_tok, texts, pieces, cfg.max_new_tokens, device)
+            encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
+                       for t in texts]
+            t0 = time.perf_counter()
+            captured = _forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
+            result.forward_seconds += time.perf_counter() - t0
 
-                def write(batch=batch, encoded=encoded, captured=captured, texts=texts, pieces=pieces,
-                          shard=shard) -> None:
-                    w = open_writers[shard]
-                    for sample, (t_ids, t_spans), kv, text, piece in zip(batch, encoded, captured, texts, pieces):
-                        if not len(sample.input_ids):  # a skipped sample: nothing on the grid
-                            shape = (0, len(layers), kv_heads, head_dim)
-                            w.add(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
-                                  q=np.zeros((0, len(q_layers), num_heads, head_dim), np.float32) if q_layers
-                                  else None)
-                            continue
-                        k, v, q = kv
-                        al = _alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
-                                        same_text=same_text, same_tokenizer=same_tokenizer,
-                                        hard=cfg.alignment == "hard", special_ids=special_ids)
-                        if al is None:  # the teacher's own tokens: every row is an exact target
-                            w.add(k, v, q=q, align_weight=np.ones(len(sample.input_ids), np.float32))
-                        else:
-                            w.add(apply(al, k), apply(al, v), q=None if q is None else apply(al, q),
-                                  align_weight=al.coverage)
-                writer.submit(write)
-                result.samples += len(batch)
-                result.student_tokens += sum(len(s.input_ids) for s in batch)
-                result.teacher_tokens += sum(len(e[0]) for e in encoded)
+            def write(batch=batch, encoded=encoded, captured=captured, texts=texts, pieces=pieces,
+                      shard=shard) -> None:
+                w = open_writers[shard]
+                for sample, (t_ids, t_spans), kv, text, piece in zip(batch, encoded, captured, texts, pieces):
+                    if not len(sample.input_ids):  # a skipped sample: nothing on the grid
+                        shape = (0, len(layers), kv_heads, head_dim)
+                        w.add(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                              q=np.zeros((0, len(q_layers), num_heads, head_dim), np.float32) if q_layers
+                              else None)
+                        continue
+                    k, v, q = kv
+                    al = _alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
+                                    same_text=same_text, same_tokenizer=plan.same_tokenizer,
+                                    hard=cfg.alignment == "hard", special_ids=special_ids)
+                    if al is None:  # the teacher's own tokens: every row is an exact target
+                        w.add(k, v, q=q, align_weight=np.ones(len(sample.input_ids), np.float32))
+                    else:
+                        w.add(apply(al, k), apply(al, v), q=None if q is None else apply(al, q),
+                              align_weight=al.coverage)
+            writer.submit(write)
+            result.samples += len(batch)
+            result.student_tokens += sum(len(s.input_ids) for s in batch)
+            result.teacher_tokens += sum(len(e[0]) for e in encoded)
+            if bar is not None:
                 bar.update(len(batch))
                 rate = result.student_tokens / max(1e-9, time.perf_counter() - loop_started)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
 
-            def finish(shard=shard) -> None:
-                marker = open_writers.pop(shard).close()
-                result.shards_written.append(shard)
-                result.quarantined += len(marker["quarantined"])
-                result.bytes_logical += marker["bytes_logical"]
-            writer.submit(finish)
-        writer.close()
-        result.loop_seconds = time.perf_counter() - loop_started
-    finally:
-        bar.close()
-    result.write_wait_seconds = writer.wait_seconds
-    result.seconds = time.perf_counter() - started
-    log(f"kava extract: wrote {len(result.shards_written)} shard(s), {result.samples} samples, "
-        f"{result.student_tokens} student tokens in {result.seconds:.1f} s; {result.quarantined} quarantined, "
-        f"{result.truncated} truncated, {result.skipped} skipped")
-    return result
+        def finish(shard=shard) -> None:
+            marker = open_writers.pop(shard).close()
+            result.shards_written.append(shard)
+            result.quarantined += len(marker["quarantined"])
+            result.bytes_logical += marker["bytes_logical"]
+        writer.submit(finish)
+    writer.close()
+    result.loop_seconds += time.perf_counter() - loop_started
+    result.write_wait_seconds += writer.wait_seconds
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -496,7 +605,8 @@ def _warp_alignment(sample: GridSample, teacher_text: str, pieces: dict[str, tup
     return time_warp(segs, sample.segment_ids)
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool) -> Any:
+    """The extraction's tqdm bar on stderr, counting samples."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="sample", file=sys.stderr, disable=not enabled, dynamic_ncols=True,

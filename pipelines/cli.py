@@ -98,11 +98,22 @@ def _extract_command() -> click.Command:
 
             click.echo(format_preset_table())
             return
-        result = run_stage(ExtractConfig, values, config_file, "kava.extract.recipe:run_extract", record_command=True)
+        result = run_stage(ExtractConfig, values, config_file, "kava.pipelines.cli:extract_stage", record_command=True)
         if as_json:
             emit_json(result.to_dict())
 
     return extract
+
+
+def extract_stage(cfg: Any) -> Any:
+    """`kava extract`: in this process, or on a dask cluster with --cluster / --scheduler."""
+    if cfg.cluster is not None or cfg.scheduler is not None:
+        from .cluster import run_extract_cluster
+
+        return run_extract_cluster(cfg)
+    from kava.extract.recipe import run_extract
+
+    return run_extract(cfg)
 
 
 def _estimate_command() -> click.Command:
