@@ -139,7 +139,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    from kava.extract.recipe import left_pad  # imported here: the recipe pulls in torch, and `kava --help` must not
+    from kava.extract.teacher_pass import left_pad  # imported here, not at the top: keeps `kava --help` light
 
     eos = _eos_ids(model, tokenizer)
     if not eos:

@@ -45,7 +45,8 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from .grid import build_grid
     from .capture import attention_geometry, capture_qkv
     from .layer_map import parse_layer_map
-    from .recipe import _forward, load_student_tokenizer, _teacher_texts, validate_and_resolve
+    from .recipe import load_student_tokenizer, validate_and_resolve
+    from .teacher_pass import _forward, _teacher_texts
     from .teachers import load_model, load_tokenizer
     from .templates import load_template
 

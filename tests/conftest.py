@@ -61,15 +61,23 @@ def one_torch_thread(request):
     torch.set_num_threads(before)
 
 
-def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120) -> str:
-    """Poll ``ready()`` until it holds (or ``proc`` ends, or ``timeout`` passes), then SIGKILL ``proc``; return its
-    stderr. The process is reaped whatever happens."""
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120,
+                 children: bool = False) -> str:
+    """Poll ``ready()`` until it holds (or ``proc`` ends, or ``timeout`` passes), then SIGKILL ``proc`` — or, with
+    ``children``, the processes it started (torchrun's ranks, which live in sessions of their own: killing torchrun
+    alone would leave them running) — and return its stderr once it has exited. It is reaped whatever happens."""
     try:
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline and not ready():
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
+        if children:
+            import psutil
+
+            for child in psutil.Process(proc.pid).children():
+                child.send_signal(signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

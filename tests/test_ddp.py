@@ -15,19 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
-from conftest import asset_path
+from conftest import asset_path, sigkill_when
 from kava.distill.config import DistillConfig
 from kava.distill.ddp import launch
 from kava.distill.trainer import run_distill
@@ -56,24 +53,6 @@ def flags(store: Path, out: Path, **extra: Any) -> list[str]:
 
 def metrics(out: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def sigkill_workers_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120) -> str:
-    """Poll ``ready()`` until it holds, then SIGKILL the processes torchrun ``proc`` started (the ranks: a crash of
-    the job), and return torchrun's stderr once it has noticed and exited. torchrun starts each worker in a session
-    of its own, so killing torchrun alone would leave them running."""
-    try:
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline and not ready():
-            time.sleep(0.01)
-        for worker in psutil.Process(proc.pid).children():
-            worker.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +173,7 @@ def test_killed_run_resumes_with_the_same_number_of_ranks_only(ddp_run, store, t
     out = tmp_path / "killed"
     proc = subprocess.Popen([*TORCHRUN, "-m", "kava.pipelines.cli", "distill", *flags(store, out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    err = sigkill_workers_when(proc, lambda: (out / "checkpoints" / "step-000002").exists())
+    err = sigkill_when(proc, lambda: (out / "checkpoints" / "step-000002").exists(), children=True)
     assert proc.returncode != 0 and "SIGKILL" in err, err
     assert not (out / "kava.json").exists()
 

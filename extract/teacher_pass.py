@@ -1,0 +1,153 @@
+"""One batch through the teacher: its texts, the forward pass that captures Q/K/V, generation, and how its rows
+map onto the student's tokens. The recipe (``recipe.py``) calls these per batch; they take and return arrays and
+tensors, and do no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .grid import GridSample
+
+
+def _teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
+                   ) -> tuple[list[str], list[dict[str, tuple[int, int]]]]:
+    """What the teacher reads for each sample, and the character spans of its pieces in that text.
+
+    Under the student's own template that is the grid text. Under another template the row is formatted anew and
+    cut where the student's text was cut (the same position inside the same piece).
+    """
+    from .templates import format_row
+
+    if teacher_template.format == template.format:
+        return [s.text for s in batch], [s.seg_spans for s in batch]
+    texts, pieces = [], []
+    for sample in batch:
+        if sample.row is None or not sample.text:
+            texts.append("")
+            pieces.append({})
+            continue
+        formatted = format_row(sample.row, teacher_template)
+        text = formatted.text
+        if sample.status == "truncated":
+            cut = len(sample.text)  # the student's text ends here, inside one of its pieces
+            key = next((k for k, (a, b) in sample.seg_spans.items() if a <= cut <= b), None)
+            if key is not None:
+                text = text[: formatted.spans[key][0] + cut - sample.seg_spans[key][0]]
+        texts.append(text)
+        pieces.append(dict(formatted.spans))
+    return texts, pieces
+
+
+def _forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> list[tuple[Any, Any, Any]]:
+    """One padded forward pass → per sample (k, v, q) as float32 ``[T_t, L, H, D]`` on the CPU (q may be None)."""
+    import torch
+
+    lengths = [len(ids) for ids, _ in encoded]
+    out: list[tuple[Any, Any, Any]] = [None] * len(encoded)  # type: ignore[list-item]
+    live = [i for i, n in enumerate(lengths) if n > 0]
+    if not live:
+        return out
+    T = max(lengths[i] for i in live)
+    ids = torch.zeros(len(live), T, dtype=torch.long)
+    mask = torch.zeros(len(live), T, dtype=torch.long)
+    for row, i in enumerate(live):
+        ids[row, : lengths[i]] = torch.as_tensor(encoded[i][0])
+        mask[row, : lengths[i]] = 1
+    cap = capture_qkv(model, ids.to(device), mask.to(device), layers=list(layers),
+                      with_q=list(q_layers) if q_layers else False, k_rope=k_rope)
+
+    def stack(per_layer: dict[int, Any], which: tuple[int, ...]) -> Any:
+        # per layer (B, heads, T, D) → (B, T, L, heads, D), float32 on the CPU
+        return torch.stack([per_layer[l] for l in which], 2).transpose(1, 3).float().cpu()
+
+    k, v = stack(cap.keys, layers), stack(cap.values, layers)
+    q = stack(cap.queries, q_layers) if q_layers else None
+    for row, i in enumerate(live):
+        n = lengths[i]
+        out[i] = (k[row, :n], v[row, :n], None if q is None else q[row, :n])
+    return out
+
+
+def left_pad(sequences: list[Any], pad: int) -> tuple[Any, Any]:
+    """Token id sequences as ``(ids [B, T], attention_mask [B, T])``, left-padded with ``pad``: the layout batched
+    generation needs (a decoder continues every row from the last column; generate derives positions from the
+    mask, so a padded row sees the positions it would see alone)."""
+    import torch
+
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,
+              device) -> list[str]:
+    """The teacher writes its own reasoning and answer, greedily, after each sample's prompt: one batched
+    ``generate`` with the prompts left-padded (a decoder continues from the last position of every row)."""
+    import torch
+
+    from .align import token_spans
+
+    prompts = [text[: piece["reasoning"][0]] if text else "" for text, piece in zip(texts, pieces)]
+    live = [i for i, prompt in enumerate(prompts) if prompt]
+    out = [""] * len(texts)
+    if not live:
+        return out
+    encoded = [token_spans(tok, prompts[i])[0] for i in live]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids, mask = left_pad(encoded, pad)
+    T = ids.shape[1]
+    with torch.no_grad():
+        generated = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=pad)
+    for row, i in enumerate(live):
+        out[i] = prompts[i] + tok.decode(generated[row, T:], skip_special_tokens=True)
+    return out
+
+
+def _alignment(sample: GridSample, t_ids: np.ndarray, t_spans: np.ndarray, text: str,
+               piece: dict[str, tuple[int, int]], *, generated: bool, same_text: bool, same_tokenizer: bool,
+               hard: bool, special_ids: np.ndarray) -> Any:
+    """How a sample's teacher rows ``[T_t]`` map onto its student tokens ``[T_s]`` (an ``Alignment``), or None
+    when they are the same tokens."""
+    from .align import align_tokens, remap_spans
+
+    if generated:  # the teacher read its own text: resample segment by segment
+        al = _warp_alignment(sample, text, piece, t_spans, t_ids, special_ids)
+    elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids):
+        return None
+    elif same_text:
+        al = align_tokens(sample.spans, t_spans)
+    else:  # another template: move the teacher's spans into the student's text first, piece by piece
+        al = align_tokens(sample.spans, remap_spans(t_spans, piece, sample.seg_spans))
+    return al.hard() if hard else al
+
+
+def _warp_alignment(sample: GridSample, teacher_text: str, pieces: dict[str, tuple[int, int]],
+                    teacher_spans: np.ndarray, teacher_ids: np.ndarray, special_ids: np.ndarray):
+    """Segment-aware resampling of a teacher's own text onto the student's: prompt→prompt, reasoning→reasoning,
+    answer→answer.
+
+    The teacher's text is its prompt followed by what it generated; the generation is split at its ``####`` into
+    reasoning and answer, and segment ids follow the grid's own rule (``segment_ids``), so equal prompts give equal
+    prompt segments and the prompt maps one to one.
+    """
+    from .templates import segment_ids
+    from .warp import time_warp
+
+    generated = pieces["reasoning"][0]
+    answer_at = teacher_text.find("####", generated)
+    seg_spans = {"prompt": pieces["prompt"]}
+    if answer_at < 0:
+        seg_spans["reasoning"] = (generated, len(teacher_text))
+    else:
+        seg_spans["reasoning"] = (generated, len(teacher_text[:answer_at].rstrip()))
+        seg_spans["answer"] = (answer_at, len(teacher_text))
+    segs = segment_ids(teacher_spans, seg_spans, special_mask=np.isin(teacher_ids, special_ids))
+    return time_warp(segs, sample.segment_ids)
