@@ -18,7 +18,8 @@ from kava.kvstore.manifest import KV_DTYPES
 from .config import ExtractConfig
 
 
-def _bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str) -> float:
+def bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str) -> float:
+    """Stored bytes of one token's ``layers x heads x head_dim`` values in ``dtype`` (int8 adds its fp16 scales)."""
     values = layers * heads * head_dim * codecs.storage_numpy_dtype(dtype).itemsize
     return values + (layers * heads * 2 if dtype == "int8" else 0)  # + the fp16 scale per (layer, head)
 
@@ -89,8 +90,8 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
 
     choices = []
     for dtype in KV_DTYPES:
-        per_token = 2 * _bytes_per_token(stored, kv_heads, head_dim, dtype) + \
-            _bytes_per_token(q_layers, num_heads, head_dim, dtype)
+        per_token = 2 * bytes_per_token(stored, kv_heads, head_dim, dtype) + \
+            bytes_per_token(q_layers, num_heads, head_dim, dtype)
         logical = per_token * student_tokens
         ratio = _compressed_ratio(sample, dtype) if len(sample) else 1.0
         choices.append({"kv_dtype": dtype, "bytes_per_token": per_token, "logical_bytes": int(logical),

@@ -86,6 +86,17 @@ class StudentSpec:
     """A preset's tokenizer (directory or hub id); None trains a byte-level BPE of ``vocab_size`` here."""
     vocab_size: int = 384
 
+    @property
+    def is_preset(self) -> bool:
+        from kava.distill.student import PRESETS
+
+        return self.model.lower() in PRESETS
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        """A preset without a tokenizer gets a BPE trained in the data stage."""
+        return self.is_preset and self.tokenizer is None
+
 
 @dataclass
 class TrainSpec:
@@ -140,6 +151,14 @@ class RunConfig:
     @property
     def root(self) -> Path:
         return Path(self.out) / self.name
+
+    @property
+    def student_tokenizer(self) -> str:
+        """The tokenizer the store is cut with: a preset's (given, or trained in the data stage), else the
+        pretrained student's own."""
+        if self.student.trains_tokenizer:
+            return str(self.root / "data" / "student-tokenizer")
+        return self.student.tokenizer or self.student.model
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,10 +322,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
             p.append(f"{w}.extract: {key!r} is set by the runner; remove it.")
         if t.train is not None and t.train.steps < 1:
             p.append(f"{w}.train.steps: expected a positive integer. Got {t.train.steps}.")
-        from kava.distill.student import PRESETS
-
-        who = {"student_layers": cfg.student.layers} if cfg.student.model.lower() in PRESETS else \
-            {"student": cfg.student.model}
+        who = {"student_layers": cfg.student.layers} if cfg.student.is_preset else {"student": cfg.student.model}
         try:  # the known options, by extraction's own rules
             ExtractConfig(teacher="t", store="s", **who,
                           **{k: v for k, v in t.extract.items() if k in extract_fields - own}).validate()
@@ -381,7 +397,6 @@ def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | N
 
     ``model`` is the teacher to load (default: its ``model:``); a teacher trained here passes its trained directory.
     """
-    from kava.distill.student import PRESETS
     from kava.extract.config import ExtractConfig
 
     from . import splits  # imports this module: not at the top
@@ -390,15 +405,11 @@ def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | N
     if model is None:
         raise ConfigError(f"teachers[{teacher.name}] is trained by `kava run` (train:): pass its trained model "
                           "directory to extract it.")
-    root = cfg.root
-    preset = cfg.student.model.lower() in PRESETS
-    # A preset student without a tokenizer gets one trained in the data stage; otherwise the given or its own.
-    tokenizer = str(root / "data" / "student-tokenizer") if preset and cfg.student.tokenizer is None else \
-        cfg.student.tokenizer or cfg.student.model
+    root, preset = cfg.root, cfg.student.is_preset
     return ExtractConfig(
         teacher=model, store=str(root / "kv.zarr"), name=teacher.name,
         dataset=str(splits.split_path(root, "student-train")), split=splits.FILE_SPLIT["student-train"],
-        student_tokenizer=tokenizer, student_layers=cfg.student.layers if preset else None,
+        student_tokenizer=cfg.student_tokenizer, student_layers=cfg.student.layers if preset else None,
         student=None if preset else cfg.student.model, device=cfg.device, threads=cfg.threads, progress=False,
         resume=resume, **teacher.extract,
     )

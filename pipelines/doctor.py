@@ -417,24 +417,6 @@ def _geometry(name: str, cache: Path) -> tuple[tuple[int, int, int, int], str] |
     return None
 
 
-def _stored_layers(extract: dict[str, Any], teacher_layers: int, student_layers: int) -> tuple[int, int]:
-    """``(K/V layers, Q layers)`` the teacher's layer map stores, as extraction picks them (cka: an upper bound)."""
-    from kava.kvstore.manifest import proportional_layer_map
-
-    layer_map = str(extract.get("layer_map", "proportional"))
-    if layer_map == "proportional":
-        kv = len(proportional_layer_map(teacher_layers, student_layers).teacher_layers)
-    elif layer_map == "cka":
-        kv = min(teacher_layers, student_layers * int(extract.get("cka_top_k", 2)))
-    else:
-        from kava.extract.layer_map import parse_layer_map
-
-        kv = len(parse_layer_map(layer_map, teacher_layers, student_layers).teacher_layers)
-    q_spec = extract.get("q_layers")
-    q = (len([x for x in str(q_spec).split(",") if x.strip()]) if q_spec else kv) if extract.get("with_q") else 0
-    return kv, q
-
-
 def _student_rows(run: Any) -> int:
     d = run.data
     if d.dataset == "gsm8k":
@@ -450,7 +432,9 @@ def _student_rows(run: Any) -> int:
 def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] | str:
     """``(bytes, how)`` of the run's store, or why it can't be estimated."""
     from kava.distill.student import PRESETS as STUDENT_PRESETS
-    from kava.extract.estimate import _bytes_per_token  # the same arithmetic as `kava estimate`
+    from kava.extract.estimate import bytes_per_token  # the same arithmetic as `kava estimate`
+
+    from .scale import stored_layers
 
     rows = _student_rows(run)
     total, parts = 0.0, []
@@ -470,9 +454,9 @@ def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] 
         else:
             student = _geometry(run.student.model, cache)
             s_layers = student[0][0] if student else layers
-        kv, q = _stored_layers(t.extract, layers, s_layers)
+        kv, q = stored_layers(t.extract, layers, s_layers)
         dtype = str(t.extract.get("kv_dtype", "float16"))
-        per_token = 2 * _bytes_per_token(kv, kv_heads, head_dim, dtype) + _bytes_per_token(q, heads, head_dim, dtype)
+        per_token = 2 * bytes_per_token(kv, kv_heads, head_dim, dtype) + bytes_per_token(q, heads, head_dim, dtype)
         tokens = rows * min(tokens_per_sample, int(t.extract.get("max_length", 1024)))
         total += per_token * tokens
         parts.append(f"{t.name}: {per_token / 1024:,.0f} KiB/token (K/V on {kv} layers, Q on {q}, {dtype})")

@@ -66,7 +66,10 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     figs["ckpt-nll"] = eval_curve({v: [(p["step"], p["nll"]) for p in c] for v, c in curves.items()},
                                   figures / "checkpoint-nll.png", ylabel=f"reference NLL (first {rows} eval rows)",
                                   title="reference NLL at checkpoints (mean over seeds)")
-    cka_lines, cka_json = _cka_section(cfg, store, figures)
+    from kava.kvstore import KVStore
+
+    kv = KVStore.open(store["path"])  # read-only, once, for the CKA and the store's sections
+    cka_lines, cka_json = _cka_section(kv, figures)
 
     lines = [f"# {cfg.name}: KV distillation vs CE-only", ""]
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `kava run` from `config.yaml` (next to this file). "
@@ -115,7 +118,7 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
               "Cosine between the projected student and the teacher K (left) and V (right), averaged over the last "
               "20 steps, mean ± std over seeds.", "", f"![layer cosine]({figs['cosine'].relative_to(root)})", ""]
     lines += cka_lines
-    lines += _store_section(store)
+    lines += _store_section(kv)
     lines += ["## Timings", "", "| unit of work | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += [f"| **total** | {sum(timings.values()):.1f} |", "",
@@ -186,12 +189,10 @@ def _splits_section(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _cka_section(cfg: RunConfig, store: dict[str, Any], figures: Path) -> tuple[list[str], dict[str, Any]]:
+def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
     from kava.analysis.cka import store_cka
     from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
-    from kava.kvstore import KVStore
 
-    kv = KVStore.open(store["path"])
     lines = ["## Layers: CKA and the layer map", ""]
     out: dict[str, Any] = {}
     for name, spec in kv.teachers.items():
@@ -223,12 +224,11 @@ def _cka_section(cfg: RunConfig, store: dict[str, Any], figures: Path) -> tuple[
     return lines, out
 
 
-def _store_section(store: dict[str, Any]) -> list[str]:
-    from kava.kvstore import KVStore
+def _store_section(kv: Any) -> list[str]:
     from kava.kvstore.interop import summary
 
-    s = summary(KVStore.open(store["path"]))
-    lines = ["## The store", "", f"`{Path(store['path']).name}`: {s['samples']} samples, {s['tokens']} student "
+    s = summary(kv)
+    lines = ["## The store", "", f"`{Path(kv.where).name}`: {s['samples']} samples, {s['tokens']} student "
              f"tokens in {s['shards']} shards, {_mib(s['bytes_on_disk'])} on disk.", "",
              "| teacher | layers | KV heads × dim | dtype | codec | logical | on disk | ratio |",
              "|---|---|---|---|---|---|---|---|"]

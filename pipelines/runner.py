@@ -62,15 +62,16 @@ class Runner:
 
     # -- bookkeeping --------------------------------------------------------------------------------------------------
 
-    def _done(self, where: Path, stage: str, key: str, check: Callable[[], bool] = lambda: True) -> bool:
-        record = where / "stage.json"
-        if stage in self.force or not record.is_file():
-            return False
+    def _done(self, where: Path, stage: str, key: str, check: Callable[[], bool]) -> dict[str, Any] | None:
+        """The unit's stage.json record when it holds outputs for ``key`` that check out, else None."""
+        path = where / "stage.json"
+        if stage in self.force or not path.is_file():
+            return None
         try:
-            same = json.loads(record.read_text()).get("digest") == key
+            record = json.loads(path.read_text())
         except json.JSONDecodeError:
-            return False
-        return same and check()
+            return None
+        return record if record.get("digest") == key and check() else None
 
     def _unit(self, where: Path, stage: str, label: str, key: str, work: Callable[[], dict[str, Any]],
               check: Callable[[], bool] = lambda: True,
@@ -79,8 +80,8 @@ class Runner:
 
         ``adopt`` recognises outputs made outside the runner (by the rendered sbatch scripts) when there is no
         stage.json: it returns their record, or None to run ``work``."""
-        if self._done(where, stage, key, check):
-            record = json.loads((where / "stage.json").read_text())
+        record = self._done(where, stage, key, check)
+        if record is not None:
             self.log(f"[{stage}] {label}: done already ({where})")
             self.result.timings[label] = record.get("seconds", 0.0)
             return record
@@ -133,10 +134,11 @@ class Runner:
         where = self.root / "data"
         d = self.cfg.data
         key = digest({"data": d.__dict__, "student_tokenizer": self._student_tokenizer_settings()})
+        trains_tokenizer = self.cfg.student.trains_tokenizer
 
         def work() -> dict[str, Any]:
             record = splits.make_splits(d, self.root)
-            if self._trains_student_tokenizer():
+            if trains_tokenizer:
                 from kava.extract.vocab import train_bpe_tokenizer
 
                 rows = splits.load_split(self.root, "student-train")
@@ -149,23 +151,13 @@ class Runner:
                     splits.check_split(self.root, role, stage="data")
             except Exception:  # noqa: BLE001 — any failure means: make them again
                 return False
-            return not self._trains_student_tokenizer() or (where / "student-tokenizer" / "tokenizer.json").is_file()
+            return not trains_tokenizer or (where / "student-tokenizer" / "tokenizer.json").is_file()
 
         return self._unit(where, "data", "data", key, work, check)
 
-    def _trains_student_tokenizer(self) -> bool:
-        return self.cfg.student.tokenizer is None and self._student_is_preset()
-
     def _student_tokenizer_settings(self) -> dict[str, Any]:
-        return {"vocab_size": self.cfg.student.vocab_size} if self._trains_student_tokenizer() else \
-            {"tokenizer": self.student_tokenizer}
-
-    @property
-    def student_tokenizer(self) -> str:
-        """A preset's tokenizer (given, or trained in the data stage), else the pretrained student's own."""
-        if self._trains_student_tokenizer():
-            return str(self.root / "data" / "student-tokenizer")
-        return self.cfg.student.tokenizer or self.cfg.student.model
+        s = self.cfg.student
+        return {"vocab_size": s.vocab_size} if s.trains_tokenizer else {"tokenizer": self.cfg.student_tokenizer}
 
     def teacher(self, spec: TeacherSpec, data: dict[str, Any]) -> dict[str, Any]:
         """A trained teacher's directory (trained once per settings and split, then cached), or the pretrained id."""
@@ -217,11 +209,13 @@ class Runner:
                 from kava.extract.recipe import run_extract
 
                 splits.check_split(self.root, "student-train", stage=f"extract {spec.name}")
+                resume = False
                 if path.exists():
                     store = KVStore.open(path)
                     if store.manifest.dataset.sample_ids_hash != want:
                         shutil.rmtree(path)  # cut from another split (the data changed): start over
-                resume = path.exists() and spec.name in KVStore.open(path).teachers
+                    else:
+                        resume = spec.name in store.teachers
                 config = stage_extract_config(self.cfg, spec, model=teachers[spec.name]["model"], resume=resume)
                 result = run_extract(config, log=self._quiet)
                 return {"samples": result.samples, "student_tokens": result.student_tokens,
@@ -245,11 +239,6 @@ class Runner:
                            sample_ids_hash=store.manifest.dataset.sample_ids_hash)
         return {"path": str(path), "teachers": records,
                 "digest": digest([[r["digest"], r.get("made")] for r in records.values()])}
-
-    def _student_is_preset(self) -> bool:
-        from kava.distill.student import PRESETS
-
-        return self.cfg.student.model.lower() in PRESETS
 
     def distill(self, variant: VariantSpec, seed: int, store: dict[str, Any]) -> dict[str, Any]:
         from kava.kvstore import KVStore
@@ -330,7 +319,7 @@ class Runner:
     def _checkpoint_curve(self, student: Path, final: Any) -> list[dict[str, float]]:
         """Accuracy and reference NLL on the first ``eval.checkpoint_rows`` eval rows at every kept checkpoint,
         ending with the final student (its items from the full eval, the same rows)."""
-        from transformers import AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from kava.distill.checkpoint import step_checkpoints, student_at
         from kava.distill.evaluate import evaluate, reference_nll
@@ -341,8 +330,8 @@ class Runner:
             return []
         rows = list(splits.load_split(self.root, "eval"))[:n]
         tokenizer = AutoTokenizer.from_pretrained(student)
-        template = load_template(json.loads((student / "kava.json").read_text())["template"])
-        steps = json.loads((student / "kava.json").read_text())["steps"]
+        made = json.loads((student / "kava.json").read_text())
+        template, steps = load_template(made["template"]), made["steps"]
         curve = []
         for step, path in step_checkpoints(student):
             if step >= steps:
@@ -352,8 +341,6 @@ class Runner:
                               max_new_tokens=e.max_new_tokens)
             curve.append({"step": step, "accuracy": scored.accuracy,
                           "nll": reference_nll(model, tokenizer, rows, template, batch_size=e.batch_size)})
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(student).eval()
         curve.append({"step": steps, "accuracy": sum(i.correct for i in final.items[:n]) / len(rows),
                       "nll": reference_nll(model, tokenizer, rows, template, batch_size=e.batch_size)})
@@ -375,7 +362,8 @@ class Runner:
 
 
 def _texts(rows: Any) -> list[str]:
-    return [f"{r.question}\n{r.reasoning}\n#### {r.answer}" for r in rows]
+    """The text a run's BPE tokenizers are trained on: each problem as the split files hold it."""
+    return [f"{r.question}\n{splits.gsm8k_answer(r)}" for r in rows]
 
 
 def _finished_student(where: Path, steps: int | None) -> bool:

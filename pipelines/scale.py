@@ -42,10 +42,23 @@ def geometry(model_id: str) -> tuple[tuple[int, int, int, int], str]:
                           "Download its config.json (a few KB) or pass a local model directory.") from None
 
 
-def _bytes(layers: int, heads: int, head_dim: int, dtype: str) -> float:
-    from kava.extract.estimate import _bytes_per_token
+def stored_layers(extract: dict[str, Any], teacher_layers: int, student_layers: int) -> tuple[int, int]:
+    """``(K/V layers, Q layers)`` a teacher's ``extract:`` options store, as extraction picks them (for ``cka``, an
+    upper bound: top-k layers may coincide)."""
+    from kava.kvstore.manifest import proportional_layer_map
 
-    return _bytes_per_token(layers, heads, head_dim, dtype)
+    layer_map = str(extract.get("layer_map", "proportional"))
+    if layer_map == "proportional":
+        kv = len(proportional_layer_map(teacher_layers, student_layers).teacher_layers)
+    elif layer_map == "cka":
+        kv = min(teacher_layers, student_layers * int(extract.get("cka_top_k", 2)))
+    else:
+        from kava.extract.layer_map import parse_layer_map
+
+        kv = len(parse_layer_map(layer_map, teacher_layers, student_layers).teacher_layers)
+    q_spec = extract.get("q_layers")
+    q = (len([x for x in str(q_spec).split(",") if x.strip()]) if q_spec else kv) if extract.get("with_q") else 0
+    return kv, q
 
 
 def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: str | None = None,
@@ -53,6 +66,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
          store: str | None = None) -> dict[str, Any]:
     """The numbers of ``format_plan``; ``tokens_per_s`` and ``step_seconds`` are assumptions the caller states."""
     from kava.extract.data import load_rows
+    from kava.extract.estimate import bytes_per_token as _bytes
     from kava.extract.grid import build_grid
     from kava.extract.recipe import load_student_tokenizer
     from kava.extract.teachers import PRESETS
@@ -83,9 +97,10 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
         preset = PRESETS.get(t.model.lower())  # a plan needs no weights: no cache check, unlike resolve_teacher
         model_id, quantization = (preset.hf_id, preset.quantization) if preset else (t.model, "as configured")
         (layers, heads, kv_heads, head_dim), g_source = geometry(model_id)
-        mapped = len(proportional_layer_map(layers, s_layers).teacher_layers)
-        subsets = {"all layers": layers, f"proportional map to {s_layers}": mapped, "last quarter": max(1, layers // 4)}
-        with_q = bool(t.extract.get("with_q"))
+        mapped, n_q = stored_layers(t.extract, layers, s_layers)  # what this config stores
+        proportional = len(proportional_layer_map(layers, s_layers).teacher_layers)
+        subsets = {"all layers": layers, f"proportional map to {s_layers}": proportional,
+                   "last quarter": max(1, layers // 4)}
         sizes = []
         for name, n in subsets.items():
             for dtype in KV_DTYPES:
@@ -96,8 +111,6 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
         # What one optimizer step reads: the run's global batch of mean-length samples, the stored layers of the
         # map, in the config's dtype, with Q when the config stores it.
         dtype = t.extract.get("kv_dtype", "float16")
-        q_spec = t.extract.get("q_layers")
-        n_q = (len([x for x in str(q_spec).split(",") if x.strip()]) if q_spec else mapped) if with_q else 0
         per_token = 2 * _bytes(mapped, kv_heads, head_dim, dtype) + _bytes(n_q, heads, head_dim, dtype)
         samples = cfg.train.batch_size * cfg.train.grad_accum
         step_bytes = per_token * mean_tokens * samples

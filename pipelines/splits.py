@@ -35,6 +35,11 @@ def load_split(root: Path, role: str) -> Any:
     return load_rows(str(split_path(root, role)), split=FILE_SPLIT[role])
 
 
+def gsm8k_answer(row: Any) -> str:
+    """A row's answer field in GSM8K form: the reasoning lines, then ``#### <answer>``."""
+    return f"{row.reasoning}\n#### {row.answer}"
+
+
 def _question_hash(questions: list[str]) -> str:
     h = hashlib.sha256()
     for q in sorted(questions):
@@ -83,7 +88,7 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as f:
             for r in rows:
-                f.write(json.dumps({"question": r.question, "answer": f"{r.reasoning}\n#### {r.answer}",
+                f.write(json.dumps({"question": r.question, "answer": gsm8k_answer(r),
                                     "source_id": r.sample_id}) + "\n")
         tmp.replace(path)
         record["splits"][role] = {**describe(load_split(root, role)), "file": str(path.relative_to(root))}
