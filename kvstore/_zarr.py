@@ -118,7 +118,10 @@ def create_array(
     dims: tuple[str, ...],
     compressor: dict[str, Any] | None = None,
     attributes: dict[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> zarr.Array:
+    """A new array at ``key``. ``overwrite=False`` never deletes what is there: it raises zarr's
+    ``ContainsArrayError`` instead, so two processes creating the same array cannot remove each other's files."""
     dtype = np.dtype(dtype)
     # Chunks may not be zero-sized even when the array is empty.
     chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
@@ -134,7 +137,7 @@ def create_array(
         attributes=attributes or {},
         # Write every chunk, even all-zero ones, so `verify` can tell a missing chunk from a zero one.
         config={"write_empty_chunks": True},
-        overwrite=True,
+        overwrite=overwrite,
     )
 
 

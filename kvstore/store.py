@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
+from zarr.errors import ContainsArrayError
 
 from . import _fastread, _zarr, codecs, layout
 from .errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
@@ -367,7 +368,10 @@ class KVStore:
     # CKA matrices
 
     def write_cka(self, teacher: str, name: str, matrix: np.ndarray, **attrs: Any) -> None:
-        """Store a layer×layer CKA matrix (e.g. ``teacher_teacher``, ``teacher_student``) with its estimator."""
+        """Store a layer×layer CKA matrix (e.g. ``teacher_teacher``, ``teacher_student``) with its estimator.
+
+        Safe for the jobs of a job array, which each compute the same matrix and write it at once: an existing array
+        of the same shape is written in place, never deleted under a concurrent writer."""
         self._check_writable()
         self.teacher(teacher)
         check_teacher_name(name)
@@ -377,10 +381,20 @@ class KVStore:
         key = layout.cka_key(teacher, name)
         self._arrays.pop(key, None)  # a rewrite may change the shape: drop the cached metadata
         own, base = _zarr.substore(self._store, f"{layout.teacher_key(teacher)}/cka")
-        _zarr.create_array(
-            own, f"{base}{name}", shape=m.shape, chunks=m.shape, dtype=np.float64,
-            dims=("layer_a", "layer_b"), attributes=attrs,
-        )[...] = m
+
+        def create(overwrite: bool) -> zarr.Array:
+            return _zarr.create_array(own, f"{base}{name}", shape=m.shape, chunks=m.shape, dtype=np.float64,
+                                      dims=("layer_a", "layer_b"), attributes=attrs, overwrite=overwrite)
+
+        try:
+            array = create(overwrite=False)
+        except ContainsArrayError:  # written before, or by another job of the array at this moment
+            array = _zarr.open_array(self._store, key)
+            if array.shape != m.shape:  # another calibration, rewritten by one job: replace it
+                array = create(overwrite=True)
+            else:  # fill it in place; deleting it could remove a concurrent writer's files
+                array.update_attributes(attrs)
+        array[...] = m
 
     def cka(self, teacher: str) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
         """All stored CKA matrices of a teacher: name → (matrix, attributes)."""

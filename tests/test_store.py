@@ -626,6 +626,10 @@ class StoreConformance:
         assert full.cka("A")["teacher_student"][0].shape == (6, 3)
         full.write_cka("A", "teacher_student", m[:4, :2])  # overwrite with another shape
         assert full.cka("A")["teacher_student"][0].shape == (4, 2)
+        full.write_cka("A", "teacher_teacher", 1 - m, estimator="linear", samples=9)  # same shape: in place
+        matrix, attrs = KVStore.open(location).cka("A")["teacher_teacher"]
+        np.testing.assert_array_equal(matrix, 1 - m)
+        assert attrs == {"estimator": "linear", "samples": 9}
         with pytest.raises(ConfigError, match="2-D CKA matrix"):
             full.write_cka("A", "bad", m[0])
         with pytest.raises(SchemaError, match="no teacher 'Z'"):
