@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 from .config import RESUME_MAY_DIFFER, DistillConfig
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported where it is used: `launch` runs in a process that never needs it
     import torch

@@ -23,10 +23,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from kava.extract.data import ReasoningRow, load_rows
+from kava.extract.data import load_rows
+from kava.extract.rows import ReasoningRow
 from kava.extract.synthetic import SYNTHETIC_SPLITS
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
-from kava.kvstore.errors import ConfigError, DatasetError
+from kava.core.errors import ConfigError, DatasetError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Answers
@@ -139,7 +140,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    from kava.extract.teacher_pass import left_pad  # imported here, not at the top: keeps `kava --help` light
+    from kava.core.padding import left_pad  # imported here, not at the top: keeps `kava --help` light
 
     eos = _eos_ids(model, tokenizer)
     if not eos:

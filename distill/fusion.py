@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kava.distill.losses import weighted_mean
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 FUSION_KINDS = ("fixed", "similarity", "learnable")
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 PROJECTOR_KINDS = ("structured", "flat")
 

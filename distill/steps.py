@@ -16,7 +16,7 @@ from torch import nn
 from kava.extract.capture import rotary_module, attention_capture, attention_geometry
 from kava.extract.rope import rope_params
 from kava.kvstore import KVStore
-from kava.kvstore.errors import ConfigError, SchemaError
+from kava.core.errors import ConfigError, SchemaError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .config import DistillConfig
@@ -158,8 +158,7 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
     store and the tokenizer it was cut with."""
     from kava.extract.data import load_rows
     from kava.extract.grid import create_grid_store
-    from kava.extract.recipe import load_student_tokenizer
-    from kava.extract.teachers import load_tokenizer, resolve_teacher
+    from kava.core.models import load_fast_tokenizer, load_tokenizer, resolve_model
     from kava.extract.templates import load_template
 
     from .student import PRESETS
@@ -170,9 +169,9 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
         raise ConfigError(f"--student {cfg.student} is a preset: without --store it needs --tokenizer to build on.")
     tok_name = cfg.tokenizer if preset else cfg.student
     if preset:
-        tokenizer = load_student_tokenizer(tok_name)
+        tokenizer = load_fast_tokenizer(tok_name)
     else:
-        tokenizer = load_tokenizer(resolve_teacher(tok_name, trust_remote_code=cfg.trust_remote_code))
+        tokenizer = load_tokenizer(resolve_model(tok_name, role="student", trust_remote_code=cfg.trust_remote_code))
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files, seed=cfg.data_seed)
     store, grid = create_grid_store(path, rows, tokenizer, load_template(cfg.template), tokenizer_name=tok_name,
                                     dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train on a laptop CPU in minutes; GQA on the Qwen2 one, plain MHA on the Llama one.
@@ -118,17 +118,11 @@ def load_student(
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         model_tokenizer = tokenizer
     else:
-        from kava.extract.teachers import load_tokenizer, resolve_teacher
+        from kava.core.models import load_model, load_tokenizer, resolve_model
 
-        source = resolve_teacher(name, trust_remote_code=trust_remote_code)
+        source = resolve_model(name, role="student", dtype="float32", trust_remote_code=trust_remote_code)
         model_tokenizer = load_tokenizer(source)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source.model_id, attn_implementation="sdpa", dtype=torch.float32,
-                trust_remote_code=trust_remote_code,
-            )
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"Could not load the student {name!r}: {e}. Check --student.") from e
+        model = load_model(source, trainable=True, attn_implementation="sdpa")
     if model_tokenizer.pad_token_id is None:
         # Padding positions are masked everywhere; any id works, eos is the usual choice.
         model_tokenizer.pad_token = model_tokenizer.eos_token

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kava.extract.recipe import Log, log_stderr
-from kava.kvstore.errors import ConfigError, KavaError
+from kava.core.log import Log, log_stderr, quiet
+from kava.core.errors import ConfigError, KavaError
 
 from .config import DistillConfig
 from .ddp import Ranks
@@ -81,7 +81,7 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
         raise ConfigError(f"--device {cfg.device}: CUDA is not available here. Use --device cpu.")
     device = ddp.rank_device(device, ranks, cfg.device)
     with ddp.process_group(ranks, device):  # one process: no group
-        return _train(cfg, out, resume_from, device, ranks, log if ranks.main else _quiet, started)
+        return _train(cfg, out, resume_from, device, ranks, log if ranks.main else quiet, started)
 
 
 def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any, ranks: Ranks, log: Log,
@@ -278,10 +278,6 @@ def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any,
 _RANK_SEED_STRIDE = 1_000_003
 """Rank ``r`` seeds its dropout with ``seed + 2 + step + r * stride``: apart from every other rank's for runs of
 fewer steps than the stride; rank 0 (and a single process) with ``seed + 2 + step``."""
-
-
-def _quiet(message: str) -> None:
-    """The log of ranks other than 0."""
 
 
 def _exhausted(loader: Any) -> bool:

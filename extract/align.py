@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 __all__ = ["Alignment", "align_dense_reference", "align_tokens", "apply", "token_spans"]
 

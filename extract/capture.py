@@ -33,7 +33,7 @@ from torch import nn
 
 from kava.extract.rope import invert_rope, rope_params
 from kava.extract.rope import rotate_half as _default_rotate_half
-from kava.kvstore.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError
 
 KRope = Literal["pre", "post"]
 

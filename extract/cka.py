@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 __all__ = ["ESTIMATORS", "CKAAccumulator", "Estimator", "linear_cka", "minibatch_cka", "unbiased_hsic"]
 

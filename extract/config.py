@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.kvstore.manifest import KV_DTYPES, check_teacher_name
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")

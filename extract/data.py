@@ -18,108 +18,16 @@ question, reasoning and answer loses its leading and trailing whitespace: the pr
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kava.kvstore.errors import ConfigError, DatasetError  # noqa: F401 - DatasetError is part of this API
-from kava.kvstore.create import sample_ids_hash  # noqa: F401 - re-exported: the store checks this definition
+from kava.core.errors import ConfigError, DatasetError
 
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rows
-
-
-@dataclass(frozen=True)
-class ReasoningRow:
-    """One sample: the question, the reasoning lines (joined by newlines) and the final answer."""
-
-    sample_id: str
-    question: str
-    reasoning: str
-    answer: str
-
-
-@dataclass(frozen=True)
-class RowProblem:
-    """A row that was skipped, and why (e.g. ``"empty question"``)."""
-
-    sample_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RowSet:
-    """The usable rows of one dataset split, in order, and the rows skipped with their reasons.
-
-    Iterating and ``len()`` see only the usable rows.
-    """
-
-    name: str
-    """Where the rows came from: ``"synthetic/train"``, ``"gsm8k/test"``, or a file path."""
-    rows: tuple[ReasoningRow, ...]
-    problems: tuple[RowProblem, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[ReasoningRow]:
-        return iter(self.rows)
-
-    def __getitem__(self, index: int) -> ReasoningRow:
-        return self.rows[index]
-
-    @property
-    def sample_ids(self) -> list[str]:
-        return [row.sample_id for row in self.rows]
-
-    @property
-    def fingerprint(self) -> str:
-        """``dataset_fingerprint`` of the usable rows."""
-        return dataset_fingerprint(self.rows)
-
-
-_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
-_ANSWER_MARK = "####"
-
-
-def strip_calculator_notes(text: str) -> str:
-    """Remove GSM8K calculator notes: ``"48/2 = <<48/2=24>>24"`` → ``"48/2 = 24"``."""
-    return _CALCULATOR_NOTE.sub("", text)
-
-
-def parse_gsm8k_answer(text: str) -> tuple[str, str] | None:
-    """Split a GSM8K answer into (reasoning, answer); None when it has no ``#### <answer>`` line.
-
-    The reasoning is every line before the last line that starts with ``####``, the answer what follows the mark on
-    that line, both stripped (``"1,080"`` stays as written). Lines after the answer line are dropped.
-    """
-    lines = text.split("\n")  # not splitlines(): that also splits on U+2028 etc. and would change the text
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].lstrip().startswith(_ANSWER_MARK):
-            answer = lines[i].lstrip()[len(_ANSWER_MARK) :].strip()
-            return "\n".join(lines[:i]).strip(), answer
-    return None
-
-
-def gsm8k_answer_text(row: ReasoningRow) -> str:
-    """The row's reasoning and answer in GSM8K's answer form: the lines, then ``#### <answer>``."""
-    return f"{row.reasoning}\n{_ANSWER_MARK} {row.answer}" if row.reasoning else f"{_ANSWER_MARK} {row.answer}"
-
-
-def row_problems(row: ReasoningRow) -> list[str]:
-    """Why this row can't be used (empty list when it can). Empty reasoning is allowed."""
-    problems = []
-    if not row.question.strip():
-        problems.append("empty question")
-    if not row.answer.strip():
-        problems.append("empty answer")
-    return problems
+from .rows import (ANSWER_MARK, ReasoningRow, RowProblem, RowSet, make_sample_id, parse_gsm8k_answer, row_problems,
+                   strip_calculator_notes)
+from .synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_rows
 
 
 def _as_text(value: Any) -> str:
@@ -146,7 +54,7 @@ def _make_row(
     if reasoning is None:
         parsed = parse_gsm8k_answer(answer)
         if parsed is None:
-            no_mark = f"the answer has no '{_ANSWER_MARK} <answer>' line"
+            no_mark = f"the answer has no '{ANSWER_MARK} <answer>' line"
             return RowProblem(sample_id, f"empty question; {no_mark}" if not question else no_mark)
         reasoning, answer = parsed
     else:
@@ -163,29 +71,6 @@ def _collect(name: str, built: Iterable[ReasoningRow | RowProblem]) -> RowSet:
     for item in built:
         (rows if isinstance(item, ReasoningRow) else problems).append(item)
     return RowSet(name, tuple(rows), tuple(problems))
-
-
-def _sample_id(prefix: str, split: str, index: int) -> str:
-    return f"{prefix}/{split}/{index:06d}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Fingerprints
-
-
-def _hash_fields(fields: Iterable[str]) -> str:
-    # Length-prefixed so that ("ab", "c") and ("a", "bc") hash differently.
-    h = hashlib.sha256()
-    for field in fields:
-        data = field.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
-
-
-def dataset_fingerprint(rows: Iterable[ReasoningRow]) -> str:
-    """sha256 (hex) over every row's id, question, reasoning and answer, in order."""
-    return _hash_fields(f for row in rows for f in (row.sample_id, row.question, row.reasoning, row.answer))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,7 +147,7 @@ def _rows_from_records(
     for index, record in enumerate(records):
         if limit is not None and index >= limit:
             return
-        sample_id = _sample_id(prefix, split, index)
+        sample_id = make_sample_id(prefix, split, index)
         missing = [f for f in (question_field, answer_field, reasoning_field) if f is not None and f not in record]
         if missing:  # the first record had them (checked in _records); this one does not
             yield RowProblem(sample_id, f"missing field(s) {missing}")
@@ -395,8 +280,6 @@ def load_rows(
     if dataset == "synthetic":
         if data_files is not None:
             raise ConfigError("Can't set --data-files with --dataset synthetic. Choose one.")
-        from .synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_rows  # it builds on this module's row types
-
         n = SYNTHETIC_DEFAULT_SIZE.get(split, 0) if limit is None else limit  # synthetic_rows checks the split
         return synthetic_rows(n, seed=seed, split=split, strip_calculator=strip_calculator)
     if dataset in ("gsm8k", GSM8K_HUB_ID):

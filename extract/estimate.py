@@ -46,9 +46,10 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from .grid import build_grid
     from .capture import attention_geometry, capture_qkv
     from .layer_map import parse_layer_map
-    from .recipe import load_student_tokenizer, validate_and_resolve
-    from .teacher_pass import _forward, _teacher_texts
-    from .teachers import load_model, load_tokenizer
+    from kava.core.models import load_fast_tokenizer, load_model, load_tokenizer
+
+    from .recipe import validate_and_resolve
+    from .teacher_pass import teacher_forward, teacher_texts
     from .templates import load_template
 
     source = validate_and_resolve(cfg)
@@ -56,10 +57,10 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
     teacher_tok = load_tokenizer(source)
-    student_tok = teacher_tok if cfg.student_tokenizer is None else load_student_tokenizer(cfg.student_tokenizer)
+    student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
-    texts = _teacher_texts(grid, template, teacher_template)[0]
+    texts = teacher_texts(grid, template, teacher_template)[0]
     student_tokens = int(sum(len(s.input_ids) for s in grid))
     teacher_tokens = int(sum(len(token_spans(teacher_tok, t)[0]) for t in texts if t))
 
@@ -81,7 +82,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     for b in range(0, len(live), cfg.batch_size):
         encoded = [token_spans(teacher_tok, t) for t in live[b : b + cfg.batch_size]]
         timed_tokens += sum(len(e[0]) for e in encoded)
-        for k, v, _ in _forward(model, encoded, layers, (), cfg.k_rope, next(model.parameters()).device,
+        for k, v, _ in teacher_forward(model, encoded, layers, (), cfg.k_rope, next(model.parameters()).device,
                                 capture_qkv):
             k_rows += [k.numpy(), v.numpy()]
     seconds = time.perf_counter() - t

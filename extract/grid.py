@@ -18,7 +18,7 @@ import numpy as np
 from kava.kvstore.manifest import TokenizerSpec
 
 from .align import token_spans
-from .data import ReasoningRow, RowSet
+from .rows import ReasoningRow, RowSet
 from .templates import PromptTemplate, format_row, segment_ids, truncate_at_segment
 
 
@@ -128,7 +128,7 @@ def create_grid_store(
 
     grid = build_grid(rows, tokenizer, template, max_length=max_length, on_too_long=on_too_long)
     if not grid:
-        from kava.kvstore.errors import ConfigError
+        from kava.core.errors import ConfigError
 
         raise ConfigError(f"Dataset {dataset}:{split} has no rows. Check --dataset, --split and --limit.")
     tok_spec, tok_files = tokenizer_spec(tokenizer, tokenizer_name)

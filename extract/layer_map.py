@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.kvstore.manifest import LayerMap, proportional_layer_map
 
 from .cka import ESTIMATORS

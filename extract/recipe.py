@@ -21,20 +21,13 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from kava.core.errors import ConfigError
+from kava.core.log import Log, log_stderr
 from kava.kvstore import KVStore, StorageSpec, TeacherSpec, default_storage
-from kava.kvstore.errors import ConfigError
 
 from .config import ExtractConfig
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
-from .teacher_pass import _alignment, _forward, _generate, _teacher_texts
-
-Log = Callable[[str], None]
-
-
-def log_stderr(message: str) -> None:
-    """The default log of the stage recipes: one line on stderr, flushed."""
-    print(message, file=sys.stderr, flush=True)
-
+from .teacher_pass import generate_reasoning, sample_alignment, teacher_forward, teacher_texts
 
 @dataclass
 class ExtractResult:
@@ -213,8 +206,8 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     from .capture import attention_geometry
     from .data import load_rows
     from .rope import rope_params
-    from .teachers import describe_model, load_tokenizer
-    from .teachers import load_model as load_teacher_model
+    from kava.core.models import describe_model, load_fast_tokenizer, load_tokenizer
+    from kava.core.models import load_model as load_teacher_model
     from .templates import load_template
 
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
@@ -225,7 +218,7 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
                      strip_calculator=cfg.strip_calculator)
     teacher_tok = load_tokenizer(source)
-    student_tok = teacher_tok if cfg.student_tokenizer is None else load_student_tokenizer(cfg.student_tokenizer)
+    student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
     # 3. The grid and the store (created by the first extraction, checked by every later one).
     store, grid = create_grid_store(
         cfg.store, rows, student_tok, template, tokenizer_name=cfg.student_tokenizer or source.model_id,
@@ -304,13 +297,13 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
             shard, store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)))
         for b in range(0, len(samples), cfg.batch_size):
             batch = samples[b : b + cfg.batch_size]
-            texts, pieces = _teacher_texts(batch, template, teacher_template)
+            texts, pieces = teacher_texts(batch, template, teacher_template)
             if cfg.teacher_generates:
-                texts = _generate(teacher_model, teacher_tok, texts, pieces, cfg.max_new_tokens, device)
+                texts = generate_reasoning(teacher_model, teacher_tok, texts, pieces, cfg.max_new_tokens, device)
             encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
                        for t in texts]
             t0 = time.perf_counter()
-            captured = _forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
+            captured = teacher_forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
             result.forward_seconds += time.perf_counter() - t0
 
             def write(batch=batch, encoded=encoded, captured=captured, texts=texts, pieces=pieces,
@@ -324,7 +317,7 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                               else None)
                         continue
                     k, v, q = kv
-                    al = _alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
+                    al = sample_alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
                                     same_text=same_text, same_tokenizer=plan.same_tokenizer,
                                     hard=cfg.alignment == "hard", special_ids=special_ids)
                     if al is None:  # the teacher's own tokens: every row is an exact target
@@ -399,29 +392,6 @@ def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[i
     return [s for s in todo if s not in done], sorted(done)
 
 
-def load_student_tokenizer(name: str) -> Any:
-    """The student's fast tokenizer from a directory or a cached hub id (the grid is cut with it)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=_offline())
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"--student-tokenizer {name!r}: its tokenizer could not be loaded ({e}). Pass a local directory, or a "
-            "hub id that is in the local cache."
-        ) from e
-    if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"--student-tokenizer: expected a fast tokenizer (alignment needs character offsets). "
-                          f"Got {type(tok).__name__} instead.")
-    return tok
-
-
-def _offline() -> bool:
-    from .teachers import _hub_offline  # one reading of the offline settings for teachers and students
-
-    return _hub_offline()
-
-
 def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     if not cfg.with_q:
         return ()
@@ -450,9 +420,9 @@ def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
     student_layers = cfg.student_layers or num_layers
     student_model = None
     if cfg.student is not None:
-        from transformers import AutoModelForCausalLM
+        from kava.core.models import load_model, resolve_model
 
-        student_model = AutoModelForCausalLM.from_pretrained(cfg.student, local_files_only=_offline()).eval()
+        student_model = load_model(resolve_model(cfg.student, role="student"))
         student_layers = student_model.config.num_hidden_layers
     calibration = [s for s in grid if s.status != "skipped"][: cfg.calibration_samples]
     cka = calibrate_cka(teacher_model, teacher_tok, student_model, calibration, batch_size=cfg.batch_size) \

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 RotateHalf = Callable[[torch.Tensor], torch.Tensor]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import random
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
-from .data import ReasoningRow, RowSet, _sample_id, strip_calculator_notes
+from .rows import ReasoningRow, RowSet, make_sample_id, strip_calculator_notes
 
 # A split owns the questions whose sha256 falls in its bucket, so no question can be in two splits.
 SYNTHETIC_SPLITS = ("train", "validation", "test")
@@ -143,7 +143,7 @@ def synthetic_rows(n: int, *, seed: int = 0, split: str = "train", strip_calcula
                 reasoning = "\n".join(lines)
                 if strip_calculator:
                     reasoning = strip_calculator_notes(reasoning)
-                return ReasoningRow(_sample_id("synthetic", split, index), question, reasoning, str(answer))
+                return ReasoningRow(make_sample_id("synthetic", split, index), question, reasoning, str(answer))
         raise AssertionError("unreachable: a third of all questions belong to each split")  # pragma: no cover
 
     return RowSet(f"synthetic/{split}", tuple(build(i) for i in range(n)))

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from kava.core.padding import left_pad
+
 from .grid import GridSample
 
 
-def _teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
+def teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
                    ) -> tuple[list[str], list[dict[str, tuple[int, int]]]]:
     """What the teacher reads for each sample, and the character spans of its pieces in that text.
 
@@ -41,7 +43,7 @@ def _teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
     return texts, pieces
 
 
-def _forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> list[tuple[Any, Any, Any]]:
+def teacher_forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> list[tuple[Any, Any, Any]]:
     """One padded forward pass → per sample (k, v, q) as float32 ``[T_t, L, H, D]`` on the CPU (q may be None)."""
     import torch
 
@@ -71,22 +73,7 @@ def _forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> l
     return out
 
 
-def left_pad(sequences: list[Any], pad: int) -> tuple[Any, Any]:
-    """Token id sequences as ``(ids [B, T], attention_mask [B, T])``, left-padded with ``pad``: the layout batched
-    generation needs (a decoder continues every row from the last column; generate derives positions from the
-    mask, so a padded row sees the positions it would see alone)."""
-    import torch
-
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
-def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,
+def generate_reasoning(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,
               device) -> list[str]:
     """The teacher writes its own reasoning and answer, greedily, after each sample's prompt: one batched
     ``generate`` with the prompts left-padded (a decoder continues from the last position of every row)."""
@@ -111,7 +98,7 @@ def _generate(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, in
     return out
 
 
-def _alignment(sample: GridSample, t_ids: np.ndarray, t_spans: np.ndarray, text: str,
+def sample_alignment(sample: GridSample, t_ids: np.ndarray, t_spans: np.ndarray, text: str,
                piece: dict[str, tuple[int, int]], *, generated: bool, same_text: bool, same_tokenizer: bool,
                hard: bool, special_ids: np.ndarray) -> Any:
     """How a sample's teacher rows ``[T_t]`` map onto its student tokens ``[T_s]`` (an ``Alignment``), or None

@@ -28,8 +28,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from kava.extract.data import ReasoningRow
-from kava.kvstore.errors import ConfigError
+from kava.extract.rows import ReasoningRow
+from kava.core.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Templates

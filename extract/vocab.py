@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .align import Alignment

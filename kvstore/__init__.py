@@ -4,7 +4,7 @@ Owns the format (``FORMAT.md``), its manifest, the writer, the reader, verificat
 zarr/dask/xarray/pyarrow. Knows nothing about models or tokenizers.
 """
 
-from .errors import (
+from kava.core.errors import (
     ChecksumError,
     ConfigError,
     FormatVersionError,

@@ -26,7 +26,7 @@ import numpy as np
 from numcodecs import Blosc
 from zarr.storage import LocalStore
 
-from .errors import SchemaError
+from kava.core.errors import SchemaError
 
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1

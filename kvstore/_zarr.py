@@ -16,7 +16,7 @@ from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from .errors import ChecksumError, SchemaError
+from kava.core.errors import ChecksumError, SchemaError
 
 
 def as_zarr_store(location: str | os.PathLike | Store, *, read_only: bool) -> Store:

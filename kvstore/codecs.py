@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SampleError
+from kava.core.errors import SampleError
 
 FP16_MAX = 65504.0
 DEFAULT_CHUNK_BYTES = 4 << 20

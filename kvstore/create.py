@@ -24,7 +24,7 @@ import zarr
 from zarr.abc.store import Store
 
 from . import _zarr, codecs, layout
-from .errors import ConfigError, StoreError
+from kava.core.errors import ConfigError, StoreError
 from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec
 from .store import INDEX_SCHEMA, KVStore
 

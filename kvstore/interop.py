@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import codecs, layout
-from .errors import IncompleteError
+from kava.core.errors import IncompleteError
 from .store import KVStore
 
 

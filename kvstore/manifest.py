@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from .errors import ConfigError, FormatVersionError, SchemaError
+from kava.core.errors import ConfigError, FormatVersionError, SchemaError
 
 FORMAT_VERSION = 1
 """The store format this code writes and the newest it reads."""

@@ -23,7 +23,7 @@ from zarr.abc.store import Store
 from zarr.errors import ContainsArrayError
 
 from . import _fastread, _zarr, codecs, layout
-from .errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
+from kava.core.errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
 from .manifest import (
     StorageSpec,
     StoreManifest,

@@ -10,7 +10,7 @@ import numpy as np
 import zarr  # noqa: F401 - zarr.Array in annotations
 
 from . import _zarr, codecs, layout
-from .errors import ChecksumError, KavaError, SchemaError
+from kava.core.errors import ChecksumError, KavaError, SchemaError
 from .manifest import TeacherSpec
 from .store import KVStore
 

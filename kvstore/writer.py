@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from . import _zarr, codecs, layout
-from .errors import IncompleteError, SampleError, StoreError
+from kava.core.errors import IncompleteError, SampleError, StoreError
 from .manifest import TeacherSpec
 
 if TYPE_CHECKING:

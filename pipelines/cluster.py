@@ -22,10 +22,11 @@ from typing import Any, Callable
 from distributed import WorkerPlugin
 
 from kava.extract.config import ExtractConfig, slurm_directives
-from kava.extract.recipe import (ExtractPlan, ExtractResult, LoadedTeacher, Log, configure_process, log_stderr,
-                                 prepare_extract, progress_bar, summary_line, validate_and_resolve, write_shards)
+from kava.core.errors import ConfigError, KavaError
+from kava.core.log import Log, log_stderr
+from kava.extract.recipe import (ExtractPlan, ExtractResult, LoadedTeacher, configure_process, prepare_extract,
+                                 progress_bar, summary_line, validate_and_resolve, write_shards)
 from kava.kvstore import KVStore
-from kava.kvstore.errors import ConfigError, KavaError
 
 PLUGIN = "kava-teacher"
 """The name the worker plugin is registered under."""
@@ -57,7 +58,7 @@ class TeacherCache(WorkerPlugin):
         configure_process(self.threads, progress=False)
         with self._lock:  # a worker with several threads loads its teacher once
             if source not in self._teachers:
-                from kava.extract.teachers import load_model, load_tokenizer
+                from kava.core.models import load_model, load_tokenizer
 
                 self._teachers.clear()  # one teacher at a time in a worker's memory
                 tokenizer = load_tokenizer(source)

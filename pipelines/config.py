@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 COMPUTE_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_tokens", "max_length")
 """DistillConfig fields that decide a student's compute: set once in ``train:``, never per variant."""

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
+from kava.core.hub import hub_cache_dir, hub_offline
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -150,7 +151,7 @@ def run_doctor(config: str | None = None, *, store: str | None = None, teachers:
     add(torch_row)
     add(_cuda(torch, wants_cuda))
     add(_bitsandbytes(quantized))
-    offline = _offline()
+    offline = hub_offline()
     cache = hub_cache_dir()
     add(Check("hub cache", "ok", f"{cache} ({'offline: models must be here' if offline else 'online'})"))
     for row, name, kind in models:
@@ -216,9 +217,9 @@ def _bitsandbytes(quantized: list[str]) -> Check:
     if importlib.util.find_spec("accelerate") is None and quantized:
         return Check("bitsandbytes", "fail", f"accelerate is not installed{needed}", "pip install accelerate")
     try:
-        from kava.extract.teachers import _import_bitsandbytes  # imports it quietly, as the teachers do
+        from kava.core.models import import_bitsandbytes  # imports it quietly, as the teachers do
 
-        _import_bitsandbytes()
+        import_bitsandbytes()
         import bitsandbytes
     except (ConfigError, ImportError, RuntimeError) as e:
         status: Status = "fail" if quantized else "warn"
@@ -259,28 +260,6 @@ def _slurm_commands() -> Check:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and data in the local Hugging Face cache
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache as the environment names it now: HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's own.
-
-    huggingface_hub reads these once, at import; reading them again here lets a caller (or a test) point the
-    doctor at another cache without a new process.
-    """
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _hub_id(name: str) -> tuple[str, str | None]:

@@ -72,7 +72,7 @@ def build_config(cls: type, values: dict[str, Any], config_file: str | None) -> 
     """The dataclass from YAML (if any) overlaid with the flags that were given."""
     import yaml
 
-    from kava.kvstore.errors import ConfigError
+    from kava.core.errors import ConfigError
 
     data: dict[str, Any] = {}
     if config_file:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 from . import splits
 from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config
@@ -52,7 +52,7 @@ def check_force(force: tuple[str, ...]) -> None:
 
 class Runner:
     def __init__(self, cfg: RunConfig, *, force: tuple[str, ...] = (), log: Log | None = None) -> None:
-        from kava.extract.recipe import log_stderr
+        from kava.core.log import log_stderr
 
         check_force(force)
         self.cfg, self.force, self.log = cfg, set(force), log or log_stderr

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 from .config import RunConfig
 
@@ -68,7 +68,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
     from kava.extract.data import load_rows
     from kava.extract.estimate import bytes_per_token as _bytes
     from kava.extract.grid import build_grid
-    from kava.extract.recipe import load_student_tokenizer
+    from kava.core.models import load_fast_tokenizer
     from kava.extract.teachers import PRESETS
     from kava.extract.templates import load_template
     from kava.kvstore.manifest import KV_DTYPES, proportional_layer_map
@@ -79,7 +79,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
         raise ConfigError("Expected a config with pretrained teachers (`model:`); teachers trained by `kava run` "
                           "are small enough to just run.")
     tok_name = student_tokenizer or cfg.student.tokenizer or cfg.student.model
-    tokenizer = load_student_tokenizer(tok_name)
+    tokenizer = load_fast_tokenizer(tok_name)
     template = load_template(teachers[0].extract.get("student_template", "plain"))
     rows = load_rows(d.dataset, split=d.pool_split, limit=limit or d.pool_size,
                      data_files=data_files or d.data_files, seed=d.seed)

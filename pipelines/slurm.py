@@ -32,7 +32,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - type hints only
     from kava.distill.config import DistillConfig

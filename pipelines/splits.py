@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from kava.kvstore.errors import DatasetError
+from kava.core.errors import DatasetError
 
 from .config import DataSpec
 

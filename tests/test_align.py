@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, SentencePieceBackend
 
 from kava.extract.align import Alignment, align_dense_reference, align_tokens, apply, token_spans
-from kava.kvstore.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError
 
 TOKENIZERS = ["tokenizers/gpt2", "tokenizers/qwen2", "tokenizers/llama2", "models/stories260K_hf_derived"]
 DENSE_EVERY = 10  # the dense O(T_s * T_t) comparison runs on every 10th GSM8K item to keep the file fast

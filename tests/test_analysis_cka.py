@@ -36,7 +36,7 @@ from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.kvstore import KVStore, default_storage
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 STORIES = "models/stories260K_hf_derived"
 TEACHER = "stories260K_hf_derived"

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from kava.extract.capture import QKVCapture, attention_capture, attention_geometry, capture_qkv
 from kava.extract.rope import apply_rope, invert_rope, rope_params
-from kava.kvstore.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError
 
 SEED = 0
 VOCAB = 128

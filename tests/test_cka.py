@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kava.extract.cka import CKAAccumulator, linear_cka, minibatch_cka, unbiased_hsic
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 
 def _naive_linear_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from conftest import asset_path
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import ExtractResult, run_extract, summary_line
 from kava.kvstore import KVStore, verify_store
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.pipelines.cluster import render_slurm_cluster_kwargs, run_extract_cluster, worker_threads
 # The comparison test_extract applies to its killed-and-resumed and two-job stores: every array with its chunks and
 # attributes, the index, and the shard markers' counts.

@@ -16,7 +16,7 @@ from matplotlib.image import imread
 from kava.analysis import curves
 from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
 from kava.analysis.stats import compare
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 DPI = 40  # small images keep the file fast; layout does not depend on dpi
 LAYERS = 4

@@ -13,19 +13,17 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from kava.extract.data import (
-    DatasetError,
+from kava.core.errors import DatasetError
+from kava.extract.data import file_rows, gsm8k_rows, load_rows
+from kava.extract.rows import (
     ReasoningRow,
     RowSet,
     dataset_fingerprint,
-    file_rows,
     gsm8k_answer_text,
-    gsm8k_rows,
-    load_rows,
     parse_gsm8k_answer,
-    sample_ids_hash,
     strip_calculator_notes,
 )
+from kava.kvstore import sample_ids_hash
 from kava.extract.synthetic import synthetic_rows
 from kava.extract.templates import (
     SEGMENT_ANSWER,
@@ -40,7 +38,7 @@ from kava.extract.templates import (
     segment_ids,
     truncate_at_segment,
 )
-from kava.kvstore.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError
 
 NOTE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

@@ -30,7 +30,7 @@ from kava.distill.ddp import launch
 from kava.distill.trainer import run_distill
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 

@@ -31,7 +31,7 @@ from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.kvstore import KVStore
-from kava.kvstore.errors import ConfigError, SchemaError
+from kava.core.errors import ConfigError, SchemaError
 from kava.pipelines.cli import main
 
 STORIES = "models/stories260K_hf_derived"

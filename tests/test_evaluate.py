@@ -17,9 +17,10 @@ from kava.distill.evaluate import (
     resolve_template,
     run_eval,
 )
-from kava.extract.data import ReasoningRow, load_rows, parse_gsm8k_answer
+from kava.extract.data import load_rows
+from kava.extract.rows import ReasoningRow, parse_gsm8k_answer
 from kava.extract.templates import TEMPLATES, format_row
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 STORIES = "models/stories260K_hf_derived"
 

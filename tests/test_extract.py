@@ -753,13 +753,13 @@ def test_teacher_generates_warps_its_own_text_segment_by_segment(tmp_path, stori
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(stories_model, stories_tok):
-    from kava.extract.recipe import _generate
+    from kava.extract.teacher_pass import generate_reasoning
 
     texts = [f"Question: Tom has {n} apples and eats {n // 2}. How many are left?\nAnswer: x\n#### 1" for n in
              (4, 12, 130, 2048)]
     pieces = [{"reasoning": (t.index("Answer: ") + len("Answer: "), len(t) - 7)} for t in texts]
-    batched = _generate(stories_model, stories_tok, texts, pieces, 16, "cpu")
-    alone = [_generate(stories_model, stories_tok, [t], [p], 16, "cpu")[0] for t, p in zip(texts, pieces)]
+    batched = generate_reasoning(stories_model, stories_tok, texts, pieces, 16, "cpu")
+    alone = [generate_reasoning(stories_model, stories_tok, [t], [p], 16, "cpu")[0] for t, p in zip(texts, pieces)]
     assert batched == alone
     assert all(b.startswith(t[: p["reasoning"][0]]) and len(b) > p["reasoning"][0] for b, t, p in
                zip(batched, texts, pieces))

@@ -15,7 +15,7 @@ from kava.distill.fusion import (
     masked_softmax,
     router_entropy,
 )
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 B, T, N, F = 2, 4, 3, 5
 

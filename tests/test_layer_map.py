@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kava.extract.layer_map import cka_top_k, explicit, format_layer_map, parse_layer_map, proportional
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.kvstore.manifest import LayerMap
 
 

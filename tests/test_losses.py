@@ -16,7 +16,7 @@ from kava.distill.losses import (
     weighted_mean,
 )
 from kava.distill.projectors import head_share_matrix
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 F64 = torch.float64
 

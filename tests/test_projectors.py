@@ -15,7 +15,7 @@ from kava.distill.projectors import (
     count_parameters,
     head_share_matrix,
 )
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 HEAD_PAIRS = [(4, 2), (3, 2), (2, 3), (5, 3), (1, 4), (7, 7), (2, 4)]
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from kava.kvstore import KVStore
-from kava.kvstore.errors import ConfigError, DatasetError
+from kava.core.errors import ConfigError, DatasetError
 from kava.pipelines import splits
 from kava.pipelines.config import load_config, parse_config, shipped_configs
 from kava.pipelines.runner import Runner

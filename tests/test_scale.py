@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.pipelines.config import load_config
 from kava.pipelines.scale import KNOWN_GEOMETRY, geometry, plan
 

@@ -20,7 +20,7 @@ import pytest
 
 from kava.distill.config import DistillConfig
 from kava.extract.config import ExtractConfig
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.pipelines.config import configs_dir, load_config, stage_distill_config, stage_extract_config
 from kava.pipelines.options import build_config
 from kava.pipelines.slurm import (SlurmOptions, config_flags, render_distill, render_extract, render_from_run_config,

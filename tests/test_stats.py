@@ -22,7 +22,7 @@ from kava.analysis.stats import (
     holm,
     welch_t,
 )
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 
 def welch_reference(a, b) -> tuple[float, float]:

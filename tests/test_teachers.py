@@ -11,17 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kava.extract.teachers import (
-    PRESETS,
-    TeacherPreset,
-    TeacherSource,
-    describe_model,
-    format_preset_table,
-    list_presets,
-    load_teacher,
-    resolve_teacher,
-)
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
+from kava.core.models import ModelPreset, ModelSource, describe_model, load_pretrained
+from kava.extract.teachers import PRESETS, format_preset_table, list_presets, resolve_teacher
 
 TEXT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
@@ -111,7 +103,7 @@ def test_presets_registry():
     with pytest.raises(dataclasses.FrozenInstanceError):
         presets["qwen-7b-4bit"].hf_id = "x/y"  # type: ignore[misc]
     with pytest.raises(ConfigError, match="Expected quantization"):
-        TeacherPreset("bad", "x/y", "fp4", "bfloat16", "")  # type: ignore[arg-type]
+        ModelPreset("bad", "x/y", "fp4", "bfloat16", "")  # type: ignore[arg-type]
 
 
 def test_preset_table_lists_every_preset():
@@ -124,7 +116,7 @@ def test_preset_table_lists_every_preset():
 
 def test_preset_resolves_with_its_quantization(fake_hub_cache):
     source = resolve_teacher("qwen-7b-4bit")
-    assert source == TeacherSource(
+    assert source == ModelSource(
         name="qwen-7b-4bit",
         model_id="Qwen/Qwen2.5-7B-Instruct",
         revision=None,
@@ -216,7 +208,7 @@ def test_trust_remote_code_off_by_default(tmp_path):
     source = resolve_teacher(str(tmp_path))
     assert source.trust_remote_code is False
     with pytest.raises(ConfigError, match="ships its own modelling code.*pass --trust-remote-code"):
-        load_teacher(source)
+        load_pretrained(source)
     assert not sentinel.exists()
     assert resolve_teacher(str(tmp_path), trust_remote_code=True).trust_remote_code is True
 
@@ -228,8 +220,8 @@ def test_nf4_on_cpu_matches_fp32(tiny_qwen):
     fp32_source = resolve_teacher(str(tiny_qwen))
     nf4_source = resolve_teacher(str(tiny_qwen), load_in_4bit=True)
     assert (nf4_source.quantization, nf4_source.dtype) == ("nf4", "bfloat16")
-    fp32, tokenizer = load_teacher(fp32_source)
-    nf4, _ = load_teacher(nf4_source)
+    fp32, tokenizer = load_pretrained(fp32_source)
+    nf4, _ = load_pretrained(nf4_source)
 
     import bitsandbytes as bnb
 
@@ -262,8 +254,8 @@ def test_nf4_kernel_matches_its_dequantized_weights(tiny_qwen):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    nf4, tokenizer = load_teacher(resolve_teacher(str(tiny_qwen), load_in_4bit=True, dtype="float32"))
-    reference, _ = load_teacher(resolve_teacher(str(tiny_qwen)))
+    nf4, tokenizer = load_pretrained(resolve_teacher(str(tiny_qwen), load_in_4bit=True, dtype="float32"))
+    reference, _ = load_pretrained(resolve_teacher(str(tiny_qwen)))
     quantized = dict(nf4.named_modules())
     for name, module in reference.named_modules():
         if isinstance(quantized.get(name), bnb.nn.Linear4bit):
@@ -279,10 +271,10 @@ def test_nf4_kernel_matches_its_dequantized_weights(tiny_qwen):
 
 
 def test_int8_on_cpu_matches_fp32(tiny_qwen):
-    fp32, tokenizer = load_teacher(resolve_teacher(str(tiny_qwen)))
+    fp32, tokenizer = load_pretrained(resolve_teacher(str(tiny_qwen)))
     source = resolve_teacher(str(tiny_qwen), load_in_8bit=True)
     assert (source.quantization, source.dtype) == ("int8", "float16")
-    int8, _ = load_teacher(source)
+    int8, _ = load_pretrained(source)
 
     import bitsandbytes as bnb
 
@@ -300,7 +292,7 @@ def test_real_stories260k_by_path_greedy_decodes(assets):
     path = assets("models/stories260K_hf_derived")
     source = resolve_teacher(str(path))
     assert (source.is_local, source.model_id, source.quantization, source.dtype) == (True, str(path), "none", "auto")
-    model, tokenizer = load_teacher(source)
+    model, tokenizer = load_pretrained(source)
     assert tokenizer.is_fast
 
     out = model.generate(torch.tensor([[1]]), max_new_tokens=40, do_sample=False)

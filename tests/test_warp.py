@@ -8,7 +8,7 @@ import torch
 
 from kava.extract.align import Alignment, apply
 from kava.extract.warp import SPECIAL_SEGMENT, time_warp
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 P, R, A, S = 0, 1, 2, 3  # prompt, reasoning, answer, special
 
