@@ -31,7 +31,7 @@ import numpy as np
 
 from kava.extract.cka import linear_cka, minibatch_cka, unbiased_hsic
 from kava.kvstore import KVStore
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 __all__ = [
     "ARRAYS", "ESTIMATORS", "CKAResult", "linear_cka", "linear_cka_reference", "minibatch_cka",

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kava.analysis.stats import Comparison
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 __all__ = ["accuracy_bars", "eval_curve", "layer_cosine", "learning_curves"]
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 from kava.kvstore.manifest import TeacherSpec
 
 __all__ = ["draw_heatmap", "heatmap", "layer_map_matrix", "layer_map_pairs"]

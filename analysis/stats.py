@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 __all__ = [
     "Comparison",
