@@ -63,7 +63,7 @@ def _same_rows(x: np.ndarray, y: np.ndarray) -> int:
     return len(x)
 
 
-def _ratio(num: np.ndarray, den_sq: np.ndarray) -> np.ndarray:
+def safe_ratio(num: np.ndarray, den_sq: np.ndarray) -> np.ndarray:
     """``num / sqrt(den_sq)``, NaN where ``den_sq <= 0`` (CKA undefined), without floating-point warnings."""
     num, den_sq = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den_sq, np.float64))
     out = np.full(num.shape, np.nan)
@@ -99,7 +99,7 @@ def linear_cka_reference(x: Any, y: Any) -> float:
     kc, lc = centred_gram(xs), centred_gram(ys)
     scale = (n - 1) ** 2
     hsic_kl, hsic_kk, hsic_ll = (np.sum(kc * lc) / scale, np.sum(kc * kc) / scale, np.sum(lc * lc) / scale)
-    return float(_ratio(hsic_kl, hsic_kk * hsic_ll))
+    return float(safe_ratio(hsic_kl, hsic_kk * hsic_ll))
 
 
 def unbiased_hsic_reference(k: Any, l: Any) -> float:
@@ -140,7 +140,7 @@ def minibatch_cka_reference(batches_x: Sequence[Any], batches_y: Sequence[Any]) 
         kl += unbiased_hsic_reference(k, l)
         kk += unbiased_hsic_reference(k, k)
         ll += unbiased_hsic_reference(l, l)
-    return float(_ratio(kl, kk * ll))
+    return float(safe_ratio(kl, kk * ll))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,10 +293,10 @@ def _chunk_moments(x: np.ndarray, y: np.ndarray | None = None, *, mx: np.ndarray
 
 
 def _chunk_hsic(x: np.ndarray, y: np.ndarray | None = None, *, block_tokens: int) -> np.ndarray:
-    """``[1, L + 1, L' + 1]``: :func:`_block_hsic` summed over a chunk's blocks (the minibatches)."""
+    """``[1, L + 1, L' + 1]``: :func:`block_hsic` summed over a chunk's blocks (the minibatches)."""
     out = np.zeros((1, x.shape[1] + 1, (x if y is None else y).shape[1] + 1))
     for bx, by in _blocks(x, y, block_tokens):
-        out += _block_hsic(bx, by)
+        out += block_hsic(bx, by)
     return out
 
 
@@ -321,7 +321,7 @@ def _grams(x: np.ndarray) -> np.ndarray:
     return k
 
 
-def _block_hsic(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+def block_hsic(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
     """One token block's HSIC_1 sums, packed as ``[1, L + 1, L' + 1]``.
 
     ``[0, :L, :L']`` holds ``HSIC_1(K_a, L_b)`` for every pair, ``[0, :L, L']`` the self terms ``HSIC_1(K_a, K_a)``
@@ -442,12 +442,12 @@ def store_cka(
             rest = packed[la * dx * lb * dy :]
             den_a = np.square(rest[: la * dx * dx].reshape(la, -1)).sum(1)  # ||C_aa||_F^2, [L]
             den_b = np.square(rest[la * dx * dx :].reshape(lb, -1)).sum(1)  # [L']
-        matrix = _ratio(num, den_a[:, None] * den_b[None, :])
+        matrix = safe_ratio(num, den_a[:, None] * den_b[None, :])
     else:
         hsic = da.map_blocks(_chunk_hsic, *args, block_tokens=block_tokens, chunks=(chunks, (la + 1,), (lb + 1,)),
                              dtype=np.float64).sum(0, split_every=2)
-        (sums,) = dask.compute(hsic)  # [L + 1, L' + 1], packed as in _block_hsic
-        matrix = _ratio(sums[:la, :lb], sums[:la, lb][:, None] * sums[la, :lb][None, :])
+        (sums,) = dask.compute(hsic)  # [L + 1, L' + 1], packed as in block_hsic
+        matrix = safe_ratio(sums[:la, :lb], sums[:la, lb][:, None] * sums[la, :lb][None, :])
 
     layers = tuple(kv.teacher(teacher).layers)
     return CKAResult(

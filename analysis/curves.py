@@ -63,7 +63,7 @@ def _message(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+def smooth_series(y: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average; the first points average what is there so far, so the length is kept."""
     if window <= 1 or y.size == 0:
         return y
@@ -73,7 +73,9 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def _loss_keys(runs: Mapping[str, Sequence[Records]]) -> list[str]:
+def loss_keys(runs: Mapping[str, Sequence[Records]]) -> list[str]:
+    """Every ``loss/*`` term any run logged: the known terms in their usual order, then the rest sorted, then the
+    total."""
     present = {k for seeds in runs.values() for recs in seeds for r in recs for k in r if k.startswith("loss/")}
     known = [k for k in _LOSS_ORDER if k in present]
     rest = sorted(present - set(_LOSS_ORDER) - {"loss/total"})
@@ -90,13 +92,13 @@ def _seed_series(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps[order], values[order]
 
 
-def _over_seeds(seeds: Sequence[Records], key: str, smooth: int):
+def over_seeds(seeds: Sequence[Records], key: str, smooth: int):
     """Mean, min and max over seeds on the union of their steps, or None when no seed logged ``key``.
 
     Seeds usually log the same steps; where one lacks a step (a resumed run) the others still count there.
     """
     series = [_seed_series(recs, key) for recs in seeds]
-    series = [(s, _smooth(v, smooth)) for s, v in series if s.size]
+    series = [(s, smooth_series(v, smooth)) for s, v in series if s.size]
     if not series:
         return None
     steps = np.unique(np.concatenate([s for s, _ in series]))
@@ -124,7 +126,7 @@ def learning_curves(
     """
     if smooth < 0:
         raise ConfigError(f"Expected smooth >= 0 (a window in records). Got {smooth!r} instead.")
-    keys = list(keys) if keys is not None else _loss_keys(runs)
+    keys = list(keys) if keys is not None else loss_keys(runs)
     ncols = min(3, max(len(keys), 1))
     nrows = max(1, math.ceil(len(keys) / ncols))
     fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows + 0.5), layout="constrained")
@@ -135,7 +137,7 @@ def learning_curves(
     for ax, key in zip(axes, keys):
         lows, highs = [], []
         for i, (name, seeds) in enumerate(runs.items()):
-            agg = _over_seeds(seeds, key, smooth)
+            agg = over_seeds(seeds, key, smooth)
             if agg is None:
                 continue
             steps, mean, lo, hi = agg
@@ -169,7 +171,7 @@ def learning_curves(
     return _save(fig, path, dpi)
 
 
-def _layer_means(seeds: Sequence[Records], last: int) -> dict[str, dict[int, list[float]]]:
+def layer_means(seeds: Sequence[Records], last: int) -> dict[str, dict[int, list[float]]]:
     """``{"k"|"v": {layer: [per-seed mean over the last `last` records that logged it]}}``."""
     out: dict[str, dict[int, list[float]]] = {"k": {}, "v": {}}
     for recs in seeds:
@@ -197,7 +199,7 @@ def layer_cosine(
     """
     if last < 1:
         raise ConfigError(f"Expected last >= 1 (records to average). Got {last!r} instead.")
-    per_variant = {name: _layer_means(seeds, last) for name, seeds in runs.items()}
+    per_variant = {name: layer_means(seeds, last) for name, seeds in runs.items()}
     per_variant = {n: m for n, m in per_variant.items() if m["k"] or m["v"]}
     if not per_variant:
         fig = Figure(figsize=(6, 3), layout="constrained")

@@ -124,7 +124,7 @@ def create_grid_store(
     Extraction calls this before its first teacher; distillation without ``--store`` calls it to train on the same
     kind of batches (grid only, no teachers), so the CE-only baseline goes through the same loader.
     """
-    from kava.kvstore import DatasetSpec, KVStore
+    from kava.kvstore import DatasetSpec, create_store
 
     grid = build_grid(rows, tokenizer, template, max_length=max_length, on_too_long=on_too_long)
     if not grid:
@@ -132,7 +132,7 @@ def create_grid_store(
 
         raise ConfigError(f"Dataset {dataset}:{split} has no rows. Check --dataset, --split and --limit.")
     tok_spec, tok_files = tokenizer_spec(tokenizer, tokenizer_name)
-    store = KVStore.create(
+    store = create_store(
         path,
         sample_ids=[s.sample_id for s in grid],
         input_ids=[s.input_ids for s in grid],

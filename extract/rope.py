@@ -1,6 +1,6 @@
 """Rotary position embedding (RoPE): describe it, apply it, undo it.
 
-The store keeps K before RoPE by default (DESIGN.md, "The store"): teacher and student rotate at different
+The store keeps K before RoPE by default (``kvstore/FORMAT.md``): teacher and student rotate at different
 positions with different frequencies, so a cosine between post-RoPE keys compares rotations, not content.
 Capture therefore needs the exact inverse of the rotation the model applied, and the store needs a plain-dict
 description of that rotation (``rope_params``) so a reader can re-apply it.

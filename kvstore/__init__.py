@@ -26,16 +26,16 @@ from .manifest import (
     TokenizerSpec,
     proportional_layer_map,
 )
-from .create import plan_shards, sample_ids_hash
+from .create import create_store, plan_shards, sample_ids_hash
 from .store import KVStore, Rows, TeacherKV, default_storage
-from .writer import ShardWriter
+from .writer import ShardSlot, ShardWriter
 from .verify import Problem, VerifyReport, verify_store
 from .interop import summary, to_dask, to_xarray
 
 __all__ = [
-    "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "ConfigError", "DatasetSpec", "FormatVersionError",
+    "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "create_store", "ConfigError", "DatasetSpec", "FormatVersionError",
     "IncompleteError", "KVStore", "KavaError", "LayerMap", "NotAStoreError", "Rows", "SampleError", "SchemaError",
-    "ShardWriter", "StorageSpec", "StoreError", "StoreManifest", "TeacherKV", "TeacherSpec", "TokenizerSpec",
+    "ShardSlot", "ShardWriter", "StorageSpec", "StoreError", "StoreManifest", "TeacherKV", "TeacherSpec", "TokenizerSpec",
     "default_storage", "plan_shards", "proportional_layer_map", "sample_ids_hash", "Problem", "VerifyReport",
     "verify_store", "summary", "to_dask", "to_xarray",
 ]

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 
-from . import _zarr, codecs, layout
+from . import zarr_io, codecs, layout
 from kava.core.errors import ConfigError, StoreError
 from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec
-from .store import INDEX_SCHEMA, KVStore
+from .store import KVStore
 
 GRID_CHUNK = 1 << 20
 """Rows per chunk of the 1-D grid arrays (4 MiB of int32 input ids)."""
@@ -126,8 +126,8 @@ def create_store(
         format_version=FORMAT_VERSION,
     )
 
-    store = _zarr.as_zarr_store(location, read_only=False)
-    if _zarr.exists(store, "zarr.json"):
+    store = zarr_io.as_zarr_store(location, read_only=False)
+    if zarr_io.exists(store, "zarr.json"):
         return _open_same_grid(location if not isinstance(location, Store) else store, manifest, exist_ok)
     final: Path | None = None
     if not isinstance(location, Store):
@@ -137,10 +137,10 @@ def create_store(
         final = Path(location)
         final.parent.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(prefix=f".{final.name}.creating-", dir=final.parent))
-        store = _zarr.as_zarr_store(building, read_only=False)
+        store = zarr_io.as_zarr_store(building, read_only=False)
 
     def grid(name: str, data: np.ndarray, dim: str) -> None:
-        _zarr.create_array(
+        zarr_io.create_array(
             store, layout.grid_key(name), shape=data.shape, chunks=(GRID_CHUNK,), dtype=data.dtype,
             dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
         )[...] = data
@@ -152,7 +152,7 @@ def create_store(
     grid("shard_starts", shard_starts, "shard_edge")
     for fname, data in (tokenizer_files or {}).items():
         arr = np.frombuffer(data, dtype=np.uint8)
-        _zarr.create_array(
+        zarr_io.create_array(
             store, layout.tokenizer_file_key(fname), shape=arr.shape, chunks=(max(1, arr.size),),
             dtype=np.uint8, dims=("byte",),
         )[...] = arr
@@ -166,11 +166,11 @@ def create_store(
             "status": pa.array(status, pa.string()),
             "reason": pa.array(reasons, pa.string()),
         },
-        schema=INDEX_SCHEMA,
+        schema=layout.INDEX_SCHEMA,
     )
     sink = io.BytesIO()
     pq.write_table(table, sink, write_page_checksum=True)
-    _zarr.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
+    zarr_io.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
     # The root attribute is written last: a store without it is an interrupted creation.
     zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: manifest.to_dict()})
     if final is not None:
@@ -183,7 +183,7 @@ def create_store(
                     f"{final}: exists and is not a KaVa store (nor empty). Choose a new or empty directory."
                 ) from None
             return _open_same_grid(final, manifest, exist_ok)  # another job created it first
-        store = _zarr.as_zarr_store(final, read_only=False)
+        store = zarr_io.as_zarr_store(final, read_only=False)
     return KVStore(store, manifest)
 
 

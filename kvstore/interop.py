@@ -35,10 +35,10 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
     parts = []
     for shard in range(store.num_shards):
         key = layout.shard_array_key(teacher, shard, array)
-        arr = store._array(key)
+        arr = store.array(key)
         x = da.from_zarr(arr)
         if decode and spec.storage.dtype == "int8":
-            scale = da.from_zarr(store._array(f"{key}_scale"))
+            scale = da.from_zarr(store.array(f"{key}_scale"))
             x = x.astype(np.float32) * scale.astype(np.float32)[..., None]
         elif decode and spec.storage.dtype == "bfloat16":
             x = x.map_blocks(codecs.bf16_bits_to_float, dtype=np.float32)
@@ -59,13 +59,13 @@ def to_xarray(store: KVStore, teacher: str) -> Any:
     if spec.has_q:
         data["q"] = (("token", "q_layer", "q_head", "head_dim"), to_dask(store, teacher, "q"))
     weights = da.concatenate(
-        [da.from_zarr(store._array(layout.shard_array_key(teacher, s, "align_weight"))) for s in range(store.num_shards)]
+        [da.from_zarr(store.array(layout.shard_array_key(teacher, s, "align_weight"))) for s in range(store.num_shards)]
     )
     data["align_weight"] = (("token",), weights)
     coords = {
         "layer": list(spec.layers),
-        "input_id": (("token",), da.from_zarr(store._array(layout.grid_key("input_ids")))),
-        "segment_id": (("token",), da.from_zarr(store._array(layout.grid_key("segment_ids")))),
+        "input_id": (("token",), da.from_zarr(store.array(layout.grid_key("input_ids")))),
+        "segment_id": (("token",), da.from_zarr(store.array(layout.grid_key("segment_ids")))),
     }
     if spec.has_q:
         coords["q_layer"] = list(spec.q_layers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 MANIFEST_ATTR = "kava"
 """Root group attribute holding the StoreManifest."""
 TEACHER_ATTR = "kava_teacher"
@@ -13,6 +15,11 @@ DTYPE_ATTR = "kava_dtype"
 
 INDEX_FILE = "index.parquet"
 """The per-sample index as a Parquet table, for pandas users (not a zarr node)."""
+INDEX_SCHEMA = pa.schema([
+    ("sample_index", pa.int64()), ("sample_id", pa.string()), ("shard", pa.int64()), ("token_offset", pa.int64()),
+    ("num_tokens", pa.int64()), ("status", pa.string()), ("reason", pa.string()),
+])
+"""Columns of ``index.parquet``. Page checksums do not cover the footer, so the schema is checked too."""
 GRID = "grid"
 GRID_ARRAYS = ("offsets", "input_ids", "segment_ids", "sample_status", "shard_starts")
 TOKENIZER = "student_tokenizer"

@@ -22,20 +22,16 @@ import zarr
 from zarr.abc.store import Store
 from zarr.errors import ContainsArrayError
 
-from . import _fastread, _zarr, codecs, layout
 from kava.core.errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
+
+from . import codecs, fastread, layout, zarr_io
 from .manifest import (
     StorageSpec,
     StoreManifest,
     TeacherSpec,
     check_teacher_name,
 )
-
-INDEX_SCHEMA = pa.schema([
-    ("sample_index", pa.int64()), ("sample_id", pa.string()), ("shard", pa.int64()), ("token_offset", pa.int64()),
-    ("num_tokens", pa.int64()), ("status", pa.string()), ("reason", pa.string()),
-])
-"""Columns of ``index.parquet``. Page checksums do not cover the footer, so the schema is checked too."""
+from .writer import ShardSlot, ShardWriter
 
 
 @dataclass
@@ -77,13 +73,13 @@ class KVStore:
     def __init__(self, store: Store, manifest: StoreManifest) -> None:
         self._store = store
         self.manifest = manifest
-        self.where = _zarr.describe(store)
+        self.where = zarr_io.describe(store)
         self._arrays: dict[str, zarr.Array] = {}
         self._specs: dict[str, TeacherSpec] = {}
         self._grid_cache: dict[tuple[str, int], np.ndarray] = {}
         self._all_teachers: list[str] | None = None
         self._markers: dict[tuple[str, int], dict[str, Any]] = {}  # complete shards seen by a read-only handle
-        self._infos: dict[str, Any] = {}  # key → _fastread.ArrayInfo, or None where zarr reads the array
+        self._infos: dict[str, Any] = {}  # key → fastread.ArrayInfo, or None where zarr reads the array
 
     # ---------------------------------------------------------------------------------------------------------
     # Opening and creating
@@ -93,8 +89,8 @@ class KVStore:
         """Open an existing store; ``mode="a"`` to add teachers or shards."""
         if mode not in ("r", "a"):
             raise ConfigError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
-        store = _zarr.as_zarr_store(location, read_only=mode == "r")
-        where = _zarr.describe(store)
+        store = zarr_io.as_zarr_store(location, read_only=mode == "r")
+        where = zarr_io.describe(store)
         if not isinstance(location, Store) and not os.path.isdir(location):
             raise NotAStoreError(f"{where}: no such directory. Check the path, or create a store with `kava extract`.")
         try:
@@ -113,13 +109,6 @@ class KVStore:
         except SchemaError as e:
             raise SchemaError(f"{where}: bad manifest: {e}") from e
         return cls(store, manifest)
-
-    @classmethod
-    def create(cls, location: str | os.PathLike | Store, **kwargs: Any) -> KVStore:
-        """Create a store and write its student token grid; see :func:`kava.kvstore.create.create_store`."""
-        from .create import create_store
-
-        return create_store(location, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------------
     # The grid
@@ -144,30 +133,32 @@ class KVStore:
     def num_shards(self) -> int:
         return self.manifest.num_shards
 
-    def _array(self, key: str) -> zarr.Array:
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array at ``key`` (a key that :mod:`.layout` spells), opened once per handle. For interop and
+        tools: readers should use the read methods, which check checksums and completeness."""
         arr = self._arrays.get(key)
         if arr is None:
-            arr = self._arrays[key] = _zarr.open_array(self._store, key)
+            arr = self._arrays[key] = zarr_io.open_array(self._store, key)
         return arr
 
     def _read(self, key: str, selection: Any = Ellipsis, what: str | None = None) -> np.ndarray:
-        with _zarr.reading(f"{self.where}: {what or key}"):
+        with zarr_io.reading(f"{self.where}: {what or key}"):
             info = self._fast_info(key)
             if info is not None and len(info.shape) == 1 and isinstance(selection, slice) and selection.step is None:
                 a, b, _ = selection.indices(info.shape[0])
                 return self._rows(key, a, max(a, b), slice(None))
-            return np.asarray(self._array(key)[selection])
+            return np.asarray(self.array(key)[selection])
 
     def _fast_info(self, key: str) -> Any:
         if key not in self._infos:
-            self._infos[key] = _fastread.array_info(self._store, key)
+            self._infos[key] = fastread.array_info(self._store, key)
         return self._infos[key]
 
     def _grid_rows(self, name: str, a: int, b: int) -> np.ndarray:
         """Rows ``[a, b)`` of a 1-D grid array, through a small cache of decoded chunks: a grid chunk holds 1M
         tokens, and streaming reads the same chunk for many shards in a row."""
         key = layout.grid_key(name)
-        arr = self._array(key)
+        arr = self.array(key)
         size = arr.chunks[0]
         parts = []
         for c in range(a // size, (b - 1) // size + 1) if b > a else ():
@@ -197,24 +188,28 @@ class KVStore:
 
     def index_table(self) -> pa.Table:
         """The per-sample index (``index.parquet``) with its page checksums verified."""
-        data = _zarr.get_bytes(self._store, layout.INDEX_FILE)
+        data = zarr_io.get_bytes(self._store, layout.INDEX_FILE)
         if data is None:
             raise SchemaError(f"{self.where}: {layout.INDEX_FILE} is missing. The store's creation was incomplete.")
         try:
             table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
         except (OSError, pa.ArrowException) as e:
             raise SchemaError(f"{self.where}: {layout.INDEX_FILE} is unreadable or corrupted: {e}") from e
-        if not table.schema.equals(INDEX_SCHEMA):
+        if not table.schema.equals(layout.INDEX_SCHEMA):
             got = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
             raise SchemaError(
                 f"{self.where}: {layout.INDEX_FILE} is unreadable or corrupted: expected columns "
-                f"{', '.join(f'{f.name}: {f.type}' for f in INDEX_SCHEMA)}. Got {got} instead."
+                f"{', '.join(f'{f.name}: {f.type}' for f in layout.INDEX_SCHEMA)}. Got {got} instead."
             )
         return table
 
     @cached_property
     def sample_ids(self) -> list[str]:
         return self.index_table().column("sample_id").to_pylist()
+
+    def sample_id(self, index: int) -> str:
+        """The id of sample ``index`` (reads the index table: for messages, not for loops)."""
+        return self.sample_ids[index]
 
     @cached_property
     def _id_to_index(self) -> dict[str, int]:
@@ -236,17 +231,14 @@ class KVStore:
         return int(np.searchsorted(self.shard_starts, self.sample_index(sample), side="right") - 1)
 
     def shard_samples(self, shard: int) -> range:
-        self._check_shard(shard)
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"{self.where}: shard {shard} out of range [0, {self.num_shards})")
         return range(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
 
     def shard_tokens(self, shard: int) -> tuple[int, int]:
         """The shard's rows ``[start, stop)`` on the flat token axis."""
         s = self.shard_samples(shard)
         return int(self.offsets[s.start]), int(self.offsets[s.stop])
-
-    def _check_shard(self, shard: int) -> None:
-        if not 0 <= shard < self.num_shards:
-            raise IndexError(f"{self.where}: shard {shard} out of range [0, {self.num_shards})")
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The student tokenizer's files saved in the store (empty if none were saved)."""
@@ -262,8 +254,8 @@ class KVStore:
     def teachers(self) -> dict[str, TeacherSpec]:
         """Registered teachers by name (read fresh: other writers may add teachers)."""
         out = {}
-        for name in sorted(_zarr.list_dir(self._store, "teachers/")):
-            if not _zarr.exists(self._store, f"{layout.teacher_key(name)}/zarr.json"):
+        for name in sorted(zarr_io.list_dir(self._store, "teachers/")):
+            if not zarr_io.exists(self._store, f"{layout.teacher_key(name)}/zarr.json"):
                 continue
             out[name] = self.teacher(name)
         return out
@@ -284,7 +276,7 @@ class KVStore:
             raise SchemaError(f"{self.where}: teachers/{name}: {e}") from e
 
     def _missing_teacher(self, name: str) -> SchemaError:
-        names = sorted(_zarr.list_dir(self._store, "teachers/"))
+        names = sorted(zarr_io.list_dir(self._store, "teachers/"))
         return SchemaError(
             f"{self.where}: no teacher {name!r} in this store. It has: {', '.join(names) or 'none'}."
         )
@@ -300,13 +292,13 @@ class KVStore:
         if spec.storage.chunk_tokens <= 0:
             raise ConfigError("storage.chunk_tokens must be positive")
         key = layout.teacher_key(spec.name)
-        if not _zarr.exists(self._store, f"{key}/zarr.json"):
+        if not zarr_io.exists(self._store, f"{key}/zarr.json"):
             # One exclusive write of the group with its spec: when the jobs of a job array register the same
             # teacher at once, one of them wins and the others compare against its spec below.
-            _zarr.create_group_once(self._store, key, {layout.TEACHER_ATTR: spec.to_dict()})
+            zarr_io.create_group_once(self._store, key, {layout.TEACHER_ATTR: spec.to_dict()})
             # The groups shard writers fill, made now so writers never write outside their shard's directory.
-            _zarr.create_group_once(self._store, f"{key}/shards", {})
-            _zarr.create_group_once(self._store, f"{key}/cka", {})
+            zarr_io.create_group_once(self._store, f"{key}/shards", {})
+            zarr_io.create_group_once(self._store, f"{key}/cka", {})
         existing = self.teacher(spec.name)
         fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map")
         diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
@@ -326,7 +318,7 @@ class KVStore:
         marker = self._markers.get((teacher, shard))
         if marker is not None:
             return marker
-        raw = _zarr.get_bytes(self._store, f"{layout.shard_key(teacher, shard)}/zarr.json")
+        raw = zarr_io.get_bytes(self._store, f"{layout.shard_key(teacher, shard)}/zarr.json")
         if raw is None:
             return None
         try:
@@ -341,7 +333,7 @@ class KVStore:
 
     def shard_markers(self, teacher: str) -> dict[int, dict[str, Any]]:
         """Completion markers of ``teacher``'s complete shards, by shard."""
-        present = _zarr.list_dir(self._store, f"{layout.teacher_key(teacher)}/shards/")
+        present = zarr_io.list_dir(self._store, f"{layout.teacher_key(teacher)}/shards/")
         markers = {int(name): self.shard_marker(teacher, int(name)) for name in present if name.isdigit()}
         return {shard: marker for shard, marker in sorted(markers.items()) if marker is not None}
 
@@ -353,12 +345,16 @@ class KVStore:
         done = set(self.complete_shards(teacher))
         return [s for s in range(self.num_shards) if s not in done]
 
-    def shard_writer(self, teacher: str, shard: int, *, nonfinite: str = "error") -> Any:
+    def shard_writer(self, teacher: str, shard: int, *, nonfinite: str = "error") -> ShardWriter:
         """A writer for one whole shard of a registered teacher; see :class:`kava.kvstore.ShardWriter`."""
-        from .writer import ShardWriter
-
         self._check_writable()
-        return ShardWriter(self, self.teacher(teacher), shard, nonfinite=nonfinite)
+        spec = self.teacher(teacher)
+        samples = self.shard_samples(shard)
+        slot = ShardSlot(zarr_store=self._store, where=self.where, shard=shard, samples=samples,
+                         tokens=self.shard_tokens(shard),
+                         lengths=np.diff(self.offsets[samples.start : samples.stop + 1]),
+                         sample_id=self.sample_id, complete=self.shard_marker(spec.name, shard) is not None)
+        return ShardWriter(slot, spec, nonfinite=nonfinite)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -380,16 +376,16 @@ class KVStore:
             raise ConfigError(f"Expected a 2-D CKA matrix. Got shape {m.shape} instead.")
         key = layout.cka_key(teacher, name)
         self._arrays.pop(key, None)  # a rewrite may change the shape: drop the cached metadata
-        own, base = _zarr.substore(self._store, f"{layout.teacher_key(teacher)}/cka")
+        own, base = zarr_io.substore(self._store, f"{layout.teacher_key(teacher)}/cka")
 
         def create(overwrite: bool) -> zarr.Array:
-            return _zarr.create_array(own, f"{base}{name}", shape=m.shape, chunks=m.shape, dtype=np.float64,
+            return zarr_io.create_array(own, f"{base}{name}", shape=m.shape, chunks=m.shape, dtype=np.float64,
                                       dims=("layer_a", "layer_b"), attributes=attrs, overwrite=overwrite)
 
         try:
             array = create(overwrite=False)
         except ContainsArrayError:  # written before, or by another job of the array at this moment
-            array = _zarr.open_array(self._store, key)
+            array = zarr_io.open_array(self._store, key)
             if array.shape != m.shape:  # another calibration, rewritten by one job: replace it
                 array = create(overwrite=True)
             else:  # fill it in place; deleting it could remove a concurrent writer's files
@@ -399,9 +395,9 @@ class KVStore:
     def cka(self, teacher: str) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
         """All stored CKA matrices of a teacher: name → (matrix, attributes)."""
         out = {}
-        for name in sorted(_zarr.list_dir(self._store, f"{layout.teacher_key(teacher)}/cka/")):
+        for name in sorted(zarr_io.list_dir(self._store, f"{layout.teacher_key(teacher)}/cka/")):
             key = layout.cka_key(teacher, name)
-            out[name] = (self._read(key), dict(self._array(key).attrs))
+            out[name] = (self._read(key), dict(self.array(key).attrs))
         return out
 
     # ---------------------------------------------------------------------------------------------------------
@@ -507,10 +503,10 @@ class KVStore:
     def _rows(self, key: str, a: int, b: int, lsel: Any) -> np.ndarray:
         """``array[a:b, lsel]``: from the chunk files directly when the fast path applies, else through zarr."""
         info = self._fast_info(key)
-        fast = None if info is None else _fastread.read(info, key, (a, b), lsel)
+        fast = None if info is None else fastread.read(info, key, (a, b), lsel)
         if fast is not None:
             return fast
-        arr = self._array(key)
+        arr = self.array(key)
         if arr.ndim == 1:
             return np.asarray(arr[a:b])
         if isinstance(lsel, list):
@@ -531,7 +527,7 @@ class KVStore:
         def values(array: str, lsel: Any) -> np.ndarray:
             key = layout.shard_array_key(name, shard, array)
             where = f"teacher {name!r} shard {shard} array {array!r}"
-            with _zarr.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
+            with zarr_io.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
                                f"-{self.shard_samples(shard).start + sb - 1})"):
                 stored = self._rows(key, a, b, lsel)
                 scale = self._rows(f"{key}_scale", a, b, lsel) if spec.storage.dtype == "int8" else None

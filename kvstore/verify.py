@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import zarr  # noqa: F401 - zarr.Array in annotations
 
-from . import _zarr, codecs, layout
+from . import zarr_io, codecs, layout
 from kava.core.errors import ChecksumError, KavaError, SchemaError
 from .manifest import TeacherSpec
 from .store import KVStore
@@ -64,7 +64,7 @@ def _check_chunks(
     """
     zstore = store.zarr_store
     try:
-        arr = _zarr.open_array(zstore, key)
+        arr = zarr_io.open_array(zstore, key)
     except (SchemaError, ValueError) as e:
         report.problems.append(Problem(key, f"unreadable array metadata: {e}"))
         return None
@@ -72,12 +72,12 @@ def _check_chunks(
     for coords in _chunk_coords(arr):
         chunk_key = f"{key}/{arr.metadata.encode_chunk_key(coords)}"
         rows = (coords[0] * arr.chunks[0], min((coords[0] + 1) * arr.chunks[0], arr.shape[0]))
-        if not _zarr.exists(zstore, chunk_key):
+        if not zarr_io.exists(zstore, chunk_key):
             report.problems.append(Problem(key, f"chunk {coords} is missing ({describe_rows(*rows)})"))
             bad = True
             continue
         try:
-            with _zarr.reading(key):
+            with zarr_io.reading(key):
                 block = arr.blocks[coords]
         except ChecksumError:
             report.problems.append(
@@ -144,7 +144,7 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
         return report  # without a sound grid, shard ranges can't be named
 
     # Every folder under teachers/, so one whose metadata is corrupted is reported rather than raised.
-    names = sorted(_zarr.list_dir(store.zarr_store, "teachers/")) if teachers is None else list(teachers)
+    names = sorted(zarr_io.list_dir(store.zarr_store, "teachers/")) if teachers is None else list(teachers)
     for name in names:
         try:
             spec = store.teacher(name)
@@ -189,9 +189,9 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
         for array, (shape, dtype) in shapes.items():
             key = f"{skey}/{array}"
             try:
-                arr = _zarr.open_array(store.zarr_store, key)
+                arr = zarr_io.open_array(store.zarr_store, key)
             except SchemaError as e:
-                missing = not _zarr.exists(store.zarr_store, f"{key}/zarr.json")
+                missing = not zarr_io.exists(store.zarr_store, f"{key}/zarr.json")
                 problems.append(Problem(key, "missing array" if missing else f"unreadable array metadata: {e}"))
                 continue
             if arr.shape != shape or arr.dtype != dtype:
@@ -201,5 +201,5 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                     else (lambda a, b: f"shard {shard}, samples {samples.start + a}-{samples.start + b - 1}"))
             _check_chunks(store, report, key, rows)
     report.shards_complete[spec.name] = complete
-    for name in _zarr.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
+    for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")

@@ -11,19 +11,39 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 
-from . import _zarr, codecs, layout
+from . import zarr_io, codecs, layout
 from kava.core.errors import IncompleteError, SampleError, StoreError
 from .manifest import TeacherSpec
 
-if TYPE_CHECKING:
-    from .store import KVStore
-
 NONFINITE_POLICIES = ("error", "quarantine")
+
+
+@dataclass(frozen=True)
+class ShardSlot:
+    """One shard of a store as its writer sees it (``KVStore.shard_slot`` makes it): where to write, and which
+    samples and rows the shard holds."""
+
+    zarr_store: Store
+    where: str
+    """The store, as messages name it."""
+    shard: int
+    samples: range
+    """Store indices of the shard's samples."""
+    tokens: tuple[int, int]
+    """The shard's rows ``[start, stop)`` on the flat token axis."""
+    lengths: np.ndarray
+    """``[len(samples)]`` tokens per sample."""
+    sample_id: Callable[[int], str]
+    """The id of the store's sample ``i`` (for messages and quarantine records)."""
+    complete: bool
+    """Whether the teacher's shard already has its completion marker."""
 
 
 class _Block:
@@ -48,15 +68,14 @@ class ShardWriter:
     ``quarantined`` instead of raising.
     """
 
-    def __init__(self, store: KVStore, spec: TeacherSpec, shard: int, *, nonfinite: str = "error") -> None:
+    def __init__(self, slot: ShardSlot, spec: TeacherSpec, *, nonfinite: str = "error") -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise SampleError(f"Expected nonfinite in {NONFINITE_POLICIES}. Got {nonfinite!r} instead.")
-        store._check_shard(shard)
-        self.store, self.spec, self.shard, self.nonfinite = store, spec, shard, nonfinite
-        self._samples = store.shard_samples(shard)
-        t0, t1 = store.shard_tokens(shard)
-        self._lengths = np.diff(store.offsets[self._samples.start : self._samples.stop + 1])
-        self.num_tokens = t1 - t0
+        shard = slot.shard
+        self.slot, self.spec, self.shard, self.nonfinite = slot, spec, shard, nonfinite
+        self._samples = slot.samples
+        self._lengths = slot.lengths
+        self.num_tokens = slot.tokens[1] - slot.tokens[0]
         self._next = 0  # position in the shard of the next sample
         self._row = 0  # rows handed to add() so far
         self._flushed = 0  # rows written to zarr so far
@@ -66,16 +85,16 @@ class ShardWriter:
         self._status = np.zeros(len(self._samples), dtype=np.uint8)
         self._bytes_logical = 0
 
-        zstore = store.zarr_store
+        zstore = slot.zarr_store
         self._key = layout.shard_key(spec.name, shard)
-        if store.shard_marker(spec.name, shard) is not None:
+        if slot.complete:
             raise StoreError(
-                f"{store.where}: teacher {spec.name!r} shard {shard} is already complete. "
+                f"{slot.where}: teacher {spec.name!r} shard {shard} is already complete. "
                 "Skip complete shards (see complete_shards()), or delete it to rewrite it."
             )
         # Leftovers of a crashed writer are removed first: a shard is always written whole.
-        _zarr.delete_prefix(zstore, self._key)
-        own, base = _zarr.substore(zstore, self._key)  # this writer's files stay under its shard's directory
+        zarr_io.delete_prefix(zstore, self._key)
+        own, base = zarr_io.substore(zstore, self._key)  # this writer's files stay under its shard's directory
         self._own, self._base = own, base
         st = spec.storage
         self._dtype = codecs.storage_numpy_dtype(st.dtype)
@@ -88,13 +107,13 @@ class ShardWriter:
             attrs = {layout.DTYPE_ATTR: st.dtype} if st.dtype == "bfloat16" else {}
             dims = ("token", "q_layer", "q_head") if name == "q" else ("token", "layer", "kv_head")
             chunks = (st.chunk_tokens, min(st.chunk_layers, nl), nh)
-            arr = _zarr.create_array(
+            arr = zarr_io.create_array(
                 own, f"{base}{name}", shape=(self.num_tokens, nl, nh, spec.head_dim), chunks=(*chunks, spec.head_dim),
                 dtype=self._dtype, dims=(*dims, "head_dim"), compressor=st.compressor, attributes=attrs,
             )
             scale = None
             if st.dtype == "int8":
-                scale = _zarr.create_array(
+                scale = zarr_io.create_array(
                     own, f"{base}{name}_scale", shape=(self.num_tokens, nl, nh), chunks=chunks, dtype=np.float16,
                     dims=dims, compressor=st.compressor,
                 )
@@ -150,7 +169,7 @@ class ShardWriter:
             expected = (n, nl, nh, spec.head_dim)
             if x.shape != expected:
                 raise SampleError(
-                    f"Sample {index} ({self.store.sample_ids[index]!r}), {name}: expected shape {expected} "
+                    f"Sample {index} ({self.slot.sample_id(index)!r}), {name}: expected shape {expected} "
                     f"[tokens, layers, heads, head_dim]. Got {tuple(x.shape)} instead."
                 )
             if not np.issubdtype(x.dtype, np.floating):
@@ -169,14 +188,14 @@ class ShardWriter:
             )
         if problem is not None:
             if problem.startswith("non-finite") and self.nonfinite == "quarantine":
-                self.quarantined.append({"sample": index, "sample_id": self.store.sample_ids[index],
+                self.quarantined.append({"sample": index, "sample_id": self.slot.sample_id(index),
                                          "reason": problem})
                 self._status[self._next] = layout.TEACHER_STATUS.index("quarantined")
                 weight = np.zeros(n, np.float32)
                 values = {name: np.zeros_like(x, dtype=np.float32) for name, x in values.items()}
             else:
                 raise SampleError(
-                    f"Sample {index} ({self.store.sample_ids[index]!r}) of teacher {spec.name!r}: {problem}. "
+                    f"Sample {index} ({self.slot.sample_id(index)!r}) of teacher {spec.name!r}: {problem}. "
                     + ("Pass nonfinite='quarantine' (--on-nonfinite quarantine) to record it and go on."
                        if problem.startswith("non-finite") else "")
                 )
@@ -220,18 +239,18 @@ class ShardWriter:
             )
         if self._row > self._flushed:
             self._flush(self._row - self._flushed)
-        zstore = self.store.zarr_store
+        zstore = self.slot.zarr_store
         for name, data, dim in (("align_weight", self._align, "token"), ("sample_status", self._status, "sample")):
-            _zarr.create_array(
+            zarr_io.create_array(
                 self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
                 dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
             )[...] = data
-        _zarr.fsync_tree(zstore, self._key)
+        zarr_io.fsync_tree(zstore, self._key)
         marker = {
             "complete": True,
             "shard": self.shard,
             "samples": [self._samples.start, self._samples.stop],
-            "tokens": list(self.store.shard_tokens(self.shard)),
+            "tokens": list(self.slot.tokens),
             "quarantined": self.quarantined,
             "bytes_logical": int(self._bytes_logical),
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -230,7 +230,7 @@ def _extract(client: Any, cfg: ExtractConfig, source: Any, log: Log, started: fl
     result = plan.new_result()
     bar = progress_bar(plan.samples_to_write, cfg.progress)
     loop_started = time.perf_counter()
-    futures = {client.submit(_shard_task, plan, shard, shard_samples[shard], key=f"kava-shard-{shard:06d}-{run}",
+    futures = {client.submit(shard_task, plan, shard, shard_samples[shard], key=f"kava-shard-{shard:06d}-{run}",
                              retries=RETRIES, resources=resources, pure=False): shard for shard in plan.todo}
     try:
         for future in as_completed(futures):
@@ -291,7 +291,7 @@ def _prepare_task(cfg: ExtractConfig, source: Any) -> tuple[ExtractPlan, dict[in
     return plan, {s: [grid[i] for i in plan.shard_samples(s)] for s in plan.todo}, lines
 
 
-def _shard_task(plan: ExtractPlan, shard: int, samples: list[Any]) -> ExtractResult | _Failed:
+def shard_task(plan: ExtractPlan, shard: int, samples: list[Any]) -> ExtractResult | _Failed:
     """Write one whole shard with this worker's teacher; returns its counters."""
     part = ExtractResult(store=plan.store, teacher=plan.name)
     try:

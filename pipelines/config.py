@@ -20,6 +20,8 @@ from typing import Any
 
 from kava.core.errors import ConfigError
 
+from . import splits
+
 COMPUTE_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_tokens", "max_length")
 """DistillConfig fields that decide a student's compute: set once in ``train:``, never per variant."""
 
@@ -399,7 +401,6 @@ def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | N
     """
     from kava.extract.config import ExtractConfig
 
-    from . import splits  # imports this module: not at the top
 
     model = model if model is not None else teacher.model
     if model is None:

@@ -66,7 +66,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
          store: str | None = None) -> dict[str, Any]:
     """The numbers of ``format_plan``; ``tokens_per_s`` and ``step_seconds`` are assumptions the caller states."""
     from kava.extract.data import load_rows
-    from kava.extract.estimate import bytes_per_token as _bytes
+    from kava.extract.estimate import bytes_per_token
     from kava.extract.grid import build_grid
     from kava.core.models import load_fast_tokenizer
     from kava.extract.teachers import PRESETS
@@ -104,14 +104,14 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
         sizes = []
         for name, n in subsets.items():
             for dtype in KV_DTYPES:
-                kv = 2 * _bytes(n, kv_heads, head_dim, dtype)
-                q = _bytes(n, heads, head_dim, dtype)
+                kv = 2 * bytes_per_token(n, kv_heads, head_dim, dtype)
+                q = bytes_per_token(n, heads, head_dim, dtype)
                 sizes.append({"layers": name, "n_layers": n, "kv_dtype": dtype, "kv_bytes_per_token": kv,
                               "q_bytes_per_token": q, "kv_bytes": kv * tokens, "kv_q_bytes": (kv + q) * tokens})
         # What one optimizer step reads: the run's global batch of mean-length samples, the stored layers of the
         # map, in the config's dtype, with Q when the config stores it.
         dtype = t.extract.get("kv_dtype", "float16")
-        per_token = 2 * _bytes(mapped, kv_heads, head_dim, dtype) + _bytes(n_q, heads, head_dim, dtype)
+        per_token = 2 * bytes_per_token(mapped, kv_heads, head_dim, dtype) + bytes_per_token(n_q, heads, head_dim, dtype)
         samples = cfg.train.batch_size * cfg.train.grad_accum
         step_bytes = per_token * mean_tokens * samples
         out["teachers"].append({

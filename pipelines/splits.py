@@ -13,11 +13,12 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kava.core.errors import DatasetError
 
-from .config import DataSpec
+if TYPE_CHECKING:  # pragma: no cover - config.py imports this module: its types only, for annotations
+    from .config import DataSpec
 
 ROLES = ("teacher-train", "student-train", "eval")
 FILE_SPLIT = {"teacher-train": "train", "student-train": "train", "eval": "test"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kava.kvstore import DatasetSpec, KVStore, LayerMap, TeacherSpec, TokenizerSpec, default_storage
+from kava.kvstore import DatasetSpec, LayerMap, TeacherSpec, TokenizerSpec, create_store, default_storage
 
 KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
 
@@ -27,7 +27,7 @@ def store_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cli") / "kv.zarr"
     rng = np.random.default_rng(0)
     lengths = [5, 9, 0, 12, 7, 3]
-    store = KVStore.create(
+    store = create_store(
         path, sample_ids=[f"s{i}" for i in range(len(lengths))],
         input_ids=[rng.integers(0, 50, n) for n in lengths], segment_ids=[np.full(n, 1) for n in lengths],
         sample_status=["ok", "ok", "skipped", "ok", "truncated", "ok"],

@@ -180,7 +180,7 @@ def test_a_shard_task_run_again_after_its_marker_landed_reports_the_shard(tmp_pa
     """A worker that dies after a shard's marker is written but before the scheduler hears of it has its task run
     again: the rerun finds the shard complete, reports it from the marker and writes nothing."""
     from kava.extract.recipe import prepare_extract, validate_and_resolve
-    from kava.pipelines.cluster import _shard_task
+    from kava.pipelines.cluster import shard_task
 
     ref, _ = reference
     path = tmp_path / "kv.zarr"
@@ -189,7 +189,7 @@ def test_a_shard_task_run_again_after_its_marker_landed_reports_the_shard(tmp_pa
     plan, _, _ = prepare_extract(cfg, validate_and_resolve(cfg), log=lambda _: None)
     assert plan.todo == []
     before = KVStore.open(path).shard_marker(STORIES_NAME, 3)
-    part = _shard_task(plan, 3, [])  # no samples: it must not write
+    part = shard_task(plan, 3, [])  # no samples: it must not write
     assert KVStore.open(path).shard_marker(STORIES_NAME, 3) == before
     start, stop = before["tokens"]
     assert (part.shards_written, part.samples, part.student_tokens, part.bytes_logical) == (

@@ -67,9 +67,9 @@ def no_temp_files(folder) -> None:
 
 
 def test_loss_key_order(runs):
-    assert curves._loss_keys(runs) == ["loss/ce", "loss/k", "loss/v", "loss/kv", "loss/total"]
+    assert curves.loss_keys(runs) == ["loss/ce", "loss/k", "loss/v", "loss/kv", "loss/total"]
     odd = {"a": [[{"step": 0, "loss/total": 1.0, "loss/zeta": 1.0, "loss/attn": 1.0, "lr": 1e-4}]]}
-    assert curves._loss_keys(odd) == ["loss/attn", "loss/zeta", "loss/total"]
+    assert curves.loss_keys(odd) == ["loss/attn", "loss/zeta", "loss/total"]
 
 
 def test_over_seeds_and_smoothing():
@@ -77,17 +77,17 @@ def test_over_seeds_and_smoothing():
         [{"step": 0, "loss/ce": 1.0}, {"step": 1, "loss/ce": 3.0}],
         [{"step": 0, "loss/ce": 3.0}, {"step": 2, "loss/ce": 5.0}, {"step": 3, "loss/ce": float("nan")}],
     ]
-    steps, mean, lo, hi = curves._over_seeds(seeds, "loss/ce", smooth=0)
+    steps, mean, lo, hi = curves.over_seeds(seeds, "loss/ce", smooth=0)
     np.testing.assert_array_equal(steps, [0, 1, 2])  # union of steps; the NaN step is dropped
     np.testing.assert_array_equal(mean, [2.0, 3.0, 5.0])
     np.testing.assert_array_equal(lo, [1.0, 3.0, 5.0])
     np.testing.assert_array_equal(hi, [3.0, 3.0, 5.0])
-    assert curves._over_seeds(seeds, "loss/k", smooth=0) is None
+    assert curves.over_seeds(seeds, "loss/k", smooth=0) is None
 
     y = np.arange(10.0) ** 2
     naive = [y[max(0, i - 2):i + 1].mean() for i in range(10)]
-    np.testing.assert_allclose(curves._smooth(y, 3), naive)
-    np.testing.assert_array_equal(curves._smooth(y, 0), y)
+    np.testing.assert_allclose(curves.smooth_series(y, 3), naive)
+    np.testing.assert_array_equal(curves.smooth_series(y, 0), y)
 
 
 def test_learning_curves(runs, tmp_path):
@@ -123,7 +123,7 @@ def test_layer_cosine(runs, tmp_path):
 
 def test_layer_cosine_means():
     seed = [{"step": i, "cos_k/L0": float(i), "cos_v/L1": 1.0} for i in range(10)]
-    means = curves._layer_means([seed, seed], last=4)
+    means = curves.layer_means([seed, seed], last=4)
     assert means == {"k": {0: [7.5, 7.5]}, "v": {1: [1.0, 1.0]}}  # mean of steps 6..9
 
 

@@ -31,6 +31,7 @@ from kava.kvstore import (
     StoreManifest,
     TeacherSpec,
     TokenizerSpec,
+    create_store,
     default_storage,
     plan_shards,
     sample_ids_hash,
@@ -38,7 +39,7 @@ from kava.kvstore import (
     to_dask,
     verify_store,
 )
-from kava.kvstore import _zarr
+from kava.kvstore import zarr_io
 
 # --------------------------------------------------------------------------------------------------------------
 # A small store: 7 samples on a 50-token vocabulary, sample 2 skipped (zero tokens), three shards of ~15 tokens.
@@ -78,7 +79,7 @@ def grid_arrays(lengths=LENGTHS, seed: int = 0, vocab: int = 50):
 def make_store(location, *, tokenizer=TOKENIZER, sample_ids=SAMPLE_IDS, lengths=LENGTHS, seed=0, **kwargs):
     ids, segs = grid_arrays(lengths, seed)
     kwargs.setdefault("sample_status", STATUS)
-    return KVStore.create(
+    return create_store(
         location, sample_ids=sample_ids, input_ids=ids, segment_ids=segs, student_tokenizer=tokenizer,
         dataset=DATASET, shard_tokens=SHARD_TOKENS, tokenizer_files=TOKENIZER_FILES,
         created_by="pytest make_store", **kwargs,
@@ -151,7 +152,7 @@ def bf16_round(x: np.ndarray) -> np.ndarray:
 def snapshot(store: KVStore) -> dict[str, bytes]:
     """Every key of the backend with its bytes."""
     zs = store.zarr_store
-    return {k: _zarr.get_bytes(zs, k) for k in _zarr.list_prefix(zs, "")}
+    return {k: zarr_io.get_bytes(zs, k) for k in zarr_io.list_prefix(zs, "")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -235,13 +236,13 @@ class StoreConformance:
         ids, segs = grid_arrays()
         common = dict(student_tokenizer=TOKENIZER, dataset=DATASET)
         with pytest.raises(ConfigError, match="unique sample ids"):
-            KVStore.create(location, sample_ids=["a", "a"], input_ids=ids[:2], segment_ids=segs[:2], **common)
+            create_store(location, sample_ids=["a", "a"], input_ids=ids[:2], segment_ids=segs[:2], **common)
         with pytest.raises(ConfigError, match="one input_ids and one segment_ids"):
-            KVStore.create(location, sample_ids=["a", "b"], input_ids=ids[:2], segment_ids=segs[:1], **common)
+            create_store(location, sample_ids=["a", "b"], input_ids=ids[:2], segment_ids=segs[:1], **common)
         with pytest.raises(ConfigError, match="segment ids must be 0..3"):
-            KVStore.create(location, sample_ids=["a"], input_ids=[[1, 2]], segment_ids=[[0, 4]], **common)
+            create_store(location, sample_ids=["a"], input_ids=[[1, 2]], segment_ids=[[0, 4]], **common)
         with pytest.raises(ConfigError, match=r"outside \[0, 50\)"):
-            KVStore.create(location, sample_ids=["a"], input_ids=[[1, 50]], segment_ids=[[0, 1]], **common)
+            create_store(location, sample_ids=["a"], input_ids=[[1, 50]], segment_ids=[[0, 1]], **common)
         with pytest.raises(NotAStoreError):  # nothing was written by the refused creations
             KVStore.open(location)
 
@@ -292,8 +293,8 @@ class StoreConformance:
         neither fail (same spec) nor overwrite the first one's spec (different spec)."""
         winner = teacher_spec("A")
         store.add_teacher(winner)
-        real_exists = _zarr.exists
-        monkeypatch.setattr(_zarr, "exists", lambda zs, key: False if key == "teachers/A/zarr.json"
+        real_exists = zarr_io.exists
+        monkeypatch.setattr(zarr_io, "exists", lambda zs, key: False if key == "teachers/A/zarr.json"
                             else real_exists(zs, key))
         assert store.add_teacher(teacher_spec("A")) == winner
         with pytest.raises(StoreError, match="already exists with different head_dim"):

@@ -29,6 +29,7 @@ from kava.kvstore import (
     SchemaError,
     TeacherSpec,
     TokenizerSpec,
+    create_store,
     default_storage,
     to_dask,
     to_xarray,
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kava.kvstore import KVStore, LayerMap, StorageSpec, TeacherSpec
+from kava.kvstore import KVStore, LayerMap, StorageSpec, TeacherSpec, create_store
 
 COMPRESSOR = {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}}
 
@@ -101,7 +102,7 @@ SHARD_TOKENS = 20  # shards: [0,3) 20 | [3,6) 24 | [6,8) 17 -> [6,9) 23 | [9,12)
 
 def create(path: Path, lengths=LENGTHS, shard_tokens=SHARD_TOKENS) -> KVStore:
     rng = np.random.default_rng(1)
-    return KVStore.create(
+    return create_store(
         path, sample_ids=[f"s{i}" for i in range(len(lengths))],
         input_ids=[rng.integers(0, 100, n) for n in lengths], segment_ids=[np.zeros(n, int) for n in lengths],
         student_tokenizer=TOKENIZER, dataset=DATASET, shard_tokens=shard_tokens,
@@ -463,12 +464,12 @@ def test_many_samples_few_files(tmp_path):
 def test_fast_read_path_equals_zarr(tmp_path, dtype, compress, chunk_layers):
     import zarr as zarr_mod
 
-    from kava.kvstore import _fastread, layout
+    from kava.kvstore import fastread, layout
     from kava.kvstore.manifest import StorageSpec
 
     rng = np.random.default_rng(7)
     lengths = [int(n) for n in rng.integers(1, 40, 12)]
-    store = KVStore.create(
+    store = create_store(
         tmp_path / "kv.zarr", sample_ids=[f"s{i}" for i in range(12)],
         input_ids=[np.zeros(n, np.int64) for n in lengths], segment_ids=[np.zeros(n, np.int64) for n in lengths],
         student_tokenizer=TokenizerSpec("t", "f", 10), dataset=DatasetSpec("d", "train", "f"), shard_tokens=10_000,
@@ -488,9 +489,9 @@ def test_fast_read_path_equals_zarr(tmp_path, dtype, compress, chunk_layers):
         arr = zarr_mod.open_array(store.zarr_store, path=key, mode="r")
         for rows in [(0, total), (0, 16), (5, 37), (16, 32), (total - 3, total), (7, 8)]:
             for sel in [slice(None), slice(1, 3), [0, 2], [2, 0], [1]]:
-                info = _fastread.array_info(store.zarr_store, key)
+                info = fastread.array_info(store.zarr_store, key)
                 assert info is not None, "the fast path should apply to what this package writes"
-                fast = _fastread.read(info, key, rows, sel)
+                fast = fastread.read(info, key, rows, sel)
                 assert fast is not None, "the fast path should apply to what this package writes"
                 want = arr.get_orthogonal_selection((slice(*rows), sel)) if isinstance(sel, list) \
                     else arr[rows[0]:rows[1], sel]
@@ -508,7 +509,7 @@ def test_fast_read_path_refuses_a_missing_chunk_instead_of_zeros(tmp_path):
 
 def _small_store(tmp_path):
     rng = np.random.default_rng(0)
-    store = KVStore.create(
+    store = create_store(
         tmp_path / "kv.zarr", sample_ids=["a", "b"], input_ids=[np.zeros(5, np.int64), np.zeros(7, np.int64)],
         segment_ids=[np.zeros(5, np.int64), np.zeros(7, np.int64)], student_tokenizer=TokenizerSpec("t", "f", 10),
         dataset=DatasetSpec("d", "train", "f"),

@@ -21,6 +21,7 @@ from kava.kvstore import (
     StorageSpec,
     TeacherSpec,
     TokenizerSpec,
+    create_store,
     plan_shards,
     to_dask,
     verify_store,
@@ -114,7 +115,7 @@ def test_round_trip(case):
     spec, lengths = case["spec"], case["lengths"]
     rng = np.random.default_rng(case["seed"])
     location = zarr.storage.MemoryStore()
-    store = KVStore.create(
+    store = create_store(
         location, sample_ids=[f"id{i}" for i in range(len(lengths))],
         input_ids=[rng.integers(0, 1000, n) for n in lengths], segment_ids=[rng.integers(0, 4, n) for n in lengths],
         student_tokenizer=TokenizerSpec("tok", "0" * 64, 1000), dataset=DatasetSpec("synthetic", "train", "1" * 64),

@@ -44,7 +44,7 @@ def build_store(assets: Path, path: Path, limit: int) -> float:
 
 def in_memory(path: Path, array: str, estimator: str, block_tokens: int) -> np.ndarray:
     """Load every aligned row as float64 ``[T, L, d]``, then compute the ``[L, L]`` CKA in memory."""
-    from kava.analysis.cka import _block_hsic, _ratio
+    from kava.analysis.cka import block_hsic, safe_ratio
     from kava.kvstore import KVStore
 
     store = KVStore.open(path)
@@ -62,10 +62,10 @@ def in_memory(path: Path, array: str, estimator: str, block_tokens: int) -> np.n
         cross = (xc.T @ xc).reshape(layers, d, layers, d)
         num = np.square(cross).sum(axis=(1, 3))
         diag = np.diagonal(num)
-        return _ratio(num, diag[:, None] * diag[None, :])
-    sums = sum(_block_hsic(x[i : i + block_tokens]) for i in range(0, len(x), block_tokens))[0]
+        return safe_ratio(num, diag[:, None] * diag[None, :])
+    sums = sum(block_hsic(x[i : i + block_tokens]) for i in range(0, len(x), block_tokens))[0]
     layers = x.shape[1]
-    return _ratio(sums[:layers, :layers], sums[:layers, layers][:, None] * sums[layers, :layers][None, :])
+    return safe_ratio(sums[:layers, :layers], sums[:layers, layers][:, None] * sums[layers, :layers][None, :])
 
 
 def measure(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, float]:

@@ -78,7 +78,7 @@ def main() -> None:
     assets = Path(os.environ["KAVA_ASSETS"])
 
     from kava.kvstore import (
-        DatasetSpec, KVStore, LayerMap, TeacherSpec, TokenizerSpec, default_storage, summary,
+        DatasetSpec, KVStore, LayerMap, TeacherSpec, TokenizerSpec, create_store, default_storage, summary,
     )
 
     ids, ks, vs = capture(assets, args.samples)
@@ -93,7 +93,7 @@ def main() -> None:
         for rep in range(args.repeats):
             raw, path = work / f"raw{rep}", work / f"kv{rep}.zarr"
             raw.mkdir()
-            store = KVStore.create(
+            store = create_store(
                 path, sample_ids=[f"gsm8k/train/{i}" for i in range(len(ids))], input_ids=ids,
                 segment_ids=[np.zeros(len(x), np.uint8) for x in ids],
                 student_tokenizer=TokenizerSpec("stories260K", "bench", 512),

@@ -156,18 +156,26 @@ def open_array(store: Store, key: str) -> zarr.Array:
         ) from e
 
 
+def checksum_error(where: str) -> ChecksumError:
+    """The error for a chunk whose crc32c does not match its bytes, naming what was being read and the fix."""
+    return ChecksumError(
+        f"{where}: a chunk's crc32c does not match its bytes; the data is corrupted. "
+        "Run `kava store verify` to list every bad chunk, then delete that shard and re-extract it "
+        "with `--resume`."
+    )
+
+
 @contextmanager
 def reading(where: str) -> Iterator[None]:
-    """Turn zarr's checksum failure into a ChecksumError that names what was being read."""
+    """Name what was being read in a checksum failure: the fast path's ChecksumError (which names the chunk), or
+    zarr's own (a ValueError that says "checksum")."""
     try:
         yield
+    except ChecksumError as e:
+        raise checksum_error(where) from e
     except ValueError as e:
         if "checksum" in str(e).lower():
-            raise ChecksumError(
-                f"{where}: a chunk's crc32c does not match its bytes; the data is corrupted. "
-                "Run `kava store verify` to list every bad chunk, then delete that shard and re-extract it "
-                "with `--resume`."
-            ) from e
+            raise checksum_error(where) from e
         raise
 
 

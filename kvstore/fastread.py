@@ -28,6 +28,8 @@ from zarr.storage import LocalStore
 
 from kava.core.errors import SchemaError
 
+from .zarr_io import checksum_error
+
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
 _pool_lock = threading.Lock()
@@ -123,16 +125,16 @@ def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(No
                 stored = bytearray(4)
                 with open(path, "rb") as f:
                     if f.readinto(target) != target.nbytes or f.readinto(stored) != 4 or f.read(1):
-                        raise ValueError(f"{key}: chunk {coords} has the wrong size: its checksum can't match")
+                        raise checksum_error(f"{key}: chunk {coords} (wrong size)")
                 if np.uint32(google_crc32c.value(target)).tobytes() != bytes(stored):
-                    raise ValueError(f"{key}: stored and computed checksum do not match for chunk {coords}")
+                    raise checksum_error(f"{key}: chunk {coords}")
                 return
             raw = path.read_bytes()
         except FileNotFoundError:
             raise SchemaError(f"{key}: chunk {coords} is missing (expected {path.name}).") from None
         body = np.frombuffer(raw, dtype=np.uint8)[:-4]
         if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
-            raise ValueError(f"{key}: stored and computed checksum do not match for chunk {coords}")
+            raise checksum_error(f"{key}: chunk {coords}")
         if direct:
             decoder.decode(body, out=out[r0 - a : r1 - a])
             return
