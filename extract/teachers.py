@@ -7,12 +7,9 @@ of tested teachers and the ``kava extract --list-teachers`` listing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from kava.core.models import ModelPreset, ModelSource, resolve_model
-
-if TYPE_CHECKING:  # pragma: no cover - imports for type hints only (torch is slow to import)
-    import torch
 
 _PRESETS: tuple[ModelPreset, ...] = (
     ModelPreset(
@@ -60,27 +57,13 @@ def format_preset_table() -> str:
     return "\n".join(lines)
 
 
-def resolve_teacher(
-    name_or_path: str,
-    *,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    dtype: str | torch.dtype | None = None,
-    device: str | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> ModelSource:
+def resolve_teacher(name_or_path: str, **options: Any) -> ModelSource:
     """Resolve a preset name, a local model directory or a hub id into a ``ModelSource`` for a teacher, checking
-    every option (see :func:`kava.core.models.resolve_model`).
-
-    ``load_in_4bit`` / ``load_in_8bit`` override a preset's quantization; ``dtype`` overrides its compute dtype.
-    Nothing is loaded and the network is never touched; with ``HF_HUB_OFFLINE=1`` a hub id must already be in the
-    local Hugging Face cache.
+    every option: :func:`kava.core.models.resolve_model` with this registry's presets, which takes the same keyword
+    options (``load_in_4bit``, ``load_in_8bit``, ``dtype``, ``device``, ``revision``, ``trust_remote_code``).
 
     Raises:
         ConfigError: listing every problem found (unknown name with close preset matches, both quantization flags,
             bad dtype or device, CUDA missing, an uncached hub id while offline, ...).
     """
-    return resolve_model(name_or_path, presets=PRESETS, role="teacher", load_in_4bit=load_in_4bit,
-                         load_in_8bit=load_in_8bit, dtype=dtype, device=device, revision=revision,
-                         trust_remote_code=trust_remote_code)
+    return resolve_model(name_or_path, presets=PRESETS, role="teacher", **options)
