@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from kava.analysis.paired import PairedComparison
 from kava.analysis.stats import Comparison
 from kava.core.errors import ConfigError
 
@@ -243,7 +244,7 @@ def layer_cosine(
 
 
 def accuracy_bars(
-    comparisons: Sequence[Comparison],
+    comparisons: Sequence[Comparison] | Sequence[PairedComparison],
     path: str | os.PathLike[str],
     *,
     title: str,
@@ -255,7 +256,8 @@ def accuracy_bars(
 ) -> Path:
     """Bars of each variant's mean with its bootstrap CI, the seeds as dots, ``*`` where significant.
 
-    ``comparisons`` come from :func:`kava.analysis.stats.compare` (baseline first, drawn grey). ``points`` maps a
+    ``comparisons`` come from :func:`kava.analysis.stats.compare` or :func:`kava.analysis.paired.compare_paired`
+    (baseline first, drawn grey; ``*`` from the paired test, Holm-adjusted, when they are paired). ``points`` maps a
     variant to its per-seed values (same scale as the comparisons). ``extra`` maps a label to a reference value
     drawn as a dashed horizontal line, e.g. ``{"teacher": 0.62}``. Values are shown in percent when ``percent``.
     """
@@ -292,7 +294,7 @@ def accuracy_bars(
     top = float(np.nanmax(tops))
     for k, (label, value) in enumerate(extra.items()):
         ax.axhline(value * scale, color=_color(len(comparisons) + k), ls="--", lw=1.2, zorder=1,
-                   label=f"{label} ({value * scale:.1f})")
+                   label=f"{label} ({value * scale:.1f})" if percent else f"{label} ({value:.3g})")
         top = max(top, value * scale)
     pad = 0.03 * (top if top > 0 else 1.0)
     for k, c in enumerate(comparisons):
@@ -304,7 +306,8 @@ def accuracy_bars(
     rotate = len(comparisons) > 4 or max(len(c.variant) for c in comparisons) > 12
     ax.set_xticks(x, [c.variant for c in comparisons], rotation=20 if rotate else 0,
                   ha="right" if rotate else "center")
-    ax.set_xlabel(f"* significant vs {comparisons[0].baseline} (Welch t-test, α = {comparisons[0].alpha:g})",
+    test = "paired t-test by seed, Holm" if isinstance(comparisons[0], PairedComparison) else "Welch t-test"
+    ax.set_xlabel(f"* significant vs {comparisons[0].baseline} ({test}, α = {comparisons[0].alpha:g})",
                   fontsize=8, color="0.35")
     ax.set_ylabel(ylabel or ("accuracy (%)" if percent else "accuracy"))
     ax.set_title(title)

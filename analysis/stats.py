@@ -5,6 +5,10 @@ baseline by Welch's t-test (unequal variances: a distilled student and a CE-only
 and by percentile-bootstrap confidence intervals of its mean and of its difference to the baseline. Several
 variants tested against one baseline are corrected with Holm–Bonferroni by default.
 
+These unpaired tests fit groups that share nothing. Where students of one seed share initial weights and batch
+order and all students answer the same items (a `kava run`), the primary tests are the paired ones in
+:mod:`kava.analysis.paired`; Welch's test stays beside them as a secondary column.
+
 With the usual handful of seeds these numbers describe the seeds that were run; they are no substitute for more
 seeds. Everything here is a pure function of its inputs: bootstrap resamples are drawn from a seeded generator.
 """
@@ -15,12 +19,15 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from scipy import stats
 
 from kava.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kava.analysis.paired import PairedComparison
 
 __all__ = [
     "Comparison",
@@ -193,15 +200,18 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: tuples become lists and NaN/inf become None."""
+        return _json_safe(asdict(self))
 
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
-            if isinstance(v, tuple):
-                return [clean(u) for u in v]
-            return v
 
-        return {k: clean(v) for k, v in asdict(self).items()}
+def _json_safe(v: Any) -> Any:
+    """``v`` with tuples as lists and NaN/inf as None, recursively (``json.dumps(allow_nan=False)`` accepts it)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (tuple, list)):
+        return [_json_safe(u) for u in v]
+    if isinstance(v, dict):
+        return {k: _json_safe(u) for k, u in v.items()}
+    return v
 
 
 def compare(
@@ -266,7 +276,7 @@ def compare(
     return rows
 
 
-def format_mean_ci(c: Comparison, *, percent: bool = True, digits: int = 1) -> str:
+def format_mean_ci(c: Comparison | PairedComparison, *, percent: bool = True, digits: int = 1) -> str:
     """Table cell ``"mean ± std [low, high]"``, e.g. ``"41.3 ± 2.1 [38.9, 43.6]"``.
 
     Values are scaled by 100 when ``percent``. The ``± std`` part is left out when the std is undefined (one
@@ -283,3 +293,4 @@ def format_mean_ci(c: Comparison, *, percent: bool = True, digits: int = 1) -> s
     if all(math.isfinite(v) for v in c.ci):
         text += f" [{f(c.ci[0])}, {f(c.ci[1])}]"
     return text
+

@@ -207,34 +207,57 @@ def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_si
                                           max_new_tokens=max_new_tokens)]
 
 
-def reference_nll(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template: PromptTemplate, *,
-                  batch_size: int) -> float:
-    """Mean negative log-likelihood (nats per token) of each row's own reasoning and answer, given its prompt.
+@dataclass(frozen=True)
+class ItemNLL:
+    """Teacher-forced NLL of one row's reference reasoning and answer, in units that compare across tokenizers."""
 
-    Teacher-forced, so it moves with every bit of learning even where greedy accuracy sits at the floor; the tokens
-    scored are those of the training text (``format_row``) that start at or after the reasoning. Rows are
-    right-padded into batches; padding and prompt positions are not scored.
+    nats: float
+    """Negative log-likelihood summed over the scored tokens."""
+    tokens: int
+    """Tokens scored (this tokenizer's)."""
+    chars: int
+    """Characters of the scored text: from where the first scored token starts to the end of the sample."""
+    bytes: int
+    """UTF-8 bytes of the same text."""
+
+
+def reference_nll_items(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template: PromptTemplate, *,
+                        batch_size: int) -> list[ItemNLL]:
+    """Per row, the negative log-likelihood of its own reasoning and answer given its prompt.
+
+    Teacher-forced, so it moves with every bit of learning even where greedy accuracy sits at the floor. The text
+    scored is what eval asks the model to write: the training text (``format_row``) after the prompt
+    (``prompt_text``), and the tokens scored are those of the training text that reach past the prompt, so a
+    token that fuses the space before the first word with it (``ĠJanet``, ``▁Jan``) is scored with the word. That
+    makes the scored text the same characters under every tokenizer. Rows are right-padded into batches; padding
+    and prompt positions are not scored. Nats per token depend on the tokenizer (a coarser one has fewer, harder
+    tokens), so each item also counts the characters and bytes of the scored text: nats per character compare
+    models that tokenize differently.
+
+    Returns:
+        ``[N]`` :class:`ItemNLL`, in the rows' order.
     """
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs: list[tuple[list[int], int]] = []  # (ids, index of the first scored token)
+    seqs: list[tuple[list[int], int, str]] = []  # (ids, index of the first scored token, the scored text)
     for row in rows:
-        formatted = format_row(row, template)
-        enc = tokenizer(formatted.text, add_special_tokens=True, return_offsets_mapping=True)
-        start = formatted.spans["reasoning"][0]
-        first = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= start),
+        text = format_row(row, template).text
+        cut = len(prompt_text(row, template))  # the scored text is text[cut:]
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        # Special tokens (BOS) have empty spans and are skipped; one appended at the end (EOS) is scored.
+        first = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > cut),
                      len(enc["input_ids"]))
-        seqs.append((enc["input_ids"], max(first, 1)))
-    total, count = 0.0, 0
+        seqs.append((enc["input_ids"], max(first, 1), text[cut:]))  # token 0 has nothing before it to predict it
+    out = []
     for lo in range(0, len(seqs), batch_size):
         batch = seqs[lo : lo + batch_size]
-        width = max(len(ids) for ids, _ in batch)
+        width = max(len(ids) for ids, _, _ in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         scored = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: positions whose token is scored
-        for r, (seq, first) in enumerate(batch):
+        for r, (seq, first, _) in enumerate(batch):
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
             scored[r, first : len(seq)] = True
@@ -243,9 +266,19 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], temp
         logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
         nll = -logp.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
         keep = scored[:, 1:].to(device)
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
-    return total / count if count else float("nan")
+        nats = (nll * keep).sum(dim=1).tolist()  # [B]
+        for r, (_, _, text) in enumerate(batch):
+            out.append(ItemNLL(float(nats[r]), int(keep[r].sum()), len(text), len(text.encode("utf-8"))))
+    return out
+
+
+def reference_nll(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template: PromptTemplate, *,
+                  batch_size: int) -> float:
+    """Mean negative log-likelihood (nats per token) of each row's own reasoning and answer, given its prompt:
+    the summed nats of :func:`reference_nll_items` over their summed tokens; NaN when nothing was scored."""
+    items = reference_nll_items(model, tokenizer, rows, template, batch_size=batch_size)
+    count = sum(i.tokens for i in items)
+    return sum(i.nats for i in items) / count if count else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -264,6 +297,14 @@ class EvalItem:
     gold: str
     correct: bool
     generated_tokens: int
+    nll_nats: float | None = None
+    """With --nll: the reference reasoning and answer's NLL summed over its tokens (see ``ItemNLL``)."""
+    nll_tokens: int | None = None
+    """With --nll: tokens scored."""
+    nll_chars: int | None = None
+    """With --nll: characters of the scored text (nats per character compare across tokenizers)."""
+    nll_bytes: int | None = None
+    """With --nll: UTF-8 bytes of the scored text."""
 
 
 @dataclass
@@ -283,6 +324,12 @@ class EvalResult:
     out: str | None = None
     reference_nll: float | None = None
     """With --nll: nats per token of the reference reasoning and answer (teacher-forced; lower is better)."""
+    reference_nll_per_char: float | None = None
+    """With --nll: the same nats per character of the scored text (compares across tokenizers)."""
+    reference_nll_per_byte: float | None = None
+    """With --nll: the same nats per UTF-8 byte of the scored text."""
+    nll_tokenizer: str | None = None
+    """With --nll: sha256 fingerprint of the tokenizer whose tokens ``reference_nll`` counts."""
     items: list[EvalItem] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -383,7 +430,8 @@ class EvalConfig:
     progress: bool = True
     """Show a progress bar on stderr."""
     nll: bool = False
-    """Also score each row's reference reasoning and answer: mean negative log-likelihood per token."""
+    """Also score each row's reference reasoning and answer: negative log-likelihood per item in the JSONL (nats,
+    tokens, characters, bytes) and per token, character and byte overall."""
 
     @property
     def dataset_name(self) -> str:
@@ -502,7 +550,18 @@ def run_eval(config: EvalConfig) -> EvalResult:
     # 4. Generate and score, then write every item.
     result = evaluate(model, tokenizer, rows, template, batch_size=config.batch_size,
                       max_new_tokens=config.max_new_tokens, progress=config.progress)
+    nll: dict[str, Any] = {}
+    if config.nll:  # per item into the JSONL, so a report can pair items across models and pick its unit
+        from kava.extract.grid import tokenizer_fingerprint  # here, not at the top: it imports torch
+
+        scored = reference_nll_items(model, tokenizer, rows, template, batch_size=config.batch_size)
+        result.items[:] = [replace(item, nll_nats=s.nats, nll_tokens=s.tokens, nll_chars=s.chars, nll_bytes=s.bytes)
+                           for item, s in zip(result.items, scored)]
+        nats = sum(s.nats for s in scored)
+        per = {unit: sum(getattr(s, unit) for s in scored) for unit in ("tokens", "chars", "bytes")}
+        nll = {"reference_nll": nats / per["tokens"] if per["tokens"] else float("nan"),
+               "reference_nll_per_char": nats / per["chars"] if per["chars"] else float("nan"),
+               "reference_nll_per_byte": nats / per["bytes"] if per["bytes"] else float("nan"),
+               "nll_tokenizer": tokenizer_fingerprint(tokenizer)}
     _write_jsonl_atomic(out, result.items)
-    nll = reference_nll(model, tokenizer, rows, template, batch_size=config.batch_size) if config.nll else None
-    return replace(result, dataset=config.dataset, split=config.split, model=config.model, out=str(out),
-                   reference_nll=nll)
+    return replace(result, dataset=config.dataset, split=config.split, model=config.model, out=str(out), **nll)

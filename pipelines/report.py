@@ -1,7 +1,10 @@
 """``report.md``, its figures and ``report.json``, from what a `kava run` wrote: nothing in it is typed in.
 
-The statistics (Welch t-test, bootstrap CIs, Holm correction) and the plots come from ``kava.analysis``; this module
-only gathers each stage's records and lays them out.
+Students of one seed share initial weights and batch order, and every model answers the same eval items, so the
+primary test of a variant against the baseline is paired by seed (paired t-test on per-seed accuracy and NLL,
+Holm-corrected across variants); McNemar's exact test per seed and pooled over seeds, and a bootstrap of per-item
+NLL differences, read the items; Welch's unpaired test stays as a secondary column. The statistics and the plots
+come from ``kava.analysis``; this module only gathers each stage's records and lays them out.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kava.kvstore.errors import ConfigError
+
 from .config import RunConfig
 
 ALPHA = 0.05
+TEACHER_FLOOR = 0.30
+"""Below this eval accuracy a teacher knows too little of the task for a comparison to show that it transferred."""
 
 
 def _metrics(path: Path) -> list[dict[str, float]]:
@@ -36,25 +43,34 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                  evals: dict[str, dict[str, Any]], timings: dict[str, float]) -> Path:
     """Write ``root/report.md`` (+ ``figures/*.png``, ``report.json``) and return the markdown's path."""
     from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
-    from kava.analysis.stats import compare, format_mean_ci
+    from kava.analysis.paired import compare_paired
+    from kava.analysis.stats import format_mean_ci
 
     figures = root / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     variants = [v.name for v in cfg.variants]
-    acc = {v: [evals[f"{v} seed {s}"]["accuracy"] for s in cfg.seeds] for v in variants}
-    nll = {v: [evals[f"{v} seed {s}"]["nll"] for s in cfg.seeds] for v in variants}
-    acc_cmp = compare(acc, cfg.baseline, alpha=ALPHA)
-    nll_cmp = compare(nll, cfg.baseline, alpha=ALPHA)
     teacher_evals = {n: evals[f"teacher {n}"] for n in teachers if f"teacher {n}" in evals}
+    student = {(v, s): evals[f"{v} seed {s}"] for v in variants for s in cfg.seeds}
+    unit = _nll_unit([*student.values(), *teacher_evals.values()])
+    nll_key = {"token": "nll", "char": "nll_per_char"}[unit]
+    acc = {v: {s: student[v, s]["accuracy"] for s in cfg.seeds} for v in variants}
+    nll = {v: {s: student[v, s][nll_key] for s in cfg.seeds} for v in variants}
+    acc_cmp = compare_paired(acc, cfg.baseline, alpha=ALPHA)
+    nll_cmp = compare_paired(nll, cfg.baseline, alpha=ALPHA)
+    items = {key: _items(e) for key, e in student.items()}
+    mcnemar = {v: _mcnemar(items, v, cfg) for v in variants if v != cfg.baseline}
+    nll_items = {v: _nll_bootstrap(items, v, cfg, unit) for v in variants if v != cfg.baseline}
 
     runs = {v: [_metrics(root / "students" / v / f"seed-{s}" / "metrics.jsonl") for s in cfg.seeds]
             for v in variants}
     figs = {
-        "accuracy": accuracy_bars(acc_cmp, figures / "accuracy.png", title="Eval accuracy per variant", points=acc,
+        "accuracy": accuracy_bars(acc_cmp, figures / "accuracy.png", title="Eval accuracy per variant",
+                                  points={v: list(x.values()) for v, x in acc.items()},
                                   extra={f"teacher: {n}": e["accuracy"] for n, e in teacher_evals.items()}),
-        "nll": accuracy_bars(nll_cmp, figures / "nll.png", title="Reference NLL (lower is better)", points=nll,
-                             percent=False, ylabel="nats per token",
-                             extra={f"teacher: {n}": e["nll"] for n, e in teacher_evals.items() if e.get("nll")}),
+        "nll": accuracy_bars(nll_cmp, figures / "nll.png", title="Reference NLL (lower is better)",
+                             points={v: list(x.values()) for v, x in nll.items()}, percent=False,
+                             ylabel=f"nats per {unit}",
+                             extra={f"teacher: {n}": e[nll_key] for n, e in teacher_evals.items() if e.get(nll_key)}),
         "curves": learning_curves(runs, figures / "learning-curves.png", smooth=5),
         "cosine": layer_cosine(runs, figures / "layer-cosine.png"),
     }
@@ -64,7 +80,8 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                                   figures / "checkpoint-accuracy.png", ylabel=f"accuracy % (first {rows} eval rows)",
                                   title="task accuracy at checkpoints (mean over seeds)")
     figs["ckpt-nll"] = eval_curve({v: [(p["step"], p["nll"]) for p in c] for v, c in curves.items()},
-                                  figures / "checkpoint-nll.png", ylabel=f"reference NLL (first {rows} eval rows)",
+                                  figures / "checkpoint-nll.png",
+                                  ylabel=f"reference NLL, nats/token (first {rows} eval rows)",
                                   title="reference NLL at checkpoints (mean over seeds)")
     from kava.kvstore import KVStore
 
@@ -75,36 +92,12 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `kava run` from `config.yaml` (next to this file). "
               f"Every number below comes from this run's outputs. Seeds: {cfg.seeds}; baseline: `{cfg.baseline}`.",
               ""]
-    lines += ["## Result", ""] + _verdicts(acc_cmp, nll_cmp, cfg) + [""]
-
-    lines += ["## Accuracy on the eval split", "",
-              f"Greedy decoding, exact match of the `#### N` answer, {data['splits']['eval']['rows']} problems. "
-              "Mean ± std over seeds [bootstrap 95% CI]; Δ and its CI against the baseline; Welch t-test p "
-              f"(Holm-adjusted across variants); significant at α = {ALPHA}. With few seeds the percentile bootstrap "
-              "has few distinct resamples (10 for 3 seeds) and its intervals run narrow: read significance from the "
-              "t-test.", "",
-              "| model | seeds | accuracy % | Δ points [95% CI] | p | p (Holm) | significant |",
-              "|---|---|---|---|---|---|---|"]
-    for n, e in teacher_evals.items():
-        lines.append(f"| teacher `{n}` | – | {100 * e['accuracy']:.1f} | – | – | – | – |")
-    for c in acc_cmp:
-        delta = "–" if c.variant == cfg.baseline else \
-            f"{100 * c.diff:+.1f} [{100 * c.diff_ci[0]:+.1f}, {100 * c.diff_ci[1]:+.1f}]"
-        lines.append(f"| `{c.variant}` | {c.n} | {format_mean_ci(c)} | {delta} | {_fmt(c.p)} | {_fmt(c.p_adjusted)} "
-                     f"| {'yes' if c.significant else 'no'} |")
-    lines += ["", f"![accuracy]({figs['accuracy'].relative_to(root)})", ""]
-
-    lines += ["## Reference NLL on the eval split", "",
-              "Teacher-forced negative log-likelihood of each problem's reference reasoning and answer, nats per "
-              "token (lower is better). It moves with learning even where greedy accuracy sits near the floor.", "",
-              "| model | seeds | NLL | Δ [95% CI] | p | p (Holm) | significant |", "|---|---|---|---|---|---|---|"]
-    for n, e in teacher_evals.items():
-        lines.append(f"| teacher `{n}` | – | {_fmt(e.get('nll'))} | – | – | – | – |")
-    for c in nll_cmp:
-        delta = "–" if c.variant == cfg.baseline else f"{c.diff:+.3f} [{c.diff_ci[0]:+.3f}, {c.diff_ci[1]:+.3f}]"
-        lines.append(f"| `{c.variant}` | {c.n} | {format_mean_ci(c, percent=False, digits=3)} | {delta} | "
-                     f"{_fmt(c.p)} | {_fmt(c.p_adjusted)} | {'yes' if c.significant else 'no'} |")
-    lines += ["", f"![nll]({figs['nll'].relative_to(root)})", ""]
+    lines += ["## Result", ""] + _teacher_lines(cfg, teacher_evals, data) + [""]
+    lines += _verdicts(acc_cmp, nll_cmp, mcnemar, unit, cfg, teacher_evals) + [""]
+    lines += _accuracy_section(cfg, data, acc_cmp, mcnemar, teacher_evals, format_mean_ci)
+    lines += [f"![accuracy]({figs['accuracy'].relative_to(root)})", ""]
+    lines += _nll_section(cfg, nll_cmp, nll_items, unit, nll_key, teacher_evals, format_mean_ci)
+    lines += [f"![nll]({figs['nll'].relative_to(root)})", ""]
 
     lines += _compute_section(cfg, students)
     lines += _splits_section(data)
@@ -125,8 +118,12 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
               "Units reused from an earlier run show the seconds they took then.", ""]
 
     (root / "report.md").write_text("\n".join(lines))
-    summary = {"accuracy": [c.to_dict() for c in acc_cmp], "nll": [c.to_dict() for c in nll_cmp],
-               "teachers": teacher_evals, "seeds": cfg.seeds, "baseline": cfg.baseline,
+    summary = {"accuracy": [{**c.to_dict(), "test": "paired t by seed", **_mcnemar_json(mcnemar.get(c.variant))}
+                            for c in acc_cmp],
+               "nll": [{**c.to_dict(), "test": "paired t by seed", "unit": f"nats per {unit}",
+                        "item_bootstrap": nll_items.get(c.variant)} for c in nll_cmp],
+               "nll_unit": unit, "teachers": teacher_evals, "teacher_floor": TEACHER_FLOOR, "seeds": cfg.seeds,
+               "baseline": cfg.baseline,
                "compute": {f"{v} seed {s}": {k: r.get(k) for k in ("steps", "tokens", "batch_size")}
                            for (v, s), r in students.items()},
                "checkpoints": curves, "splits": data["splits"], "cka": cka_json, "timings": timings}
@@ -144,23 +141,190 @@ def _mean_curve(seeds: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     return out
 
 
-def _verdicts(acc_cmp: list[Any], nll_cmp: list[Any], cfg: RunConfig) -> list[str]:
-    base_acc = next(c for c in acc_cmp if c.variant == cfg.baseline)
+def _nll_unit(records: list[dict[str, Any]]) -> str:
+    """``"token"`` when every model in the tables scored its NLL with one tokenizer, else ``"char"``: nats per token
+    of different tokenizers count different tokens, nats per character of the same text compare."""
+    fingerprints = {r.get("nll_tokenizer") for r in records}
+    return "token" if len(fingerprints) == 1 and None not in fingerprints else "char"
+
+
+def _items(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The eval's per-item JSONL, by sample id."""
+    lines = Path(record.get("items") or record["settings"]["out"]).read_text(encoding="utf-8").splitlines()
+    return {item["sample_id"]: item for item in (json.loads(line) for line in lines if line.strip())}
+
+
+def _mcnemar(items: dict[tuple[str, int], dict[str, dict[str, Any]]], variant: str, cfg: RunConfig) -> dict[str, Any]:
+    """McNemar's exact test of ``variant`` against the baseline on each seed's items, and pooled over seeds."""
+    from kava.analysis.paired import match_items, mcnemar_exact, mcnemar_pooled
+
+    per_seed = {}
+    for s in cfg.seeds:
+        _, a, b = match_items({k: i["correct"] for k, i in items[variant, s].items()},
+                              {k: i["correct"] for k, i in items[cfg.baseline, s].items()},
+                              name=f"{variant} seed {s}", other=f"{cfg.baseline} seed {s}")
+        per_seed[s] = mcnemar_exact(a, b)
+    return {"per_seed": per_seed, "pooled": mcnemar_pooled(list(per_seed.values()))}
+
+
+def _mcnemar_json(m: dict[str, Any] | None) -> dict[str, Any]:
+    if m is None:
+        return {}
+    return {"mcnemar": {"per_seed": {str(s): t.to_dict() for s, t in m["per_seed"].items()},
+                        "pooled": m["pooled"].to_dict()}}
+
+
+def _nll_bootstrap(items: dict[tuple[str, int], dict[str, dict[str, Any]]], variant: str, cfg: RunConfig,
+                   unit: str) -> dict[str, Any]:
+    """Paired bootstrap over items of the NLL difference to the baseline, seeds averaged per item.
+
+    Per-item rates (nats per ``unit``) weighted by the item's units make the statistic total nats over total units,
+    so its point estimate equals the mean per-seed difference of the table; the interval is the items' own."""
+    from kava.analysis.paired import match_items, paired_bootstrap_items
+
+    units = {"token": "nll_tokens", "char": "nll_chars"}[unit]
+
+    def rate(item: dict[str, Any]) -> float:
+        return item["nll_nats"] / item[units] if item[units] else 0.0  # an empty item weighs 0
+
+    a, b, ids = [], [], None
+    for s in cfg.seeds:
+        seed_ids, va, vb = match_items(items[variant, s], items[cfg.baseline, s], name=f"{variant} seed {s}",
+                                       other=f"{cfg.baseline} seed {s}")
+        if ids is not None and seed_ids != ids:
+            raise ConfigError(f"Expected every seed of {variant!r} to be scored on the same items. Got another item "
+                              f"set at seed {s} instead. Rerun the eval stage (--force eval).")
+        ids = seed_ids
+        a.append([rate(i) for i in va])
+        b.append([rate(i) for i in vb])
+    weights = [items[cfg.baseline, cfg.seeds[0]][k][units] for k in ids or []]
+    diff, (low, high) = paired_bootstrap_items(a, b, weights=weights, seed=0)
+    return {"diff": diff, "ci": [None if math.isnan(v) else v for v in (low, high)], "items": len(weights),
+            "unit": f"nats per {unit}"}
+
+
+def _teacher_lines(cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]], data: dict[str, Any]) -> list[str]:
+    if not teacher_evals:
+        return ["The teachers were not evaluated (`eval.teachers: false`), so this report cannot say whether they "
+                "knew the task, nor show that anything transferred from them."]
     out = []
-    for a, n in zip(acc_cmp, nll_cmp):
-        if a.variant == cfg.baseline:
-            continue
-        better = "beat" if a.diff > 0 else "did not beat"
-        out.append(
-            f"- **`{a.variant}` {better} `{cfg.baseline}` on accuracy**: {100 * a.mean:.1f}% vs "
-            f"{100 * base_acc.mean:.1f}% ({100 * a.diff:+.1f} points, 95% CI [{100 * a.diff_ci[0]:+.1f}, "
-            f"{100 * a.diff_ci[1]:+.1f}], Welch p = {_fmt(a.p)}, Holm p = {_fmt(a.p_adjusted)}): "
-            f"{'significant' if a.significant else 'not significant'} at α = {ALPHA} with {a.n} seeds each. "
-            f"Reference NLL {n.diff:+.3f} nats/token (p = {_fmt(n.p)}, "
-            f"{'significant' if n.significant else 'not significant'})."
-        )
+    for name, e in teacher_evals.items():
+        line = (f"- **Teacher `{name}`: {100 * e['accuracy']:.1f}% on the eval split** ({e['correct']} of {e['n']} "
+                f"problems; floor {100 * TEACHER_FLOOR:.0f}%)")
+        if e["accuracy"] < TEACHER_FLOOR:
+            line += (": below the floor, it knows too little of the task for a student to learn it from it, so the "
+                     f"comparisons below **cannot show a transfer** from `{name}`.")
+        out.append(line + ("" if e["accuracy"] < TEACHER_FLOOR else "."))
     return out
 
+
+def _teacher_clause(variant: str, cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]]) -> str:
+    """What the variant's teachers allow the verdict to claim."""
+    teachers = next(v.teachers for v in cfg.variants if v.name == variant)
+    low = [t for t in teachers if t in teacher_evals and teacher_evals[t]["accuracy"] < TEACHER_FLOOR]
+    unmeasured = [t for t in teachers if t not in teacher_evals]
+    text = ""
+    if low:
+        scores = ", ".join(f"`{t}` {100 * teacher_evals[t]['accuracy']:.1f}%" for t in low)
+        whom = "" if len(low) == len(teachers) else " from " + ", ".join(f"`{t}`" for t in low)
+        text += (f" **The teacher is below the {100 * TEACHER_FLOOR:.0f}% floor ({scores}): this comparison cannot "
+                 f"show a transfer{whom}**; a difference here comes from the K/V loss itself, not from what the "
+                 "teacher knows.")
+    if unmeasured:
+        text += (" The accuracy of " + ", ".join(f"`{t}`" for t in unmeasured) + " was not measured, so whether it "
+                 "had anything to transfer is unknown.")
+    return text
+
+
+def _verdicts(acc_cmp: list[Any], nll_cmp: list[Any], mcnemar: dict[str, Any], unit: str, cfg: RunConfig,
+              teacher_evals: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per variant, decided by the paired t-test on accuracy (Holm-adjusted)."""
+    base = acc_cmp[0]
+    out = []
+    for a, n in zip(acc_cmp[1:], nll_cmp[1:]):
+        if math.isnan(a.p):
+            outcome = "could not be tested against"  # one seed: no variance to test with
+        elif a.significant:
+            outcome = "beat" if a.diff > 0 else "was worse than"
+        else:
+            outcome = "did not differ significantly from"
+        m = mcnemar[a.variant]["pooled"]
+        out.append(
+            f"- **`{a.variant}` {outcome} `{cfg.baseline}` on accuracy** (paired t-test over {a.n} seeds, "
+            f"Holm-corrected across {len(acc_cmp) - 1} variant(s), α = {ALPHA}): {100 * a.mean:.1f}% vs "
+            f"{100 * base.mean:.1f}%, {100 * a.diff:+.1f} points (95% CI [{_pct(a.diff_ci[0])}, "
+            f"{_pct(a.diff_ci[1])}]), p = {_fmt(a.p)}, Holm p = {_fmt(a.p_holm)}. McNemar pooled over seeds: "
+            f"{m.only_a} items right only under `{a.variant}`, {m.only_b} only under `{cfg.baseline}`, exact "
+            f"p = {_fmt(m.p)}; Welch (unpaired, secondary) p = {_fmt(a.welch_p)}. Reference NLL {n.diff:+.3f} "
+            f"nats/{unit} (95% CI [{_fmt(n.diff_ci[0], '+.3f')}, {_fmt(n.diff_ci[1], '+.3f')}], paired "
+            f"p = {_fmt(n.p)}, Holm p = {_fmt(n.p_holm)}, {'significant' if n.significant else 'not significant'})."
+            + _teacher_clause(a.variant, cfg, teacher_evals))
+    return out
+
+
+def _pct(x: float) -> str:
+    return _fmt(None if math.isnan(x) else 100 * x, "+.1f")
+
+
+_PAIRING = ("Students of one seed share initial weights and batch order, so each variant is compared with the "
+            "baseline seed by seed: Δ is the mean per-seed difference with its paired-t 95% CI, and p the paired "
+            f"t-test (the primary test; Holm-adjusted across variants, significant at α = {ALPHA}). Welch's "
+            "unpaired t-test is a secondary column: it ignores the pairing.")
+
+
+def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], mcnemar: dict[str, Any],
+                      teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+    lines = ["## Accuracy on the eval split", "",
+             f"Greedy decoding, exact match of the `#### N` answer, {data['splits']['eval']['rows']} problems. "
+             f"Mean ± std over seeds [bootstrap 95% CI of the mean]. {_PAIRING} McNemar's exact test reads the "
+             "items: pooled over seeds it sums every seed's discordant items (right under one model only), an "
+             "exact binomial test on the sums; each seed's own test is in the table after.", "",
+             "| model | seeds | accuracy % | Δ points [95% CI] | paired p | p (Holm) | significant | McNemar pooled "
+             "(only variant / only baseline) | Welch p |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, e in teacher_evals.items():
+        lines.append(f"| teacher `{n}` | – | {100 * e['accuracy']:.1f} | – | – | – | – | – | – |")
+    for c in acc_cmp:
+        if c.variant == cfg.baseline:
+            lines.append(f"| `{c.variant}` | {c.n} | {fmt(c)} | – | – | – | – | – | – |")
+            continue
+        m = mcnemar[c.variant]["pooled"]
+        lines.append(f"| `{c.variant}` | {c.n} | {fmt(c)} | {100 * c.diff:+.1f} [{_pct(c.diff_ci[0])}, "
+                     f"{_pct(c.diff_ci[1])}] | {_fmt(c.p)} | {_fmt(c.p_holm)} | {'yes' if c.significant else 'no'} "
+                     f"| {m.only_a} / {m.only_b}, p = {_fmt(m.p)} | {_fmt(c.welch_p)} |")
+    lines += ["", f"McNemar per seed (items matched by id; `{cfg.baseline}` of the same seed):", "",
+              f"| variant | seed | both right | only variant | only `{cfg.baseline}` | both wrong | exact p |",
+              "|---|---|---|---|---|---|---|"]
+    for v, m in mcnemar.items():
+        for s, t in m["per_seed"].items():
+            lines.append(f"| `{v}` | {s} | {t.both} | {t.only_a} | {t.only_b} | {t.neither} | {_fmt(t.p)} |")
+    return lines + [""]
+
+
+def _nll_section(cfg: RunConfig, nll_cmp: list[Any], nll_items: dict[str, Any], unit: str, nll_key: str,
+                 teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+    why = ("nats per character of the scored text: the teacher and the students tokenize differently, and nats per "
+           "token would compare different numbers of different tokens" if unit == "char" else
+           "nats per token: every model in this table uses the same tokenizer")
+    lines = ["## Reference NLL on the eval split", "",
+             "Teacher-forced negative log-likelihood of each problem's reference reasoning and answer (the text "
+             f"after the eval prompt), lower is better, in **{why}**. It moves with learning even where greedy "
+             f"accuracy sits near the floor. {_PAIRING} The item bootstrap resamples the problems (seeds averaged "
+             "per problem, 10,000 resamples): the same Δ, with a 95% interval over problems that holds the trained "
+             "students fixed, so it says how much Δ depends on which problems were drawn, not on which seeds.", "",
+             f"| model | seeds | NLL (nats/{unit}) | Δ [95% CI] | paired p | p (Holm) | significant | item bootstrap "
+             "Δ [95% CI] | Welch p |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, e in teacher_evals.items():
+        lines.append(f"| teacher `{n}` | – | {_fmt(e.get(nll_key))} | – | – | – | – | – | – |")
+    for c in nll_cmp:
+        if c.variant == cfg.baseline:
+            lines.append(f"| `{c.variant}` | {c.n} | {fmt(c, percent=False, digits=3)} | – | – | – | – | – | – |")
+            continue
+        b = nll_items[c.variant]
+        lines.append(f"| `{c.variant}` | {c.n} | {fmt(c, percent=False, digits=3)} | {c.diff:+.3f} "
+                     f"[{_fmt(c.diff_ci[0], '+.3f')}, {_fmt(c.diff_ci[1], '+.3f')}] | {_fmt(c.p)} | "
+                     f"{_fmt(c.p_holm)} | {'yes' if c.significant else 'no'} | {b['diff']:+.3f} "
+                     f"[{_fmt(b['ci'][0], '+.3f')}, {_fmt(b['ci'][1], '+.3f')}] | {_fmt(c.welch_p)} |")
+    return lines + [""]
 
 def _compute_section(cfg: RunConfig, students: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
     lines = ["## Equal compute", "",

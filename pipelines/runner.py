@@ -294,7 +294,8 @@ class Runner:
         out = {}
         for label, (model, model_key) in models.items():
             where = self.root / "eval" / label.replace(" ", "-")
-            key = digest({"model": model_key, "eval": e.__dict__, "split": data["splits"]["eval"]})
+            # "items": what each item records (2: its NLL, tokens, characters, bytes); older records are redone.
+            key = digest({"model": model_key, "eval": e.__dict__, "split": data["splits"]["eval"], "items": 2})
 
             def work(model: str = model, label: str = label, where: Path = where) -> dict[str, Any]:
                 from kava.distill.evaluate import EvalConfig, run_eval
@@ -309,6 +310,8 @@ class Runner:
                 result = run_eval(config)
                 curve = [] if label.startswith("teacher ") else self._checkpoint_curve(Path(model), result)
                 return {"model": model, "accuracy": result.accuracy, "nll": result.reference_nll, "n": result.n,
+                        "nll_per_char": result.reference_nll_per_char, "nll_per_byte": result.reference_nll_per_byte,
+                        "nll_tokenizer": result.nll_tokenizer, "items": config.out,
                         "correct": result.correct, "generated_tokens": result.generated_tokens, "curve": curve,
                         "settings": asdict(config)}
 

@@ -279,29 +279,83 @@ def test_prompt_of_a_row_without_reasoning():
     assert prompt_text(row, TEMPLATES["cot"]) == "Q: What is 2 + 2?\nA: Let's think step by step.\n"
 
 
+def _labels_after_prompt(tokenizer, row, template):
+    """input_ids and labels of one row for the model's own loss: every token that reaches past the prompt."""
+    text, cut = format_row(row, template).text, len(prompt_text(row, template))
+    enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+    labels = enc["input_ids"].clone()
+    spans = enc["offset_mapping"][0].tolist()
+    first = next(i for i, (a, b) in enumerate(spans) if b > a and b > cut)
+    labels[0, :first] = -100  # the prompt (and BOS) is not scored
+    return enc["input_ids"], labels, text[cut:]
+
+
 def test_reference_nll_equals_transformers_loss_on_the_completion_tokens(assets):
     """Batched, padded scoring equals the model's own loss row by row, with the prompt's labels masked."""
-    from kava.distill.evaluate import reference_nll
+    from kava.distill.evaluate import reference_nll, reference_nll_items
 
     model, tokenizer = _load(assets(STORIES))
     rows = list(load_rows("synthetic", split="test", limit=5))
     template = TEMPLATES["plain"]
     batched = reference_nll(model, tokenizer, rows, template, batch_size=3)
+    items = reference_nll_items(model, tokenizer, rows, template, batch_size=2)
 
     total, count = 0.0, 0
-    for row in rows:
-        formatted = format_row(row, template)
-        enc = tokenizer(formatted.text, return_offsets_mapping=True, return_tensors="pt")
-        start = formatted.spans["reasoning"][0]
-        labels = enc["input_ids"].clone()
-        for i, (a, b) in enumerate(enc["offset_mapping"][0].tolist()):
-            if not (b > a and a >= start):
-                labels[0, i] = -100  # prompt (and special) tokens are not scored
-        first = int((labels[0] != -100).nonzero()[0])
-        labels[0, :first] = -100
-        labels[0, first:] = enc["input_ids"][0, first:]
+    for row, item in zip(rows, items):
+        ids, labels, scored = _labels_after_prompt(tokenizer, row, template)
         n = int((labels[0, 1:] != -100).sum())
         with torch.no_grad():
-            loss = model(input_ids=enc["input_ids"], labels=labels).loss
+            loss = model(input_ids=ids, labels=labels).loss
+        assert (item.nats, item.tokens) == (pytest.approx(float(loss) * n, rel=1e-5), n)
+        assert (item.chars, item.bytes) == (len(scored), len(scored.encode("utf-8")))
         total, count = total + float(loss) * n, count + n
     assert batched == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tokenizers/gpt2", "tokenizers/qwen2", "tokenizers/llama2", STORIES])
+def test_every_tokenizer_scores_the_same_characters(assets, name):
+    """The scored text is the continuation of the prompt under every tokenizer, its first word included (byte-level
+    BPE fuses the space before it into ``ĠJanet``, SentencePiece into ``▁Jan``), so nats per character compare."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kava.distill.evaluate import reference_nll_items
+
+    tok = AutoTokenizer.from_pretrained(assets(name))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)).eval()
+    rows = list(load_rows("gsm8k", split="test", data_files=assets("gsm8k/test.jsonl"), limit=3))
+    rows.append(ReasoningRow("x/test/000000", "Où est le café?", "Le café coûte 3 €.", "3"))  # bytes != chars
+    template = TEMPLATES["plain"]
+    items = reference_nll_items(model, tok, rows, template, batch_size=2)
+    for row, item in zip(rows, items):
+        ids, labels, scored = _labels_after_prompt(tok, row, template)
+        assert scored == format_row(row, template).text[len(prompt_text(row, template)) :]
+        assert scored.startswith(" " + row.reasoning[:3])
+        assert (item.chars, item.bytes) == (len(scored), len(scored.encode("utf-8")))
+        kept = ids[0, 1:][labels[0, 1:] != -100].tolist()
+        assert tok.decode(kept, skip_special_tokens=True).strip() == scored.strip()  # the first word is scored
+        assert item.tokens == len(kept)
+    assert items[-1].bytes > items[-1].chars
+
+
+def test_run_eval_writes_the_nll_of_every_item(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kava.extract.grid import tokenizer_fingerprint
+
+    out = tmp_path / "items.jsonl"
+    result = run_eval(EvalConfig(model=str(assets(STORIES)), dataset="synthetic", split="test", limit=5,
+                                 max_new_tokens=4, batch_size=2, out=str(out), progress=False, threads=1, nll=True))
+    items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    nats = sum(i["nll_nats"] for i in items)
+    assert all(i["nll_tokens"] > 0 and i["nll_chars"] > 0 and i["nll_bytes"] >= i["nll_chars"] for i in items)
+    assert result.reference_nll == pytest.approx(nats / sum(i["nll_tokens"] for i in items), rel=1e-12)
+    assert result.reference_nll_per_char == pytest.approx(nats / sum(i["nll_chars"] for i in items), rel=1e-12)
+    assert result.reference_nll_per_byte == pytest.approx(nats / sum(i["nll_bytes"] for i in items), rel=1e-12)
+    assert result.nll_tokenizer == tokenizer_fingerprint(AutoTokenizer.from_pretrained(assets(STORIES)))
+    # Without --nll nothing is scored and the items say so.
+    plain = run_eval(EvalConfig(model=str(assets(STORIES)), dataset="synthetic", split="test", limit=2,
+                                max_new_tokens=4, out=str(out), progress=False, threads=1))
+    assert plain.reference_nll is None and plain.nll_tokenizer is None
+    assert all(json.loads(line)["nll_nats"] is None for line in out.read_text(encoding="utf-8").splitlines())

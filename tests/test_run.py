@@ -87,14 +87,55 @@ def test_run_writes_every_artifact_and_the_report_numbers_come_from_the_run(run)
     for variant in ("ce", "kv"):
         seeds = [evals[f"eval {variant} seed {s}"]["accuracy"] for s in (1, 2)]
         assert acc[variant]["mean"] == pytest.approx(np.mean(seeds))
-        assert acc[variant]["n"] == 2
+        assert acc[variant]["n"] == 2 and acc[variant]["seeds"] == [1, 2]
+    # The teacher (its own BPE) and the students (theirs) tokenize differently: NLL is compared per character.
+    assert evals["eval teacher t"]["nll_tokenizer"] != evals["eval kv seed 1"]["nll_tokenizer"]
+    assert report["nll_unit"] == "char"
     nll = {row["variant"]: row for row in report["nll"]}
-    assert nll["kv"]["mean"] == pytest.approx(np.mean([evals[f"eval kv seed {s}"]["nll"] for s in (1, 2)]))
+    assert nll["kv"]["mean"] == pytest.approx(np.mean([evals[f"eval kv seed {s}"]["nll_per_char"] for s in (1, 2)]))
     assert acc["kv"]["p"] is None or 0 <= acc["kv"]["p"] <= 1
+
+    # The primary test is paired by seed, from the eval records; with one variant Holm changes nothing.
+    from scipy import stats as sps
+
+    from kava.analysis.stats import welch_t
+
+    for table, key in ((acc, "accuracy"), (nll, "nll_per_char")):
+        a, b = ([evals[f"eval {v} seed {s}"][key] for s in (1, 2)] for v in ("kv", "ce"))
+        assert table["kv"]["diff"] == pytest.approx(np.mean(a) - np.mean(b), abs=1e-12)
+        if np.ptp(np.subtract(a, b)) > 0:  # else the zero-variance convention, tested in test_stats
+            assert table["kv"]["p"] == pytest.approx(sps.ttest_rel(a, b).pvalue, rel=1e-9)
+            assert table["kv"]["p_holm"] == table["kv"]["p"]
+        if np.ptp(a) > 0 or np.ptp(b) > 0:
+            assert table["kv"]["welch_p"] == pytest.approx(welch_t(a, b)[1], rel=1e-9)
+
+    # McNemar and the item bootstrap read the items each eval wrote.
+    items = {(v, s): {i["sample_id"]: i for i in map(json.loads, (root / "eval" / f"{v}-seed-{s}" / "items.jsonl")
+                                                     .read_text().splitlines())} for v in ("ce", "kv") for s in (1, 2)}
+    pooled = [0, 0]
+    for s in (1, 2):
+        kv, ce = items["kv", s], items["ce", s]
+        only_kv = sum(kv[k]["correct"] and not ce[k]["correct"] for k in kv)
+        only_ce = sum(ce[k]["correct"] and not kv[k]["correct"] for k in kv)
+        assert (acc["kv"]["mcnemar"]["per_seed"][str(s)]["only_a"], acc["kv"]["mcnemar"]["per_seed"][str(s)]
+                ["only_b"]) == (only_kv, only_ce)
+        pooled = [pooled[0] + only_kv, pooled[1] + only_ce]
+        for v in ("kv", "ce"):  # the per-character NLL of a seed is its items' nats over their characters
+            its = items[v, s].values()
+            assert evals[f"eval {v} seed {s}"]["nll_per_char"] == \
+                pytest.approx(sum(i["nll_nats"] for i in its) / sum(i["nll_chars"] for i in its), rel=1e-12)
+    assert [acc["kv"]["mcnemar"]["pooled"][k] for k in ("only_a", "only_b")] == pooled
+    assert nll["kv"]["item_bootstrap"]["diff"] == pytest.approx(nll["kv"]["diff"], rel=1e-9)
+    assert nll["kv"]["item_bootstrap"]["items"] == 6
 
     text = (root / "report.md").read_text()
     teacher_acc = evals["eval teacher t"]["accuracy"]
     assert f"| teacher `t` | – | {100 * teacher_acc:.1f} |" in text
+    assert f"- **Teacher `t`: {100 * teacher_acc:.1f}% on the eval split**" in text
+    assert teacher_acc < 0.3  # four steps teach it nothing: the verdict must say so
+    verdict = next(line for line in text.splitlines() if line.startswith("- **`kv`"))
+    assert "paired t-test over 2 seeds" in verdict and "this comparison cannot show a transfer" in verdict
+    assert "NLL (nats/char)" in text and "McNemar per seed" in text
     assert "Steps and tokens are **equal across variants for every seed**." in text
     # Task accuracy at the kept checkpoint (step 2) and at the end, on the first 4 eval rows.
     curve = evals["eval kv seed 1"]["curve"]
@@ -145,6 +186,25 @@ def test_a_stage_fed_another_split_refuses(run, tmp_path):
     edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))  # one row dropped
     with pytest.raises(DatasetError, match="distill: .*student-train.jsonl is not the recorded student-train split"):
         splits.check_split(copy_root, "student-train", stage="distill")
+
+
+def test_the_verdict_says_what_the_teacher_allows(tmp_path):
+    from kava.pipelines.report import _nll_unit, _teacher_clause, _teacher_lines
+
+    cfg = parse_config(tiny(tmp_path))
+    data = {"splits": {"eval": {"rows": 300}}}
+    good, bad = {"accuracy": 0.783, "correct": 235, "n": 300}, {"accuracy": 0.033, "correct": 10, "n": 300}
+    assert _teacher_clause("kv", cfg, {"t": good}) == ""
+    assert _teacher_lines(cfg, {"t": good}, data) == \
+        ["- **Teacher `t`: 78.3% on the eval split** (235 of 300 problems; floor 30%)."]
+    assert "this comparison cannot show a transfer**" in _teacher_clause("kv", cfg, {"t": bad})
+    assert "cannot show a transfer** from `t`" in _teacher_lines(cfg, {"t": bad}, data)[0]
+    assert _teacher_clause("ce", cfg, {"t": bad}) == ""  # CE-only learns from no teacher
+    assert "`t` was not measured" in _teacher_clause("kv", cfg, {})
+    assert "eval.teachers: false" in _teacher_lines(cfg, {}, data)[0]
+    assert _nll_unit([{"nll_tokenizer": "a"}, {"nll_tokenizer": "a"}]) == "token"
+    assert _nll_unit([{"nll_tokenizer": "a"}, {"nll_tokenizer": "b"}]) == "char"
+    assert _nll_unit([{"nll_tokenizer": "a"}, {}]) == "char"  # unknown: characters are always comparable
 
 
 # ---------------------------------------------------------------------------------------------------------------------
