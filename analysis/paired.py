@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 from kava.analysis.stats import NAN, _as_1d, _check_level, _json_safe, bootstrap_ci, holm, welch_t
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 __all__ = [
     "McNemar",

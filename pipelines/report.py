@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kava.kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 from .config import RunConfig
 
