@@ -14,13 +14,16 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kava.core.errors import ConfigError
 
 from .config import RESUME_MAY_DIFFER, DistillConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -44,7 +47,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def student_at(out: Path, checkpoint: Path) -> Any:
+def student_at(out: Path, checkpoint: Path) -> PreTrainedModel:
     """The student saved in ``out`` (its config and architecture) with the weights of ``checkpoint``, in eval mode:
     what a learning curve of task accuracy evaluates."""
     from safetensors.torch import load_file
@@ -75,7 +78,8 @@ def rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: Any, schedule: Any, cfg: DistillConfig, *,
+def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    schedule: torch.optim.lr_scheduler.LRScheduler, cfg: DistillConfig, *,
                     step: int, position: tuple[int, int], tokens: int, keep: int, shards: list[int],
                     tag: str | None = None, world_size: int = 1,
                     rank_rng: list[dict[str, Any]] | None = None) -> Path:
@@ -130,8 +134,9 @@ def check_world_size(path: Path, world_size: int) -> None:
         )
 
 
-def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: Any, schedule: Any,
-                    cfg: DistillConfig, shards: list[int], *, world_size: int = 1, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    schedule: torch.optim.lr_scheduler.LRScheduler, cfg: DistillConfig, shards: list[int], *,
+                    world_size: int = 1, rank: int = 0) -> dict[str, Any]:
     """Restore ``path`` into the run's objects; refuse when the run's config, usable shards or number of processes
     differ. The returned ``rng`` is rank ``rank``'s."""
     from safetensors.torch import load_model

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..kvstore import KVStore
-from ..kvstore.errors import ConfigError, IncompleteError, SchemaError
-from ..kvstore.store import Rows
+from kava.kvstore import KVStore
+from kava.core.errors import ConfigError, IncompleteError, SchemaError
+from kava.kvstore.store import Rows
 from .plan import BatchPlan, EpochPlan, check_layout, plan_epoch
 
 __all__ = [

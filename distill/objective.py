@@ -10,13 +10,14 @@ segment weight. Everything here takes tensors and returns tensors; the trainer o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kava.extract.rope import apply_rope, cos_sin, invert_rope
+from kava.extract.rope import apply_rope, cos_sin
 from kava.kvstore.manifest import TeacherSpec
 
 from .fusion import build_fusion, router_entropy
@@ -30,6 +31,11 @@ from .losses import (
     weighted_mean,
 )
 from .projectors import KVProjectors, head_share_matrix
+
+if TYPE_CHECKING:
+    from kava.extract.capture import Rotation
+
+    from .loader import Batch, TeacherBatch
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,9 @@ class StudentKV:
     """The student's side of one forward pass, as it attended: K/Q after RoPE (what attention uses directly).
 
     ``keys``/``values``: layer → ``[B, kv_heads, T, head_dim]``; ``queries``: layer → ``[B, heads, T, head_dim]``;
-    ``cos_sin``: the rotation of this forward (``[B|1, T, R]`` each), None for a model without RoPE. Pre-RoPE keys,
-    for teachers stored pre-RoPE, are the exact inverse of that rotation, computed once per layer when first asked.
+    ``lengths``: ``[B]`` real tokens per row; ``rotation``: the RoPE of this forward as the capture recorded it, None
+    for a model without RoPE. Pre-RoPE keys, for teachers stored pre-RoPE, are its exact inverse, computed once per
+    layer when first asked.
     """
 
     keys: dict[int, torch.Tensor]
@@ -69,16 +76,15 @@ class StudentKV:
     queries: dict[int, torch.Tensor]
     scaling: dict[int, float]
     lengths: torch.Tensor
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
-    rotate: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rotation: Rotation | None
     _pre: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def key(self, layer: int, k_rope: str) -> torch.Tensor:
-        if k_rope == "post" or self.cos_sin is None:
+        """Layer ``layer``'s keys ``[B, kv_heads, T, head_dim]``, after RoPE (``"post"``) or before (``"pre"``)."""
+        if k_rope == "post" or self.rotation is None:
             return self.keys[layer]  # without RoPE, pre and post are the same tensors
         if layer not in self._pre:
-            kwargs = {} if self.rotate is None else {"rotate": self.rotate}
-            self._pre[layer] = invert_rope(self.keys[layer], *self.cos_sin, **kwargs)
+            self._pre[layer] = self.rotation.invert(self.keys[layer])
         return self._pre[layer]
 
 
@@ -141,7 +147,7 @@ class KVObjective(nn.Module):
         seg = segment_ids.clamp(min=0)
         return torch.where(segment_ids >= 0, self.segment_weights[seg], torch.zeros((), device=seg.device))
 
-    def forward(self, student: StudentKV, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, student: StudentKV, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The fused K/V loss (a scalar in the graph) and detached per-term logs (scalars)."""
         per_teacher: list[dict[str, torch.Tensor]] = []
         target_var = []
@@ -177,7 +183,7 @@ class KVObjective(nn.Module):
                 logs["router/entropy"] = router_entropy(weights, mask)
         return loss, logs
 
-    def _teacher_terms(self, plan: TeacherPlan, tb: Any, student: StudentKV,
+    def _teacher_terms(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV,
                        target_var: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token ``[B, T]`` terms of one teacher, averaged over the aligned layers."""
         per_token = per_token_mse if self.loss == "mse" else per_token_mercator
@@ -214,12 +220,13 @@ class KVObjective(nn.Module):
             out["total"] = out["total"] + self.alpha_attn * out["attn"]
         return out
 
-    def _attention_term(self, plan: TeacherPlan, tb: Any, student: StudentKV) -> torch.Tensor:
+    def _attention_term(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV) -> torch.Tensor:
         """KL(teacher attention ‖ student attention) per query token ``[B, T]``, averaged over aligned layers.
 
         Each side's attention is computed with its own RoPE (the teacher's from the store's parameters) at the
         positions of the student grid, which is where the stored teacher rows live.
         """
+        assert tb.q is not None  # the plan asked for this teacher's queries (TeacherPlan.with_q)
         steps = tb.k.shape[-2]
         lengths = student.lengths
         t_rope = plan.spec.rope

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..kvstore.errors import ConfigError
+from kava.core.errors import ConfigError
 
 SORT_CHUNK_BATCHES = 16
 """Samples are sorted by length in runs of ``batch_size * SORT_CHUNK_BATCHES``: long enough that a batch holds

@@ -2,16 +2,20 @@
 
 Order of construction, and why:
 
-1. the config, checked whole (nothing loads before every flag is known to be sound);
+1. the config, checked whole, with the process layout and ``--out`` (a fresh directory, or the run to resume):
+   nothing loads before every flag is known to be sound;
 2. the store and the teachers' plans (refusing a store without the asked-for teachers or layers, listing what it
    has), because the student preset's layer count and the loader's reads follow from them;
 3. the student, checked against the store's tokenizer and layer map;
 4. the loader (its request is checked against the store again, now with shard completeness);
 5. the objective (projectors, fusion), the optimizer over both, the schedule;
-6. a checkpoint, when resuming — after everything it restores into exists;
-7. the loop: micro-batches with accumulation, one optimizer step, one metrics line, a checkpoint every N steps.
+6. a checkpoint, when resuming (after everything it restores into exists), then the RNG, then DDP around the module;
+7. the loop: :func:`optimizer_step` (micro-batches with accumulation, the non-finite check), :func:`log_step` (one
+   metrics line), and every N steps :func:`write_checkpoint`;
+8. the outputs: the student, its heads and ``kava.json``.
 
-With no store, or a K/V weight of 0, the same loop is plain fine-tuning: the CE-only baseline.
+Steps 2-6 are :func:`setup`, which returns the :class:`TrainingState` the loop reads and advances. With no store, or
+a K/V weight of 0, the same loop is plain fine-tuning: the CE-only baseline.
 
 Under torchrun (``WORLD_SIZE`` > 1) every rank runs this recipe with the same config: it reads its own shards, DDP
 averages the gradients, the logged terms are averaged over ranks and the tokens summed, and rank 0 alone writes the
@@ -20,18 +24,28 @@ metrics, checkpoints and outputs (:mod:`.ddp`). One process runs exactly the loo
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from kava.core.log import Log, log_stderr, quiet
 from kava.core.errors import ConfigError, KavaError
 
 from .config import DistillConfig
 from .ddp import Ranks
+from .outputs import MetricSinks, check_out, check_tensorboard, progress_line, write_config, write_manifest
+
+if TYPE_CHECKING:  # torch and the modules that import it load when a run starts, not with `kava --help`
+    import torch
+    from torch import nn
+
+    from .loader import Batch, StreamLoader
+    from .module import DistillModule
+    from .run_data import RunData
+    from .student import Student
 
 
 class TrainingError(KavaError):
@@ -56,6 +70,44 @@ class DistillResult:
         return dict(self.__dict__)
 
 
+@dataclass
+class TrainingState:
+    """What the loop reads, and the two counters it advances (restored from a checkpoint on resume)."""
+
+    cfg: DistillConfig
+    out: Path
+    ranks: Ranks
+    device: torch.device
+    data: RunData
+    student: Student
+    module: DistillModule
+    """What the optimizer, clipping and checkpoints see."""
+    model: nn.Module
+    """What runs forward and backward: DDP around ``module`` under torchrun, ``module`` itself otherwise."""
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    loader: StreamLoader
+    total: int
+    """Optimizer steps the run takes (fewer when --epochs runs out of data first)."""
+    params: dict[str, int]
+    step: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step. Under DDP the terms are means over ranks and the tokens sums; times are this rank's."""
+
+    terms: dict[str, float]
+    """Every logged term, averaged over the step's micro-batches."""
+    tokens: int
+    grad_norm: float
+    """Of every trainable parameter's gradient, before clipping."""
+    seconds: float
+    wait: float
+    """Of ``seconds``, the time spent waiting for the loader."""
+
+
 def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     """Train ``cfg.student`` and write it, with its heads, config and metrics, into ``cfg.out``.
 
@@ -71,9 +123,9 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     cfg.validate()
     ranks = ddp.ranks_from_env()
     out = Path(cfg.out)
-    resume_from = _check_out(cfg, out, ranks.world_size)
+    resume_from = check_out(cfg, out, ranks.world_size)
     if cfg.tensorboard:
-        _check_tensorboard()
+        check_tensorboard()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,21 +133,23 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
         raise ConfigError(f"--device {cfg.device}: CUDA is not available here. Use --device cpu.")
     device = ddp.rank_device(device, ranks, cfg.device)
     with ddp.process_group(ranks, device):  # one process: no group
-        return _train(cfg, out, resume_from, device, ranks, log if ranks.main else quiet, started)
+        state = setup(cfg, out, resume_from, device, ranks, log if ranks.main else quiet)
+        return train(state, log if ranks.main else quiet, resumed_from=resume_from, started=started)
 
 
-def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any, ranks: Ranks, log: Log,
-           started: float) -> DistillResult:
-    """Steps 2-8 of the recipe, on every rank of the job (``ranks``); ``log`` is silent except on rank 0."""
+def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch.device, ranks: Ranks,
+          log: Log) -> TrainingState:
+    """Steps 2-6 of the recipe on one rank: everything the loop needs, restored from ``resume_from`` when given."""
     import torch
 
     from . import ddp
-    from .checkpoint import checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, truncate_metrics
+    from .checkpoint import load_checkpoint, truncate_metrics
     from .loader import StreamLoader
-    from .student import load_student, save_student
-    from .steps import DistillModule, build_objective, make_optimizer, make_schedule, resolve_data
+    from .module import DistillModule, build_objective
+    from .optim import make_optimizer, make_schedule
+    from .run_data import resolve_data
+    from .student import load_student
 
-    main = ranks.main  # rank 0: the only writer
     # 2-3. Data, teachers and the student. Rank 0 goes first: without --store it tokenizes --dataset into
     # <out>/grid.zarr, and a hub student lands in the cache; the other ranks then read both.
     with ddp.main_first(ranks):
@@ -110,13 +164,7 @@ def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any,
     # it checks the request against the store (teachers, layers, Q, finished shards), still before anything trains.
     loader = StreamLoader(data.loader_config(cfg, rank=ranks.rank, world_size=ranks.world_size), epochs=cfg.epochs)
     if ranks.distributed:
-        seen = ddp.gather(list(loader.shards), ranks)
-        if any(s != seen[0] for s in seen):
-            raise ConfigError(
-                f"{data.store.where}: expected every rank to plan with the same usable shards. Got "
-                f"{[len(s) for s in seen]} shards on ranks 0-{ranks.world_size - 1} instead: an extraction is still "
-                "finishing shards. Start the run once it has stopped, or drop --allow-incomplete."
-            )
+        _check_same_shards(loader, data, ranks)
 
     # 5. Objective, optimizer, schedule. The objective's random init is seeded apart from the student's; every rank
     # draws the same weights (and DDP broadcasts rank 0's anyway).
@@ -136,26 +184,25 @@ def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any,
         params.update(objective.parameter_counts())
 
     # 6. Resume: everything restored into exists now. Every rank reads the checkpoint rank 0 wrote.
-    step, tokens_seen = 0, 0
+    step, tokens, saved = 0, 0, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(loader.shards),
+        saved = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(loader.shards),
                                 world_size=ranks.world_size, rank=ranks.rank)
-        step, position, tokens_seen = state["step"], tuple(state["position"]), state["tokens"]
+        step, position, tokens = saved["step"], tuple(saved["position"]), saved["tokens"]
         loader.seek(position)
-        if main:
+        if ranks.main:
             truncate_metrics(out / "metrics.jsonl", step)
         log(f"resumed from {resume_from.name}: step {step}, loader at epoch {position[0]} batch {position[1]}")
-    elif main:
+    elif ranks.main:
         (out / "metrics.jsonl").write_text("")
-        _write_config(cfg, out)
+        write_config(cfg, out)
     # Dropout etc., each rank its own draws; a resumed run also restores each rank's exact RNG state.
     torch.manual_seed(cfg.seed + 2 + step + _RANK_SEED_STRIDE * ranks.rank)
-    if resume_from is not None:
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    # What runs forward and backward: DDP around the module under torchrun (after the restore, so the ranks start
-    # from the checkpoint), the module itself otherwise. The optimizer, clipping and checkpoints use the module.
+    if saved is not None:
+        torch.set_rng_state(saved["rng"]["torch"])
+        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    # DDP wraps the module after the restore, so the ranks start from the checkpoint.
     model = ddp.wrap(module, device, ranks)
 
     log(f"student {cfg.student}: {params['student_trainable']:,} trainable of {params['student_total']:,} parameters"
@@ -164,115 +211,148 @@ def _train(cfg: DistillConfig, out: Path, resume_from: Path | None, device: Any,
         + (f" x {ranks.world_size} ranks" if ranks.distributed else "")
         + (f", K/V from {', '.join(data.teacher_names)} ({cfg.loss}, layers {list(data.kv_layers)})"
            if objective is not None else ", cross-entropy only"))
+    return TrainingState(cfg=cfg, out=out, ranks=ranks, device=device, data=data, student=student, module=module,
+                         model=model, optimizer=optimizer, schedule=schedule, loader=loader, total=total,
+                         params=params, step=step, tokens=tokens)
 
-    def checkpoint(step: int, tokens: int, tag: str | None = None) -> Path:
-        """Every rank hands rank 0 its RNG state; rank 0 writes; the others wait until the checkpoint is whole."""
-        rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
-        path = checkpoint_dir(out) / (tag or f"step-{step:06d}")
-        if main:
-            path = save_checkpoint(out, module, optimizer, schedule, cfg, step=step, position=loader.position,
-                                   tokens=tokens, keep=cfg.keep_checkpoints, shards=list(loader.shards), tag=tag,
-                                   world_size=ranks.world_size, rank_rng=rank_rng)
-        ddp.barrier(ranks)
-        return path
 
+def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started: float) -> DistillResult:
+    """Steps 7-8 of the recipe on one rank: the loop, then the outputs (written by rank 0)."""
+    from . import ddp
+    from .student import save_student
+
+    cfg = state.cfg
     # 7. The loop.
-    batches = iter(loader)
-    autocast = _autocast(cfg, device)
-    writer = _tensorboard(out) if cfg.tensorboard and main else None
+    batches = iter(state.loader)
+    autocast = _autocast(cfg, state.device)
+    sinks = MetricSinks.open(state.out, main=state.ranks.main, tensorboard=cfg.tensorboard)
     wait_total = step_total = 0.0
     last: dict[str, float] = {}
-    metrics = (out / "metrics.jsonl").open("a") if main else None
     try:
-        while step < total:
-            t0 = time.perf_counter()
-            wait = 0.0
-            step_tokens = 0
-            sums: dict[str, float] = {}
-            bad_samples: list[int] | None = None  # under DDP: this rank's micro-batch with a non-finite term
-            for micro in range(cfg.grad_accum):
-                tw = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                wait += time.perf_counter() - tw
-                batch = batch.to(device, non_blocking=True)
-                # DDP all-reduces the gradients in the step's last backward; the earlier ones accumulate locally.
-                # Every rank has as many batches as the others, so all of them agree on which backward is last.
-                with ddp.backward_sync(model, sync=micro == cfg.grad_accum - 1 or _exhausted(loader)):
-                    with autocast:
-                        loss, terms = model(batch)
-                    # One device-to-host copy per micro-batch for every logged term (and the NaN check).
-                    values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
-                    bad = _non_finite(values)
-                    if bad and not ranks.distributed:
-                        path = checkpoint(step, tokens_seen, tag=f"nan-step-{step + 1}")
-                        raise _nan_error(bad[0], values[bad[0]], step, batch.sample_indices.tolist(), path)
-                    if bad and bad_samples is None:
-                        bad_samples = batch.sample_indices.tolist()
-                    (loss / cfg.grad_accum).backward()
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-                step_tokens += batch.num_tokens
-            if not sums:
+        while state.step < state.total:
+            stats = optimizer_step(state, batches, autocast)
+            if stats is None:
                 break  # the data ran out (--epochs): the schedule's last steps were never reached
-            if ranks.distributed:
-                # A rank's non-finite term shows in the mean: every rank stops here together, after the backward's
-                # all-reduce and before the step, once rank 0 has saved the state before this step.
-                sums, step_tokens = ddp.reduce_step(sums, step_tokens, device, ranks)
-                bad = _non_finite(sums)
-                if bad:
-                    path = checkpoint(step, tokens_seen, tag=f"nan-step-{step + 1}")
-                    raise _nan_error(bad[0], sums[bad[0]], step, bad_samples, path)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in module.parameters() if p.requires_grad],
-                cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
-            )
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - t0
-            wait_total += wait
-            step_total += elapsed
-            epoch, index = loader.position
-            # Under DDP: losses are means over ranks, tokens sums; times and waits are this rank's.
-            last = {"step": step, "epoch": epoch, "lr": schedule.get_last_lr()[0], **sums,
-                    "grad_norm": float(grad_norm), "tokens": step_tokens, "tokens_per_s": step_tokens / elapsed,
-                    "step_s": elapsed, "data_wait_s": wait, "data_wait_frac": wait / elapsed}
-            if metrics is not None:
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-            if writer is not None:
-                for k, v in last.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, step)
-            if cfg.progress and (step % cfg.log_every == 0 or step == total or step == 1):
-                log(_progress_line(last, total))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
-                checkpoint(step, tokens_seen)
+            wait_total += stats.wait
+            step_total += stats.seconds
+            last = log_step(state, stats, sinks, log)
+            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or state.step == state.total:
+                write_checkpoint(state)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()  # stops the loader's worker processes now rather than at garbage collection
-        if metrics is not None:
-            metrics.close()
-        if writer is not None:
-            writer.close()
+        sinks.close()
 
     # 8. Outputs, written by rank 0; the other ranks return once they are whole.
-    if main:
-        save_student(student, out)
-        module.save_heads(out)
-        _write_manifest(cfg, out, data, step, tokens_seen, last, params)
+    if state.ranks.main:
+        save_student(state.student, state.out)
+        state.module.save_heads(state.out)
+        write_manifest(cfg, state.out, state.data, state.step, state.tokens, last, state.params)
+    ddp.barrier(state.ranks)
+    return DistillResult(out=str(state.out), steps=state.step, tokens=state.tokens,
+                         seconds=time.perf_counter() - started, final=last, parameters=state.params,
+                         data_wait_fraction=wait_total / step_total if step_total else 0.0,
+                         resumed_from=None if resumed_from is None else int(resumed_from.name.split("-")[-1]),
+                         teachers=list(state.data.teacher_names))
+
+
+def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: ContextManager[Any]) -> StepStats | None:
+    """Accumulate ``--grad-accum`` micro-batches, check that every logged term is finite, clip, step; advance
+    ``state.step`` and ``state.tokens``. None when the data ran out before the step's first micro-batch (--epochs).
+
+    A non-finite term stops the run with :class:`TrainingError`, after a checkpoint of the state before this step
+    (``nan-step-N``). One process stops at once, before that micro-batch's backward. Under DDP a rank stopping alone
+    would leave the others waiting in the gradients' all-reduce: every rank finishes its backwards, the terms are
+    averaged over ranks, and a non-finite mean stops every rank together, before the optimizer moves.
+    """
+    import torch
+
+    from . import ddp
+
+    cfg, ranks = state.cfg, state.ranks
+    t0 = time.perf_counter()
+    wait = 0.0
+    tokens = 0
+    sums: dict[str, float] = {}
+    bad_samples: list[int] | None = None  # under DDP: this rank's micro-batch with a non-finite term
+    for micro in range(cfg.grad_accum):
+        tw = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - tw
+        batch = batch.to(state.device, non_blocking=True)
+        # DDP all-reduces the gradients in the step's last backward; the earlier ones accumulate locally.
+        # Every rank has as many batches as the others, so all of them agree on which backward is last.
+        with ddp.backward_sync(state.model, sync=micro == cfg.grad_accum - 1 or _exhausted(state.loader)):
+            with autocast:
+                loss, terms = state.model(batch)
+            # One device-to-host copy per micro-batch for every logged term (and the NaN check).
+            values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
+            bad = _non_finite(values)
+            if bad and not ranks.distributed:
+                path = write_checkpoint(state, tag=f"nan-step-{state.step + 1}")
+                raise _nan_error(bad[0], values[bad[0]], state.step, batch.sample_indices.tolist(), path)
+            if bad and bad_samples is None:
+                bad_samples = batch.sample_indices.tolist()
+            (loss / cfg.grad_accum).backward()
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        tokens += batch.num_tokens
+    if not sums:
+        return None
+    if ranks.distributed:
+        # A rank's non-finite term shows in the mean: every rank stops here together, after the backward's
+        # all-reduce and before the step, once rank 0 has saved the state before this step.
+        sums, tokens = ddp.reduce_step(sums, tokens, state.device, ranks)
+        bad = _non_finite(sums)
+        if bad:
+            path = write_checkpoint(state, tag=f"nan-step-{state.step + 1}")
+            raise _nan_error(bad[0], sums[bad[0]], state.step, bad_samples, path)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in state.module.parameters() if p.requires_grad],
+        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
+    )
+    state.optimizer.step()
+    state.schedule.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += tokens
+    seconds = time.perf_counter() - t0
+    return StepStats(terms=sums, tokens=tokens, grad_norm=float(grad_norm), seconds=seconds, wait=wait)
+
+
+def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Log) -> dict[str, float]:
+    """Write the step's metrics line (``metrics.jsonl``, TensorBoard) and, every --log-every steps, the progress
+    line; return the line."""
+    epoch, _ = state.loader.position
+    record = {"step": state.step, "epoch": epoch, "lr": state.schedule.get_last_lr()[0], **stats.terms,
+              "grad_norm": stats.grad_norm, "tokens": stats.tokens, "tokens_per_s": stats.tokens / stats.seconds,
+              "step_s": stats.seconds, "data_wait_s": stats.wait, "data_wait_frac": stats.wait / stats.seconds}
+    sinks.write(record)
+    if state.cfg.progress and (state.step % state.cfg.log_every == 0 or state.step in (1, state.total)):
+        log(progress_line(record, state.total))
+    return record
+
+
+def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
+    """Checkpoint the state after ``state.step`` steps (``step-N``, or ``tag``). Every rank hands rank 0 its RNG
+    state; rank 0 writes; the others wait until the checkpoint is whole."""
+    from . import ddp
+    from .checkpoint import checkpoint_dir, rng_state, save_checkpoint
+
+    ranks = state.ranks
+    rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
+    path = checkpoint_dir(state.out) / (tag or f"step-{state.step:06d}")
+    if ranks.main:
+        path = save_checkpoint(state.out, state.module, state.optimizer, state.schedule, state.cfg, step=state.step,
+                               position=state.loader.position, tokens=state.tokens, keep=state.cfg.keep_checkpoints,
+                               shards=list(state.loader.shards), tag=tag, world_size=ranks.world_size,
+                               rank_rng=rank_rng)
     ddp.barrier(ranks)
-    seconds = time.perf_counter() - started
-    return DistillResult(out=str(out), steps=step, tokens=tokens_seen, seconds=seconds, final=last,
-                         parameters=params, data_wait_fraction=wait_total / step_total if step_total else 0.0,
-                         resumed_from=None if resume_from is None else int(resume_from.name.split("-")[-1]),
-                         teachers=list(data.teacher_names))
+    return path
 
 
 _RANK_SEED_STRIDE = 1_000_003
@@ -280,7 +360,20 @@ _RANK_SEED_STRIDE = 1_000_003
 fewer steps than the stride; rank 0 (and a single process) with ``seed + 2 + step``."""
 
 
-def _exhausted(loader: Any) -> bool:
+def _check_same_shards(loader: StreamLoader, data: RunData, ranks: Ranks) -> None:
+    """Under DDP: refuse ranks that planned with different usable shards (an extraction still finishing some)."""
+    from . import ddp
+
+    seen = ddp.gather(list(loader.shards), ranks)
+    if any(s != seen[0] for s in seen):
+        raise ConfigError(
+            f"{data.store.where}: expected every rank to plan with the same usable shards. Got "
+            f"{[len(s) for s in seen]} shards on ranks 0-{ranks.world_size - 1} instead: an extraction is still "
+            "finishing shards. Start the run once it has stopped, or drop --allow-incomplete."
+        )
+
+
+def _exhausted(loader: StreamLoader) -> bool:
     """Whether the loader has yielded its last batch (only with --epochs: otherwise it streams on)."""
     return loader.epochs is not None and loader.position[0] >= loader.epochs
 
@@ -300,39 +393,8 @@ def _nan_error(term: str, value: float, step: int, samples: list[int] | None, pa
     )
 
 
-def _check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
-    """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to overwrite a run, or to
-    resume one with another number of processes."""
-    from .checkpoint import check_world_size, latest_checkpoint
-
-    found = latest_checkpoint(out) if out.exists() else None
-    if cfg.resume:
-        if found is None:
-            raise ConfigError(f"--resume: {out} holds no checkpoint to resume from. Drop --resume to start a run.")
-        check_world_size(found, world_size)
-        return found
-    if out.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise ConfigError(
-            f"--out {out} already holds a run. Pass --resume to continue it, or choose another --out."
-        )
-    return None
-
-
-def _check_tensorboard() -> None:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError as e:
-        raise ConfigError("--tensorboard needs the tensorboard package. Install it (pip install tensorboard) "
-                          "or drop --tensorboard.") from e
-
-
-def _tensorboard(out: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out / "tb"))
-
-
-def _autocast(cfg: DistillConfig, device: Any) -> Any:
+def _autocast(cfg: DistillConfig, device: torch.device) -> ContextManager[Any]:
+    """bf16 autocast with ``--precision bf16`` (or ``auto`` on CUDA); otherwise a context that does nothing."""
     import contextlib
 
     import torch
@@ -341,41 +403,3 @@ def _autocast(cfg: DistillConfig, device: Any) -> Any:
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _progress_line(m: dict[str, float], total: int) -> str:
-    parts = [f"step {m['step']}/{total}", f"loss {m.get('loss/total', float('nan')):.4f}"]
-    for key in ("loss/ce", "loss/kv", "loss/k", "loss/v", "loss/attn"):
-        if key in m:
-            parts.append(f"{key.split('/')[1]} {m[key]:.4f}")
-    parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:.0f} tok/s", f"wait {100 * m['data_wait_frac']:.1f}%"]
-    return "  ".join(parts)
-
-
-def _write_config(cfg: DistillConfig, out: Path) -> None:
-    import yaml
-
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    (out / "config.yaml").write_text(text)
-
-
-def _write_manifest(cfg: DistillConfig, out: Path, data: Any, steps: int, tokens: int, final: dict[str, float],
-                    params: dict[str, int]) -> None:
-    """``kava.json``: what `kava eval` and a reader need to know about this student."""
-    manifest = {
-        "student": cfg.student,
-        "template": data.template,
-        "store": cfg.store,
-        "teachers": list(data.teacher_names),
-        "kv_layers": list(data.kv_layers),
-        "loss": cfg.loss if cfg.uses_kv else "ce",
-        "steps": steps,
-        "tokens": tokens,
-        "parameters": params,
-        "final": final,
-        "command": cfg.command,
-    }
-    tmp = out / "kava.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "kava.json")
-

@@ -9,10 +9,12 @@ projections (GPT-2 ``c_attn``) and q/k norms (Qwen3) without per-architecture co
 construction what the KV cache would hold.
 
 Pre-RoPE K/Q (the store's default) are obtained by undoing the rotation with the exact cos/sin the model used: a
-forward hook on the model's rotary module records its output, and ``rope.invert_rope`` applies the exact inverse
-(valid for every rotary scaling, including YaRN's attention factor, and for partial rotary). Undoing rather than
-capturing before rotation keeps one code path for every architecture: where the rotation happens inside the layer
-(and whether a norm precedes it) differs from model to model, the interface call does not.
+forward hook on the model's rotary module records its output, the model's own ``rotate_half`` is looked up in its
+modeling file, and ``rope.invert_rope`` applies the exact inverse (valid for every rotary scaling, including YaRN's
+attention factor, and for partial rotary). Undoing rather than capturing before rotation keeps one code path for
+every architecture: where the rotation happens inside the layer (and whether a norm precedes it) differs from model
+to model, the interface call does not. The recorded rotation is exposed as a :class:`Rotation` (``with_rotation``),
+so a caller that keeps post-RoPE K/Q (the student's trainer) can undo it later, only where it needs to.
 
 Masks: transformers builds the attention mask from ``config._attn_implementation``; an unknown name gets no mask at
 all, which would silently drop the padding mask. The wrapper names are therefore also registered with
@@ -31,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kava.extract.rope import invert_rope, rope_params
-from kava.extract.rope import rotate_half as _default_rotate_half
+from kava.extract.rope import RotateHalf, apply_rope, invert_rope, rope_params
+from kava.extract.rope import rotate_half as default_rotate_half
 from kava.core.errors import ConfigError, KavaError
 
 KRope = Literal["pre", "post"]
@@ -87,6 +89,28 @@ def attention_geometry(config: Any) -> tuple[int, int, int, int]:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """The RoPE one forward applied: what turns its pre-RoPE K/Q ``[B, H, T, D]`` into those it attended with.
+
+    Attributes:
+        cos, sin: ``[B|1, T, R]`` (``R <= head_dim``), exactly as the model's rotary module returned them.
+        rotate: the model's own ``rotate_half`` (its channel-pair layout), from its modeling file.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotate: RotateHalf
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE ``[B, H, T, D]`` → post-RoPE, as the model rotates."""
+        return apply_rope(x, self.cos, self.sin, rotate=self.rotate)
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE ``[B, H, T, D]`` → pre-RoPE: the exact inverse (``rope.invert_rope``)."""
+        return invert_rope(x, self.cos, self.sin, rotate=self.rotate)
+
+
+@dataclass(frozen=True)
 class QKVCapture:
     """What one forward pass recorded. Layer indices are the model's own (0-based).
 
@@ -98,6 +122,8 @@ class QKVCapture:
         lengths: ``[B]`` valid (unpadded) tokens per row; rows are right-padded, positions are ``0..T-1``.
         k_rope: ``"pre"`` or ``"post"``; for a model without RoPE both are the same tensors.
         rope: ``rope_params(config)``, ``None`` when the model has no RoPE.
+        rotation: the rotation this forward applied, when recorded (``k_rope="pre"`` or ``with_rotation``) and the
+            model has RoPE; ``None`` otherwise.
     """
 
     keys: dict[int, torch.Tensor]
@@ -107,6 +133,7 @@ class QKVCapture:
     lengths: torch.Tensor
     k_rope: KRope
     rope: dict[str, Any] | None
+    rotation: Rotation | None = None
 
 
 @dataclass
@@ -114,7 +141,8 @@ class CaptureRecorder:
     """Per-capture state the registered attention wrapper writes into (yielded by ``attention_capture``).
 
     ``keys``/``values``/``queries``/``scaling`` map layer index to what that layer attended with, shapes as in
-    ``QKVCapture``; they fill during the forward run inside the ``attention_capture`` block.
+    ``QKVCapture``; they fill during the forward run inside the ``attention_capture`` block, and so does
+    ``rotation`` when it is recorded.
     """
 
     layers: frozenset[int]
@@ -128,6 +156,15 @@ class CaptureRecorder:
     # (cos, sin), each [B|1, T, R], as the model's rotary module returned them during this forward.
     rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
     rotary_calls: int = 0
+    # The model's rotate_half, looked up in the modeling file of the first attention module recorded.
+    rotate: RotateHalf | None = None
+
+    @property
+    def rotation(self) -> Rotation | None:
+        """The rotation of this forward: None before the rotary module ran, without RoPE, or when not recorded."""
+        if self.rope_cos_sin is None:
+            return None
+        return Rotation(*self.rope_cos_sin, rotate=self.rotate or default_rotate_half)
 
     def on_rotary(self, module: nn.Module, args: Any, output: Any) -> None:
         self.rotary_calls += 1
@@ -158,18 +195,19 @@ class CaptureRecorder:
                 f"Expected layer {layer} to attend once per capture. It attended twice. "
                 "Run one forward per capture, with use_cache off."
             )
+        if self.rotate is None:
+            # The model's own rotate_half fixes the channel-pair layout (half-split or interleaved).
+            self.rotate = getattr(sys.modules.get(type(module).__module__), "rotate_half", default_rotate_half)
         if self.k_rope == "pre" and self.has_rope:
-            if self.rope_cos_sin is None:
+            rotation = self.rotation
+            if rotation is None:
                 raise KavaError(
                     f"Expected the rotary module to run before layer {layer}'s attention. It had not. "
                     "Capture this architecture with k_rope='post'."
                 )
-            cos, sin = self.rope_cos_sin
-            # The model's own rotate_half fixes the channel-pair layout (half-split or interleaved).
-            rotate = getattr(sys.modules.get(type(module).__module__), "rotate_half", _default_rotate_half)
-            key = invert_rope(key, cos, sin, rotate=rotate)
+            key = rotation.invert(key)
             if layer in self.q_layers:
-                query = invert_rope(query, cos, sin, rotate=rotate)
+                query = rotation.invert(query)
         # .contiguous(): K/V usually arrive as transposed views of the projection output (or of GPT-2's fused
         # c_attn output, 3x larger); a compact copy lets that buffer be freed after the layer.
         self.keys[layer] = key.contiguous()
@@ -258,6 +296,7 @@ def attention_capture(
     layers: Sequence[int] | None = None,
     with_q: bool | Sequence[int] = False,
     k_rope: KRope = "pre",
+    with_rotation: bool = False,
     training: bool = False,
 ) -> Iterator[CaptureRecorder]:
     """Record Q/K/V of ``layers`` during the forward run inside the block; restore the model on exit.
@@ -272,6 +311,8 @@ def attention_capture(
         with_q: ``True`` for Q of every kept layer, a sequence for Q of those layers only (a subset of
             ``layers``), ``False`` for none.
         k_rope: ``"pre"`` (default) stores K and Q with the rotation undone, ``"post"`` as the model attends.
+        with_rotation: record the forward's rotation (``recorder.rotation``) with ``k_rope="post"`` too; with
+            ``"pre"`` it is always recorded. For a model without RoPE there is none to record.
         training: allow a model in training mode. Extraction keeps this off (dropout would make the teacher's K/V
             noise); a student's trainer turns it on and records its K/V with the autograd graph attached.
 
@@ -316,16 +357,17 @@ def attention_capture(
 
     has_rope = rope_params(config) is not None
     rotary = rotary_module(model) if has_rope else None
-    if has_rope and k_rope == "pre" and rotary is None:
+    record_rotation = has_rope and (k_rope == "pre" or with_rotation)
+    if record_rotation and rotary is None:
         raise ConfigError(
-            f"Expected {type(model).__name__} to expose its rotary module as `rotary_emb` for pre-RoPE capture. "
-            "Got none. Capture with k_rope='post' for this architecture."
+            f"Expected {type(model).__name__} to expose its rotary module as `rotary_emb` for pre-RoPE capture "
+            "(or with_rotation). Got none. Capture with k_rope='post' (and no rotation) for this architecture."
         )
 
     recorder = CaptureRecorder(layers=kept, q_layers=q_layers, k_rope=k_rope, has_rope=has_rope)
     name = _ensure_registered(previous)
     # Switch order matters for cleanup: each step is undone in the finally block only once it has happened.
-    handle = rotary.register_forward_hook(recorder.on_rotary) if (rotary is not None and k_rope == "pre") else None
+    handle = rotary.register_forward_hook(recorder.on_rotary) if record_rotation and rotary is not None else None
     token = _ACTIVE.set(recorder)
     switched = False
     try:
@@ -387,6 +429,7 @@ def capture_qkv(
     layers: Sequence[int] | None = None,
     with_q: bool | Sequence[int] = False,
     k_rope: KRope = "pre",
+    with_rotation: bool = False,
 ) -> QKVCapture:
     """Run one forward pass of ``model`` and return per-layer K, V (and optionally Q).
 
@@ -399,6 +442,7 @@ def capture_qkv(
         layers: layer indices to keep (``None``: all).
         with_q: ``True`` / a subset of ``layers`` / ``False``: which layers' Q to keep.
         k_rope: ``"pre"`` (default) or ``"post"``; Q follows the same choice.
+        with_rotation: also return the rotation with ``k_rope="post"`` (see ``attention_capture``).
 
     Returns:
         ``QKVCapture`` with K/V ``[B, kv_heads, T, head_dim]`` and Q ``[B, num_heads, T, head_dim]`` per layer.
@@ -409,7 +453,8 @@ def capture_qkv(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     base = getattr(model, "base_model", model)
-    with attention_capture(model, layers=layers, with_q=with_q, k_rope=k_rope) as recorder, torch.no_grad():
+    with attention_capture(model, layers=layers, with_q=with_q, k_rope=k_rope,
+                           with_rotation=with_rotation) as recorder, torch.no_grad():
         base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     missing = sorted(recorder.layers - recorder.keys.keys())
@@ -441,4 +486,5 @@ def capture_qkv(
         lengths=lengths,
         k_rope=k_rope,
         rope=rope_params(model.config),
+        rotation=recorder.rotation,
     )

@@ -192,6 +192,59 @@ def test_layer0_pre_rope_keys_are_the_projection(arch, model_for):
     torch.testing.assert_close(cap.queries[0], q, atol=1e-5, rtol=0)
 
 
+ROPE_ARCHS = [a for a in ARCHS if a not in ("gpt2", "gpt2-upcast")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "stories260K"])
+def test_exposed_rotation_turns_projected_keys_into_the_models_own(arch, model_for):
+    """The rotation a capture exposes (what the student's trainer reads to undo RoPE) is the model's: applied to
+    layer 0's pre-RoPE K/Q, computed here from the projections without any capture or rotation code, it gives the
+    keys of the model's own KV cache and the queries it attended with."""
+    model = model_for(arch)
+    ids, mask = batch(model)
+    cap = capture_qkv(model, ids, mask, layers=[0], with_q=True, k_rope="post", with_rotation=True)
+    rotation = cap.rotation
+    assert rotation is not None and cap.k_rope == "post"
+    assert rotation.rotate is modeling_module(model).rotate_half
+    cos, sin = cos_sin(model, ids.shape[1])  # the rotary module called directly, at positions 0..T-1
+    torch.testing.assert_close(rotation.cos, cos, atol=0, rtol=0)
+    torch.testing.assert_close(rotation.sin, sin, atol=0, rtol=0)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        k = attn.k_proj(h).view(*ids.shape, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(h).view(*ids.shape, -1, attn.head_dim).transpose(1, 2)
+        if hasattr(attn, "k_norm"):  # Qwen3: the norm sits before RoPE
+            k, q = attn.k_norm(k), attn.q_norm(q)
+        cached = model(ids, attention_mask=mask, use_cache=True).cache.layers[0].keys
+    torch.testing.assert_close(rotation.apply(k), cached, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotation.apply(k), cap.keys[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotation.apply(q), cap.queries[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotation.invert(cap.keys[0]), k, atol=1e-5, rtol=0)
+    assert not torch.allclose(k, cached, atol=1e-3)  # there was a rotation to reproduce
+
+
+@pytest.mark.parametrize("arch", ROPE_ARCHS)
+def test_exposed_rotation_maps_pre_rope_captures_to_post_rope_ones(arch, model_for):
+    """Every layer, partial rotary (Phi) and YaRN's attention factor included: the post-RoPE capture's rotation
+    takes the pre-RoPE capture to the post-RoPE one; a post-RoPE capture without with_rotation records none."""
+    model = model_for(arch)
+    ids, mask = batch(model)
+    pre = capture_qkv(model, ids, mask, with_q=True)
+    post = capture_qkv(model, ids, mask, with_q=True, k_rope="post", with_rotation=True)
+    assert capture_qkv(model, ids, mask, k_rope="post").rotation is None
+    assert pre.rotation is not None and post.rotation is not None
+    assert model.base_model.rotary_emb._forward_hooks == {}  # the capture's hook is gone again
+    for layer in pre.keys:
+        torch.testing.assert_close(post.rotation.apply(pre.keys[layer]), post.keys[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(post.rotation.apply(pre.queries[layer]), post.queries[layer], atol=1e-5, rtol=0)
+
+
+def test_no_rotation_without_rope(model_for):
+    model = model_for("gpt2")
+    assert capture_qkv(model, *batch(model), k_rope="post", with_rotation=True).rotation is None
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padded_batch_matches_each_sample_alone(arch, attn, model_for):

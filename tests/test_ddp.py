@@ -81,7 +81,9 @@ def reference_steps(store: Path, out: Path, world_size: int, steps: int) -> list
     """The DDP run's steps in one process (see the module docstring): per step the mean of each logged term over
     ranks, and per rank its own mean (``rank_terms``), the tokens summed, the lr and the clipped gradient's norm."""
     from kava.distill.loader import StreamLoader
-    from kava.distill.steps import DistillModule, build_objective, make_optimizer, make_schedule, resolve_data
+    from kava.distill.module import DistillModule, build_objective
+    from kava.distill.optim import make_optimizer, make_schedule
+    from kava.distill.run_data import resolve_data
     from kava.distill.student import load_student
 
     # Built as the trainer builds it, in the same seeded order.

@@ -105,7 +105,8 @@ def test_the_teacher_as_its_own_student_already_matches_its_stored_kv(tmp_path, 
 
 def test_one_forward_per_micro_batch_and_its_capture_equals_extractions(tmp_path, store, stories):
     """The student's K/V come from the training forward itself, and equal what extraction captures."""
-    from kava.distill.steps import DistillModule, build_objective, resolve_data
+    from kava.distill.module import DistillModule, build_objective
+    from kava.distill.run_data import resolve_data
     from kava.distill.student import load_student
 
     cfg = DistillConfig(student=str(stories), out=str(tmp_path), store=str(store), batch_size=3)
@@ -369,7 +370,7 @@ def test_attention_term_on_chosen_layers_only(tmp_path, store, stories):
 
 
 def test_loader_reads_only_the_layers_the_run_maps(tmp_path, store):
-    from kava.distill.steps import resolve_data
+    from kava.distill.run_data import resolve_data
 
     cfg = DistillConfig(student="tiny-llama", out=str(tmp_path), store=str(store), kv_layers="1,3")
     data = resolve_data(cfg, tmp_path, lambda _: None)

@@ -49,7 +49,9 @@ def main() -> None:
 
     from kava.distill.config import DistillConfig
     from kava.distill.loader import StreamLoader
-    from kava.distill.steps import DistillModule, build_objective, make_optimizer, resolve_data
+    from kava.distill.module import DistillModule, build_objective
+    from kava.distill.optim import make_optimizer
+    from kava.distill.run_data import resolve_data
     from kava.distill.student import load_student
     from kava.distill.trainer import run_distill
     from kava.extract.config import ExtractConfig

@@ -1,33 +1,30 @@
-"""The pieces the distillation recipe composes: what to read from the store, the module that computes one
-micro-batch's loss, the optimizer and the learning-rate schedule."""
+"""What a distillation run reads: the store (or a grid tokenized from --dataset), its teachers, and what each
+contributes.
+
+:func:`resolve_data` opens the store and checks the run's teacher and layer flags against it, before any model
+loads; the :class:`RunData` it returns builds the loader's request and checks the student against the store.
+"""
 
 from __future__ import annotations
 
-import math
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from kava.extract.capture import rotary_module, attention_capture, attention_geometry
-from kava.extract.rope import rope_params
+from kava.extract.capture import attention_geometry
 from kava.kvstore import KVStore
 from kava.core.errors import ConfigError, SchemaError
-from kava.kvstore.manifest import SEGMENT_NAMES
+from kava.kvstore.manifest import TeacherSpec
 
 from .config import DistillConfig
 from .loader import LoaderConfig, TeacherRequest
-from .objective import KVObjective, StudentKV, TeacherPlan
+from .objective import TeacherPlan
 
-_COMPLETION = (SEGMENT_NAMES.index("reasoning"), SEGMENT_NAMES.index("answer"))
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-
-# -------------------------------------------------------------------------------------------------------------
-# What the run reads
+    from .student import Student
 
 
 @dataclass
@@ -36,7 +33,8 @@ class RunData:
 
     store: KVStore
     path: str
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase | None
+    """The tokenizer a preset student is built on (the grid's); None for a pretrained student, which brings its own."""
     template: str
     plans: list[TeacherPlan]
     kv_layers: tuple[int, ...]
@@ -54,7 +52,7 @@ class RunData:
                             buffer_shards=cfg.buffer_shards, seed=cfg.seed, rank=rank, world_size=world_size,
                             num_workers=cfg.workers, allow_incomplete=cfg.allow_incomplete)
 
-    def check_student(self, student: Any) -> None:
+    def check_student(self, student: Student) -> None:
         """Refuse a student whose tokenizer or depth doesn't match the store."""
         from kava.extract.grid import tokenizer_fingerprint
 
@@ -130,7 +128,8 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
     return RunData(store, path, tokenizer, template, plans, kv_layers, depth)
 
 
-def _teacher_plan(spec: Any, kv_layers: tuple[int, ...], attn_layers: tuple[int, ...], store: KVStore) -> TeacherPlan:
+def _teacher_plan(spec: TeacherSpec, kv_layers: tuple[int, ...], attn_layers: tuple[int, ...],
+                  store: KVStore) -> TeacherPlan:
     """``attn_layers``: the student layers whose attention is matched (empty: no attention term)."""
     sources = {s: tuple(spec.layer_map.sources[s]) for s in kv_layers}
     attn: dict[int, tuple[tuple[int, float], ...]] = {}
@@ -153,7 +152,7 @@ def _teacher_plan(spec: Any, kv_layers: tuple[int, ...], attn_layers: tuple[int,
     return TeacherPlan(spec=spec, sources=sources, attn_sources=attn)
 
 
-def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tuple[KVStore, Any]:
+def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tuple[KVStore, PreTrainedTokenizerBase]:
     """CE-only without a store: tokenize --dataset into ``<out>/grid.zarr`` once (reused on resume); return the
     store and the tokenizer it was cut with."""
     from kava.extract.data import load_rows
@@ -179,132 +178,3 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
                                     details={"limit": cfg.limit, "seed": cfg.data_seed})
     log(f"tokenized {len(grid)} samples of {cfg.dataset}:{cfg.split} into {path}")
     return KVStore.open(path), tokenizer
-
-
-# -------------------------------------------------------------------------------------------------------------
-# One micro-batch
-
-
-def build_objective(cfg: DistillConfig, data: RunData, student: Any) -> KVObjective:
-    _, heads, kv_heads, head_dim = attention_geometry(student.config)
-    segments = cfg.segment_weight_map()
-    return KVObjective(
-        data.plans, (heads, kv_heads, head_dim), data.kv_layers, loss=cfg.loss, alpha_k=cfg.alpha_k,
-        alpha_v=cfg.alpha_v, alpha_attn=cfg.alpha_attn, projector=cfg.projector, project=cfg.project,
-        init_uniform=cfg.init_uniform, share_dim=cfg.share_dim_proj, fusion=cfg.fusion,
-        fusion_weights=cfg.fusion_weight_list(), temperature=cfg.fusion_temperature,
-        router_hidden=cfg.router_hidden, segment_weights=[segments[n] for n in SEGMENT_NAMES],
-    )
-
-
-def completion_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, segment_ids: torch.Tensor,
-                       on: str) -> torch.Tensor:
-    """``[B, T]`` bool: which tokens cross-entropy predicts. ``completion``: every real token from the first
-    reasoning/answer token on (the EOS after the answer included, the prompt excluded); ``all``: every real token
-    after the first."""
-    real = attention_mask.bool()
-    if on == "all":
-        targets = real.clone()
-    else:
-        is_completion = (segment_ids == _COMPLETION[0]) | (segment_ids == _COMPLETION[1])
-        targets = (is_completion.long().cummax(dim=1).values.bool()) & real
-    targets[:, 0] = False  # nothing predicts the first token
-    return targets
-
-
-class DistillModule(nn.Module):
-    """Student plus objective; ``forward(batch)`` → ``(loss, terms)``: one forward pass of the student, its K/V
-    captured on the way, CE on its logits and the K/V objective on the captured tensors."""
-
-    def __init__(self, student: Any, objective: KVObjective | None, cfg: DistillConfig) -> None:
-        super().__init__()
-        self.student = student.model
-        self.objective = objective
-        self._inner = [student.inner]  # the same modules as self.student; a list keeps them out of state_dict twice
-        self.ce_weight, self.kv_weight, self.ce_on = cfg.ce_weight, cfg.kv_weight, cfg.ce_on
-        modeling = sys.modules.get(type(student.inner).__module__)
-        self._rotate = getattr(modeling, "rotate_half", None)
-        # Found once: the rotary module whose cos/sin each forward records (None for a model without RoPE).
-        self._rotary = None
-        if objective is not None and rope_params(student.inner.config) is not None:
-            self._rotary = rotary_module(student.inner)
-            if self._rotary is None:
-                raise ConfigError(f"Expected {type(student.inner).__name__} to expose its rotary module as "
-                                  "`rotary_emb`. Got none, so its pre-RoPE keys can't be recovered. Use another "
-                                  "student.")
-
-    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        kv = logs = None
-        if self.objective is None:
-            logits = self.student(**inputs).logits
-        else:
-            layers = self.objective.kv_layers
-            with_q = self.objective.attn_layers if self.objective.alpha_attn > 0 else False
-            # Captured as attended (post-RoPE): the attention term uses Q/K as they are, and pre-RoPE keys are the
-            # exact inverse of the rotation recorded here, computed only where a teacher's K is stored pre-RoPE.
-            rotation: list[tuple[torch.Tensor, torch.Tensor]] = []
-            hook = None if self._rotary is None else self._rotary.register_forward_hook(
-                lambda _m, _a, out: rotation.append((out[0], out[1])))
-            try:
-                with attention_capture(self._inner[0], layers=layers, with_q=with_q, k_rope="post",
-                                       training=True) as rec:
-                    logits = self.student(**inputs).logits
-            finally:
-                if hook is not None:
-                    hook.remove()
-            student_kv = StudentKV(keys=rec.keys, values=rec.values, queries=rec.queries, scaling=rec.scaling,
-                                   lengths=batch.attention_mask.sum(dim=1),
-                                   cos_sin=rotation[0] if rotation else None, rotate=self._rotate)
-            kv, logs = self.objective(student_kv, batch)
-        targets = completion_targets(batch.input_ids, batch.attention_mask, batch.segment_ids, self.ce_on)
-        # logits[:, t] predicts token t+1. Summed then divided, so a batch with no completion tokens gives 0, not NaN.
-        labels = batch.input_ids[:, 1:].masked_fill(~targets[:, 1:], -100)
-        ce_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                 reduction="sum")
-        ce = ce_sum / targets.sum().clamp(min=1)
-        total = self.ce_weight * ce
-        terms = {"loss/ce": ce.detach()}
-        if kv is not None:
-            total = total + self.kv_weight * kv
-            terms["loss/kv"] = kv.detach()
-            terms.update(logs)
-        terms["loss/total"] = total.detach()
-        return total, terms
-
-    def save_heads(self, out: Path) -> None:
-        """Projector and router weights as safetensors (nothing without a K/V objective)."""
-        if self.objective is None:
-            return
-        from safetensors.torch import save_model
-
-        save_model(self.objective, str(out / "projectors.safetensors"))
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def make_optimizer(module: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
-    """AdamW over everything trainable; norms, biases and other vectors get no weight decay."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then cosine to min_ratio."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float) -> Any:
-    from functools import partial
-
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=total, warmup=warmup, min_ratio=min_ratio))

@@ -1,0 +1,117 @@
+"""The module a distillation run trains: the student and its K/V objective, one micro-batch's loss per forward.
+
+:func:`build_objective` builds the objective (projectors, fusion) for the store's teachers and the student's
+attention geometry; :class:`DistillModule` runs the student once per micro-batch, its K/V captured on the way by
+:func:`kava.extract.capture.attention_capture`, and returns cross-entropy plus the K/V objective.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kava.extract.capture import attention_capture, attention_geometry, rotary_module
+from kava.extract.rope import rope_params
+from kava.core.errors import ConfigError
+from kava.kvstore.manifest import SEGMENT_NAMES
+
+from .config import DistillConfig
+from .objective import KVObjective, StudentKV
+
+if TYPE_CHECKING:
+    from .loader import Batch
+    from .run_data import RunData
+    from .student import Student
+
+_COMPLETION = (SEGMENT_NAMES.index("reasoning"), SEGMENT_NAMES.index("answer"))
+
+
+def build_objective(cfg: DistillConfig, data: RunData, student: Student) -> KVObjective:
+    """The K/V objective for the run's teacher plans and the student's attention geometry (random init: seed first)."""
+    _, heads, kv_heads, head_dim = attention_geometry(student.config)
+    segments = cfg.segment_weight_map()
+    return KVObjective(
+        data.plans, (heads, kv_heads, head_dim), data.kv_layers, loss=cfg.loss, alpha_k=cfg.alpha_k,
+        alpha_v=cfg.alpha_v, alpha_attn=cfg.alpha_attn, projector=cfg.projector, project=cfg.project,
+        init_uniform=cfg.init_uniform, share_dim=cfg.share_dim_proj, fusion=cfg.fusion,
+        fusion_weights=cfg.fusion_weight_list(), temperature=cfg.fusion_temperature,
+        router_hidden=cfg.router_hidden, segment_weights=[segments[n] for n in SEGMENT_NAMES],
+    )
+
+
+def completion_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, segment_ids: torch.Tensor,
+                       on: str) -> torch.Tensor:
+    """``[B, T]`` bool: which tokens cross-entropy predicts. ``completion``: every real token from the first
+    reasoning/answer token on (the EOS after the answer included, the prompt excluded); ``all``: every real token
+    after the first."""
+    real = attention_mask.bool()
+    if on == "all":
+        targets = real.clone()
+    else:
+        is_completion = (segment_ids == _COMPLETION[0]) | (segment_ids == _COMPLETION[1])
+        targets = (is_completion.long().cummax(dim=1).values.bool()) & real
+    targets[:, 0] = False  # nothing predicts the first token
+    return targets
+
+
+class DistillModule(nn.Module):
+    """Student plus objective; ``forward(batch)`` → ``(loss, terms)``: one forward pass of the student, its K/V
+    captured on the way, CE on its logits and the K/V objective on the captured tensors."""
+
+    def __init__(self, student: Student, objective: KVObjective | None, cfg: DistillConfig) -> None:
+        super().__init__()
+        self.student = student.model
+        self.objective = objective
+        self._inner = [student.inner]  # the same modules as self.student; a list keeps them out of state_dict twice
+        self.ce_weight, self.kv_weight, self.ce_on = cfg.ce_weight, cfg.kv_weight, cfg.ce_on
+        # Checked now rather than at the first forward: the capture records the rotation through this module.
+        if objective is not None and rope_params(student.inner.config) is not None \
+                and rotary_module(student.inner) is None:
+            raise ConfigError(f"Expected {type(student.inner).__name__} to expose its rotary module as "
+                              "`rotary_emb`. Got none, so its pre-RoPE keys can't be recovered. Use another "
+                              "student.")
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss (a scalar in the graph) and its detached terms (scalars, ``loss/...`` and the
+        objective's logs)."""
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        kv = logs = None
+        if self.objective is None:
+            logits = self.student(**inputs).logits
+        else:
+            layers = self.objective.kv_layers
+            with_q = self.objective.attn_layers if self.objective.alpha_attn > 0 else False
+            # Captured as attended (post-RoPE): the attention term uses Q/K as they are, and pre-RoPE keys are the
+            # exact inverse of the rotation recorded with them, computed only where a teacher's K is stored pre-RoPE.
+            with attention_capture(self._inner[0], layers=layers, with_q=with_q, k_rope="post", with_rotation=True,
+                                   training=True) as rec:
+                logits = self.student(**inputs).logits
+            student_kv = StudentKV(keys=rec.keys, values=rec.values, queries=rec.queries, scaling=rec.scaling,
+                                   lengths=batch.attention_mask.sum(dim=1), rotation=rec.rotation)
+            kv, logs = self.objective(student_kv, batch)
+        targets = completion_targets(batch.input_ids, batch.attention_mask, batch.segment_ids, self.ce_on)
+        # logits[:, t] predicts token t+1. Summed then divided, so a batch with no completion tokens gives 0, not NaN.
+        labels = batch.input_ids[:, 1:].masked_fill(~targets[:, 1:], -100)
+        ce_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                 reduction="sum")
+        ce = ce_sum / targets.sum().clamp(min=1)
+        total = self.ce_weight * ce
+        terms = {"loss/ce": ce.detach()}
+        if kv is not None:
+            total = total + self.kv_weight * kv
+            terms["loss/kv"] = kv.detach()
+            terms.update(logs)
+        terms["loss/total"] = total.detach()
+        return total, terms
+
+    def save_heads(self, out: Path) -> None:
+        """Projector and router weights as safetensors (nothing without a K/V objective)."""
+        if self.objective is None:
+            return
+        from safetensors.torch import save_model
+
+        save_model(self.objective, str(out / "projectors.safetensors"))

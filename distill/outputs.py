@@ -1,0 +1,124 @@
+"""What a distillation run writes into ``--out`` besides its checkpoints and the student.
+
+``config.yaml`` (the resolved config, at the start of a fresh run), ``metrics.jsonl`` (one line per optimizer step,
+and TensorBoard event files in ``tb/`` with ``--tensorboard``), ``kava.json`` (what `kava eval` and a reader need
+to know about the student, at the end); the progress line the log shows; and the check that ``--out`` may be
+written at all (a fresh directory, or ``--resume`` of the run in it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from kava.core.errors import ConfigError
+
+from .config import DistillConfig
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .run_data import RunData
+
+
+def check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
+    """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to overwrite a run, or to
+    resume one with another number of processes."""
+    from .checkpoint import check_world_size, latest_checkpoint
+
+    found = latest_checkpoint(out) if out.exists() else None
+    if cfg.resume:
+        if found is None:
+            raise ConfigError(f"--resume: {out} holds no checkpoint to resume from. Drop --resume to start a run.")
+        check_world_size(found, world_size)
+        return found
+    if out.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise ConfigError(
+            f"--out {out} already holds a run. Pass --resume to continue it, or choose another --out."
+        )
+    return None
+
+
+def check_tensorboard() -> None:
+    """Refuse --tensorboard without the tensorboard package, before anything loads."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("--tensorboard needs the tensorboard package. Install it (pip install tensorboard) "
+                          "or drop --tensorboard.") from e
+
+
+@dataclass
+class MetricSinks:
+    """Where each step's metrics go: ``metrics.jsonl`` (appended to) and, with --tensorboard, ``tb/``. Both None on
+    ranks other than 0, which write nothing."""
+
+    jsonl: TextIO | None
+    tensorboard: SummaryWriter | None
+
+    @classmethod
+    def open(cls, out: Path, *, main: bool, tensorboard: bool) -> MetricSinks:
+        writer = None
+        if tensorboard and main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tb"))
+        return cls(jsonl=(out / "metrics.jsonl").open("a") if main else None, tensorboard=writer)
+
+    def write(self, record: dict[str, float]) -> None:
+        """One metrics line, flushed (a killed run keeps every step it logged)."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard is not None:
+            step = int(record["step"])
+            for k, v in record.items():
+                if k != "step":
+                    self.tensorboard.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def progress_line(m: dict[str, float], total: int) -> str:
+    """The log's line for one step: the loss terms, the lr, throughput and the share of time spent waiting for data."""
+    parts = [f"step {m['step']}/{total}", f"loss {m.get('loss/total', float('nan')):.4f}"]
+    for key in ("loss/ce", "loss/kv", "loss/k", "loss/v", "loss/attn"):
+        if key in m:
+            parts.append(f"{key.split('/')[1]} {m[key]:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:.0f} tok/s", f"wait {100 * m['data_wait_frac']:.1f}%"]
+    return "  ".join(parts)
+
+
+def write_config(cfg: DistillConfig, out: Path) -> None:
+    """``config.yaml``: the run's resolved config."""
+    import yaml
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (out / "config.yaml").write_text(text)
+
+
+def write_manifest(cfg: DistillConfig, out: Path, data: RunData, steps: int, tokens: int, final: dict[str, float],
+                   params: dict[str, int]) -> None:
+    """``kava.json``: what `kava eval` and a reader need to know about this student."""
+    manifest = {
+        "student": cfg.student,
+        "template": data.template,
+        "store": cfg.store,
+        "teachers": list(data.teacher_names),
+        "kv_layers": list(data.kv_layers),
+        "loss": cfg.loss if cfg.uses_kv else "ce",
+        "steps": steps,
+        "tokens": tokens,
+        "parameters": params,
+        "final": final,
+        "command": cfg.command,
+    }
+    tmp = out / "kava.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out / "kava.json")
