@@ -53,7 +53,7 @@ def _load(path):
         ("3,4,5", "5"),  # a list, not a thousands group
         ("1,2345", "2345"),
         ("#### 72\n#### 9", "72"),  # the first answer line wins
-        ("first 4 then 12\n#### 30 marbles.", "30"),
+        ("first 4 then 12\n#### 30 marbles.", None),  # the number runs on into words: not a terminated answer
         ("#### none, but 7 apples", "7"),  # a mark without a number: the last number
         ("####42", "42"),
         ("no number here", None),
@@ -99,12 +99,14 @@ def test_answers_match(pred, gold, expected):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (" yes\n#### 42\n#### 42\n", " yes\n#### 42"),
-        ("a = 3\n#### 1,080 marbles\nQuestion: next", "a = 3\n#### 1,080 marbles"),
-        ("#### 5.\nmore", "#### 5."),
+        (" yes\n#### 42\n#### 42\n", " yes\n#### 42\n"),  # cut after the terminator, which is kept
+        ("a = 3\n#### 1,080 \nQuestion: next", "a = 3\n#### 1,080 \n"),
+        ("a = 3\n#### 1,080 marbles\nQuestion: next", "a = 3\n#### 1,080 marbles\nQuestion: next"),  # runs on
+        ("#### 5.\nmore", "#### 5.\nmore"),
         ("#### 42", "#### 42"),  # stopped right after the number (EOS or budget): nothing to cut
         ("still thinking\n3 + 4 = 7\n", "still thinking\n3 + 4 = 7\n"),
-        ("#### soon\n#### 7\nafter", "#### soon\n#### 7"),  # a mark without a number does not end the answer
+        ("#### soon\n#### 7\nafter", "#### soon\n#### 7\n"),  # a mark without a number does not end the answer
+        ("#### 12-3\n#### 9\nafter", "#### 12-3\n#### 9\n"),  # the first terminated answer
     ],
 )
 def test_cut_after_answer(text, expected):
@@ -160,7 +162,8 @@ def test_run_eval_on_the_real_model(assets, tmp_path):
     for item in items:
         assert set(item) >= {"sample_id", "question", "prompt", "generated", "predicted", "gold", "correct"}
         assert item["prompt"].startswith("Question: " + item["question"])
-        assert item["predicted"] == extract_answer(item["generated"])
+        assert item["predicted"] == extract_answer(item["generated"], ended=item["stop"] == "eos")
+        assert item["stop"] in ("answer", "eos", "budget")
         assert item["correct"] == answers_match(item["predicted"], item["gold"])
         assert 1 <= item["generated_tokens"] <= 24
     assert result.correct == sum(i["correct"] for i in items)
@@ -226,7 +229,7 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
 
     prompts = [f"Q: {q}" for q in questions]
     alone = [generate_batched(*_load(tmp_path), [p], batch_size=1, max_new_tokens=30)[0] for p in prompts]
-    assert alone == [" yes\n#### 42", " no" * 30, " done", " yes\n#### 42"]
+    assert alone == [" yes\n#### 42\n", " no" * 30, " done", " yes\n#### 42\n"]
     assert generate_batched(*_load(tmp_path), prompts, batch_size=4, max_new_tokens=30) == alone
 
     result = run_eval(EvalConfig(model=str(tmp_path), dataset=str(data), max_new_tokens=30, batch_size=4,
@@ -237,6 +240,7 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
     # Stopped at the answer line's newline (5 tokens), at the budget, and at EOS (counted).
     assert [i["generated_tokens"] for i in items] == [5, 30, 2, 5]
     assert [i["predicted"] for i in items] == ["42", None, None, "42"]
+    assert [i["stop"] for i in items] == ["answer", "budget", "eos", "answer"]
     assert [i["correct"] for i in items] == [True, False, False, False]
     assert (result.n, result.correct, result.accuracy) == (4, 1, 0.25)
     assert result.generated_tokens == 42
