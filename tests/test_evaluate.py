@@ -11,6 +11,7 @@ from kava.distill.evaluate import (
     EvalConfig,
     answers_match,
     cut_after_answer,
+    evaluate,
     extract_answer,
     generate_batched,
     prompt_text,
@@ -308,3 +309,113 @@ def test_reference_nll_equals_transformers_loss_on_the_completion_tokens(assets)
             loss = model(input_ids=enc["input_ids"], labels=labels).loss
         total, count = total + float(loss) * n, count + n
     assert batched == pytest.approx(total / count, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Only a terminated answer counts
+
+
+@pytest.mark.parametrize(
+    ("text", "ended", "terminator", "expected"),
+    [
+        ("#### 12\n", False, "", "12"),  # a newline ends it
+        ("#### 12 \t\nmore", False, "", "12"),
+        ("#### 12", True, "", "12"),  # the model wrote EOS right after it
+        ("#### 12", False, "", None),  # cut by the token budget: the next token might have been a digit
+        ("#### 122-92=", True, "", None),  # runs on: for gold 12 this must not score
+        ("#### 12-92=80\n", True, "", None),  # "12" runs on into "-"
+        ("#### 12 marbles\n", True, "", None),
+        ("#### 12.\n", True, "", None),
+        ("#### 12<|im_end|>", False, "<|im_end|>", "12"),  # the template's terminator, written as text
+        ("#### 12<|im_end|>", True, "", None),  # ... but only that template's
+        ("#### 12-3\n#### 9\n", False, "", "9"),  # the first terminated answer
+        ("So it is 12", True, "", "12"),  # no mark: the last number of a text that ended
+        ("So it is 12", False, "", None),  # ... not of one cut short
+    ],
+)
+def test_only_a_terminated_answer_is_credited(text, ended, terminator, expected):
+    assert extract_answer(text, ended=ended, terminator=terminator) == expected
+    if expected is None:
+        assert not answers_match(extract_answer(text, ended=ended, terminator=terminator), "12")
+
+
+def _rows(*golds):
+    return [ReasoningRow(f"t/{i}", "Say it", "It is so.", gold) for i, gold in enumerate(golds)]
+
+
+def test_a_run_on_answer_is_never_credited(assets):
+    """' yes\\n#### 12-9= yes\\n...': its answer line once scored 12; now it is no answer and runs to the budget."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    model = _forced_model(tok, {":": "Ġyes", "Ġyes": "Ċ", "Ċ": "####", "####": "Ġ12", "Ġ12": "-", "-": "9",
+                                "9": "=", "=": "Ġyes"})
+    result = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=30)
+    (item,) = result.items
+    assert item.generated.startswith(" yes\n#### 12-9= yes\n#### 12-9=")
+    assert (item.stop, item.generated_tokens, item.predicted, item.correct) == ("budget", 30, None, False)
+
+
+def test_eos_right_after_the_number_is_credited_but_the_budget_is_not(assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    model = _forced_model(tok, {":": "####", "####": "Ġ12", "Ġ12": None})  # "#### 12" then EOS
+    ended = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=10).items[0]
+    assert (ended.generated, ended.stop, ended.generated_tokens, ended.correct) == ("#### 12", "eos", 3, True)
+    # The same text cut by --max-new-tokens before the EOS: "#### 12" might have gone on "3".
+    cut = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=2).items[0]
+    assert (cut.generated, cut.stop, cut.generated_tokens, cut.predicted) == ("#### 12", "budget", 2, None)
+
+
+def test_chat_stops_on_the_im_end_token(assets):
+    """Qwen2 writes chat's terminator as one special token: generation stops on it as on EOS, and it scores."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/qwen2"))
+    assert "<|im_end|>" not in tok.eos_token  # not the tokenizer's EOS: the template makes it a stop
+    # After the prompt's "assistant\n": "#### 12<|im_end|>", then (were it not stopped) "\n" and round again.
+    model = _forced_model(tok, {"Ċ": "####", "####": "Ġ", "Ġ": "1", "1": "2", "2": "<|im_end|>", "<|im_end|>": "Ċ"})
+    item = evaluate(model, tok, _rows("12"), TEMPLATES["chat"], batch_size=1, max_new_tokens=20).items[0]
+    assert (item.generated, item.stop, item.generated_tokens, item.correct) == ("#### 12", "eos", 5, True)
+
+
+def test_the_stop_check_decodes_lines_not_the_whole_continuation(assets):
+    """``_AnswerStop`` stops where the naive check (decode everything generated, every step) does, while decoding
+    about one line per newline instead of the whole continuation per step."""
+    from transformers import AutoTokenizer
+
+    from kava.distill.evaluate import _AnswerStop, _answer_re
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    texts = ["a = 1\nb = 22 + 3 = 25\n#### 12-3= 4\nmore words here to make it long\n#### 7\nafter that",
+             "x" * 40 + "\n#### 122-92=30 and on\n#### 1,080 \nlater\n#### 5\n",
+             "no answer at all, only words " * 6,
+             "#### 3<|im_end|>trailing"]
+    decoded = []
+
+    class Counting:  # the tokenizer, counting how many tokens each decode call reads
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    for terminator in ("", "<|im_end|>"):
+        seqs = [tok(t)["input_ids"] for t in texts]
+        width, steps = 3, max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width + steps, dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, width : width + len(seq)] = torch.tensor(seq)
+            ids[r, width + len(seq) :] = tok.convert_tokens_to_ids("x")
+        decoded.clear()
+        stop = _AnswerStop(Counting(), width, len(seqs), terminator)
+        for step in range(1, steps + 1):
+            stop(ids[:, : width + step], None)
+        for r, seq in enumerate(seqs):
+            padded = ids[r, width:].tolist()
+            naive = next((k for k in range(1, steps + 1)
+                          if _answer_re(terminator, ended=False).search(tok.decode(padded[:k]))), None)
+            assert stop.stopped_at[r] == naive, (terminator, texts[r])
+        assert stop.stopped_at[0] is not None and stop.stopped_at[2] is None
+        assert (stop.stopped_at[3] is not None) == (terminator != "")
+        naive_cost = sum(range(1, steps + 1)) * len(seqs)
+        assert sum(decoded) < naive_cost / 5, (sum(decoded), naive_cost)
