@@ -1,16 +1,21 @@
-"""`kava eval`: greedy generation on a reasoning split, answers read from ``#### <number>``, accuracy.
+"""`kava eval`: greedy generation on a reasoning split, answers read from a terminated ``#### <number>``, accuracy.
 
 The recipe, top to bottom (``run_eval``): validate the config, resolve the template (the one recorded with the
 model by ``kava distill`` unless --template says otherwise), load the rows, load the tokenizer and model, generate in
 length-sorted batches, score, write one JSONL line per item (atomically), return an :class:`EvalResult`.
 
 Prompts are the formatted training text up to where the reasoning starts, so the model continues from exactly the
-tokens it saw in training (see ``prompt_text``). Generation stops a row at EOS or once it has written a complete
-answer line (``#### <number>`` and a newline); the returned text is cut after that line.
+tokens it saw in training (see ``prompt_text``). Generation stops a row at EOS (or the template's terminator token,
+chat's ``<|im_end|>``) or once it has written a terminated answer: ``#### <number>`` followed by a newline or the
+template's terminator; the returned text is cut after that terminator. Only a terminated answer is credited
+(``extract_answer``): ``#### 12`` that runs on (``#### 122-92=``) or is cut by --max-new-tokens scores nothing. Models
+learn to stop because every sample they are trained on ends with the template's terminator and the tokenizer's EOS
+(``kava.extract.templates``, ``kava.extract.grid``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -40,8 +45,14 @@ _NUMBER = (
 )
 _NUMBER_RE = re.compile(_NUMBER)
 _MARKED_RE = re.compile(r"####[ \t]*" + _NUMBER)
-# A complete answer line: the mark, a number, the rest of the line, the newline that ends it.
-_ANSWER_LINE_RE = re.compile(r"####[ \t]*" + _NUMBER + r"[^\n]*\n")
+
+
+@functools.lru_cache(maxsize=64)
+def _answer_re(terminator: str, *, ended: bool) -> re.Pattern[str]:
+    """A terminated answer: the mark, a number, spaces or tabs, then a newline, ``terminator`` (when not empty), or
+    — only for a text that ended (``ended``) — the end of the text. Group ``end`` is where the terminator ends."""
+    ends = [r"\n"] + ([re.escape(terminator)] if terminator else []) + ([r"\Z"] if ended else [])
+    return re.compile(r"####[ \t]*" + _NUMBER + r"[ \t]*(?:" + "|".join(ends) + r")(?P<end>)")
 
 
 def _normalise(match: re.Match[str]) -> str:
@@ -52,15 +63,32 @@ def _normalise(match: re.Match[str]) -> str:
     return format(value.normalize(), "f")  # 2.50 → 2.5
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer a text gives, normalised (``"1,234"`` → ``"1234"``, ``"$2.50"`` → ``"2.5"``, ``"-3"``).
+def extract_answer(text: str, *, ended: bool = True, terminator: str = "") -> str | None:
+    """The final answer a text gives, normalised (``"1,234"`` → ``"1234"``, ``"$2.50"`` → ``"2.5"``, ``"-3"``); None
+    when it gives none.
 
-    The number right after the first ``####`` that is followed by one; without such a mark, the last number in the
-    text; None when the text has no number at all.
+    Only a terminated answer counts, so a number a model runs on with is never credited:
+
+    - A ``####`` mark followed by a number gives an answer only when the number is terminated: followed (after
+      spaces or tabs) by a newline, by ``terminator`` (the template's, e.g. ``<|im_end|>``), or by the end of the
+      text when ``ended``. The first terminated one is the answer. ``"#### 12\n"`` gives 12; ``"#### 122-92="``
+      gives None even for gold 12 (its number is 122 and runs on into ``-``); ``"#### 12 marbles"`` gives None.
+    - A text with no ``####`` number at all gives its last number, only when ``ended`` (a text cut short may be cut
+      inside that number).
+
+    Args:
+        text: a reference answer, or a model's generation (without its EOS token).
+        ended: the text is whole: a reference answer, or a generation that stopped by writing EOS (or the template's
+            terminator token). False for a generation cut by the token budget: then ``"#### 12"`` at the very end
+            is not an answer (the next token might have been another digit).
+        terminator: the template's ``PromptTemplate.terminator``, also accepted after the number.
     """
-    match = _MARKED_RE.search(text)
-    if match is None:
+    if _MARKED_RE.search(text):
+        match = _answer_re(terminator, ended=ended).search(text)
+    elif ended:
         *_, match = (None, *_NUMBER_RE.finditer(text))  # the last one, or None
+    else:
+        match = None
     return None if match is None else _normalise(match)
 
 
@@ -77,13 +105,13 @@ def answers_match(pred: str | None, gold: str) -> bool:
     return got is not None and Decimal(got) == Decimal(want)
 
 
-def cut_after_answer(text: str) -> str:
-    """``text`` up to the end of its first complete answer line (``#### <number> ...``, its newline dropped).
+def cut_after_answer(text: str, terminator: str = "") -> str:
+    """``text`` up to the end of its first terminated answer (see ``extract_answer``), its terminator included.
 
-    A text with no complete answer line is returned whole: the model stopped (EOS, token budget) before one.
+    A text with no terminated answer is returned whole: the model stopped (EOS, token budget) before one.
     """
-    match = _ANSWER_LINE_RE.search(text)
-    return text[: match.end() - 1] if match else text
+    match = _answer_re(terminator, ended=False).search(text)
+    return text[: match.end("end")] if match else text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,26 +130,44 @@ def prompt_text(row: ReasoningRow, template: PromptTemplate) -> str:
     return formatted.text[: formatted.spans["reasoning"][0]].rstrip(" ")
 
 
-class _AnswerLineStop:
-    """Stopping criterion: per row, True once the generated text holds a complete answer line.
+class _AnswerStop:
+    """Stopping criterion: per row, True once the generated text holds a terminated answer (``cut_after_answer``).
 
-    Only the text generated after the (left-padded) prompt of width ``prompt_width`` is read; ``stopped_at[i]`` is
-    how many tokens row ``i`` had generated when it stopped, so the caller can cut there.
+    Cheap per step: only the newest token of each row is looked at, through a per-id cache of whether its text holds
+    a newline or the terminator's last character; only then is the row's current line (from its last newline token
+    on) decoded and searched. So a row is decoded about once per line it writes, not once per step. ``stopped_at[i]``
+    is how many tokens row ``i`` had generated when it stopped, so the caller can cut there.
     """
 
-    def __init__(self, tokenizer: Any, prompt_width: int, rows: int) -> None:
-        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+    def __init__(self, tokenizer: Any, prompt_width: int, rows: int, terminator: str) -> None:
+        self.tokenizer, self.prompt_width, self.terminator = tokenizer, prompt_width, terminator
+        self.marks = {"\n", *terminator[-1:]}  # characters the last token of a terminated answer must hold
         self.stopped_at: list[int | None] = [None] * rows
+        self.line_start = [0] * rows  # per row: index (in the generated tokens) of its last newline token
+        self.cache: dict[int, tuple[bool, bool]] = {}  # token id → (holds a mark, holds a newline)
+
+    def _marks_of(self, token: int) -> tuple[bool, bool]:
+        if token not in self.cache:
+            text = self.tokenizer.decode([token], skip_special_tokens=True)
+            self.cache[token] = (any(m in text for m in self.marks), "\n" in text)
+        return self.cache[token]
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        new = input_ids[:, self.prompt_width :]  # (B, generated so far)
+        step = input_ids.shape[1] - self.prompt_width  # tokens generated so far
+        last = input_ids[:, -1].tolist()  # (B,); one device sync per step
         for i, stopped in enumerate(self.stopped_at):
-            # A row that stopped stays stopped, and is not decoded again. On GPU, decoding is a sync point per step;
-            # next to a forward pass of a real model it is cheap.
-            if stopped is None and _ANSWER_LINE_RE.search(self.tokenizer.decode(new[i], skip_special_tokens=True)):
-                self.stopped_at[i] = new.shape[1]
+            if stopped is not None or step < 1:
+                continue
+            has_mark, has_newline = self._marks_of(last[i])
+            if has_mark:
+                line = input_ids[i, self.prompt_width + self.line_start[i] :].tolist()
+                if _answer_re(self.terminator, ended=False).search(self.tokenizer.decode(line,
+                                                                                       skip_special_tokens=True)):
+                    self.stopped_at[i] = step
+            if has_newline:
+                self.line_start[i] = step - 1  # the newline token starts the next line's window
         return torch.tensor([s is not None for s in self.stopped_at], dtype=torch.bool, device=input_ids.device)
 
 
@@ -134,9 +180,25 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def _terminator_token(tokenizer: Any, terminator: str) -> int | None:
+    """The special token the template's terminator starts with (chat's ``<|im_end|>`` for Qwen2), or None.
+
+    Such a token vanishes from the decoded text, so a row that writes it is stopped as at EOS."""
+    ids = tokenizer(terminator, add_special_tokens=False)["input_ids"] if terminator else []
+    if ids and tokenizer.decode(ids[:1], skip_special_tokens=True) == "" and ids[0] in tokenizer.all_special_ids:
+        return int(ids[0])
+    return None
+
+
+STOPS = ("answer", "eos", "budget")
+"""Why a row's generation stopped: it wrote a terminated answer, it wrote EOS (or the template's terminator token),
+or it used up --max-new-tokens."""
+
+
 def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, max_new_tokens: int,
-              on_batch: Any = None) -> list[tuple[str, int]]:
-    """``(continuation text, tokens generated)`` per prompt, in the prompts' order; see ``generate_batched``."""
+              terminator: str = "", on_batch: Any = None) -> list[tuple[str, int, str]]:
+    """``(continuation text, tokens generated, stop)`` per prompt, in the prompts' order (``stop`` in ``STOPS``);
+    see ``generate_batched``."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -147,6 +209,8 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
         raise ConfigError("Expected the tokenizer or the model's generation config to name an EOS token. Got none "
                           "instead. Set eos_token in the model directory's tokenizer_config.json.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    end_token = _terminator_token(tokenizer, terminator)
+    ends = eos + ([end_token] if end_token is not None and end_token not in eos else [])
     device = next(model.parameters()).device
     # Tokenized as in training (BOS and the like included), so a prompt is a prefix of the training tokens.
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -154,21 +218,27 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     # Our own config, not the checkpoint's: its sampling settings (temperature, top_p) would only warn under greedy.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                              eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
-    out: list[tuple[str, int]] = [("", 0)] * len(prompts)
+                              eos_token_id=ends, bos_token_id=tokenizer.bos_token_id)
+    out: list[tuple[str, int, str]] = [("", 0, "budget")] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = left_pad([encoded[i] for i in batch], pad)  # (B, T) each
         width = ids.shape[1]
-        stop = _AnswerLineStop(tokenizer, width, len(batch))
+        stop = _AnswerStop(tokenizer, width, len(batch), terminator)
         with torch.no_grad():
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))
         new = generated[:, width:].tolist()  # (B, <= max_new_tokens); finished rows are padded on
         for row, i in enumerate(batch):
             tokens = new[row]
-            n = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))  # EOS counts as generated
-            n = min(n, stop.stopped_at[row] or n)
+            at_end = next((k + 1 for k, t in enumerate(tokens) if t in ends), None)  # EOS counts as generated
+            answered = stop.stopped_at[row]
+            if answered is not None and (at_end is None or answered < at_end):
+                n, why = answered, "answer"
+            elif at_end is not None:
+                n, why = at_end, "eos"
+            else:
+                n, why = len(tokens), "budget"
             # Decoded after the prompt and then cut off: SentencePiece drops the leading space of a text's first
             # token, so decoding the continuation alone would lose the space after "Answer:".
             head = tokenizer.decode(encoded[i], skip_special_tokens=True)
@@ -177,21 +247,22 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
                 text = full[len(head) :]
             else:  # a tokenizer whose decoding of the prompt changes with what follows: decode the tokens alone
                 text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
-            out[i] = (cut_after_answer(text), n)
+            out[i] = (cut_after_answer(text, terminator), n, why)
         if on_batch is not None:
             on_batch(len(batch), sum(out[i][1] for i in batch))
     return out
 
 
-def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int,
-                     max_new_tokens: int) -> list[str]:
+def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, max_new_tokens: int,
+                     terminator: str = "") -> list[str]:
     """Greedy continuations of ``prompts``, batched, in the prompts' order.
 
     Prompts are sorted by token length into batches of ``batch_size`` and left-padded (pad = EOS when the tokenizer
-    has none); each row stops at EOS or after its first complete answer line, and its text is cut after that line.
-    The results equal one-prompt-at-a-time greedy generation (exactly for fp32 on CPU, as tested; in half precision
-    a near-tie can flip where padding changes the kernels' summation order). The tokenizer is not modified: padding
-    is done here, not by its ``padding_side``.
+    has none). Each row stops at EOS, at the template's terminator token (a special token such as ``<|im_end|>``), or
+    once it has written a terminated answer (``#### N`` then a newline or ``terminator``), and its text is cut after
+    that answer's terminator. The results equal one-prompt-at-a-time greedy generation (exactly for fp32 on CPU, as
+    tested; in half precision a near-tie can flip where padding changes the kernels' summation order). The tokenizer
+    is not modified: padding is done here, not by its ``padding_side``.
 
     Args:
         model: a causal LM in eval mode.
@@ -199,12 +270,13 @@ def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_si
         prompts: ``[N]`` texts (see ``prompt_text``).
         batch_size: prompts per ``generate`` call.
         max_new_tokens: the most tokens generated per prompt.
+        terminator: the template's ``PromptTemplate.terminator``.
 
     Returns:
         ``[N]`` generated continuations (the prompt not included).
     """
-    return [text for text, _ in _generate(model, tokenizer, prompts, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens)]
+    return [text for text, _, _ in _generate(model, tokenizer, prompts, batch_size=batch_size,
+                                             max_new_tokens=max_new_tokens, terminator=terminator)]
 
 
 @dataclass(frozen=True)
@@ -246,10 +318,13 @@ def reference_nll_items(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow]
         text = format_row(row, template).text
         cut = len(prompt_text(row, template))  # the scored text is text[cut:]
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        # Special tokens (BOS) have empty spans and are skipped; one appended at the end (EOS) is scored.
+        # Special tokens (BOS) have empty spans and are skipped; the EOS at the end is scored.
         first = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > cut),
                      len(enc["input_ids"]))
-        seqs.append((enc["input_ids"], max(first, 1), text[cut:]))  # token 0 has nothing before it to predict it
+        ids = list(enc["input_ids"])
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)  # as the grid ends every training sample: stopping is scored too
+        seqs.append((ids, max(first, 1), text[cut:]))  # token 0 has nothing before it to predict it
     out = []
     for lo in range(0, len(seqs), batch_size):
         batch = seqs[lo : lo + batch_size]
@@ -305,6 +380,8 @@ class EvalItem:
     """With --nll: characters of the scored text (nats per character compare across tokenizers)."""
     nll_bytes: int | None = None
     """With --nll: UTF-8 bytes of the scored text."""
+    stop: str = "budget"
+    """Why generation stopped (``STOPS``): ``answer``, ``eos`` or ``budget``; only the first two can be correct."""
 
 
 @dataclass
@@ -368,13 +445,14 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template:
             bar.set_postfix(tok_s=f"{tokens_so_far / max(time.perf_counter() - started, 1e-9):.1f}")
 
         generated = _generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              on_batch=on_batch)
+                              terminator=template.terminator, on_batch=on_batch)
     seconds = time.perf_counter() - started
     items = []
-    for row, prompt, (text, tokens) in zip(rows, prompts, generated):
-        predicted = extract_answer(text)
+    for row, prompt, (text, tokens, stop) in zip(rows, prompts, generated):
+        # Only a generation that ended by itself may end its answer at the end of its text (see extract_answer).
+        predicted = extract_answer(text, ended=stop == "eos", terminator=template.terminator)
         items.append(EvalItem(row.sample_id, row.question, prompt, text, predicted, row.answer,
-                              answers_match(predicted, row.answer), tokens))
+                              answers_match(predicted, row.answer), tokens, stop=stop))
     correct = sum(item.correct for item in items)
     total_tokens = sum(item.generated_tokens for item in items)
     return EvalResult(

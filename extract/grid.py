@@ -2,6 +2,13 @@
 
 The grid is what every teacher of a store lines up with; it depends only on the rows, the prompt template, the
 student tokenizer and the length policy, never on a teacher.
+
+Every sample ends with the student tokenizer's EOS token, appended here (no tokenizer in use appends one itself, and a
+prompt encoded for generation must not end in one). The EOS stands for no text: its span is zero-width at the end of
+the text, its segment is ``special`` (3), and cross-entropy on the completion trains it (it follows the answer), so
+the model learns to stop. No teacher reads it (teachers read the text), so its alignment weight is 0: no K/V target.
+It counts toward ``--max-length``; a sample cut to fit loses it with whatever else is cut, since a cut sample did not
+end. A tokenizer without EOS is refused unless the template ends the answer with a terminator of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from kava.core.errors import ConfigError
 from kava.kvstore.manifest import TokenizerSpec
 
 from .align import token_spans
@@ -63,6 +71,16 @@ def tokenizer_spec(tokenizer: Any, name: str) -> tuple[TokenizerSpec, dict[str, 
     return spec, files
 
 
+def with_eos(tokenizer: Any, ids: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [T], spans [T, 2])`` with the tokenizer's EOS appended (``T + 1`` tokens), zero-width at the end of the
+    last token; unchanged when the tokenizer has no EOS or the tokens already end with it."""
+    eos = tokenizer.eos_token_id
+    if eos is None or (len(ids) and ids[-1] == eos):
+        return ids, spans
+    end = int(spans[:, 1].max()) if len(spans) else 0
+    return np.append(ids, np.int64(eos)), np.concatenate([spans, np.array([[end, end]], dtype=np.int64)])
+
+
 def _index_of(sample_id: str) -> tuple[int, str]:
     m = re.search(r"(\d+)$", sample_id)
     return (int(m.group(1)) if m else 0, sample_id)
@@ -74,8 +92,13 @@ def build_grid(
     """Tokenize every row with the student tokenizer; rows the dataset flagged become skipped samples.
 
     Order is the dataset's (by the row index in the sample id), so the split's id hash is the same whichever
-    rows were flagged.
+    rows were flagged. Each sample ends with the tokenizer's EOS (see the module docstring).
     """
+    if tokenizer.eos_token_id is None and not template.terminator:
+        raise ConfigError(f"Expected the student tokenizer to have an EOS token, or template {template.name!r} to end "
+                          "the answer with a terminator (text after {answer}). Got neither instead, so a model "
+                          "trained on these samples never learns to stop. Set the tokenizer's eos_token or add "
+                          "'\\n' after {answer} in the template.")
     out: list[GridSample] = []
     special = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
     empty_ids, empty_spans = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
@@ -84,7 +107,7 @@ def build_grid(
                               "skipped", problem.reason))
     for row in rows:
         formatted = format_row(row, template)
-        ids, spans = token_spans(tokenizer, formatted.text)
+        ids, spans = with_eos(tokenizer, *token_spans(tokenizer, formatted.text))
         segs = segment_ids(spans, formatted.spans, special_mask=np.isin(ids, special))
         status, reason, text = "ok", "", formatted.text
         if len(ids) > max_length:

@@ -103,12 +103,17 @@ def sample_alignment(sample: GridSample, t_ids: np.ndarray, t_spans: np.ndarray,
                hard: bool, special_ids: np.ndarray) -> Any:
     """How a sample's teacher rows ``[T_t]`` map onto its student tokens ``[T_s]`` (an ``Alignment``), or None
     when they are the same tokens."""
-    from .align import align_tokens, remap_spans
+    from .align import Alignment, align_tokens, remap_spans
 
     if generated:  # the teacher read its own text: resample segment by segment
         al = _warp_alignment(sample, text, piece, t_spans, t_ids, special_ids)
-    elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids):
-        return None
+    elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids[: len(t_ids)]):
+        if len(t_ids) == len(sample.input_ids):
+            return None
+        # The teacher's own tokens, then the EOS the grid appends, which no teacher reads: no row, weight 0.
+        n_t, n_s = len(t_ids), len(sample.input_ids)
+        al = Alignment(np.minimum(np.arange(n_s + 1), n_t), np.arange(n_t), np.ones(n_t, np.float32),
+                       (np.arange(n_s) < n_t).astype(np.float32), n_t)
     elif same_text:
         al = align_tokens(sample.spans, t_spans)
     else:  # another template: move the teacher's spans into the student's text first, piece by piece

@@ -11,10 +11,16 @@ Segment rule (``segment_ids``):
   segment of the piece it precedes; glue after the last piece belongs to the last piece. So the text is cut into
   consecutive regions that each end where a piece ends: ``[0, end(prompt))`` is prompt,
   ``[end(prompt), end(reasoning))`` is reasoning, ``[end(reasoning), ∞)`` is answer. With the plain template,
-  ``"Question: "`` is prompt, ``"\\nAnswer: "`` is reasoning and ``"\\n#### "`` is answer.
+  ``"Question: "`` is prompt, ``"\\nAnswer: "`` is reasoning and ``"\\n#### "`` and the terminator ``"\\n"`` after
+  the answer are answer, so completion cross-entropy trains the model to write the terminator.
 - Every other token takes the region its character span overlaps most; a tie goes to the earlier region.
 
 Truncation rule (``truncate_at_segment``): see its docstring.
+
+How a sample ends: every registered template puts a terminator after ``{answer}`` (``"\\n"``, or ``<|im_end|>`` in
+chat), and the student grid (``extract/grid.py``) appends the tokenizer's EOS token after the text. The model learns to
+write both, and ``kava eval`` stops on either (``kava.distill.evaluate``), so an answer is never read from digits a
+model runs on with.
 """
 
 from __future__ import annotations
@@ -66,6 +72,14 @@ class PromptTemplate:
         """sha256 (hex) of the format string, for the store's metadata."""
         return hashlib.sha256(self.format.encode("utf-8")).hexdigest()
 
+    @property
+    def terminator(self) -> str:
+        """The literal text right after ``{answer}`` (up to the next placeholder): what ends an answer in this
+        format, ``""`` when nothing does (then the tokenizer's EOS alone ends a sample)."""
+        start = self.format.index("{answer}") + len("{answer}")
+        following = _PLACEHOLDER.search(self.format, start)
+        return self.format[start : following.start() if following else len(self.format)]
+
     @classmethod
     def from_file(cls, path: str | Path, *, name: str | None = None) -> PromptTemplate:
         """Read a template from a text file (UTF-8); one trailing newline, as editors add, is dropped."""
@@ -79,16 +93,18 @@ class PromptTemplate:
 _TEMPLATES = {
     t.name: t
     for t in (
-        PromptTemplate("plain", "Question: {question}\nAnswer: {reasoning}\n#### {answer}"),
+        PromptTemplate("plain", "Question: {question}\nAnswer: {reasoning}\n#### {answer}\n"),
         PromptTemplate(
             "chat",
             "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{reasoning}\n#### {answer}<|im_end|>",
         ),
-        PromptTemplate("cot", "Q: {question}\nA: Let's think step by step.\n{reasoning}\n#### {answer}"),
+        PromptTemplate("cot", "Q: {question}\nA: Let's think step by step.\n{reasoning}\n#### {answer}\n"),
     )
 }
 TEMPLATES: Mapping[str, PromptTemplate] = MappingProxyType(_TEMPLATES)
-"""The named templates. All end the answer with ``#### <answer>`` so one parser reads every teacher's output."""
+"""The named templates. All write the answer as ``#### <answer>`` so one parser reads every teacher's output, and all
+end it with a terminator (``PromptTemplate.terminator``: ``"\\n"``, or chat's ``<|im_end|>``) that the model learns to
+write and ``kava eval`` stops on."""
 
 
 def load_template(name_or_path: str | Path) -> PromptTemplate:

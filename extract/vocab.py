@@ -5,6 +5,11 @@ need tiny vocabularies so a CPU trains them in minutes. A byte-level BPE (GPT-2'
 teacher-training text gives that: exact decoding, character offsets for alignment, and a vocabulary size we choose.
 Digits are always single tokens (``Digits(individual_digits=True)``): arithmetic is learned digit by digit, and
 neither model gets numbers merged in ways the other cannot see.
+
+Specials: ``<pad>``, ``<s>`` (BOS), ``</s>`` (EOS) and ``<unk>``. The tokenizer adds none of them itself (encoding a
+text gives only its bytes' tokens, so a prompt encoded for generation never ends in EOS); the student grid
+(``extract/grid.py``) appends ``</s>`` after every whole sample, so a model trained on it learns to stop and
+``kava eval`` stops on it.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ from typing import Iterable
 
 from kava.core.errors import ConfigError
 
-SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+"""Ids 0..3 of every trained tokenizer, in this order."""
 
 
 def train_bpe_tokenizer(texts: Iterable[str], out: str | Path, *, vocab_size: int, min_frequency: int = 2) -> Path:
     """Train a byte-level BPE of ``vocab_size`` entries on ``texts`` and save it as a transformers tokenizer dir.
 
     Deterministic for the same texts and size (the trainer breaks ties by order). Returns ``out``; loading it back
-    with ``AutoTokenizer.from_pretrained(out)`` gives a fast tokenizer with ``<s>``/``</s>``/``<pad>``.
+    with ``AutoTokenizer.from_pretrained(out)`` gives a fast tokenizer whose ``bos_token``, ``eos_token``, ``pad_token``
+    and ``unk_token`` are ``<s>``, ``</s>``, ``<pad>`` and ``<unk>`` (see the module docstring for who appends EOS).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -39,8 +47,7 @@ def train_bpe_tokenizer(texts: Iterable[str], out: str | Path, *, vocab_size: in
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
     out = Path(out)
     fast.save_pretrained(out)
     return out

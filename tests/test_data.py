@@ -202,14 +202,14 @@ def test_segment_ids_with_gpt2(gpt2):
     for token, (s, e), sid in zip(tokens, spans, seg, strict=True):
         if e <= s:
             continue
-        if s >= start_answer_line:  # "\n", "####", " 72"
+        if s >= start_answer_line:  # "\n", "####", " 72", "\n"
             assert sid == SEGMENT_ANSWER, token
         elif e <= q1:  # "Question", ":", and the question's tokens
             assert sid == SEGMENT_PROMPT, token
         else:  # "\nAnswer: " glue and the reasoning lines
             assert sid == SEGMENT_REASONING, token
     answer_tokens = [t for t, sid in zip(tokens, seg, strict=True) if sid == SEGMENT_ANSWER]
-    assert gpt2.convert_tokens_to_string(answer_tokens) == "\n#### 72"
+    assert gpt2.convert_tokens_to_string(answer_tokens) == "\n#### 72\n"  # the terminator is answer too
     assert {SEGMENT_NAMES[i] for i in seg} == {"prompt", "reasoning", "answer", "special"}
 
     # A special token written as text has a non-zero span: special_mask flags it.

@@ -148,7 +148,8 @@ def test_a_seeded_run_pins_its_first_losses(tmp_path, store):
     distill(tmp_path / "a", store=str(store), student="tiny-llama", steps=3)
     losses = [(m["loss/ce"], m["loss/k"], m["loss/v"]) for m in metrics(tmp_path / "a")]
     # Pinned from this seeded run: the preset's init, the projectors' init and the data order all depend on --seed.
-    expected = [(6.194193, 0.936220, 0.982623), (6.050538, 0.728096, 0.916593), (5.970337, 0.558155, 0.897592)]
+    # (Samples end with the grid's EOS: a CE target, with no K/V target.)
+    expected = [(6.189687, 0.946078, 0.991135), (6.051600, 0.721480, 0.923295), (5.981612, 0.548732, 0.895280)]
     np.testing.assert_allclose(losses, expected, atol=1e-4)
 
 

@@ -11,6 +11,7 @@ from kava.distill.evaluate import (
     EvalConfig,
     answers_match,
     cut_after_answer,
+    evaluate,
     extract_answer,
     generate_batched,
     prompt_text,
@@ -54,7 +55,7 @@ def _load(path):
         ("3,4,5", "5"),  # a list, not a thousands group
         ("1,2345", "2345"),
         ("#### 72\n#### 9", "72"),  # the first answer line wins
-        ("first 4 then 12\n#### 30 marbles.", "30"),
+        ("first 4 then 12\n#### 30 marbles.", None),  # the number runs on into words: not a terminated answer
         ("#### none, but 7 apples", "7"),  # a mark without a number: the last number
         ("####42", "42"),
         ("no number here", None),
@@ -100,12 +101,14 @@ def test_answers_match(pred, gold, expected):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (" yes\n#### 42\n#### 42\n", " yes\n#### 42"),
-        ("a = 3\n#### 1,080 marbles\nQuestion: next", "a = 3\n#### 1,080 marbles"),
-        ("#### 5.\nmore", "#### 5."),
+        (" yes\n#### 42\n#### 42\n", " yes\n#### 42\n"),  # cut after the terminator, which is kept
+        ("a = 3\n#### 1,080 \nQuestion: next", "a = 3\n#### 1,080 \n"),
+        ("a = 3\n#### 1,080 marbles\nQuestion: next", "a = 3\n#### 1,080 marbles\nQuestion: next"),  # runs on
+        ("#### 5.\nmore", "#### 5.\nmore"),
         ("#### 42", "#### 42"),  # stopped right after the number (EOS or budget): nothing to cut
         ("still thinking\n3 + 4 = 7\n", "still thinking\n3 + 4 = 7\n"),
-        ("#### soon\n#### 7\nafter", "#### soon\n#### 7"),  # a mark without a number does not end the answer
+        ("#### soon\n#### 7\nafter", "#### soon\n#### 7\n"),  # a mark without a number does not end the answer
+        ("#### 12-3\n#### 9\nafter", "#### 12-3\n#### 9\n"),  # the first terminated answer
     ],
 )
 def test_cut_after_answer(text, expected):
@@ -161,7 +164,8 @@ def test_run_eval_on_the_real_model(assets, tmp_path):
     for item in items:
         assert set(item) >= {"sample_id", "question", "prompt", "generated", "predicted", "gold", "correct"}
         assert item["prompt"].startswith("Question: " + item["question"])
-        assert item["predicted"] == extract_answer(item["generated"])
+        assert item["predicted"] == extract_answer(item["generated"], ended=item["stop"] == "eos")
+        assert item["stop"] in ("answer", "eos", "budget")
         assert item["correct"] == answers_match(item["predicted"], item["gold"])
         assert 1 <= item["generated_tokens"] <= 24
     assert result.correct == sum(i["correct"] for i in items)
@@ -227,7 +231,7 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
 
     prompts = [f"Q: {q}" for q in questions]
     alone = [generate_batched(*_load(tmp_path), [p], batch_size=1, max_new_tokens=30)[0] for p in prompts]
-    assert alone == [" yes\n#### 42", " no" * 30, " done", " yes\n#### 42"]
+    assert alone == [" yes\n#### 42\n", " no" * 30, " done", " yes\n#### 42\n"]
     assert generate_batched(*_load(tmp_path), prompts, batch_size=4, max_new_tokens=30) == alone
 
     result = run_eval(EvalConfig(model=str(tmp_path), dataset=str(data), max_new_tokens=30, batch_size=4,
@@ -238,6 +242,7 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
     # Stopped at the answer line's newline (5 tokens), at the budget, and at EOS (counted).
     assert [i["generated_tokens"] for i in items] == [5, 30, 2, 5]
     assert [i["predicted"] for i in items] == ["42", None, None, "42"]
+    assert [i["stop"] for i in items] == ["answer", "budget", "eos", "answer"]
     assert [i["correct"] for i in items] == [True, False, False, False]
     assert (result.n, result.correct, result.accuracy) == (4, 1, 0.25)
     assert result.generated_tokens == 42
@@ -280,14 +285,16 @@ def test_prompt_of_a_row_without_reasoning():
 
 
 def _labels_after_prompt(tokenizer, row, template):
-    """input_ids and labels of one row for the model's own loss: every token that reaches past the prompt."""
+    """input_ids and labels of one row for the model's own loss: every token that reaches past the prompt, and the
+    EOS that ends every training sample."""
     text, cut = format_row(row, template).text, len(prompt_text(row, template))
     enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
-    labels = enc["input_ids"].clone()
+    ids = torch.cat([enc["input_ids"], torch.tensor([[tokenizer.eos_token_id]])], dim=1)
+    labels = ids.clone()
     spans = enc["offset_mapping"][0].tolist()
     first = next(i for i, (a, b) in enumerate(spans) if b > a and b > cut)
     labels[0, :first] = -100  # the prompt (and BOS) is not scored
-    return enc["input_ids"], labels, text[cut:]
+    return ids, labels, text[cut:]
 
 
 def test_reference_nll_equals_transformers_loss_on_the_completion_tokens(assets):
@@ -359,3 +366,113 @@ def test_run_eval_writes_the_nll_of_every_item(assets, tmp_path):
                                 max_new_tokens=4, out=str(out), progress=False, threads=1))
     assert plain.reference_nll is None and plain.nll_tokenizer is None
     assert all(json.loads(line)["nll_nats"] is None for line in out.read_text(encoding="utf-8").splitlines())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Only a terminated answer counts
+
+
+@pytest.mark.parametrize(
+    ("text", "ended", "terminator", "expected"),
+    [
+        ("#### 12\n", False, "", "12"),  # a newline ends it
+        ("#### 12 \t\nmore", False, "", "12"),
+        ("#### 12", True, "", "12"),  # the model wrote EOS right after it
+        ("#### 12", False, "", None),  # cut by the token budget: the next token might have been a digit
+        ("#### 122-92=", True, "", None),  # runs on: for gold 12 this must not score
+        ("#### 12-92=80\n", True, "", None),  # "12" runs on into "-"
+        ("#### 12 marbles\n", True, "", None),
+        ("#### 12.\n", True, "", None),
+        ("#### 12<|im_end|>", False, "<|im_end|>", "12"),  # the template's terminator, written as text
+        ("#### 12<|im_end|>", True, "", None),  # ... but only that template's
+        ("#### 12-3\n#### 9\n", False, "", "9"),  # the first terminated answer
+        ("So it is 12", True, "", "12"),  # no mark: the last number of a text that ended
+        ("So it is 12", False, "", None),  # ... not of one cut short
+    ],
+)
+def test_only_a_terminated_answer_is_credited(text, ended, terminator, expected):
+    assert extract_answer(text, ended=ended, terminator=terminator) == expected
+    if expected is None:
+        assert not answers_match(extract_answer(text, ended=ended, terminator=terminator), "12")
+
+
+def _rows(*golds):
+    return [ReasoningRow(f"t/{i}", "Say it", "It is so.", gold) for i, gold in enumerate(golds)]
+
+
+def test_a_run_on_answer_is_never_credited(assets):
+    """' yes\\n#### 12-9= yes\\n...': its answer line once scored 12; now it is no answer and runs to the budget."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    model = _forced_model(tok, {":": "Ġyes", "Ġyes": "Ċ", "Ċ": "####", "####": "Ġ12", "Ġ12": "-", "-": "9",
+                                "9": "=", "=": "Ġyes"})
+    result = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=30)
+    (item,) = result.items
+    assert item.generated.startswith(" yes\n#### 12-9= yes\n#### 12-9=")
+    assert (item.stop, item.generated_tokens, item.predicted, item.correct) == ("budget", 30, None, False)
+
+
+def test_eos_right_after_the_number_is_credited_but_the_budget_is_not(assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    model = _forced_model(tok, {":": "####", "####": "Ġ12", "Ġ12": None})  # "#### 12" then EOS
+    ended = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=10).items[0]
+    assert (ended.generated, ended.stop, ended.generated_tokens, ended.correct) == ("#### 12", "eos", 3, True)
+    # The same text cut by --max-new-tokens before the EOS: "#### 12" might have gone on "3".
+    cut = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=2).items[0]
+    assert (cut.generated, cut.stop, cut.generated_tokens, cut.predicted) == ("#### 12", "budget", 2, None)
+
+
+def test_chat_stops_on_the_im_end_token(assets):
+    """Qwen2 writes chat's terminator as one special token: generation stops on it as on EOS, and it scores."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/qwen2"))
+    assert "<|im_end|>" not in tok.eos_token  # not the tokenizer's EOS: the template makes it a stop
+    # After the prompt's "assistant\n": "#### 12<|im_end|>", then (were it not stopped) "\n" and round again.
+    model = _forced_model(tok, {"Ċ": "####", "####": "Ġ", "Ġ": "1", "1": "2", "2": "<|im_end|>", "<|im_end|>": "Ċ"})
+    item = evaluate(model, tok, _rows("12"), TEMPLATES["chat"], batch_size=1, max_new_tokens=20).items[0]
+    assert (item.generated, item.stop, item.generated_tokens, item.correct) == ("#### 12", "eos", 5, True)
+
+
+def test_the_stop_check_decodes_lines_not_the_whole_continuation(assets):
+    """``_AnswerStop`` stops where the naive check (decode everything generated, every step) does, while decoding
+    about one line per newline instead of the whole continuation per step."""
+    from transformers import AutoTokenizer
+
+    from kava.distill.evaluate import _AnswerStop, _answer_re
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    texts = ["a = 1\nb = 22 + 3 = 25\n#### 12-3= 4\nmore words here to make it long\n#### 7\nafter that",
+             "x" * 40 + "\n#### 122-92=30 and on\n#### 1,080 \nlater\n#### 5\n",
+             "no answer at all, only words " * 6,
+             "#### 3<|im_end|>trailing"]
+    decoded = []
+
+    class Counting:  # the tokenizer, counting how many tokens each decode call reads
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    for terminator in ("", "<|im_end|>"):
+        seqs = [tok(t)["input_ids"] for t in texts]
+        width, steps = 3, max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width + steps, dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, width : width + len(seq)] = torch.tensor(seq)
+            ids[r, width + len(seq) :] = tok.convert_tokens_to_ids("x")
+        decoded.clear()
+        stop = _AnswerStop(Counting(), width, len(seqs), terminator)
+        for step in range(1, steps + 1):
+            stop(ids[:, : width + step], None)
+        for r, seq in enumerate(seqs):
+            padded = ids[r, width:].tolist()
+            naive = next((k for k in range(1, steps + 1)
+                          if _answer_re(terminator, ended=False).search(tok.decode(padded[:k]))), None)
+            assert stop.stopped_at[r] == naive, (terminator, texts[r])
+        assert stop.stopped_at[0] is not None and stop.stopped_at[2] is None
+        assert (stop.stopped_at[3] is not None) == (terminator != "")
+        naive_cost = sum(range(1, steps + 1)) * len(seqs)
+        assert sum(decoded) < naive_cost / 5, (sum(decoded), naive_cost)

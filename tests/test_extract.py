@@ -38,6 +38,7 @@ from conftest import asset_path, sigkill_when  # asset_path: the `assets` lookup
 from kava.extract.align import align_tokens, apply, token_spans
 from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
+from kava.extract.grid import with_eos
 from kava.extract.synthetic import synthetic_rows
 from kava.extract.recipe import run_extract
 from kava.extract.templates import TEMPLATES, format_row
@@ -226,13 +227,15 @@ def test_identity_extraction_matches_capture_of_each_sample_alone(ref_store, sto
         got = store.read_sample(i)
         kv = got.teachers[STORIES_NAME]
         ids, _ = token_spans(stories_tok, format_row(rows[i], TEMPLATES["plain"]).text)
-        np.testing.assert_array_equal(got.input_ids, ids)
+        np.testing.assert_array_equal(got.input_ids, np.append(ids, stories_tok.eos_token_id))  # the grid's EOS
         cap = capture_qkv(stories_model, torch.as_tensor(ids)[None], k_rope="pre")
         # fp16 storage: each stored value is its float32 rounded to 11 significant bits (relative error <= 2^-11);
         # the batch-of-4 forward differs from the lone one by ~1e-6.
         for name, ref in (("k", as_rows(cap.keys, range(5))), ("v", as_rows(cap.values, range(5)))):
-            np.testing.assert_allclose(getattr(kv, name), ref, rtol=2 ** -10, atol=1e-5, err_msg=f"{name} sample {i}")
-        np.testing.assert_array_equal(kv.align_weight, np.ones(len(ids), np.float32))
+            np.testing.assert_allclose(getattr(kv, name)[:-1], ref, rtol=2 ** -10, atol=1e-5,
+                                       err_msg=f"{name} sample {i}")
+            assert not getattr(kv, name)[-1].any()  # the appended EOS: no teacher row
+        np.testing.assert_array_equal(kv.align_weight, np.append(np.ones(len(ids), np.float32), 0))
         np.testing.assert_array_equal(kv.status, [0])
         # "#### N": every token of it is answer (2), and no answer token comes before it.
         seg = got.segment_ids
@@ -283,10 +286,10 @@ def test_cross_tokenizer_keys_are_the_aligned_teacher_keys(tmp_path, stories, st
     all_weights = []
     for i in (0, 7):
         text = format_row(rows[i], TEMPLATES["plain"]).text
-        s_ids, s_spans = token_spans(gpt2, text)
+        s_ids, s_spans = with_eos(gpt2, *token_spans(gpt2, text))
         t_ids, t_spans = token_spans(stories_tok, text)
         got = store.read_sample(i)
-        np.testing.assert_array_equal(got.input_ids, s_ids)  # the grid is the student's tokens
+        np.testing.assert_array_equal(got.input_ids, s_ids)  # the grid is the student's tokens, then its EOS
         assert len(s_ids) != len(t_ids)
         cap = capture_qkv(stories_model, torch.as_tensor(t_ids)[None], k_rope="pre")
         al = align_tokens(s_spans, t_spans)
@@ -294,7 +297,8 @@ def test_cross_tokenizer_keys_are_the_aligned_teacher_keys(tmp_path, stories, st
         np.testing.assert_allclose(kv.k, apply(al, as_rows(cap.keys, range(5))), rtol=2 ** -10, atol=1e-5)
         np.testing.assert_allclose(kv.v, apply(al, as_rows(cap.values, range(5))), rtol=2 ** -10, atol=1e-5)
         np.testing.assert_array_equal(kv.align_weight, al.coverage)
-        all_weights.append(kv.align_weight)
+        assert kv.align_weight[-1] == 0  # the EOS the grid appends stands for no text
+        all_weights.append(kv.align_weight[:-1])
     weights = np.concatenate(all_weights)
     assert weights.min() >= 0 and weights.max() <= 1
     # A weight is the share of the student token's characters that some teacher token covers. Every character of
@@ -351,21 +355,23 @@ def test_q_layers_int8_post_rope_and_bfloat16_are_recorded_and_readable(tmp_path
     post = capture_qkv(stories_model, torch.as_tensor(ids)[None], with_q=[0, 2], k_rope="post")
     pre = capture_qkv(stories_model, torch.as_tensor(ids)[None], k_rope="pre")
     got = int8.read_sample(3, with_q=True).teachers[STORIES_NAME]
-    assert got.q_layers == (0, 2) and got.q.shape == (len(ids), 2, 8, 8)
-    for stored, ref in ((got.k, as_rows(post.keys, range(5))), (got.v, as_rows(post.values, range(5))),
-                        (got.q, as_rows(post.queries, (0, 2)))):
+    assert got.q_layers == (0, 2) and got.q.shape == (len(ids) + 1, 2, 8, 8)  # + the grid's EOS
+    assert not got.k[-1].any() and not got.v[-1].any()  # the EOS row has no teacher
+    k, v, q = got.k[:-1], got.v[:-1], got.q[:-1]
+    for stored, ref in ((k, as_rows(post.keys, range(5))), (v, as_rows(post.values, range(5))),
+                        (q, as_rows(post.queries, (0, 2)))):
         # int8: code * scale with scale = absmax over head_dim / 127, so at most half a step off (+ fp16 scale).
         step = np.abs(ref).max(-1, keepdims=True) / 127
         assert np.all(np.abs(stored - ref) <= 0.51 * step + 1e-6)
     # Post-RoPE keys are rotated: away from position 0 they are not the pre-RoPE ones.
     pre_k = as_rows(pre.keys, range(5))
-    assert np.abs(got.k[1:] - pre_k[1:]).max() > 10 * np.abs(got.k - as_rows(post.keys, range(5))).max()
+    assert np.abs(k[1:] - pre_k[1:]).max() > 10 * np.abs(k - as_rows(post.keys, range(5))).max()
 
     with pytest.raises(SchemaError, match="no stored queries.*--with-q"):
         bf16.read_sample(3, with_q=True)
     got = bf16.read_sample(3).teachers[STORIES_NAME]
-    np.testing.assert_allclose(got.k, pre_k, rtol=2 ** -8, atol=1e-5)  # bf16: 8 significant bits
-    np.testing.assert_allclose(got.v, as_rows(pre.values, range(5)), rtol=2 ** -8, atol=1e-5)
+    np.testing.assert_allclose(got.k[:-1], pre_k, rtol=2 ** -8, atol=1e-5)  # bf16: 8 significant bits
+    np.testing.assert_allclose(got.v[:-1], as_rows(pre.values, range(5)), rtol=2 ** -8, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -569,7 +575,8 @@ def test_bad_rows_are_skipped_and_a_nan_sample_is_quarantined(tmp_path, nan_llam
     teacher = "nan-llama"
     for i in (0, 3, 4, 6):  # CJK, emoji and a combining mark included: extracted, finite, fully weighted
         kv = store.read_sample(i).teachers[teacher]
-        assert kv.status.tolist() == [0] and np.isfinite(kv.k).all() and np.all(kv.align_weight == 1)
+        assert kv.status.tolist() == [0] and np.isfinite(kv.k).all() and np.all(kv.align_weight[:-1] == 1)
+        assert kv.align_weight[-1] == 0  # but for the EOS the grid appends
         assert np.abs(kv.k).max() > 0
     nan = store.read_sample(5).teachers[teacher]  # the '§' row
     assert nan.status.tolist() == [1]
