@@ -56,7 +56,11 @@ def describe(rows: Any) -> dict[str, Any]:
 
 
 def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
-    """Draw the pool and the eval split, cut the pool by ``teacher_fraction``, write the files and splits.json."""
+    """Draw the pool and the eval split, cut the pool by ``teacher_fraction``, write the files and splits.json.
+
+    With ``teacher_fraction`` 0 (every teacher pretrained) the whole pool trains students and there is no
+    teacher-train split: no file, and none in the record.
+    """
     from kava.extract.data import load_rows
 
     pool = list(load_rows(spec.dataset, split=spec.pool_split, limit=spec.pool_size, seed=spec.seed,
@@ -81,7 +85,10 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
         counts = {k: len(v) for k, v in parts.items()}
         raise DatasetError(f"Expected rows in every split. Got {counts}. Raise data.pool_size or data.eval_size.")
 
+    if not parts["teacher-train"]:
+        del parts["teacher-train"]  # every teacher is pretrained (teacher_fraction 0): there is no teacher split
     (root / "data").mkdir(parents=True, exist_ok=True)
+    split_path(root, "teacher-train").unlink(missing_ok=True)  # a file left by an earlier config of this run
     record: dict[str, Any] = {"dataset": spec.dataset, "seed": spec.seed, "pool_split": spec.pool_split,
                               "eval_split": spec.eval_split, "splits": {}}
     for role, rows in parts.items():

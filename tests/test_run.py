@@ -335,3 +335,27 @@ def test_a_checkpoint_loads_as_the_student_it_was(run):
         want = saved(ids).logits
         assert torch.equal(student_at(out, final)(ids).logits, want)
         assert not torch.allclose(student_at(out, first)(ids).logits, want)
+
+
+def test_an_experiment_whose_teachers_are_all_pretrained_runs(tmp_path, assets):
+    """teacher_fraction 0 with a pretrained teacher (the real stories260K): the whole pool trains students, there is
+    no teacher split, and the run goes through to its report."""
+    teacher = str(assets("models/stories260K_hf_derived"))
+    cfg = tiny(tmp_path / "runs", name="pretrained", seeds=[1],
+               data={"dataset": "synthetic", "pool_size": 24, "teacher_fraction": 0.0, "eval_size": 4},
+               teachers=[{"name": "stories", "model": teacher,
+                          "extract": {"with_q": True, "calibration_samples": 0, "shard_tokens": 2048}}],
+               train={"steps": 2, "batch_size": 4, "max_length": 256, "distill": {"checkpoint_every": 0}},
+               variants=[{"name": "ce"}, {"name": "kv", "teachers": ["stories"], "distill": {"loss": "mercator"}}],
+               eval={"batch_size": 4, "max_new_tokens": 8, "checkpoint_rows": 0})
+    config = tmp_path / "pretrained.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([*KAVA, "run", str(config), "--json"], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "runs" / "pretrained"
+    recorded = splits.recorded(root)["splits"]
+    assert set(recorded) == {"student-train", "eval"} and recorded["student-train"]["rows"] == 24
+    assert not splits.split_path(root, "teacher-train").exists()
+    assert list(KVStore.open(root / "kv.zarr").teachers) == ["stories"]
+    assert (root / "report.md").is_file() and "stories" in (root / "report.md").read_text()
