@@ -98,7 +98,7 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         return RunData(store, path, tokenizer, template, [], (), depth)
 
     have = store.teachers
-    names = cfg.teacher_names
+    names = cfg.teachers
     if names is None:
         if len(have) != 1:
             listing = ", ".join(sorted(have)) or "none"
@@ -118,11 +118,11 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         raise SchemaError(f"{store.where}: the teachers' layer maps are for students of different depths {depths}. "
                           "Pick teachers mapped for the same student.")
     depth = next(iter(depths.values()))
-    kv_layers = tuple(cfg.kv_layer_list or range(depth))
+    kv_layers = tuple(cfg.kv_layers or range(depth))
     out_of_range = [layer for layer in kv_layers if layer >= depth]
     if out_of_range:
         raise ConfigError(f"--kv-layers {out_of_range}: the store's layer map has student layers 0-{depth - 1}.")
-    attn_layers = tuple(cfg.attn_layer_list or kv_layers)
+    attn_layers = tuple(cfg.attn_layers or kv_layers)
     outside = [layer for layer in attn_layers if layer not in kv_layers]
     if outside:
         raise ConfigError(f"--attn-layers {outside}: not among the aligned student layers {list(kv_layers)}.")
@@ -156,7 +156,6 @@ def _teacher_plan(spec: Any, kv_layers: tuple[int, ...], attn_layers: tuple[int,
 def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tuple[KVStore, Any]:
     """CE-only without a store: tokenize --dataset into ``<out>/grid.zarr`` once (reused on resume); return the
     store and the tokenizer it was cut with."""
-    from kava.extract.data import load_rows
     from kava.extract.grid import create_grid_store
     from kava.extract.recipe import load_student_tokenizer
     from kava.extract.teachers import load_tokenizer, resolve_teacher
@@ -173,12 +172,12 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
         tokenizer = load_student_tokenizer(tok_name)
     else:
         tokenizer = load_tokenizer(resolve_teacher(tok_name, trust_remote_code=cfg.trust_remote_code))
-    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files, seed=cfg.data_seed)
-    store, grid = create_grid_store(path, rows, tokenizer, load_template(cfg.template), tokenizer_name=tok_name,
-                                    dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length,
-                                    on_too_long="truncate", shard_tokens=32768, command=cfg.command,
-                                    details={"limit": cfg.limit, "seed": cfg.data_seed})
-    log(f"tokenized {len(grid)} samples of {cfg.dataset}:{cfg.split} into {path}")
+    d = cfg.data
+    store, grid = create_grid_store(path, d.load(), tokenizer, load_template(cfg.student_template),
+                                    tokenizer_name=tok_name, dataset=d.dataset, split=d.split,
+                                    max_length=cfg.max_length, on_too_long="truncate", shard_tokens=32768,
+                                    command=cfg.command, details=d.details())
+    log(f"tokenized {len(grid)} samples of {d.dataset}:{d.split} into {path}")
     return KVStore.open(path), tokenizer
 
 
@@ -188,13 +187,13 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
 
 def build_objective(cfg: DistillConfig, data: RunData, student: Any) -> KVObjective:
     _, heads, kv_heads, head_dim = attention_geometry(student.config)
-    segments = cfg.segment_weight_map()
+    segments = cfg.segment_weights or {}  # names left out weigh 1
     return KVObjective(
         data.plans, (heads, kv_heads, head_dim), data.kv_layers, loss=cfg.loss, alpha_k=cfg.alpha_k,
         alpha_v=cfg.alpha_v, alpha_attn=cfg.alpha_attn, projector=cfg.projector, project=cfg.project,
         init_uniform=cfg.init_uniform, share_dim=cfg.share_dim_proj, fusion=cfg.fusion,
-        fusion_weights=cfg.fusion_weight_list(), temperature=cfg.fusion_temperature,
-        router_hidden=cfg.router_hidden, segment_weights=[segments[n] for n in SEGMENT_NAMES],
+        fusion_weights=cfg.fusion_weights, temperature=cfg.fusion_temperature,
+        router_hidden=cfg.router_hidden, segment_weights=[segments.get(n, 1.0) for n in SEGMENT_NAMES],
     )
 
 
