@@ -405,7 +405,7 @@ class EvalConfig:
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
         d = self.data
-        p: list[str] = d.problems()
+        p: list[str] = []
         if not self.model:
             p.append("--model: expected a model directory or hub id. Got nothing.")
         if d.dataset not in _NAMED_DATASETS and not Path(d.dataset).is_file():
@@ -426,6 +426,7 @@ class EvalConfig:
         for flag, value in (("--batch-size", self.batch_size), ("--max-new-tokens", self.max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 p.append(f"{flag}: expected an integer >= 1. Got {value!r} instead.")
+        p += d.problems()
         for flag, value in (("--threads", self.threads),):
             if value is not None and (not isinstance(value, int) or value < 1):
                 p.append(f"{flag}: expected a positive integer. Got {value!r} instead.")

@@ -94,18 +94,25 @@ def option_names(cls: type) -> set[str]:
     return {c.name for c in config_fields(cls)} | set(getattr(cls, "ALIASES", {}))
 
 
+def canonical_names(cls: type, data: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """``data`` with ``_`` for ``-`` and every old spelling (``cls.ALIASES``) under its option's name; both names at
+    once is a problem appended to ``problems``."""
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for old, new in getattr(cls, "ALIASES", {}).items():
+        if old in out:
+            if new in out:
+                problems.append(f"Can't set both --{old.replace('_', '-')} and --{new.replace('_', '-')} (the old "
+                                f"and the new name of one option). Keep --{new.replace('_', '-')}.")
+            out[new] = out.pop(old)
+    return out
+
+
 def config_from_dict(cls: type, data: Mapping[str, Any], *, source: str = "--config") -> Any:
     """``cls`` from flat option names (``-`` or ``_``), old spellings included; the groups are built from their own
     defaults in ``cls``. Raises one ConfigError naming every missing or unknown option (``source`` says where they
     came from)."""
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     problems: list[str] = []
-    for old, new in getattr(cls, "ALIASES", {}).items():
-        if old in data:
-            if new in data:
-                problems.append(f"Can't set both --{old.replace('_', '-')} and --{new.replace('_', '-')} (the old "
-                                f"and the new name of one option). Keep --{new.replace('_', '-')}.")
-            data[new] = data.pop(old)
+    data = canonical_names(cls, data, problems)
     options = config_fields(cls)
     missing = [c.flag for c in options if c.required and c.name not in data]
     unknown = sorted(set(data) - {c.name for c in options})
@@ -286,7 +293,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = [*self._parse_problems, *self.data.problems()]
+        p: list[str] = list(self._parse_problems)
         if self.load_in_4bit and self.load_in_8bit:
             p.append("Can't set both --load-in-4bit and --load-in-8bit. Choose one.")
         if self.kv_dtype not in KV_DTYPES:
@@ -307,6 +314,7 @@ class ExtractConfig:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
         if self.threads is not None and self.threads < 1:
             p.append(f"--threads: expected a positive integer. Got {self.threads!r} instead.")
+        p += self.data.problems()
         if self.student_layers is not None and self.student_layers < 1:
             p.append(f"--student-layers: expected a positive integer. Got {self.student_layers!r} instead.")
         if self.student_layers is not None and self.student is not None:

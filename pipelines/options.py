@@ -100,22 +100,28 @@ def _read_yaml(config_file: str | None) -> dict[str, Any]:
 
 def build_config(cls: type, values: dict[str, Any], config_file: str | None) -> Any:
     """The dataclass from YAML (if any) overlaid with the flags that were given."""
-    from kava.extract.config import config_from_dict
-
-    data = _read_yaml(config_file)
-    data.update({k: v for k, v in values.items() if v is not None})
-    return config_from_dict(cls, data)
+    return build_configs((cls,), values, config_file)[0]
 
 
 def build_configs(classes: tuple[type, ...], values: dict[str, Any], config_file: str | None) -> tuple[Any, ...]:
-    """Several dataclasses from one YAML file and one set of flags (e.g. `kava extract`'s ExtractConfig and
-    ClusterConfig): each key goes to the class that knows it; a key none knows is reported by the first."""
-    from kava.extract.config import option_names
+    """One dataclass per class (e.g. `kava extract`'s ExtractConfig and ClusterConfig) from one YAML file overlaid
+    with one set of flags: each key goes to the class that knows it (a key none knows is reported by the first).
+    Old spellings are resolved first, so a flag overrides YAML under either name."""
+    from kava.extract.config import canonical_names, config_from_dict, option_names
+    from kava.kvstore.errors import ConfigError
 
-    data = _read_yaml(config_file)
-    data.update({k: v for k, v in values.items() if v is not None})
-    parts: list[dict[str, Any]] = [{} for _ in classes]
-    for key, value in data.items():
-        owner = next((i for i, cls in enumerate(classes) if key in option_names(cls)), 0)
-        parts[owner][key] = value
-    return tuple(build_config(cls, part, None) for cls, part in zip(classes, parts))
+    def split(data: dict[str, Any]) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{} for _ in classes]
+        for key, value in data.items():
+            owner = next((i for i, cls in enumerate(classes) if key in option_names(cls)), 0)
+            parts[owner][key] = value
+        return parts
+
+    problems: list[str] = []
+    from_yaml = split(_read_yaml(config_file))
+    from_flags = split({k: v for k, v in values.items() if v is not None})
+    merged = [{**canonical_names(cls, y, problems), **canonical_names(cls, f, problems)}
+              for cls, y, f in zip(classes, from_yaml, from_flags)]
+    if problems:
+        raise ConfigError(" ".join(problems))
+    return tuple(config_from_dict(cls, data) for cls, data in zip(classes, merged))

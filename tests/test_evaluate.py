@@ -151,8 +151,9 @@ def test_batched_generation_equals_one_at_a_time(assets):
 
 def test_run_eval_on_the_real_model(assets, tmp_path):
     out = tmp_path / "items.jsonl"
-    config = EvalConfig.from_dict(dict(model=str(assets(STORIES)), dataset="gsm8k", data_files=str(assets("gsm8k/test.jsonl")),
-                        limit=6, max_new_tokens=24, batch_size=4, out=str(out), progress=False, threads=1))
+    config = EvalConfig.from_dict(dict(model=str(assets(STORIES)), dataset="gsm8k",
+                                       data_files=str(assets("gsm8k/test.jsonl")), limit=6, max_new_tokens=24,
+                                       batch_size=4, out=str(out), progress=False, threads=1))
     result = run_eval(config)
     items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(items) == result.n == 6
@@ -247,8 +248,9 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
 
 
 def test_config_reports_every_problem_at_once(tmp_path):
-    config = EvalConfig.from_dict(dict(model="", dataset="synthetic", data_files="nowhere.jsonl", split="dev", batch_size=0,
-                        max_new_tokens=0, limit=-1, threads=0, template="fancy", device="tpu"))
+    config = EvalConfig.from_dict(dict(model="", dataset="synthetic", data_files="nowhere.jsonl", split="dev",
+                                       batch_size=0, max_new_tokens=0, limit=-1, threads=0, template="fancy",
+                                       device="tpu"))
     with pytest.raises(ConfigError, match=r"(?s)Found 9 problems.*--model.*--data-files is for --dataset gsm8k.*"
                                           r"--split: expected one of train, validation, test.*--template.*"
                                           r"--batch-size.*--max-new-tokens.*--limit.*--threads.*--device"):
