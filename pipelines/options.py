@@ -10,7 +10,6 @@ loads YAML into the same fields, and flags given on the command line win over it
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import textwrap
 import typing
