@@ -20,7 +20,7 @@ import torch
 
 from kava.core.errors import ConfigError
 
-from .config import RESUME_MAY_DIFFER, DistillConfig
+from .config import DistillConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -143,10 +143,7 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
 
     check_world_size(path, world_size)
     meta = json.loads((path / "state.json").read_text())
-    saved = meta["config"]
-    now = cfg.to_dict()
-    changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
-               for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    changed = cfg.resume_differences(meta["config"])
     if changed:
         raise ConfigError(
             f"--resume: {path} was written by a run with other settings, and resuming would not continue it: "

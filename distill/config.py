@@ -1,5 +1,9 @@
 """`kava distill` options as one typed dataclass; click flags and YAML keys load into the same fields.
 
+Without --store the run fine-tunes on rows of its own: those options are the ``data: DataSource`` group (the same
+``--dataset`` options as `kava extract`), read only then. List options (--teachers, --kv-layers, --attn-layers,
+--fusion-weights) are lists and --segment-weights a mapping, parsed once in ``__post_init__``.
+
 ``validate()`` reports every problem at once, in the flags' spelling, before a model loads or a file is written.
 Rules that need the store (which teachers and layers it has) are checked by the trainer right after it opens the
 store, still before training.
@@ -8,9 +12,13 @@ store, still before training.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from kava.extract.config import (as_float, as_int, as_name, config_from_dict, config_to_dict, format_list,
+                                 parse_list)
+from kava.extract.data import DataSource
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
@@ -33,27 +41,19 @@ class DistillConfig:
     """Output directory: the trained student, checkpoints, metrics.jsonl, the resolved config."""
     store: str | None = None
     """Store written by `kava extract`. Without it: CE-only fine-tuning on --dataset."""
-    teachers: str | None = None
+    teachers: list[str] | None = None
     """Teachers to learn from, comma-separated (default: the store's only teacher)."""
-    kv_layers: str | None = None
+    kv_layers: list[int] | None = None
     """Student layers whose K/V are aligned, e.g. '0,2,3' (default: every layer of the store's layer map)."""
-    attn_layers: str | None = None
+    attn_layers: list[int] | None = None
     """With --loss structural: student layers whose attention is matched, e.g. '5' (default: every aligned layer).
     The attention term costs O(T^2) per layer; fewer layers make it cheaper."""
     allow_incomplete: bool = False
     """Train on the shards every teacher finished instead of refusing a store with unfinished shards."""
-    dataset: str = "synthetic"
-    """Without --store: synthetic, gsm8k, or a JSONL/Parquet file (tokenized into <out>/grid.zarr)."""
-    split: str = "train"
-    """Without --store: dataset split."""
-    limit: int | None = None
-    """Without --store: use only the first N rows."""
-    data_files: str | None = None
-    """Without --store: local files holding the rows of --split (for --dataset gsm8k)."""
-    data_seed: int = 0
-    """Without --store: seed of the synthetic dataset."""
-    template: str = "plain"
-    """Without --store: the text template (plain, chat, cot or a file)."""
+    data: DataSource = field(default_factory=DataSource, metadata={"help_prefix": "Without --store"})
+    """Without --store: the rows fine-tuned on (tokenized into <out>/grid.zarr)."""
+    student_template: str = "plain"
+    """Without --store: the text template (plain, chat, cot or a file); with one, the store's."""
     tokenizer: str | None = None
     """Without --store, for a preset student: the tokenizer to build it on."""
     layers: int | None = None
@@ -89,11 +89,11 @@ class DistillConfig:
     """Weight of the cross-entropy term."""
     ce_on: str = "completion"
     """Tokens cross-entropy is computed on: completion (reasoning and answer) or all."""
-    segment_weights: str | None = None
+    segment_weights: dict[str, float] | None = None
     """K/V loss weight per segment, e.g. 'prompt=0.5,reasoning=1,answer=2' (others 1)."""
     fusion: str = "fixed"
     """How several teachers combine: fixed, similarity (softmax of cosine / temperature) or learnable (router)."""
-    fusion_weights: str | None = None
+    fusion_weights: list[float] | None = None
     """With --fusion fixed: one weight per teacher, e.g. '0.7,0.3' (default equal)."""
     fusion_temperature: float = 0.1
     """With --fusion similarity: softmax temperature."""
@@ -150,22 +150,39 @@ class DistillConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form details recorded with the outputs."""
 
-    # ------------------------------------------------------------------------------------------------------------
-    @property
-    def teacher_names(self) -> list[str] | None:
-        return None if self.teachers is None else [t.strip() for t in self.teachers.split(",") if t.strip()]
+    ALIASES: ClassVar[dict[str, str]] = {"template": "student_template"}
+    """Old spellings still accepted (flag and YAML key)."""
 
-    @property
-    def kv_layer_list(self) -> list[int] | None:
-        if self.kv_layers is None:
-            return None
-        return [int(x) for x in self.kv_layers.split(",") if x.strip()]
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        self.teachers = parse_list(self.teachers, as_name, "--teachers", "teacher names like 'a,b'", p)
+        self.kv_layers = parse_list(self.kv_layers, as_int, "--kv-layers", "integers like '0,2,3'", p)
+        self.attn_layers = parse_list(self.attn_layers, as_int, "--attn-layers", "integers like '3,5'", p)
+        self.fusion_weights = parse_list(self.fusion_weights, as_float, "--fusion-weights", "numbers like '0.7,0.3'",
+                                         p)
+        self.segment_weights = _segment_weights(self.segment_weights, p)
+        self._parse_problems = p
 
-    @property
-    def attn_layer_list(self) -> list[int] | None:
-        if self.attn_layers is None:
-            return None
-        return [int(x) for x in self.attn_layers.split(",") if x.strip()]
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
+        """From flat option names, as flags, YAML and ``to_dict()`` (a run's config.yaml) spell them."""
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat option names to values: written as ``<out>/config.yaml`` and compared by --resume."""
+        return config_to_dict(self)
+
+    def resume_differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """The options (outside RESUME_MAY_DIFFER) whose value in ``saved`` (a checkpoint's or config.yaml's
+        ``to_dict()``) differs from this config's, as "--flag: saved, now" lines. ``saved`` is read back through
+        ``from_dict`` first, so a config written before an option became a list (``'0,2'``) compares equal."""
+        try:
+            saved = DistillConfig.from_dict(saved).to_dict()
+        except (ConfigError, TypeError):  # an option since removed: compare the raw values
+            saved = dict(saved)
+        now = self.to_dict()
+        return [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+                for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
 
     @property
     def uses_kv(self) -> bool:
@@ -176,27 +193,9 @@ class DistillConfig:
     def uses_attention(self) -> bool:
         return self.uses_kv and self.loss == "structural" and self.alpha_attn > 0
 
-    def segment_weight_map(self) -> dict[str, float]:
-        """Weight per segment name (every name present; unspecified ones 1.0)."""
-        out = {name: 1.0 for name in SEGMENT_NAMES}
-        for part in (self.segment_weights or "").split(","):
-            if part.strip():
-                m = _WEIGHT.match(part)
-                assert m is not None  # validate() guarantees it
-                out[m.group(1)] = float(m.group(2))
-        return out
-
-    def fusion_weight_list(self) -> list[float] | None:
-        if self.fusion_weights is None:
-            return None
-        return [float(x) for x in self.fusion_weights.split(",") if x.strip()]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = []
+        p: list[str] = [*self._parse_problems, *self.data.problems()]
 
         def choice(flag: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
@@ -215,7 +214,7 @@ class DistillConfig:
                                  ("--router-hidden", self.router_hidden, 1)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
-        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs), ("--limit", self.limit),
+        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs),
                             ("--max-tokens", self.max_tokens), ("--threads", self.threads), ("--layers", self.layers),
                             ("--lora-r", self.lora_r)):
             if value is not None and (not isinstance(value, int) or value < (0 if flag == "--lora-r" else 1)):
@@ -239,44 +238,28 @@ class DistillConfig:
         if self.ce_weight == 0 and not self.uses_kv:
             p.append("Nothing to train: --ce-weight is 0 and there is no K/V term (no --store, or --kv-weight 0). "
                      "Set --ce-weight or give a --store.")
-        if self.segment_weights is not None:
-            for part in self.segment_weights.split(","):
-                m = _WEIGHT.match(part) if part.strip() else None
-                if part.strip() and (m is None or m.group(1) not in SEGMENT_NAMES):
-                    p.append(f"--segment-weights: expected name=weight with names in {', '.join(SEGMENT_NAMES)}. "
-                             f"Got {part.strip()!r} instead.")
-                elif m is not None and float(m.group(2)) < 0:
-                    p.append(f"--segment-weights: expected weights >= 0. Got {part.strip()!r} instead.")
         if self.fusion_weights is not None:
-            try:
-                weights = self.fusion_weight_list() or []
-                if self.fusion != "fixed":
-                    p.append("--fusion-weights needs --fusion fixed.")
-                elif any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-                    p.append(f"--fusion-weights: expected non-negative weights, one positive. Got {weights} instead.")
-                elif self.teacher_names is not None and len(weights) != len(self.teacher_names):
-                    p.append(f"--fusion-weights: expected one weight per teacher ({len(self.teacher_names)}). "
-                             f"Got {len(weights)} instead.")
-            except ValueError:
-                p.append(f"--fusion-weights: expected numbers like '0.7,0.3'. Got {self.fusion_weights!r} instead.")
+            weights = self.fusion_weights
+            if self.fusion != "fixed":
+                p.append("--fusion-weights needs --fusion fixed.")
+            elif any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+                p.append(f"--fusion-weights: expected non-negative weights, one positive. Got {weights} instead.")
+            elif self.teachers is not None and len(weights) != len(self.teachers):
+                p.append(f"--fusion-weights: expected one weight per teacher ({len(self.teachers)}). "
+                         f"Got {len(weights)} instead.")
         if self.kv_layers is not None:
-            try:
-                layers = self.kv_layer_list or []
-                if not layers or any(x < 0 for x in layers) or len(set(layers)) != len(layers):
-                    p.append(f"--kv-layers: expected distinct layer indices >= 0. Got {self.kv_layers!r} instead.")
-            except ValueError:
-                p.append(f"--kv-layers: expected integers like '0,2,3'. Got {self.kv_layers!r} instead.")
+            layers = self.kv_layers
+            if not layers or any(x < 0 for x in layers) or len(set(layers)) != len(layers):
+                p.append(f"--kv-layers: expected distinct layer indices >= 0. Got {format_list(layers)!r} instead.")
         if self.attn_layers is not None:
-            try:
-                attn = self.attn_layer_list or []
-                if not attn or len(set(attn)) != len(attn) or any(x < 0 for x in attn):
-                    p.append(f"--attn-layers: expected distinct layer indices >= 0. Got {self.attn_layers!r} instead.")
-                elif self.kv_layers is not None and not set(attn) <= set(self.kv_layer_list or []):
-                    p.append(f"--attn-layers {self.attn_layers}: expected a subset of --kv-layers {self.kv_layers}.")
-                if self.loss != "structural":
-                    p.append("--attn-layers needs --loss structural (the only loss with an attention term).")
-            except ValueError:
-                p.append(f"--attn-layers: expected integers like '3,5'. Got {self.attn_layers!r} instead.")
+            attn = self.attn_layers
+            if not attn or len(set(attn)) != len(attn) or any(x < 0 for x in attn):
+                p.append(f"--attn-layers: expected distinct layer indices >= 0. Got {format_list(attn)!r} instead.")
+            elif self.kv_layers is not None and not set(attn) <= set(self.kv_layers):
+                p.append(f"--attn-layers {format_list(attn)}: expected a subset of --kv-layers "
+                         f"{format_list(self.kv_layers)}.")
+            if self.loss != "structural":
+                p.append("--attn-layers needs --loss structural (the only loss with an attention term).")
         if self.store is None and (self.teachers is not None or self.kv_layers is not None):
             p.append("--teachers and --kv-layers need --store (they pick what to read from it).")
         if self.store is not None and self.tokenizer is not None:
@@ -287,3 +270,36 @@ class DistillConfig:
             p.append("--out: expected a directory path. Got nothing.")
         if p:
             raise ConfigError.from_problems(p)
+
+
+def _segment_weights(value: Any, problems: list[str]) -> dict[str, float] | None:
+    """--segment-weights as a mapping: from 'prompt=0.5,answer=2' (a flag) or a YAML mapping; names it leaves out
+    weigh 1. A bad entry is reported in ``problems`` (and the option dropped)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        pairs = []
+        for part in (x for x in value.split(",") if x.strip()):
+            m = _WEIGHT.match(part)
+            pairs.append((m.group(1), m.group(2)) if m else (part.strip(), None))
+    elif isinstance(value, Mapping):
+        pairs = [(str(k), v) for k, v in value.items()]
+    else:
+        problems.append(f"--segment-weights: expected name=weight pairs like 'prompt=0.5,answer=2'. Got {value!r} "
+                        "instead.")
+        return None
+    out: dict[str, float] = {}
+    before = len(problems)
+    for name, weight in pairs:
+        try:
+            number = as_float(weight)
+        except (TypeError, ValueError):
+            number = None
+        if name not in SEGMENT_NAMES or number is None:
+            problems.append(f"--segment-weights: expected name=weight with names in {', '.join(SEGMENT_NAMES)}. "
+                            f"Got {name + ('' if weight is None else f'={weight}')!r} instead.")
+        elif number < 0:
+            problems.append(f"--segment-weights: expected weights >= 0. Got {f'{name}={weight}'!r} instead.")
+        else:
+            out[name] = number
+    return out if len(problems) == before else None

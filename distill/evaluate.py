@@ -26,9 +26,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from kava.extract.data import load_rows
+from kava.extract.config import config_from_dict, config_to_dict
+from kava.extract.data import DataSource
 from kava.extract.rows import ReasoningRow
 from kava.extract.synthetic import SYNTHETIC_SPLITS
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
@@ -483,16 +484,8 @@ class EvalConfig:
 
     model: str
     """A directory written by kava distill, or any causal LM directory or hub id."""
-    dataset: str = "gsm8k"
-    """``synthetic`` (generated, seeded), ``gsm8k``, or a JSONL/Parquet file."""
-    data_files: str | None = None
-    """Local files holding the rows of --split (for --dataset gsm8k)."""
-    split: str = "test"
-    """Dataset split."""
-    limit: int | None = None
-    """Evaluate only the first N rows."""
-    seed: int = 0
-    """Seed of the synthetic dataset."""
+    data: DataSource = field(default_factory=lambda: DataSource(dataset="gsm8k", split="test"))
+    """The rows evaluated (--dataset, --split, --limit, ...)."""
     template: str | None = None
     """Prompt template (plain, chat, cot or a file); default: the one recorded with the model, else plain."""
     batch_size: int = 16
@@ -511,44 +504,57 @@ class EvalConfig:
     """Also score each row's reference reasoning and answer: negative log-likelihood per item in the JSONL (nats,
     tokens, characters, bytes) and per token, character and byte overall."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"seed": "data_seed"}
+    """Old spellings still accepted (flag and YAML key): ``--seed`` was the synthetic dataset's seed."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        """From flat option names, as flags and YAML spell them."""
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
     @property
     def dataset_name(self) -> str:
         """``gsm8k``, ``synthetic``, or a file dataset's stem: the name used in the default output file."""
-        if self.dataset in _NAMED_DATASETS:
-            return self.dataset.rsplit("/", 1)[-1]
-        return Path(self.dataset).stem
+        if self.data.dataset in _NAMED_DATASETS:
+            return self.data.dataset.rsplit("/", 1)[-1]
+        return Path(self.data.dataset).stem
 
     @property
     def out_path(self) -> Path:
         if self.out is not None:
             return Path(self.out)
-        name = f"eval-{self.dataset_name}-{self.split}.jsonl"
+        name = f"eval-{self.dataset_name}-{self.data.split}.jsonl"
         return Path(self.model) / name if Path(self.model).is_dir() else Path(name)
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
+        d = self.data
         p: list[str] = []
         if not self.model:
             p.append("--model: expected a model directory or hub id. Got nothing.")
-        if self.dataset not in _NAMED_DATASETS and not Path(self.dataset).is_file():
-            p.append(f"--dataset: expected synthetic, gsm8k or a JSONL/Parquet file. Got {self.dataset!r} instead.")
-        if self.data_files is not None:
-            if self.dataset not in ("gsm8k", "openai/gsm8k"):
-                p.append(f"--data-files is for --dataset gsm8k. Got --dataset {self.dataset!r} instead. "
+        if d.dataset not in _NAMED_DATASETS and not Path(d.dataset).is_file():
+            p.append(f"--dataset: expected synthetic, gsm8k or a JSONL/Parquet file. Got {d.dataset!r} instead.")
+        if d.data_files is not None:
+            if d.dataset not in ("gsm8k", "openai/gsm8k"):
+                p.append(f"--data-files is for --dataset gsm8k. Got --dataset {d.dataset!r} instead. "
                          "Drop --data-files.")
-            elif not Path(self.data_files).is_file():
-                p.append(f"--data-files: expected a JSONL or Parquet file. Got {self.data_files!r}, which does not "
+            elif not Path(d.data_files).is_file():
+                p.append(f"--data-files: expected a JSONL or Parquet file. Got {d.data_files!r}, which does not "
                          "exist.")
-        if self.dataset == "synthetic" and self.split not in SYNTHETIC_SPLITS:
+        if d.dataset == "synthetic" and d.split not in SYNTHETIC_SPLITS:
             p.append(f"--split: expected one of {', '.join(SYNTHETIC_SPLITS)} for --dataset synthetic. "
-                     f"Got {self.split!r} instead.")
+                     f"Got {d.split!r} instead.")
         if self.template is not None and self.template not in TEMPLATES and not Path(self.template).is_file():
             p.append(f"--template: expected one of {', '.join(sorted(TEMPLATES))} or a template file. "
                      f"Got {self.template!r} instead.")
         for flag, value in (("--batch-size", self.batch_size), ("--max-new-tokens", self.max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 p.append(f"{flag}: expected an integer >= 1. Got {value!r} instead.")
-        for flag, value in (("--limit", self.limit), ("--threads", self.threads)):
+        p += d.problems()
+        for flag, value in (("--threads", self.threads),):
             if value is not None and (not isinstance(value, int) or value < 1):
                 p.append(f"{flag}: expected a positive integer. Got {value!r} instead.")
         if self.device is not None and not _DEVICE.match(self.device):
@@ -610,8 +616,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         hf_logging.disable_progress_bar()  # its "Loading weights" bars too
 
     # 2. Data before the model: a bad dataset fails in milliseconds, not after a multi-GB load.
-    rows = load_rows(config.dataset, split=config.split, limit=config.limit, data_files=config.data_files,
-                     seed=config.seed)
+    rows = config.data.load()
     if not len(rows):
         raise DatasetError(f"Expected at least one usable row in {rows.name}. Got none ({len(rows.problems)} "
                            "skipped). Check --dataset, --split and --data-files.")
@@ -642,4 +647,5 @@ def run_eval(config: EvalConfig) -> EvalResult:
                "reference_nll_per_byte": nats / per["bytes"] if per["bytes"] else float("nan"),
                "nll_tokenizer": tokenizer_fingerprint(tokenizer)}
     _write_jsonl_atomic(out, result.items)
-    return replace(result, dataset=config.dataset, split=config.split, model=config.model, out=str(out), **nll)
+    return replace(result, dataset=config.data.dataset, split=config.data.split, model=config.model, out=str(out),
+                   **nll)

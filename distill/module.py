@@ -33,13 +33,13 @@ _COMPLETION = (SEGMENT_NAMES.index("reasoning"), SEGMENT_NAMES.index("answer"))
 def build_objective(cfg: DistillConfig, data: RunData, student: Student) -> KVObjective:
     """The K/V objective for the run's teacher plans and the student's attention geometry (random init: seed first)."""
     _, heads, kv_heads, head_dim = attention_geometry(student.config)
-    segments = cfg.segment_weight_map()
+    segments = cfg.segment_weights or {}  # names left out weigh 1
     return KVObjective(
         data.plans, (heads, kv_heads, head_dim), data.kv_layers, loss=cfg.loss, alpha_k=cfg.alpha_k,
         alpha_v=cfg.alpha_v, alpha_attn=cfg.alpha_attn, projector=cfg.projector, project=cfg.project,
         init_uniform=cfg.init_uniform, share_dim=cfg.share_dim_proj, fusion=cfg.fusion,
-        fusion_weights=cfg.fusion_weight_list(), temperature=cfg.fusion_temperature,
-        router_hidden=cfg.router_hidden, segment_weights=[segments[n] for n in SEGMENT_NAMES],
+        fusion_weights=cfg.fusion_weights, temperature=cfg.fusion_temperature,
+        router_hidden=cfg.router_hidden, segment_weights=[segments.get(n, 1.0) for n in SEGMENT_NAMES],
     )
 
 

@@ -96,7 +96,7 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         return RunData(store, path, tokenizer, template, [], (), depth)
 
     have = store.teachers
-    names = cfg.teacher_names
+    names = cfg.teachers
     if names is None:
         if len(have) != 1:
             listing = ", ".join(sorted(have)) or "none"
@@ -116,11 +116,11 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         raise SchemaError(f"{store.where}: the teachers' layer maps are for students of different depths {depths}. "
                           "Pick teachers mapped for the same student.")
     depth = next(iter(depths.values()))
-    kv_layers = tuple(cfg.kv_layer_list or range(depth))
+    kv_layers = tuple(cfg.kv_layers or range(depth))
     out_of_range = [layer for layer in kv_layers if layer >= depth]
     if out_of_range:
         raise ConfigError(f"--kv-layers {out_of_range}: the store's layer map has student layers 0-{depth - 1}.")
-    attn_layers = tuple(cfg.attn_layer_list or kv_layers)
+    attn_layers = tuple(cfg.attn_layers or kv_layers)
     outside = [layer for layer in attn_layers if layer not in kv_layers]
     if outside:
         raise ConfigError(f"--attn-layers {outside}: not among the aligned student layers {list(kv_layers)}.")
@@ -155,7 +155,6 @@ def _teacher_plan(spec: TeacherSpec, kv_layers: tuple[int, ...], attn_layers: tu
 def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tuple[KVStore, PreTrainedTokenizerBase]:
     """CE-only without a store: tokenize --dataset into ``<out>/grid.zarr`` once (reused on resume); return the
     store and the tokenizer it was cut with."""
-    from kava.extract.data import load_rows
     from kava.extract.grid import create_grid_store
     from kava.core.models import load_fast_tokenizer, load_tokenizer, resolve_model
     from kava.extract.templates import load_template
@@ -171,10 +170,11 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
         tokenizer = load_fast_tokenizer(tok_name)
     else:
         tokenizer = load_tokenizer(resolve_model(tok_name, role="student", trust_remote_code=cfg.trust_remote_code))
-    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files, seed=cfg.data_seed)
-    store, grid = create_grid_store(path, rows, tokenizer, load_template(cfg.template), tokenizer_name=tok_name,
-                                    dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length,
+    d = cfg.data
+    store, grid = create_grid_store(path, d.load(), tokenizer, load_template(cfg.student_template),
+                                    tokenizer_name=tok_name, dataset=d.dataset, split=d.split,
+                                    max_length=cfg.max_length,
                                     on_too_long="truncate", shard_tokens=32768, command=cfg.command,
-                                    details={"limit": cfg.limit, "seed": cfg.data_seed})
-    log(f"tokenized {len(grid)} samples of {cfg.dataset}:{cfg.split} into {path}")
+                                    details=d.details())
+    log(f"tokenized {len(grid)} samples of {d.dataset}:{d.split} into {path}")
     return KVStore.open(path), tokenizer

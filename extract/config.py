@@ -1,23 +1,185 @@
 """`kava extract` options as one typed dataclass; click flags and YAML keys load into the same fields.
 
-Every cross-field rule lives in ``validate()``, which reports all problems at once in the flags' own spelling
-before any model loads or file is written.
+A command's config composes small groups (``data: DataSource``, the rows it reads) instead of repeating their fields;
+flags, YAML keys and ``to_dict()`` stay flat (``--dataset``, ``dataset:``), one name per field, with the group
+resolved by :func:`config_fields`. List options are typed lists, parsed once in ``__post_init__`` from whatever the
+flag or YAML gave (``'0,5,9'`` or ``[0, 5, 9]``). Every cross-field rule lives in ``validate()``, which reports all
+problems at once in the flags' own spelling before any model loads or file is written.
+
+Scale-out options (``--cluster``, ``--scheduler``, ``--slurm-*``) are not extraction's: ``pipelines/cluster_config.py``
+holds them, and only the cluster launcher reads them.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import re
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import KV_DTYPES, check_teacher_name
 
+from .data import DataSource
+
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
-_LOCAL = re.compile(r"^local:(\d+)$")
-_ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://\S+|[^\s/:]+:\d+)$")
-_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The flat view of a config: one name per field, groups resolved
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One option of a config: a field of the config itself, or of one of its groups (``group`` names the field
+    holding it)."""
+
+    name: str
+    """The option's name: the field's, as flags (``--data-files``) and YAML keys (``data_files``) spell it."""
+    group: str | None
+    hint: Any
+    """The field's resolved type annotation."""
+    default: Any
+    """Its default in this config (a group's default instance decides it), or ``dataclasses.MISSING``."""
+    owner: type
+    """The dataclass that declares it (its attribute docstring is the help text)."""
+    help_prefix: str | None = None
+    """Set on a group field with ``metadata={"help_prefix": ...}`` (e.g. "Without --store")."""
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def config_fields(cls: type) -> list[ConfigField]:
+    """Every option of ``cls`` in declaration order, a group's fields where the group sits."""
+    hints = typing.get_type_hints(cls)
+    out: list[ConfigField] = []
+    for f in fields(cls):
+        hint = hints[f.name]
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            out.append(ConfigField(f.name, None, hint, _default(f), cls))
+            continue
+        inner, inner_hints = _default(f), typing.get_type_hints(hint)
+        for g in fields(hint):
+            default = dataclasses.MISSING if inner is dataclasses.MISSING else getattr(inner, g.name)
+            out.append(ConfigField(g.name, f.name, inner_hints[g.name], default, hint, f.metadata.get("help_prefix")))
+    names = [c.name for c in out]
+    assert len(set(names)) == len(names), f"{cls.__name__}: a group field shadows another option"
+    return out
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The flat mapping of option names to values (what ``config.yaml`` holds and ``--config`` reads back)."""
+    return {c.name: getattr(getattr(cfg, c.group) if c.group else cfg, c.name) for c in config_fields(type(cfg))}
+
+
+def option_names(cls: type) -> set[str]:
+    """Every name ``config_from_dict`` accepts for ``cls``: its options and their old spellings (``ALIASES``)."""
+    return {c.name for c in config_fields(cls)} | set(getattr(cls, "ALIASES", {}))
+
+
+def canonical_names(cls: type, data: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """``data`` with ``_`` for ``-`` and every old spelling (``cls.ALIASES``) under its option's name; both names at
+    once is a problem appended to ``problems``."""
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for old, new in getattr(cls, "ALIASES", {}).items():
+        if old in out:
+            if new in out:
+                problems.append(f"Can't set both --{old.replace('_', '-')} and --{new.replace('_', '-')} (the old "
+                                f"and the new name of one option). Keep --{new.replace('_', '-')}.")
+            out[new] = out.pop(old)
+    return out
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], *, source: str = "--config") -> Any:
+    """``cls`` from flat option names (``-`` or ``_``), old spellings included; the groups are built from their own
+    defaults in ``cls``. Raises one ConfigError naming every missing or unknown option (``source`` says where they
+    came from)."""
+    problems: list[str] = []
+    data = canonical_names(cls, data, problems)
+    options = config_fields(cls)
+    missing = [c.flag for c in options if c.required and c.name not in data]
+    unknown = sorted(set(data) - {c.name for c in options})
+    problems += [f"Missing option {m}." for m in missing] + [f"Unknown option {u!r} in {source}." for u in unknown]
+    if problems:
+        raise ConfigError(" ".join(problems))
+    top: dict[str, Any] = {}
+    grouped: dict[str, dict[str, Any]] = {}
+    for c in options:
+        if c.name in data:
+            (grouped.setdefault(c.group, {}) if c.group else top)[c.name] = data[c.name]
+    for f in fields(cls):
+        if f.name in grouped:
+            base = _default(f)
+            top[f.name] = dataclasses.replace(base, **grouped[f.name])
+    return cls(**top)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# List options: parsed once, from a flag's text or a YAML value
+
+
+def parse_list(value: Any, item: Callable[[Any], T], flag: str, example: str, problems: list[str]) -> list[T] | None:
+    """``value`` as a list: None stays None; ``'0,2,3'`` (a flag), ``[0, 2, 3]`` or ``5`` (YAML) become lists of
+    ``item(x)``. On a bad entry it appends "<flag>: expected <example>. Got ... instead." to ``problems`` and
+    returns None, so ``validate()`` reports it with everything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts: list[Any] = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        return [item(p) for p in parts]
+    except (TypeError, ValueError):
+        problems.append(f"{flag}: expected {example}. Got {value!r} instead.")
+        return None
+
+
+def as_int(x: Any) -> int:
+    """An integer from a flag's text or a YAML integer (never a bool or a fractional number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, str)):
+        raise TypeError(x)
+    return int(x)
+
+
+def as_float(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        raise TypeError(x)
+    return float(x)
+
+
+def as_name(x: Any) -> str:
+    if not isinstance(x, str) or not x.strip():
+        raise TypeError(x)
+    return x.strip()
+
+
+def format_list(values: list[Any] | None) -> str:
+    """A list option as its flag spells it: ``[0, 2]`` → ``'0,2'``."""
+    return ",".join(str(v) for v in values or [])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kava extract
 
 
 @dataclass
@@ -30,22 +192,8 @@ class ExtractConfig:
     """The store directory (created on first use)."""
     name: str | None = None
     """The teacher's name inside the store (default: preset or directory name, plus the template when not plain)."""
-    dataset: str = "synthetic"
-    """``synthetic`` (generated, seeded), ``gsm8k``, or a JSONL/Parquet file."""
-    split: str = "train"
-    """Dataset split."""
-    limit: int | None = None
-    """Use only the first N rows (synthetic: how many to generate; default 2000)."""
-    data_files: str | None = None
-    """Local files holding the rows of --split (for --dataset gsm8k)."""
-    question_field: str = "question"
-    """Field holding the question (file datasets)."""
-    answer_field: str = "answer"
-    """Field holding the reasoning lines and '#### N' (file datasets)."""
-    seed: int = 0
-    """Seed of the synthetic dataset."""
-    strip_calculator: bool = False
-    """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
+    data: DataSource = field(default_factory=DataSource)
+    """The rows: --dataset, --split, --limit, --data-files, --data-seed, ..."""
     student_template: str = "plain"
     """Template of the student's text (plain, chat, cot or a file): the grid every teacher lines up with, fixed when
     the store is created."""
@@ -72,7 +220,7 @@ class ExtractConfig:
     """Allow modelling code shipped with the checkpoint."""
     with_q: bool = False
     """Also store queries."""
-    q_layers: str | None = None
+    q_layers: list[int] | None = None
     """Teacher layers whose queries are stored, e.g. '0,5,9' (default with --with-q: the stored K/V layers)."""
     k_rope: str = "pre"
     """Store keys before RoPE (pre, default) or as the cache holds them (post)."""
@@ -110,40 +258,30 @@ class ExtractConfig:
     """Show a progress bar on stderr."""
     threads: int | None = None
     """CPU threads for torch (default: torch's choice; on a cluster, each worker's share of its cores)."""
-    cluster: str | None = None
-    """Extract on dask.distributed: 'local:N' (N worker processes here) or 'slurm' (dask-jobqueue's SLURMCluster,
-    see --slurm-*). Each worker loads the teacher once and writes whole shards."""
-    scheduler: str | None = None
-    """Address of a running dask scheduler whose workers extract, e.g. tcp://HOST:8786 (instead of --cluster).
-    Start its workers with one thread each (dask worker --nthreads 1) and set --threads for torch."""
-    slurm_queue: str | None = None
-    """SLURM partition of the worker jobs (default: the cluster's default partition)."""
-    slurm_cores: int = 4
-    """CPU cores per SLURM worker job; also the worker's torch threads unless --threads is set."""
-    slurm_memory: str = "16GB"
-    """Memory per SLURM worker job, e.g. 32GB."""
-    slurm_walltime: str = "04:00:00"
-    """Time limit per SLURM worker job (HH:MM:SS or D-HH:MM:SS)."""
-    slurm_gpus: int = 0
-    """GPUs per SLURM worker job (#SBATCH --gpus-per-node); use with --device cuda."""
-    slurm_extra: str | None = None
-    """Extra #SBATCH directives, ';'-separated, e.g. '--account=proj;--constraint=a100'."""
-    slurm_jobs: int = 1
-    """SLURM worker jobs to start, one worker each."""
     command: str = ""
     """The command line, recorded in the store."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form details recorded with the teacher."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"seed": "data_seed"}
+    """Old spellings still accepted (flag and YAML key): ``--seed`` was the synthetic dataset's seed."""
+
+    def __post_init__(self) -> None:
+        self._parse_problems: list[str] = []
+        self.q_layers = parse_list(self.q_layers, as_int, "--q-layers", "comma-separated layer numbers",
+                                   self._parse_problems)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractConfig:
+        """From flat option names, as flags, YAML and ``to_dict()`` spell them."""
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
     @property
     def teacher_template(self) -> str:
         return self.prompt_template or self.student_template
-
-    @property
-    def local_workers(self) -> int | None:
-        """N of --cluster local:N (None for other clusters)."""
-        m = _LOCAL.match(self.cluster or "")
-        return int(m.group(1)) if m else None
 
     @property
     def shard_slice(self) -> tuple[int, int] | None:
@@ -155,7 +293,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = []
+        p: list[str] = list(self._parse_problems)
         if self.load_in_4bit and self.load_in_8bit:
             p.append("Can't set both --load-in-4bit and --load-in-8bit. Choose one.")
         if self.kv_dtype not in KV_DTYPES:
@@ -176,8 +314,7 @@ class ExtractConfig:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
         if self.threads is not None and self.threads < 1:
             p.append(f"--threads: expected a positive integer. Got {self.threads!r} instead.")
-        if self.limit is not None and self.limit < 1:
-            p.append(f"--limit: expected a positive integer. Got {self.limit!r} instead.")
+        p += self.data.problems()
         if self.student_layers is not None and self.student_layers < 1:
             p.append(f"--student-layers: expected a positive integer. Got {self.student_layers!r} instead.")
         if self.student_layers is not None and self.student is not None:
@@ -196,7 +333,6 @@ class ExtractConfig:
             m = _SHARD.match(self.shard)
             if not m or not int(m.group(2)) >= 1 or not 0 <= int(m.group(1)) < int(m.group(2)):
                 p.append(f"--shard: expected 'i/n' with 0 <= i < n. Got {self.shard!r} instead.")
-        p += self._cluster_problems()
         if self.name is not None:
             try:
                 check_teacher_name(self.name)
@@ -206,51 +342,3 @@ class ExtractConfig:
             p.append("--store: expected a directory path. Got nothing.")
         if p:
             raise ConfigError.from_problems(p)
-
-    def _cluster_problems(self) -> list[str]:
-        """--cluster, --scheduler and --slurm-*: what goes together and what each accepts."""
-        p: list[str] = []
-        if self.cluster is not None and self.scheduler is not None:
-            p.append("Can't set both --cluster and --scheduler. Choose one.")
-        if self.cluster is not None and self.cluster != "slurm" and not (self.local_workers or 0) >= 1:
-            p.append(f"--cluster: expected 'local:N' (N >= 1 worker processes) or 'slurm'. Got {self.cluster!r} "
-                     "instead.")
-        if self.scheduler is not None and not _ADDRESS.match(self.scheduler):
-            p.append(f"--scheduler: expected a scheduler address such as tcp://HOST:8786. Got {self.scheduler!r} "
-                     "instead.")
-        scale_out = "--cluster" if self.cluster is not None else "--scheduler" if self.scheduler is not None else None
-        if scale_out and self.shard is not None:
-            p.append(f"Can't set both --shard and {scale_out}: the cluster hands out the shards itself. Choose one.")
-        defaults = {f.name: f.default for f in fields(self) if f.name.startswith("slurm_")}
-        changed = [name for name, default in defaults.items() if getattr(self, name) != default]
-        if changed and self.cluster != "slurm":
-            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-            p.append(f"{flags} {'needs' if len(changed) == 1 else 'need'} --cluster slurm.")
-        if self.cluster != "slurm":
-            return p
-        for flag, value, low in (("--slurm-cores", self.slurm_cores, 1), ("--slurm-gpus", self.slurm_gpus, 0),
-                                 ("--slurm-jobs", self.slurm_jobs, 1)):
-            if not isinstance(value, int) or value < low:
-                p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
-        from dask.utils import parse_bytes
-
-        try:
-            parse_bytes(self.slurm_memory)
-        except (ValueError, TypeError):
-            p.append(f"--slurm-memory: expected a size such as 16GB. Got {self.slurm_memory!r} instead.")
-        if not _WALLTIME.match(str(self.slurm_walltime)):
-            p.append(f"--slurm-walltime: expected HH:MM:SS or D-HH:MM:SS. Got {self.slurm_walltime!r} instead.")
-        bad = [d for d in slurm_directives(self.slurm_extra) if not d.startswith("-")]
-        if bad:
-            p.append(f"--slurm-extra: expected ';'-separated #SBATCH options such as '--account=proj'. Got {bad} "
-                     "instead.")
-        # Imported only when the cluster starts; checked here so it is reported with everything else.
-        if importlib.util.find_spec("dask_jobqueue") is None:
-            p.append("--cluster slurm needs the package dask-jobqueue, which is not installed. "
-                     "Run `pip install dask-jobqueue` (or `pip install 'kava[slurm]'`).")
-        return p
-
-
-def slurm_directives(extra: str | None) -> list[str]:
-    """--slurm-extra's ';'-separated #SBATCH options, stripped, empty ones dropped."""
-    return [d.strip() for d in (extra or "").split(";") if d.strip()]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +299,41 @@ def load_rows(
     raise ConfigError(
         f"Expected --dataset to be 'synthetic', 'gsm8k' or a path to a JSONL/Parquet file. Got {dataset!r} instead."
     )
+
+
+@dataclass
+class DataSource:
+    """Where a command's rows come from: the ``--dataset`` options every stage shares, loaded by :meth:`load`."""
+
+    dataset: str = "synthetic"
+    """``synthetic`` (generated, seeded), ``gsm8k``, or a JSONL/Parquet file."""
+    split: str = "train"
+    """Dataset split."""
+    limit: int | None = None
+    """Use only the first N rows (synthetic: how many to generate; default 2000 for train)."""
+    data_files: str | None = None
+    """Local files holding the rows of --split (for --dataset gsm8k)."""
+    question_field: str = "question"
+    """Field holding the question (file datasets)."""
+    answer_field: str = "answer"
+    """Field holding the reasoning lines and '#### N' (file datasets)."""
+    data_seed: int = 0
+    """Seed of the synthetic dataset."""
+    strip_calculator: bool = False
+    """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
+
+    def problems(self) -> list[str]:
+        """What is wrong without reading anything, in the flags' spelling."""
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            return [f"--limit: expected a positive integer. Got {self.limit!r} instead."]
+        return []
+
+    def details(self) -> dict[str, Any]:
+        """What the store records of the source besides its name and split (the keys stores have always used)."""
+        return {"limit": self.limit, "seed": self.data_seed, "strip_calculator": self.strip_calculator}
+
+    def load(self) -> RowSet:
+        """The rows, through :func:`load_rows`."""
+        return load_rows(self.dataset, split=self.split, limit=self.limit, data_files=self.data_files,
+                         question_field=self.question_field, answer_field=self.answer_field, seed=self.data_seed,
+                         strip_calculator=self.strip_calculator)

@@ -42,7 +42,6 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from kava.kvstore.manifest import proportional_layer_map
 
     from .align import token_spans
-    from .data import load_rows
     from .grid import build_grid
     from .capture import attention_geometry, capture_qkv
     from .layer_map import parse_layer_map
@@ -53,9 +52,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     from .templates import load_template
 
     source = validate_and_resolve(cfg)
-    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
-                     question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
-                     strip_calculator=cfg.strip_calculator)
+    rows = cfg.data.load()
     teacher_tok = load_tokenizer(source)
     student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
@@ -101,7 +98,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     return {
         "teacher": source.model_id,
         "quantization": source.quantization,
-        "dataset": f"{cfg.dataset}:{cfg.split}",
+        "dataset": f"{cfg.data.dataset}:{cfg.data.split}",
         "samples": len(grid),
         "student_tokens": student_tokens,
         "teacher_tokens": teacher_tokens,

@@ -153,9 +153,6 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
     started = time.perf_counter()
     # 1. Everything that can be checked without loading a model, all at once.
     source = validate_and_resolve(cfg)
-    if cfg.cluster is not None or cfg.scheduler is not None:
-        raise ConfigError("--cluster and --scheduler run through kava.pipelines.cluster.run_extract_cluster "
-                          "(`kava extract` picks it); run_extract is the single-process recipe.")
     configure_process(cfg.threads, progress=cfg.progress)
 
     # 2-6. Data, grid, store, teacher, layer map and the teacher's spec.
@@ -204,7 +201,6 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     worker passes its cache's). Returns the plan, the grid (indexed by store sample) and the loaded teacher.
     """
     from .capture import attention_geometry
-    from .data import load_rows
     from .rope import rope_params
     from kava.core.models import describe_model, load_fast_tokenizer, load_tokenizer
     from kava.core.models import load_model as load_teacher_model
@@ -214,17 +210,14 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     name = cfg.name or default_teacher_name(cfg)
 
     # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
-    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
-                     question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
-                     strip_calculator=cfg.strip_calculator)
+    rows = cfg.data.load()
     teacher_tok = load_tokenizer(source)
     student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
     # 3. The grid and the store (created by the first extraction, checked by every later one).
     store, grid = create_grid_store(
         cfg.store, rows, student_tok, template, tokenizer_name=cfg.student_tokenizer or source.model_id,
-        dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length, on_too_long=cfg.on_too_long,
-        shard_tokens=cfg.shard_tokens, command=cfg.command,
-        details={"limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator},
+        dataset=cfg.data.dataset, split=cfg.data.split, max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+        shard_tokens=cfg.shard_tokens, command=cfg.command, details=cfg.data.details(),
     )
 
     todo, done = _shards_to_do(cfg, store, name)
@@ -397,10 +390,7 @@ def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> t
         return ()
     if cfg.q_layers is None:
         return layers
-    try:
-        chosen = tuple(int(x) for x in cfg.q_layers.split(","))
-    except ValueError:
-        raise ConfigError(f"--q-layers: expected comma-separated layer numbers. Got {cfg.q_layers!r} instead.") from None
+    chosen = tuple(cfg.q_layers)  # parsed by ExtractConfig
     bad = [l for l in chosen if not 0 <= l < num_layers]
     if bad:
         raise ConfigError(f"--q-layers: the teacher has layers 0-{num_layers - 1}. Got {bad} instead.")

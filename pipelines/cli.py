@@ -27,22 +27,24 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def run_stage(config_cls: type, values: dict[str, Any], config_file: str | None, stage: str, *,
+def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], config_file: str | None, stage: str, *,
               record_command: bool = False, **kwargs: Any) -> Any:
-    """Build ``config_cls`` from ``--config`` YAML and the flags, then call ``stage`` (``"module:function"``, imported
-    only now) with it. Any KavaError becomes one ``error:`` line on stderr and exit status 1."""
+    """Build ``config_cls`` (or each of several classes, e.g. ExtractConfig and ClusterConfig) from ``--config`` YAML
+    and the flags, then call ``stage`` (``"module:function"``, imported only now) with it (them). Any KavaError
+    becomes one ``error:`` line on stderr and exit status 1."""
     import importlib
 
     from kava.kvstore import KavaError
 
-    from .options import build_config
+    from .options import build_configs
 
+    classes = config_cls if isinstance(config_cls, tuple) else (config_cls,)
     if record_command:
         values = {**values, "command": shlex.join(["kava", *sys.argv[1:]])}
     module, function = stage.split(":")
     try:
-        return getattr(importlib.import_module(module), function)(build_config(config_cls, values, config_file),
-                                                                    **kwargs)
+        configs = build_configs(classes, values, config_file)
+        return getattr(importlib.import_module(module), function)(*configs, **kwargs)
     except KavaError as e:
         fail(str(e))
 
@@ -80,10 +82,12 @@ def main() -> None:
 def _extract_command() -> click.Command:
     from kava.extract.config import ExtractConfig
 
+    from .cluster_config import ClusterConfig
     from .options import config_options
 
     @click.command("extract", short_help="Run each teacher once over a dataset and write its aligned K/V into a store.")
     @config_options(ExtractConfig, exclude=("command", "extra", "teacher", "store"))
+    @config_options(ClusterConfig, config_flag=False)
     @click.option("--store", "store", help="The store directory (created on first use). [required]")
     @click.option("--teacher", "teacher", help="Preset name (see --list-teachers), local model directory, or hub id. "
                                                "[required]")
@@ -98,19 +102,21 @@ def _extract_command() -> click.Command:
 
             click.echo(format_preset_table())
             return
-        result = run_stage(ExtractConfig, values, config_file, "kava.pipelines.cli:extract_stage", record_command=True)
+        result = run_stage((ExtractConfig, ClusterConfig), values, config_file, "kava.pipelines.cli:extract_stage",
+                           record_command=True)
         if as_json:
             emit_json(result.to_dict())
 
     return extract
 
 
-def extract_stage(cfg: Any) -> Any:
-    """`kava extract`: in this process, or on a dask cluster with --cluster / --scheduler."""
-    if cfg.cluster is not None or cfg.scheduler is not None:
+def extract_stage(cfg: Any, cluster: Any) -> Any:
+    """`kava extract`: in this process, or on a dask cluster with --cluster / --scheduler (``cluster``, a
+    ClusterConfig; only the launcher reads it)."""
+    if cluster.active:
         from .cluster import run_extract_cluster
 
-        return run_extract_cluster(cfg)
+        return run_extract_cluster(cfg, cluster)
     from kava.extract.recipe import run_extract
 
     return run_extract(cfg)
@@ -119,10 +125,12 @@ def extract_stage(cfg: Any) -> Any:
 def _estimate_command() -> click.Command:
     from kava.extract.config import ExtractConfig
 
+    from .cluster_config import ClusterConfig
     from .options import config_options
 
     @click.command("estimate", short_help="Predict store size and extraction time before anything runs.")
     @config_options(ExtractConfig, exclude=("command", "extra", "teacher", "store"))
+    @config_options(ClusterConfig, config_flag=False)
     @click.option("--store", "store", default="(estimate)", help="Accepted so an extract command line can be reused.")
     @click.option("--teacher", "teacher", help="Preset name, local model directory, or hub id. [required]")
     @click.option("--timed-samples", default=16, show_default=True, help="Samples run through the teacher to time it.")
@@ -159,11 +167,19 @@ def _estimate_command() -> click.Command:
             emit_json(result) if as_json else click.echo(format_plan(result))
             return
 
-        result = run_stage(ExtractConfig, values, config_file, "kava.extract.estimate:estimate",
+        result = run_stage((ExtractConfig, ClusterConfig), values, config_file, "kava.pipelines.cli:estimate_stage",
                            timed_samples=timed_samples)
         emit_json(result) if as_json else click.echo(format_estimate(result))
 
     return estimate
+
+
+def estimate_stage(cfg: Any, cluster: Any, *, timed_samples: int) -> Any:
+    """`kava estimate`: the cluster options of an extract command line are accepted (and checked), not used."""
+    cluster.validate(shard=cfg.shard)
+    from kava.extract.estimate import estimate
+
+    return estimate(cfg, timed_samples=timed_samples)
 
 
 def _distill_command() -> click.Command:
@@ -422,7 +438,7 @@ def _slurm_command(stage: str) -> click.Command:
     if stage == "extract":
         from kava.extract.config import ExtractConfig as cls
 
-        required, exclude = ("teacher", "store"), ("command", "extra", "shard", "resume", "cluster", "scheduler")
+        required, exclude = ("teacher", "store"), ("command", "extra", "shard", "resume")
     else:
         from kava.distill.config import DistillConfig as cls
 

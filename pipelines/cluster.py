@@ -21,12 +21,14 @@ from typing import Any, Callable
 
 from distributed import WorkerPlugin
 
-from kava.extract.config import ExtractConfig, slurm_directives
 from kava.core.errors import ConfigError, KavaError
 from kava.core.log import Log, log_stderr
+from kava.extract.config import ExtractConfig
 from kava.extract.recipe import (ExtractPlan, ExtractResult, LoadedTeacher, configure_process, prepare_extract,
                                  progress_bar, summary_line, validate_and_resolve, write_shards)
 from kava.kvstore import KVStore
+
+from .cluster_config import ClusterConfig
 
 PLUGIN = "kava-teacher"
 """The name the worker plugin is registered under."""
@@ -73,9 +75,10 @@ class _Failed:
     error: KavaError
 
 
-def run_extract_cluster(cfg: ExtractConfig, *, log: Log = log_stderr,
+def run_extract_cluster(cfg: ExtractConfig, cluster: ClusterConfig, *, log: Log = log_stderr,
                         on_shard: Callable[[int], None] | None = None) -> ExtractResult:
-    """Extract one teacher into ``cfg.store`` on the dask cluster that ``--cluster`` or ``--scheduler`` names.
+    """Extract one teacher into ``cfg.store`` on the dask cluster that ``cluster`` (``--cluster`` or
+    ``--scheduler``) names.
 
     Writes the store ``run_extract`` writes and returns the same result, logging the same lines (plus one naming
     the cluster); ``on_shard(s)`` is called here, on the driver, as each shard's marker lands. Closes the cluster
@@ -83,21 +86,28 @@ def run_extract_cluster(cfg: ExtractConfig, *, log: Log = log_stderr,
     bad input or when a shard fails for good; complete shards are kept, and ``--resume`` finishes the rest.
     """
     started = time.perf_counter()
-    if cfg.cluster is None and cfg.scheduler is None:
+    if not cluster.active:
         raise ConfigError("run_extract_cluster needs --cluster or --scheduler; without them run_extract runs the "
                           "extraction in this process.")
-    # 1. Everything that can be checked here, before any worker starts.
-    source = _resolve_for_workers(cfg)
-    client, close = _connect(cfg, log)
+    # 1. Everything that can be checked here, before any worker starts: both configs' problems at once.
+    problems = cluster.problems(shard=cfg.shard)
     try:
-        return _extract(client, cfg, source, log, started, on_shard)
+        cfg.validate()
+    except ConfigError as e:
+        problems.insert(0, str(e))
+    if problems:
+        raise ConfigError.from_problems(problems)
+    source = _resolve_for_workers(cfg, cluster)
+    client, close = _connect(cluster, log)
+    try:
+        return _extract(client, cfg, cluster, source, log, started, on_shard)
     finally:
         close()
 
 
-def render_slurm_cluster_kwargs(cfg: ExtractConfig) -> dict[str, Any]:
+def render_slurm_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     """``dask_jobqueue.SLURMCluster`` keyword arguments from the --slurm-* options: one worker process per job."""
-    directives = slurm_directives(cfg.slurm_extra)
+    directives = list(cfg.slurm_extra or [])
     if cfg.slurm_gpus:
         directives.append(f"--gpus-per-node={cfg.slurm_gpus}")
     kwargs: dict[str, Any] = {
@@ -119,28 +129,28 @@ def render_slurm_cluster_kwargs(cfg: ExtractConfig) -> dict[str, Any]:
 # The driver's pieces
 
 
-def _resolve_for_workers(cfg: ExtractConfig) -> Any:
+def _resolve_for_workers(cfg: ExtractConfig, cluster: ClusterConfig) -> Any:
     """``validate_and_resolve``, except that CUDA is checked where the teacher loads: a SLURM login node or a remote
     scheduler's client often has no GPU of its own."""
     device = (cfg.device or "cpu").strip().lower()
-    if cfg.local_workers is not None or not device.startswith("cuda"):
+    if cluster.local_workers is not None or not device.startswith("cuda"):
         return validate_and_resolve(cfg)
     source = validate_and_resolve(replace(cfg, device="cpu"))
     return replace(source, device="cuda:0" if device == "cuda" else device)  # the worker's load_model checks it
 
 
-def worker_threads(cfg: ExtractConfig) -> int | None:
+def worker_threads(cfg: ExtractConfig, cluster: ClusterConfig) -> int | None:
     """Torch threads per worker: --threads, else the worker's share of its machine's cores (never more)."""
     if cfg.threads is not None:
         return cfg.threads
-    if cfg.local_workers is not None:
-        return max(1, (os.cpu_count() or 1) // cfg.local_workers)
-    if cfg.cluster == "slurm":
-        return cfg.slurm_cores
+    if cluster.local_workers is not None:
+        return max(1, (os.cpu_count() or 1) // cluster.local_workers)
+    if cluster.cluster == "slurm":
+        return cluster.slurm_cores
     return None  # a running cluster's workers: their own setting (dask's nanny starts them at one)
 
 
-def _connect(cfg: ExtractConfig, log: Log) -> tuple[Any, Callable[[], None]]:
+def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
     """A client of the cluster ``cfg`` names, and how to let go of it afterwards."""
     from distributed import Client
 
@@ -209,13 +219,13 @@ def _connect(cfg: ExtractConfig, log: Log) -> tuple[Any, Callable[[], None]]:
     return client, close
 
 
-def _extract(client: Any, cfg: ExtractConfig, source: Any, log: Log, started: float,
+def _extract(client: Any, cfg: ExtractConfig, cluster: ClusterConfig, source: Any, log: Log, started: float,
              on_shard: Callable[[int], None] | None) -> ExtractResult:
     from distributed import as_completed
 
     run = uuid.uuid4().hex[:8]  # task keys unique to this run, readable on the dashboard
-    resources = {SLURM_RESOURCE: 1} if cfg.cluster == "slurm" else None
-    client.register_plugin(TeacherCache(worker_threads(cfg)), name=PLUGIN)
+    resources = {SLURM_RESOURCE: 1} if cluster.cluster == "slurm" else None
+    client.register_plugin(TeacherCache(worker_threads(cfg, cluster)), name=PLUGIN)
 
     # 2-6. Store, teacher, layer map and spec: one task, whose worker keeps the teacher for its shards.
     prepared = client.submit(_prepare_task, cfg, source, key=f"kava-prepare-{run}", retries=RETRIES,

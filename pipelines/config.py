@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,7 @@ def shipped_configs() -> list[str]:
 def semantic_problems(cfg: RunConfig) -> list[str]:
     """Every problem of a well-typed config, including those of the stage configs built from it."""
     from kava.distill.config import DistillConfig
-    from kava.extract.config import ExtractConfig
+    from kava.extract.config import ExtractConfig, option_names
 
     p: list[str] = []
     d = cfg.data
@@ -310,7 +311,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
         p.append("teachers: expected at least one teacher.")
     if len(set(names)) != len(names):
         p.append(f"teachers: names must be distinct. Got {names}.")
-    extract_fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    extract_fields = option_names(ExtractConfig)
     own = {"teacher", "store", "name", "dataset", "split", "limit", "data_files", "student_tokenizer",
            "student_layers", "student", "resume", "progress", "command"}
     for t in cfg.teachers:
@@ -326,12 +327,12 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
             p.append(f"{w}.train.steps: expected a positive integer. Got {t.train.steps}.")
         who = {"student_layers": cfg.student.layers} if cfg.student.is_preset else {"student": cfg.student.model}
         try:  # the known options, by extraction's own rules
-            ExtractConfig(teacher="t", store="s", **who,
-                          **{k: v for k, v in t.extract.items() if k in extract_fields - own}).validate()
+            ExtractConfig.from_dict({"teacher": "t", "store": "s", **who,
+                                     **{k: v for k, v in t.extract.items() if k in extract_fields - own}}).validate()
         except ConfigError as e:
             p.append(f"{w}.extract: {e}")
 
-    distill_fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    distill_fields = option_names(DistillConfig)
     for key in sorted(set(cfg.train.distill) - distill_fields):
         p.append(f"train.distill: unknown option {key!r} (see `kava distill --help`).")
     _typed(DistillConfig, cfg.train.distill, "train.distill", p)
@@ -366,13 +367,23 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
 
 
 def _typed(cls: type, options: dict[str, Any], where: str, problems: list[str]) -> None:
-    """Type-check a stage's options against its config's fields (values of the wrong type are dropped)."""
-    hints = typing.get_type_hints(cls)
+    """Type-check a stage's options against its config's fields (values of the wrong type are dropped). List and
+    mapping options are left to the config, which parses them from a YAML list or a flag's text ('0,2,3')."""
+    from kava.extract.config import config_fields
+
+    hints = {c.name: c.hint for c in config_fields(cls)
+             if typing.get_origin(_optional(c.hint)) not in (list, dict)}
     for key in [k for k in options if k in hints]:
         before = len(problems)
         options[key] = _convert(hints[key], options[key], f"{where}.{key}", problems)
         if len(problems) > before:
             del options[key]
+
+
+def _optional(tp: Any) -> Any:
+    """``X`` of ``X | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
 
 
 def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, store: str, out: str) -> Any:
@@ -384,12 +395,12 @@ def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, sto
                                if k not in COMPUTE_FIELDS + RUNNER_FIELDS}  # refused by semantic_problems
     if not variant.teachers:
         options["kv_weight"] = 0.0  # CE only, on the same store grid: same tokens, same batches
-    return DistillConfig(
+    return DistillConfig.from_dict(dict(
         student=cfg.student.model, out=out, store=store, seed=seed,
-        teachers=",".join(variant.teachers) or None, steps=t.steps, batch_size=t.batch_size,
+        teachers=list(variant.teachers) or None, steps=t.steps, batch_size=t.batch_size,
         grad_accum=t.grad_accum, max_length=t.max_length, device=cfg.device, threads=cfg.threads,
         progress=False, **options,
-    )
+    ))
 
 
 def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | None = None,
@@ -407,10 +418,10 @@ def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | N
         raise ConfigError(f"teachers[{teacher.name}] is trained by `kava run` (train:): pass its trained model "
                           "directory to extract it.")
     root, preset = cfg.root, cfg.student.is_preset
-    return ExtractConfig(
+    return ExtractConfig.from_dict(dict(
         teacher=model, store=str(root / "kv.zarr"), name=teacher.name,
         dataset=str(splits.split_path(root, "student-train")), split=splits.FILE_SPLIT["student-train"],
         student_tokenizer=cfg.student_tokenizer, student_layers=cfg.student.layers if preset else None,
         student=None if preset else cfg.student.model, device=cfg.device, threads=cfg.threads, progress=False,
         resume=resume, **teacher.extract,
-    )
+    ))

@@ -1,14 +1,15 @@
 """click options generated from a config dataclass, so flags, YAML keys and fields can't drift apart.
 
-Each field ``foo_bar`` becomes ``--foo-bar``; its attribute docstring is the help text; booleans that default to
-False are ``--flag``, those that default to True are ``--no-flag``. ``--config FILE`` loads YAML into the same
-fields, and flags given on the command line win over it.
+Each field ``foo_bar`` becomes ``--foo-bar`` (a group's fields too: ``data: DataSource`` gives ``--dataset``,
+``--split``, ...); its attribute docstring is the help text; booleans that default to False are ``--flag``, those
+that default to True are ``--no-flag``; list options are typed text (``--kv-layers 0,2,3``) that the config parses.
+A config's ``ALIASES`` keep old spellings working (``kava extract --seed`` is ``--data-seed``). ``--config FILE``
+loads YAML into the same fields, and flags given on the command line win over it.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import textwrap
 import typing
@@ -32,34 +33,49 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _base_type(annotation: Any) -> type:
+def _base_type(annotation: Any) -> Any:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
 
 
+def _option_type(annotation: Any) -> type:
+    """The click type of a field: int and float as such, everything else (str, and the lists and mappings a
+    config parses from text itself) as text."""
+    return {int: int, float: float}.get(_base_type(annotation), str)
+
+
+def _show_default(default: Any) -> str:
+    if isinstance(default, list):
+        return ",".join(str(v) for v in default)
+    return str(default)
+
+
 def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: bool = True) -> Callable[[Callable],
                                                                                                       Callable]:
-    """Decorate a click command with one option per dataclass field (plus ``--config`` unless ``config_flag`` is
-    False: a command taking two dataclasses' options has one)."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
+    """Decorate a click command with one option per config option (plus ``--config`` unless ``config_flag`` is
+    False: a command taking two dataclasses' options has one). A group's fields (``data: DataSource``) become
+    options of their own, flat (``--dataset``); ``cls.ALIASES`` adds each old spelling to its option."""
+    from kava.extract.config import config_fields
+
+    aliases: dict[str, list[str]] = {}
+    for old, new in getattr(cls, "ALIASES", {}).items():
+        aliases.setdefault(new, []).append("--" + old.replace("_", "-"))
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name in exclude:
+        for c in reversed(config_fields(cls)):
+            if c.name in exclude:
                 continue
-            kind = _base_type(hints[f.name])
-            flag = "--" + f.name.replace("_", "-")
-            help_text = docs.get(f.name, "")
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if kind is bool:
-                name = flag if f.default is False else "--no-" + f.name.replace("_", "-")
-                fn = click.option(name, f.name, is_flag=True, flag_value=f.default is False, default=None,
+            help_text = field_docs(c.owner).get(c.name, "")
+            if c.help_prefix and not help_text.startswith(c.help_prefix):
+                help_text = f"{c.help_prefix}: {help_text[:1].lower()}{help_text[1:]}"
+            if _base_type(c.hint) is bool:
+                name = c.flag if c.default is False else "--no-" + c.name.replace("_", "-")
+                fn = click.option(name, c.name, is_flag=True, flag_value=c.default is False, default=None,
                                   help=help_text)(fn)
             else:
-                show = "" if required or f.default is None else f" [default: {f.default}]"
-                fn = click.option(flag, f.name, type={int: int, float: float, str: str}.get(kind, str), default=None,
-                                  help=help_text + (" [required]" if required else show))(fn)
+                show = "" if c.required or c.default is None else f" [default: {_show_default(c.default)}]"
+                fn = click.option(c.flag, *aliases.get(c.name, []), c.name, type=_option_type(c.hint), default=None,
+                                  help=help_text + (" [required]" if c.required else show))(fn)
         if not config_flag:
             return fn
         return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
@@ -68,24 +84,43 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
     return decorate
 
 
-def build_config(cls: type, values: dict[str, Any], config_file: str | None) -> Any:
-    """The dataclass from YAML (if any) overlaid with the flags that were given."""
+def _read_yaml(config_file: str | None) -> dict[str, Any]:
     import yaml
 
     from kava.core.errors import ConfigError
 
-    data: dict[str, Any] = {}
-    if config_file:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {config_file}: expected a mapping of option names. Got {type(loaded).__name__}.")
-        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    data.update({k: v for k, v in values.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
-    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
-    unknown = sorted(set(data) - known)
-    problems = [f"Missing option {m}." for m in missing] + [f"Unknown option {u!r} in --config." for u in unknown]
+    if not config_file:
+        return {}
+    loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {config_file}: expected a mapping of option names. Got {type(loaded).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def build_config(cls: type, values: dict[str, Any], config_file: str | None) -> Any:
+    """The dataclass from YAML (if any) overlaid with the flags that were given."""
+    return build_configs((cls,), values, config_file)[0]
+
+
+def build_configs(classes: tuple[type, ...], values: dict[str, Any], config_file: str | None) -> tuple[Any, ...]:
+    """One dataclass per class (e.g. `kava extract`'s ExtractConfig and ClusterConfig) from one YAML file overlaid
+    with one set of flags: each key goes to the class that knows it (a key none knows is reported by the first).
+    Old spellings are resolved first, so a flag overrides YAML under either name."""
+    from kava.extract.config import canonical_names, config_from_dict, option_names
+    from kava.core.errors import ConfigError
+
+    def split(data: dict[str, Any]) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{} for _ in classes]
+        for key, value in data.items():
+            owner = next((i for i, cls in enumerate(classes) if key in option_names(cls)), 0)
+            parts[owner][key] = value
+        return parts
+
+    problems: list[str] = []
+    from_yaml = split(_read_yaml(config_file))
+    from_flags = split({k: v for k, v in values.items() if v is not None})
+    merged = [{**canonical_names(cls, y, problems), **canonical_names(cls, f, problems)}
+              for cls, y, f in zip(classes, from_yaml, from_flags)]
     if problems:
         raise ConfigError(" ".join(problems))
-    return cls(**data)
+    return tuple(config_from_dict(cls, data) for cls, data in zip(classes, merged))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,16 +178,16 @@ class Runner:
             if where.exists():
                 shutil.rmtree(where)  # a half-trained teacher from a killed run: train it again
             tok = train_bpe_tokenizer(_texts(rows), where / "tokenizer", vocab_size=t.vocab_size)
-            config = DistillConfig(
+            config = DistillConfig.from_dict(dict(
                 student=t.preset, out=str(where / "model"), tokenizer=str(tok),
                 dataset=str(splits.split_path(self.root, "teacher-train")), split=splits.FILE_SPLIT["teacher-train"],
                 steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed, checkpoint_every=0, progress=False,
                 device=self.cfg.device, threads=self.cfg.threads, warmup_steps=max(1, t.steps // 10),
                 max_length=self.cfg.train.max_length, layers=t.layers,
-            )
+            ))
             result = run_distill(config, log=self._quiet)
             return {"model": str(where / "model"), "steps": result.steps, "tokens": result.tokens,
-                    "final_ce": result.final.get("loss/ce"), "split": split_hash, "settings": asdict(config)}
+                    "final_ce": result.final.get("loss/ce"), "split": split_hash, "settings": config.to_dict()}
 
         record = self._unit(where, "teachers", f"teacher {spec.name}", key, work,
                             check=lambda: _finished_student(where / "model", t.steps))
@@ -220,7 +220,7 @@ class Runner:
                 result = run_extract(config, log=self._quiet)
                 return {"samples": result.samples, "student_tokens": result.student_tokens,
                         "teacher_tokens": result.teacher_tokens, "quarantined": result.quarantined,
-                        "settings": asdict(config)}
+                        "settings": config.to_dict()}
 
             def check(name: str = spec.name) -> bool:
                 try:
@@ -263,21 +263,18 @@ class Runner:
             result = run_distill(cfg, log=self._quiet)
             return {"variant": variant.name, "seed": seed, "steps": result.steps, "tokens": result.tokens,
                     "batch_size": cfg.batch_size * cfg.grad_accum, "final": result.final,
-                    "parameters": result.parameters, "train_seconds": result.seconds, "settings": asdict(cfg)}
+                    "parameters": result.parameters, "train_seconds": result.seconds, "settings": cfg.to_dict()}
 
         def adopt() -> dict[str, Any] | None:
             """A student the rendered sbatch script trained: finished, with this very config."""
-            from kava.distill.config import RESUME_MAY_DIFFER
-
             saved = where / "config.yaml"
             if not _finished_student(where, cfg.steps) or not saved.is_file():
                 return None
-            theirs, mine = yaml.safe_load(saved.read_text()), cfg.to_dict()
-            if any(theirs.get(k) != v for k, v in mine.items() if k not in RESUME_MAY_DIFFER):
+            if cfg.resume_differences(yaml.safe_load(saved.read_text()) or {}):
                 return None
             made = json.loads((where / "kava.json").read_text())
             return {"variant": variant.name, "seed": seed, "steps": made["steps"], "tokens": made["tokens"],
-                    "batch_size": cfg.batch_size * cfg.grad_accum, "final": made["final"], "settings": asdict(cfg)}
+                    "batch_size": cfg.batch_size * cfg.grad_accum, "final": made["final"], "settings": cfg.to_dict()}
 
         return self._unit(where, "distill", f"distill {variant.name} seed {seed}", key, work,
                           check=lambda: _finished_student(where, cfg.steps), adopt=adopt)
@@ -302,18 +299,18 @@ class Runner:
 
                 splits.check_split(self.root, "eval", stage=f"eval {label}")
                 where.mkdir(parents=True, exist_ok=True)
-                config = EvalConfig(
+                config = EvalConfig.from_dict(dict(
                     model=model, dataset=str(splits.split_path(self.root, "eval")), split=splits.FILE_SPLIT["eval"],
                     batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, out=str(where / "items.jsonl"),
                     device=self.cfg.device, threads=self.cfg.threads, progress=False, nll=True,
-                )
+                ))
                 result = run_eval(config)
                 curve = [] if label.startswith("teacher ") else self._checkpoint_curve(Path(model), result)
                 return {"model": model, "accuracy": result.accuracy, "nll": result.reference_nll, "n": result.n,
                         "nll_per_char": result.reference_nll_per_char, "nll_per_byte": result.reference_nll_per_byte,
                         "nll_tokenizer": result.nll_tokenizer, "items": config.out,
                         "correct": result.correct, "generated_tokens": result.generated_tokens, "curve": curve,
-                        "settings": asdict(config)}
+                        "settings": config.to_dict()}
 
             out[label] = self._unit(where, "eval", f"eval {label}", key, work,
                                     check=lambda where=where: (where / "items.jsonl").is_file())

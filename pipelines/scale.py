@@ -56,8 +56,10 @@ def stored_layers(extract: dict[str, Any], teacher_layers: int, student_layers: 
         from kava.extract.layer_map import parse_layer_map
 
         kv = len(parse_layer_map(layer_map, teacher_layers, student_layers).teacher_layers)
-    q_spec = extract.get("q_layers")
-    q = (len([x for x in str(q_spec).split(",") if x.strip()]) if q_spec else kv) if extract.get("with_q") else 0
+    from kava.extract.config import as_int, parse_list
+
+    q_spec = parse_list(extract.get("q_layers"), as_int, "q_layers", "layer numbers", [])  # '0,5' or [0, 5]
+    q = (len(q_spec) if q_spec else kv) if extract.get("with_q") else 0
     return kv, q
 
 
@@ -65,7 +67,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
          limit: int | None = None, tokens_per_s: float = 5000.0, step_seconds: float = 0.5,
          store: str | None = None) -> dict[str, Any]:
     """The numbers of ``format_plan``; ``tokens_per_s`` and ``step_seconds`` are assumptions the caller states."""
-    from kava.extract.data import load_rows
+    from kava.extract.data import DataSource
     from kava.extract.estimate import bytes_per_token
     from kava.extract.grid import build_grid
     from kava.core.models import load_fast_tokenizer
@@ -81,8 +83,8 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
     tok_name = student_tokenizer or cfg.student.tokenizer or cfg.student.model
     tokenizer = load_fast_tokenizer(tok_name)
     template = load_template(teachers[0].extract.get("student_template", "plain"))
-    rows = load_rows(d.dataset, split=d.pool_split, limit=limit or d.pool_size,
-                     data_files=data_files or d.data_files, seed=d.seed)
+    rows = DataSource(dataset=d.dataset, split=d.pool_split, limit=limit or d.pool_size,
+                      data_files=data_files or d.data_files, data_seed=d.seed).load()
     grid = build_grid(rows, tokenizer, template, max_length=cfg.train.max_length, on_too_long="truncate")
     tokens = int(sum(len(s.input_ids) for s in grid))
     mean_tokens = tokens / max(1, len(grid))

@@ -124,37 +124,49 @@ class SlurmOptions:
 def config_flags(cfg: Any, *, omit: Sequence[str] = ()) -> list[str]:
     """The command-line arguments that rebuild ``cfg`` (a stage config dataclass) through its click command.
 
-    Required fields always, others only where they differ from their default; booleans as ``--flag`` (default
-    False) or ``--no-flag`` (default True), as ``options.config_options`` defines them; floats by ``repr`` so they
-    read back exactly. Raises ConfigError for a value no flag can express (a None over a non-None default,
-    free-form ``extra`` details).
+    Required options always, others only where they differ from their default (a group's options included, flat,
+    as ``options.config_options`` spells them); booleans as ``--flag`` (default False) or ``--no-flag`` (default
+    True); lists comma-joined and mappings as ``name=value`` pairs, as the config parses them back; floats by
+    ``repr`` so they read back exactly. Raises ConfigError for a value no flag can express (a None over a non-None
+    default, free-form ``extra`` details).
     """
-    hints = typing.get_type_hints(type(cfg))
+    from kava.extract.config import config_fields, config_to_dict
+
+    values = config_to_dict(cfg)
     args: list[str] = []
     problems: list[str] = []
-    for f in dataclasses.fields(cfg):
-        if f.name in omit or f.name == "command":
+    for c in config_fields(type(cfg)):
+        if c.name in omit or c.name == "command":
             continue
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "extra":
+        value = values[c.name]
+        if c.name == "extra":
             if value:
                 problems.append(f"extra: free-form details have no flag. Got {value!r}; drop them to render.")
             continue
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if not required and value == f.default and type(value) is type(f.default):
+        if not c.required and value == c.default and type(value) is type(c.default):
             continue
-        kind = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        kind = [a for a in typing.get_args(c.hint) if a is not type(None)] or [c.hint]
         if kind[0] is bool:
-            if bool(value) != bool(f.default):
-                args.append(flag if f.default is False else "--no-" + f.name.replace("_", "-"))
+            if bool(value) != bool(c.default):
+                args.append(c.flag if c.default is False else "--no-" + c.name.replace("_", "-"))
         elif value is None:
-            problems.append(f"{flag}: None can't be given as a flag (its default is {f.default!r}).")
+            problems.append(f"{c.flag}: None can't be given as a flag (its default is {c.default!r}).")
         else:
-            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+            args += [c.flag, _flag_text(value)]
     if problems:
         raise ConfigError.from_problems(problems)
     return args
+
+
+def _flag_text(value: Any) -> str:
+    """A value as its flag's text: the config parses it back into the same value."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_flag_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(_flag_text(v) for v in value)
+    return str(value)
 
 
 def _command(words: list[str], tail: Sequence[str] = ()) -> str:
@@ -240,14 +252,10 @@ def render_extract(cfg: ExtractConfig, slurm: SlurmOptions, *, jobs: int, notes:
     if slurm.gpus_per_node > 1:
         problems.append(f"--gpus-per-node {slurm.gpus_per_node}: an extraction task runs the teacher on one "
                         "device; use more --jobs instead.")
-    scale_out = "--cluster" if cfg.cluster is not None else "--scheduler" if cfg.scheduler is not None else None
-    if scale_out:
-        problems.append(f"{scale_out}: the job array hands out the shards itself, one task each; drop {scale_out} "
-                        "(or run `kava extract --cluster slurm` on the login node instead of a job array).")
     problems += _device_problems(cfg.device, slurm.gpus_per_node, default="cpu")
     try:  # the config's own rules, with the shard a task will get
         n = jobs if isinstance(jobs, int) and jobs > 0 else 1
-        (cfg if scale_out else dataclasses.replace(cfg, shard=f"0/{n}")).validate()
+        dataclasses.replace(cfg, shard=f"0/{n}").validate()
     except ConfigError as e:
         problems.append(str(e))
     _check(problems)

@@ -50,7 +50,7 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 def extract(teacher: Path | str, store: Path, **options: Any) -> None:
     opts = {"limit": 6, "shard_tokens": 256, "batch_size": 8, "progress": False, "calibration_samples": 0,
             "with_q": False, **options}
-    run_extract(ExtractConfig(teacher=str(teacher), store=str(store), **opts), log=lambda _: None)
+    run_extract(ExtractConfig.from_dict(dict(teacher=str(teacher), store=str(store), **opts)), log=lambda _: None)
 
 
 def random_orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -25,6 +25,8 @@ from kava.extract.recipe import ExtractResult, run_extract, summary_line
 from kava.kvstore import KVStore, verify_store
 from kava.core.errors import ConfigError
 from kava.pipelines.cluster import render_slurm_cluster_kwargs, run_extract_cluster, worker_threads
+from kava.pipelines.cluster_config import ClusterConfig
+from kava.pipelines.options import build_configs
 # The comparison test_extract applies to its killed-and-resumed and two-job stores: every array with its chunks and
 # attributes, the index, and the shard markers' counts.
 from test_extract import assert_same_store
@@ -32,6 +34,11 @@ from test_extract import assert_same_store
 STORIES_NAME = "stories260K_hf_derived"
 OPTIONS = {"limit": 40, "shard_tokens": 1024, "batch_size": 4, "progress": False, "calibration_samples": 4}
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread; local:2 workers get half the cores each
+
+
+def configs(**options) -> tuple[ExtractConfig, ClusterConfig]:
+    """The extraction's and the cluster's config from one set of options, split as `kava extract` splits them."""
+    return build_configs((ExtractConfig, ClusterConfig), options, None)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,8 @@ def stories() -> Path:
 def reference(tmp_path_factory, stories) -> tuple[Path, ExtractResult]:
     """The single-process store and result for OPTIONS."""
     path = tmp_path_factory.mktemp("ref") / "kv.zarr"
-    return path, run_extract(ExtractConfig(teacher=str(stories), store=str(path), **OPTIONS), log=lambda _: None)
+    return path, run_extract(ExtractConfig.from_dict(dict(teacher=str(stories), store=str(path), **OPTIONS)),
+                             log=lambda _: None)
 
 
 def assert_same_as_single_process(path: Path, ref: Path) -> None:
@@ -84,7 +92,7 @@ def test_local_cluster_writes_the_single_process_store(tmp_path, stories, refere
     ref, ref_result = reference
     path = tmp_path / "kv.zarr"
     lines: list[str] = []
-    result = run_extract_cluster(ExtractConfig(teacher=str(stories), store=str(path), cluster="local:2", **OPTIONS),
+    result = run_extract_cluster(*configs(teacher=str(stories), store=str(path), cluster="local:2", **OPTIONS),
                                  log=lines.append)
     shards = KVStore.open(ref).num_shards
     assert shards >= 8
@@ -141,8 +149,8 @@ def test_a_worker_killed_mid_run_still_ends_in_the_single_process_store(tmp_path
         killed.update(address=address, pid=pids[address], keys=list(keys))
 
     path = tmp_path / "kv.zarr"
-    cfg = ExtractConfig(teacher=str(stories), store=str(path), scheduler=cluster.scheduler_address, **OPTIONS)
-    result = run_extract_cluster(cfg, log=lambda _: None, on_shard=kill_a_busy_worker)
+    cfg, where = configs(teacher=str(stories), store=str(path), scheduler=cluster.scheduler_address, **OPTIONS)
+    result = run_extract_cluster(cfg, where, log=lambda _: None, on_shard=kill_a_busy_worker)
 
     assert killed and not psutil.pid_exists(killed["pid"])
     release_semaphore(semaphores[killed["address"]])
@@ -165,12 +173,12 @@ def test_resume_on_a_cluster_keeps_complete_shards_and_writes_the_rest(tmp_path,
     lost = [1, 2, 5, shards - 1]
     for s in lost:  # as a killed run leaves them: absent (or unfinished, which the writer deletes likewise)
         shutil.rmtree(path / "teachers" / STORIES_NAME / "shards" / f"{s:06d}")
-    cfg = ExtractConfig(teacher=str(stories), store=str(path), scheduler=own_cluster[0].scheduler_address, **OPTIONS)
+    cfg, where = configs(teacher=str(stories), store=str(path), scheduler=own_cluster[0].scheduler_address, **OPTIONS)
 
     # Refused on the worker that prepares, and reported here at once rather than retried.
     with pytest.raises(ConfigError, match=rf"already has {shards - len(lost)} complete shard\(s\).*--resume"):
-        run_extract_cluster(cfg, log=lambda _: None)
-    result = run_extract_cluster(replace(cfg, resume=True), log=lambda _: None)
+        run_extract_cluster(cfg, where, log=lambda _: None)
+    result = run_extract_cluster(replace(cfg, resume=True), where, log=lambda _: None)
     assert result.shards_written == lost and result.shards_kept == [s for s in range(shards) if s not in lost]
     assert result.samples == sum(len(KVStore.open(ref).shard_samples(s)) for s in lost)
     assert_same_as_single_process(path, ref)
@@ -185,7 +193,7 @@ def test_a_shard_task_run_again_after_its_marker_landed_reports_the_shard(tmp_pa
     ref, _ = reference
     path = tmp_path / "kv.zarr"
     shutil.copytree(ref, path)
-    cfg = ExtractConfig(teacher=str(stories), store=str(path), resume=True, **OPTIONS)
+    cfg = ExtractConfig.from_dict(dict(teacher=str(stories), store=str(path), resume=True, **OPTIONS))
     plan, _, _ = prepare_extract(cfg, validate_and_resolve(cfg), log=lambda _: None)
     assert plan.todo == []
     before = KVStore.open(path).shard_marker(STORIES_NAME, 3)
@@ -215,37 +223,43 @@ def test_bad_cluster_options_are_refused_before_anything_starts(tmp_path, storie
     store = tmp_path / "kv.zarr"
     before = {p.pid for p in worker_processes()}
     with pytest.raises(ConfigError, match=message):
-        run_extract_cluster(ExtractConfig(teacher=str(stories), store=str(store), **options))
+        run_extract_cluster(*configs(teacher=str(stories), store=str(store), **options))
     assert not store.exists() and {p.pid for p in worker_processes()} <= before  # no cluster was started
 
 
-def test_the_single_process_recipe_refuses_cluster_options(tmp_path, stories):
-    with pytest.raises(ConfigError, match="run through kava.pipelines.cluster.run_extract_cluster"):
-        run_extract(ExtractConfig(teacher=str(stories), store=str(tmp_path / "kv.zarr"), cluster="local:2"))
+def test_cluster_options_are_not_the_single_process_recipes(tmp_path, stories):
+    """The cluster options live in ClusterConfig, which only the launcher reads: the recipe's config has no such
+    option, so nothing has to refuse it at run time, and `kava extract` routes by it."""
+    with pytest.raises(ConfigError, match="Unknown option 'cluster'"):
+        ExtractConfig.from_dict(dict(teacher=str(stories), store=str(tmp_path / "kv.zarr"), cluster="local:2"))
+    cfg, cluster = configs(teacher=str(stories), store=str(tmp_path / "kv.zarr"), cluster="local:2")
+    assert cluster.active and cluster.local_workers == 2 and not hasattr(cfg, "cluster")
+    assert not ClusterConfig().active
     assert not (tmp_path / "kv.zarr").exists()
 
 
 def test_slurm_cluster_kwargs_and_worker_threads():
-    cfg = ExtractConfig(teacher="t", store="s", cluster="slurm", slurm_queue="gpu", slurm_cores=8,
-                        slurm_memory="64GB", slurm_walltime="1-00:00:00", slurm_gpus=2,
-                        slurm_extra="--account=proj; --constraint=a100;", slurm_jobs=4)
+    cfg = ClusterConfig(cluster="slurm", slurm_queue="gpu", slurm_cores=8, slurm_memory="64GB",
+                        slurm_walltime="1-00:00:00", slurm_gpus=2, slurm_extra="--account=proj; --constraint=a100;",
+                        slurm_jobs=4)
     assert render_slurm_cluster_kwargs(cfg) == {
         "queue": "gpu", "cores": 8, "processes": 1, "memory": "64GB", "walltime": "1-00:00:00",
         "job_name": "kava-extract",
         "job_extra_directives": ["--account=proj", "--constraint=a100", "--gpus-per-node=2"],
         "worker_extra_args": ["--resources", "teacher=1"],
     }
-    plain = render_slurm_cluster_kwargs(ExtractConfig(teacher="t", store="s", cluster="slurm"))
+    plain = render_slurm_cluster_kwargs(ClusterConfig(cluster="slurm"))
     assert "queue" not in plain and plain["job_extra_directives"] == []  # the site's default partition, no GPUs
     assert (plain["cores"], plain["memory"], plain["walltime"]) == (4, "16GB", "04:00:00")
 
     # Torch threads per worker: --threads, else the worker's share of the cores (never more than there are).
-    assert worker_threads(cfg) == 8
-    assert worker_threads(ExtractConfig(teacher="t", store="s", cluster="slurm", threads=2)) == 2
+    extract, threads = ExtractConfig(teacher="t", store="s"), ExtractConfig(teacher="t", store="s", threads=2)
+    assert worker_threads(extract, cfg) == 8
+    assert worker_threads(threads, ClusterConfig(cluster="slurm")) == 2
     cores = os.cpu_count() or 1
-    assert worker_threads(ExtractConfig(teacher="t", store="s", cluster="local:2")) == max(1, cores // 2)
-    assert worker_threads(ExtractConfig(teacher="t", store="s", cluster=f"local:{4 * cores}")) == 1
-    assert worker_threads(ExtractConfig(teacher="t", store="s", scheduler="tcp://h:8786")) is None
+    assert worker_threads(extract, ClusterConfig(cluster="local:2")) == max(1, cores // 2)
+    assert worker_threads(extract, ClusterConfig(cluster=f"local:{4 * cores}")) == 1
+    assert worker_threads(extract, ClusterConfig(scheduler="tcp://h:8786")) is None
 
 
 def test_cluster_options_are_extract_flags_with_help():

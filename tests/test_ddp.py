@@ -60,8 +60,9 @@ def store(tmp_path_factory) -> Path:
     """stories260K over 24 synthetic problems with Q, identity layer map (5 student layers), 7 shards: 4 and 3 per
     rank."""
     path = tmp_path_factory.mktemp("ddp") / "kv.zarr"
-    run_extract(ExtractConfig(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(path), limit=24,
-                              shard_tokens=768, batch_size=8, progress=False, calibration_samples=0, with_q=True),
+    run_extract(ExtractConfig.from_dict(dict(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(path),
+                                             limit=24, shard_tokens=768, batch_size=8, progress=False,
+                                             calibration_samples=0, with_q=True)),
                 log=lambda _: None)
     return path
 

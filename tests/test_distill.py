@@ -48,11 +48,12 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 def extract(teacher: Path | str, store: Path, **options: Any):
     opts = {"limit": 40, "shard_tokens": 1024, "batch_size": 8, "progress": False, "calibration_samples": 0,
             **options}
-    return run_extract(ExtractConfig(teacher=str(teacher), store=str(store), **opts), log=lambda _: None)
+    return run_extract(ExtractConfig.from_dict(dict(teacher=str(teacher), store=str(store), **opts)),
+                       log=lambda _: None)
 
 
 def distill(out: Path, **options: Any):
-    return run_distill(DistillConfig(out=str(out), **{**FAST, **options}), log=lambda _: None)
+    return run_distill(DistillConfig.from_dict(dict(out=str(out), **{**FAST, **options})), log=lambda _: None)
 
 
 def metrics(out: Path) -> list[dict[str, float]]:

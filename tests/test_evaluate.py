@@ -155,8 +155,9 @@ def test_batched_generation_equals_one_at_a_time(assets):
 
 def test_run_eval_on_the_real_model(assets, tmp_path):
     out = tmp_path / "items.jsonl"
-    config = EvalConfig(model=str(assets(STORIES)), dataset="gsm8k", data_files=str(assets("gsm8k/test.jsonl")),
-                        limit=6, max_new_tokens=24, batch_size=4, out=str(out), progress=False, threads=1)
+    config = EvalConfig.from_dict(dict(model=str(assets(STORIES)), dataset="gsm8k",
+                                       data_files=str(assets("gsm8k/test.jsonl")), limit=6, max_new_tokens=24,
+                                       batch_size=4, out=str(out), progress=False, threads=1))
     result = run_eval(config)
     items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(items) == result.n == 6
@@ -234,8 +235,8 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
     assert alone == [" yes\n#### 42\n", " no" * 30, " done", " yes\n#### 42\n"]
     assert generate_batched(*_load(tmp_path), prompts, batch_size=4, max_new_tokens=30) == alone
 
-    result = run_eval(EvalConfig(model=str(tmp_path), dataset=str(data), max_new_tokens=30, batch_size=4,
-                                 progress=False))
+    result = run_eval(EvalConfig.from_dict(dict(model=str(tmp_path), dataset=str(data), max_new_tokens=30, batch_size=4,
+                                 progress=False)))
     out = tmp_path / "eval-rows-test.jsonl"  # the default: beside the model
     assert result.out == str(out) and result.template == "bare"  # the template recorded in kava.json
     items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -253,20 +254,21 @@ def test_each_row_stops_at_its_own_end(assets, tmp_path):
 
 
 def test_config_reports_every_problem_at_once(tmp_path):
-    config = EvalConfig(model="", dataset="synthetic", data_files="nowhere.jsonl", split="dev", batch_size=0,
-                        max_new_tokens=0, limit=-1, threads=0, template="fancy", device="tpu")
+    config = EvalConfig.from_dict(dict(model="", dataset="synthetic", data_files="nowhere.jsonl", split="dev",
+                                       batch_size=0, max_new_tokens=0, limit=-1, threads=0, template="fancy",
+                                       device="tpu"))
     with pytest.raises(ConfigError, match=r"(?s)Found 9 problems.*--model.*--data-files is for --dataset gsm8k.*"
                                           r"--split: expected one of train, validation, test.*--template.*"
                                           r"--batch-size.*--max-new-tokens.*--limit.*--threads.*--device"):
         config.validate()
     with pytest.raises(ConfigError, match=r"^--dataset: expected synthetic, gsm8k or a JSONL/Parquet file\. "
                                           r"Got 'nowhere\.csv' instead\.$"):
-        EvalConfig(model="m", dataset="nowhere.csv").validate()
+        EvalConfig.from_dict(dict(model="m", dataset="nowhere.csv")).validate()
     EvalConfig(model="m").validate()
 
 
 def test_template_and_output_defaults(tmp_path):
-    config = EvalConfig(model=str(tmp_path), dataset="synthetic", split="validation")
+    config = EvalConfig.from_dict(dict(model=str(tmp_path), dataset="synthetic", split="validation"))
     assert resolve_template(config) is TEMPLATES["plain"]  # no kava.json
     assert config.out_path == tmp_path / "eval-synthetic-validation.jsonl"
     (tmp_path / "kava.json").write_text(json.dumps({"template": "cot", "other": 1}), encoding="utf-8")
@@ -352,8 +354,9 @@ def test_run_eval_writes_the_nll_of_every_item(assets, tmp_path):
     from kava.extract.grid import tokenizer_fingerprint
 
     out = tmp_path / "items.jsonl"
-    result = run_eval(EvalConfig(model=str(assets(STORIES)), dataset="synthetic", split="test", limit=5,
-                                 max_new_tokens=4, batch_size=2, out=str(out), progress=False, threads=1, nll=True))
+    result = run_eval(EvalConfig.from_dict(dict(model=str(assets(STORIES)), dataset="synthetic", split="test", limit=5,
+                                           max_new_tokens=4, batch_size=2, out=str(out), progress=False, threads=1,
+                                           nll=True)))
     items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     nats = sum(i["nll_nats"] for i in items)
     assert all(i["nll_tokens"] > 0 and i["nll_chars"] > 0 and i["nll_bytes"] >= i["nll_chars"] for i in items)
@@ -362,8 +365,8 @@ def test_run_eval_writes_the_nll_of_every_item(assets, tmp_path):
     assert result.reference_nll_per_byte == pytest.approx(nats / sum(i["nll_bytes"] for i in items), rel=1e-12)
     assert result.nll_tokenizer == tokenizer_fingerprint(AutoTokenizer.from_pretrained(assets(STORIES)))
     # Without --nll nothing is scored and the items say so.
-    plain = run_eval(EvalConfig(model=str(assets(STORIES)), dataset="synthetic", split="test", limit=2,
-                                max_new_tokens=4, out=str(out), progress=False, threads=1))
+    plain = run_eval(EvalConfig.from_dict(dict(model=str(assets(STORIES)), dataset="synthetic", split="test", limit=2,
+                                          max_new_tokens=4, out=str(out), progress=False, threads=1)))
     assert plain.reference_nll is None and plain.nll_tokenizer is None
     assert all(json.loads(line)["nll_nats"] is None for line in out.read_text(encoding="utf-8").splitlines())
 

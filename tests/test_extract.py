@@ -84,7 +84,8 @@ def cli(*args: str):
 
 
 def extract(teacher: Path | str, store: Path, **options: Any):
-    return run_extract(ExtractConfig(teacher=str(teacher), store=str(store), **options), log=lambda _: None)
+    return run_extract(ExtractConfig.from_dict(dict(teacher=str(teacher), store=str(store), **options)),
+                       log=lambda _: None)
 
 
 def as_rows(per_layer: dict[int, torch.Tensor], layers) -> np.ndarray:

@@ -43,7 +43,7 @@ SETTINGS = dict(deadline=None, database=None, max_examples=60, suppress_health_c
 
 def extract(teacher: Path | str, store: Path, **options: Any) -> None:
     options = {"progress": False, "calibration_samples": 4, "batch_size": 8, "shard_tokens": 512, **options}
-    run_extract(ExtractConfig(teacher=str(teacher), store=str(store), **options), log=lambda _: None)
+    run_extract(ExtractConfig.from_dict(dict(teacher=str(teacher), store=str(store), **options)), log=lambda _: None)
 
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread

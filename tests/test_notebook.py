@@ -26,8 +26,9 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 def store_and_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("notebook")
     store, run = root / "kv.zarr", root / "run"
-    run_extract(ExtractConfig(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(store), limit=12,
-                              shard_tokens=1024, batch_size=8, progress=False, calibration_samples=4, with_q=False),
+    run_extract(ExtractConfig.from_dict(dict(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(store),
+                                             limit=12, shard_tokens=1024, batch_size=8, progress=False,
+                                             calibration_samples=4, with_q=False)),
                 log=lambda _: None)
     run_distill(DistillConfig(out=str(run), store=str(store), student="tiny-qwen2", steps=3, batch_size=4,
                               progress=False, checkpoint_every=0, loss="mercator"), log=lambda _: None)

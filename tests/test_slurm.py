@@ -102,12 +102,12 @@ def parse(command: str, args: list[str], cls: type) -> object:
 
 
 def teacher_config(store: Path) -> ExtractConfig:
-    return ExtractConfig(
+    return ExtractConfig.from_dict(dict(
         teacher="qwen-7b-4bit", store=str(store), name="qwen7b", dataset="gsm8k", student_template="cot",
         student_tokenizer="Qwen/Qwen2.5-0.5B-Instruct", student="Qwen/Qwen2.5-0.5B-Instruct", layer_map="cka",
         with_q=True, q_layers="23,25,26,27", calibration_samples=64, kv_dtype="bfloat16", batch_size=16,
         shard_tokens=262144, device="cuda", compress=False, progress=False, threads=8,
-    )
+    ))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_real_scale_config_renders_one_array_per_teacher_and_one_job_per_student
     assert "student-train.jsonl is missing" in proc.stderr and "Runner(load_config" in proc.stderr
     teacher = run.teachers[0]
     expected = stage_extract_config(run, teacher)
-    data = tmp_path / expected.dataset
+    data = tmp_path / expected.data.dataset
     data.parent.mkdir(parents=True)
     data.write_text("")
     proc, args = run_script(script, stubs, tmp_path)

@@ -37,8 +37,8 @@ def build_store(assets: Path, path: Path, limit: int) -> float:
     from kava.extract.recipe import run_extract
 
     start = time.perf_counter()
-    run_extract(ExtractConfig(teacher=str(assets / "models" / TEACHER), store=str(path), limit=limit,
-                              progress=False, calibration_samples=0, with_q=False), log=lambda _: None)
+    run_extract(ExtractConfig.from_dict(dict(teacher=str(assets / "models" / TEACHER), store=str(path), limit=limit,
+                              progress=False, calibration_samples=0, with_q=False)), log=lambda _: None)
     return time.perf_counter() - start
 
 

@@ -61,9 +61,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kava-bench-distill-"))
     try:
         store = work / "kv.zarr"
-        run_extract(ExtractConfig(teacher=str(stories), store=str(store), limit=args.samples, with_q=True,
-                                  student_layers=args.layers, shard_tokens=4096, progress=False,
-                                  calibration_samples=0), log=lambda _: None)
+        run_extract(ExtractConfig.from_dict(dict(teacher=str(stories), store=str(store), limit=args.samples,
+                                                 with_q=True, student_layers=args.layers, shard_tokens=4096,
+                                                 progress=False, calibration_samples=0)), log=lambda _: None)
         tok = AutoTokenizer.from_pretrained(stories)
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),

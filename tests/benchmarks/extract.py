@@ -79,10 +79,10 @@ def main() -> None:
             model(*batches[0])  # warm-up
         # Bare passes before and after the extraction: the machine's speed drifts, the mean of the two is the base.
         bare_before = bare_pass()
-        result = run_extract(ExtractConfig(
+        result = run_extract(ExtractConfig.from_dict(dict(
             teacher=str(work / "teacher"), store=str(work / "kv.zarr"), limit=args.samples,
             batch_size=args.batch_size, progress=False, calibration_samples=4,
-        ), log=lambda m: None)
+        )), log=lambda m: None)
         bare_after = bare_pass()
         bare = (bare_before + bare_after) / 2
         print(json.dumps({
