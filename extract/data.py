@@ -27,7 +27,7 @@ from kava.core.errors import ConfigError, DatasetError
 
 from .rows import (ANSWER_MARK, ReasoningRow, RowProblem, RowSet, make_sample_id, parse_gsm8k_answer, row_problems,
                    strip_calculator_notes)
-from .synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_rows
+from .synthetic import SYNTHETIC_DEFAULT_SIZE, Difficulty, synthetic_rows
 
 
 def _as_text(value: Any) -> str:
@@ -271,17 +271,19 @@ def load_rows(
     answer_field: str = "answer",
     seed: int = 0,
     strip_calculator: bool = False,
+    difficulty: str | Difficulty = "default",
 ) -> RowSet:
     """Rows of ``dataset``: ``"synthetic"`` | ``"gsm8k"`` (or ``"openai/gsm8k"``) | a JSONL/Parquet path.
 
-    ``synthetic`` makes ``limit`` rows (``SYNTHETIC_DEFAULT_SIZE[split]`` without one) from ``seed``;
+    ``synthetic`` makes ``limit`` rows (``SYNTHETIC_DEFAULT_SIZE[split]`` without one) from ``seed`` at
+    ``difficulty`` (a preset name or ``steps=1-2,ops=+-,start=2-9,operand=1-9``; see ``Difficulty.parse``);
     ``data_files`` is for ``gsm8k`` only, ``question_field`` / ``answer_field`` for paths only.
     """
     if dataset == "synthetic":
         if data_files is not None:
             raise ConfigError("Can't set --data-files with --dataset synthetic. Choose one.")
         n = SYNTHETIC_DEFAULT_SIZE.get(split, 0) if limit is None else limit  # synthetic_rows checks the split
-        return synthetic_rows(n, seed=seed, split=split, strip_calculator=strip_calculator)
+        return synthetic_rows(n, seed=seed, split=split, strip_calculator=strip_calculator, difficulty=difficulty)
     if dataset in ("gsm8k", GSM8K_HUB_ID):
         return gsm8k_rows(split, data_files, limit, strip_calculator=strip_calculator)
     if Path(dataset).is_file():
