@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kava.core.errors import ConfigError
+from kava.extract.synthetic import difficulty_problems
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 LOSSES = ("mse", "mercator", "structural")
@@ -52,6 +53,9 @@ class DistillConfig:
     """Without --store: local files holding the rows of --split (for --dataset gsm8k)."""
     data_seed: int = 0
     """Without --store: seed of the synthetic dataset."""
+    difficulty: str = "default"
+    """Without --store: difficulty of the synthetic dataset, a preset (default, easy) or key=value pairs such as
+    steps=1-2,ops=+-,start=2-9,operand=1-9 (see the README)."""
     template: str = "plain"
     """Without --store: the text template (plain, chat, cot or a file)."""
     tokenizer: str | None = None
@@ -277,6 +281,7 @@ class DistillConfig:
                     p.append("--attn-layers needs --loss structural (the only loss with an attention term).")
             except ValueError:
                 p.append(f"--attn-layers: expected integers like '3,5'. Got {self.attn_layers!r} instead.")
+        p += difficulty_problems("--difficulty", self.difficulty, self.dataset)
         if self.store is None and (self.teachers is not None or self.kv_layers is not None):
             p.append("--teachers and --kv-layers need --store (they pick what to read from it).")
         if self.store is not None and self.tokenizer is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from kava.extract.data import load_rows
 from kava.extract.rows import ReasoningRow
-from kava.extract.synthetic import SYNTHETIC_SPLITS
+from kava.extract.synthetic import SYNTHETIC_SPLITS, Difficulty, difficulty_problems
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
 from kava.core.errors import ConfigError, DatasetError
 
@@ -415,6 +415,9 @@ class EvalConfig:
     """Evaluate only the first N rows."""
     seed: int = 0
     """Seed of the synthetic dataset."""
+    difficulty: str = "default"
+    """Difficulty of the synthetic dataset: a preset (default, easy) or key=value pairs such as
+    steps=1-2,ops=+-,start=2-9,operand=1-9 (see the README)."""
     template: str | None = None
     """Prompt template (plain, chat, cot or a file); default: the one recorded with the model, else plain."""
     batch_size: int = 16
@@ -435,7 +438,10 @@ class EvalConfig:
 
     @property
     def dataset_name(self) -> str:
-        """``gsm8k``, ``synthetic``, or a file dataset's stem: the name used in the default output file."""
+        """``gsm8k``, ``synthetic`` (``synthetic-easy`` at another difficulty), or a file dataset's stem: the name
+        used in the default output file."""
+        if self.dataset == "synthetic":
+            return Difficulty.parse(self.difficulty).dataset_name
         if self.dataset in _NAMED_DATASETS:
             return self.dataset.rsplit("/", 1)[-1]
         return Path(self.dataset).stem
@@ -464,6 +470,7 @@ class EvalConfig:
         if self.dataset == "synthetic" and self.split not in SYNTHETIC_SPLITS:
             p.append(f"--split: expected one of {', '.join(SYNTHETIC_SPLITS)} for --dataset synthetic. "
                      f"Got {self.split!r} instead.")
+        p += difficulty_problems("--difficulty", self.difficulty, self.dataset)
         if self.template is not None and self.template not in TEMPLATES and not Path(self.template).is_file():
             p.append(f"--template: expected one of {', '.join(sorted(TEMPLATES))} or a template file. "
                      f"Got {self.template!r} instead.")
@@ -533,7 +540,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
     # 2. Data before the model: a bad dataset fails in milliseconds, not after a multi-GB load.
     rows = load_rows(config.dataset, split=config.split, limit=config.limit, data_files=config.data_files,
-                     seed=config.seed)
+                     seed=config.seed, difficulty=config.difficulty)
     if not len(rows):
         raise DatasetError(f"Expected at least one usable row in {rows.name}. Got none ({len(rows.problems)} "
                            "skipped). Check --dataset, --split and --data-files.")

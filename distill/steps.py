@@ -158,6 +158,7 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
     store and the tokenizer it was cut with."""
     from kava.extract.data import load_rows
     from kava.extract.grid import create_grid_store
+    from kava.extract.synthetic import difficulty_details
     from kava.core.models import load_fast_tokenizer, load_tokenizer, resolve_model
     from kava.extract.templates import load_template
 
@@ -172,11 +173,13 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
         tokenizer = load_fast_tokenizer(tok_name)
     else:
         tokenizer = load_tokenizer(resolve_model(tok_name, role="student", trust_remote_code=cfg.trust_remote_code))
-    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files, seed=cfg.data_seed)
+    rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files, seed=cfg.data_seed,
+                     difficulty=cfg.difficulty)
     store, grid = create_grid_store(path, rows, tokenizer, load_template(cfg.template), tokenizer_name=tok_name,
                                     dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length,
                                     on_too_long="truncate", shard_tokens=32768, command=cfg.command,
-                                    details={"limit": cfg.limit, "seed": cfg.data_seed})
+                                    details={"limit": cfg.limit, "seed": cfg.data_seed,
+                                             **difficulty_details(cfg.dataset, cfg.difficulty)})
     log(f"tokenized {len(grid)} samples of {cfg.dataset}:{cfg.split} into {path}")
     return KVStore.open(path), tokenizer
 

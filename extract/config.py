@@ -14,6 +14,8 @@ from typing import Any
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import KV_DTYPES, check_teacher_name
 
+from .synthetic import difficulty_problems
+
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 _LOCAL = re.compile(r"^local:(\d+)$")
 _ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://\S+|[^\s/:]+:\d+)$")
@@ -44,6 +46,9 @@ class ExtractConfig:
     """Field holding the reasoning lines and '#### N' (file datasets)."""
     seed: int = 0
     """Seed of the synthetic dataset."""
+    difficulty: str = "default"
+    """Difficulty of the synthetic dataset: a preset (default, easy) or key=value pairs such as
+    steps=1-2,ops=+-,start=2-9,operand=1-9 (see the README)."""
     strip_calculator: bool = False
     """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
     student_template: str = "plain"
@@ -196,6 +201,7 @@ class ExtractConfig:
             m = _SHARD.match(self.shard)
             if not m or not int(m.group(2)) >= 1 or not 0 <= int(m.group(1)) < int(m.group(2)):
                 p.append(f"--shard: expected 'i/n' with 0 <= i < n. Got {self.shard!r} instead.")
+        p += difficulty_problems("--difficulty", self.difficulty, self.dataset)
         p += self._cluster_problems()
         if self.name is not None:
             try:

@@ -55,7 +55,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     source = validate_and_resolve(cfg)
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
-                     strip_calculator=cfg.strip_calculator)
+                     strip_calculator=cfg.strip_calculator, difficulty=cfg.difficulty)
     teacher_tok = load_tokenizer(source)
     student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)

@@ -206,6 +206,7 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     from .capture import attention_geometry
     from .data import load_rows
     from .rope import rope_params
+    from .synthetic import difficulty_details
     from kava.core.models import describe_model, load_fast_tokenizer, load_tokenizer
     from kava.core.models import load_model as load_teacher_model
     from .templates import load_template
@@ -216,7 +217,7 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
     rows = load_rows(cfg.dataset, split=cfg.split, limit=cfg.limit, data_files=cfg.data_files,
                      question_field=cfg.question_field, answer_field=cfg.answer_field, seed=cfg.seed,
-                     strip_calculator=cfg.strip_calculator)
+                     strip_calculator=cfg.strip_calculator, difficulty=cfg.difficulty)
     teacher_tok = load_tokenizer(source)
     student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
     # 3. The grid and the store (created by the first extraction, checked by every later one).
@@ -224,7 +225,8 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
         cfg.store, rows, student_tok, template, tokenizer_name=cfg.student_tokenizer or source.model_id,
         dataset=cfg.dataset, split=cfg.split, max_length=cfg.max_length, on_too_long=cfg.on_too_long,
         shard_tokens=cfg.shard_tokens, command=cfg.command,
-        details={"limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator},
+        details={"limit": cfg.limit, "seed": cfg.seed, "strip_calculator": cfg.strip_calculator,
+                 **difficulty_details(cfg.dataset, cfg.difficulty)},
     )
 
     todo, done = _shards_to_do(cfg, store, name)

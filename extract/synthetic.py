@@ -84,8 +84,9 @@ _MUL_LIMIT = 200  # a multiplication only applies to amounts up to this
 _SUB_FLOOR = 3  # a subtraction only applies to amounts of at least this
 _OWN_RANGES = {"+": (2, 30), "-": (1, 10**9), "*": (2, 4), "/": (2, 9), "packs": (2, 6), "each": (2, 12)}
 """The ``default`` preset's operand ranges (``operand`` unset); a subtraction also stops at the amount less one."""
-_KEYS = ("steps", "ops", "start", "operand")
-_EXAMPLE = "steps=1-2,ops=+-,start=2-9,operand=1-9"
+_EXAMPLE = {"steps": "steps=1-2", "ops": "ops=+-", "start": "start=2-9", "operand": "operand=1-9"}
+_KEYS = tuple(_EXAMPLE)
+_OPS_HELP = "+ add, - take away, * multiply, / divide, g buy packs"
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -117,14 +118,14 @@ class Difficulty:
             if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value)
                     and 1 <= value[0] <= value[1]):
                 p.append(f"Expected difficulty {key} as LO-HI with 1 <= LO <= HI. Got {key}={_show(value)} instead. "
-                         f"Write e.g. {key}=2-9.")
+                         f"Write e.g. {_EXAMPLE[key]}.")
             else:
                 object.__setattr__(self, key, tuple(value))  # a YAML or JSON list reads back as the same value
         ops = self.ops if isinstance(self.ops, str) else ""
         unknown = sorted(set(ops) - set(OPERATIONS))
         if not ops or unknown or len(set(ops)) != len(ops):
             p.append(f"Expected difficulty ops as distinct symbols of {''.join(OPERATIONS)}. Got ops={self.ops!r} "
-                     f"instead{f' ({unknown} unknown)' if unknown else ''}. Write e.g. ops=+- (see OPERATIONS).")
+                     f"instead. Write e.g. ops=+- ({_OPS_HELP}).")
         else:
             object.__setattr__(self, "ops", "".join(o for o in OPERATIONS if o in ops))
         if not p and self.ops == "g" and all(n % 2 for n in range(self.steps[0], self.steps[1] + 1)):
@@ -156,8 +157,10 @@ class Difficulty:
         for part in text.split(","):
             key, eq, value = (x.strip() for x in part.partition("="))
             if not eq or key not in _KEYS:
+                where = f" in {text!r}" if part.strip() != text else ""
                 p.append(f"Expected difficulty to be a preset ({', '.join(DIFFICULTY_PRESETS)}) or key=value pairs "
-                         f"of {', '.join(_KEYS)}, such as {_EXAMPLE!r}. Got {part.strip()!r} in {text!r} instead.")
+                         f"of {', '.join(_KEYS)}, such as {','.join(_EXAMPLE.values())!r}. Got {part.strip()!r}{where} "
+                         "instead.")
             elif key in values:
                 p.append(f"Expected each difficulty key once. Got {key} twice in {text!r}. Keep one.")
             elif key == "ops":
@@ -166,7 +169,7 @@ class Difficulty:
                 values[key] = (int(m.group(1)), int(m.group(2) or m.group(1)))
             else:
                 p.append(f"Expected difficulty {key} as LO-HI or N. Got {key}={value!r} instead. Write e.g. "
-                         f"{key}=2-9.")
+                         f"{_EXAMPLE[key]}.")
         if p:
             raise ConfigError.from_problems(p)
         return cls(**values)  # type: ignore[arg-type]
