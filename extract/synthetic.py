@@ -219,8 +219,8 @@ def difficulty_problems(flag: str, difficulty: str, dataset: str) -> list[str]:
     except ConfigError as e:
         return [f"{flag}: {e}"]
     if parsed != DIFFICULTY_PRESETS["default"] and dataset != "synthetic":
-        return [f"{flag}: expected the synthetic dataset (a difficulty only applies to generated problems). Got "
-                f"dataset {dataset!r} instead. Drop {flag}."]
+        return [(f"{flag}: expected the synthetic dataset (a difficulty only applies to generated problems). Got "
+                 f"dataset {dataset!r} instead. Drop {flag}.")]
     return []
 
 

@@ -9,14 +9,18 @@ import re
 from fractions import Fraction
 
 import pytest
-
 from kava.core.errors import ConfigError, StoreError
 from kava.distill.config import DistillConfig
 from kava.distill.evaluate import EvalConfig, run_eval
 from kava.extract.config import ExtractConfig
 from kava.extract.data import load_rows
 from kava.extract.recipe import run_extract
-from kava.extract.synthetic import DIFFICULTY_PRESETS, OPERATIONS, Difficulty, synthetic_rows
+from kava.extract.synthetic import (
+    DIFFICULTY_PRESETS,
+    OPERATIONS,
+    Difficulty,
+    synthetic_rows,
+)
 from kava.kvstore import KVStore
 from kava.pipelines.config import DataSpec, parse_config
 from kava.pipelines.splits import make_splits
@@ -64,28 +68,29 @@ def test_one_line_form_round_trips(difficulty):
 def test_parse_fills_in_the_default_and_normalises():
     assert Difficulty.parse("steps=3") == Difficulty(steps=(3, 3))
     assert Difficulty.parse(" ops = -+ , start=2-9 ") == Difficulty(ops="+-", start=(2, 9))
-    assert Difficulty.parse(EASY) is not DIFFICULTY_PRESETS["easy"] and Difficulty.parse(EASY) == Difficulty.parse("easy")
+    assert Difficulty.parse(EASY) is not DIFFICULTY_PRESETS["easy"]
+    assert Difficulty.parse(EASY) == Difficulty.parse("easy")
     assert str(Difficulty.parse(EASY)) == "easy"  # a spec equal to a preset is named by it
     assert Difficulty(steps=[1, 2], start=[2, 9]) == Difficulty(steps=(1, 2), start=(2, 9))  # a YAML/JSON list
     assert hash(Difficulty(ops="-+")) == hash(Difficulty(ops="+-"))
 
 
 @pytest.mark.parametrize("text, match", [
-    ("hard", r"^Expected difficulty to be a preset \(default, easy\) or key=value pairs of steps, ops, start, "
-             r"operand, such as 'steps=1-2,ops=\+-,start=2-9,operand=1-9'\. Got 'hard' instead\.$"),
+    ("hard", (r"^Expected difficulty to be a preset \(default, easy\) or key=value pairs of steps, ops, start, "
+              r"operand, such as 'steps=1-2,ops=\+-,start=2-9,operand=1-9'\. Got 'hard' instead\.$")),
     ("steps=1,level=3", r"Got 'level=3' in 'steps=1,level=3' instead\."),
     ("", r"Expected difficulty to be a preset"),
-    ("steps=2-1", r"^Expected difficulty steps as LO-HI with 1 <= LO <= HI\. Got steps=2-1 instead\. "
-                  r"Write e.g\. steps=1-2\.$"),
+    ("steps=2-1", (r"^Expected difficulty steps as LO-HI with 1 <= LO <= HI\. Got steps=2-1 instead\. "
+                   r"Write e.g\. steps=1-2\.$")),
     ("start=0-5", r"^Expected difficulty start as LO-HI with 1 <= LO <= HI\. Got start=0-5 instead\."),
     ("operand=a", r"^Expected difficulty operand as LO-HI or N\. Got operand='a' instead\. Write e.g\. operand=1-9\.$"),
-    ("ops=+x", r"^Expected difficulty ops as distinct symbols of \+-\*/g\. Got ops='\+x' instead\. Write e\.g\. "
-               r"ops=\+- \(\+ add, - take away, \* multiply, / divide, g buy packs\)\.$"),
+    ("ops=+x", (r"^Expected difficulty ops as distinct symbols of \+-\*/g\. Got ops='\+x' instead\. Write e\.g\. "
+                r"ops=\+- \(\+ add, - take away, \* multiply, / divide, g buy packs\)\.$")),
     ("ops=++", r"Expected difficulty ops as distinct symbols"),
     ("ops=", r"Expected difficulty ops as distinct symbols"),
     ("steps=1,steps=2", r"^Expected each difficulty key once\. Got steps twice in 'steps=1,steps=2'\. Keep one\.$"),
-    ("ops=g,steps=3", r"^Expected difficulty steps to allow an even count with ops=g \(each g writes two steps\)\. "
-                      r"Got steps=3-3 instead\."),
+    ("ops=g,steps=3", (r"^Expected difficulty steps to allow an even count with ops=g \(each g writes two steps\)\. "
+                       r"Got steps=3-3 instead\.")),
     ("steps=0,ops=x", r"^Found 2 problems:\n  - Expected difficulty steps.*\n  - Expected difficulty ops"),
 ])
 def test_parse_errors_name_the_field_and_the_fix(text, match):
@@ -124,7 +129,8 @@ def test_same_seed_and_difficulty_make_the_same_rows(difficulty):
 
 _OPENING_NUMBER = re.compile(r"\d+")
 _SENTENCE_OPS = [  # (symbol, pattern of the question sentence); the groups sentence first: it also says "buys"
-    ("g", re.compile(r"(?:buys|gets) (\d+) (?:packs|boxes|bags) (?:of \w+ with (\d+) in each|that hold (\d+) \w+ each)\.$")),
+    ("g", re.compile(r"(?:buys|gets) (\d+) (?:packs|boxes|bags) "
+                     r"(?:of \w+ with (\d+) in each|that hold (\d+) \w+ each)\.$")),
     ("+", re.compile(r"(?:(?:buys|finds) (\d+) more \w+|gives (?:him|her) (\d+) \w+)\.$")),
     ("-", re.compile(r"(?:gives (\d+) \w+ to \w+|loses (\d+) of the \w+|sells (\d+) \w+)\.$")),
     ("*", re.compile(r"(\d+) times (?:as large|its size)\.$")),
@@ -223,7 +229,7 @@ def test_another_difficulty_is_another_dataset():
 
 
 def test_run_splits_record_the_difficulty_and_hash_differently(tmp_path):
-    spec = dict(pool_size=60, eval_size=20, teacher_fraction=0.5)
+    spec = {"pool_size": 60, "eval_size": 20, "teacher_fraction": 0.5}
     records = {d: make_splits(DataSpec(difficulty=d, **spec), tmp_path / d) for d in ("default", "easy")}
     assert records["easy"]["difficulty"] == EASY
     assert records["default"]["difficulty"] == Difficulty().spec
@@ -246,8 +252,9 @@ def test_configs_check_the_difficulty_with_the_flag_the_user_typed(tmp_path):
         EvalConfig(model="m", dataset="synthetic", difficulty="hard").validate()
     with pytest.raises(ConfigError, match=bad):
         DistillConfig(student="tiny-qwen2", out="o", difficulty="hard").validate()
-    with pytest.raises(ConfigError, match=r"^--difficulty: expected the synthetic dataset \(a difficulty only applies "
-                                          r"to generated problems\)\. Got dataset 'gsm8k' instead\. Drop --difficulty\.$"):
+    wrong = (r"^--difficulty: expected the synthetic dataset \(a difficulty only applies to generated problems\)\. "
+             r"Got dataset 'gsm8k' instead\. Drop --difficulty\.$")
+    with pytest.raises(ConfigError, match=wrong):
         ExtractConfig(teacher="t", store="s", dataset="gsm8k", difficulty="easy").validate()
     ExtractConfig(teacher="t", store="s", dataset="gsm8k").validate()  # the default is no setting at all
     run = {"teachers": [{"name": "t", "model": "m"}], "variants": [{"name": "ce"}], "baseline": "ce",
@@ -265,7 +272,7 @@ def test_configs_check_the_difficulty_with_the_flag_the_user_typed(tmp_path):
 
 def test_extraction_records_the_difficulty_and_a_store_refuses_another(tmp_path, assets):
     teacher, store = assets(STORIES), tmp_path / "kv.zarr"
-    options = dict(limit=6, progress=False, calibration_samples=0, batch_size=6)
+    options = {"limit": 6, "progress": False, "calibration_samples": 0, "batch_size": 6}
     run_extract(ExtractConfig(teacher=str(teacher), store=str(store), difficulty="easy", **options), log=lambda _: None)
     manifest = KVStore.open(store).manifest
     assert manifest.dataset.details["difficulty"] == EASY
