@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from kava.extract.config import config_from_dict, config_to_dict
 from kava.extract.data import DataSource
 from kava.extract.rows import ReasoningRow
-from kava.extract.synthetic import SYNTHETIC_SPLITS
+from kava.extract.synthetic import SYNTHETIC_SPLITS, Difficulty
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
 from kava.core.errors import ConfigError, DatasetError
 
@@ -517,7 +517,10 @@ class EvalConfig:
 
     @property
     def dataset_name(self) -> str:
-        """``gsm8k``, ``synthetic``, or a file dataset's stem: the name used in the default output file."""
+        """``gsm8k``, ``synthetic`` (``synthetic-easy`` at another difficulty), or a file dataset's stem: the name
+        used in the default output file."""
+        if self.data.dataset == "synthetic":
+            return Difficulty.parse(self.data.difficulty).dataset_name
         if self.data.dataset in _NAMED_DATASETS:
             return self.data.dataset.rsplit("/", 1)[-1]
         return Path(self.data.dataset).stem

@@ -28,7 +28,8 @@ from kava.core.errors import ConfigError, DatasetError
 
 from .rows import (ANSWER_MARK, ReasoningRow, RowProblem, RowSet, make_sample_id, parse_gsm8k_answer, row_problems,
                    strip_calculator_notes)
-from .synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_rows
+from .synthetic import (SYNTHETIC_DEFAULT_SIZE, Difficulty, difficulty_details, difficulty_problems,
+                        synthetic_rows)
 
 
 def _as_text(value: Any) -> str:
@@ -272,17 +273,19 @@ def load_rows(
     answer_field: str = "answer",
     seed: int = 0,
     strip_calculator: bool = False,
+    difficulty: str | Difficulty = "default",
 ) -> RowSet:
     """Rows of ``dataset``: ``"synthetic"`` | ``"gsm8k"`` (or ``"openai/gsm8k"``) | a JSONL/Parquet path.
 
-    ``synthetic`` makes ``limit`` rows (``SYNTHETIC_DEFAULT_SIZE[split]`` without one) from ``seed``;
+    ``synthetic`` makes ``limit`` rows (``SYNTHETIC_DEFAULT_SIZE[split]`` without one) from ``seed`` at
+    ``difficulty`` (a preset name or ``steps=1-2,ops=+-,start=2-9,operand=1-9``; see ``Difficulty.parse``);
     ``data_files`` is for ``gsm8k`` only, ``question_field`` / ``answer_field`` for paths only.
     """
     if dataset == "synthetic":
         if data_files is not None:
             raise ConfigError("Can't set --data-files with --dataset synthetic. Choose one.")
         n = SYNTHETIC_DEFAULT_SIZE.get(split, 0) if limit is None else limit  # synthetic_rows checks the split
-        return synthetic_rows(n, seed=seed, split=split, strip_calculator=strip_calculator)
+        return synthetic_rows(n, seed=seed, split=split, strip_calculator=strip_calculator, difficulty=difficulty)
     if dataset in ("gsm8k", GSM8K_HUB_ID):
         return gsm8k_rows(split, data_files, limit, strip_calculator=strip_calculator)
     if Path(dataset).is_file():
@@ -319,21 +322,26 @@ class DataSource:
     """Field holding the reasoning lines and '#### N' (file datasets)."""
     data_seed: int = 0
     """Seed of the synthetic dataset."""
+    difficulty: str = "default"
+    """Difficulty of the synthetic dataset: a preset (default, easy) or key=value pairs such as
+    steps=1-2,ops=+-,start=2-9,operand=1-9 (see the README)."""
     strip_calculator: bool = False
     """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
 
     def problems(self) -> list[str]:
         """What is wrong without reading anything, in the flags' spelling."""
+        p = difficulty_problems("--difficulty", self.difficulty, self.dataset)
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            return [f"--limit: expected a positive integer. Got {self.limit!r} instead."]
-        return []
+            p.append(f"--limit: expected a positive integer. Got {self.limit!r} instead.")
+        return p
 
     def details(self) -> dict[str, Any]:
         """What the store records of the source besides its name and split (the keys stores have always used)."""
-        return {"limit": self.limit, "seed": self.data_seed, "strip_calculator": self.strip_calculator}
+        return {"limit": self.limit, "seed": self.data_seed, "strip_calculator": self.strip_calculator,
+                **difficulty_details(self.dataset, self.difficulty)}
 
     def load(self) -> RowSet:
         """The rows, through :func:`load_rows`."""
         return load_rows(self.dataset, split=self.split, limit=self.limit, data_files=self.data_files,
                          question_field=self.question_field, answer_field=self.answer_field, seed=self.data_seed,
-                         strip_calculator=self.strip_calculator)
+                         strip_calculator=self.strip_calculator, difficulty=self.difficulty)

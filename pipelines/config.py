@@ -26,7 +26,7 @@ from . import splits
 COMPUTE_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_tokens", "max_length")
 """DistillConfig fields that decide a student's compute: set once in ``train:``, never per variant."""
 
-RUNNER_FIELDS = ("student", "out", "store", "teachers", "seed", "dataset", "split", "limit", "data_files",
+RUNNER_FIELDS = ("student", "out", "store", "teachers", "seed", "dataset", "split", "limit", "data_files", "difficulty",
                  "tokenizer", "resume", "progress", "command", "threads", "device")
 """DistillConfig fields the runner sets itself."""
 
@@ -41,6 +41,9 @@ class DataSpec:
     """For gsm8k: the local file of the evaluation split."""
     seed: int = 0
     """Seed of the synthetic generator and of the pool's shuffle."""
+    difficulty: str = "default"
+    """Difficulty of the synthetic generator: a preset (default, easy) or key=value pairs such as
+    steps=1-2,ops=+-,start=2-9,operand=1-9. Recorded in splits.json; it names the rows' source ids."""
     pool_split: str = "train"
     """The split the teacher-training and student-training rows are drawn from."""
     pool_size: int | None = 2000
@@ -283,6 +286,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     """Every problem of a well-typed config, including those of the stage configs built from it."""
     from kava.distill.config import DistillConfig
     from kava.extract.config import ExtractConfig, option_names
+    from kava.extract.synthetic import difficulty_problems
 
     p: list[str] = []
     d = cfg.data
@@ -302,6 +306,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     for key, value in (("data.pool_size", d.pool_size), ("data.eval_size", d.eval_size)):
         if value is not None and value < 1:
             p.append(f"{key}: expected a positive integer or null. Got {value} instead.")
+    p += difficulty_problems("data.difficulty", d.difficulty, d.dataset)
     if d.dataset != "gsm8k" and d.pool_split == d.eval_split and d.dataset == "synthetic":
         p.append(f"data.eval_split: it must differ from data.pool_split ({d.pool_split!r}); evaluation data is "
                  "never trained on.")
@@ -312,7 +317,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     if len(set(names)) != len(names):
         p.append(f"teachers: names must be distinct. Got {names}.")
     extract_fields = option_names(ExtractConfig)
-    own = {"teacher", "store", "name", "dataset", "split", "limit", "data_files", "student_tokenizer",
+    own = {"teacher", "store", "name", "dataset", "split", "limit", "data_files", "difficulty", "student_tokenizer",
            "student_layers", "student", "resume", "progress", "command"}
     for t in cfg.teachers:
         w = f"teachers[{t.name}]"

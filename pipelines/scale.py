@@ -84,7 +84,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
     tokenizer = load_fast_tokenizer(tok_name)
     template = load_template(teachers[0].extract.get("student_template", "plain"))
     rows = DataSource(dataset=d.dataset, split=d.pool_split, limit=limit or d.pool_size,
-                      data_files=data_files or d.data_files, data_seed=d.seed).load()
+                      data_files=data_files or d.data_files, data_seed=d.seed, difficulty=d.difficulty).load()
     grid = build_grid(rows, tokenizer, template, max_length=cfg.train.max_length, on_too_long="truncate")
     tokens = int(sum(len(s.input_ids) for s in grid))
     mean_tokens = tokens / max(1, len(grid))

@@ -62,12 +62,13 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
     teacher-train split: no file, and none in the record.
     """
     from kava.extract.data import load_rows
+    from kava.extract.synthetic import difficulty_details
 
     pool = list(load_rows(spec.dataset, split=spec.pool_split, limit=spec.pool_size, seed=spec.seed,
-                          data_files=spec.data_files))
+                          data_files=spec.data_files, difficulty=spec.difficulty))
     evals = list(load_rows(spec.dataset if spec.eval_files is None or spec.dataset != "gsm8k" else "gsm8k",
                            split=spec.eval_split, limit=spec.eval_size, seed=spec.seed,
-                           data_files=spec.eval_files))
+                           data_files=spec.eval_files, difficulty=spec.difficulty))
     order = list(range(len(pool)))
     random.Random(spec.seed).shuffle(order)
     cut = round(spec.teacher_fraction * len(pool))
@@ -90,7 +91,8 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
     (root / "data").mkdir(parents=True, exist_ok=True)
     split_path(root, "teacher-train").unlink(missing_ok=True)  # a file left by an earlier config of this run
     record: dict[str, Any] = {"dataset": spec.dataset, "seed": spec.seed, "pool_split": spec.pool_split,
-                              "eval_split": spec.eval_split, "splits": {}}
+                              "eval_split": spec.eval_split, **difficulty_details(spec.dataset, spec.difficulty),
+                              "splits": {}}
     for role, rows in parts.items():
         path = split_path(root, role)
         tmp = path.with_suffix(".tmp")
