@@ -143,6 +143,8 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
     baseline: str = "ce"
     """The variant every other one is tested against."""
+    contrasts: list[str] = field(default_factory=list)
+    """Variant against variant, beside the baseline tables: ``"fusion-learnable vs fusion-fixed"``."""
     data: DataSpec = field(default_factory=DataSpec)
     teachers: list[TeacherSpec] = field(default_factory=list)
     student: StudentSpec = field(default_factory=StudentSpec)
@@ -288,6 +290,8 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     from kava.extract.config import ExtractConfig, option_names
     from kava.extract.synthetic import difficulty_problems
 
+    from .contrasts import contrast_problems
+
     p: list[str] = []
     d = cfg.data
     if not cfg.name or "/" in cfg.name:
@@ -350,6 +354,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
         p.append(f"variants: names must be distinct. Got {vnames}.")
     if vnames and cfg.baseline not in vnames:
         p.append(f"baseline: {cfg.baseline!r} is not a variant. Variants: {', '.join(vnames)}.")
+    p += contrast_problems(cfg.contrasts, vnames)
     for v in cfg.variants:
         w = f"variants[{v.name}]"
         for key in sorted(set(v.distill) - distill_fields):

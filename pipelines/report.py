@@ -46,6 +46,8 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     from kava.analysis.paired import compare_paired
     from kava.analysis.stats import format_mean_ci
 
+    from .contrasts import contrasts_section
+
     figures = root / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     variants = [v.name for v in cfg.variants]
@@ -98,6 +100,9 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     lines += [f"![accuracy]({figs['accuracy'].relative_to(root)})", ""]
     lines += _nll_section(cfg, nll_cmp, nll_items, unit, nll_key, teacher_evals, format_mean_ci)
     lines += [f"![nll]({figs['nll'].relative_to(root)})", ""]
+    contrast_lines, contrast_json = contrasts_section(
+        cfg.contrasts, cfg.seeds, acc, nll, unit, lambda a, b: _mcnemar(items, a, cfg, other=b), alpha=ALPHA)
+    lines += contrast_lines
 
     lines += _compute_section(cfg, students)
     lines += _splits_section(data)
@@ -122,7 +127,8 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                             for c in acc_cmp],
                "nll": [{**c.to_dict(), "test": "paired t by seed", "unit": f"nats per {unit}",
                         "item_bootstrap": nll_items.get(c.variant)} for c in nll_cmp],
-               "nll_unit": unit, "teachers": teacher_evals, "teacher_floor": TEACHER_FLOOR, "seeds": cfg.seeds,
+               "contrasts": contrast_json, "nll_unit": unit, "teachers": teacher_evals, "teacher_floor": TEACHER_FLOOR,
+               "seeds": cfg.seeds,
                "baseline": cfg.baseline,
                "compute": {f"{v} seed {s}": {k: r.get(k) for k in ("steps", "tokens", "batch_size")}
                            for (v, s), r in students.items()},
@@ -154,15 +160,18 @@ def _items(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["sample_id"]: item for item in (json.loads(line) for line in lines if line.strip())}
 
 
-def _mcnemar(items: dict[tuple[str, int], dict[str, dict[str, Any]]], variant: str, cfg: RunConfig) -> dict[str, Any]:
-    """McNemar's exact test of ``variant`` against the baseline on each seed's items, and pooled over seeds."""
+def _mcnemar(items: dict[tuple[str, int], dict[str, dict[str, Any]]], variant: str, cfg: RunConfig,
+             other: str | None = None) -> dict[str, Any]:
+    """McNemar's exact test of ``variant`` against ``other`` (the baseline) on each seed's items, and pooled over
+    seeds."""
     from kava.analysis.paired import match_items, mcnemar_exact, mcnemar_pooled
 
+    other = other or cfg.baseline
     per_seed = {}
     for s in cfg.seeds:
         _, a, b = match_items({k: i["correct"] for k, i in items[variant, s].items()},
-                              {k: i["correct"] for k, i in items[cfg.baseline, s].items()},
-                              name=f"{variant} seed {s}", other=f"{cfg.baseline} seed {s}")
+                              {k: i["correct"] for k, i in items[other, s].items()},
+                              name=f"{variant} seed {s}", other=f"{other} seed {s}")
         per_seed[s] = mcnemar_exact(a, b)
     return {"per_seed": per_seed, "pooled": mcnemar_pooled(list(per_seed.values()))}
 

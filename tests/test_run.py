@@ -37,6 +37,7 @@ TINY: dict[str, Any] = {
     "student": {"model": "tiny-qwen2", "layers": 2, "vocab_size": 280},
     "train": {"steps": 3, "batch_size": 4, "max_length": 256, "distill": {"checkpoint_every": 2}},
     "variants": [{"name": "ce"}, {"name": "kv", "teachers": ["t"], "distill": {"loss": "mercator"}}],
+    "contrasts": ["kv vs ce"],
     "eval": {"batch_size": 6, "max_new_tokens": 12, "checkpoint_rows": 4},
     "threads": 1,
 }
@@ -127,6 +128,11 @@ def test_run_writes_every_artifact_and_the_report_numbers_come_from_the_run(run)
     assert [acc["kv"]["mcnemar"]["pooled"][k] for k in ("only_a", "only_b")] == pooled
     assert nll["kv"]["item_bootstrap"]["diff"] == pytest.approx(nll["kv"]["diff"], rel=1e-9)
     assert nll["kv"]["item_bootstrap"]["items"] == 6
+    # A contrast of the same two variants is the same paired test, read from the same records.
+    (contrast,) = report["contrasts"]
+    assert contrast["contrast"] == "kv vs ce" and contrast["accuracy"]["diff"] == pytest.approx(acc["kv"]["diff"])
+    assert contrast["nll"]["diff"] == pytest.approx(nll["kv"]["diff"])
+    assert [contrast["mcnemar_pooled"][k] for k in ("only_a", "only_b")] == pooled
 
     text = (root / "report.md").read_text()
     teacher_acc = evals["eval teacher t"]["accuracy"]
