@@ -9,6 +9,7 @@ the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -145,6 +146,9 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
     meta = json.loads((path / "state.json").read_text())
     saved = meta["config"]
     now = cfg.to_dict()
+    # A field added since the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
                for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
     if changed:
