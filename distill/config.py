@@ -87,6 +87,8 @@ class DistillConfig:
     """Weight of the whole K/V term against cross-entropy; 0 trains CE only."""
     ce_weight: float = 1.0
     """Weight of the cross-entropy term."""
+    logit_weight: float = 0.0
+    """Weight of logit distillation against the teachers' stored top-k (extract with --logit-top-k); 0 turns it off."""
     ce_on: str = "completion"
     """Tokens cross-entropy is computed on: completion (reasoning and answer) or all."""
     segment_weights: dict[str, float] | None = None
@@ -190,6 +192,10 @@ class DistillConfig:
             self.alpha_k > 0 or self.alpha_v > 0 or (self.loss == "structural" and self.alpha_attn > 0))
 
     @property
+    def uses_logits(self) -> bool:
+        return self.store is not None and self.logit_weight > 0
+
+    @property
     def uses_attention(self) -> bool:
         return self.uses_kv and self.loss == "structural" and self.alpha_attn > 0
 
@@ -225,7 +231,8 @@ class DistillConfig:
             p.append("Can't set both --steps and --epochs. Choose one.")
         for flag, value in (("--alpha-k", self.alpha_k), ("--alpha-v", self.alpha_v),
                             ("--alpha-attn", self.alpha_attn), ("--kv-weight", self.kv_weight),
-                            ("--ce-weight", self.ce_weight), ("--weight-decay", self.weight_decay),
+                            ("--ce-weight", self.ce_weight), ("--logit-weight", self.logit_weight),
+                            ("--weight-decay", self.weight_decay),
                             ("--max-grad-norm", self.max_grad_norm)):
             if not isinstance(value, (int, float)) or value < 0:
                 p.append(f"{flag}: expected a number >= 0. Got {value!r} instead.")
@@ -235,9 +242,11 @@ class DistillConfig:
             p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {self.min_lr_ratio!r} instead.")
         if self.fusion_temperature <= 0:
             p.append(f"--fusion-temperature: expected a positive number. Got {self.fusion_temperature!r} instead.")
-        if self.ce_weight == 0 and not self.uses_kv:
-            p.append("Nothing to train: --ce-weight is 0 and there is no K/V term (no --store, or --kv-weight 0). "
-                     "Set --ce-weight or give a --store.")
+        if self.ce_weight == 0 and not self.uses_kv and not self.uses_logits:
+            p.append("Nothing to train: --ce-weight is 0 and there is no K/V or logit term (no --store, or "
+                     "--kv-weight and --logit-weight 0). Set --ce-weight or give a --store.")
+        if self.store is None and isinstance(self.logit_weight, (int, float)) and self.logit_weight > 0:
+            p.append("--logit-weight needs --store (the teachers' top-k logits are stored there).")
         if self.fusion_weights is not None:
             weights = self.fusion_weights
             if self.fusion != "fixed":

@@ -55,6 +55,10 @@ class TeacherRequest:
     """Teacher layers to read (stored layer indices, in this order); None reads every stored layer."""
     with_q: bool = False
     """Also read the stored queries (all of the teacher's Q layers)."""
+    with_logits: bool = False
+    """Also read the stored top-k logits."""
+    with_kv: bool = True
+    """Read K/V; off for a logit-only run (the batch's K/V then have zero layers)."""
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -147,6 +151,11 @@ def check_request(store: KVStore, config: LoaderConfig) -> list[int]:
                 f"Expected stored queries for teacher {req.name!r} (with_q). Got none instead. Drop with_q, or "
                 "re-extract it with --with-q."
             )
+        if req.with_logits and spec.logits is None:
+            problems.append(
+                f"Expected stored logits for teacher {req.name!r} (with_logits). Got none instead. Drop "
+                "with_logits, or re-extract it with --logit-top-k K."
+            )
     if problems:
         raise SchemaError(f"{store.where}: can't serve this request. " + " ".join(problems))
 
@@ -190,11 +199,16 @@ class TeacherBatch:
     q: torch.Tensor | None = None
     """``[B, Lq, Hq, T, D]`` float32, or None when not requested."""
     q_layers: tuple[int, ...] = ()
+    logit_ids: torch.Tensor | None = None
+    """``[B, T, k]`` int64 the teacher's top-k ids per token, -1 where it has no target (padding, quarantined
+    samples, tokens no teacher token ends with), or None when not requested."""
+    logit_logp: torch.Tensor | None = None
+    """``[B, T, k]`` float32 their log-probabilities, largest first (0 where the ids are -1)."""
 
     def to(self, device: Any, non_blocking: bool = False) -> TeacherBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return dataclasses.replace(self, k=move(self.k), v=move(self.v), align_weight=move(self.align_weight),
-                                   q=move(self.q))
+                                   q=move(self.q), logit_ids=move(self.logit_ids), logit_logp=move(self.logit_logp))
 
 
 @dataclass
@@ -237,14 +251,15 @@ def pad_token_id(store: KVStore) -> int:
 def read_window(store: KVStore, shards: Sequence[int], requests: Sequence[TeacherRequest]) -> dict[int, Rows]:
     """Each shard of a window, with only the requested teachers, layers and queries decoded (float32)."""
     # read_shard takes one layer list for all the teachers it reads: teachers asking the same thing share a call.
-    groups: dict[tuple[tuple[int, ...] | None, bool], list[str]] = {}
+    groups: dict[tuple[tuple[int, ...] | None, bool, bool, bool], list[str]] = {}
     for req in requests:
-        groups.setdefault((req.layers, req.with_q), []).append(req.name)
+        groups.setdefault((req.layers, req.with_q, req.with_logits, req.with_kv), []).append(req.name)
     out = {}
     for s in shards:
         rows = store.read_shard(s, teachers=[])
-        for (layers, with_q), names in groups.items():
-            rows.teachers.update(store.read_shard(s, teachers=names, layers=layers, with_q=with_q).teachers)
+        for (layers, with_q, with_logits, with_kv), names in groups.items():
+            rows.teachers.update(store.read_shard(s, teachers=names, layers=layers, with_q=with_q,
+                                                  with_logits=with_logits, with_kv=with_kv).teachers)
         out[s] = rows
     return out
 
@@ -273,6 +288,8 @@ def collate(plan: BatchPlan, window: Mapping[int, Rows], shard_starts: np.ndarra
         v = np.zeros_like(k)
         weight = np.zeros((B, T), dtype=np.float32)
         q = None if first.q is None else np.zeros((B, first.q.shape[1], first.q.shape[2], T, D), dtype=np.float32)
+        top = None if first.logit_ids is None else (np.full((B, T, first.logit_ids.shape[1]), -1, dtype=np.int64),
+                                                    np.zeros((B, T, first.logit_ids.shape[1]), dtype=np.float32))
         for row, (rows, a, b, p) in enumerate(located):
             kv = rows.teachers[name]
             k[row, :, :, : b - a] = kv.k[a:b].transpose(1, 2, 0, 3)  # [t, L, H, D] → [L, H, t, D]
@@ -282,9 +299,14 @@ def collate(plan: BatchPlan, window: Mapping[int, Rows], shard_starts: np.ndarra
             # A quarantined sample's rows are zeros, not the teacher's: no token of it may pull the student.
             if kv.status[p] == 0:
                 weight[row, : b - a] = kv.align_weight[a:b]
+                if top is not None:  # (the writer stores a quarantined sample's rows as -1 too)
+                    top[0][row, : b - a] = kv.logit_ids[a:b]
+                    top[1][row, : b - a] = kv.logit_logp[a:b]
         teachers[name] = TeacherBatch(
             k=torch.from_numpy(k), v=torch.from_numpy(v), align_weight=torch.from_numpy(weight),
             layers=tuple(first.layers), q=None if q is None else torch.from_numpy(q), q_layers=tuple(first.q_layers),
+            logit_ids=None if top is None else torch.from_numpy(top[0]),
+            logit_logp=None if top is None else torch.from_numpy(top[1]),
         )
     return Batch(
         epoch=plan.epoch, index=plan.index, sample_indices=torch.from_numpy(np.asarray(plan.samples, dtype=np.int64)),

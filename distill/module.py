@@ -20,11 +20,15 @@ from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .config import DistillConfig
+from .logit_kd import sorted_prob_distance, topk_kl
+from .losses import weighted_mean
 from .objective import KVObjective, StudentKV
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .loader import Batch
-    from .run_data import RunData
+    from .run_data import LogitTeacher, RunData
     from .student import Student
 
 _COMPLETION = (SEGMENT_NAMES.index("reasoning"), SEGMENT_NAMES.index("answer"))
@@ -58,16 +62,45 @@ def completion_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, se
     return targets
 
 
+def logit_term(logits: torch.Tensor, targets: torch.Tensor, teachers: Sequence[LogitTeacher],
+               batch: Batch) -> torch.Tensor:
+    """Logit distillation against the teachers' stored top-k: the mean over teachers of each one's weighted mean.
+
+    ``logits[:, t]`` and the teacher's stored row at ``t`` both predict the text after token ``t``'s last character,
+    so position ``t`` counts where the teacher has a row there and token ``t + 1`` is a cross-entropy target.
+
+    Args:
+        logits: ``[B, T, V]`` the student's logits.
+        targets: ``[B, T]`` bool, ``completion_targets``.
+
+    Returns:
+        A scalar (0 when no position counts).
+    """
+    per_teacher = []
+    for teacher in teachers:
+        tb = batch.teachers[teacher.name]
+        assert tb.logit_ids is not None and tb.logit_logp is not None  # requested by RunData.loader_config
+        ids, logp = tb.logit_ids[:, :-1], tb.logit_logp[:, :-1]  # [B, T-1, k]
+        weight = ((ids[..., 0] >= 0) & targets[:, 1:]).float()  # [B, T-1]
+        per_token = (topk_kl(logits[:, :-1], ids.clamp(min=0), logp) if teacher.same_tokenizer
+                     else sorted_prob_distance(logits[:, :-1], logp))
+        per_teacher.append(weighted_mean(per_token, weight))
+    return torch.stack(per_teacher).mean()
+
+
 class DistillModule(nn.Module):
     """Student plus objective; ``forward(batch)`` → ``(loss, terms)``: one forward pass of the student, its K/V
-    captured on the way, CE on its logits and the K/V objective on the captured tensors."""
+    captured on the way, CE on its logits, the K/V objective on the captured tensors and logit distillation against
+    the ``logit_teachers``' stored top-k."""
 
-    def __init__(self, student: Student, objective: KVObjective | None, cfg: DistillConfig) -> None:
+    def __init__(self, student: Student, objective: KVObjective | None, cfg: DistillConfig, *,
+                 logit_teachers: Sequence[LogitTeacher] = ()) -> None:
         super().__init__()
         self.student = student.model
         self.objective = objective
         self._inner = [student.inner]  # the same modules as self.student; a list keeps them out of state_dict twice
         self.ce_weight, self.kv_weight, self.ce_on = cfg.ce_weight, cfg.kv_weight, cfg.ce_on
+        self.logit_weight, self.logit_teachers = cfg.logit_weight, list(logit_teachers)
         # Checked now rather than at the first forward: the capture records the rotation through this module.
         if objective is not None and rope_params(student.inner.config) is not None \
                 and rotary_module(student.inner) is None:
@@ -105,6 +138,10 @@ class DistillModule(nn.Module):
             total = total + self.kv_weight * kv
             terms["loss/kv"] = kv.detach()
             terms.update(logs)
+        if self.logit_teachers:
+            logit = logit_term(logits, targets, self.logit_teachers, batch)
+            total = total + self.logit_weight * logit
+            terms["loss/logit"] = logit.detach()
         terms["loss/total"] = total.detach()
         return total, terms
 

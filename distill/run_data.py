@@ -8,7 +8,7 @@ loads; the :class:`RunData` it returns builds the loader's request and checks th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,16 @@ if TYPE_CHECKING:
     from .student import Student
 
 
+@dataclass(frozen=True)
+class LogitTeacher:
+    """A teacher whose stored top-k logits the run distils from, and which loss compares them."""
+
+    name: str
+    same_tokenizer: bool
+    """The teacher's ids are the student's tokens (its tokenizer fingerprint is the store's student tokenizer's):
+    ``topk_kl``; otherwise ``sorted_prob_distance``, which needs no vocabulary mapping."""
+
+
 @dataclass
 class RunData:
     """The store a run trains on and what it takes from it."""
@@ -40,13 +50,20 @@ class RunData:
     kv_layers: tuple[int, ...]
     student_layers: int | None
     """The layer count of the store's layer maps (None without teachers)."""
+    logit_teachers: list[LogitTeacher] = field(default_factory=list)
+    """Teachers whose top-k logits the run reads (with --logit-weight)."""
 
     @property
     def teacher_names(self) -> list[str]:
         return [p.name for p in self.plans]
 
     def loader_config(self, cfg: DistillConfig, *, rank: int, world_size: int) -> LoaderConfig:
-        requests = tuple(TeacherRequest(p.name, layers=p.read_layers, with_q=p.with_q) for p in self.plans)
+        kv = {p.name: p for p in self.plans}
+        logits = {t.name for t in self.logit_teachers}
+        names = list(kv) + [t.name for t in self.logit_teachers if t.name not in kv]
+        requests = tuple(TeacherRequest(n, layers=kv[n].read_layers if n in kv else None,
+                                        with_q=n in kv and kv[n].with_q, with_logits=n in logits, with_kv=n in kv)
+                         for n in names)
         return LoaderConfig(store=self.path,
                             teachers=requests, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
                             buffer_shards=cfg.buffer_shards, seed=cfg.seed, rank=rank, world_size=world_size,
@@ -89,11 +106,8 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
     # A preset is built on the grid's tokenizer; a pretrained student brings its own (checked against the grid).
     tokenizer = tokenizer if preset else None
     template = str(store.manifest.dataset.details.get("student_template", "plain"))
-    if not cfg.uses_kv:
-        # A CE-only run on a store with teachers builds the same preset student as the K/V run it is compared with.
-        depths = {spec.layer_map.student_layers for spec in store.teachers.values()}
-        depth = cfg.layers if cfg.layers is not None else depths.pop() if len(depths) == 1 else None
-        return RunData(store, path, tokenizer, template, [], (), depth)
+    if not cfg.uses_kv and not cfg.uses_logits:
+        return RunData(store, path, tokenizer, template, [], (), _ce_depth(cfg, store))
 
     have = store.teachers
     names = cfg.teachers
@@ -102,7 +116,8 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
             listing = ", ".join(sorted(have)) or "none"
             raise SchemaError(
                 f"{store.where}: expected one teacher to learn from. The store has {len(have)}: {listing}. "
-                + ("Run `kava extract` into it first, or train CE only with --kv-weight 0." if not have else
+                + ("Run `kava extract` into it first, or train CE only with --kv-weight 0 and --logit-weight 0."
+                   if not have else
                    "Pick with --teachers NAME[,NAME...].")
             )
         names = list(have)
@@ -111,6 +126,9 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         raise SchemaError(f"{store.where}: no teacher {', '.join(map(repr, missing))}. The store has: "
                           f"{', '.join(sorted(have)) or 'none'}. Pick with --teachers.")
     specs = [have[n] for n in names]
+    logit_teachers = [_logit_teacher(spec, store, cfg) for spec in specs] if cfg.uses_logits else []
+    if not cfg.uses_kv:  # logits only: no K/V read, the student built as for CE only
+        return RunData(store, path, tokenizer, template, [], (), _ce_depth(cfg, store), logit_teachers)
     depths = {s.name: s.layer_map.student_layers for s in specs}
     if len(set(depths.values())) != 1:
         raise SchemaError(f"{store.where}: the teachers' layer maps are for students of different depths {depths}. "
@@ -125,7 +143,24 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
     if outside:
         raise ConfigError(f"--attn-layers {outside}: not among the aligned student layers {list(kv_layers)}.")
     plans = [_teacher_plan(spec, kv_layers, attn_layers if cfg.uses_attention else (), store) for spec in specs]
-    return RunData(store, path, tokenizer, template, plans, kv_layers, depth)
+    return RunData(store, path, tokenizer, template, plans, kv_layers, depth, logit_teachers)
+
+
+def _ce_depth(cfg: DistillConfig, store: KVStore) -> int | None:
+    """A run without K/V on a store with teachers builds the same preset student as the K/V run it is compared
+    with: the depth of the teachers' layer maps (or --layers)."""
+    depths = {spec.layer_map.student_layers for spec in store.teachers.values()}
+    return cfg.layers if cfg.layers is not None else depths.pop() if len(depths) == 1 else None
+
+
+def _logit_teacher(spec: TeacherSpec, store: KVStore, cfg: DistillConfig) -> LogitTeacher:
+    if spec.logits is None:
+        raise SchemaError(
+            f"{store.where}: expected teacher {spec.name!r} to store its top-k logits for --logit-weight "
+            f"{cfg.logit_weight}. Got none instead. Re-extract it with --logit-top-k K (e.g. 8), or set "
+            "--logit-weight 0."
+        )
+    return LogitTeacher(spec.name, spec.logits.tokenizer_fingerprint == store.manifest.student_tokenizer.fingerprint)
 
 
 def _teacher_plan(spec: TeacherSpec, kv_layers: tuple[int, ...], attn_layers: tuple[int, ...],

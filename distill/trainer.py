@@ -170,7 +170,7 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     # draws the same weights (and DDP broadcasts rank 0's anyway).
     torch.manual_seed(cfg.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
-    module = DistillModule(student, objective, cfg).to(device)
+    module = DistillModule(student, objective, cfg, logit_teachers=data.logit_teachers).to(device)
     optimizer = make_optimizer(module, cfg)
     if cfg.steps is not None:
         total = cfg.steps
@@ -210,7 +210,8 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     log(f"training {total} steps of {cfg.grad_accum} x {cfg.batch_size} samples on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.distributed else "")
         + (f", K/V from {', '.join(data.teacher_names)} ({cfg.loss}, layers {list(data.kv_layers)})"
-           if objective is not None else ", cross-entropy only"))
+           if objective is not None else ", cross-entropy only" if not data.logit_teachers else "")
+        + (f", logits from {', '.join(t.name for t in data.logit_teachers)}" if data.logit_teachers else ""))
     return TrainingState(cfg=cfg, out=out, ranks=ranks, device=device, data=data, student=student, module=module,
                          model=model, optimizer=optimizer, schedule=schedule, loader=loader, total=total,
                          params=params, step=step, tokens=tokens)
@@ -381,7 +382,7 @@ def _exhausted(loader: StreamLoader) -> bool:
 def _non_finite(values: dict[str, float]) -> list[str]:
     """The loss terms in ``values`` that are NaN or infinite, the most specific first: a NaN in K alone makes
     loss/kv and loss/total NaN too."""
-    return [k for k in ("loss/ce", "loss/k", "loss/v", "loss/attn", "loss/kv", "loss/total")
+    return [k for k in ("loss/ce", "loss/k", "loss/v", "loss/attn", "loss/kv", "loss/logit", "loss/total")
             if k in values and not math.isfinite(values[k])]
 
 

@@ -134,6 +134,8 @@ class QKVCapture:
     k_rope: KRope
     rope: dict[str, Any] | None
     rotation: Rotation | None = None
+    logits: torch.Tensor | None = None
+    """``[B, T, V]`` the LM head's output, only when asked for (``with_logits``); None otherwise."""
 
 
 @dataclass
@@ -430,10 +432,13 @@ def capture_qkv(
     with_q: bool | Sequence[int] = False,
     k_rope: KRope = "pre",
     with_rotation: bool = False,
+    with_logits: bool = False,
 ) -> QKVCapture:
     """Run one forward pass of ``model`` and return per-layer K, V (and optionally Q).
 
-    Runs the base model only (no LM head, no logits), under ``torch.no_grad()`` with ``use_cache=False``.
+    Runs the base model only (no LM head, no logits), under ``torch.no_grad()`` with ``use_cache=False``;
+    ``with_logits`` runs the whole causal LM instead and returns its logits too (``[B, T, V]``: large, drop them
+    soon).
 
     Args:
         model: a transformers 5.x causal LM in eval mode, on ``sdpa`` or ``eager`` attention.
@@ -455,7 +460,7 @@ def capture_qkv(
     base = getattr(model, "base_model", model)
     with attention_capture(model, layers=layers, with_q=with_q, k_rope=k_rope,
                            with_rotation=with_rotation) as recorder, torch.no_grad():
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = (model if with_logits else base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     missing = sorted(recorder.layers - recorder.keys.keys())
     if missing:
@@ -487,4 +492,5 @@ def capture_qkv(
         k_rope=k_rope,
         rope=rope_params(model.config),
         rotation=recorder.rotation,
+        logits=out.logits if with_logits else None,
     )

@@ -222,6 +222,9 @@ class ExtractConfig:
     """Also store queries."""
     q_layers: list[int] | None = None
     """Teacher layers whose queries are stored, e.g. '0,5,9' (default with --with-q: the stored K/V layers)."""
+    logit_top_k: int = 0
+    """Also store the teacher's top-K next-token log-probabilities per student token, for logit distillation
+    (K ids and log-probabilities: 6 x K bytes per token); 0 stores none."""
     k_rope: str = "pre"
     """Store keys before RoPE (pre, default) or as the cache holds them (post)."""
     layer_map: str = "proportional"
@@ -309,7 +312,8 @@ class ExtractConfig:
         for flag, value, low in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 2),
                                  ("--shard-tokens", self.shard_tokens, 1), ("--cka-top-k", self.cka_top_k, 1),
                                  ("--calibration-samples", self.calibration_samples, 0),
-                                 ("--max-new-tokens", self.max_new_tokens, 1)):
+                                 ("--max-new-tokens", self.max_new_tokens, 1),
+                                 ("--logit-top-k", self.logit_top_k, 0)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
         if self.threads is not None and self.threads < 1:

@@ -79,7 +79,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     for b in range(0, len(live), cfg.batch_size):
         encoded = [token_spans(teacher_tok, t) for t in live[b : b + cfg.batch_size]]
         timed_tokens += sum(len(e[0]) for e in encoded)
-        for k, v, _ in teacher_forward(model, encoded, layers, (), cfg.k_rope, next(model.parameters()).device,
+        for k, v, *_ in teacher_forward(model, encoded, layers, (), cfg.k_rope, next(model.parameters()).device,
                                 capture_qkv):
             k_rows += [k.numpy(), v.numpy()]
     seconds = time.perf_counter() - t

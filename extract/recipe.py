@@ -23,11 +23,11 @@ import numpy as np
 
 from kava.core.errors import ConfigError
 from kava.core.log import Log, log_stderr
-from kava.kvstore import KVStore, StorageSpec, TeacherSpec, default_storage
+from kava.kvstore import KVStore, LogitSpec, StorageSpec, TeacherSpec, default_storage
 
 from .config import ExtractConfig
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
-from .teacher_pass import generate_reasoning, sample_alignment, teacher_forward, teacher_texts
+from .teacher_pass import generate_reasoning, sample_alignment, student_logits, teacher_forward, teacher_texts
 
 @dataclass
 class ExtractResult:
@@ -244,6 +244,7 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
         created_by=cfg.command,
         details={"prompt_template": teacher_template.name, "template_sha256": teacher_template.sha256,
                  "teacher_generates": cfg.teacher_generates, **cfg.extra},
+        logits=_logit_spec(cfg, teacher_model, teacher_tok),
     ))
     for matrix_name, (matrix, attrs) in cka.items():
         store.write_cka(name, matrix_name, matrix, **attrs)
@@ -296,7 +297,8 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
             encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
                        for t in texts]
             t0 = time.perf_counter()
-            captured = teacher_forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv)
+            captured = teacher_forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv,
+                                       logit_top_k=cfg.logit_top_k)
             result.forward_seconds += time.perf_counter() - t0
 
             def write(batch=batch, encoded=encoded, captured=captured, texts=texts, pieces=pieces,
@@ -305,19 +307,25 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                 for sample, (t_ids, t_spans), kv, text, piece in zip(batch, encoded, captured, texts, pieces):
                     if not len(sample.input_ids):  # a skipped sample: nothing on the grid
                         shape = (0, len(layers), kv_heads, head_dim)
+                        top_k = cfg.logit_top_k
                         w.add(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
                               q=np.zeros((0, len(q_layers), num_heads, head_dim), np.float32) if q_layers
+                              else None,
+                              logits=(np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32)) if top_k
                               else None)
                         continue
-                    k, v, q = kv
+                    k, v, q, top = kv
+                    # Each student token's top-k from the teacher token ending where it ends (-1 rows: none does).
+                    logits = None if top is None else student_logits(
+                        sample, t_spans, piece, top, generated=cfg.teacher_generates, same_text=same_text)
                     al = sample_alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
                                     same_text=same_text, same_tokenizer=plan.same_tokenizer,
                                     hard=cfg.alignment == "hard", special_ids=special_ids)
                     if al is None:  # the teacher's own tokens: every row is an exact target
-                        w.add(k, v, q=q, align_weight=np.ones(len(sample.input_ids), np.float32))
+                        w.add(k, v, q=q, align_weight=np.ones(len(sample.input_ids), np.float32), logits=logits)
                     else:
                         w.add(apply(al, k), apply(al, v), q=None if q is None else apply(al, q),
-                              align_weight=al.coverage)
+                              align_weight=al.coverage, logits=logits)
             writer.submit(write)
             result.samples += len(batch)
             result.student_tokens += sum(len(s.input_ids) for s in batch)
@@ -383,6 +391,18 @@ def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[i
             "Pass --resume to keep them and finish the rest, or choose another --name."
         )
     return [s for s in todo if s not in done], sorted(done)
+
+
+def _logit_spec(cfg: ExtractConfig, teacher_model: Any, teacher_tok: Any) -> LogitSpec | None:
+    """What the teacher's stored top-k means: how many, over which vocabulary, of which tokenizer."""
+    if not cfg.logit_top_k:
+        return None
+    head = teacher_model.get_output_embeddings()
+    vocab = int(head.weight.shape[0]) if head is not None else int(teacher_model.config.vocab_size)
+    if cfg.logit_top_k > vocab:
+        raise ConfigError(f"--logit-top-k: expected at most the teacher's vocabulary size {vocab}. "
+                          f"Got {cfg.logit_top_k} instead.")
+    return LogitSpec(top_k=cfg.logit_top_k, vocab_size=vocab, tokenizer_fingerprint=tokenizer_fingerprint(teacher_tok))
 
 
 def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:

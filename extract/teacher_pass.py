@@ -5,7 +5,8 @@ tensors, and do no I/O.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -43,12 +44,32 @@ def teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
     return texts, pieces
 
 
-def teacher_forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv) -> list[tuple[Any, Any, Any]]:
-    """One padded forward pass → per sample (k, v, q) as float32 ``[T_t, L, H, D]`` on the CPU (q may be None)."""
+class TeacherRows(NamedTuple):
+    """One sample's teacher rows from :func:`teacher_forward`, on the teacher's own tokens."""
+
+    k: Any
+    """float32 ``[T_t, L, H, D]`` on the CPU."""
+    v: Any
+    q: Any
+    """float32 ``[T_t, Lq, Hq, D]``, or None."""
+    logits: tuple[Any, Any] | None = None
+    """``(ids int64, logp float32)``, each ``[T_t, top_k]``: what the teacher predicts after each of its tokens;
+    None unless asked for."""
+
+
+def teacher_forward(model, encoded, layers, q_layers, k_rope, device, capture_qkv, *, logit_top_k: int = 0
+                    ) -> list[TeacherRows]:
+    """One padded forward pass → per sample its :class:`TeacherRows` (None for an empty sample).
+
+    With ``logit_top_k`` the whole LM runs and each sample keeps only its top-k log-probabilities: the ``[B, T, V]``
+    logits are reduced one row at a time and dropped before this returns.
+    """
     import torch
 
+    from .logits import topk_logprobs
+
     lengths = [len(ids) for ids, _ in encoded]
-    out: list[tuple[Any, Any, Any]] = [None] * len(encoded)  # type: ignore[list-item]
+    out: list[TeacherRows] = [None] * len(encoded)  # type: ignore[list-item]
     live = [i for i, n in enumerate(lengths) if n > 0]
     if not live:
         return out
@@ -59,7 +80,14 @@ def teacher_forward(model, encoded, layers, q_layers, k_rope, device, capture_qk
         ids[row, : lengths[i]] = torch.as_tensor(encoded[i][0])
         mask[row, : lengths[i]] = 1
     cap = capture_qkv(model, ids.to(device), mask.to(device), layers=list(layers),
-                      with_q=list(q_layers) if q_layers else False, k_rope=k_rope)
+                      with_q=list(q_layers) if q_layers else False, k_rope=k_rope, with_logits=logit_top_k > 0)
+    tops: list[Any] = [None] * len(live)
+    if cap.logits is not None:
+        # Row by row: the float32 log-softmax of one row is [T, V], not [B, T, V].
+        for row, i in enumerate(live):
+            top_ids, top_logp = topk_logprobs(cap.logits[row, : lengths[i]], logit_top_k)
+            tops[row] = (top_ids.cpu(), top_logp.cpu())
+        cap = dataclasses.replace(cap, logits=None)  # the [B, T, V] logits are freed here
 
     def stack(per_layer: dict[int, Any], which: tuple[int, ...]) -> Any:
         # per layer (B, heads, T, D) → (B, T, L, heads, D), float32 on the CPU
@@ -69,8 +97,35 @@ def teacher_forward(model, encoded, layers, q_layers, k_rope, device, capture_qk
     q = stack(cap.queries, q_layers) if q_layers else None
     for row, i in enumerate(live):
         n = lengths[i]
-        out[i] = (k[row, :n], v[row, :n], None if q is None else q[row, :n])
+        out[i] = TeacherRows(k[row, :n], v[row, :n], None if q is None else q[row, :n], tops[row])
     return out
+
+
+def student_logits(sample: GridSample, t_spans: np.ndarray, piece: dict[str, tuple[int, int]],
+                   top: tuple[Any, Any], *, generated: bool, same_text: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-k on the student's tokens: ``(ids int32, logp float32)``, each ``[T_s, top_k]``.
+
+    Student token ``t`` takes the row of the teacher token that ends at the same character (``boundary_rows``)
+    over the spans the K/V alignment uses: the teacher's own on the same text, moved into the student's text
+    piece by piece under another template. A teacher that read its own generated text read another text than the
+    student's, so no token takes a row (every id ``NO_TARGET``).
+    """
+    from .align import remap_spans
+    from .logits import NO_TARGET, boundary_rows
+
+    ids, logp = (np.asarray(x) for x in top)
+    n, k = len(sample.input_ids), ids.shape[1]
+    if generated:
+        rows = np.full(n, NO_TARGET, dtype=np.int64)
+    else:
+        spans = t_spans if same_text else remap_spans(t_spans, piece, sample.seg_spans)
+        rows = boundary_rows(sample.spans, spans)
+    hit = rows >= 0
+    out_ids = np.full((n, k), NO_TARGET, dtype=np.int32)
+    out_logp = np.zeros((n, k), dtype=np.float32)
+    out_ids[hit] = ids[rows[hit]]
+    out_logp[hit] = logp[rows[hit]]
+    return out_ids, out_logp
 
 
 def generate_reasoning(model, tok, texts: list[str], pieces: list[dict[str, tuple[int, int]]], max_new_tokens: int,

@@ -20,6 +20,7 @@ from .manifest import (
     SEGMENT_NAMES,
     DatasetSpec,
     LayerMap,
+    LogitSpec,
     StorageSpec,
     StoreManifest,
     TeacherSpec,
@@ -34,7 +35,7 @@ from .interop import summary, to_dask, to_xarray
 
 __all__ = [
     "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "create_store", "ConfigError", "DatasetSpec", "FormatVersionError",
-    "IncompleteError", "KVStore", "KavaError", "LayerMap", "NotAStoreError", "Rows", "SampleError", "SchemaError",
+    "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError", "Rows", "SampleError", "SchemaError",
     "ShardSlot", "ShardWriter", "StorageSpec", "StoreError", "StoreManifest", "TeacherKV", "TeacherSpec", "TokenizerSpec",
     "default_storage", "plan_shards", "proportional_layer_map", "sample_ids_hash", "Problem", "VerifyReport",
     "verify_store", "summary", "to_dask", "to_xarray",

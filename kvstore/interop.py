@@ -89,6 +89,7 @@ def summary(store: KVStore) -> dict[str, Any]:
     teachers = {}
     for name, spec in store.teachers.items():
         markers = list(store.shard_markers(name).values())
+        tokens = sum(mk["tokens"][1] - mk["tokens"][0] for mk in markers)
         teachers[name] = {
             "model": next((spec.model[k] for k in ("model_id", "id", "path") if spec.model.get(k)), None),
             "quantization": spec.model.get("quantization", "none"),
@@ -109,6 +110,10 @@ def summary(store: KVStore) -> dict[str, Any]:
             "quarantined": sum(len(mk.get("quarantined", [])) for mk in markers),
             "bytes_logical": int(sum(mk.get("bytes_logical", 0) for mk in markers)),
             "bytes_on_disk": _disk_bytes(store, layout.teacher_key(name)),
+            # Logical bytes per student token of the complete shards: K/V, Q and the top-k logits together.
+            "bytes_per_token": sum(mk.get("bytes_logical", 0) for mk in markers) / tokens if tokens else None,
+            "logits": None if spec.logits is None else {
+                **spec.logits.to_dict(), "bytes_per_token": spec.logits.top_k * (4 + 2)},  # int32 id + fp16 logp
         }
     return {
         "path": store.where,

@@ -30,6 +30,11 @@ SAMPLE_STATUS = ("ok", "truncated", "skipped")
 TEACHER_STATUS = ("ok", "quarantined")
 """Teacher-level sample status codes (``teachers/<name>/shards/<i>/sample_status``)."""
 
+LOGIT_ARRAYS = ("logit_ids", "logit_logp")
+"""A teacher shard's optional top-k arrays: int32 ids and float16 log-probabilities, both ``[T_s, top_k]``."""
+LOGIT_NO_TARGET = -1
+"""``logit_ids`` of a student token with no teacher target (every entry of its row)."""
+
 SHARD_DIGITS = 6
 
 

@@ -301,6 +301,36 @@ class StorageSpec:
 
 
 @dataclass(frozen=True)
+class LogitSpec:
+    """The teacher's next-token distribution, kept per student token as its top-k log-probabilities
+    (``logit_ids`` int32 and ``logit_logp`` float16, both ``[tokens, top_k]``; see FORMAT.md)."""
+
+    top_k: int
+    vocab_size: int
+    """Size of the teacher's vocabulary: the ids' range."""
+    tokenizer_fingerprint: str
+    """The teacher tokenizer's fingerprint: equal to the student tokenizer's, the ids are the student's tokens."""
+
+    def __post_init__(self) -> None:
+        parse_int(self.top_k, "logits.top_k", minimum=1)
+        parse_int(self.vocab_size, "logits.vocab_size", minimum=1)
+        _expect(self.top_k <= self.vocab_size, f"top_k at most vocab_size {self.vocab_size}", self.top_k,
+                "logits.top_k")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "logits") -> LogitSpec:
+        d = parse_dict(d, where)
+        return cls(
+            top_k=parse_int(d.get("top_k"), f"{where}.top_k", minimum=1),
+            vocab_size=parse_int(d.get("vocab_size"), f"{where}.vocab_size", minimum=1),
+            tokenizer_fingerprint=parse_str(d.get("tokenizer_fingerprint"), f"{where}.tokenizer_fingerprint"),
+        )
+
+
+@dataclass(frozen=True)
 class TeacherSpec:
     """Everything distillation needs to know about one teacher's arrays; written in ``teachers/<name>/``.
 
@@ -329,6 +359,8 @@ class TeacherSpec:
     storage: StorageSpec = field(default_factory=StorageSpec)
     created_by: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    logits: LogitSpec | None = None
+    """The teacher's stored top-k log-probabilities per student token; None when not stored."""
 
     def __post_init__(self) -> None:
         check_teacher_name(self.name)
@@ -350,6 +382,10 @@ class TeacherSpec:
     def has_q(self) -> bool:
         return bool(self.q_layers)
 
+    @property
+    def has_logits(self) -> bool:
+        return self.logits is not None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -367,6 +403,8 @@ class TeacherSpec:
             "storage": self.storage.to_dict(),
             "created_by": self.created_by,
             "details": self.details,
+            # Written only when stored: a teacher without logits keeps the spec it always had.
+            **({"logits": self.logits.to_dict()} if self.logits is not None else {}),
         }
 
     @classmethod
@@ -391,6 +429,7 @@ class TeacherSpec:
             storage=StorageSpec.from_dict(d.get("storage")),
             created_by=parse_str(d.get("created_by", ""), f"{w}.created_by"),
             details=parse_dict(d.get("details", {}), f"{w}.details"),
+            logits=None if d.get("logits") is None else LogitSpec.from_dict(d["logits"], f"{w}.logits"),
         )
 
 

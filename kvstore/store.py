@@ -36,8 +36,9 @@ from .writer import ShardSlot, ShardWriter
 
 @dataclass
 class TeacherKV:
-    """One teacher's rows for a run of student tokens. Shapes: ``k``/``v`` ``[T, L, H, D]``, ``q``
-    ``[T, Lq, Hq, D]`` or None, ``align_weight`` ``[T]``, ``status`` ``[n_samples]`` (0 ok, 1 quarantined)."""
+    """One teacher's rows for a run of student tokens. Shapes: ``k``/``v`` ``[T, L, H, D]`` (``L`` = 0 when read
+    ``with_kv=False``), ``q`` ``[T, Lq, Hq, D]`` or None, ``align_weight`` ``[T]``, ``status`` ``[n_samples]``
+    (0 ok, 1 quarantined), ``logit_ids`` int32 / ``logit_logp`` float32 ``[T, top_k]`` or None (ids -1: no target)."""
 
     k: np.ndarray
     v: np.ndarray
@@ -46,6 +47,8 @@ class TeacherKV:
     layers: tuple[int, ...]
     q: np.ndarray | None = None
     q_layers: tuple[int, ...] = ()
+    logit_ids: np.ndarray | None = None
+    logit_logp: np.ndarray | None = None
 
 
 @dataclass
@@ -300,7 +303,8 @@ class KVStore:
             zarr_io.create_group_once(self._store, f"{key}/shards", {})
             zarr_io.create_group_once(self._store, f"{key}/cka", {})
         existing = self.teacher(spec.name)
-        fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map")
+        fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map",
+                 "logits")
         diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
         if diff:
             raise StoreError(
@@ -411,11 +415,14 @@ class KVStore:
         layers: Sequence[int] | None = None,
         with_q: bool = False,
         dtype: Any = np.float32,
+        with_logits: bool = False,
+        with_kv: bool = True,
     ) -> Rows:
-        """One sample's grid rows and each teacher's K/V (and Q). Random access: reads the 1-2 chunks it needs."""
+        """One sample's grid rows and each teacher's K/V (and Q, and top-k logits). Random access: reads the 1-2
+        chunks it needs. ``with_kv=False`` reads no K/V (zero layers): a logit-only reader."""
         i = self.sample_index(sample)
         shard = self.shard_of(i)
-        return self._read_rows(shard, i, i + 1, teachers, layers, with_q, dtype)
+        return self._read_rows(shard, i, i + 1, teachers, layers, with_q, dtype, with_logits, with_kv)
 
     def read_shard(
         self,
@@ -425,10 +432,12 @@ class KVStore:
         layers: Sequence[int] | None = None,
         with_q: bool = False,
         dtype: Any = np.float32,
+        with_logits: bool = False,
+        with_kv: bool = True,
     ) -> Rows:
-        """A whole shard: the unit of streaming."""
+        """A whole shard: the unit of streaming. Options as :meth:`read_sample`."""
         s = self.shard_samples(shard)
-        return self._read_rows(shard, s.start, s.stop, teachers, layers, with_q, dtype)
+        return self._read_rows(shard, s.start, s.stop, teachers, layers, with_q, dtype, with_logits, with_kv)
 
     def iter_shards(
         self,
@@ -458,7 +467,7 @@ class KVStore:
                 yield rows
 
     def _read_rows(
-        self, shard: int, first: int, stop: int, teachers, layers, with_q, dtype
+        self, shard: int, first: int, stop: int, teachers, layers, with_q, dtype, with_logits=False, with_kv=True
     ) -> Rows:
         a, b = int(self.offsets[first]), int(self.offsets[stop])
         ids = self.sample_ids[first:stop]
@@ -480,7 +489,7 @@ class KVStore:
         t0 = int(self.offsets[s0])
         for name in names:
             rows.teachers[name] = self._read_teacher(name, shard, a - t0, b - t0, first - s0, stop - s0,
-                                                     layers, with_q, dtype)
+                                                     layers, with_q, dtype, with_logits, with_kv)
         return rows
 
     def _layer_positions(self, spec: TeacherSpec, layers: Sequence[int] | None, stored: tuple[int, ...],
@@ -513,7 +522,8 @@ class KVStore:
             return np.asarray(arr.get_orthogonal_selection((slice(a, b), lsel)))
         return np.asarray(arr[a:b, lsel])
 
-    def _read_teacher(self, name, shard, a, b, sa, sb, layers, with_q, dtype) -> TeacherKV:
+    def _read_teacher(self, name, shard, a, b, sa, sb, layers, with_q, dtype, with_logits=False,
+                      with_kv=True) -> TeacherKV:
         spec = self._specs.get(name) or self._specs.setdefault(name, self.teacher(name))
         if self.shard_marker(name, shard) is None:
             first, stop = self.shard_samples(shard).start, self.shard_samples(shard).stop
@@ -533,9 +543,14 @@ class KVStore:
                 scale = self._rows(f"{key}_scale", a, b, lsel) if spec.storage.dtype == "int8" else None
             return codecs.decode(stored, scale, spec.storage.dtype, out_dtype)
 
+        if with_kv:
+            k, v = values("k", sel), values("v", sel)
+        else:  # zero layers: nothing of K/V is read
+            k = v = np.zeros((b - a, 0, spec.kv_heads, spec.head_dim), dtype=out_dtype)
+            kept = ()
         kv = TeacherKV(
-            k=values("k", sel),
-            v=values("v", sel),
+            k=k,
+            v=v,
             align_weight=self._read(layout.shard_array_key(name, shard, "align_weight"), slice(a, b)),
             status=self._read(layout.shard_array_key(name, shard, "sample_status"), slice(sa, sb)),
             layers=kept,
@@ -547,6 +562,14 @@ class KVStore:
                 )
             qsel, qkept = self._layer_positions(spec, None, spec.q_layers, "Q")
             kv.q, kv.q_layers = values("q", qsel), qkept
+        if with_logits:
+            if spec.logits is None:
+                raise SchemaError(
+                    f"{self.where}: teacher {name!r} has no stored logits. Re-extract it with --logit-top-k K."
+                )
+            ids_key, logp_key = (layout.shard_array_key(name, shard, x) for x in layout.LOGIT_ARRAYS)
+            kv.logit_ids = self._read(ids_key, slice(a, b))
+            kv.logit_logp = self._read(logp_key, slice(a, b)).astype(np.float32)
         return kv
 
 

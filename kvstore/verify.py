@@ -183,6 +183,9 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
         }
         if spec.has_q:
             shapes["q"] = ((n, len(spec.q_layers), spec.num_heads, spec.head_dim), stored_dtype)
+        if spec.logits is not None:
+            shapes["logit_ids"] = ((n, spec.logits.top_k), np.dtype(np.int32))
+            shapes["logit_logp"] = ((n, spec.logits.top_k), np.dtype(np.float16))
         if spec.storage.dtype == "int8":
             for name in [a for a in ("k", "v", "q") if a in shapes]:
                 shapes[f"{name}_scale"] = (shapes[name][0][:3], np.dtype(np.float16))
@@ -199,7 +202,11 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                 continue
             rows = ((lambda a, b: f"shard {shard}, " + grid_rows(t0 + a, t0 + b)) if array != "sample_status"
                     else (lambda a, b: f"shard {shard}, samples {samples.start + a}-{samples.start + b - 1}"))
-            _check_chunks(store, report, key, rows)
+            data = _check_chunks(store, report, key, rows)
+            if array == "logit_ids" and data is not None and spec.logits is not None and data.size and (
+                    data.min() < -1 or data.max() >= spec.logits.vocab_size):
+                problems.append(Problem(key, f"expected ids in [0, {spec.logits.vocab_size}) or -1 (no target). "
+                                             f"Got {int(data.min())}..{int(data.max())}."))
     report.shards_complete[spec.name] = complete
     for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")

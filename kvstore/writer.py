@@ -84,6 +84,10 @@ class ShardWriter:
         self._align = np.zeros(self.num_tokens, dtype=np.float32)
         self._status = np.zeros(len(self._samples), dtype=np.uint8)
         self._bytes_logical = 0
+        # The top-k arrays are small (6 bytes x top_k per token): held whole, written at close like align_weight.
+        top_k = spec.logits.top_k if spec.logits is not None else 0
+        self._logit_ids = np.full((self.num_tokens, top_k), layout.LOGIT_NO_TARGET, dtype=np.int32)
+        self._logit_logp = np.zeros((self.num_tokens, top_k), dtype=np.float16)
 
         zstore = slot.zarr_store
         self._key = layout.shard_key(spec.name, shard)
@@ -133,12 +137,15 @@ class ShardWriter:
         """The store index of the sample :meth:`add` expects next."""
         return self._samples.start + self._next
 
-    def add(self, k: Any, v: Any, *, q: Any = None, align_weight: Any = None, sample: int | None = None) -> None:
+    def add(self, k: Any, v: Any, *, q: Any = None, align_weight: Any = None, logits: tuple[Any, Any] | None = None,
+            sample: int | None = None) -> None:
         """Append the next sample of the shard.
 
         k, v: ``[T_i, len(layers), kv_heads, head_dim]``; q: ``[T_i, len(q_layers), num_heads, head_dim]`` when
         the teacher stores queries; align_weight: ``[T_i]`` in [0, 1] (default 1). numpy or torch, any float
-        dtype (bf16 included). ``sample`` (optional) is checked against the expected store index.
+        dtype (bf16 included). logits: ``(ids, logp)`` when the teacher stores them, each ``[T_i, top_k]``: integer
+        ids in ``[0, vocab_size)`` and log-probabilities sorted largest first, or a row of ids all -1 (no target;
+        its logp is ignored). ``sample`` (optional) is checked against the expected store index.
         """
         if self._closed:
             raise StoreError("This shard writer is closed.")
@@ -186,6 +193,9 @@ class ShardWriter:
                 f"Got shape {weight.shape} instead." if weight.shape != (n,) else
                 f"Sample {index}, align_weight: expected finite values in [0, 1]."
             )
+        top = self._check_logits(index, n, logits)
+        if top is not None and problem is None and not np.all(np.isfinite(top[1][top[0][:, 0] >= 0])):
+            problem = "non-finite logit log-probabilities"
         if problem is not None:
             if problem.startswith("non-finite") and self.nonfinite == "quarantine":
                 self.quarantined.append({"sample": index, "sample_id": self.slot.sample_id(index),
@@ -193,6 +203,7 @@ class ShardWriter:
                 self._status[self._next] = layout.TEACHER_STATUS.index("quarantined")
                 weight = np.zeros(n, np.float32)
                 values = {name: np.zeros_like(x, dtype=np.float32) for name, x in values.items()}
+                top = None  # rows stay NO_TARGET
             else:
                 raise SampleError(
                     f"Sample {index} ({self.slot.sample_id(index)!r}) of teacher {spec.name!r}: {problem}. "
@@ -201,6 +212,13 @@ class ShardWriter:
                 )
 
         self._align[self._row : self._row + n] = weight
+        if top is not None:
+            ids, logp = top
+            live = ids[:, 0] >= 0
+            self._logit_ids[self._row : self._row + n] = np.where(live[:, None], ids, layout.LOGIT_NO_TARGET)
+            # fp16 keeps ~3 significant digits of a log-probability; below -65504 a probability is 0 anyway.
+            self._logit_logp[self._row : self._row + n] = np.where(live[:, None], np.clip(logp, -65504.0, 0.0), 0.0)
+        self._bytes_logical += n * self._logit_ids.shape[1] * (4 + 2)
         encoded = {name: codecs.encode(x, spec.storage.dtype) for name, x in values.items()}
         for name, (stored, scale) in encoded.items():
             self._bytes_logical += stored.nbytes + (scale.nbytes if scale is not None else 0)
@@ -219,6 +237,32 @@ class ShardWriter:
                 self._flush(self._rows)
         self._row += n
         self._next += 1
+
+    def _check_logits(self, index: int, n: int, logits: tuple[Any, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(ids int64 [n, k], logp float32 [n, k])`` checked against the spec, or None for a teacher without them."""
+        spec = self.spec
+        if spec.logits is None:
+            if logits is not None:
+                raise SampleError(f"Teacher {spec.name!r} was registered without logits; logits= was given.")
+            return None
+        top_k, vocab = spec.logits.top_k, spec.logits.vocab_size
+        if logits is None:
+            raise SampleError(f"Teacher {spec.name!r} stores its top-{top_k} logits; pass logits=(ids, logp).")
+        ids, logp = (np.asarray(codecs.to_numpy(x)) for x in logits)
+        for what, x in (("logit ids", ids), ("logit log-probabilities", logp)):
+            if x.shape != (n, top_k):
+                raise SampleError(f"Sample {index} ({self.slot.sample_id(index)!r}), {what}: expected shape "
+                                  f"{(n, top_k)} [tokens, top_k]. Got {tuple(x.shape)} instead.")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise SampleError(f"Sample {index}, logit ids: expected an integer dtype. Got {ids.dtype} instead.")
+        ids = ids.astype(np.int64)
+        live = ids[:, 0] >= 0
+        bad_rows = (live & np.any((ids < 0) | (ids >= vocab), axis=1)) | (~live & np.any(ids != -1, axis=1))
+        if bad_rows.any():
+            row = int(np.flatnonzero(bad_rows)[0])
+            raise SampleError(f"Sample {index}, logit ids: expected each row's ids in [0, {vocab}) or all -1 (no "
+                              f"target). Got {ids[row].tolist()} at token {row} instead.")
+        return ids, logp.astype(np.float32)
 
     def _flush(self, rows: int) -> None:
         start = self._flushed
@@ -245,6 +289,12 @@ class ShardWriter:
                 self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
                 dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
             )[...] = data
+        if self.spec.logits is not None:
+            for name, data in zip(layout.LOGIT_ARRAYS, (self._logit_ids, self._logit_logp)):
+                zarr_io.create_array(
+                    self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, len(data)), data.shape[1]),
+                    dtype=data.dtype, dims=("token", "top_k"), compressor=codecs.DEFAULT_COMPRESSOR,
+                )[...] = data
         zarr_io.fsync_tree(zstore, self._key)
         marker = {
             "complete": True,

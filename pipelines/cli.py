@@ -306,6 +306,12 @@ def format_info(info: dict[str, Any]) -> str:
             f" {_size(t['bytes_on_disk'])} on disk ({ratio:.2f}x)",
             f"  shards    {t['shards_complete']} of {info['shards']} complete, {t['quarantined']} samples quarantined",
         ]
+        logits = t.get("logits")
+        lines.append("  logits    " + (
+            f"top {logits['top_k']} of {logits['vocab_size']} (tokenizer {logits['tokenizer_fingerprint'][:12]}),"
+            f" {logits['bytes_per_token']} B per token" if logits else "not stored"))
+        if t.get("bytes_per_token") is not None:
+            lines.append(f"  per token {t['bytes_per_token']:,.0f} B logical (K/V, Q and logits)")
     return "\n".join(lines)
 
 
