@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import asset_path
+from helpers import ENV, KAVA, asset_path
 from kava.analysis.cka import (
     CKAResult,
     linear_cka,
@@ -360,16 +360,14 @@ def test_heatmap_marks_the_layer_map(store, tmp_path):
         heatmap(weights, tmp_path / "bad.png", title="", row_label="", col_label="", layer_map=[(0, 9)])
 
 
+@pytest.mark.integration
 def test_kava_cka_command_writes_the_matrix_and_names_a_bad_teacher(store, tmp_path):
     """The real CLI in a subprocess: the written matrix equals store_cka's, and a typo gets a one-line error."""
     import json
-    import os
     import subprocess
-    import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kava.pipelines.cli", "cka", "--store", str(store), "--out", str(tmp_path)]
-    proc = subprocess.run([*cmd, "--teacher", TEACHER, "--json"], capture_output=True, text=True, env=env,
+    cmd = [*KAVA, "cka", "--store", str(store), "--out", str(tmp_path)]
+    proc = subprocess.run([*cmd, "--teacher", TEACHER, "--json"], capture_output=True, text=True, env=ENV,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
@@ -377,5 +375,5 @@ def test_kava_cka_command_writes_the_matrix_and_names_a_bad_teacher(store, tmp_p
     np.testing.assert_allclose(matrix, store_cka(store, TEACHER).matrix, atol=1e-12)
     assert printed["teacher"] == TEACHER and (tmp_path / f"cka-{TEACHER}-k-biased.png").is_file()
 
-    bad = subprocess.run([*cmd, "--teacher", "nope"], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run([*cmd, "--teacher", "nope"], capture_output=True, text=True, env=ENV, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "nope" in bad.stderr

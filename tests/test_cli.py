@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import ENV, KAVA
 from kava.kvstore import DatasetSpec, LayerMap, TeacherSpec, TokenizerSpec, create_store, default_storage
 
-KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
+pytestmark = pytest.mark.integration  # every test runs `kava` in a subprocess
 
 
 def kava(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([*KAVA, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return subprocess.run([*KAVA, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def test_slurm_run_writes_one_script_per_variant_and_seed(tmp_path):
 
 
 def test_doctor_names_what_a_gpu_run_lacks_here(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = {**ENV, "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([*KAVA, "doctor", "gsm8k-qwen7b4bit-to-qwen0.5b", "--store", str(tmp_path / "kv.zarr"),
                           "--json"], capture_output=True, text=True, env=env, timeout=120)
     report = json.loads(out.stdout)

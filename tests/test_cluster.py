@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import asset_path
+from helpers import ENV, KAVA, asset_path
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import ExtractResult, run_extract, summary_line
 from kava.kvstore import KVStore, verify_store
@@ -88,6 +88,7 @@ def worker_processes() -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.integration
 def test_local_cluster_writes_the_single_process_store(tmp_path, stories, reference):
     ref, ref_result = reference
     path = tmp_path / "kv.zarr"
@@ -131,6 +132,7 @@ def own_cluster():
         yield cluster, client
 
 
+@pytest.mark.integration
 def test_a_worker_killed_mid_run_still_ends_in_the_single_process_store(tmp_path, stories, reference, own_cluster):
     ref, ref_result = reference
     cluster, client = own_cluster
@@ -165,6 +167,7 @@ def test_a_worker_killed_mid_run_still_ends_in_the_single_process_store(tmp_path
     assert client.run(lambda: 1)  # the cluster given by address is still up after the run
 
 
+@pytest.mark.integration
 def test_resume_on_a_cluster_keeps_complete_shards_and_writes_the_rest(tmp_path, stories, reference, own_cluster):
     ref, ref_result = reference
     path = tmp_path / "kv.zarr"
@@ -277,17 +280,16 @@ def test_cluster_options_are_extract_flags_with_help():
     assert "'local:N' (N worker processes here) or 'slurm'" in text
 
 
+@pytest.mark.integration
 def test_kava_extract_cluster_flag_runs_the_cluster_path(tmp_path, stories, reference):
     """The real CLI: `kava extract --cluster local:2` writes the single-process store."""
     import subprocess
-    import sys
 
     path = tmp_path / "cli.zarr"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kava.pipelines.cli", "extract", "--teacher", str(stories),
+    proc = subprocess.run([*KAVA, "extract", "--teacher", str(stories),
                            "--store", str(path), "--limit", "40", "--shard-tokens", "1024", "--batch-size", "4",
                            "--calibration-samples", "4", "--no-progress", "--cluster", "local:2"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dask cluster (local, 2 worker process(es))" in proc.stderr
     assert_same_store(path, reference[0], STORIES_NAME)  # the manifest differs only in the recorded command

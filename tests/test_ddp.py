@@ -13,7 +13,6 @@ differ only by float summation order.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import asset_path, sigkill_when
+from helpers import ENV, KAVA, asset_path, sigkill_when
 from kava.distill.config import DistillConfig
 from kava.distill.ddp import launch
 from kava.distill.trainer import run_distill
@@ -32,10 +31,9 @@ from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.core.errors import ConfigError
 
+pytestmark = pytest.mark.integration  # every test runs torchrun (or reads what its ranks wrote)
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
 RUN = {"student": "tiny-llama", "steps": 4, "loss": "structural", "grad_accum": 2, "batch_size": 2,
        "checkpoint_every": 2}
@@ -214,8 +212,7 @@ def test_kava_distill_nproc_launches_the_same_run_and_prints_once(ddp_run, store
     """`kava distill --nproc 2` is the plain torchrun form: the same losses, one JSON summary on stdout."""
     whole, _ = ddp_run
     out = tmp_path / "nproc"
-    proc = subprocess.run([sys.executable, "-m", "kava.pipelines.cli", "distill", *flags(store, out), "--nproc", "2",
-                           "--json"], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run([*KAVA, "distill", *flags(store, out), "--nproc", "2", "--json"], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)  # one JSON document: the other rank printed nothing
     assert summary["steps"] == 4

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import asset_path, sigkill_when
+from helpers import ENV, KAVA, asset_path, sigkill_when
 from kava.distill.config import DistillConfig
 from kava.distill.loader import LoaderConfig, StreamLoader, TeacherRequest
 from kava.distill.trainer import TrainingError, run_distill
@@ -36,9 +34,6 @@ from kava.pipelines.cli import main
 
 STORIES = "models/stories260K_hf_derived"
 TEACHER = "stories260K_hf_derived"
-KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 FAST = {"batch_size": 4, "progress": False, "checkpoint_every": 0}
 
 
@@ -179,6 +174,7 @@ def test_without_a_store_it_fine_tunes_on_a_dataset(tmp_path, assets):
 # Outputs, checkpoints, resume
 
 
+@pytest.mark.integration
 def test_cli_outputs_load_back(tmp_path, store):
     out = tmp_path / "run"
     proc = subprocess.run([*KAVA, "distill", "--store", str(store), "--student", "tiny-llama", "--out", str(out),
@@ -217,6 +213,7 @@ def test_cli_outputs_load_back(tmp_path, store):
     assert [i["sample_id"] for i in items] == [f"synthetic/test/{i:06d}" for i in range(3)]
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(tmp_path, store):
     common = dict(store=str(store), student="tiny-llama", steps=8, loss="structural", grad_accum=2)
     distill(tmp_path / "whole", **common, checkpoint_every=3)

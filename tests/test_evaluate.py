@@ -24,6 +24,7 @@ from kava.extract.templates import TEMPLATES, format_row
 from kava.core.errors import ConfigError
 
 STORIES = "models/stories260K_hf_derived"
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread; greedy decoding is hundreds of tiny forwards
 
 
 def _load(path):

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from conftest import asset_path, sigkill_when  # asset_path: the `assets` lookup, for module-scoped fixtures
+from helpers import ENV, KAVA, asset_path, sigkill_when  # asset_path: the `assets` lookup, for module-scoped fixtures
 from kava.extract.align import align_tokens, apply, token_spans
 from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
@@ -47,9 +46,6 @@ from kava.pipelines.cli import main
 
 STORIES = "models/stories260K_hf_derived"
 STORIES_NAME = "stories260K_hf_derived"  # the default teacher name: the model directory's name
-KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 QUIET = {"progress": False, "calibration_samples": 4}
 # The reference extraction that the killed-and-resumed run and the two shard jobs must reproduce exactly:
 # 100 synthetic problems (~23k stories tokens) in ~1024-token shards, so a run has 21 shards to be killed between.
@@ -563,6 +559,7 @@ def bad_jsonl(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_bad_rows_are_skipped_and_a_nan_sample_is_quarantined(tmp_path, nan_llama, bad_jsonl):
     path = tmp_path / "kv.zarr"
     result = extract(nan_llama, path, dataset=str(bad_jsonl), shard_tokens=30, **QUIET)

@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import asset_path  # the `assets` fixture's lookup, for module-scoped fixtures
+from helpers import asset_path  # the `assets` fixture's lookup, for module-scoped fixtures
 from kava.distill.loader import (
     Batch,
     KVStream,
@@ -336,6 +336,7 @@ def test_resume_in_process_across_an_epoch_boundary(store_path):
     assert_same_batches(head + collect(first), full)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_workers_yield_the_plan_order_and_resume_exactly(store_path):
     # 22 shards in windows of 2: 11 windows, 6 for worker 0 and 5 for worker 1, so the workers finish each epoch

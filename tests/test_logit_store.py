@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import asset_path
+from helpers import asset_path
 from kava.core.errors import ConfigError, SchemaError
 from kava.distill.config import DistillConfig
 from kava.distill.loader import LoaderConfig, StreamLoader, TeacherRequest

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import asset_path
+from helpers import asset_path
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import run_distill
 from kava.extract.config import ExtractConfig
@@ -73,6 +73,7 @@ def test_notebook_is_stored_without_outputs():
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= len(code)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_notebook_runs_end_to_end(store_and_run, tmp_path, monkeypatch):
     store, run = store_and_run
@@ -85,6 +86,7 @@ def test_notebook_runs_end_to_end(store_and_run, tmp_path, monkeypatch):
     assert images(outputs) == 4
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_notebook_skips_the_run_section_without_kava_run(store_and_run, tmp_path, monkeypatch):
     store, _ = store_and_run

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import ENV, KAVA, sigkill_when
 from kava.kvstore import KVStore
 from kava.core.errors import ConfigError, DatasetError
 from kava.pipelines import splits
@@ -23,9 +22,6 @@ from kava.pipelines.config import load_config, parse_config, shipped_configs
 from kava.pipelines.runner import Runner
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
-KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -75,6 +71,7 @@ def records(root: Path, stage: str) -> dict[str, dict[str, Any]]:
 # One run, end to end
 
 
+@pytest.mark.integration
 def test_run_writes_every_artifact_and_the_report_numbers_come_from_the_run(run):
     root, summary = run
     assert Path(summary["report"]) == root / "report.md"
@@ -155,6 +152,7 @@ def test_run_writes_every_artifact_and_the_report_numbers_come_from_the_run(run)
         assert (root / "figures" / f"{png}.png").stat().st_size > 10_000
 
 
+@pytest.mark.integration
 def test_variants_train_at_equal_compute_on_the_recorded_student_split(run):
     root, _ = run
     compute = json.loads((root / "report.json").read_text())["compute"]
@@ -167,6 +165,7 @@ def test_variants_train_at_equal_compute_on_the_recorded_student_split(run):
     assert store.manifest.num_samples == recorded["student-train"]["rows"] == 24
 
 
+@pytest.mark.integration
 def test_splits_are_disjoint_and_hashed(run):
     root, _ = run
     questions = {role: {json.loads(line)["question"] for line in splits.split_path(root, role).read_text().splitlines()}
@@ -178,6 +177,7 @@ def test_splits_are_disjoint_and_hashed(run):
         assert splits.describe(splits.load_split(root, role))["sample_ids_hash"] == s["sample_ids_hash"]
 
 
+@pytest.mark.integration
 def test_a_stage_fed_another_split_refuses(run, tmp_path):
     root, _ = run
     student_hash = splits.recorded(root)["splits"]["student-train"]["sample_ids_hash"]
@@ -217,6 +217,7 @@ def test_the_verdict_says_what_the_teacher_allows(tmp_path):
 # Reruns
 
 
+@pytest.mark.integration
 def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_forced(run, tmp_path):
     root, _ = run
     cfg = parse_config(tiny(root.parent))
@@ -244,9 +245,8 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_forced(run, tmp_
         Runner(cfg, force=("distil",))
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_the_interrupted_student_exactly(tmp_path):
-    from conftest import sigkill_when
-
     out = tmp_path / "runs"
     config = tmp_path / "tiny.yaml"
     cfg = tiny(out, seeds=[1], variants=[{"name": "ce"}],
@@ -297,6 +297,7 @@ def test_the_ablation_config_covers_the_design_matrix():
     assert {cfg.teacher(t).extract.get("alignment") for o in options for t in o["teachers"]} >= {"hard", "soft"}
 
 
+@pytest.mark.integration
 def test_every_problem_is_reported_at_once(tmp_path):
     bad = tiny(tmp_path, seeds=[], stpes=3)
     bad["teachers"][0]["extract"]["with_q"] = "maybe"
@@ -316,6 +317,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert not (tmp_path / "tiny").exists()  # nothing ran
 
 
+@pytest.mark.integration
 def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
     ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
     assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 3 seeds)" in ok.stderr
@@ -324,6 +326,7 @@ def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.integration
 def test_a_checkpoint_loads_as_the_student_it_was(run):
     """The last checkpoint (written at the final step) loads into exactly the saved student; an earlier one differs."""
     import torch
@@ -343,6 +346,7 @@ def test_a_checkpoint_loads_as_the_student_it_was(run):
         assert not torch.allclose(student_at(out, first)(ids).logits, want)
 
 
+@pytest.mark.integration
 def test_an_experiment_whose_teachers_are_all_pretrained_runs(tmp_path, assets):
     """teacher_fraction 0 with a pretrained teacher (the real stories260K): the whole pool trains students, there is
     no teacher split, and the run goes through to its report."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
+from helpers import ENV, KAVA
 from kava.core.errors import ConfigError
 from kava.pipelines.config import load_config
 from kava.pipelines.scale import KNOWN_GEOMETRY, geometry, plan
@@ -51,12 +50,12 @@ def test_configs_that_train_their_teachers_are_not_planned():
         plan(load_config("default"))
 
 
+@pytest.mark.integration
 def test_estimate_cli_prints_the_plan_as_json(assets):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kava.pipelines.cli", "estimate", "--run-config", REAL,
+    proc = subprocess.run([*KAVA, "estimate", "--run-config", REAL,
                            "--student-tokenizer", str(assets("tokenizers/qwen2")),
                            "--data-files", str(assets("gsm8k/train.jsonl")), "--limit", "50", "--json"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["samples"] == 50 and out["teachers"][0]["model"] == "Qwen/Qwen2.5-7B-Instruct"

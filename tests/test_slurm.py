@@ -113,6 +113,7 @@ def teacher_config(store: Path) -> ExtractConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_extract_array_runs_the_same_config_on_each_shard(tmp_path, slurm, stubs):
     store = tmp_path / "scratch dir" / "it's" / "kv.zarr"  # a space and a quote: both need quoting
     cfg = teacher_config(store)
@@ -138,6 +139,7 @@ def test_extract_array_runs_the_same_config_on_each_shard(tmp_path, slurm, stubs
     assert parse("extract", args[2:], ExtractConfig) == dataclasses.replace(cfg, shard="3/8", resume=True)
 
 
+@pytest.mark.integration
 def test_verify_job_checks_the_teacher_without_a_gpu(tmp_path, slurm, stubs):
     cfg = teacher_config(tmp_path / "my runs" / "kv.zarr")
     script = render_verify(cfg, slurm)
@@ -152,6 +154,7 @@ def test_verify_job_checks_the_teacher_without_a_gpu(tmp_path, slurm, stubs):
     assert "--teacher qwen-7b-4bit" in unnamed
 
 
+@pytest.mark.integration
 def test_distill_on_two_nodes_resumes_only_once_a_checkpoint_exists(tmp_path, slurm, stubs):
     out = tmp_path / "runs" / "kv student"
     cfg = DistillConfig(student="Qwen/Qwen2.5-0.5B-Instruct", out=str(out), store=str(tmp_path / "kv.zarr"),
@@ -210,6 +213,7 @@ def test_options_take_lines_as_one_string_as_click_or_yaml_give_them():
     assert s.problems() == []
 
 
+@pytest.mark.integration
 def test_real_scale_config_renders_one_array_per_teacher_and_one_job_per_student(tmp_path, slurm, stubs):
     run = load_config(REAL_SCALE)
     extract = render_from_run_config(run, slurm, stage="extract", jobs=8, config=str(REAL_SCALE.name))
@@ -255,6 +259,7 @@ def test_a_teacher_trained_by_kava_run_cannot_be_rendered():
         render_from_run_config(run, SlurmOptions(), stage="eval")  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 def test_shellcheck_is_available_or_the_skip_says_so(tmp_path, slurm):
     shellcheck_or_skip()
     script = render_extract(teacher_config(tmp_path / "kv.zarr"), slurm, jobs=2)
