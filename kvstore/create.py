@@ -109,7 +109,8 @@ def create_store(
                 f"Sample {sample_ids[i]!r}: input ids outside [0, {student_tokenizer.vocab_size}) "
                 "of the student tokenizer."
             )
-    bad_names = [f for f in [*student_tokenizer.files, *(tokenizer_files or {})] if not is_plain_name(f)]
+    names = dict.fromkeys([*student_tokenizer.files, *(tokenizer_files or {})])  # in order, once each
+    bad_names = [f for f in names if not is_plain_name(f)]
     if bad_names:
         raise ConfigError(
             f"Expected plain tokenizer file names (no '/', '\\' or ':', not '.' or '..', no control characters). "
