@@ -70,9 +70,23 @@ def _preset_config(name: str, tokenizer: Any, num_layers: int | None) -> Any:
 
 
 def tokenizer_from_files(files: dict[str, bytes]) -> Any:
-    """A tokenizer rebuilt from the files a store keeps under ``student_tokenizer/``."""
+    """A tokenizer rebuilt from the files a store keeps under ``student_tokenizer/``.
+
+    Each name must be a plain file name: one that is a path (``/tmp/x``, ``../x``) is refused before anything is
+    written, so a store can never write outside the temporary folder.
+    """
     from transformers import AutoTokenizer
 
+    from kava.core.errors import SchemaError
+    from kava.kvstore.manifest import is_plain_name
+
+    bad = [name for name in files if not is_plain_name(name)]
+    if bad:
+        raise SchemaError(
+            f"Expected plain tokenizer file names (no '/', '\\' or ':', not '.' or '..', no control characters). "
+            f"Got {[name[:80] for name in bad[:3]]!r} instead. The store's student_tokenizer.files was edited: "
+            "re-create the store with `kava extract`."
+        )
     with tempfile.TemporaryDirectory(prefix="kava-tok-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)

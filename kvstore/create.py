@@ -25,8 +25,8 @@ from zarr.abc.store import Store
 
 from . import zarr_io, codecs, layout
 from kava.core.errors import ConfigError, StoreError
-from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec
-from .store import KVStore
+from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec, is_plain_name, seal
+from .store import KVStore, sample_ids_problem
 
 GRID_CHUNK = 1 << 20
 """Rows per chunk of the 1-D grid arrays (4 MiB of int32 input ids)."""
@@ -90,6 +90,9 @@ def create_store(
         )
     if len(set(sample_ids)) != n:
         raise ConfigError("Expected unique sample ids. Got duplicates instead; give every row its own id.")
+    bad_ids = sample_ids_problem(pa.array(list(sample_ids), pa.string())) if n else None
+    if bad_ids is not None:
+        raise ConfigError(f"Sample ids: {bad_ids}.")
     status = list(sample_status) if sample_status is not None else ["ok"] * n
     reasons = list(status_reasons) if status_reasons is not None else [""] * n
     if len(status) != n or len(reasons) != n or any(s not in layout.SAMPLE_STATUS for s in status):
@@ -106,6 +109,13 @@ def create_store(
                 f"Sample {sample_ids[i]!r}: input ids outside [0, {student_tokenizer.vocab_size}) "
                 "of the student tokenizer."
             )
+    names = dict.fromkeys([*student_tokenizer.files, *(tokenizer_files or {})])  # in order, once each
+    bad_names = [f for f in names if not is_plain_name(f)]
+    if bad_names:
+        raise ConfigError(
+            f"Expected plain tokenizer file names (no '/', '\\' or ':', not '.' or '..', no control characters). "
+            f"Got {bad_names[:3]!r} instead. Save the tokenizer with save_pretrained and pass its files by name."
+        )
     lengths = np.array([len(a) for a in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat_ids = np.concatenate(ids).astype(np.int32) if n else np.zeros(0, np.int32)
@@ -172,7 +182,7 @@ def create_store(
     pq.write_table(table, sink, write_page_checksum=True)
     zarr_io.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
     # The root attribute is written last: a store without it is an interrupted creation.
-    zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: manifest.to_dict()})
+    zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: seal(manifest.to_dict())})
     if final is not None:
         try:
             os.rename(building, final)  # atomic; refused when `final` is a non-empty directory

@@ -131,7 +131,10 @@ def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(No
                 return
             raw = path.read_bytes()
         except FileNotFoundError:
-            raise SchemaError(f"{key}: chunk {coords} is missing (expected {path.name}).") from None
+            raise SchemaError(
+                f"{key}: chunk {coords} is missing (expected {path.name}); it was deleted or never written. "
+                "Run `kava store verify` for a full report; re-extract what it names."
+            ) from None
         body = np.frombuffer(raw, dtype=np.uint8)[:-4]
         if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
             raise checksum_error(f"{key}: chunk {coords}")

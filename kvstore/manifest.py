@@ -7,14 +7,22 @@ The exact format is written down in ``FORMAT.md`` next to this file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from kava.core.errors import ConfigError, FormatVersionError, SchemaError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The store format this code writes and the newest it reads."""
+SEALED_SINCE = 2
+"""The first format version whose manifest and teacher specs must carry a digest (version 1 had none)."""
+DIGEST_FIELD = "digest"
+"""The field of the manifest and of a teacher spec that holds the digest of its other fields."""
+MAX_NAME_BYTES = 255
+"""The longest plain name (UTF-8 bytes) a store may hold: a file name on common file systems."""
 
 SEGMENT_NAMES = ("prompt", "reasoning", "answer", "special")
 """Segment id ``i`` of a student token means ``SEGMENT_NAMES[i]``."""
@@ -25,9 +33,15 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a hostile value must not make a huge message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _expect(cond: bool, what: str, got: Any, where: str) -> None:
     if not cond:
-        raise SchemaError(f"{where}: expected {what}. Got {got!r} instead.")
+        raise SchemaError(f"{where}: expected {what}. Got {_short(got)} instead.")
 
 
 def parse_int(value: Any, where: str, *, minimum: int | None = None) -> int:
@@ -68,14 +82,90 @@ def parse_format_version(value: Any, where: str = "format_version") -> int:
     return version
 
 
+def is_plain_name(name: Any) -> bool:
+    """Whether ``name`` can be used as one file name inside a folder and stays there: a non-empty string with no
+    ``/``, ``\\`` or ``:`` (no absolute path, no drive), not ``.`` or ``..``, no NUL or other control character,
+    at most :data:`MAX_NAME_BYTES` bytes."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\:"):
+        return False
+    if not name.isprintable():  # NUL, newlines, other control and format characters, lone surrogates
+        return False
+    return len(name.encode("utf-8")) <= MAX_NAME_BYTES
+
+
+def parse_plain_name(value: Any, where: str) -> str:
+    """A name a reader turns into a path (a tokenizer file name): see :func:`is_plain_name`."""
+    _expect(is_plain_name(value), f"a plain file name (no '/', '\\' or ':', not '.' or '..', no control "
+                                  f"characters, at most {MAX_NAME_BYTES} bytes)", value, where)
+    return value
+
+
+def _is_teacher_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_TEACHER_NAME.match(name)) and ".." not in name
+
+
+def parse_teacher_name(value: Any, where: str) -> str:
+    """A teacher name read from a store (it names a folder): the rule of :func:`check_teacher_name`."""
+    _expect(_is_teacher_name(value), "a teacher name of letters, digits and '._+-' (at most 100, no '..')",
+            value, where)
+    return value
+
+
 def check_teacher_name(name: Any) -> str:
     """A teacher name becomes a folder name: letters, digits and ``. _ + -``, no path separators, no ``..``."""
-    if not isinstance(name, str) or not _TEACHER_NAME.match(name) or ".." in name:
+    if not _is_teacher_name(name):
         raise ConfigError(
             f"Expected a teacher name of letters, digits and '._+-' (at most 100, not starting with a "
-            f"separator, no '..'). Got {name!r} instead. Choose another name with --name."
+            f"separator, no '..'). Got {_short(name)} instead. Choose another name with --name."
         )
     return name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Digests: the manifest and each teacher spec carry a sha256 of every other field, so an edit is caught
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` as JSON will hold it (tuples become lists, numpy scalars plain numbers)."""
+
+    def default(x: Any) -> Any:
+        if hasattr(x, "tolist"):  # numpy scalars and arrays
+            return x.tolist()
+        raise TypeError(f"Expected JSON-serialisable metadata. Got {type(x).__name__} {_short(x)} instead.")
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def _field_digest(value: Any) -> str:
+    """sha256 of a field's canonical JSON: sorted keys, no spaces, ASCII escapes."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def seal(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The document to write: ``doc`` as plain JSON plus ``digest``, the sha256 of each other field by name.
+
+    One digest per field (rather than one for the whole document) lets a reader say which field was changed.
+    """
+    body = _plain_json({k: v for k, v in doc.items() if k != DIGEST_FIELD})
+    return {**body, DIGEST_FIELD: {k: _field_digest(v) for k, v in sorted(body.items())}}
+
+
+def digest_problem(doc: Mapping[str, Any], *, required: bool) -> str | None:
+    """What in ``doc`` differs from its digest, as a phrase; None when it matches (or, where ``required`` is
+    False, when it has no digest at all)."""
+    digest = doc.get(DIGEST_FIELD)
+    if digest is None:
+        return "its digest is missing" if required else None
+    if not (isinstance(digest, Mapping) and all(isinstance(v, str) for v in digest.values())):
+        return f"its digest is malformed (expected an object of sha256 strings, got {_short(digest)})"
+    body = {k: v for k, v in doc.items() if k != DIGEST_FIELD}
+    changed = sorted(k for k in body if k in digest and _field_digest(body[k]) != digest[k])
+    added = sorted(set(body) - set(digest))
+    removed = sorted(set(digest) - set(body))
+    parts = [f"{what} {', '.join(map(str, keys))}" for what, keys in
+             (("changed", changed), ("added", added), ("removed", removed)) if keys]
+    return "; ".join(parts) or None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,11 +202,18 @@ class TokenizerSpec:
             fingerprint=parse_str(d.get("fingerprint"), f"{w}.fingerprint"),
             vocab_size=parse_int(d.get("vocab_size"), f"{w}.vocab_size", minimum=1),
             kind=parse_str(d.get("kind", ""), f"{w}.kind"),
-            files=tuple(parse_str(f, f"{w}.files") for f in d.get("files", [])),
+            files=_parse_files(d.get("files", []), f"{w}.files"),
             bos_token_id=opt("bos_token_id"),
             eos_token_id=opt("eos_token_id"),
             pad_token_id=opt("pad_token_id"),
         )
+
+
+def _parse_files(value: Any, where: str) -> tuple[str, ...]:
+    _expect(isinstance(value, (list, tuple)), "a list of file names", value, where)
+    names = tuple(parse_plain_name(f, f"{where}[{i}]") for i, f in enumerate(value))
+    _expect(len(set(names)) == len(names), "distinct file names", list(names), where)
+    return names
 
 
 @dataclass(frozen=True)
@@ -410,7 +507,7 @@ class TeacherSpec:
     @classmethod
     def from_dict(cls, d: Any) -> TeacherSpec:
         d = parse_dict(d, "teacher")
-        name = parse_str(d.get("name"), "teacher.name")
+        name = parse_teacher_name(d.get("name"), "teacher.name")
         w = f"teachers/{name}"
         rope = d.get("rope")
         return cls(

@@ -11,25 +11,37 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 from zarr.errors import ContainsArrayError
 
-from kava.core.errors import ConfigError, IncompleteError, NotAStoreError, SchemaError, StoreError
+from kava.core.errors import (
+    ChecksumError,
+    ConfigError,
+    IncompleteError,
+    NotAStoreError,
+    SchemaError,
+    StoreError,
+)
 
 from . import codecs, fastread, layout, zarr_io
 from .manifest import (
+    SEALED_SINCE,
     StorageSpec,
     StoreManifest,
     TeacherSpec,
     check_teacher_name,
+    digest_problem,
+    seal,
 )
 from .writer import ShardSlot, ShardWriter
 
@@ -70,6 +82,63 @@ class Rows:
         return len(self.sample_indices)
 
 
+MAX_SAMPLE_ID = 1000
+"""The longest sample id (characters) a store may hold; ids are names in messages, never paths."""
+
+
+def sample_ids_problem(ids: pa.ChunkedArray | pa.Array) -> str | None:
+    """What is wrong with a store's sample ids (null, empty, control characters, too long, repeated), or None.
+
+    Ids such as ``gsm8k/test/000042`` hold ``/``: no code makes a path of them, so only what would garble a
+    message or a lookup is refused."""
+    if ids.null_count:
+        return f"expected a string per sample. Got {ids.null_count} null(s) instead"
+    if len(ids) == 0:
+        return None
+    lengths = pc.utf8_length(ids)
+    printable = pc.utf8_is_printable(ids)
+    if not pc.all(printable).as_py():
+        first = ids[pc.index(printable, False).as_py()].as_py()
+        return f"expected printable ids (no NUL, newline or other control character). Got {first[:80]!r} instead"
+    if pc.min(lengths).as_py() == 0 or pc.max(lengths).as_py() > MAX_SAMPLE_ID:
+        return (f"expected ids of 1 to {MAX_SAMPLE_ID} characters. Got lengths "
+                f"{pc.min(lengths).as_py()}-{pc.max(lengths).as_py()} instead")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        return f"expected distinct ids. Got {len(ids) - pc.count_distinct(ids).as_py()} repeated instead"
+    return None
+
+
+class UnsealedStoreWarning(UserWarning):
+    """A store of format version 1, written before metadata carried a digest: edits to it can't be detected."""
+
+
+def unsealed_note(where: str) -> str:
+    return (f"{where}: format version 1 store; its manifest and teacher specs carry no digest, so an edit to them "
+            "can't be detected. Re-extract it with this kava to get a sealed (version 2) store.")
+
+
+def digest_error(where: str, document: str, problem: str, fix: str) -> ChecksumError:
+    """The error for metadata that no longer matches its digest, naming the document, what changed and the fix."""
+    return ChecksumError(
+        f"{where}: {document} does not match its digest ({problem}): it was edited after it was written, so it may "
+        f"no longer describe the arrays. {fix}"
+    )
+
+
+MANIFEST_DOC = "the manifest (zarr.json, attributes.kava)"
+MANIFEST_FIX = ("Restore the original zarr.json, or extract again into a new --store path; "
+                "`kava store verify` lists every problem.")
+
+
+def teacher_doc(name: str) -> str:
+    return f"teacher {name!r}'s spec (teachers/{name}/zarr.json, attributes.{layout.TEACHER_ATTR})"
+
+
+def teacher_fix(name: str) -> str:
+    return (f"Restore the original teachers/{name}/zarr.json, or delete teachers/{name} and extract that teacher "
+            "again; `kava store verify` lists every problem.")
+
+
 class KVStore:
     """A KaVa store. Use :meth:`create` or :meth:`open`; read-only unless opened with ``mode="a"``."""
 
@@ -88,8 +157,13 @@ class KVStore:
     # Opening and creating
 
     @classmethod
-    def open(cls, location: str | os.PathLike | Store, *, mode: str = "r") -> KVStore:
-        """Open an existing store; ``mode="a"`` to add teachers or shards."""
+    def open(cls, location: str | os.PathLike | Store, *, mode: str = "r", check_digest: bool = True) -> KVStore:
+        """Open an existing store; ``mode="a"`` to add teachers or shards.
+
+        The manifest is checked against its digest (``check_digest=False`` only for tools that report a mismatch
+        themselves, like :func:`kava.kvstore.verify_store`); each teacher spec is checked when it is read. A
+        format-1 store, which has no digests, opens with an :class:`UnsealedStoreWarning`.
+        """
         if mode not in ("r", "a"):
             raise ConfigError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
         store = zarr_io.as_zarr_store(location, read_only=mode == "r")
@@ -107,10 +181,18 @@ class KVStore:
                 f"{where}: a zarr group, but not a KaVa store (no '{layout.MANIFEST_ATTR}' manifest attribute). "
                 "If a creation was interrupted, delete the directory and run the extraction again."
             )
+        raw = attrs[layout.MANIFEST_ATTR]
         try:
-            manifest = StoreManifest.from_dict(attrs[layout.MANIFEST_ATTR])
+            manifest = StoreManifest.from_dict(raw)
         except SchemaError as e:
             raise SchemaError(f"{where}: bad manifest: {e}") from e
+        sealed = manifest.format_version >= SEALED_SINCE
+        if check_digest:
+            problem = digest_problem(raw, required=sealed)
+            if problem is not None:
+                raise digest_error(where, MANIFEST_DOC, problem, MANIFEST_FIX)
+            if not sealed:
+                warnings.warn(unsealed_note(where), UnsealedStoreWarning, stacklevel=2)
         return cls(store, manifest)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -144,13 +226,21 @@ class KVStore:
             arr = self._arrays[key] = zarr_io.open_array(self._store, key)
         return arr
 
-    def _read(self, key: str, selection: Any = Ellipsis, what: str | None = None) -> np.ndarray:
+    def _read(self, key: str, selection: slice | Any = Ellipsis, what: str | None = None) -> np.ndarray:
+        """``array[selection]``, ``selection`` a step-1 slice of the first axis or ``...``; a missing chunk is an
+        error, never zeros."""
+        selection = slice(None) if selection is Ellipsis else selection
+        if not isinstance(selection, slice) or selection.step not in (None, 1):
+            raise ConfigError(f"Expected a step-1 slice or '...'. Got {selection!r} for {key} instead.")
         with zarr_io.reading(f"{self.where}: {what or key}"):
-            info = self._fast_info(key)
-            if info is not None and len(info.shape) == 1 and isinstance(selection, slice) and selection.step is None:
+            info = self._fast_info(key)  # its shape, without the cost of opening the array through zarr
+            if info is not None and len(info.shape) == 1:
                 a, b, _ = selection.indices(info.shape[0])
                 return self._rows(key, a, max(a, b), slice(None))
-            return np.asarray(self.array(key)[selection])
+            arr = self.array(key)  # a CKA matrix (rewritten in place, so never through the cached fast path)
+            a, b, _ = selection.indices(arr.shape[0])
+            zarr_io.require_chunks(self._store, key, arr, (a, max(a, b)), where=self.where)
+            return np.asarray(arr[selection])
 
     def _fast_info(self, key: str) -> Any:
         if key not in self._infos:
@@ -208,7 +298,11 @@ class KVStore:
 
     @cached_property
     def sample_ids(self) -> list[str]:
-        return self.index_table().column("sample_id").to_pylist()
+        ids = self.index_table().column("sample_id")
+        problem = sample_ids_problem(ids)
+        if problem is not None:
+            raise SchemaError(f"{self.where}: {layout.INDEX_FILE}: sample_id: {problem}. Re-create the store.")
+        return ids.to_pylist()
 
     def sample_id(self, index: int) -> str:
         """The id of sample ``index`` (reads the index table: for messages, not for loops)."""
@@ -258,25 +352,54 @@ class KVStore:
         """Registered teachers by name (read fresh: other writers may add teachers)."""
         out = {}
         for name in sorted(zarr_io.list_dir(self._store, "teachers/")):
-            if not zarr_io.exists(self._store, f"{layout.teacher_key(name)}/zarr.json"):
+            key = layout.teacher_key(name)
+            # A folder with nothing in it is a registration killed before its one write; one that holds shards
+            # but no zarr.json lost its metadata, which teacher() reports.
+            if not zarr_io.exists(self._store, f"{key}/zarr.json") and not zarr_io.list_dir(self._store, f"{key}/"):
                 continue
             out[name] = self.teacher(name)
         return out
 
     def teacher(self, name: str) -> TeacherSpec:
+        """The spec of teacher ``name``, checked against its digest."""
+        spec, raw = self.teacher_document(name)
+        problem = digest_problem(raw, required=self.manifest.format_version >= SEALED_SINCE)
+        if problem is not None:
+            raise digest_error(self.where, teacher_doc(name), problem, teacher_fix(name))
+        return spec
+
+    def teacher_document(self, name: str) -> tuple[TeacherSpec, dict[str, Any]]:
+        """The parsed spec and the document it was parsed from, its digest not checked (for tools that report
+        a mismatch themselves, like :func:`kava.kvstore.verify_store`); readers use :meth:`teacher`."""
         check_teacher_name(name)
+        key = layout.teacher_key(name)
         try:
-            attrs = zarr.open_group(self._store, path=layout.teacher_key(name), mode="r").attrs.asdict()
+            attrs = zarr.open_group(self._store, path=key, mode="r").attrs.asdict()
         except (FileNotFoundError, KeyError) as e:
+            if zarr_io.list_dir(self._store, f"{key}/"):
+                raise SchemaError(
+                    f"{self.where}: teacher {name!r} has data but its metadata, teachers/{name}/zarr.json, is "
+                    f"missing. Restore it, or delete teachers/{name} and extract that teacher again."
+                ) from e
             raise self._missing_teacher(name) from e
         except (ValueError, TypeError) as e:  # a corrupted zarr.json
             raise SchemaError(f"{self.where}: teachers/{name}/zarr.json is unreadable or corrupted: {e}") from e
         if layout.TEACHER_ATTR not in attrs:
-            raise self._missing_teacher(name)
+            raise SchemaError(
+                f"{self.where}: teachers/{name}/zarr.json has no '{layout.TEACHER_ATTR}' attribute (the teacher's "
+                f"spec). Restore it, or delete teachers/{name} and extract that teacher again."
+            )
+        raw = attrs[layout.TEACHER_ATTR]
         try:
-            return TeacherSpec.from_dict(attrs[layout.TEACHER_ATTR])
-        except SchemaError as e:
+            spec = TeacherSpec.from_dict(raw)
+        except (SchemaError, ConfigError) as e:
             raise SchemaError(f"{self.where}: teachers/{name}: {e}") from e
+        if spec.name != name:
+            raise SchemaError(
+                f"{self.where}: teachers/{name}: expected the spec of teacher {name!r}. Got one named "
+                f"{spec.name!r} instead. Restore teachers/{name}/zarr.json, or extract that teacher again."
+            )
+        return spec, raw
 
     def _missing_teacher(self, name: str) -> SchemaError:
         names = sorted(zarr_io.list_dir(self._store, "teachers/"))
@@ -298,7 +421,7 @@ class KVStore:
         if not zarr_io.exists(self._store, f"{key}/zarr.json"):
             # One exclusive write of the group with its spec: when the jobs of a job array register the same
             # teacher at once, one of them wins and the others compare against its spec below.
-            zarr_io.create_group_once(self._store, key, {layout.TEACHER_ATTR: spec.to_dict()})
+            zarr_io.create_group_once(self._store, key, {layout.TEACHER_ATTR: seal(spec.to_dict())})
             # The groups shard writers fill, made now so writers never write outside their shard's directory.
             zarr_io.create_group_once(self._store, f"{key}/shards", {})
             zarr_io.create_group_once(self._store, f"{key}/cka", {})
@@ -516,6 +639,8 @@ class KVStore:
         if fast is not None:
             return fast
         arr = self.array(key)
+        # zarr reads a missing chunk as its fill value (zeros): look for the chunks first.
+        zarr_io.require_chunks(self._store, key, arr, (a, b), where=self.where)
         if arr.ndim == 1:
             return np.asarray(arr[a:b])
         if isinstance(lsel, list):

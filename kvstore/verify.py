@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -10,9 +12,19 @@ import numpy as np
 import zarr  # noqa: F401 - zarr.Array in annotations
 
 from . import zarr_io, codecs, layout
-from kava.core.errors import ChecksumError, KavaError, SchemaError
-from .manifest import TeacherSpec
-from .store import KVStore
+from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
+from .manifest import SEALED_SINCE, TeacherSpec, digest_problem
+from .store import (
+    MANIFEST_DOC,
+    MANIFEST_FIX,
+    KVStore,
+    UnsealedStoreWarning,
+    digest_error,
+    sample_ids_problem,
+    teacher_doc,
+    teacher_fix,
+    unsealed_note,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,8 @@ class VerifyReport:
     bytes_checked: int = 0
     shards_complete: dict[str, int] = field(default_factory=dict)
     shards_expected: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """What is not wrong but limits the check (a format-1 store has no metadata digests)."""
 
     @property
     def ok(self) -> bool:
@@ -47,6 +61,7 @@ class VerifyReport:
             "bytes_checked": self.bytes_checked,
             "shards_expected": self.shards_expected,
             "shards_complete": self.shards_complete,
+            "warnings": self.warnings,
         }
 
 
@@ -56,10 +71,12 @@ def _chunk_coords(arr: zarr.Array) -> Sequence[tuple[int, ...]]:
 
 
 def _check_chunks(
-    store: KVStore, report: VerifyReport, key: str, describe_rows: Callable[[int, int], str]
+    store: KVStore, report: VerifyReport, key: str, describe_rows: Callable[[int, int], str],
+    hasher: Any = None,
 ) -> np.ndarray | None:
     """Decode every chunk of an array (checking its crc32c); report missing or corrupted ones.
 
+    ``hasher`` (a hashlib object) is fed each chunk's bytes in order (1-D arrays: the array's bytes).
     Returns the whole array when it is small and sound (for further checks), else None.
     """
     zstore = store.zarr_store
@@ -91,17 +108,35 @@ def _check_chunks(
             continue
         report.chunks_checked += 1
         report.bytes_checked += block.nbytes
+        if hasher is not None and not bad:
+            hasher.update(np.ascontiguousarray(block).tobytes())
     if bad or arr.nbytes > (64 << 20):
         return None
     return np.asarray(arr[...])
 
 
 def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> VerifyReport:
-    """Check a store completely. Raises only when it is not a store at all; everything else is a Problem."""
-    store = KVStore.open(location)
+    """Check a store completely. Raises only when it is not a store at all, or one of a newer format; everything
+    else is a Problem (a manifest that does not parse is the one problem reported)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsealedStoreWarning)  # reported below instead
+            store = KVStore.open(location, check_digest=False)
+    except (NotAStoreError, FormatVersionError):
+        raise
+    except SchemaError as e:
+        where = zarr_io.describe(zarr_io.as_zarr_store(location, read_only=True))
+        return VerifyReport(store=where, problems=[Problem("zarr.json", str(e))])
     m = store.manifest
     report = VerifyReport(store=store.where, shards_expected=m.num_shards)
     problems = report.problems
+    sealed = m.format_version >= SEALED_SINCE
+    if not sealed:
+        report.warnings.append(unsealed_note(store.where))
+    raw = zarr_io.group_attributes(store.zarr_store, "")[layout.MANIFEST_ATTR]
+    problem = digest_problem(raw, required=sealed)
+    if problem is not None:
+        problems.append(Problem("zarr.json", digest_error(store.where, MANIFEST_DOC, problem, MANIFEST_FIX).args[0]))
 
     def grid_rows(a: int, b: int) -> str:
         offsets = store.offsets
@@ -111,9 +146,17 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
 
     # The grid: every chunk, then its invariants.
     arrays = {}
+    grid_hash = hashlib.sha256()  # offsets then input_ids, as create_store computed grid_fingerprint
     for name in layout.GRID_ARRAYS:
         key = layout.grid_key(name)
-        arrays[name] = _check_chunks(store, report, key, lambda a, b, n=name: f"{n} rows {a}-{b - 1}")
+        hasher = grid_hash if name in ("offsets", "input_ids") else None
+        arrays[name] = _check_chunks(store, report, key, lambda a, b, n=name: f"{n} rows {a}-{b - 1}", hasher)
+    # A missing or bad chunk of either was reported above; a partial hash would say nothing more.
+    if not any(p.where in ("grid/offsets", "grid/input_ids") for p in problems) and m.grid_fingerprint and grid_hash.hexdigest() != m.grid_fingerprint:
+        problems.append(Problem("grid", f"expected the grid fingerprint in the manifest "
+                                        f"({m.grid_fingerprint[:12]}...). Got {grid_hash.hexdigest()[:12]}... from "
+                                        "grid/offsets and grid/input_ids instead: the grid or the manifest was "
+                                        "changed. Extract again into a new --store path."))
     expected = {"offsets": (m.num_samples + 1,), "input_ids": (m.num_tokens,), "segment_ids": (m.num_tokens,),
                 "sample_status": (m.num_samples,), "shard_starts": (m.num_shards + 1,)}
     for name, shape in expected.items():
@@ -132,6 +175,9 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
         problems.append(Problem("grid/segment_ids", f"expected ids below {len(m.segment_names)}."))
     try:
         table = store.index_table()
+        bad_ids = sample_ids_problem(table.column("sample_id"))
+        if bad_ids is not None:
+            problems.append(Problem(layout.INDEX_FILE, f"sample_id: {bad_ids}."))
         if table.num_rows != m.num_samples:
             problems.append(Problem(layout.INDEX_FILE, f"expected {m.num_samples} rows. Got {table.num_rows}."))
         elif off is not None and not np.array_equal(table.column("num_tokens").to_numpy(), np.diff(off)):
@@ -147,10 +193,14 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     names = sorted(zarr_io.list_dir(store.zarr_store, "teachers/")) if teachers is None else list(teachers)
     for name in names:
         try:
-            spec = store.teacher(name)
+            spec, raw = store.teacher_document(name)
         except KavaError as e:
             problems.append(Problem(layout.teacher_key(name), str(e)))
             continue
+        problem = digest_problem(raw, required=sealed)
+        if problem is not None:
+            message = digest_error(store.where, teacher_doc(name), problem, teacher_fix(name)).args[0]
+            problems.append(Problem(layout.teacher_key(name), message))
         _verify_teacher(store, report, spec, grid_rows)
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,11 @@ def create_group_once(store: Store, key: str, attributes: dict[str, Any]) -> Non
         sync(store.set_if_not_exists("/".join(parts[:depth]) + "/zarr.json", parent))
     doc = GroupMetadata(attributes=attributes).to_buffer_dict(proto)["zarr.json"]
     sync(store.set_if_not_exists(f"{key}/zarr.json", doc))
+
+
+def group_attributes(store: Store, path: str) -> dict[str, Any]:
+    """The attributes of the group at ``path`` (``""`` for the root), as stored."""
+    return zarr.open_group(store, path=path, mode="r").attrs.asdict()
 
 
 def delete_prefix(store: Store, prefix: str) -> None:
@@ -154,6 +160,26 @@ def open_array(store: Store, key: str) -> zarr.Array:
             f"{describe(store)}: the metadata of array {key!r} (its zarr.json) is unreadable or corrupted: {e}. "
             "Run `kava store verify` for a full report; re-extract what it names."
         ) from e
+
+
+def missing_chunk_error(where: str, key: str, coords: tuple[int, ...]) -> SchemaError:
+    """The error for a chunk file that is gone: zarr would read it as zeros."""
+    return SchemaError(
+        f"{where}: {key}: chunk {coords} is missing; it was deleted or never written. "
+        "Run `kava store verify` for a full report; re-extract what it names."
+    )
+
+
+def require_chunks(store: Store, key: str, arr: zarr.Array, rows: tuple[int, int], *, where: str) -> None:
+    """Raise when a chunk that rows ``[a, b)`` of ``arr`` (every position of the other axes) need is missing."""
+    a, b = rows
+    if b <= a:
+        return
+    per_axis = [range(a // arr.chunks[0], (b - 1) // arr.chunks[0] + 1)]
+    per_axis += [range(-(-s // c)) for s, c in zip(arr.shape[1:], arr.chunks[1:])]
+    for coords in itertools.product(*per_axis):
+        if not exists(store, f"{key}/{arr.metadata.encode_chunk_key(coords)}"):
+            raise missing_chunk_error(where, key, tuple(coords))
 
 
 def checksum_error(where: str) -> ChecksumError:

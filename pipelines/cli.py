@@ -335,6 +335,8 @@ def store_verify(path: str, teachers: tuple[str, ...], as_json: bool) -> None:
     else:
         for p in report.problems:
             click.echo(f"PROBLEM {p}")
+        for w in report.warnings:
+            click.echo(f"WARNING {w}")
         status = "sound" if report.ok else f"{len(report.problems)} problem(s)"
         shards = ", ".join(f"{n}: {c}/{report.shards_expected} shards" for n, c in report.shards_complete.items())
         click.echo(
