@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from kava.analysis.stats import NAN, _as_1d, _check_level, _json_safe, bootstrap_ci, holm, welch_t
+from kava.analysis.stats import NAN, as_1d, check_level, json_safe, bootstrap_ci, holm, welch_t
 from kava.core.errors import ConfigError
 
 __all__ = [
@@ -61,7 +61,7 @@ def match_seeds(variant: Mapping[int, float], baseline: Mapping[int, float], *, 
             f"students that start from the same weights and batch order). Got {name!r}: {sorted(variant)}, "
             f"{baseline_name!r}: {sorted(baseline)} instead. Run the missing seeds or drop the extra ones.")
     seeds = sorted(variant)
-    return seeds, _as_1d([variant[s] for s in seeds]), _as_1d([baseline[s] for s in seeds])
+    return seeds, as_1d([variant[s] for s in seeds]), as_1d([baseline[s] for s in seeds])
 
 
 def match_items(a: Mapping[str, Any], b: Mapping[str, Any], *, name: str = "a",
@@ -108,8 +108,8 @@ def paired_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *
         for ``t``, ``p`` and the interval; differences that are all equal (zero variance) give ``t = 0, p = 1`` when
         they are 0 and ``t = ±inf, p = 0`` otherwise, with the interval ``(d, d)``.
     """
-    _check_level("confidence", confidence)
-    a, b = _as_1d(a), _as_1d(b)
+    check_level("confidence", confidence)
+    a, b = as_1d(a), as_1d(b)
     if a.shape != b.shape:
         raise ConfigError(f"Expected paired scores of equal length. Got {a.size} and {b.size} instead. "
                           "Pair them first (match_seeds).")
@@ -150,7 +150,7 @@ class McNemar:
         return [[self.both, self.only_a], [self.only_b, self.neither]]
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 def _mcnemar_p(only_a: int, only_b: int) -> float:
@@ -230,13 +230,13 @@ def paired_bootstrap_items(
         ``(diff, (low, high))``: the statistic on all items and its interval; the interval is ``(nan, nan)`` for
         fewer than 2 items and ``(d, d)`` when every ``d_i`` equals ``d``.
     """
-    _check_level("confidence", confidence)
+    check_level("confidence", confidence)
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ConfigError(f"Expected per-item scores [S, N] with the same N items for both models. Got shapes "
                           f"{a.shape} and {b.shape} instead. Pair the items by id first (match_items).")
     n = a.shape[1]
-    w = np.ones(n) if weights is None else _as_1d(weights)
+    w = np.ones(n) if weights is None else as_1d(weights)
     problems = []
     if w.shape != (n,) or np.any(w < 0) or (n and w.sum() <= 0):
         problems.append(f"Expected {n} non-negative item weights with a positive sum. Got {w.tolist()[:5]} "
@@ -303,7 +303,7 @@ class PairedComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: tuples become lists and NaN/inf become None."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 def compare_paired(
@@ -334,7 +334,7 @@ def compare_paired(
         names = ", ".join(repr(k) for k in results) or "(none)"
         problems.append(f"Expected the baseline {baseline!r} among the results. Got {names} instead.")
     for name, scores in results.items():
-        values = _as_1d(list(scores.values()))
+        values = as_1d(list(scores.values()))
         if values.size == 0:
             problems.append(f"Variant {name!r} has no values. Expected at least one score per seed.")
         elif not np.all(np.isfinite(values)):

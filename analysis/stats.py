@@ -45,11 +45,13 @@ NAN = float("nan")
 _PRECISION_LOSS = "Precision loss occurred in moment calculation"
 
 
-def _as_1d(x: Sequence[float] | np.ndarray) -> np.ndarray:
+def as_1d(x: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Scores as a flat float64 array."""
     return np.asarray(x, dtype=float).reshape(-1)
 
 
-def _check_level(name: str, value: float) -> None:
+def check_level(name: str, value: float) -> None:
+    """Refuse a confidence or significance level outside (0, 1), naming it."""
     if not 0.0 < value < 1.0:
         raise ConfigError(f"Expected {name} strictly between 0 and 1. Got {value!r} instead.")
 
@@ -65,7 +67,7 @@ def welch_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) ->
       when the means are equal and ``(±inf, 0.0)`` otherwise, i.e. constant samples that differ are treated as
       certainly different.
     """
-    a, b = _as_1d(a), _as_1d(b)
+    a, b = as_1d(a), as_1d(b)
     if a.size < 2 or b.size < 2:
         return NAN, NAN
     # Exact equality (peak-to-peak 0), not var == 0: identical floats can still have a variance of ~1e-34.
@@ -99,8 +101,8 @@ def bootstrap_ci(
     ``(nan, nan)`` for fewer than 2 values; ``(v, v)`` with ``v = statistic(x)`` when all values are equal.
     ``statistic`` must accept an ``axis`` keyword to be vectorised (numpy reductions do).
     """
-    _check_level("confidence", confidence)
-    x = _as_1d(x)
+    check_level("confidence", confidence)
+    x = as_1d(x)
     if x.size < 2:
         return NAN, NAN
     if np.ptp(x) == 0:
@@ -132,8 +134,8 @@ def bootstrap_diff_ci(
     default for the reason given in :func:`bootstrap_ci`. ``(nan, nan)`` when either group has fewer than 2
     values; ``(d, d)`` when both groups are constant.
     """
-    _check_level("confidence", confidence)
-    a, b = _as_1d(a), _as_1d(b)
+    check_level("confidence", confidence)
+    a, b = as_1d(a), as_1d(b)
     if a.size < 2 or b.size < 2:
         return NAN, NAN
     if np.ptp(a) == 0 and np.ptp(b) == 0:
@@ -200,17 +202,17 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: tuples become lists and NaN/inf become None."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
     """``v`` with tuples as lists and NaN/inf as None, recursively (``json.dumps(allow_nan=False)`` accepts it)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, (tuple, list)):
-        return [_json_safe(u) for u in v]
+        return [json_safe(u) for u in v]
     if isinstance(v, dict):
-        return {k: _json_safe(u) for k, u in v.items()}
+        return {k: json_safe(u) for k, u in v.items()}
     return v
 
 
@@ -236,7 +238,7 @@ def compare(
         names = ", ".join(repr(k) for k in results) or "(none)"
         problems.append(f"Expected the baseline {baseline!r} among the results. Got {names} instead.")
     for name, values in results.items():
-        arr = _as_1d(values)
+        arr = as_1d(values)
         if arr.size == 0:
             problems.append(f"Variant {name!r} has no values. Expected at least one score per variant.")
         elif not np.all(np.isfinite(arr)):
@@ -249,7 +251,7 @@ def compare(
     if problems:
         raise ConfigError.from_problems(problems)
 
-    base = _as_1d(results[baseline])
+    base = as_1d(results[baseline])
     names = [baseline] + [k for k in results if k != baseline]
     tests = {name: welch_t(results[name], base) for name in names[1:]}
     raw = [tests[name][1] for name in names[1:]]
@@ -257,7 +259,7 @@ def compare(
 
     rows = []
     for name in names:
-        x = _as_1d(results[name])
+        x = as_1d(results[name])
         mean = float(np.mean(x))
         if name == baseline:
             diff, diff_ci, t, p, p_adj = 0.0, (0.0, 0.0), NAN, NAN, NAN

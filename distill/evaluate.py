@@ -49,7 +49,7 @@ _MARKED_RE = re.compile(r"####[ \t]*" + _NUMBER)
 
 
 @functools.lru_cache(maxsize=64)
-def _answer_re(terminator: str, *, ended: bool) -> re.Pattern[str]:
+def answer_pattern(terminator: str, *, ended: bool) -> re.Pattern[str]:
     """A terminated answer: the mark, a number, spaces or tabs, then a newline, ``terminator`` (when not empty), or
     — only for a text that ended (``ended``) — the end of the text. Group ``end`` is where the terminator ends."""
     ends = [r"\n"] + ([re.escape(terminator)] if terminator else []) + ([r"\Z"] if ended else [])
@@ -85,7 +85,7 @@ def extract_answer(text: str, *, ended: bool = True, terminator: str = "") -> st
         terminator: the template's ``PromptTemplate.terminator``, also accepted after the number.
     """
     if _MARKED_RE.search(text):
-        match = _answer_re(terminator, ended=ended).search(text)
+        match = answer_pattern(terminator, ended=ended).search(text)
     elif ended:
         *_, match = (None, *_NUMBER_RE.finditer(text))  # the last one, or None
     else:
@@ -111,7 +111,7 @@ def cut_after_answer(text: str, terminator: str = "") -> str:
 
     A text with no terminated answer is returned whole: the model stopped (EOS, token budget) before one.
     """
-    match = _answer_re(terminator, ended=False).search(text)
+    match = answer_pattern(terminator, ended=False).search(text)
     return text[: match.end("end")] if match else text
 
 
@@ -131,7 +131,7 @@ def prompt_text(row: ReasoningRow, template: PromptTemplate) -> str:
     return formatted.text[: formatted.spans["reasoning"][0]].rstrip(" ")
 
 
-class _AnswerStop:
+class AnswerStop:
     """Stopping criterion: per row, True once the generated text holds a terminated answer (``cut_after_answer``).
 
     Cheap per step: only the newest token of each row is looked at, through a per-id cache of whether its text holds
@@ -164,7 +164,7 @@ class _AnswerStop:
             has_mark, has_newline = self._marks_of(last[i])
             if has_mark:
                 line = input_ids[i, self.prompt_width + self.line_start[i] :].tolist()
-                if _answer_re(self.terminator, ended=False).search(self.tokenizer.decode(line,
+                if answer_pattern(self.terminator, ended=False).search(self.tokenizer.decode(line,
                                                                                        skip_special_tokens=True)):
                     self.stopped_at[i] = step
             if has_newline:
@@ -225,7 +225,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int
         batch = order[start : start + batch_size]
         ids, mask = left_pad([encoded[i] for i in batch], pad)  # (B, T) each
         width = ids.shape[1]
-        stop = _AnswerStop(tokenizer, width, len(batch), terminator)
+        stop = AnswerStop(tokenizer, width, len(batch), terminator)
         with torch.no_grad():
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))

@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
+from kava.core.errors import KavaError
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -34,7 +36,6 @@ def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], confi
     becomes one ``error:`` line on stderr and exit status 1."""
     import importlib
 
-    from kava.kvstore import KavaError
 
     from .options import build_configs
 
@@ -153,7 +154,6 @@ def _estimate_command() -> click.Command:
         from kava.extract.estimate import format_estimate
 
         if run_config is not None:
-            from kava.kvstore import KavaError
 
             from .config import load_config
             from .scale import format_plan, plan
@@ -257,7 +257,7 @@ def store() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
 def store_info(path: str, as_json: bool) -> None:
     """Summarise the store at PATH: samples, tokens, teachers, sizes."""
-    from kava.kvstore import KavaError, KVStore, summary
+    from kava.kvstore import KVStore, summary
 
     try:
         info = summary(KVStore.open(path))
@@ -321,7 +321,7 @@ def format_info(info: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
 def store_verify(path: str, teachers: tuple[str, ...], as_json: bool) -> None:
     """Check schema, completeness and every chunk's crc32c. Exit 0 when sound, 1 when not."""
-    from kava.kvstore import KavaError, verify_store
+    from kava.kvstore import verify_store
 
     try:
         report = verify_store(path, teachers=list(teachers) or None)
@@ -365,7 +365,6 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation,
     gsm8k-qwen7b4bit-to-qwen0.5b.
     """
-    from kava.kvstore import KavaError
 
     from .config import load_config
     from .runner import Runner, check_force
@@ -408,7 +407,6 @@ def cka(store: str, teacher: str, vs: str | None, out: str, array: str, estimato
     of core with dask: memory stays near one block of tokens. Writes the matrix as .npy and .csv, a heatmap .png
     and a .json summary into --out."""
     from kava.analysis.cka import run_cka
-    from kava.kvstore import KavaError
 
     try:
         result = run_cka(store, teacher, vs=vs, out=out, array=array, estimator=estimator, block_tokens=block_tokens,
@@ -460,7 +458,6 @@ def _slurm_command(stage: str) -> click.Command:
     @click.option("--jobs", default=8, show_default=True, help="Extraction: array tasks (each writes 1/N of the shards).")
     @click.option("--out-dir", help="Write <job-name>.sbatch files here instead of printing the script.")
     def command(jobs: int, out_dir: str | None, config_file: str | None, **values: Any) -> None:
-        from kava.kvstore import KavaError
 
         from . import slurm as render
 
@@ -509,7 +506,6 @@ def slurm() -> None:
 def slurm_run(config: str, stage: str, jobs: int, out_dir: str) -> None:
     """One script per teacher (extraction array + verify) or per variant and seed (distillation), at the paths
     `kava run CONFIG` uses, so `kava run` picks up a store the cluster extracted."""
-    from kava.kvstore import KavaError
 
     from .config import load_config
     from .slurm import SlurmOptions, render_from_run_config
@@ -534,7 +530,6 @@ def doctor(config: str | None, store: str | None, teachers: tuple[str, ...], stu
     teachers and students: Python and torch, CUDA devices, bitsandbytes' backend, every model in the local Hugging
     Face cache when offline, free disk for the estimated store, write access, dask and dask-jobqueue. Exit 0 when
     nothing fails, 1 otherwise; each problem names its fix."""
-    from kava.kvstore import KavaError
 
     from .doctor import run_doctor
 

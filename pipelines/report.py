@@ -53,7 +53,7 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     variants = [v.name for v in cfg.variants]
     teacher_evals = {n: evals[f"teacher {n}"] for n in teachers if f"teacher {n}" in evals}
     student = {(v, s): evals[f"{v} seed {s}"] for v in variants for s in cfg.seeds}
-    unit = _nll_unit([*student.values(), *teacher_evals.values()])
+    unit = nll_unit([*student.values(), *teacher_evals.values()])
     nll_key = {"token": "nll", "char": "nll_per_char"}[unit]
     acc = {v: {s: student[v, s]["accuracy"] for s in cfg.seeds} for v in variants}
     nll = {v: {s: student[v, s][nll_key] for s in cfg.seeds} for v in variants}
@@ -94,7 +94,7 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `kava run` from `config.yaml` (next to this file). "
               f"Every number below comes from this run's outputs. Seeds: {cfg.seeds}; baseline: `{cfg.baseline}`.",
               ""]
-    lines += ["## Result", ""] + _teacher_lines(cfg, teacher_evals, data) + [""]
+    lines += ["## Result", ""] + teacher_lines(cfg, teacher_evals, data) + [""]
     lines += _verdicts(acc_cmp, nll_cmp, mcnemar, unit, cfg, teacher_evals) + [""]
     lines += _accuracy_section(cfg, data, acc_cmp, mcnemar, teacher_evals, format_mean_ci)
     lines += [f"![accuracy]({figs['accuracy'].relative_to(root)})", ""]
@@ -147,7 +147,7 @@ def _mean_curve(seeds: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     return out
 
 
-def _nll_unit(records: list[dict[str, Any]]) -> str:
+def nll_unit(records: list[dict[str, Any]]) -> str:
     """``"token"`` when every model in the tables scored its NLL with one tokenizer, else ``"char"``: nats per token
     of different tokenizers count different tokens, nats per character of the same text compare."""
     fingerprints = {r.get("nll_tokenizer") for r in records}
@@ -212,7 +212,7 @@ def _nll_bootstrap(items: dict[tuple[str, int], dict[str, dict[str, Any]]], vari
             "unit": f"nats per {unit}"}
 
 
-def _teacher_lines(cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]], data: dict[str, Any]) -> list[str]:
+def teacher_lines(cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]], data: dict[str, Any]) -> list[str]:
     if not teacher_evals:
         return ["The teachers were not evaluated (`eval.teachers: false`), so this report cannot say whether they "
                 "knew the task, nor show that anything transferred from them."]
@@ -227,7 +227,7 @@ def _teacher_lines(cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]], dat
     return out
 
 
-def _teacher_clause(variant: str, cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]]) -> str:
+def teacher_clause(variant: str, cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]]) -> str:
     """What the variant's teachers allow the verdict to claim."""
     teachers = next(v.teachers for v in cfg.variants if v.name == variant)
     low = [t for t in teachers if t in teacher_evals and teacher_evals[t]["accuracy"] < TEACHER_FLOOR]
@@ -267,7 +267,7 @@ def _verdicts(acc_cmp: list[Any], nll_cmp: list[Any], mcnemar: dict[str, Any], u
             f"p = {_fmt(m.p)}; Welch (unpaired, secondary) p = {_fmt(a.welch_p)}. Reference NLL {n.diff:+.3f} "
             f"nats/{unit} (95% CI [{_fmt(n.diff_ci[0], '+.3f')}, {_fmt(n.diff_ci[1], '+.3f')}], paired "
             f"p = {_fmt(n.p)}, Holm p = {_fmt(n.p_holm)}, {'significant' if n.significant else 'not significant'})."
-            + _teacher_clause(a.variant, cfg, teacher_evals))
+            + teacher_clause(a.variant, cfg, teacher_evals))
     return out
 
 

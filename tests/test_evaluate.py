@@ -442,11 +442,11 @@ def test_chat_stops_on_the_im_end_token(assets):
 
 
 def test_the_stop_check_decodes_lines_not_the_whole_continuation(assets):
-    """``_AnswerStop`` stops where the naive check (decode everything generated, every step) does, while decoding
+    """``AnswerStop`` stops where the naive check (decode everything generated, every step) does, while decoding
     about one line per newline instead of the whole continuation per step."""
     from transformers import AutoTokenizer
 
-    from kava.distill.evaluate import _AnswerStop, _answer_re
+    from kava.distill.evaluate import AnswerStop, answer_pattern
 
     tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
     texts = ["a = 1\nb = 22 + 3 = 25\n#### 12-3= 4\nmore words here to make it long\n#### 7\nafter that",
@@ -468,13 +468,13 @@ def test_the_stop_check_decodes_lines_not_the_whole_continuation(assets):
             ids[r, width : width + len(seq)] = torch.tensor(seq)
             ids[r, width + len(seq) :] = tok.convert_tokens_to_ids("x")
         decoded.clear()
-        stop = _AnswerStop(Counting(), width, len(seqs), terminator)
+        stop = AnswerStop(Counting(), width, len(seqs), terminator)
         for step in range(1, steps + 1):
             stop(ids[:, : width + step], None)
         for r, seq in enumerate(seqs):
             padded = ids[r, width:].tolist()
             naive = next((k for k in range(1, steps + 1)
-                          if _answer_re(terminator, ended=False).search(tok.decode(padded[:k]))), None)
+                          if answer_pattern(terminator, ended=False).search(tok.decode(padded[:k]))), None)
             assert stop.stopped_at[r] == naive, (terminator, texts[r])
         assert stop.stopped_at[0] is not None and stop.stopped_at[2] is None
         assert (stop.stopped_at[3] is not None) == (terminator != "")

@@ -195,22 +195,22 @@ def test_a_stage_fed_another_split_refuses(run, tmp_path):
 
 
 def test_the_verdict_says_what_the_teacher_allows(tmp_path):
-    from kava.pipelines.report import _nll_unit, _teacher_clause, _teacher_lines
+    from kava.pipelines.report import nll_unit, teacher_clause, teacher_lines
 
     cfg = parse_config(tiny(tmp_path))
     data = {"splits": {"eval": {"rows": 300}}}
     good, bad = {"accuracy": 0.783, "correct": 235, "n": 300}, {"accuracy": 0.033, "correct": 10, "n": 300}
-    assert _teacher_clause("kv", cfg, {"t": good}) == ""
-    assert _teacher_lines(cfg, {"t": good}, data) == \
+    assert teacher_clause("kv", cfg, {"t": good}) == ""
+    assert teacher_lines(cfg, {"t": good}, data) == \
         ["- **Teacher `t`: 78.3% on the eval split** (235 of 300 problems; floor 30%)."]
-    assert "this comparison cannot show a transfer**" in _teacher_clause("kv", cfg, {"t": bad})
-    assert "cannot show a transfer** from `t`" in _teacher_lines(cfg, {"t": bad}, data)[0]
-    assert _teacher_clause("ce", cfg, {"t": bad}) == ""  # CE-only learns from no teacher
-    assert "`t` was not measured" in _teacher_clause("kv", cfg, {})
-    assert "eval.teachers: false" in _teacher_lines(cfg, {}, data)[0]
-    assert _nll_unit([{"nll_tokenizer": "a"}, {"nll_tokenizer": "a"}]) == "token"
-    assert _nll_unit([{"nll_tokenizer": "a"}, {"nll_tokenizer": "b"}]) == "char"
-    assert _nll_unit([{"nll_tokenizer": "a"}, {}]) == "char"  # unknown: characters are always comparable
+    assert "this comparison cannot show a transfer**" in teacher_clause("kv", cfg, {"t": bad})
+    assert "cannot show a transfer** from `t`" in teacher_lines(cfg, {"t": bad}, data)[0]
+    assert teacher_clause("ce", cfg, {"t": bad}) == ""  # CE-only learns from no teacher
+    assert "`t` was not measured" in teacher_clause("kv", cfg, {})
+    assert "eval.teachers: false" in teacher_lines(cfg, {}, data)[0]
+    assert nll_unit([{"nll_tokenizer": "a"}, {"nll_tokenizer": "a"}]) == "token"
+    assert nll_unit([{"nll_tokenizer": "a"}, {"nll_tokenizer": "b"}]) == "char"
+    assert nll_unit([{"nll_tokenizer": "a"}, {}]) == "char"  # unknown: characters are always comparable
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,12 +289,19 @@ def test_the_ablation_config_covers_the_design_matrix():
 
     cfg = load_config(configs_dir() / "ablation.yaml")
     options = [{**v.distill, "teachers": tuple(v.teachers)} for v in cfg.variants]
-    assert {o.get("projector") for o in options} >= {"flat", "structured"}
+    assert {o.get("projector", "structured") for o in options if o["teachers"]} >= {"flat", "structured"}
     assert any(o.get("share_dim_proj") for o in options) and any(o.get("init_uniform") is False for o in options)
     assert any(o.get("alpha_v") == 0 for o in options) and any(o.get("alpha_k") == 0 for o in options)
-    assert any(o.get("loss") == "structural" for o in options)
-    assert {o.get("fusion") for o in options if len(o["teachers"]) == 2} == {"fixed", "similarity", "learnable"}
+    assert {o.get("loss") for o in options if o["teachers"]} >= {"structural", "mercator"}
+    assert any(o.get("logit_weight") and not o.get("kv_weight", 1) for o in options)  # the logit baseline
     assert {cfg.teacher(t).extract.get("alignment") for o in options for t in o["teachers"]} >= {"hard", "soft"}
+    # Fusion of two teachers is the multi-teacher experiment's, beside each teacher alone.
+    multi = load_config(configs_dir() / "multi-teacher.yaml")
+    two = [v for v in multi.variants if len(v.teachers) == 2]
+    assert {v.distill.get("fusion") for v in two} == {"fixed", "similarity", "learnable"}
+    assert {tuple(v.teachers) for v in multi.variants if len(v.teachers) == 1} == {("llama",), ("qwen",)}
+    for c in (cfg, multi):  # every contrast names two variants of its experiment (parse_config checks it too)
+        assert c.contrasts and all(a in {v.name for v in c.variants} for x in c.contrasts for a in x.split(" vs "))
 
 
 @pytest.mark.integration
