@@ -34,6 +34,13 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _p(x: float | None) -> str:
+    """A p-value: three decimals, or two significant digits below 0.001 (so a tiny p never reads as 0.000)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
+
+
 def _mib(n: float | None) -> str:
     return "–" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -262,11 +269,11 @@ def _verdicts(acc_cmp: list[Any], nll_cmp: list[Any], mcnemar: dict[str, Any], u
             f"- **`{a.variant}` {outcome} `{cfg.baseline}` on accuracy** (paired t-test over {a.n} seeds, "
             f"Holm-corrected across {len(acc_cmp) - 1} variant(s), α = {ALPHA}): {100 * a.mean:.1f}% vs "
             f"{100 * base.mean:.1f}%, {100 * a.diff:+.1f} points (95% CI [{_pct(a.diff_ci[0])}, "
-            f"{_pct(a.diff_ci[1])}]), p = {_fmt(a.p)}, Holm p = {_fmt(a.p_holm)}. McNemar pooled over seeds: "
+            f"{_pct(a.diff_ci[1])}]), p = {_p(a.p)}, Holm p = {_p(a.p_holm)}. McNemar pooled over seeds: "
             f"{m.only_a} items right only under `{a.variant}`, {m.only_b} only under `{cfg.baseline}`, exact "
-            f"p = {_fmt(m.p)}; Welch (unpaired, secondary) p = {_fmt(a.welch_p)}. Reference NLL {n.diff:+.3f} "
+            f"p = {_p(m.p)}; Welch (unpaired, secondary) p = {_p(a.welch_p)}. Reference NLL {n.diff:+.3f} "
             f"nats/{unit} (95% CI [{_fmt(n.diff_ci[0], '+.3f')}, {_fmt(n.diff_ci[1], '+.3f')}], paired "
-            f"p = {_fmt(n.p)}, Holm p = {_fmt(n.p_holm)}, {'significant' if n.significant else 'not significant'})."
+            f"p = {_p(n.p)}, Holm p = {_p(n.p_holm)}, {'significant' if n.significant else 'not significant'})."
             + teacher_clause(a.variant, cfg, teacher_evals))
     return out
 
@@ -281,6 +288,23 @@ _PAIRING = ("Students of one seed share initial weights and batch order, so each
             "unpaired t-test is a secondary column: it ignores the pairing.")
 
 
+def _model_rows(cfg: RunConfig, comparisons: list[Any], teacher_evals: dict[str, dict[str, Any]], *,
+                teacher: Any, value: Any, delta: Any, extra: Any) -> list[str]:
+    """The rows the accuracy and NLL tables share: each teacher, the baseline, then every variant with its Δ, paired
+    p, Holm p, verdict, one table-specific cell (``extra``) and Welch's p. The callables format one cell each."""
+    rows = [f"| teacher `{n}` | – | {teacher(e)} |" + " – |" * 6 for n, e in teacher_evals.items()]
+    for c in comparisons:
+        head = f"| `{c.variant}` | {c.n} | {value(c)} |"
+        rows.append(head + " – |" * 6 if c.variant == cfg.baseline else
+                    f"{head} {delta(c)} | {_p(c.p)} | {_p(c.p_holm)} | {'yes' if c.significant else 'no'} | "
+                    f"{extra(c)} | {_p(c.welch_p)} |")
+    return rows
+
+
+def _diff_ci(diff: float, ci: Any) -> str:
+    return f"{diff:+.3f} [{_fmt(ci[0], '+.3f')}, {_fmt(ci[1], '+.3f')}]"
+
+
 def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], mcnemar: dict[str, Any],
                       teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
     lines = ["## Accuracy on the eval split", "",
@@ -290,22 +314,17 @@ def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], 
              "exact binomial test on the sums; each seed's own test is in the table after.", "",
              "| model | seeds | accuracy % | Δ points [95% CI] | paired p | p (Holm) | significant | McNemar pooled "
              "(only variant / only baseline) | Welch p |", "|---|---|---|---|---|---|---|---|---|"]
-    for n, e in teacher_evals.items():
-        lines.append(f"| teacher `{n}` | – | {100 * e['accuracy']:.1f} | – | – | – | – | – | – |")
-    for c in acc_cmp:
-        if c.variant == cfg.baseline:
-            lines.append(f"| `{c.variant}` | {c.n} | {fmt(c)} | – | – | – | – | – | – |")
-            continue
-        m = mcnemar[c.variant]["pooled"]
-        lines.append(f"| `{c.variant}` | {c.n} | {fmt(c)} | {100 * c.diff:+.1f} [{_pct(c.diff_ci[0])}, "
-                     f"{_pct(c.diff_ci[1])}] | {_fmt(c.p)} | {_fmt(c.p_holm)} | {'yes' if c.significant else 'no'} "
-                     f"| {m.only_a} / {m.only_b}, p = {_fmt(m.p)} | {_fmt(c.welch_p)} |")
+    pooled = {v: m["pooled"] for v, m in mcnemar.items()}
+    lines += _model_rows(cfg, acc_cmp, teacher_evals, teacher=lambda e: f"{100 * e['accuracy']:.1f}", value=fmt,
+                         delta=lambda c: f"{100 * c.diff:+.1f} [{_pct(c.diff_ci[0])}, {_pct(c.diff_ci[1])}]",
+                         extra=lambda c: f"{pooled[c.variant].only_a} / {pooled[c.variant].only_b}, "
+                                         f"p = {_p(pooled[c.variant].p)}")
     lines += ["", f"McNemar per seed (items matched by id; `{cfg.baseline}` of the same seed):", "",
               f"| variant | seed | both right | only variant | only `{cfg.baseline}` | both wrong | exact p |",
               "|---|---|---|---|---|---|---|"]
     for v, m in mcnemar.items():
         for s, t in m["per_seed"].items():
-            lines.append(f"| `{v}` | {s} | {t.both} | {t.only_a} | {t.only_b} | {t.neither} | {_fmt(t.p)} |")
+            lines.append(f"| `{v}` | {s} | {t.both} | {t.only_a} | {t.only_b} | {t.neither} | {_p(t.p)} |")
     return lines + [""]
 
 
@@ -322,17 +341,9 @@ def _nll_section(cfg: RunConfig, nll_cmp: list[Any], nll_items: dict[str, Any], 
              "students fixed, so it says how much Δ depends on which problems were drawn, not on which seeds.", "",
              f"| model | seeds | NLL (nats/{unit}) | Δ [95% CI] | paired p | p (Holm) | significant | item bootstrap "
              "Δ [95% CI] | Welch p |", "|---|---|---|---|---|---|---|---|---|"]
-    for n, e in teacher_evals.items():
-        lines.append(f"| teacher `{n}` | – | {_fmt(e.get(nll_key))} | – | – | – | – | – | – |")
-    for c in nll_cmp:
-        if c.variant == cfg.baseline:
-            lines.append(f"| `{c.variant}` | {c.n} | {fmt(c, percent=False, digits=3)} | – | – | – | – | – | – |")
-            continue
-        b = nll_items[c.variant]
-        lines.append(f"| `{c.variant}` | {c.n} | {fmt(c, percent=False, digits=3)} | {c.diff:+.3f} "
-                     f"[{_fmt(c.diff_ci[0], '+.3f')}, {_fmt(c.diff_ci[1], '+.3f')}] | {_fmt(c.p)} | "
-                     f"{_fmt(c.p_holm)} | {'yes' if c.significant else 'no'} | {b['diff']:+.3f} "
-                     f"[{_fmt(b['ci'][0], '+.3f')}, {_fmt(b['ci'][1], '+.3f')}] | {_fmt(c.welch_p)} |")
+    lines += _model_rows(cfg, nll_cmp, teacher_evals, teacher=lambda e: _fmt(e.get(nll_key)),
+                         value=lambda c: fmt(c, percent=False, digits=3), delta=lambda c: _diff_ci(c.diff, c.diff_ci),
+                         extra=lambda c: _diff_ci(nll_items[c.variant]["diff"], nll_items[c.variant]["ci"]))
     return lines + [""]
 
 def _compute_section(cfg: RunConfig, students: dict[tuple[str, int], dict[str, Any]]) -> list[str]:

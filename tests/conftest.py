@@ -27,6 +27,12 @@ def pytest_configure(config):
     config.pluginmanager.register(IntegrationGuard(), "kava-integration-guard")
 
 
+@pytest.fixture(scope="module")
+def stories():
+    """The real pretrained stories260K Llama (a model directory) from the assets, found as ``assets`` finds it."""
+    return asset_path("models/stories260K_hf_derived")
+
+
 @pytest.fixture
 def assets():
     """Callable fixture: ``assets("gsm8k/test.jsonl")`` → Path, skipping or failing as described above."""

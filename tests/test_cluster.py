@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ENV, KAVA, asset_path
+from helpers import ENV, KAVA
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import ExtractResult, run_extract, summary_line
 from kava.kvstore import KVStore, verify_store
@@ -39,11 +39,6 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread; local:2 workers get ha
 def configs(**options) -> tuple[ExtractConfig, ClusterConfig]:
     """The extraction's and the cluster's config from one set of options, split as `kava extract` splits them."""
     return build_configs((ExtractConfig, ClusterConfig), options, None)
-
-
-@pytest.fixture(scope="module")
-def stories() -> Path:
-    return asset_path("models/stories260K_hf_derived")
 
 
 @pytest.fixture(scope="module")

@@ -56,11 +56,6 @@ def metrics(out: Path) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def stories() -> Path:
-    return asset_path(STORIES)
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, stories) -> Path:
     """stories260K over 40 synthetic problems with Q, identity layer map (5 student layers), ~9 shards."""
     path = tmp_path_factory.mktemp("distill") / "kv.zarr"

@@ -127,11 +127,6 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
 
 @pytest.fixture(scope="module")
-def stories() -> Path:
-    return asset_path(STORIES)
-
-
-@pytest.fixture(scope="module")
 def stories_model(stories):
     from transformers import AutoModelForCausalLM
 

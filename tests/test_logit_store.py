@@ -103,11 +103,6 @@ def check_against_teacher(store: KVStore, name: str, model, teacher_tok, student
 
 
 @pytest.fixture(scope="module")
-def stories() -> Path:
-    return asset_path(STORIES)
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, stories) -> Path:
     """stories260K over 12 synthetic problems with its top-8 and Q, identity layer map, a few shards."""
     path = tmp_path_factory.mktemp("logits") / "kv.zarr"
