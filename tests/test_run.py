@@ -249,7 +249,7 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_forced(run, tmp_
 def test_killed_run_resumes_the_interrupted_student_exactly(tmp_path):
     out = tmp_path / "runs"
     config = tmp_path / "tiny.yaml"
-    cfg = tiny(out, seeds=[1], variants=[{"name": "ce"}],
+    cfg = tiny(out, seeds=[1], variants=[{"name": "ce"}], contrasts=[],
                train={"steps": 8, "batch_size": 4, "max_length": 256, "distill": {"checkpoint_every": 1}})
     cfg["eval"]["teachers"] = False
     config.write_text(yaml.safe_dump(cfg))
@@ -327,9 +327,9 @@ def test_every_problem_is_reported_at_once(tmp_path):
 @pytest.mark.integration
 def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
     ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
-    assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 3 seeds)" in ok.stderr
+    assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 5 seeds)" in ok.stderr
     assert load_config("ablation") == load_config(Path(__file__).parents[1] / "pipelines" / "configs" / "ablation.yaml")
-    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, default"):
+    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, alignment, default"):
         load_config(tmp_path / "nope.yaml")
 
 
