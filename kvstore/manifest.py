@@ -100,20 +100,21 @@ def parse_plain_name(value: Any, where: str) -> str:
     return value
 
 
-def _is_teacher_name(name: Any) -> bool:
+def is_teacher_name(name: Any) -> bool:
+    """Whether ``name`` may name a folder: letters, digits and ``. _ + -``, at most 100, no ``..``."""
     return isinstance(name, str) and bool(_TEACHER_NAME.match(name)) and ".." not in name
 
 
 def parse_teacher_name(value: Any, where: str) -> str:
     """A teacher name read from a store (it names a folder): the rule of :func:`check_teacher_name`."""
-    _expect(_is_teacher_name(value), "a teacher name of letters, digits and '._+-' (at most 100, no '..')",
+    _expect(is_teacher_name(value), "a teacher name of letters, digits and '._+-' (at most 100, no '..')",
             value, where)
     return value
 
 
 def check_teacher_name(name: Any) -> str:
     """A teacher name becomes a folder name: letters, digits and ``. _ + -``, no path separators, no ``..``."""
-    if not _is_teacher_name(name):
+    if not is_teacher_name(name):
         raise ConfigError(
             f"Expected a teacher name of letters, digits and '._+-' (at most 100, not starting with a "
             f"separator, no '..'). Got {_short(name)} instead. Choose another name with --name."

@@ -261,11 +261,44 @@ def load_config(path: str | Path | None) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"Config {str(path)!r} does not exist. Pass a YAML file, or none for the embedded default "
                           f"(shipped configs: {', '.join(shipped_configs())}).")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}. "
+                          "Pass the experiment's YAML file.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}).") from e
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem[:300]}.") from e
     return parse_config(data, source=str(path))
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is a page of YAML; anything larger is not one."""
+
+
+def _no_alias_loader() -> Any:
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing aliases (``*x``): a kilobyte of nested aliases expands to gigabytes."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"found the alias *{event.anchor}; configs may not use YAML aliases: write the "
+                    "value out", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a hostile value must not make a huge message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def configs_dir() -> Path:
@@ -289,13 +322,19 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     from kava.distill.config import DistillConfig
     from kava.extract.config import ExtractConfig, option_names
     from kava.extract.synthetic import difficulty_problems
+    from kava.kvstore.manifest import is_teacher_name
 
     from .contrasts import contrast_problems
 
     p: list[str] = []
     d = cfg.data
-    if not cfg.name or "/" in cfg.name:
-        p.append(f"name: expected a plain directory name. Got {cfg.name!r} instead.")
+    # Every name below becomes a folder under the run's own (<out>/<name>/students/<variant>/seed-N): the rule of
+    # `kava extract --name`, so no name can point outside it.
+    rule = "a name of letters, digits and '._+-' (at most 100, no '..', no path separators)"
+    if not is_teacher_name(cfg.name):
+        p.append(f"name: expected {rule}. Got {_short(cfg.name)} instead.")
+    for kind, names in (("teachers", [t.name for t in cfg.teachers]), ("variants", [v.name for v in cfg.variants])):
+        p += [f"{kind}: expected {rule}. Got {_short(n)} instead." for n in names if not is_teacher_name(n)]
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         p.append(f"seeds: expected distinct integers, at least one. Got {cfg.seeds!r} instead.")
     if d.dataset not in ("synthetic", "gsm8k") and not Path(d.dataset).is_file():
