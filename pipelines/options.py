@@ -70,6 +70,8 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
                 help_text = f"{c.help_prefix}: {help_text[:1].lower()}{help_text[1:]}"
             if _base_type(c.hint) is bool:
                 name = c.flag if c.default is False else "--no-" + c.name.replace("_", "-")
+                if c.default is not False:  # the docstring says what the option does when on; the flag turns it off
+                    help_text = f"Turn off (on by default): {help_text[:1].lower()}{help_text[1:]}"
                 fn = click.option(name, c.name, is_flag=True, flag_value=c.default is False, default=None,
                                   help=help_text)(fn)
             else:

@@ -136,3 +136,23 @@ def test_a_saved_config_yaml_reads_back_and_older_spellings_resume(tmp_path):
     assert cfg.resume_differences(old) == []
     assert cfg.resume_differences({**cfg.to_dict(), "kv_layers": [1, 2], "progress": False}) == \
         ["--kv-layers: [1, 2] in the checkpoint, [1, 3] now"]
+
+
+def test_every_off_switch_says_it_turns_its_option_off():
+    """A bool that defaults to on is the flag --no-X; its help must not read as if the flag turned X on."""
+    from kava.pipelines.cli import main
+
+    def commands(group, ctx, prefix):
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            if isinstance(command, click.Group):
+                yield from commands(command, click.Context(command, parent=ctx), f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    switches = {f"{name} {opt}": param.help or "" for name, command in commands(main, click.Context(main), "")
+                for param in command.get_params(click.Context(command)) for opt in getattr(param, "opts", [])
+                if opt.startswith("--no-")}
+    assert {"extract --no-compress", "extract --no-progress", "distill --no-progress"} <= set(switches)
+    wrong = {k: v for k, v in switches.items() if not v.startswith("Turn off")}
+    assert not wrong, wrong
