@@ -6,6 +6,14 @@ Messages name the thing (store, path, array, flag), what was expected, what was 
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a hostile or huge value must not make a huge message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class KavaError(Exception):
     """Base class of every error KaVa raises on purpose."""

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kava.kvstore import KVStore
 from kava.core.errors import ConfigError, IncompleteError, SchemaError
+from kava.kvstore import KVStore
 from kava.kvstore.store import Rows
 from .plan import BatchPlan, EpochPlan, check_layout, plan_epoch
 

@@ -29,6 +29,7 @@ from .config import ExtractConfig
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
 from .teacher_pass import generate_reasoning, sample_alignment, student_logits, teacher_forward, teacher_texts
 
+
 @dataclass
 class ExtractResult:
     store: str

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from kava.core.errors import ConfigError, FormatVersionError, SchemaError
+from kava.core.errors import ConfigError, FormatVersionError, SchemaError, short_repr
 
 FORMAT_VERSION = 2
 """The store format this code writes and the newest it reads."""
@@ -33,15 +33,9 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
 
-def _short(value: Any, limit: int = 120) -> str:
-    """``repr(value)``, cut to ``limit`` characters: a hostile value must not make a huge message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def _expect(cond: bool, what: str, got: Any, where: str) -> None:
     if not cond:
-        raise SchemaError(f"{where}: expected {what}. Got {_short(got)} instead.")
+        raise SchemaError(f"{where}: expected {what}. Got {short_repr(got)} instead.")
 
 
 def parse_int(value: Any, where: str, *, minimum: int | None = None) -> int:
@@ -117,7 +111,7 @@ def check_teacher_name(name: Any) -> str:
     if not is_teacher_name(name):
         raise ConfigError(
             f"Expected a teacher name of letters, digits and '._+-' (at most 100, not starting with a "
-            f"separator, no '..'). Got {_short(name)} instead. Choose another name with --name."
+            f"separator, no '..'). Got {short_repr(name)} instead. Choose another name with --name."
         )
     return name
 
@@ -132,7 +126,7 @@ def _plain_json(value: Any) -> Any:
     def default(x: Any) -> Any:
         if hasattr(x, "tolist"):  # numpy scalars and arrays
             return x.tolist()
-        raise TypeError(f"Expected JSON-serialisable metadata. Got {type(x).__name__} {_short(x)} instead.")
+        raise TypeError(f"Expected JSON-serialisable metadata. Got {type(x).__name__} {short_repr(x)} instead.")
 
     return json.loads(json.dumps(value, default=default))
 
@@ -159,7 +153,7 @@ def digest_problem(doc: Mapping[str, Any], *, required: bool) -> str | None:
     if digest is None:
         return "its digest is missing" if required else None
     if not (isinstance(digest, Mapping) and all(isinstance(v, str) for v in digest.values())):
-        return f"its digest is malformed (expected an object of sha256 strings, got {_short(digest)})"
+        return f"its digest is malformed (expected an object of sha256 strings, got {short_repr(digest)})"
     body = {k: v for k, v in doc.items() if k != DIGEST_FIELD}
     changed = sorted(k for k in body if k in digest and _field_digest(body[k]) != digest[k])
     added = sorted(set(body) - set(digest))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, short_repr
 
 from . import splits
 
@@ -295,12 +295,6 @@ def _no_alias_loader() -> Any:
     return NoAliasLoader
 
 
-def _short(value: Any, limit: int = 120) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a hostile value must not make a huge message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def configs_dir() -> Path:
     return Path(__file__).parent / "configs"
 
@@ -332,9 +326,9 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     # `kava extract --name`, so no name can point outside it.
     rule = "a name of letters, digits and '._+-' (at most 100, no '..', no path separators)"
     if not is_teacher_name(cfg.name):
-        p.append(f"name: expected {rule}. Got {_short(cfg.name)} instead.")
+        p.append(f"name: expected {rule}. Got {short_repr(cfg.name)} instead.")
     for kind, names in (("teachers", [t.name for t in cfg.teachers]), ("variants", [v.name for v in cfg.variants])):
-        p += [f"{kind}: expected {rule}. Got {_short(n)} instead." for n in names if not is_teacher_name(n)]
+        p += [f"{kind}: expected {rule}. Got {short_repr(n)} instead." for n in names if not is_teacher_name(n)]
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         p.append(f"seeds: expected distinct integers, at least one. Got {cfg.seeds!r} instead.")
     if d.dataset not in ("synthetic", "gsm8k") and not Path(d.dataset).is_file():

@@ -65,12 +65,9 @@ def contrasts_section(contrasts: list[str], seeds: list[int], acc: Mapping[str, 
                      "accuracy": asdict(paired_t(acc_a, acc_b)), "nll": asdict(paired_t(nll_a, nll_b)),
                      "mcnemar_pooled": mcnemar(a, b)["pooled"].to_dict()})
     for key in ("accuracy", "nll"):
-        ps = [r[key]["p"] for r in rows]
-        finite = [p for p in ps if not math.isnan(p)]
-        adjusted = iter(holm(finite))
-        for r, p in zip(rows, ps):
-            r[key]["p_holm"] = math.nan if math.isnan(p) else next(adjusted)
-            r[key]["significant"] = bool(r[key]["p_holm"] < alpha)
+        for r, adjusted in zip(rows, holm([r[key]["p"] for r in rows])):  # NaN (one seed) passes through
+            r[key]["p_holm"] = adjusted
+            r[key]["significant"] = bool(adjusted < alpha)  # False for NaN
     lines = ["## Contrasts", "",
              "Variant against variant, paired by seed as above: Δ = first − second, with its paired-t 95% CI; p is "
              f"the paired t-test, Holm-adjusted across these contrasts (significant at α = {alpha}); McNemar pools "
