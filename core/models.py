@@ -23,6 +23,7 @@ float16), hence float16 is the default compute dtype for int8; nf4 defaults to b
 from __future__ import annotations
 
 import difflib
+import json
 import importlib.util
 import re
 import warnings
@@ -162,6 +163,8 @@ def resolve_model(
                 f"Expected a model directory with a config.json (as saved by `save_pretrained`). "
                 f"Got {model_id} without one instead."
             )
+        else:
+            problems.extend(_config_json_problems(path / "config.json"))
         if revision is not None:
             problems.append(f"--revision applies to hub ids only. Got --revision {revision} with local path {key}.")
     elif _looks_like_path(key):
@@ -204,6 +207,20 @@ def resolve_model(
         is_local=is_local,
         role=role,
     )
+
+
+def _config_json_problems(path: Path) -> list[str]:
+    """A model directory's config.json must be one JSON object naming its ``model_type``: checked here, because
+    transformers reports a broken config as a missing tokenizer or an unrecognised model."""
+    try:
+        config = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"Expected {path} to be JSON as written by `save_pretrained`. Got a file that does not parse "
+                f"({e}). Restore it from the original model."]
+    if not isinstance(config, dict):
+        return [f"Expected {path} to hold a JSON object. Got a {type(config).__name__}. Restore it from the "
+                "original model."]
+    return []
 
 
 def _common_kwargs(source: ModelSource) -> dict[str, Any]:

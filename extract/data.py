@@ -94,8 +94,17 @@ def _file_fields(path: Path) -> list[str]:
 
 
 def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    # Read as bytes and decode line by line: a bad byte is reported with its line and column, not as a traceback
+    # from deep inside the text layer.
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is allowed
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"Expected UTF-8 text in {path}. Got byte 0x{raw[e.start]:02x} at position "
+                    f"{e.start + 1} of line {line_number}, which is not UTF-8. Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -121,6 +130,8 @@ def _records(path: Path, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
             f"Expected a file ending in {list(_JSONL_SUFFIXES + _PARQUET_SUFFIXES)}. Got {str(path)!r} instead."
         )
     available = _file_fields(path)
+    if not available and path.suffix in _JSONL_SUFFIXES:
+        raise DatasetError(f"Expected at least one JSON object in {path}. Got an empty file (no records).")
     missing = [f for f in fields if f not in available]
     if missing:
         raise ConfigError(
