@@ -6,6 +6,7 @@ Messages name the thing (store, path, array, flag), what was expected, what was 
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -61,3 +62,26 @@ class ChecksumError(StoreError):
 
 class IncompleteError(StoreError):
     """A shard, teacher or store was not finished (no completion marker)."""
+
+
+class CheckpointError(KavaError):
+    """A distillation checkpoint can't be read back, or holds something other than what `kava distill` writes."""
+
+
+class DiskFullError(KavaError, OSError):
+    """The disk (or a quota, or the file size limit) ran out while writing; what was finished is kept."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""No space left on device, disk quota exceeded, file too large (the process's file size limit)."""
+
+
+def disk_full_message(error: OSError, then: str) -> str | None:
+    """One line for an OSError that means the disk ran out (None for any other): what ran out, the file being
+    written, and ``then``, what the user does next."""
+    if error.errno not in DISK_FULL_ERRNOS:
+        return None
+    where = f" while writing {error.filename}" if error.filename else ""
+    reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or "").lower()
+    return f"{reason[:1].upper()}{reason[1:]}{where}. {then}"
+

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kava.core.errors import ConfigError
+from kava.core.errors import CheckpointError, ConfigError, short_repr
 
 from .config import DistillConfig
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_UNSAFE_FOUND = re.compile(r"[Uu]nsupported (?:global: )?(?:GLOBAL [\w.]+|operand \d+)")
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -39,6 +40,15 @@ def step_checkpoints(out: Path) -> list[tuple[int, Path]]:
         return []
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and
                   (p / "state.json").exists())
+
+
+def remove_partial_checkpoints(out: Path) -> list[Path]:
+    """Remove the ``.step-*.tmp`` folders a run killed while writing a checkpoint left behind; return them."""
+    root = checkpoint_dir(out)
+    partial = sorted(root.glob(".step-*.tmp")) if root.is_dir() else []
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -97,20 +107,24 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.O
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(module, str(tmp / "weights.safetensors"))  # handles tied embeddings (shared storage)
-    state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "rng": rank_rng[0] if rank_rng else rng_state()}
-    if rank_rng:
-        state["rank_rng"] = rank_rng
-    torch.save(state, tmp / "state.pt")
-    # The shards the loader planned with: with --allow-incomplete they can grow between runs, and the order with them.
-    # The loader's position is one rank's, and every rank's only for the same number of ranks.
-    meta = {"step": step, "position": list(position), "tokens": tokens, "shards": list(shards),
-            "world_size": world_size, "config": cfg.to_dict()}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        save_model(module, str(tmp / "weights.safetensors"))  # handles tied embeddings (shared storage)
+        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "rng": rank_rng[0] if rank_rng else rng_state()}
+        if rank_rng:
+            state["rank_rng"] = rank_rng
+        torch.save(state, tmp / "state.pt")
+        # The shards the loader planned with: with --allow-incomplete they can grow between runs, and the order
+        # with them. The loader's position is one rank's, and every rank's only for the same number of ranks.
+        meta = {"step": step, "position": list(position), "tokens": tokens, "shards": list(shards),
+                "world_size": world_size, "config": cfg.to_dict()}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves the previous checkpoint, and no partial one
+        raise as_os_error(e, tmp) from e
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -156,10 +170,44 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
             "or start a new run with another --out."
         )
     load_model(module, str(path / "weights.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = load_state(path / "state.pt")
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     return {**meta, "rng": state["rank_rng"][rank] if "rank_rng" in state else state["rng"]}
+
+
+def as_os_error(error: BaseException, path: Path) -> BaseException:
+    """safetensors reports a failed write as ``SafetensorError: ... (os error 28)``; give it back as the OSError
+    it is (here: no space left on device), so the command reports it as one; any other error unchanged."""
+    found = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """``state.pt`` read with ``weights_only=True``: tensors and plain containers only. A file holding anything else
+    (a pickle that would run code) is refused in one line, naming the file."""
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
+        # torch's message is a paragraph of advice (including "set weights_only=False", which we never do); keep
+        # what it found, e.g. "unsupported GLOBAL posix.system" or "Unsupported operand 110".
+        found = _UNSAFE_FOUND.search(str(e))
+        first = found.group(0) if found else f"{type(e).__name__}: not a torch checkpoint"
+        raise CheckpointError(
+            f"Expected {path} to hold only tensors and plain values, as `kava distill` writes it. It can't be loaded "
+            f"safely ({first}). It was not written by this run or is damaged: delete its checkpoint folder to resume "
+            "from the one before, or start a new run."
+        ) from None
+    if not isinstance(state, dict) or not {"optimizer", "schedule", "rng"} <= set(state):
+        raise CheckpointError(f"Expected {path} to hold the optimizer, schedule and RNG states. Got "
+                              f"{short_repr(sorted(state) if isinstance(state, dict) else type(state).__name__)}. "
+                              "Delete its checkpoint folder to resume from the one before, or start a new run.")
+    return state
 
 
 def truncate_metrics(path: Path, step: int) -> None:

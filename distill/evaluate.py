@@ -500,6 +500,8 @@ class EvalConfig:
     """CPU threads for torch (default: torch's choice)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the model (a model whose config names custom classes). Review it first."""
     nll: bool = False
     """Also score each row's reference reasoning and answer: negative log-likelihood per item in the JSONL (nats,
     tokens, characters, bytes) and per token, character and byte overall."""
@@ -605,7 +607,8 @@ def _write_jsonl_atomic(path: Path, items: Sequence[EvalItem]) -> None:
 def run_eval(config: EvalConfig) -> EvalResult:
     """Evaluate ``config.model`` on its split, write the items' JSONL, and return the summary."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kava.core.models import load_model, load_tokenizer, resolve_model
 
     # 1. Everything that can be checked without loading a model, all at once.
     config.validate()
@@ -624,14 +627,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
         raise DatasetError(f"Expected at least one usable row in {rows.name}. Got none ({len(rows.problems)} "
                            "skipped). Check --dataset, --split and --data-files.")
 
-    # 3. Tokenizer and model, from the same directory (a distilled student is saved with its tokenizer).
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        model = AutoModelForCausalLM.from_pretrained(config.model)
-    except OSError as e:  # no such directory, no weights, or a hub id that is not cached offline
-        raise ConfigError(f"--model: expected a model directory or a cached hub id. Got {config.model!r}, which "
-                          f"could not be loaded ({e}). Pass the directory kava distill wrote.") from e
-    model = model.to(config.device or "cpu").eval()
+    # 3. Tokenizer and model, from the same directory (a distilled student is saved with its tokenizer), through the
+    # loader every stage uses: the offline check, and modelling code shipped with the model runs only with
+    # --trust-remote-code.
+    source = resolve_model(config.model, role="model", trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source).to(config.device or "cpu").eval()
 
     # 4. Generate and score, then write every item.
     result = evaluate(model, tokenizer, rows, template, batch_size=config.batch_size,
