@@ -25,20 +25,33 @@ if TYPE_CHECKING:
 
 def check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
     """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to overwrite a run, or to
-    resume one with another number of processes."""
+    resume one with another number of processes.
+
+    A run stopped before its first checkpoint (killed, out of disk, a requeued job) has nothing to continue from
+    and nothing to lose: it starts again from step 0, with ``--resume`` or without. A finished run is never
+    overwritten.
+    """
     from .checkpoint import check_world_size, latest_checkpoint
 
-    found = latest_checkpoint(out) if out.exists() else None
-    if cfg.resume:
-        if found is None:
-            raise ConfigError(f"--resume: {out} holds no checkpoint to resume from. Drop --resume to start a run.")
+    found = latest_checkpoint(out) if out.is_dir() else None
+    if found is not None:
+        if not cfg.resume:
+            raise ConfigError(
+                f"--out {out} already holds a run. Pass --resume to continue it, or choose another --out."
+            )
         check_world_size(found, world_size)
         return found
-    if out.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise ConfigError(
-            f"--out {out} already holds a run. Pass --resume to continue it, or choose another --out."
-        )
+    if (out / "kava.json").is_file():
+        raise ConfigError(f"--out {out} holds a finished run (kava.json) without step checkpoints: there is nothing "
+                          "to resume. Choose another --out.")
+    if cfg.resume and not started_run(out):
+        raise ConfigError(f"--resume: {out} holds no run to resume. Drop --resume to start one.")
     return None
+
+
+def started_run(out: Path) -> bool:
+    """Whether ``out`` holds a run's files (it may have stopped before writing a checkpoint)."""
+    return out.is_dir() and any((out / name).exists() for name in ("metrics.jsonl", "config.yaml", "checkpoints"))
 
 
 def check_tensorboard() -> None:

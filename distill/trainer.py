@@ -25,6 +25,7 @@ metrics, checkpoints and outputs (:mod:`.ddp`). One process runs exactly the loo
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ from kava.core.errors import ConfigError, KavaError
 
 from .config import DistillConfig
 from .ddp import Ranks
-from .outputs import MetricSinks, check_out, check_tensorboard, progress_line, write_config, write_manifest
+from .outputs import (MetricSinks, check_out, check_tensorboard, progress_line, started_run, write_config,
+                      write_manifest)
 
 if TYPE_CHECKING:  # torch and the modules that import it load when a run starts, not with `kava --help`
     import torch
@@ -143,7 +145,7 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     import torch
 
     from . import ddp
-    from .checkpoint import load_checkpoint, truncate_metrics
+    from .checkpoint import load_checkpoint, remove_partial_checkpoints, truncate_metrics
     from .loader import StreamLoader
     from .module import DistillModule, build_objective
     from .optim import make_optimizer, make_schedule
@@ -194,8 +196,14 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
             truncate_metrics(out / "metrics.jsonl", step)
         log(f"resumed from {resume_from.name}: step {step}, loader at epoch {position[0]} batch {position[1]}")
     elif ranks.main:
+        if started_run(out):  # stopped before its first checkpoint: nothing to continue, so start over
+            log(f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0")
+            shutil.rmtree(out / "tb", ignore_errors=True)
         (out / "metrics.jsonl").write_text("")
         write_config(cfg, out)
+    if ranks.main:
+        for partial in remove_partial_checkpoints(out):
+            log(f"removed {partial.name}, a checkpoint left half-written when the run stopped")
     # Dropout etc., each rank its own draws; a resumed run also restores each rank's exact RNG state.
     torch.manual_seed(cfg.seed + 2 + step + _RANK_SEED_STRIDE * ranks.rank)
     if saved is not None:
@@ -220,6 +228,7 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
 def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started: float) -> DistillResult:
     """Steps 7-8 of the recipe on one rank: the loop, then the outputs (written by rank 0)."""
     from . import ddp
+    from .checkpoint import as_os_error
     from .student import save_student
 
     cfg = state.cfg
@@ -247,8 +256,11 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
 
     # 8. Outputs, written by rank 0; the other ranks return once they are whole.
     if state.ranks.main:
-        save_student(state.student, state.out)
-        state.module.save_heads(state.out)
+        try:
+            save_student(state.student, state.out)
+            state.module.save_heads(state.out)
+        except Exception as e:  # a full disk: report it as the OSError it is (the last checkpoint holds the run)
+            raise as_os_error(e, state.out) from e
         write_manifest(cfg, state.out, state.data, state.step, state.tokens, last, state.params)
     ddp.barrier(state.ranks)
     return DistillResult(out=str(state.out), steps=state.step, tokens=state.tokens,

@@ -149,40 +149,51 @@ def create_store(
         building = Path(tempfile.mkdtemp(prefix=f".{final.name}.creating-", dir=final.parent))
         store = zarr_io.as_zarr_store(building, read_only=False)
 
-    def grid(name: str, data: np.ndarray, dim: str) -> None:
-        zarr_io.create_array(
-            store, layout.grid_key(name), shape=data.shape, chunks=(GRID_CHUNK,), dtype=data.dtype,
-            dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
-        )[...] = data
+    def build(store: Any) -> None:
+        """The grid arrays, the tokenizer files, the index and, last, the manifest."""
 
-    grid("offsets", offsets, "sample_edge")
-    grid("input_ids", flat_ids, "token")
-    grid("segment_ids", flat_segs, "token")
-    grid("sample_status", np.array([layout.SAMPLE_STATUS.index(s) for s in status], np.uint8), "sample")
-    grid("shard_starts", shard_starts, "shard_edge")
-    for fname, data in (tokenizer_files or {}).items():
-        arr = np.frombuffer(data, dtype=np.uint8)
-        zarr_io.create_array(
-            store, layout.tokenizer_file_key(fname), shape=arr.shape, chunks=(max(1, arr.size),),
-            dtype=np.uint8, dims=("byte",),
-        )[...] = arr
-    table = pa.table(
-        {
-            "sample_index": pa.array(np.arange(n, dtype=np.int64)),
-            "sample_id": pa.array(list(sample_ids), pa.string()),
-            "shard": pa.array(np.searchsorted(shard_starts, np.arange(n), side="right") - 1),
-            "token_offset": pa.array(offsets[:-1]),
-            "num_tokens": pa.array(lengths),
-            "status": pa.array(status, pa.string()),
-            "reason": pa.array(reasons, pa.string()),
-        },
-        schema=layout.INDEX_SCHEMA,
-    )
-    sink = io.BytesIO()
-    pq.write_table(table, sink, write_page_checksum=True)
-    zarr_io.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
-    # The root attribute is written last: a store without it is an interrupted creation.
-    zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: seal(manifest.to_dict())})
+        def grid(name: str, data: np.ndarray, dim: str) -> None:
+            zarr_io.create_array(
+                store, layout.grid_key(name), shape=data.shape, chunks=(GRID_CHUNK,), dtype=data.dtype,
+                dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
+            )[...] = data
+
+        grid("offsets", offsets, "sample_edge")
+        grid("input_ids", flat_ids, "token")
+        grid("segment_ids", flat_segs, "token")
+        grid("sample_status", np.array([layout.SAMPLE_STATUS.index(s) for s in status], np.uint8), "sample")
+        grid("shard_starts", shard_starts, "shard_edge")
+        for fname, data in (tokenizer_files or {}).items():
+            arr = np.frombuffer(data, dtype=np.uint8)
+            zarr_io.create_array(
+                store, layout.tokenizer_file_key(fname), shape=arr.shape, chunks=(max(1, arr.size),),
+                dtype=np.uint8, dims=("byte",),
+            )[...] = arr
+        table = pa.table(
+            {
+                "sample_index": pa.array(np.arange(n, dtype=np.int64)),
+                "sample_id": pa.array(list(sample_ids), pa.string()),
+                "shard": pa.array(np.searchsorted(shard_starts, np.arange(n), side="right") - 1),
+                "token_offset": pa.array(offsets[:-1]),
+                "num_tokens": pa.array(lengths),
+                "status": pa.array(status, pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+            },
+            schema=layout.INDEX_SCHEMA,
+        )
+        sink = io.BytesIO()
+        pq.write_table(table, sink, write_page_checksum=True)
+        zarr_io.set_bytes(store, layout.INDEX_FILE, sink.getvalue())
+        # The root attribute is written last: a store without it is an interrupted creation.
+        zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: seal(manifest.to_dict())})
+
+    try:
+        build(store)
+    except BaseException:
+        # A failed build (a full disk, an interrupt) leaves nothing behind: the private directory is removed.
+        if final is not None:
+            shutil.rmtree(building, ignore_errors=True)
+        raise
     if final is not None:
         try:
             os.rename(building, final)  # atomic; refused when `final` is a non-empty directory

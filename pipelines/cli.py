@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from kava.core.errors import KavaError
+from kava.core.errors import KavaError, disk_full_message
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -30,10 +30,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], config_file: str | None, stage: str, *,
-              record_command: bool = False, **kwargs: Any) -> Any:
+              record_command: bool = False, resumable: bool = False, **kwargs: Any) -> Any:
     """Build ``config_cls`` (or each of several classes, e.g. ExtractConfig and ClusterConfig) from ``--config`` YAML
     and the flags, then call ``stage`` (``"module:function"``, imported only now) with it (them). Any KavaError
-    becomes one ``error:`` line on stderr and exit status 1."""
+    becomes one ``error:`` line on stderr and exit status 1, and so does a full disk (saying that ``--resume``
+    continues, for a ``resumable`` stage)."""
     import importlib
 
 
@@ -48,6 +49,13 @@ def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], confi
         return getattr(importlib.import_module(module), function)(*configs, **kwargs)
     except KavaError as e:
         fail(str(e))
+    except OSError as e:
+        then = ("What was finished is kept: free space, then rerun the same command with --resume to continue."
+                if resumable else "Free space, then run the command again.")
+        message = disk_full_message(e, then)
+        if message is None:
+            raise
+        fail(message)
 
 
 def emit_json(payload: Any) -> None:
@@ -103,7 +111,7 @@ def _extract_command() -> click.Command:
 
             click.echo(format_preset_table())
             return
-        result = run_stage((ExtractConfig, ClusterConfig), values, config_file, "kava.pipelines.cli:extract_stage",
+        result = run_stage((ExtractConfig, ClusterConfig), values, config_file, "kava.pipelines.cli:extract_stage", resumable=True,
                            record_command=True)
         if as_json:
             emit_json(result.to_dict())
@@ -207,7 +215,8 @@ def _distill_command() -> click.Command:
             from kava.distill.ddp import launch
 
             sys.exit(launch(sys.argv[2:], nproc))
-        result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True)
+        result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True,
+                           resumable=True)
         if os.environ.get("RANK", "0") != "0":
             return  # rank 0 speaks for the job
         if as_json:

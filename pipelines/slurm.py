@@ -12,9 +12,9 @@ click commands to prove it.
   ``sbatch --dependency=afterok:<array job id>`` (``afterok`` on an array waits for every task to succeed). It is a
   separate script rather than a last array task because array tasks run in any order and at once.
 - ``render_distill``: ``nodes`` nodes, one ``srun`` task per node starting ``torchrun`` with one process per GPU and a
-  c10d rendezvous on the first node. ``kava distill --resume`` refuses an output directory without a checkpoint, so
-  the script adds ``--resume`` only once ``<out>/checkpoints/step-*/state.json`` exists: the first run starts
-  fresh, a requeued or resubmitted one continues.
+  c10d rendezvous on the first node. The script adds ``--resume`` once ``<out>/checkpoints/step-*/state.json``
+  exists: the first run starts fresh, a requeued or resubmitted one continues, and one requeued before the first
+  checkpoint starts again from step 0 (``kava distill`` restarts a run that has no checkpoint).
 - ``render_from_run_config``: the scripts of one stage of a ``kava run`` experiment, built with the configs the
   runner builds (``stage_extract_config``, ``stage_distill_config``) and at the runner's paths.
 
@@ -302,8 +302,9 @@ def render_distill(cfg: DistillConfig, slurm: SlurmOptions, *, notes: Sequence[s
     """One sbatch job of ``slurm.nodes`` nodes training ``cfg``'s student: ``srun`` starts one ``torchrun`` per
     node (``--ntasks-per-node=1``), each with one process per GPU, meeting at a c10d rendezvous on the first node.
 
-    ``--resume`` is added only when ``cfg.out`` already holds a complete checkpoint, because the trainer refuses
-    ``--resume`` without one: the first run starts fresh and a requeued one continues. Raises ConfigError listing
+    ``--resume`` is added only when ``cfg.out`` already holds a complete checkpoint: the first run starts fresh, a
+    requeued one continues, and one requeued before its first checkpoint starts over (the trainer restarts a run
+    without a checkpoint). Raises ConfigError listing
     every problem (the config's own, the Slurm options', a GPU count that does not match ``--device``).
 
     Expected CLI: ``kava slurm distill [every kava distill option] [--nodes 2 --gpus-per-node 4 --time ...]
