@@ -68,10 +68,6 @@ class CheckpointError(KavaError):
     """A distillation checkpoint can't be read back, or holds something other than what `kava distill` writes."""
 
 
-class DiskFullError(KavaError, OSError):
-    """The disk (or a quota, or the file size limit) ran out while writing; what was finished is kept."""
-
-
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """No space left on device, disk quota exceeded, file too large (the process's file size limit)."""
 

@@ -76,6 +76,16 @@ class _Main(click.Group):
             return self.lazy[name]()
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """A full disk in any command is one ``error:`` line (the stages say more: see ``run_stage``)."""
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            message = disk_full_message(e, "Free space, then run the command again.")
+            if message is None:
+                raise
+            fail(message)
+
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(_version(), prog_name="kava")
@@ -369,7 +379,7 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     """Run an experiment end to end: data splits, teachers, one store, each variant x seed, eval, report.
 
     With no CONFIG it runs the embedded default (offline, minutes on a laptop CPU): a teacher trained here on
-    synthetic arithmetic, a smaller student with another tokenizer, CE-only vs CE + K/V at equal compute over three
+    synthetic arithmetic, a smaller student with another tokenizer, CE-only vs CE + K/V at equal compute over five
     seeds, and a report with significance tests. A rerun reuses every finished stage; --force redoes one.
     CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation,
     gsm8k-qwen7b4bit-to-qwen0.5b.
@@ -392,6 +402,12 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
         result = Runner(cfg, force=force).run()
     except KavaError as e:
         fail(str(e))
+    except OSError as e:
+        message = disk_full_message(e, "What was finished is kept: free space, then run the same command again; "
+                                       "it continues where it stopped.")
+        if message is None:
+            raise
+        fail(message)
     if as_json:
         emit_json({"root": str(result.root), "report": str(result.report), "ran": result.ran,
                    "timings": result.timings})
