@@ -136,7 +136,7 @@ class DistillConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted)."""
     resume: bool = False
-    """Continue the run in --out from its latest checkpoint."""
+    """Continue the run in --out from its latest checkpoint (a run without one starts from step 0)."""
     log_every: int = 10
     """Print progress every N steps (metrics.jsonl gets every step)."""
     tensorboard: bool = False

@@ -27,9 +27,9 @@ def check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
     """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to overwrite a run, or to
     resume one with another number of processes.
 
-    A run stopped before its first checkpoint (killed, out of disk, a requeued job) has nothing to continue from
-    and nothing to lose: it starts again from step 0, with ``--resume`` or without. A finished run is never
-    overwritten.
+    A run stopped before its first checkpoint (killed, even before it wrote anything; out of disk; a requeued job)
+    has nothing to continue from and nothing to lose: it starts from step 0, with ``--resume`` or without, so
+    ``--resume`` means "continue if there is anything to continue". A finished run is never overwritten.
     """
     from .checkpoint import check_world_size, latest_checkpoint
 
@@ -44,8 +44,6 @@ def check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
     if (out / "kava.json").is_file():
         raise ConfigError(f"--out {out} holds a finished run (kava.json) without step checkpoints: there is nothing "
                           "to resume. Choose another --out.")
-    if cfg.resume and not started_run(out):
-        raise ConfigError(f"--resume: {out} holds no run to resume. Drop --resume to start one.")
     return None
 
 

@@ -199,6 +199,8 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
         if started_run(out):  # stopped before its first checkpoint: nothing to continue, so start over
             log(f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0")
             shutil.rmtree(out / "tb", ignore_errors=True)
+        elif cfg.resume:
+            log(f"--resume: {out} holds no checkpoint yet: starting from step 0")
         (out / "metrics.jsonl").write_text("")
         write_config(cfg, out)
     if ranks.main:

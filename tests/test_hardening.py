@@ -235,9 +235,12 @@ def test_distill_killed_before_its_first_checkpoint_starts_again(tmp_path, store
 
 
 @pytest.mark.integration
-def test_a_finished_or_missing_run_is_not_restarted(tmp_path, store):
-    missing = one_error_line(kava(*distill_args(store, tmp_path / "nothing-here", "--resume")))
-    assert "--resume:" in missing and "holds no run to resume. Drop --resume to start one." in missing
+def test_resume_before_anything_was_written_starts_and_a_finished_run_is_not_restarted(tmp_path, store):
+    # Killed while loading, before it wrote a file: --resume (what a retry loop passes) starts the run.
+    early = tmp_path / "early"
+    proc = kava(*distill_args(store, early, "--resume", steps=2))
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume: " in proc.stderr and "holds no checkpoint yet: starting from step 0" in proc.stderr
 
     out = tmp_path / "done"
     assert kava(*distill_args(store, out, "--checkpoint-every", "0")).returncode == 0
