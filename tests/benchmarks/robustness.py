@@ -1,0 +1,289 @@
+"""What the reliability section of the README promises, counted: killed runs that resume, corrupted bytes that are
+caught, bad inputs that get one clear line. Prints one JSON object.
+
+- **extract kills**: ``kava extract`` SIGKILLed at a random moment (uniform over an uninterrupted run's duration), then
+  ``--resume``d; the resumed store's K and V must equal an uninterrupted store's, array for array, bit for bit.
+- **distill kills**: ``kava distill`` SIGKILLed at a random moment (before or after checkpoints), then rerun with
+  ``--resume``; its loss sequence must equal the uninterrupted run's.
+- **flipped bytes**: one random byte of one random K/V chunk file flipped in a copy of the store; ``kava store
+  verify`` must fail naming a crc32c mismatch, and reading that shard must raise ``ChecksumError``.
+- **bad inputs**: each command below must exit with status 1 and print exactly one ``error:`` line (or, for a
+  malformed command line, click's usage error: status 2 and one ``Error:`` line), and no traceback.
+
+The teacher is the real stories260K from ``$KAVA_ASSETS`` over seeded synthetic problems. Usage::
+
+    KAVA_ASSETS=... python tests/benchmarks/robustness.py [--kills 6] [--flips 12] [--parts bad,extract,distill,flip]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+KAVA = [sys.executable, "-m", "kava.pipelines.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def kava(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*KAVA, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def killed(args: list[str], after: float) -> None:
+    """Start ``kava args`` and SIGKILL it ``after`` seconds later (if it is still running)."""
+    proc = subprocess.Popen([*KAVA, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        proc.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> bool:
+    """Exit 1 with one ``error:`` line, or click's usage error (exit 2, one ``Error:`` line); no traceback."""
+    prefix = {1: "error:", 2: "Error:"}.get(proc.returncode)
+    errors = [line for line in proc.stderr.splitlines() if prefix and line.startswith(prefix)]
+    return len(errors) == 1 and "Traceback" not in proc.stderr
+
+
+def store_arrays(path: Path) -> dict[str, Any]:
+    from kava.kvstore import KVStore
+
+    store = KVStore.open(path)
+    out = {}
+    for shard in store.iter_shards():
+        for name, rows in shard.teachers.items():
+            out[f"{name}/{shard.shard}/k"], out[f"{name}/{shard.shard}/v"] = rows.k, rows.v
+    return out
+
+
+def same_store(a: Path, b: Path) -> bool:
+    import numpy as np
+
+    x, y = store_arrays(a), store_arrays(b)
+    return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def extract_args(teacher: Path, store: Path) -> list[str]:
+    return ["extract", "--teacher", str(teacher), "--dataset", "synthetic", "--limit", "48", "--store", str(store),
+            "--shard-tokens", "1024", "--batch-size", "4", "--with-q", "--no-progress", "--threads", "1"]
+
+
+def distill_args(store: Path, out: Path, *, steps: int = 10, checkpoint_every: int = 3) -> list[str]:
+    return ["distill", "--store", str(store), "--student", "tiny-llama", "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--loss", "structural", "--checkpoint-every", str(checkpoint_every),
+            "--no-progress", "--threads", "1"]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss/total"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def extract_kills(work: Path, teacher: Path, n: int, rng: random.Random) -> dict[str, Any]:
+    whole = work / "whole.zarr"
+    started = time.perf_counter()
+    assert kava(*extract_args(teacher, whole)).returncode == 0
+    duration = time.perf_counter() - started
+    ok = 0
+    for i in range(n):
+        path = work / f"killed-{i}.zarr"
+        killed(extract_args(teacher, path), rng.uniform(0.2, 1.0) * duration)
+        proc = kava(*extract_args(teacher, path), "--resume")
+        ok += proc.returncode == 0 and same_store(path, whole)
+        shutil.rmtree(path, ignore_errors=True)
+    return {"runs": n, "resumed_identical": ok, "uninterrupted_s": round(duration, 1)}
+
+
+def distill_kills(work: Path, store: Path, n: int, rng: random.Random) -> dict[str, Any]:
+    whole = work / "distill-whole"
+    started = time.perf_counter()
+    assert kava(*distill_args(store, whole)).returncode == 0
+    duration = time.perf_counter() - started
+    ok, failures = 0, []
+    for i in range(n):
+        out = work / f"distill-killed-{i}"
+        after = rng.uniform(0.3, 1.0) * duration
+        killed(distill_args(store, out), after)
+        left = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []
+        proc = kava(*distill_args(store, out), "--resume")
+        same = proc.returncode == 0 and losses(out) == losses(whole)
+        ok += same
+        if not same:
+            failures.append({"killed_after_s": round(after, 2), "checkpoints_left": left,
+                             "finished": (out / "kava.json").exists(), "stderr": proc.stderr[-400:],
+                             "losses": losses(out) if (out / "metrics.jsonl").exists() else None})
+        shutil.rmtree(out, ignore_errors=True)
+    return {"runs": n, "resumed_identical": ok, "uninterrupted_s": round(duration, 1), "failures": failures,
+            "uninterrupted_losses": losses(whole) if failures else None}
+
+
+def flipped_bytes(work: Path, store: Path, n: int, rng: random.Random) -> dict[str, Any]:
+    from kava.core.errors import ChecksumError
+    from kava.kvstore import KVStore
+
+    verify_caught = read_caught = 0
+    for i in range(n):
+        copy = work / f"flipped-{i}.zarr"
+        shutil.copytree(store, copy)
+        chunks = sorted(p for p in copy.glob("teachers/*/shards/*/[kv]/c/**/*") if p.is_file())
+        chunk = rng.choice(chunks)
+        data = bytearray(chunk.read_bytes())
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        chunk.write_bytes(bytes(data))
+        proc = kava("store", "verify", str(copy))
+        verify_caught += proc.returncode != 0 and "crc32c" in proc.stdout + proc.stderr
+        shard = int(chunk.relative_to(copy).parts[3])
+        try:
+            KVStore.open(copy).read_shard(shard)
+        except ChecksumError:
+            read_caught += 1
+        shutil.rmtree(copy)
+    return {"flips": n, "caught_by_verify": verify_caught, "caught_by_read": read_caught}
+
+
+def bad_inputs(work: Path, teacher: Path, store: Path, student: Path) -> dict[str, Any]:
+    """Every bad input a user met or could meet, by command; each must be one ``error:`` line."""
+    import torch
+
+    files = work / "inputs"
+    files.mkdir()
+    (files / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9?", "answer": "#### 1"}\n')
+    (files / "empty.jsonl").write_text("")
+    (files / "fields.jsonl").write_text('{"q": "a?", "a": "#### 1"}\n')
+    (files / "broken.jsonl").write_text('{"question": "a?", "answer": "#### 1"\n')
+    (files / "notes.txt").write_text("not a dataset")
+    broken_config = files / "broken-config"
+    shutil.copytree(teacher, broken_config)
+    (broken_config / "config.json").write_text('{"model_type": "llama",')
+    no_config = files / "no-config"
+    no_config.mkdir()
+    custom = files / "custom"
+    shutil.copytree(teacher, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (custom / "config.json").write_text(json.dumps(config))
+    (files / "alias.yaml").write_text("a: &x [1, 2]\nseeds: *x\n")
+    (files / "escape.yaml").write_text("variants:\n  /tmp/elsewhere: {kv: true}\n")
+    tampered = files / "tampered.zarr"
+    shutil.copytree(store, tampered)
+    meta = next(tampered.glob("teachers/*/zarr.json"))
+    assert '"theta": 10000.0' in meta.read_text()
+    meta.write_text(meta.read_text().replace('"theta": 10000.0', '"theta": 20000.0', 1))
+    no_grid = files / "no-grid.zarr"
+    shutil.copytree(store, no_grid)
+    (no_grid / "grid" / "offsets" / "c" / "0").unlink()
+    evil = files / "evil-run"
+    assert kava(*distill_args(store, evil, steps=2, checkpoint_every=2)).returncode == 0
+    (evil / "kava.json").unlink()
+    state = next(evil.glob("checkpoints/step-*/state.pt"))
+    torch.save({"optimizer": _RunsCode(files / "ran"), "schedule": {}, "rng": {}}, state)
+
+    t, s = str(teacher), str(store)
+    cases = {
+        "extract: no --teacher": ["extract", "--store", str(work / "x.zarr")],
+        "extract: teacher path missing": ["extract", "--teacher", str(files / "nope"), "--store", str(work / "x.zarr")],
+        "extract: teacher without config.json": ["extract", "--teacher", str(no_config), "--store", str(work / "x")],
+        "extract: corrupt config.json": ["extract", "--teacher", str(broken_config), "--store", str(work / "x")],
+        "extract: unknown preset": ["extract", "--teacher", "qwen-7b-4bti", "--store", str(work / "x")],
+        "extract: dataset file missing": ["extract", "--teacher", t, "--dataset", str(files / "no.jsonl"), "--store",
+                                          str(work / "x")],
+        "extract: non-UTF-8 JSONL": ["extract", "--teacher", t, "--dataset", str(files / "latin1.jsonl"), "--store",
+                                     str(work / "x")],
+        "extract: empty JSONL": ["extract", "--teacher", t, "--dataset", str(files / "empty.jsonl"), "--store",
+                                 str(work / "x")],
+        "extract: wrong field names": ["extract", "--teacher", t, "--dataset", str(files / "fields.jsonl"), "--store",
+                                       str(work / "x")],
+        "extract: invalid JSON line": ["extract", "--teacher", t, "--dataset", str(files / "broken.jsonl"), "--store",
+                                       str(work / "x")],
+        "extract: not a dataset file": ["extract", "--teacher", t, "--dataset", str(files / "notes.txt"), "--store",
+                                        str(work / "x")],
+        "extract: bad --kv-dtype": ["extract", "--teacher", t, "--kv-dtype", "float8", "--store", str(work / "x")],
+        "extract: bad --shard": ["extract", "--teacher", t, "--shard", "3/2", "--store", str(work / "x")],
+        "extract: bad --layer-map": ["extract", "--teacher", t, "--layer-map", "0,9,x", "--store", str(work / "x")],
+        "extract: --name escaping the store": ["extract", "--teacher", t, "--name", "../up", "--store", s],
+        "extract: --store is a file": ["extract", "--teacher", t, "--store", str(files / "notes.txt")],
+        "distill: store missing": ["distill", "--store", str(work / "none.zarr"), "--out", str(work / "o")],
+        "distill: unknown student": ["distill", "--store", s, "--student", "tiny-lama", "--out", str(work / "o")],
+        "distill: unknown teacher": ["distill", "--store", s, "--teachers", "gpt9", "--out", str(work / "o")],
+        "distill: --attn-layers out of range": ["distill", "--store", s, "--student", "tiny-llama", "--loss",
+                                                "structural", "--attn-layers", "99", "--out", str(work / "o")],
+        "distill: --steps 0 and --lr -1": ["distill", "--store", s, "--steps", "0", "--lr", "-1", "--out",
+                                           str(work / "o")],
+        "distill: state.pt that runs code": [*distill_args(store, evil, steps=2, checkpoint_every=2), "--resume"],
+        "distill: tampered teacher metadata": ["distill", "--store", str(tampered), "--student", "tiny-llama",
+                                               "--out", str(work / "o")],
+        "distill: grid chunk deleted": ["distill", "--store", str(no_grid), "--student", "tiny-llama", "--out",
+                                        str(work / "o")],
+        "eval: model missing": ["eval", "--model", str(files / "nope"), "--dataset", "synthetic"],
+        "eval: shipped code without --trust-remote-code": ["eval", "--model", str(custom), "--dataset", "synthetic",
+                                                           "--limit", "1"],
+        "eval: dataset missing": ["eval", "--model", str(student), "--dataset", str(files / "no.jsonl")],
+        "eval: --batch-size 0": ["eval", "--model", str(student), "--dataset", "synthetic", "--batch-size", "0"],
+        "run: YAML alias": ["run", str(files / "alias.yaml"), "--check"],
+        "run: variant name escaping the run": ["run", str(files / "escape.yaml"), "--check"],
+        "run: config missing": ["run", str(files / "none.yaml"), "--check"],
+        "run: --force of an unknown stage": ["run", "--force", "distil", "--check"],
+        "store info: not a store": ["store", "info", str(files)],
+        "store verify: not a store": ["store", "verify", str(files / "notes.txt")],
+        "cka: unknown teacher": ["cka", "--store", s, "--teacher", "gpt9", "--out", str(work / "cka")],
+    }
+    results = {name: one_line_error(kava(*args)) for name, args in cases.items()}
+    return {"tried": len(results), "one_line": sum(results.values()),
+            "not_one_line": [name for name, ok in results.items() if not ok],
+            "code_ran": (files / "ran").exists()}
+
+
+class _RunsCode:
+    """Pickles to a call of ``Path.touch``: loading it with ``weights_only=False`` would create the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=6, help="SIGKILLed runs of each stage")
+    ap.add_argument("--flips", type=int, default=12, help="flipped bytes")
+    ap.add_argument("--parts", default="bad,extract,distill,flip")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not os.environ.get("KAVA_ASSETS"):
+        raise SystemExit("Set KAVA_ASSETS to the shared assets folder (the stories260K model).")
+    teacher = Path(os.environ["KAVA_ASSETS"]) / "models" / "stories260K_hf_derived"
+    parts = set(args.parts.split(","))
+    rng = random.Random(args.seed)
+    result: dict[str, Any] = {"date": dt.date.today().isoformat()}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        store = work / "kv.zarr"
+        assert kava(*extract_args(teacher, store)).returncode == 0
+        if "bad" in parts:
+            student = work / "student"
+            assert kava(*distill_args(store, student, steps=1)).returncode == 0
+            result["bad_inputs"] = bad_inputs(work, teacher, store, student)
+        if "extract" in parts:
+            result["extract_kills"] = extract_kills(work, teacher, args.kills, rng)
+        if "distill" in parts:
+            result["distill_kills"] = distill_kills(work, store, args.kills, rng)
+        if "flip" in parts:
+            result["flipped_bytes"] = flipped_bytes(work, store, args.flips, rng)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
