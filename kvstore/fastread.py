@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,20 @@ def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(No
     receives the rows (it must have the result's shape and the array's dtype, C-contiguous): a caller that gathers
     several reads into one buffer saves a copy.
     """
+    started = submit(info, key, rows, axis1, out=out)
+    if started is None:
+        return None
+    out, pending = started
+    for future in pending:
+        future.result()
+    return out
+
+
+def submit(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(None), *,
+           out: np.ndarray | None = None) -> tuple[np.ndarray, list[Future[None]]] | None:
+    """:func:`read` without waiting: ``(out, futures)``, ``out`` complete once every future is done (each raises
+    what its chunk's read raised). A caller reading many arrays submits them all first, so that every core decodes
+    while the small arrays' chunks would otherwise leave them idle."""
     a, b = rows
     shape, chunks = info.shape, info.chunks
     if any(c < n for c, n in zip(chunks[2:], shape[2:])):
@@ -111,17 +125,12 @@ def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(No
         raise ValueError(f"Expected out of shape {out_shape} and dtype {info.dtype}, C-contiguous. "
                          f"Got {out.shape} {out.dtype} instead.")
     if b <= a or (picked is not None and len(picked) == 0):
-        return out
+        return out, []
     whole_axis1 = picked is None or (np.array_equal(picked, np.arange(shape[1])) and chunks[1] == shape[1])
     layer_chunks = [0] if picked is None else sorted({int(l) // chunks[1] for l in picked})
     jobs = [(ci, lj) for ci in range(a // chunks[0], (b - 1) // chunks[0] + 1) for lj in layer_chunks]
-    if len(jobs) == 1:
-        _read_chunk(info, key, jobs[0], a, b, picked, whole_axis1, out)
-    else:
-        pool = _executor()
-        for future in [pool.submit(_read_chunk, info, key, job, a, b, picked, whole_axis1, out) for job in jobs]:
-            future.result()
-    return out
+    pool = _executor()
+    return out, [pool.submit(_read_chunk, info, key, job, a, b, picked, whole_axis1, out) for job in jobs]
 
 
 _scratch = threading.local()
