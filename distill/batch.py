@@ -319,11 +319,14 @@ def _wait(store: KVStore, pending: list) -> None:
 
 
 def collate(plan: BatchPlan, window: Window, offsets: np.ndarray, shard_starts: np.ndarray, *,
-            pin: bool = False) -> Batch:
+            memory: str = "plain") -> Batch:
     """Pad the planned samples into a :class:`Batch` (rows in plan order): one ``np.take`` per array.
 
-    ``offsets``/``shard_starts`` are the store's. With ``pin`` the batch's tensors are allocated in pinned memory
-    (so a ``.to(cuda, non_blocking=True)`` overlaps the copy with compute).
+    ``offsets``/``shard_starts`` are the store's. All of the batch's tensors are views of one buffer, allocated as
+    ``memory`` says: ``"plain"``; ``"pinned"`` (page-locked, so a ``.to(cuda, non_blocking=True)`` overlaps the copy
+    with compute); or ``"shared"`` (shared memory, in a DataLoader worker: the batch then crosses to the training
+    process as one file descriptor, without the copy into shared memory its queue would otherwise make of every
+    tensor).
     """
     samples = np.asarray(plan.samples, dtype=np.int64)
     shard = np.searchsorted(shard_starts, samples, side="right") - 1  # [B]
@@ -334,43 +337,62 @@ def collate(plan: BatchPlan, window: Window, offsets: np.ndarray, shard_starts: 
     real = steps[None, :] < lengths[:, None]  # [B, T]
     index = np.where(real, first[:, None] + steps[None, :], window.pad_row).reshape(-1)  # [B * T]
 
-    def take(src: np.ndarray, torch_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``src[index]`` as a ``[B, T, ...]`` tensor of ``src``'s dtype (``torch_dtype``: a same-size view)."""
-        if pin:  # CUDA's host allocator caches pinned blocks, so a fresh one per batch costs no page faults
-            dst = torch.empty((B * T, *src.shape[1:]), dtype=torch.from_numpy(src[:0]).dtype, pin_memory=True)
-            out = dst.numpy()
-        else:  # numpy's allocation measured 3x faster to fill than torch.empty's
-            out = np.empty((B * T, *src.shape[1:]), dtype=src.dtype)
-            dst = torch.from_numpy(out)
+    # Every source array, gathered at `index` into [B, T, ...]; then the buffer that holds them all.
+    sources = [window.input_ids, window.segment_ids]
+    for w in window.teachers.values():
+        sources += [x for x in (w.k, w.v, w.q, w.align_weight, w.logit_ids, w.logit_logp) if x is not None]
+        sources += list(w.scales.values())
+    sizes = [B * T * (x.nbytes // max(len(x), 1)) for x in sources] + [samples.nbytes, B * T * 8]
+    starts = np.concatenate([[0], np.cumsum([-(-n // 64) * 64 for n in sizes])])  # 64-byte aligned
+    arena, arena_np = _allocate(int(starts[-1]), memory)
+    gathered: dict[int, torch.Tensor] = {}
+    for i, src in enumerate(sources):
+        out = arena_np[starts[i] : starts[i] + sizes[i]].view(src.dtype).reshape(B * T, *src.shape[1:])
         # mode="clip": every index is valid by construction, and the default ("raise") buffers the output.
         np.take(src, index, axis=0, out=out, mode="clip")
-        dst = dst.view(B, T, *src.shape[1:])
-        return dst if torch_dtype is None else dst.view(torch_dtype)
+        gathered[id(src)] = arena[starts[i] : starts[i] + sizes[i]].view(_torch_dtype(src.dtype)).view(
+            B, T, *src.shape[1:])
+    n = len(sources)
+    arena_np[starts[n] : starts[n] + sizes[n]].view(np.int64)[:] = samples
+    arena_np[starts[n + 1] : starts[n + 1] + sizes[n + 1]].view(np.int64).reshape(B, T)[:] = real
+    sample_indices = arena[starts[n] : starts[n] + sizes[n]].view(torch.int64)
+    mask = arena[starts[n + 1] : starts[n + 1] + sizes[n + 1]].view(torch.int64).view(B, T)
 
-    def heads_first(x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, L, H, (D)]`` → a ``[B, L, H, T, (D)]`` view (the device makes it contiguous when decoding)."""
-        return x.permute(0, 2, 3, 1, 4) if x.dim() == 5 else x.permute(0, 2, 3, 1)
+    def heads_first(x: np.ndarray, bits_of: str | None = None) -> torch.Tensor:
+        """``[B, T, L, H, (D)]`` → a ``[B, L, H, T, (D)]`` view (the device makes it contiguous when decoding);
+        bfloat16 travels as its bits, viewed as ``torch.bfloat16``."""
+        t = gathered[id(x)]
+        t = t.view(torch.bfloat16) if bits_of == "bfloat16" else t
+        return t.permute(0, 2, 3, 1, 4) if t.dim() == 5 else t.permute(0, 2, 3, 1)
 
     teachers = {}
     for name, w in window.teachers.items():
-        values = {}
-        for array in ("k", "v", "q"):
-            src = getattr(w, array)
-            if src is None:
-                continue
-            # bfloat16 travels as its bits: a torch.bfloat16 view of the uint16 buffer.
-            values[array] = heads_first(take(src, torch.bfloat16 if w.stored == "bfloat16" else None))
-        scales = {f"{a}_scale": heads_first(take(s)) for a, s in w.scales.items()}
         teachers[name] = TeacherBatch(
-            k=values["k"], v=values["v"], q=values.get("q"), align_weight=take(w.align_weight),
+            k=heads_first(w.k, w.stored), v=heads_first(w.v, w.stored),
+            q=None if w.q is None else heads_first(w.q, w.stored), align_weight=gathered[id(w.align_weight)],
             layers=w.layers, q_layers=w.q_layers,
-            logit_ids=None if w.logit_ids is None else take(w.logit_ids),
-            logit_logp=None if w.logit_logp is None else take(w.logit_logp),
-            stored=w.stored, **scales,
+            logit_ids=None if w.logit_ids is None else gathered[id(w.logit_ids)],
+            logit_logp=None if w.logit_logp is None else gathered[id(w.logit_logp)],
+            stored=w.stored, **{f"{a}_scale": heads_first(x) for a, x in w.scales.items()},
         )
     return Batch(
-        epoch=plan.epoch, index=plan.index, sample_indices=torch.from_numpy(samples),
-        input_ids=take(window.input_ids), attention_mask=torch.from_numpy(real.astype(np.int64)),
-        segment_ids=take(window.segment_ids), teachers=teachers,
+        epoch=plan.epoch, index=plan.index, sample_indices=sample_indices, input_ids=gathered[id(window.input_ids)],
+        attention_mask=mask, segment_ids=gathered[id(window.segment_ids)], teachers=teachers,
     )
 
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _allocate(nbytes: int, memory: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A uint8 buffer of ``nbytes`` as a tensor and a numpy view of the same memory."""
+    if memory == "pinned":  # CUDA's host allocator caches pinned blocks: no page faults after the first batches
+        arena = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    elif memory == "shared":
+        arena = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+    elif memory == "plain":  # numpy's allocation measured 3x faster to fill than torch.empty's
+        return torch.from_numpy(buffer := np.empty(nbytes, dtype=np.uint8)), buffer
+    else:
+        raise ValueError(f"Expected memory in plain, pinned, shared. Got {memory!r} instead.")
+    return arena, arena.numpy()

@@ -237,9 +237,9 @@ class KVStream(IterableDataset):
         check_layout(len(shards), world_size=self.config.world_size, buffer_shards=self.config.buffer_shards,
                      num_workers=self.config.num_workers)
         pad_id = pad_token_id(store)
-        # In a worker the DataLoader's pin thread pins each batch in the training process (pinned pages don't
-        # cross processes); in-process the batch is gathered straight into pinned memory.
-        pin = worker is None and _pin(self.config)
+        # In a worker batches are gathered into shared memory (what crosses to the training process without a
+        # copy), and the DataLoader's pin thread pins them there; in-process, straight into pinned memory.
+        memory = "shared" if worker is not None else "pinned" if _pin(self.config) else "plain"
         epoch = self.start[0]
         # One thread reads the next window (its reads and decompression release the GIL) while this one gathers
         # batches from the current window.
@@ -262,7 +262,7 @@ class KVStream(IterableDataset):
                     following = order.index(b.window) + 1
                     if following < len(order):
                         want(order[following])
-                    yield collate(b, window, store.offsets, store.shard_starts, pin=pin)
+                    yield collate(b, window, store.offsets, store.shard_starts, memory=memory)
                     if last[b.window] == b.index:
                         del windows[b.window]
                 epoch += 1
