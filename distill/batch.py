@@ -5,7 +5,8 @@ The loader's work per batch is a copy. A window (``buffer_shards`` shards) is re
 the window's flat token axis, as the store holds it (float16, bfloat16 bits, int8 codes and their float16 scales),
 with one zero row at the end; quarantined samples' alignment weights and logits are zeroed there once. A batch is
 then an index array ``[B, T]`` into that axis (the zero row where a row is padding) and one ``np.take`` per array
-into ``[B, T, ...]``, optionally in pinned memory; K/V/Q are handed out as ``[B, L, H, T, D]`` views of it. The
+into ``[B, T, ...]``, all into one buffer (pinned for a CUDA copy, shared in a DataLoader worker); K/V/Q are handed
+out as ``[B, L, H, T, D]`` views. The
 trainer moves the batch to its device and decodes there (:meth:`Batch.decoded`, :func:`kava.kvstore.codecs.
 decode_torch`): the host never converts to float32, which cost about 40% of the earlier loader's time and doubles
 the bytes a host-to-device copy moves.

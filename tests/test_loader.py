@@ -554,3 +554,17 @@ def test_fast_read_into_a_given_buffer_equals_zarr(dtypes_path):
         assert np.all(buffer[:2] == 7) and np.all(buffer[2 + n :] == 7)  # nothing written outside out
     with pytest.raises(ValueError, match="Expected out of shape"):
         fastread.read(info, key, (0, 4), out=np.empty(3, np.float32))
+
+
+@pytest.mark.gpu
+def test_batches_arrive_pinned_and_decode_on_the_device_as_on_the_host(dtypes_path):
+    requests = (TeacherRequest("bf16", with_q=True), TeacherRequest("int8", with_q=True), TeacherRequest("raw"))
+    batch = next(iter(StreamLoader(LoaderConfig(str(dtypes_path), teachers=requests, batch_size=4), epochs=1)))
+    assert batch.teachers["int8"].k.is_pinned() and batch.input_ids.is_pinned()
+    on_device = batch.to("cuda", non_blocking=True).decoded()
+    on_host = batch.decoded()
+    for name in ("bf16", "int8", "raw"):
+        for array in ("k", "v", "q"):
+            x = getattr(on_host.teachers[name], array)
+            if x is not None:
+                assert torch.equal(getattr(on_device.teachers[name], array).cpu(), x), (name, array)
