@@ -251,17 +251,12 @@ class KVStream(IterableDataset):
                 order = list(dict.fromkeys(b.window for b in mine))
                 shards_of = {b.window: b.shards for b in mine}
                 windows: dict[int, Future[Window]] = {}
-
-                def want(w: int) -> Future[Window]:
-                    if w not in windows:
-                        windows[w] = ahead.submit(read_window, store, shards_of[w], self.config.teachers, pad_id)
-                    return windows[w]
-
                 for b in mine:
-                    window = want(b.window).result()
                     following = order.index(b.window) + 1
-                    if following < len(order):
-                        want(order[following])
+                    for w in (b.window, *order[following : following + 1]):  # this window, then the next one
+                        if w not in windows:
+                            windows[w] = ahead.submit(read_window, store, shards_of[w], self.config.teachers, pad_id)
+                    window = windows[b.window].result()
                     yield collate(b, window, store.offsets, store.shard_starts, memory=memory)
                     if last[b.window] == b.index:
                         del windows[b.window]
