@@ -8,8 +8,9 @@ The pieces, in the order the trainer meets them:
   to train on.
 - :func:`~kava.distill.plan.plan_epoch` orders each epoch's batches from metadata alone (see :mod:`.plan`).
 - :class:`KVStream` produces the planned batches of one loader worker (or all of them, in-process): it reads each
-  window's shards once, with only the requested teachers, layers and queries, and pads samples into a
-  :class:`Batch`.
+  window's shards once, as stored, with only the requested teachers, layers and queries (the next window on a
+  background thread), and gathers each batch from it (:mod:`.batch`): a :class:`Batch` in the stored dtype, in
+  pinned memory when CUDA is available, that the trainer decodes on its device (:meth:`Batch.decoded`).
 - :class:`StreamLoader` runs ``num_workers`` spawned workers and yields batches strictly in plan order;
   :attr:`StreamLoader.position` is all a checkpoint needs to resume.
 
@@ -20,10 +21,10 @@ The order depends on ``seed``, ``buffer_shards``, ``batch_size``, ``max_tokens``
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import threading
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kava.core.errors import ConfigError, IncompleteError, SchemaError
 from kava.kvstore import KVStore
-from kava.kvstore.store import Rows
+from .batch import Batch, TeacherBatch, Window, collate, pad_token_id, read_window
 from .plan import BatchPlan, EpochPlan, check_layout, plan_epoch
 
 __all__ = [
@@ -95,6 +96,8 @@ class LoaderConfig:
     """Loader worker processes; 0 reads in the training process."""
     allow_incomplete: bool = False
     """Train on the shards every requested teacher finished, instead of refusing an unfinished teacher."""
+    pin_memory: bool | None = None
+    """Deliver batches in pinned memory, for a non-blocking copy to a CUDA device; None: when CUDA is available."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", os.fspath(self.store))  # a Path pickles too, but the field says str
@@ -182,140 +185,6 @@ def check_request(store: KVStore, config: LoaderConfig) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Batches
-
-
-@dataclass
-class TeacherBatch:
-    """One teacher's padded K/V (and Q) for a batch. Padding rows and quarantined samples are zeros."""
-
-    k: torch.Tensor
-    """``[B, L, Hkv, T, D]`` float32, layers in the order of ``layers``."""
-    v: torch.Tensor
-    """``[B, L, Hkv, T, D]`` float32."""
-    align_weight: torch.Tensor
-    """``[B, T]`` float32; 0 on padding and on every token of a quarantined sample."""
-    layers: tuple[int, ...]
-    q: torch.Tensor | None = None
-    """``[B, Lq, Hq, T, D]`` float32, or None when not requested."""
-    q_layers: tuple[int, ...] = ()
-    logit_ids: torch.Tensor | None = None
-    """``[B, T, k]`` int64 the teacher's top-k ids per token, -1 where it has no target (padding, quarantined
-    samples, tokens no teacher token ends with), or None when not requested."""
-    logit_logp: torch.Tensor | None = None
-    """``[B, T, k]`` float32 their log-probabilities, largest first (0 where the ids are -1)."""
-
-    def to(self, device: Any, non_blocking: bool = False) -> TeacherBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return dataclasses.replace(self, k=move(self.k), v=move(self.v), align_weight=move(self.align_weight),
-                                   q=move(self.q), logit_ids=move(self.logit_ids), logit_logp=move(self.logit_logp))
-
-
-@dataclass
-class Batch:
-    """A padded batch of student samples with each requested teacher's K/V on the same grid."""
-
-    epoch: int
-    index: int
-    """Position in the epoch's plan: ``(epoch, index + 1)`` is where a run resumes after this batch."""
-    sample_indices: torch.Tensor
-    """``[B]`` int64 global sample indices."""
-    input_ids: torch.Tensor
-    """``[B, T]`` int64, right-padded with the store tokenizer's pad id (its eos, else 0, when it has none)."""
-    attention_mask: torch.Tensor
-    """``[B, T]`` int64, 1 on real tokens."""
-    segment_ids: torch.Tensor
-    """``[B, T]`` int64: 0 prompt, 1 reasoning, 2 answer, 3 special, -1 padding."""
-    teachers: dict[str, TeacherBatch] = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (unpadded) tokens in the batch."""
-        return int(self.attention_mask.sum())
-
-    def to(self, device: Any, non_blocking: bool = False) -> Batch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return dataclasses.replace(
-            self, sample_indices=move(self.sample_indices), input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask), segment_ids=move(self.segment_ids),
-            teachers={name: t.to(device, non_blocking) for name, t in self.teachers.items()},
-        )
-
-
-def pad_token_id(store: KVStore) -> int:
-    """The student tokenizer's pad id, else its eos id, else 0."""
-    tok = store.manifest.student_tokenizer
-    return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
-
-
-def read_window(store: KVStore, shards: Sequence[int], requests: Sequence[TeacherRequest]) -> dict[int, Rows]:
-    """Each shard of a window, with only the requested teachers, layers and queries decoded (float32)."""
-    # read_shard takes one layer list for all the teachers it reads: teachers asking the same thing share a call.
-    groups: dict[tuple[tuple[int, ...] | None, bool, bool, bool], list[str]] = {}
-    for req in requests:
-        groups.setdefault((req.layers, req.with_q, req.with_logits, req.with_kv), []).append(req.name)
-    out = {}
-    for s in shards:
-        rows = store.read_shard(s, teachers=[])
-        for (layers, with_q, with_logits, with_kv), names in groups.items():
-            rows.teachers.update(store.read_shard(s, teachers=names, layers=layers, with_q=with_q,
-                                                  with_logits=with_logits, with_kv=with_kv).teachers)
-        out[s] = rows
-    return out
-
-
-def collate(plan: BatchPlan, window: Mapping[int, Rows], shard_starts: np.ndarray, pad_id: int) -> Batch:
-    """Pad the planned samples, read from their window's shards, into a :class:`Batch` (rows in plan order)."""
-    located = []  # (rows, first token, stop token, position in its shard) per batch row
-    for i in plan.samples:
-        s = int(np.searchsorted(shard_starts, i, side="right") - 1)
-        rows = window[s]
-        p = int(i - shard_starts[s])
-        located.append((rows, int(rows.offsets[p]), int(rows.offsets[p + 1]), p))
-    B, T = len(located), max(b - a for _, a, b, _ in located)
-    input_ids = np.full((B, T), pad_id, dtype=np.int64)
-    mask = np.zeros((B, T), dtype=np.int64)
-    segments = np.full((B, T), -1, dtype=np.int64)
-    for row, (rows, a, b, _) in enumerate(located):
-        input_ids[row, : b - a] = rows.input_ids[a:b]
-        mask[row, : b - a] = 1
-        segments[row, : b - a] = rows.segment_ids[a:b]
-
-    teachers = {}
-    for name, first in located[0][0].teachers.items():
-        L, H, D = first.k.shape[1:]
-        k = np.zeros((B, L, H, T, D), dtype=np.float32)
-        v = np.zeros_like(k)
-        weight = np.zeros((B, T), dtype=np.float32)
-        q = None if first.q is None else np.zeros((B, first.q.shape[1], first.q.shape[2], T, D), dtype=np.float32)
-        top = None if first.logit_ids is None else (np.full((B, T, first.logit_ids.shape[1]), -1, dtype=np.int64),
-                                                    np.zeros((B, T, first.logit_ids.shape[1]), dtype=np.float32))
-        for row, (rows, a, b, p) in enumerate(located):
-            kv = rows.teachers[name]
-            k[row, :, :, : b - a] = kv.k[a:b].transpose(1, 2, 0, 3)  # [t, L, H, D] → [L, H, t, D]
-            v[row, :, :, : b - a] = kv.v[a:b].transpose(1, 2, 0, 3)
-            if q is not None:
-                q[row, :, :, : b - a] = kv.q[a:b].transpose(1, 2, 0, 3)
-            # A quarantined sample's rows are zeros, not the teacher's: no token of it may pull the student.
-            if kv.status[p] == 0:
-                weight[row, : b - a] = kv.align_weight[a:b]
-                if top is not None:  # (the writer stores a quarantined sample's rows as -1 too)
-                    top[0][row, : b - a] = kv.logit_ids[a:b]
-                    top[1][row, : b - a] = kv.logit_logp[a:b]
-        teachers[name] = TeacherBatch(
-            k=torch.from_numpy(k), v=torch.from_numpy(v), align_weight=torch.from_numpy(weight),
-            layers=tuple(first.layers), q=None if q is None else torch.from_numpy(q), q_layers=tuple(first.q_layers),
-            logit_ids=None if top is None else torch.from_numpy(top[0]),
-            logit_logp=None if top is None else torch.from_numpy(top[1]),
-        )
-    return Batch(
-        epoch=plan.epoch, index=plan.index, sample_indices=torch.from_numpy(np.asarray(plan.samples, dtype=np.int64)),
-        input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
-        segment_ids=torch.from_numpy(segments), teachers=teachers,
-    )
-
-
-# -------------------------------------------------------------------------------------------------------------
 # Streaming
 
 
@@ -368,19 +237,34 @@ class KVStream(IterableDataset):
         check_layout(len(shards), world_size=self.config.world_size, buffer_shards=self.config.buffer_shards,
                      num_workers=self.config.num_workers)
         pad_id = pad_token_id(store)
+        # In a worker batches are gathered into shared memory (what crosses to the training process without a
+        # copy), and the DataLoader's pin thread pins them there; in-process, straight into pinned memory.
+        memory = "shared" if worker is not None else "pinned" if _pin(self.config) else "plain"
         epoch = self.start[0]
-        while self.epochs is None or epoch < self.epochs:
-            mine = [b for b in self.plan(epoch, store, shards).batches
-                    if (worker is None or b.worker == worker) and (b.epoch, b.index) >= self.start]
-            last = {b.window: b.index for b in mine}  # a window is dropped after its last batch here
-            windows: dict[int, dict[int, Rows]] = {}
-            for b in mine:
-                if b.window not in windows:
-                    windows[b.window] = read_window(store, b.shards, self.config.teachers)
-                yield collate(b, windows[b.window], store.shard_starts, pad_id)
-                if last[b.window] == b.index:
-                    del windows[b.window]
-            epoch += 1
+        # One thread reads the next window (its reads and decompression release the GIL) while this one gathers
+        # batches from the current window.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kava-window") as ahead:
+            while self.epochs is None or epoch < self.epochs:
+                mine = [b for b in self.plan(epoch, store, shards).batches
+                        if (worker is None or b.worker == worker) and (b.epoch, b.index) >= self.start]
+                last = {b.window: b.index for b in mine}  # a window is dropped after its last batch here
+                order = list(dict.fromkeys(b.window for b in mine))
+                shards_of = {b.window: b.shards for b in mine}
+                windows: dict[int, Future[Window]] = {}
+                for b in mine:
+                    following = order.index(b.window) + 1
+                    for w in (b.window, *order[following : following + 1]):  # this window, then the next one
+                        if w not in windows:
+                            windows[w] = ahead.submit(read_window, store, shards_of[w], self.config.teachers, pad_id)
+                    window = windows[b.window].result()
+                    yield collate(b, window, store.offsets, store.shard_starts, memory=memory)
+                    if last[b.window] == b.index:
+                        del windows[b.window]
+                epoch += 1
+
+
+def _pin(config: LoaderConfig) -> bool:
+    return config.pin_memory is not False and torch.cuda.is_available()  # pinning only helps a CUDA copy
 
 
 def _check_start(start: tuple[int, int], epochs: int | None) -> tuple[int, int]:
@@ -489,7 +373,7 @@ class StreamLoader:
             return
         loader = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
                             multiprocessing_context="spawn", prefetch_factor=2, persistent_workers=False,
-                            worker_init_fn=_init_worker)
+                            worker_init_fn=_init_worker, pin_memory=_pin(self.config))
         # The DataLoader takes one batch from each worker in turn. That is the plan's order except where workers
         # finish an epoch unevenly, so batches that arrive early wait here until their turn.
         early: dict[tuple[int, int], Batch] = {}

@@ -111,6 +111,7 @@ class DistillModule(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's loss (a scalar in the graph) and its detached terms (scalars, ``loss/...`` and the
         objective's logs)."""
+        batch = batch.decoded()  # teacher K/V/Q arrive as stored (fp16, bf16, int8 + scales): floats on this device
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         kv = logs = None
         if self.objective is None:

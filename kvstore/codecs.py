@@ -130,6 +130,26 @@ def decode(stored: np.ndarray, scale: np.ndarray | None, dtype: str, out_dtype: 
     return x.astype(out_dtype, copy=False)
 
 
+def decode_torch(stored: Any, scale: Any, dtype: str, out_dtype: Any) -> Any:
+    """:func:`decode` for torch tensors, on whatever device they are (the trainer decodes after the copy).
+
+    stored: the stored values, any shape ``[..., D]``: float16 / float32, bfloat16 (as ``torch.bfloat16`` or as its
+    16-bit integer bits), or int8 codes. scale: ``[...]`` float16 for int8, else None. Returns ``out_dtype``
+    values equal to what :func:`decode` gives for the same arrays (int8 is dequantized in float32 first, as there).
+    """
+    import torch  # kvstore itself does not need torch
+
+    if dtype == "bfloat16":
+        x = stored if stored.dtype == torch.bfloat16 else stored.view(torch.bfloat16)
+        return x.to(out_dtype)
+    if dtype == "int8":
+        assert scale is not None
+        return (stored.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)).to(out_dtype)
+    if dtype in ("float16", "float32"):
+        return stored.to(out_dtype)
+    raise SampleError(f"Expected a storage dtype in float16, bfloat16, float32, int8. Got {dtype!r} instead.")
+
+
 def plan_chunks(
     layers: int, heads: int, head_dim: int, dtype: str, *, target_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from kava.distill.loader import (
     check_request,
     plan_epoch,
 )
+from kava.distill import batch as batch_module
 from kava.distill.plan import check_layout
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
@@ -249,23 +250,36 @@ def test_check_request_lists_what_the_store_has(store, store_path):
 
 
 def test_batches_hold_each_samples_rows_padded(store, store_path, monkeypatch):
-    reads: list[tuple[Any, Any, bool]] = []
-    read_shard = KVStore.read_shard
+    reads: list[tuple[str, Any]] = []
+    read_into = batch_module._read_into
 
-    def recording(self, shard, **kw):
-        reads.append((shard, tuple(kw.get("teachers")), kw.get("layers"), kw.get("with_q", False)))
-        return read_shard(self, shard, **kw)
+    def recording(store, key, n, lsel, out, what):
+        reads.append((key, lsel))
+        return read_into(store, key, n, lsel, out, what)
 
-    monkeypatch.setattr(KVStore, "read_shard", recording)
+    monkeypatch.setattr(batch_module, "_read_into", recording)
     requests = (TeacherRequest(STORIES, layers=(3, 1), with_q=True), TeacherRequest("nan-llama"))
     loader = StreamLoader(LoaderConfig(str(store_path), teachers=requests, batch_size=5, buffer_shards=3, seed=7),
                           epochs=1)
-    batches = collect(loader)
-    assert loader.position == (1, 0) and len(batches) == loader.batches_per_epoch == len(loader.plan(0))
+    stored = collect(loader)
+    assert loader.position == (1, 0) and len(stored) == loader.batches_per_epoch == len(loader.plan(0))
+    # Delivered as stored (fp16), not pinned without CUDA, and decoded to float32 by the trainer's module.
+    assert stored[0].teachers[STORIES].k.dtype == torch.float16 and stored[0].teachers[STORIES].stored == "float16"
+    assert not torch.cuda.is_available() and not stored[0].teachers[STORIES].k.is_pinned()
+    batches = [b.decoded() for b in stored]
+    assert batches[0].teachers[STORIES].k.dtype == torch.float32 and batches[0].teachers[STORIES].k.is_contiguous()
 
-    # Each shard is read once, with only what was asked for: layers (3, 1) of stories260K, all of nan-llama's.
-    assert sorted(r[0] for r in reads if r[1] == (STORIES,)) == list(range(store.num_shards))
-    assert {r[1:] for r in reads} == {((), None, False), ((STORIES,), (3, 1), True), (("nan-llama",), None, False)}
+    # Each shard's arrays are read once, with only what was asked for: layers (3, 1) of stories260K (positions
+    # [3, 1]), all of nan-llama's, stories260K's queries, nothing of the unrequested teacher.
+    for array, lsel in (("k", [3, 1]), ("v", [3, 1]), ("q", slice(None)), ("align_weight", slice(None)),
+                        ("sample_status", slice(None))):
+        keys = [k for k, sel in reads if k.startswith(f"teachers/{STORIES}/") and k.endswith(f"/{array}")]
+        assert sorted(keys) == [f"teachers/{STORIES}/shards/{s:06d}/{array}" for s in range(store.num_shards)]
+        assert all(sel == lsel for k, sel in reads if k in keys)
+    assert {k.split("/")[-1] for k, _ in reads if k.startswith("teachers/nan-llama/")} == {
+        "k", "v", "align_weight", "sample_status"}
+    assert all(sel == slice(None) for k, sel in reads if k.startswith("teachers/nan-llama/"))
+    assert not [k for k, _ in reads if k.startswith("teachers/partial/")]
 
     seen = np.concatenate([b.sample_indices.numpy() for b in batches])
     np.testing.assert_array_equal(np.sort(seen), [i for i in range(store.num_samples) if i != SKIPPED])
@@ -303,7 +317,7 @@ def test_batches_hold_each_samples_rows_padded(store, store_path, monkeypatch):
                 else:
                     np.testing.assert_array_equal(weight[:n], ref_kv.align_weight)
     assert quarantined == 1
-    moved = batches[0].to("cpu")
+    moved = stored[0].to("cpu").decoded()
     assert torch.equal(moved.teachers[STORIES].q, batches[0].teachers[STORIES].q)
 
 
@@ -355,3 +369,202 @@ def test_two_workers_yield_the_plan_order_and_resume_exactly(store_path):
             break
     rest = collect(StreamLoader(config, start=loader.position, epochs=2))
     assert_same_batches(head + rest, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stored-dtype loader against the per-sample float32 construction it replaced
+
+
+@pytest.fixture(scope="module")
+def dtypes_path(tmp_path_factory) -> Path:
+    """stories260K over 30 problems, stored three more ways: bfloat16 and int8 (both with Q), and uncompressed
+    float16 (its chunks are read straight into the window)."""
+    stories = asset_path("models/stories260K_hf_derived")
+    root = tmp_path_factory.mktemp("dtypes")
+    rows = [{"question": r.question, "answer": f"{r.reasoning}\n#### {r.answer}"} for r in synthetic_rows(30)]
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path = root / "kv.zarr"
+    extract(stories, path, dataset=str(data), name="bf16", kv_dtype="bfloat16", with_q=True, calibration_samples=0)
+    extract(stories, path, dataset=str(data), name="int8", kv_dtype="int8", with_q=True, q_layers="1,3",
+            calibration_samples=0)
+    extract(stories, path, dataset=str(data), name="raw", compress=False, calibration_samples=0)
+    return path
+
+
+def reference_window(store: KVStore, shards, requests) -> dict:
+    """The earlier loader's window: each shard through ``read_shard``, decoded to float32."""
+    groups: dict[tuple, list[str]] = {}
+    for req in requests:
+        groups.setdefault((req.layers, req.with_q, req.with_logits, req.with_kv), []).append(req.name)
+    out = {}
+    for s in shards:
+        rows = store.read_shard(s, teachers=[])
+        for (layers, with_q, with_logits, with_kv), names in groups.items():
+            rows.teachers.update(store.read_shard(s, teachers=names, layers=layers, with_q=with_q,
+                                                  with_logits=with_logits, with_kv=with_kv).teachers)
+        out[s] = rows
+    return out
+
+
+def reference_collate(plan, window, shard_starts: np.ndarray, pad_id: int) -> dict[str, Any]:
+    """The earlier loader's collate: every sample transposed and padded on its own, in float32."""
+    located = []
+    for i in plan.samples:
+        s = int(np.searchsorted(shard_starts, i, side="right") - 1)
+        rows = window[s]
+        p = int(i - shard_starts[s])
+        located.append((rows, int(rows.offsets[p]), int(rows.offsets[p + 1]), p))
+    B, T = len(located), max(b - a for _, a, b, _ in located)
+    out: dict[str, Any] = {"input_ids": np.full((B, T), pad_id, dtype=np.int64),
+                           "attention_mask": np.zeros((B, T), dtype=np.int64),
+                           "segment_ids": np.full((B, T), -1, dtype=np.int64), "teachers": {}}
+    for row, (rows, a, b, _) in enumerate(located):
+        out["input_ids"][row, : b - a] = rows.input_ids[a:b]
+        out["attention_mask"][row, : b - a] = 1
+        out["segment_ids"][row, : b - a] = rows.segment_ids[a:b]
+    for name, first in located[0][0].teachers.items():
+        L, H, D = first.k.shape[1:]
+        t = {"k": np.zeros((B, L, H, T, D), np.float32), "v": np.zeros((B, L, H, T, D), np.float32),
+             "align_weight": np.zeros((B, T), np.float32),
+             "q": None if first.q is None else np.zeros((B, *first.q.shape[1:3], T, D), np.float32),
+             "layers": tuple(first.layers), "q_layers": tuple(first.q_layers)}
+        for row, (rows, a, b, p) in enumerate(located):
+            kv = rows.teachers[name]
+            t["k"][row, :, :, : b - a] = kv.k[a:b].transpose(1, 2, 0, 3)
+            t["v"][row, :, :, : b - a] = kv.v[a:b].transpose(1, 2, 0, 3)
+            if t["q"] is not None:
+                t["q"][row, :, :, : b - a] = kv.q[a:b].transpose(1, 2, 0, 3)
+            if kv.status[p] == 0:
+                t["align_weight"][row, : b - a] = kv.align_weight[a:b]
+        out["teachers"][name] = t
+    return out
+
+
+def assert_equals_reference(store: KVStore, config: LoaderConfig) -> int:
+    """Every batch of one epoch, decoded, equals the reference construction; returns the padded rows seen."""
+    loader = StreamLoader(config, epochs=1)
+    plan = loader.plan(0)
+    pad_id = batch_module.pad_token_id(store)
+    padded = 0
+    for got, planned in zip(loader, plan.batches, strict=True):
+        want = reference_collate(planned, reference_window(store, planned.shards, config.teachers),
+                                 store.shard_starts, pad_id)
+        for name in ("input_ids", "attention_mask", "segment_ids"):
+            np.testing.assert_array_equal(getattr(got, name).numpy(), want[name])
+        padded += int((got.attention_mask == 0).any(dim=1).sum())
+        for t, ref in want["teachers"].items():
+            stored = got.teachers[t]
+            assert stored.stored == store.teacher(t).storage.dtype
+            decoded = stored.decoded()
+            assert decoded.layers == ref["layers"] and decoded.q_layers == ref["q_layers"]
+            for array in ("k", "v", "q", "align_weight"):
+                x = getattr(decoded, array)
+                if ref[array] is None:
+                    assert x is None
+                    continue
+                assert x.dtype == torch.float32 and tuple(x.shape) == ref[array].shape, (t, array)
+                np.testing.assert_array_equal(x.numpy(), ref[array], err_msg=f"{t} {array}")
+    return padded
+
+
+def test_stored_batches_decode_to_the_reference_fp16_quarantine_and_layer_subsets(store, store_path):
+    requests = (TeacherRequest(STORIES, layers=(4, 0, 2), with_q=True), TeacherRequest("nan-llama"))
+    config = LoaderConfig(str(store_path), teachers=requests, batch_size=4, buffer_shards=3, seed=5)
+    assert assert_equals_reference(store, config) > 0  # some rows padded
+
+
+@pytest.mark.parametrize("requests", [
+    (TeacherRequest("bf16", with_q=True), TeacherRequest("int8", layers=(1, 2), with_q=True), TeacherRequest("raw")),
+    (TeacherRequest("int8", layers=(3, 0)), TeacherRequest("raw", layers=(2,)), TeacherRequest("bf16", layers=(0,))),
+])
+def test_stored_batches_decode_to_the_reference_bf16_int8_uncompressed(dtypes_path, requests):
+    store = KVStore.open(dtypes_path)
+    config = LoaderConfig(str(dtypes_path), teachers=requests, batch_size=5, buffer_shards=2, seed=1)
+    assert assert_equals_reference(store, config) > 0
+    # int8 travels as codes and float16 scales ([B, L, H, T]); bf16 as torch.bfloat16 (its bits).
+    batch = next(iter(StreamLoader(config, epochs=1)))
+    i8, bf = batch.teachers["int8"], batch.teachers["bf16"]
+    assert i8.k.dtype == torch.int8 and i8.k_scale.dtype == torch.float16
+    assert i8.k_scale.shape == i8.k.shape[:4] and (i8.q is None) == (i8.q_scale is None)
+    assert bf.k.dtype == torch.bfloat16 and bf.k_scale is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
+@pytest.mark.parametrize("out", [np.float32, np.float16])
+def test_decode_torch_equals_the_numpy_decode(dtype, out):
+    from kava.kvstore import codecs
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3, 2, 4, 5, 8)) * 4).astype(np.float32)
+    x[0, 0, 0, 0] = 0  # an all-zero int8 row: scale 0
+    stored, scale = codecs.encode(x, dtype)
+    want = codecs.decode(stored, scale, dtype, np.dtype(out))
+    t_stored = torch.from_numpy(stored.view(np.int16) if dtype == "bfloat16" else stored)
+    got = codecs.decode_torch(t_stored, None if scale is None else torch.from_numpy(scale), dtype,
+                              torch.float32 if out is np.float32 else torch.float16)
+    np.testing.assert_array_equal(got.numpy(), want)
+    if dtype == "bfloat16":  # the bits as a torch.bfloat16 tensor decode the same
+        np.testing.assert_array_equal(codecs.decode_torch(t_stored.view(torch.bfloat16), None, dtype,
+                                                          got.dtype).numpy(), want)
+    # A permuted (non-contiguous) view decodes to the same values.
+    perm = codecs.decode_torch(t_stored.permute(0, 2, 1, 3, 4), None if scale is None else
+                               torch.from_numpy(scale).permute(0, 2, 1, 3), dtype, got.dtype)
+    np.testing.assert_array_equal(perm.numpy(), want.transpose(0, 2, 1, 3, 4))
+    with pytest.raises(Exception, match="Expected a storage dtype in"):
+        codecs.decode_torch(t_stored, None, "float8", torch.float32)
+
+
+def test_the_loader_refuses_a_corrupted_chunk(store_path, tmp_path):
+    import shutil
+
+    from kava.kvstore import ChecksumError
+
+    copy = tmp_path / "kv.zarr"
+    shutil.copytree(store_path, copy)
+    chunk = copy / "teachers/nan-llama/shards/000003/v/c/0/0/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    config = LoaderConfig(str(copy), teachers=(TeacherRequest("nan-llama"),), batch_size=4, seed=0)
+    with pytest.raises(ChecksumError, match=r"teacher 'nan-llama' shard 3 array 'v'.*kava store verify"):
+        collect(StreamLoader(config, epochs=1))
+
+
+def test_fast_read_into_a_given_buffer_equals_zarr(dtypes_path):
+    import zarr
+
+    from kava.kvstore import fastread, layout
+
+    store = KVStore.open(dtypes_path)
+    for name, array in (("raw", "k"), ("bf16", "q"), ("int8", "v_scale"), ("int8", "align_weight")):
+        key = layout.shard_array_key(name, 1, array)
+        want = zarr.open_array(store.zarr_store, path=key, mode="r")
+        info = fastread.array_info(store.zarr_store, key)
+        n = want.shape[0]
+        for rows, sel in (((0, n), slice(None)), ((3, n - 2), [1, 0] if want.ndim > 1 else slice(None))):
+            buffer = np.full((n + 5, *want.shape[1:]), 7, dtype=want.dtype)
+            shape = fastread.read(info, key, rows, sel).shape
+            target = buffer[2 : 2 + shape[0]]
+            if isinstance(sel, list):
+                target = np.empty(shape, want.dtype)
+            assert fastread.read(info, key, rows, sel, out=target) is target
+            ref = want.get_orthogonal_selection((slice(*rows), sel)) if isinstance(sel, list) else want[slice(*rows)]
+            np.testing.assert_array_equal(target, ref)
+        assert np.all(buffer[:2] == 7) and np.all(buffer[2 + n :] == 7)  # nothing written outside out
+    with pytest.raises(ValueError, match="Expected out of shape"):
+        fastread.read(info, key, (0, 4), out=np.empty(3, np.float32))
+
+
+@pytest.mark.gpu
+def test_batches_arrive_pinned_and_decode_on_the_device_as_on_the_host(dtypes_path):
+    requests = (TeacherRequest("bf16", with_q=True), TeacherRequest("int8", with_q=True), TeacherRequest("raw"))
+    batch = next(iter(StreamLoader(LoaderConfig(str(dtypes_path), teachers=requests, batch_size=4), epochs=1)))
+    assert batch.teachers["int8"].k.is_pinned() and batch.input_ids.is_pinned()
+    on_device = batch.to("cuda", non_blocking=True).decoded()
+    on_host = batch.decoded()
+    for name in ("bf16", "int8", "raw"):
+        for array in ("k", "v", "q"):
+            x = getattr(on_host.teachers[name], array)
+            if x is not None:
+                assert torch.equal(getattr(on_device.teachers[name], array).cpu(), x), (name, array)

@@ -5,13 +5,19 @@ bytes are then written and read two ways in this one run, shard by shard:
 
 - baseline: ``np.save`` of each shard's K and V to its own ``.npy`` file, then ``np.load`` back;
 - the store: ``KVStore`` shard writers (chunking, blosc-zstd, crc32c per chunk, fsync, marker), then
-  ``read_shard`` with float16 output (no conversion).
+  ``iter_shards`` with float16 output (no conversion), which reads the chunk files itself (``kvstore/fastread.py``).
+
+The store's read is also compared, in the same run, with maintained readers of the same zarr arrays (each shard's
+K and V, whole): zarr-python's own codec pipeline, zarr-python with the Rust pipeline of the ``zarrs`` package, and
+``tensorstore``, when those are installed (``null`` otherwise). All of them check the crc32c of a chunk they decode
+whole; ``zarrs`` skips it on a partial read of a chunk (its crc32c codec decodes partially without checking), and
+all three read a missing chunk as zeros.
 
 Writes are timed with an fsync on both sides (the store fsyncs before its completion marker) and without it for
 the baseline too. Reads are timed warm (page cache) and cold (pages of both sides evicted with
 ``posix_fadvise(DONTNEED)``). Prints one JSON object. Usage::
 
-    KAVA_ASSETS=... python tests/benchmarks/store.py [--samples 1500] [--codec zstd|none]
+    KAVA_ASSETS=... python tests/benchmarks/store.py [--samples 1500] [--codec zstd|none] [--readers own,zarr,...]
 """
 
 from __future__ import annotations
@@ -66,11 +72,47 @@ def fsync_file(path: Path) -> None:
     os.close(fd)
 
 
+def other_readers(names: list[str]) -> dict:
+    """name → a function reading a whole zarr array (a directory) to numpy, for each reader that is installed."""
+    import zarr
+
+    out = {}
+    for name in names:
+        if name == "zarr":
+            def read(path: Path) -> np.ndarray:
+                with zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"}):
+                    return zarr.open_array(str(path), mode="r")[...]
+        elif name == "zarrs":
+            try:
+                import zarrs  # noqa: F401
+            except ImportError:
+                continue
+
+            def read(path: Path) -> np.ndarray:
+                with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+                    return zarr.open_array(str(path), mode="r")[...]
+        elif name == "tensorstore":
+            try:
+                import tensorstore as ts
+            except ImportError:
+                continue
+
+            def read(path: Path, ts=ts) -> np.ndarray:
+                spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+                return ts.open(spec, read=True).result().read().result()
+        else:
+            raise SystemExit(f"Expected readers among zarr, zarrs, tensorstore. Got {name!r} instead.")
+        out[name] = read
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1500)
     ap.add_argument("--codec", choices=["zstd", "none"], default="zstd")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
+    ap.add_argument("--readers", default="zarr,zarrs,tensorstore",
+                    help="maintained readers to compare with the store's own read (comma-separated; '' for none)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.environ.get("KAVA_ASSETS"):
@@ -88,6 +130,7 @@ def main() -> None:
     results: dict[str, list[float]] = {k: [] for k in
                                        ("np_save", "np_save_fsync", "store_write", "np_load_warm", "store_read_warm",
                                         "np_load_cold", "store_read_cold")}
+    readers = other_readers([r for r in args.readers.split(",") if r])
     latencies: list[float] = []
     try:
         for rep in range(args.repeats):
@@ -145,6 +188,14 @@ def main() -> None:
                 for rows in reader.iter_shards(dtype=np.float16):
                     pass
                 results[f"store_read_{mode}"].append(time.perf_counter() - t)
+                keys = [path / f"teachers/stories260K/shards/{s:06d}/{a}" for s in range(len(shards)) for a in "kv"]
+                for name, read in readers.items():
+                    if mode == "cold":
+                        evict(path)
+                    t = time.perf_counter()
+                    got = [read(key) for key in keys]
+                    results.setdefault(f"{name}_read_{mode}", []).append(time.perf_counter() - t)
+                    assert np.array_equal(got[0], shard_k[0]) and np.array_equal(got[-1], shard_v[-1]), name
             got = reader.read_shard(0, dtype=np.float16).teachers["stories260K"]
             assert np.array_equal(got.k, shard_k[0]) and np.array_equal(got.v, shard_v[0])
 
@@ -179,6 +230,14 @@ def main() -> None:
         "write_ratio_vs_np_save_no_fsync": round(best["np_save"] / best["store_write"], 3),
         "read_ratio_warm": round(best["np_load_warm"] / best["store_read_warm"], 3),
         "read_ratio_cold": round(best["np_load_cold"] / best["store_read_cold"], 3),
+        "other_readers_vs_np_load": {
+            name: {mode: (round(best[f"np_load_{mode}"] / best[f"{name}_read_{mode}"], 3)
+                          if f"{name}_read_{mode}" in best else None) for mode in ("warm", "cold")}
+            for name in args.readers.split(",") if name},
+        "store_read_vs_other_readers": {
+            name: {mode: (round(best[f"{name}_read_{mode}"] / best[f"store_read_{mode}"], 3)
+                          if f"{name}_read_{mode}" in best else None) for mode in ("warm", "cold")}
+            for name in args.readers.split(",") if name},
         "random_sample_read_ms": {"p50": round(1e3 * statistics.median(latencies), 3),
                                   "p95": round(1e3 * np.percentile(latencies, 95), 3)},
         "layer_subset_read_s": {"one_layer": round(one_layer, 4), "all_layers": round(all_layers, 4)},
