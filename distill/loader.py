@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kava.core.errors import ConfigError, IncompleteError, SchemaError
+from kava.core.errors import ConfigError, IncompleteError, KavaError, SchemaError
 from kava.kvstore import KVStore
 from .batch import Batch, TeacherBatch, Window, collate, pad_token_id, read_window
 from .plan import BatchPlan, EpochPlan, check_layout, plan_epoch
@@ -219,7 +219,18 @@ class KVStream(IterableDataset):
                           batch_size=c.batch_size, max_tokens=c.max_tokens, buffer_shards=c.buffer_shards,
                           rank=c.rank, world_size=c.world_size, num_workers=c.num_workers)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | WorkerFailure]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except KavaError as e:
+            # Raised here, the DataLoader would re-raise it in the trainer wrapped in this worker's traceback (some
+            # 45 lines); sent as an item, StreamLoader re-raises it as the one-line error it is.
+            yield WorkerFailure(e)
+
+    def _batches(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = None
         if info is not None:
@@ -261,6 +272,13 @@ class KVStream(IterableDataset):
                     if last[b.window] == b.index:
                         del windows[b.window]
                 epoch += 1
+
+
+@dataclass
+class WorkerFailure:
+    """A KavaError raised in a loader worker (a corrupted chunk, an unfinished shard), sent to the trainer as an item."""
+
+    error: KavaError
 
 
 def _pin(config: LoaderConfig) -> bool:
@@ -378,6 +396,8 @@ class StreamLoader:
         # finish an epoch unevenly, so batches that arrive early wait here until their turn.
         early: dict[tuple[int, int], Batch] = {}
         for batch in loader:
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
             early[(batch.epoch, batch.index)] = batch
             while self._position in early:
                 yield self._advance(early.pop(self._position))

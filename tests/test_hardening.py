@@ -159,6 +159,20 @@ def test_eval_runs_shipped_code_only_with_trust_remote_code(tmp_path, custom_cod
     assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupted_chunk_met_by_the_loader_is_one_line_with_workers_too(tmp_path, store, workers):
+    copy = tmp_path / "kv.zarr"
+    shutil.copytree(store, copy)
+    chunk = sorted(p for p in copy.glob("teachers/*/shards/000001/k/c/**/*") if p.is_file())[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    line = one_error_line(kava(*distill_args(copy, tmp_path / "run", "--workers", str(workers))))
+    assert "crc32c does not match its bytes" in line and "shard 1" in line
+    assert "DataLoader worker" not in line
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
