@@ -278,18 +278,34 @@ class TeacherAttention:
     def heads(self) -> int:
         return self.queries[0].shape[1]
 
-    def block_probs(self, start: int, stop: int, heads: int, dtype: torch.dtype, future: torch.Tensor
-                    ) -> torch.Tensor:
-        """``[B, heads, stop - start, stop]``: the mixed attention of queries ``start:stop`` over keys ``:stop``
-        (causal; keys past the query get probability 0), on ``heads`` (student) heads. ``future`` is
-        ``_future_mask``."""
+    def block_probs(self, start: int, stop: int, heads: int, dtype: torch.dtype, bias: torch.Tensor, *,
+                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``p [B, heads, n, stop]``: the mixed attention of queries ``start:stop`` (``n`` of them) over keys
+        ``:stop`` (causal: keys after the query get probability 0), on ``heads`` (student) heads; with ``entropy``
+        also ``Σ_keys p log p`` ``[B, heads, n]``, else None. ``bias`` is ``_future_bias``."""
         with torch.no_grad():
             if getattr(self, "_prepared", (None,))[0] != dtype:  # the scale folded into q once, not per block
                 self._prepared = (dtype, [(q.to(dtype) * self.scaling, k.to(dtype))
                                           for q, k in zip(self.queries, self.keys)])
+            pairs = self._prepared[1]
+            if len(pairs) == 1 and self.weights[0] == 1.0 and self.heads == heads:
+                # One softmax, already on the student's heads: Σ p log p = Σ p·s − logsumexp(s), where
+                # Σ p·s = q·(p @ K) is a small matmul and logsumexp(s) = max(s) − log max(p). This avoids a log
+                # over the whole block (xlogy costs as much as three softmaxes).
+                q, k = pairs[0]
+                scores = _block_scores(q, k, start, stop, bias)
+                top = scores.amax(dim=-1)  # [B, H, n]
+                p = torch.softmax(scores, dim=-1)
+                if not entropy:
+                    return p, None
+                lse = top - p.amax(dim=-1).log_()
+                kv_heads = k.shape[1]
+                pk = torch.matmul(p.view(p.shape[0], kv_heads, -1, stop), k[:, :, :stop])  # [B, Hk, G·n, D]
+                cross = (pk * _grouped(q, kv_heads, start, stop)).sum(-1).view_as(lse)
+                return p, cross - lse
             p = None
-            for (q, k), w in zip(self._prepared[1], self.weights):
-                term = torch.softmax(_block_scores(q, k, start, stop, future), dim=-1)
+            for (q, k), w in zip(pairs, self.weights):
+                term = torch.softmax(_block_scores(q, k, start, stop, bias), dim=-1)
                 if w != 1.0:
                     term.mul_(w)
                 p = term if p is None else p.add_(term)
@@ -297,7 +313,7 @@ class TeacherAttention:
             if p.shape[1] != heads:
                 share = head_share_matrix(p.shape[1], heads).to(device=p.device, dtype=dtype)  # [Hs, Ht]
                 p = torch.einsum("sh,bhqk->bsqk", share, p).contiguous()
-            return p
+            return p, (torch.xlogy(p, p).sum(-1) if entropy else None)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -314,10 +330,11 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
         )
 
 
-def _future_mask(block: int, device: torch.device) -> torch.Tensor:
-    """``[block, block]`` bool, True above the diagonal: the keys of a block's own square that come after the
-    query."""
-    return torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
+def _future_bias(block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[block, block]`` additive mask of a block's own square: ``MASKED_SCORE`` on keys after the query, 0 on the
+    rest (an add is several times cheaper than a masked fill on the strided square)."""
+    future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(block, block, dtype=dtype, device=device).masked_fill_(future, MASKED_SCORE)
 
 
 def _grouped(q: torch.Tensor, kv_heads: int, start: int, stop: int) -> torch.Tensor:
@@ -328,23 +345,23 @@ def _grouped(q: torch.Tensor, kv_heads: int, start: int, stop: int) -> torch.Ten
     return block.reshape(batch, kv_heads, -1, dim)
 
 
-def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, future: torch.Tensor) -> torch.Tensor:
+def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, bias: torch.Tensor) -> torch.Tensor:
     """``[B, Hq, n, stop]`` causal scores ``q·k`` (``q`` already scaled) of queries ``start:stop`` over keys
-    ``:stop``; keys after their query get ``MASKED_SCORE``. Only the diagonal ``n × n`` square needs the mask: keys
-    before ``start`` are visible from every query of the block."""
+    ``:stop``; keys after their query get ``MASKED_SCORE`` added (``bias``: ``_future_bias``). Only the diagonal ``n × n``
+    square needs the mask: keys before ``start`` are visible from every query of the block."""
     batch, heads, _, _ = q.shape
     kv_heads, n = k.shape[1], stop - start
     scores = torch.matmul(_grouped(q, kv_heads, start, stop), k[:, :, :stop].transpose(-1, -2))  # [B, Hk, G·n, stop]
     scores = scores.view(batch, heads, n, stop)
-    scores[..., start:].masked_fill_(future[:n, :n], MASKED_SCORE)
+    scores[..., start:].add_(bias[:n, :n])
     return scores
 
 
 class _BlockwiseAttentionKL(torch.autograd.Function):
     """Per-query ``KL(p || softmax(s))`` with ``s`` the student's causal scores, one query block at a time.
 
-    Forward keeps only the student's log-normaliser ``[B, Hs, T]``; backward recomputes each block's teacher
-    probabilities and student scores and applies ``∂KL/∂s = softmax(s) − p`` straight to the matmuls
+    Nothing of size ``T × T`` is kept for backward, which recomputes each block's teacher probabilities and student
+    softmax and applies ``∂KL/∂s = softmax(s) − p`` straight to the matmuls
     (``dQ = dS·K·scale``, ``dK = dSᵀ·Q·scale``), as flash attention does. Peak memory is O(B·H·T·block).
     """
 
@@ -355,47 +372,50 @@ class _BlockwiseAttentionKL(torch.autograd.Function):
         batch, heads, steps, _ = q.shape
         kv_heads = k.shape[1]
         qs = q * scaling  # [B, Hs, T, D]: s = qs·k, the scale applied once
-        future = _future_mask(block, q.device)
+        bias = _future_bias(block, dtype, q.device)
         kl = q.new_zeros(batch, heads, steps)
-        lse = q.new_zeros(batch, heads, steps)
         for start in range(0, steps, block):
             stop = min(start + block, steps)
-            p = teacher.block_probs(start, stop, heads, dtype, future)  # [B, Hs, n, stop]
-            s = _block_scores(qs, k, start, stop, future)  # [B, Hs, n, stop]
-            lse[..., start:stop] = torch.logsumexp(s, dim=-1)
+            p, neg_entropy = teacher.block_probs(start, stop, heads, dtype, bias, entropy=True)  # [B, Hs, n, stop]
+            s = _block_scores(qs, k, start, stop, bias)  # [B, Hs, n, stop]
             # Σ_keys p·s = qs·(p @ K): one matmul instead of a pass over [n, T] (p is exactly 0 on masked keys, so
             # their MASKED_SCORE adds nothing either way).
             pk = torch.matmul(p.view(batch, kv_heads, -1, stop), k[:, :, :stop])  # [B, Hk, G·n, D]
             cross = (pk * _grouped(qs, kv_heads, start, stop)).sum(-1).view(batch, heads, -1)
-            kl[..., start:stop] = torch.xlogy(p, p).sum(-1) - cross + lse[..., start:stop]
+            # logsumexp(s) = max(s) − log max(softmax(s)): the fused softmax is several times faster than exp() over
+            # the block, which is slow on masked scores and on results that underflow to subnormals.
+            lse = s.amax(dim=-1) - torch.softmax(s, dim=-1).amax(dim=-1).log_()
+            kl[..., start:stop] = neg_entropy - cross + lse
         kl = torch.where(valid.unsqueeze(1), kl, torch.zeros((), dtype=dtype, device=kl.device))
-        ctx.save_for_backward(qs, k, valid, lse)
+        ctx.save_for_backward(qs, k, valid)
         ctx.teacher, ctx.scaling, ctx.block = teacher, scaling, block
         return kl
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        qs, k, valid, lse = ctx.saved_tensors
+        qs, k, valid = ctx.saved_tensors
         teacher, scaling, block = ctx.teacher, ctx.scaling, ctx.block
         batch, heads, steps, dim = qs.shape
         kv_heads = k.shape[1]
-        future = _future_mask(block, qs.device)
-        # [B, Hs, T, 1]: the upstream gradient per row; padded queries give 0.
+        bias = _future_bias(block, qs.dtype, qs.device)
+        # [B, Hs, T, 1]: the upstream gradient per row; padded queries give 0. It multiplies the [n, D] operands and
+        # results of the matmuls rather than each block's [n, T] scores: dS = row · (softmax(s) − p).
         row = torch.where(valid.unsqueeze(1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
         row = row.unsqueeze(-1)
+        row_q = qs * row  # [B, Hs, T, D]
         dq = torch.empty_like(qs).unflatten(1, (kv_heads, heads // kv_heads))  # [B, Hk, G, T, D]
         dk = torch.zeros_like(k)
         for start in range(0, steps, block):
             stop = min(start + block, steps)
             n = stop - start
-            p = teacher.block_probs(start, stop, heads, qs.dtype, future)
-            s = _block_scores(qs, k, start, stop, future)
-            ds = s.sub_(lse[..., start:stop].unsqueeze(-1)).exp_().sub_(p).mul_(row[:, :, start:stop])  # ∂/∂s
+            p, _ = teacher.block_probs(start, stop, heads, qs.dtype, bias)
+            ds = torch.softmax(_block_scores(qs, k, start, stop, bias), dim=-1).sub_(p)  # ∂KL/∂s per row
             ds = ds.view(batch, kv_heads, -1, stop)  # [B, Hk, G·n, stop]
             dq[:, :, :, start:stop] = torch.matmul(ds, k[:, :, :stop]).view(batch, kv_heads, -1, n, dim)
-            dk[:, :, :stop] += torch.matmul(ds.transpose(-1, -2), _grouped(qs, kv_heads, start, stop))
+            dk[:, :, :stop] += torch.matmul(ds.transpose(-1, -2), _grouped(row_q, kv_heads, start, stop))
+        dq = dq.flatten(1, 2).mul_(row)
         # s = (q·scale)·k: the scale goes onto dq; dk already used the scaled queries.
-        return dq.flatten(1, 2).mul_(scaling), dk, None, None, None, None
+        return dq.mul_(scaling), dk, None, None, None, None
 
 
 def attention_kl_blockwise(teacher: TeacherAttention, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
