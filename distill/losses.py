@@ -440,7 +440,7 @@ def attention_kl_blockwise(teacher: TeacherAttention, q: torch.Tensor, k: torch.
         ``attention_kl(teacher log-probabilities, attention_log_probs(q, k, lengths, scaling), lengths)``.
     """
     _check_qk(q, k)
-    batch, heads, steps, _ = q.shape
+    batch, _, steps, _ = q.shape
     _check_lengths(lengths, batch)
     t_q = teacher.queries[0]
     if t_q.shape[0] != batch or t_q.shape[2] != steps:

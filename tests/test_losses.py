@@ -373,7 +373,7 @@ def test_attention_kl_blockwise_equals_the_dense_term_and_its_gradient(dtype, t_
     dense = dense_attention_term(queries, keys, weights, 0.5, q, k, lengths, 0.4)
     fast = attention_kl_blockwise(TeacherAttention(queries, keys, weights, 0.5), q, k, lengths, 0.4, block=block)
     assert fast.dtype == dtype and fast.shape == (4, steps)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     torch.testing.assert_close(fast, dense, **tol)
     assert (fast[1, 7:] == 0).all() and (fast[2, 1:] == 0).all() and (fast[3] == 0).all()  # padded queries
     assert (fast[0, 1:] > 0).all() and (fast[1, 1:7] > 0).all()  # real queries past the first carry a real KL

@@ -136,12 +136,10 @@ def main() -> None:
             _, rows_widths = kava()  # warm-up, and the steps kava runs on each batch (greedy: the same each time)
             steps_per_batch = steps_of(rows_widths)
             assert len(steps_per_batch) == len(batches), (steps_per_batch, len(batches))
-            generate(steps_per_batch)
+            generate(steps_per_batch)  # warm-up
             generate(None)
             times: dict[str, list[float]] = {"kava": [], "plain": [], "eos": []}
             row_steps: dict[str, int] = {}
-            generate(steps_per_batch)
-            generate(None)
             for rep in range(args.reps):
                 for variant in (("kava", "plain", "eos") if rep % 2 == 0 else ("eos", "plain", "kava")):
                     if variant == "kava":
