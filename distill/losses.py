@@ -11,6 +11,9 @@ that may be 0 are clamped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from kava.distill.projectors import head_share_matrix
@@ -238,40 +241,216 @@ def attention_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, lengths
     return kl.mean(dim=1)
 
 
-def attention_kl_from_scores(teacher_probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
-                             scaling: float, *, bias: torch.Tensor | None = None,
-                             teacher_neg_entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """``attention_kl`` against the student's own queries and keys, without materialising its log-probabilities.
+class TeacherAttention:
+    """The teacher's side of the attention term, as stored: one or more layers' queries and keys, mixed.
 
-    Per query row ``KL(p || softmax(s)) = Σ p log p − Σ p·s + logsumexp(s)`` over visible keys, where ``s`` are the
-    student's masked scores. The teacher side (``Σ p log p``) carries no gradient; the student side is one matmul,
-    one logsumexp and one weighted sum, so its backward is ``softmax(s) − p`` — about half the work of going
-    through ``log_softmax`` and an explicit KL.
+    The target distribution of student head ``h`` at query ``t`` is ``Σ_i w_i · softmax(scaling · q_i k_iᵀ)`` over
+    the visible keys, mapped onto the student's heads with ``head_share_matrix(Ht, Hs)`` when the head counts
+    differ (a convex mix of distributions is a distribution). It is never built whole: ``block_probs`` gives the
+    rows of one query block, on demand, under no gradient.
 
     Args:
-        teacher_probs: ``[B, Hq, T, T]`` teacher attention already on the student's query heads (see
-            ``attention_kl`` for mixing), 0 on invisible keys; no gradient.
-        q: ``[B, Hq, T, D]`` student queries after RoPE.
-        k: ``[B, Hk, T, D]`` student keys after RoPE.
+        queries: per teacher layer ``[B, Ht, T, Dt]`` after RoPE, no gradient.
+        keys: per teacher layer ``[B, Hkt, T, Dt]`` after RoPE; ``Ht`` must be a multiple of ``Hkt``.
+        weights: the layer map's weight per layer (summing to 1 for a distribution).
+        scaling: the teacher's score multiplier, usually ``Dt ** -0.5``.
+    """
+
+    def __init__(self, queries: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], weights: Sequence[float],
+                 scaling: float) -> None:
+        if not queries or len(queries) != len(keys) or len(queries) != len(weights):
+            raise ConfigError(
+                f"Expected as many teacher queries, keys and weights, at least one. Got {len(queries)}, {len(keys)} "
+                f"and {len(weights)} instead. Pass one (q, k, weight) per teacher layer of the layer map."
+            )
+        for q, k in zip(queries, keys):
+            _check_qk(q, k)
+            if q.shape != queries[0].shape or k.shape != keys[0].shape:
+                raise ConfigError(
+                    f"Expected every teacher layer's q and k in one layout. Got q {tuple(q.shape)}, k "
+                    f"{tuple(k.shape)} against {tuple(queries[0].shape)}, {tuple(keys[0].shape)} instead. Mix "
+                    "layers of one teacher only."
+                )
+        self.queries, self.keys = [q.detach() for q in queries], [k.detach() for k in keys]
+        self.weights, self.scaling = [float(w) for w in weights], float(scaling)
+
+    @property
+    def heads(self) -> int:
+        return self.queries[0].shape[1]
+
+    def block_probs(self, start: int, stop: int, heads: int, dtype: torch.dtype, bias: torch.Tensor, *,
+                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``p [B, heads, n, stop]``: the mixed attention of queries ``start:stop`` (``n`` of them) over keys
+        ``:stop`` (causal: keys after the query get probability 0), on ``heads`` (student) heads; with ``entropy``
+        also ``Σ_keys p log p`` ``[B, heads, n]``, else None. ``bias`` is ``_future_bias``."""
+        with torch.no_grad():
+            if getattr(self, "_prepared", (None,))[0] != dtype:  # the scale folded into q once, not per block
+                self._prepared = (dtype, [(q.to(dtype) * self.scaling, k.to(dtype))
+                                          for q, k in zip(self.queries, self.keys)])
+            pairs = self._prepared[1]
+            if len(pairs) == 1 and self.weights[0] == 1.0 and self.heads == heads:
+                # One softmax, already on the student's heads: Σ p log p = Σ p·s − logsumexp(s), where
+                # Σ p·s = q·(p @ K) is a small matmul and logsumexp(s) = max(s) − log max(p). This avoids a log
+                # over the whole block (xlogy costs as much as three softmaxes).
+                q, k = pairs[0]
+                scores = _block_scores(q, k, start, stop, bias)
+                top = scores.amax(dim=-1)  # [B, H, n]
+                p = torch.softmax(scores, dim=-1)
+                if not entropy:
+                    return p, None
+                lse = top - p.amax(dim=-1).log_()
+                kv_heads = k.shape[1]
+                pk = torch.matmul(p.view(p.shape[0], kv_heads, -1, stop), k[:, :, :stop])  # [B, Hk, G·n, D]
+                cross = (pk * _grouped(q, kv_heads, start, stop)).sum(-1).view_as(lse)
+                return p, cross - lse
+            p = None
+            for (q, k), w in zip(pairs, self.weights):
+                term = torch.softmax(_block_scores(q, k, start, stop, bias), dim=-1)
+                if w != 1.0:
+                    term.mul_(w)
+                p = term if p is None else p.add_(term)
+            assert p is not None
+            if p.shape[1] != heads:
+                share = head_share_matrix(p.shape[1], heads).to(device=p.device, dtype=dtype)  # [Hs, Ht]
+                p = torch.einsum("sh,bhqk->bsqk", share, p).contiguous()
+            return p, (torch.xlogy(p, p).sum(-1) if entropy else None)
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ConfigError(
+            f"Expected q [B, Hq, T, D] and k [B, Hk, T, D]. Got {tuple(q.shape)} and {tuple(k.shape)} instead. "
+            "Pass queries and keys of the same layer, heads before tokens."
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ConfigError(
+            f"Expected the query heads to be a multiple of the key heads. Got Hq={q.shape[1]}, Hk={k.shape[1]} "
+            "instead. Pass the model's own q and k (grouped-query attention shares each key head among Hq // Hk "
+            "heads)."
+        )
+
+
+def _future_bias(block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[block, block]`` additive mask of a block's own square: ``MASKED_SCORE`` on keys after the query, 0 on the
+    rest (an add is several times cheaper than a masked fill on the strided square)."""
+    future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(block, block, dtype=dtype, device=device).masked_fill_(future, MASKED_SCORE)
+
+
+def _grouped(q: torch.Tensor, kv_heads: int, start: int, stop: int) -> torch.Tensor:
+    """Queries ``start:stop`` of ``q [B, Hq, T, D]`` as ``[B, Hk, G·n, D]``: each key head's query heads stacked
+    along the rows, so one batched matmul per key head serves its whole group (no repeated keys)."""
+    batch, heads, _, dim = q.shape
+    block = q[:, :, start:stop].unflatten(1, (kv_heads, heads // kv_heads))  # [B, Hk, G, n, D]
+    return block.reshape(batch, kv_heads, -1, dim)
+
+
+def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, bias: torch.Tensor) -> torch.Tensor:
+    """``[B, Hq, n, stop]`` causal scores ``q·k`` (``q`` already scaled) of queries ``start:stop`` over keys
+    ``:stop``; keys after their query get ``MASKED_SCORE`` added (``bias``: ``_future_bias``). Only the diagonal ``n × n``
+    square needs the mask: keys before ``start`` are visible from every query of the block."""
+    batch, heads, _, _ = q.shape
+    kv_heads, n = k.shape[1], stop - start
+    scores = torch.matmul(_grouped(q, kv_heads, start, stop), k[:, :, :stop].transpose(-1, -2))  # [B, Hk, G·n, stop]
+    scores = scores.view(batch, heads, n, stop)
+    scores[..., start:].add_(bias[:n, :n])
+    return scores
+
+
+class _BlockwiseAttentionKL(torch.autograd.Function):
+    """Per-query ``KL(p || softmax(s))`` with ``s`` the student's causal scores, one query block at a time.
+
+    Nothing of size ``T × T`` is kept for backward, which recomputes each block's teacher probabilities and student
+    softmax and applies ``∂KL/∂s = softmax(s) − p`` straight to the matmuls
+    (``dQ = dS·K·scale``, ``dK = dSᵀ·Q·scale``), as flash attention does. Peak memory is O(B·H·T·block).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, teacher: TeacherAttention,
+                scaling: float, block: int) -> torch.Tensor:
+        dtype = q.dtype
+        batch, heads, steps, _ = q.shape
+        kv_heads = k.shape[1]
+        qs = q * scaling  # [B, Hs, T, D]: s = qs·k, the scale applied once
+        bias = _future_bias(block, dtype, q.device)
+        kl = q.new_zeros(batch, heads, steps)
+        for start in range(0, steps, block):
+            stop = min(start + block, steps)
+            p, neg_entropy = teacher.block_probs(start, stop, heads, dtype, bias, entropy=True)  # [B, Hs, n, stop]
+            s = _block_scores(qs, k, start, stop, bias)  # [B, Hs, n, stop]
+            # Σ_keys p·s = qs·(p @ K): one matmul instead of a pass over [n, T] (p is exactly 0 on masked keys, so
+            # their MASKED_SCORE adds nothing either way).
+            pk = torch.matmul(p.view(batch, kv_heads, -1, stop), k[:, :, :stop])  # [B, Hk, G·n, D]
+            cross = (pk * _grouped(qs, kv_heads, start, stop)).sum(-1).view(batch, heads, -1)
+            # logsumexp(s) = max(s) − log max(softmax(s)): the fused softmax is several times faster than exp() over
+            # the block, which is slow on masked scores and on results that underflow to subnormals.
+            lse = s.amax(dim=-1) - torch.softmax(s, dim=-1).amax(dim=-1).log_()
+            kl[..., start:stop] = neg_entropy - cross + lse
+        kl = torch.where(valid.unsqueeze(1), kl, torch.zeros((), dtype=dtype, device=kl.device))
+        ctx.save_for_backward(qs, k, valid)
+        ctx.teacher, ctx.scaling, ctx.block = teacher, scaling, block
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qs, k, valid = ctx.saved_tensors
+        teacher, scaling, block = ctx.teacher, ctx.scaling, ctx.block
+        batch, heads, steps, dim = qs.shape
+        kv_heads = k.shape[1]
+        bias = _future_bias(block, qs.dtype, qs.device)
+        # [B, Hs, T, 1]: the upstream gradient per row; padded queries give 0. It multiplies the [n, D] operands and
+        # results of the matmuls rather than each block's [n, T] scores: dS = row · (softmax(s) − p).
+        row = torch.where(valid.unsqueeze(1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        row = row.unsqueeze(-1)
+        row_q = qs * row  # [B, Hs, T, D]
+        dq = torch.empty_like(qs).unflatten(1, (kv_heads, heads // kv_heads))  # [B, Hk, G, T, D]
+        dk = torch.zeros_like(k)
+        for start in range(0, steps, block):
+            stop = min(start + block, steps)
+            n = stop - start
+            p, _ = teacher.block_probs(start, stop, heads, qs.dtype, bias)
+            ds = torch.softmax(_block_scores(qs, k, start, stop, bias), dim=-1).sub_(p)  # ∂KL/∂s per row
+            ds = ds.view(batch, kv_heads, -1, stop)  # [B, Hk, G·n, stop]
+            dq[:, :, :, start:stop] = torch.matmul(ds, k[:, :, :stop]).view(batch, kv_heads, -1, n, dim)
+            dk[:, :, :stop] += torch.matmul(ds.transpose(-1, -2), _grouped(row_q, kv_heads, start, stop))
+        dq = dq.flatten(1, 2).mul_(row)
+        # s = (q·scale)·k: the scale goes onto dq; dk already used the scaled queries.
+        return dq.mul_(scaling), dk, None, None, None, None
+
+
+def attention_kl_blockwise(teacher: TeacherAttention, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
+                           scaling: float, *, block: int = 64) -> torch.Tensor:
+    """``KL(teacher attention || student attention)`` per query token, averaged over the student's heads, in
+    blocks of ``block`` queries, never building a ``[B, H, T, T]`` tensor.
+
+    Per query row ``KL(p || softmax(s)) = Σ p log p − Σ p·s + logsumexp(s)`` over the causal keys, ``s`` the
+    student's scaled scores and ``p`` the teacher's (mixed) attention. Queries at padded positions
+    (``t >= lengths[b]``) give 0 and no gradient; a real query only sees real keys (rows are right-padded).
+
+    Args:
+        teacher: the teacher's queries and keys (see ``TeacherAttention``); no gradient.
+        q: ``[B, Hs, T, D]`` student queries after RoPE.
+        k: ``[B, Hk, T, D]`` student keys after RoPE; ``Hs`` must be a multiple of ``Hk``.
         lengths: ``[B]`` integer, real tokens per row.
         scaling: the student's score multiplier.
-        bias: ``attention_bias(lengths, T)`` when built once for several layers.
-        teacher_neg_entropy: ``[B, Hq, T]`` ``Σ p log p`` when the caller has it (e.g. from the teacher's
-            log-probabilities); computed from ``teacher_probs`` otherwise.
+        block: queries per block; memory is O(B·Hs·T·block).
 
     Returns:
-        ``[B, T]``, the same values as ``attention_kl(log teacher_probs, attention_log_probs(q, k, ...), lengths)``.
+        ``[B, T]``, ``>= 0`` up to rounding, in float32 (float64 if ``q`` is), the same values as
+        ``attention_kl(teacher log-probabilities, attention_log_probs(q, k, lengths, scaling), lengths)``.
     """
-    scores = _masked_scores(q, k, lengths, scaling, bias)  # [B, Hq, T, T]
-    if teacher_probs.shape != scores.shape:
+    _check_qk(q, k)
+    batch, _, steps, _ = q.shape
+    _check_lengths(lengths, batch)
+    t_q = teacher.queries[0]
+    if t_q.shape[0] != batch or t_q.shape[2] != steps:
         raise ConfigError(
-            f"Expected teacher_probs of shape {tuple(scores.shape)} (the student's heads). Got "
-            f"{tuple(teacher_probs.shape)} instead. Mix the teacher's heads onto the student's first."
+            f"Expected the teacher's queries over the student's batch and tokens [{batch}, Ht, {steps}, Dt]. Got "
+            f"{tuple(t_q.shape)} instead. Pass attention over the same (aligned) tokens."
         )
-    p = teacher_probs.to(scores.dtype)
-    if teacher_neg_entropy is None:
-        with torch.no_grad():
-            teacher_neg_entropy = torch.xlogy(p, p).sum(-1)  # 0·log 0 = 0
-    kl = teacher_neg_entropy.to(scores.dtype) - (p * scores).sum(-1) + torch.logsumexp(scores, dim=-1)  # [B, Hq, T]
-    padded = torch.arange(scores.shape[-1], device=q.device).view(1, 1, -1) >= lengths.to(q.device).view(-1, 1, 1)
-    return kl.masked_fill(padded, 0.0).mean(dim=1)
+    if not (isinstance(block, int) and block >= 1):
+        raise ConfigError(f"Expected block to be an integer >= 1. Got {block!r} instead. Pass e.g. 64.")
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    valid = torch.arange(steps, device=q.device).view(1, -1) < lengths.to(q.device).view(-1, 1)  # [B, T]
+    kl = _BlockwiseAttentionKL.apply(q.to(dtype), k.to(dtype), valid, teacher, float(scaling), block)
+    return kl.mean(dim=1)

@@ -22,15 +22,14 @@ from kava.kvstore.manifest import TeacherSpec
 
 from .fusion import build_fusion, router_entropy
 from .losses import (
-    attention_bias,
-    attention_kl_from_scores,
-    attention_log_probs,
+    TeacherAttention,
+    attention_kl_blockwise,
     per_token_cosine,
     per_token_mercator,
     per_token_mse,
     weighted_mean,
 )
-from .projectors import KVProjectors, head_share_matrix
+from .projectors import KVProjectors
 
 if TYPE_CHECKING:
     from kava.extract.capture import Rotation
@@ -234,30 +233,24 @@ class KVObjective(nn.Module):
         if t_rope is not None:
             positions = torch.arange(steps, device=tb.k.device)
             cs = cos_sin(t_rope, positions)
-        bias = attention_bias(lengths, steps, device=tb.k.device)  # [B, 1, T, T], shared by every layer and side
         total, count = None, 0
         for layer in self.kv_layers:
             pairs = plan.attn_sources.get(layer) or ()
             if not pairs:
                 continue
+            # The target: the layer map's teacher layers, mixed onto the student's heads block by block inside the
+            # loss (never a [B, H, T, T] tensor), with no gradient.
+            queries, keys = [], []
+            for t_layer, _ in pairs:
+                q = tb.q[:, tb.q_layers.index(t_layer)]
+                k = tb.k[:, tb.layers.index(t_layer)]
+                if plan.spec.k_rope == "pre" and cs is not None:
+                    q, k = apply_rope(q, *cs), apply_rope(k, *cs)
+                queries.append(q)
+                keys.append(k)
+            teacher = TeacherAttention(queries, keys, [w for _, w in pairs], queries[0].shape[-1] ** -0.5)
             s_q, s_k = student.queries[layer], student.keys[layer]  # post-RoPE, as the student attended
-            with torch.no_grad():  # the target: the layer map's teacher layers, mixed onto the student's heads
-                t_p = neg_entropy = None
-                for t_layer, w in pairs:
-                    q = tb.q[:, tb.q_layers.index(t_layer)]
-                    k = tb.k[:, tb.layers.index(t_layer)]
-                    if plan.spec.k_rope == "pre" and cs is not None:
-                        q, k = apply_rope(q, *cs), apply_rope(k, *cs)
-                    logp = attention_log_probs(q, k, lengths, q.shape[-1] ** -0.5, bias)  # [B, Hq_t, T, T]
-                    p = logp.exp()
-                    if len(pairs) == 1 and p.shape[1] == s_q.shape[1]:
-                        neg_entropy = (p * logp).sum(-1)  # the common case: no mixture, log p is at hand
-                    t_p = p * w if t_p is None else t_p + p * w
-                if t_p.shape[1] != s_q.shape[1]:
-                    share = head_share_matrix(t_p.shape[1], s_q.shape[1]).to(t_p)  # [Hq_s, Hq_t]
-                    t_p = torch.einsum("sh,bhqk->bsqk", share, t_p)
-            kl = attention_kl_from_scores(t_p, s_q, s_k, lengths, student.scaling[layer], bias=bias,
-                                          teacher_neg_entropy=neg_entropy)
+            kl = attention_kl_blockwise(teacher, s_q, s_k, lengths, student.scaling[layer])
             total = kl if total is None else total + kl
             count += 1
         assert total is not None

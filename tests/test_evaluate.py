@@ -480,3 +480,58 @@ def test_the_stop_check_decodes_lines_not_the_whole_continuation(assets):
         assert (stop.stopped_at[3] is not None) == (terminator != "")
         naive_cost = sum(range(1, steps + 1)) * len(seqs)
         assert sum(decoded) < naive_cost / 5, (sum(decoded), naive_cost)
+
+
+def _greedy_then_cut(model, tok, prompt: str, max_new_tokens: int, terminator: str) -> tuple[str, int, str]:
+    """The reference for kava's generation loop: plain ``model.generate`` greedy on the prompt alone, with no stop
+    criterion, then cut by hand where kava must stop: after the first token whose continuation holds a terminated
+    answer (the whole continuation decoded at every length), or after the first EOS, or at the budget."""
+    from kava.distill.evaluate import answer_pattern
+
+    ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
+                             pad_token_id=eos)
+    tokens = out[0, len(ids):].tolist()
+    assert len(tokens) == max_new_tokens  # no stop criterion: the whole budget
+    head = tok.decode(ids, skip_special_tokens=True)
+
+    def text(n: int) -> str:
+        return tok.decode(ids + tokens[:n], skip_special_tokens=True)[len(head):]
+
+    answered = next((n for n in range(1, len(tokens) + 1)
+                     if answer_pattern(terminator, ended=False).search(text(n))), None)
+    at_eos = next((n + 1 for n, t in enumerate(tokens) if t == eos), None)
+    if answered is not None and (at_eos is None or answered < at_eos):
+        n, why = answered, "answer"
+    elif at_eos is not None:
+        n, why = at_eos, "eos"
+    else:
+        n, why = len(tokens), "budget"
+    return cut_after_answer(text(n), terminator), n, why
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_kava_generation_is_plain_greedy_generation_cut_at_the_stop(assets, tmp_path, batch_size):
+    """Texts, token counts and stop reasons of the generation loop equal ``model.generate``'s greedy tokens cut at
+    the stop point, on the forced model (answers, EOS, budget) and on the real stories260K over synthetic prompts."""
+    from transformers import AutoTokenizer
+
+    from kava.distill.evaluate import _generate
+    from kava.extract.synthetic import synthetic_rows
+
+    tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
+    _forced_model(tok, CHAIN).save_pretrained(tmp_path / "forced")
+    tok.save_pretrained(tmp_path / "forced")
+    forced = ["Q: Say it:", "Q: How many?", "Q: Stop!", "Q: Tell me:", "Q: ?!:"]
+    stories_prompts = [prompt_text(row, TEMPLATES["plain"]) for row in synthetic_rows(6, seed=3, split="test")]
+    for path, prompts in ((tmp_path / "forced", forced), (assets(STORIES), stories_prompts)):
+        model, tokenizer = _load(path)
+        got = _generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=24, terminator="\n")
+        want = [_greedy_then_cut(model, tokenizer, p, 24, "\n") for p in prompts]
+        assert got == want
+    assert {why for _, _, why in got} | {why for _, _, why in
+                                         _generate(*_load(tmp_path / "forced"), forced, batch_size=batch_size,
+                                                   max_new_tokens=24, terminator="\n")} >= {"answer", "eos", "budget"}

@@ -319,34 +319,133 @@ def test_attention_kl_rejects_mismatched_tokens() -> None:
         attention_kl(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 4, 4), torch.tensor([3]))
 
 
-@pytest.mark.parametrize("t_heads,s_heads,kv_heads", [(4, 4, 2), (3, 2, 1), (8, 4, 4)])
-def test_attention_kl_from_scores_equals_the_explicit_kl_and_its_gradient(t_heads, s_heads, kv_heads):
-    from kava.distill.losses import attention_kl, attention_kl_from_scores
-    from kava.distill.projectors import head_share_matrix
+# ---------------------------------------------------------------------------------------------------------------------
+# The blockwise attention term against the dense computation it replaced
+
+
+def dense_attention_term(queries, keys, weights, t_scaling, q, k, lengths, scaling):
+    """The attention term as it was computed before the blockwise version, kept as the reference: the teacher's
+    attention over whole ``[B, H, T, T]`` tensors (mixed over layers, then onto the student's heads), and
+    ``KL = Σ p log p − Σ p·s + logsumexp(s)`` over the student's dense masked scores, through autograd."""
+    from kava.distill.losses import _masked_scores, attention_bias
+
+    steps = q.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    bias = attention_bias(lengths, steps, dtype=dtype)
+    with torch.no_grad():
+        t_p = None
+        for tq, tk, w in zip(queries, keys, weights):
+            p = attention_log_probs(tq.to(dtype), tk.to(dtype), lengths, t_scaling, bias).exp()
+            t_p = p * w if t_p is None else t_p + p * w
+        if t_p.shape[1] != q.shape[1]:
+            t_p = torch.einsum("sh,bhqk->bsqk", head_share_matrix(t_p.shape[1], q.shape[1]).to(t_p), t_p)
+        neg_entropy = torch.xlogy(t_p, t_p).sum(-1)
+    scores = _masked_scores(q, k, lengths, scaling, bias)  # [B, Hs, T, T]
+    kl = neg_entropy - (t_p * scores).sum(-1) + torch.logsumexp(scores, dim=-1)
+    padded = torch.arange(steps).view(1, 1, -1) >= lengths.view(-1, 1, 1)
+    return kl.masked_fill(padded, 0.0).mean(dim=1)
+
+
+# (teacher heads, teacher kv heads, student heads, student kv heads, teacher layers mixed, block)
+ATTENTION_CASES = [
+    (4, 2, 4, 2, 1, 4),  # GQA on both sides, same heads
+    (8, 4, 4, 4, 1, 3),  # more teacher heads than student heads: mixed onto them
+    (3, 3, 2, 1, 2, 5),  # two teacher layers mixed, 3 -> 2 heads, MQA student
+    (2, 1, 6, 3, 1, 1),  # fewer teacher heads (copied), one query per block
+    (4, 4, 8, 2, 2, 64),  # one block larger than the sequence
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("t_heads", "t_kv", "s_heads", "s_kv", "layers", "block"), ATTENTION_CASES)
+def test_attention_kl_blockwise_equals_the_dense_term_and_its_gradient(dtype, t_heads, t_kv, s_heads, s_kv, layers,
+                                                                      block):
+    from kava.distill.losses import TeacherAttention, attention_kl_blockwise
 
     torch.manual_seed(0)
+    steps, lengths = 11, torch.tensor([11, 7, 1, 0])  # padding, a one-token row, an empty row
+    queries = [torch.randn(4, t_heads, steps, 4, dtype=dtype) * 2 for _ in range(layers)]
+    keys = [torch.randn(4, t_kv, steps, 4, dtype=dtype) * 2 for _ in range(layers)]
+    weights = [1.0] if layers == 1 else [0.3, 0.7]
+    q = (torch.randn(4, s_heads, steps, 6, dtype=dtype) * 2).requires_grad_()
+    k = (torch.randn(4, s_kv, steps, 6, dtype=dtype) * 2).requires_grad_()
+
+    dense = dense_attention_term(queries, keys, weights, 0.5, q, k, lengths, 0.4)
+    fast = attention_kl_blockwise(TeacherAttention(queries, keys, weights, 0.5), q, k, lengths, 0.4, block=block)
+    assert fast.dtype == dtype and fast.shape == (4, steps)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(fast, dense, **tol)
+    assert (fast[1, 7:] == 0).all() and (fast[2, 1:] == 0).all() and (fast[3] == 0).all()  # padded queries
+    assert (fast[0, 1:] > 0).all() and (fast[1, 1:7] > 0).all()  # real queries past the first carry a real KL
+
+    upstream = torch.rand(4, steps, dtype=dtype)  # a weighting as the recipe applies, nonzero on padding too
+    g_dense = torch.autograd.grad((dense * upstream).sum(), (q, k))
+    g_fast = torch.autograd.grad((fast * upstream).sum(), (q, k))
+    for a, b in zip(g_fast, g_dense):
+        torch.testing.assert_close(a, b, **tol)
+    assert (g_fast[0][3] == 0).all() and (g_fast[1][3] == 0).all()  # an empty row learns nothing
+
+
+def test_attention_kl_blockwise_agrees_with_the_explicit_kl():
+    """The chain to the general definition: the blockwise term equals ``attention_kl`` of the two log-probabilities
+    (one teacher layer, the student's heads)."""
+    from kava.distill.losses import TeacherAttention, attention_kl_blockwise
+
+    torch.manual_seed(1)
     lengths = torch.tensor([6, 3, 1])
-    t_logp = attention_log_probs(torch.randn(3, t_heads, 6, 4), torch.randn(3, t_heads, 6, 4), lengths, 0.5)
-    mixed = torch.einsum("sh,bhqk->bsqk", head_share_matrix(t_heads, s_heads), t_logp.exp())
-    q = torch.randn(3, s_heads, 6, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(3, kv_heads, 6, 5, dtype=torch.float64, requires_grad=True)
-    explicit = attention_kl(t_logp.double(), attention_log_probs(q, k, lengths, 0.3), lengths)
-    fused = attention_kl_from_scores(mixed.double(), q, k, lengths, 0.3)
-    torch.testing.assert_close(fused, explicit)
-    from kava.distill.losses import attention_bias
-
-    bias = attention_bias(lengths, 6, dtype=torch.float64)  # built once per batch, the same numbers
-    torch.testing.assert_close(attention_kl_from_scores(mixed.double(), q, k, lengths, 0.3, bias=bias), explicit)
-    g_explicit = torch.autograd.grad(explicit.sum(), (q, k))
-    g_fused = torch.autograd.grad(fused.sum(), (q, k))
-    for a, b in zip(g_fused, g_explicit):
-        torch.testing.assert_close(a, b)
-    assert (fused[1, 3:] == 0).all() and (fused[2, 1:] == 0).all()  # padded queries
+    tq, tk = torch.randn(3, 4, 6, 4, dtype=F64), torch.randn(3, 2, 6, 4, dtype=F64)
+    q, k = torch.randn(3, 4, 6, 5, dtype=F64), torch.randn(3, 1, 6, 5, dtype=F64)
+    explicit = attention_kl(attention_log_probs(tq, tk, lengths, 0.5), attention_log_probs(q, k, lengths, 0.3),
+                            lengths)
+    fast = attention_kl_blockwise(TeacherAttention([tq], [tk], [1.0], 0.5), q, k, lengths, 0.3, block=2)
+    torch.testing.assert_close(fast, explicit)
 
 
-def test_attention_kl_from_scores_refuses_teacher_heads_not_on_the_student():
-    from kava.distill.losses import attention_kl_from_scores
+def test_attention_kl_blockwise_gradcheck():
+    from kava.distill.losses import TeacherAttention, attention_kl_blockwise
 
-    with pytest.raises(ConfigError, match=r"Mix the teacher's heads onto the student's first"):
-        attention_kl_from_scores(torch.zeros(1, 3, 4, 4), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8),
-                                 torch.tensor([4]), 1.0)
+    torch.manual_seed(2)
+    lengths = torch.tensor([5, 3])
+    teacher = TeacherAttention([torch.randn(2, 3, 5, 2, dtype=F64) for _ in range(2)],
+                               [torch.randn(2, 3, 5, 2, dtype=F64) for _ in range(2)], [0.5, 0.5], 0.7)
+    q = torch.randn(2, 4, 5, 3, dtype=F64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k: attention_kl_blockwise(teacher, q, k, lengths, 0.6, block=2), (q, k))
+
+
+def test_attention_kl_blockwise_keeps_no_token_by_token_tensor_for_backward():
+    """What autograd keeps between forward and backward is O(B·H·T·D): no [B, H, T, T] scores or probabilities."""
+    from kava.distill.losses import TeacherAttention, attention_kl_blockwise
+
+    batch, heads, steps = 2, 4, 64
+    teacher = TeacherAttention([torch.randn(batch, heads, steps, 4)], [torch.randn(batch, 2, steps, 4)], [1.0], 0.5)
+    q = torch.randn(batch, heads, steps, 8, requires_grad=True)
+    k = torch.randn(batch, 2, steps, 8, requires_grad=True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        kl = attention_kl_blockwise(teacher, q, k, torch.tensor([64, 40]), 0.3, block=16)
+    kl.sum().backward()
+    assert saved and max(saved) <= batch * heads * steps * 8 < batch * heads * steps * steps
+
+
+def test_attention_kl_blockwise_rejects_bad_inputs():
+    from kava.distill.losses import TeacherAttention, attention_kl_blockwise
+
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    teacher = TeacherAttention([torch.randn(2, 4, 5, 4)], [torch.randn(2, 4, 5, 4)], [1.0], 0.5)
+    with pytest.raises(ConfigError, match=r"Expected the teacher's queries over the student's batch and tokens "
+                                          r"\[2, Ht, 6, Dt\]. Got \(2, 4, 5, 4\) instead"):
+        attention_kl_blockwise(teacher, q, k, torch.tensor([6, 6]), 0.3)
+    teacher = TeacherAttention([torch.randn(2, 4, 6, 4)], [torch.randn(2, 4, 6, 4)], [1.0], 0.5)
+    with pytest.raises(ConfigError, match="Expected block to be an integer >= 1. Got 0 instead"):
+        attention_kl_blockwise(teacher, q, k, torch.tensor([6, 6]), 0.3, block=0)
+    with pytest.raises(ConfigError, match="multiple of the key heads. Got Hq=4, Hk=3"):
+        attention_kl_blockwise(teacher, q, torch.randn(2, 3, 6, 8), torch.tensor([6, 6]), 0.3)
+    with pytest.raises(ConfigError, match=r"Expected lengths as an integer tensor of shape \[2\]"):
+        attention_kl_blockwise(teacher, q, k, torch.tensor([6.0, 6.0]), 0.3)
+    with pytest.raises(ConfigError, match="Expected as many teacher queries, keys and weights, at least one. Got 1, "
+                                          "1 and 2 instead"):
+        TeacherAttention([torch.randn(2, 4, 6, 4)], [torch.randn(2, 4, 6, 4)], [0.5, 0.5], 0.5)
+    with pytest.raises(ConfigError, match="Expected every teacher layer's q and k in one layout"):
+        TeacherAttention([torch.randn(2, 4, 6, 4), torch.randn(2, 2, 6, 4)], [torch.randn(2, 2, 6, 4)] * 2,
+                         [0.5, 0.5], 0.5)
