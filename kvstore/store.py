@@ -116,7 +116,7 @@ class UnsealedStoreWarning(UserWarning):
 
 def unsealed_note(where: str) -> str:
     return (f"{where}: format version 1 store; its manifest and teacher specs carry no digest, so an edit to them "
-            "can't be detected. Re-extract it with this kava to get a sealed (version 2) store.")
+            "can't be detected. Re-extract it with this kava to get a sealed (version 2 or later) store.")
 
 
 def digest_error(where: str, document: str, problem: str, fix: str) -> ChecksumError:

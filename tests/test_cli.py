@@ -91,7 +91,7 @@ def test_store_info_json_prints_only_json(store_path):
     out = kava("store", "info", str(store_path), "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)  # nothing else on stdout
-    assert info["format_version"] == 2
+    assert info["format_version"] == 3
     assert info["samples"] == 6 and info["tokens"] == 36
     assert info["samples_by_status"] == {"ok": 4, "truncated": 1, "skipped": 1}
     t = info["teachers"]["t1"]
