@@ -170,6 +170,9 @@ def plan_chunks(
 # Values are grouped per token: one (scale, zero) per token, layer, head and group of ``group_channels`` channels.
 #
 # Decode: ``x = code * scale + zero`` in float32, two roundings (multiply, then add), the same in numpy and torch.
+# A reader that decodes on its own device reads, for rows [a, b) of a shard: ``<array>`` rows [a, b) and, for each
+# side array of ``stored_arrays``, rows ``side_rows(array, dtype, a, b, G)``; then ``dequantize_torch(codes, scale,
+# zero, dtype, per_channel=..., group=..., first_row=a)`` with ``group_of`` giving per_channel and group.
 # ---------------------------------------------------------------------------------------------------------------
 
 LOWBIT_BITS: dict[str, int] = {"int4": 4, "int2": 2}
