@@ -17,7 +17,7 @@ codec (a per-layer PCA basis of the K/V rows, float16 coefficients, at the rank 
 
 Usage::
 
-    KAVA_ASSETS=... python tests/benchmarks/codecs.py [--samples 200] [--tokens 4096]
+    KAVA_ASSETS=... python tests/benchmarks/codecs.py [--samples 200] [--tokens 2048]
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ def seven_b(tokens: int) -> dict:
     from kava.kvstore import codecs
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=28,
-                      num_key_value_heads=4, head_dim=128, vocab_size=32000, max_position_embeddings=8192)
+    cfg = LlamaConfig(hidden_size=3584, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=28,
+                      num_key_value_heads=4, head_dim=128, vocab_size=1000, max_position_embeddings=8192)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (tokens // 512, 512))
     ks, vs, qs = [], [], []
@@ -200,7 +200,7 @@ def seven_b(tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=200, help="GSM8K rows for the stories260K stores")
-    ap.add_argument("--tokens", type=int, default=4096, help="random tokens through the 7B-shaped model")
+    ap.add_argument("--tokens", type=int, default=2048, help="random tokens through the 7B-shaped model")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.environ.get("KAVA_ASSETS"):
