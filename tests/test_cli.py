@@ -104,7 +104,7 @@ def test_store_info_json_prints_only_json(store_path):
 def test_store_info_human(store_path):
     out = kava("store", "info", str(store_path))
     assert out.returncode == 0
-    assert "format v2" in out.stdout and "teacher     t1" in out.stdout and "complete" in out.stdout
+    assert "format v3" in out.stdout and "teacher     t1" in out.stdout and "complete" in out.stdout
 
 
 def test_store_verify_sound_and_corrupted(store_path, tmp_path):
