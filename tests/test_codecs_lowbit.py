@@ -316,3 +316,17 @@ def test_an_older_reader_refuses_a_version_3_store_and_old_stores_take_no_lowbit
     _set_root_version(path, 4)
     with pytest.raises(FormatVersionError, match="format version 4; this kava reads up to 3"):
         KVStore.open(path)
+
+
+def test_the_codecs_config_stores_one_teacher_four_ways():
+    from kava.pipelines.config import configs_dir, load_config
+
+    cfg = load_config(configs_dir() / "codecs.yaml")
+    dtypes = {t.name: t.extract.get("kv_dtype") for t in cfg.teachers}
+    assert sorted(dtypes.values()) == ["float16", "int2", "int4", "int8"]
+    assert len({repr(t.train) for t in cfg.teachers}) == 1  # the same training: trained once
+    same = [{k: v for k, v in t.extract.items() if k != "kv_dtype"} for t in cfg.teachers]
+    assert all(s == same[0] for s in same)  # extracted alike but for the dtype
+    kv = [v for v in cfg.variants if v.teachers]
+    assert len({repr(v.distill) for v in kv}) == 1  # the same objective for every store
+    assert {dtypes[v.teachers[0]] for v in kv} == set(dtypes.values())
