@@ -18,7 +18,7 @@ from kava.kvstore.manifest import KV_DTYPES
 from .config import ExtractConfig
 
 
-LOSSY_NOTE = {"int8": "no (~0.5%)", "int4": "no (cos ~0.999)", "int2": "no (cos ~0.97-0.99)"}
+LOSSY_NOTE = {"int8": "no (~0.5%)", "int4": "no (cos >= 0.995)", "int2": "no (cos 0.90-0.99)"}
 """How far each lossy dtype's decoded K/V are from the teacher's (measured in tests/benchmarks/codecs.py)."""
 
 
