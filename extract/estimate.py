@@ -18,8 +18,17 @@ from kava.kvstore.manifest import KV_DTYPES
 from .config import ExtractConfig
 
 
-def bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str) -> float:
-    """Stored bytes of one token's ``layers x heads x head_dim`` values in ``dtype`` (int8 adds its fp16 scales)."""
+LOSSY_NOTE = {"int8": "no (~0.5%)", "int4": "no (cos >= 0.995)", "int2": "no (cos 0.90-0.99)"}
+"""How far each lossy dtype's decoded K/V are from the teacher's (measured in tests/benchmarks/codecs.py)."""
+
+
+def bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str, array: str = "k") -> float:
+    """Stored bytes of one token's ``layers x heads x head_dim`` values in ``dtype``, scales included (int8: one
+    fp16 scale per layer and head; int4/int2: a scale and zero per channel and 64 tokens for ``k``/``q``, per
+    token and 128 channels for ``v``)."""
+    if codecs.is_lowbit(dtype):
+        return codecs.bytes_per_token(array, layers, heads, head_dim, dtype, group_tokens=codecs.DEFAULT_GROUP_TOKENS,
+                                      group_channels=codecs.group_channels_for(head_dim))
     values = layers * heads * head_dim * codecs.storage_numpy_dtype(dtype).itemsize
     return values + (layers * heads * 2 if dtype == "int8" else 0)  # + the fp16 scale per (layer, head)
 
@@ -28,13 +37,15 @@ def _compressed_ratio(sample: np.ndarray, dtype: str) -> float:
     """Uncompressed / compressed bytes of ``sample`` [T, L, H, D] under the default codec."""
     from numcodecs import Blosc
 
-    stored, scale = codecs.encode(sample, dtype)
     conf = codecs.DEFAULT_COMPRESSOR["configuration"]
-    raw = stored.tobytes() + (b"" if scale is None else scale.tobytes())
-    blosc = Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=Blosc.SHUFFLE,
-                  blocksize=conf["blocksize"], typesize=stored.dtype.itemsize)
-    packed = len(blosc.encode(stored.tobytes())) + (0 if scale is None else len(blosc.encode(scale.tobytes())))
-    return len(raw) / packed
+    parts = codecs.encode_arrays(sample, "k", dtype, group_tokens=codecs.DEFAULT_GROUP_TOKENS,
+                                 group_channels=codecs.group_channels_for(sample.shape[-1]))
+    raw = packed = 0
+    for data in parts.values():
+        blosc = Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=Blosc.SHUFFLE,
+                      blocksize=conf["blocksize"], typesize=data.dtype.itemsize)
+        raw, packed = raw + data.nbytes, packed + len(blosc.encode(np.ascontiguousarray(data).tobytes()))
+    return raw / packed
 
 
 def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
@@ -88,13 +99,14 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
 
     choices = []
     for dtype in KV_DTYPES:
-        per_token = 2 * bytes_per_token(stored, kv_heads, head_dim, dtype) + \
-            bytes_per_token(q_layers, num_heads, head_dim, dtype)
+        per_token = bytes_per_token(stored, kv_heads, head_dim, dtype, "k") + \
+            bytes_per_token(stored, kv_heads, head_dim, dtype, "v") + \
+            bytes_per_token(q_layers, num_heads, head_dim, dtype, "q")
         logical = per_token * student_tokens
         ratio = _compressed_ratio(sample, dtype) if len(sample) else 1.0
         choices.append({"kv_dtype": dtype, "bytes_per_token": per_token, "logical_bytes": int(logical),
                         "compressed_ratio": round(ratio, 3), "bytes_on_disk_zstd": int(logical / ratio),
-                        "bytes_on_disk_raw": int(logical), "lossless": dtype != "int8"})
+                        "bytes_on_disk_raw": int(logical), "lossless": dtype not in ("int8", *codecs.LOWBIT_BITS)})
     return {
         "teacher": source.model_id,
         "quantization": source.quantization,
@@ -131,7 +143,7 @@ def format_estimate(e: dict[str, Any]) -> str:
     for c in e["storage"]:
         lines.append(f"{c['kv_dtype']:<10}{size(c['bytes_per_token']):>12}{size(c['logical_bytes']):>12}"
                      f"{c['compressed_ratio']:>11.2f}x{size(c['bytes_on_disk_zstd']):>12}  "
-                     f"{'yes' if c['lossless'] else 'no (~0.5%)'}")
+                     f"{'yes' if c['lossless'] else LOSSY_NOTE.get(c['kv_dtype'], 'no')}")
     t = e["timed"]
     lines += ["", f"timed     {t['samples']} samples, {t['teacher_tokens']} tokens in {t['seconds']} s on {t['device']}"
               f" → {t['tokens_per_s']:,.0f} tokens/s",

@@ -10,6 +10,9 @@ Storage dtypes (``StorageSpec.dtype``):
 - ``float32``: lossless for everything, twice the bytes.
 - ``int8``: symmetric absmax quantisation with one float16 scale per (token, layer, head), kept in ``<name>_scale``
   ``[tokens, layers, heads]``. Relative error about 0.5% on real K/V (measured in the tests), ~2x smaller than fp16.
+- ``int4``, ``int2``: asymmetric group quantisation, 2 or 4 codes packed per uint8 byte, with float16 ``<name>_scale``
+  and ``<name>_zero``; keys and queries grouped per channel over ``group_tokens`` tokens, values per token over
+  ``group_channels`` channels (see "Low-bit storage" below and FORMAT.md).
 
 Readers get ``float32`` (or ``float16`` when asked) back, whatever the storage dtype.
 """
@@ -36,7 +39,8 @@ DEFAULT_COMPRESSOR: dict[str, Any] = {
 
 def storage_numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype zarr sees for a storage dtype."""
-    return np.dtype({"float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "int8": "i1"}[dtype])
+    return np.dtype({"float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "int8": "i1", "int4": "u1",
+                     "int2": "u1"}[dtype])
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -71,6 +75,12 @@ def check_values(x: np.ndarray, dtype: str) -> str | None:
         return (
             f"values up to {peak:.4g} overflow int8's float16 scales (rows up to {FP16_MAX * 127:.4g}); store "
             "this teacher with --kv-dtype bfloat16"
+        )
+    if dtype in ("int4", "int2") and peak > FP16_MAX:
+        # Scales and zeros are float16: a group's minimum beyond ±65504 can't be stored.
+        return (
+            f"values up to {peak:.4g} overflow {dtype}'s float16 scales and zeros (max {FP16_MAX:g}); store this "
+            "teacher with --kv-dtype bfloat16"
         )
     return None
 
@@ -115,7 +125,8 @@ def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
         return float_to_bf16_bits(x), None
     if dtype == "int8":
         return quantize_int8(x)
-    raise SampleError(f"Expected a storage dtype in float16, bfloat16, float32, int8. Got {dtype!r} instead.")
+    raise SampleError(f"Expected a storage dtype in float16, bfloat16, float32, int8 (int4 and int2 are encoded "
+                      f"per block: encode_lowbit). Got {dtype!r} instead.")
 
 
 def decode(stored: np.ndarray, scale: np.ndarray | None, dtype: str, out_dtype: np.dtype) -> np.ndarray:
@@ -159,8 +170,229 @@ def plan_chunks(
     teacher: 1 KiB per token and layer → 4096 tokens), so a reader of a layer subset decodes only those layers;
     otherwise all layers share a chunk (a tiny model: 64 B per token and layer) to keep chunks >= 1 MB.
     """
-    row = heads * head_dim * storage_numpy_dtype(dtype).itemsize
+    row = heads * head_dim * LOWBIT_BITS[dtype] // 8 if is_lowbit(dtype) else \
+        heads * head_dim * storage_numpy_dtype(dtype).itemsize
     chunk_layers = 1 if row * 1024 >= target_bytes // 4 else layers
     tokens = target_bytes // (row * chunk_layers)
     tokens = int(min(max(tokens, 256), 1 << 18))
     return max(256, tokens - tokens % 256), chunk_layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Low-bit storage: int4 and int2, bit-packed, asymmetric (min / step) over groups.
+#
+# Keys (and queries) are grouped per channel: one (scale, zero) per group of ``group_tokens`` consecutive rows of a
+# shard, per layer, head and channel. Pre-RoPE keys have a few outlier channels that stay large on every token, so a
+# scale per channel spends the code range where it is needed (KIVI, KVQuant); a per-token scale would be set by the
+# outliers and round the other channels to zero. Groups start at the shard's first row and never cross a chunk
+# (``chunk_tokens`` is a multiple of ``group_tokens``), so any row range reads its codes plus the scale rows
+# ``[a // G, ceil(b / G))``. A group may span two samples; that couples their rounding, not their addressing.
+# Values are grouped per token: one (scale, zero) per token, layer, head and group of ``group_channels`` channels.
+#
+# Decode: ``x = code * scale + zero`` in float32, two roundings (multiply, then add), the same in numpy and torch.
+# A reader that decodes on its own device reads, for rows [a, b) of a shard: ``<array>`` rows [a, b) and, for each
+# side array of ``stored_arrays``, rows ``side_rows(array, dtype, a, b, G)``; then ``dequantize_torch(codes, scale,
+# zero, dtype, per_channel=..., group=..., first_row=a)`` with ``group_of`` giving per_channel and group.
+# ---------------------------------------------------------------------------------------------------------------
+
+LOWBIT_BITS: dict[str, int] = {"int4": 4, "int2": 2}
+"""Bits per code of the packed storage dtypes; ``8 // bits`` codes share one uint8 byte, first code lowest."""
+DEFAULT_GROUP_TOKENS = 64
+"""Tokens per key/query group (per layer, head and channel). Divides every planned ``chunk_tokens`` (256·n)."""
+DEFAULT_GROUP_CHANNELS = 128
+"""Channels per value group (per token, layer and head); the head dimension when it is smaller."""
+PER_CHANNEL_ARRAYS = ("k", "q")
+"""Arrays grouped per channel over tokens; the others (``v``) per token over channels."""
+
+
+def is_lowbit(dtype: str) -> bool:
+    return dtype in LOWBIT_BITS
+
+
+def group_channels_for(head_dim: int, group_channels: int = DEFAULT_GROUP_CHANNELS) -> int:
+    """The value group size for ``head_dim``: ``group_channels`` capped at the head dimension."""
+    return min(group_channels, head_dim)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes ``[..., D]`` in ``[0, 2**bits)`` → packed uint8 ``[..., D * bits // 8]``, first code lowest."""
+    per = 8 // bits
+    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = np.zeros(c.shape[:-1], dtype=np.uint8)
+    for i in range(per):
+        out |= (c[..., i] << np.uint8(i * bits)).astype(np.uint8)
+    return out
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Packed uint8 ``[..., P]`` → uint8 codes ``[..., P * 8 // bits]`` (the inverse of :func:`pack_bits`)."""
+    per, mask = 8 // bits, np.uint8((1 << bits) - 1)
+    shifts = (np.arange(per, dtype=np.uint8) * np.uint8(bits))
+    codes = (packed[..., None] >> shifts) & mask  # [..., P, per]
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def _grouped(x: np.ndarray, per_channel: bool, group: int) -> np.ndarray:
+    """``[T, L, H, D]`` → groups on axis 1: ``[ceil(T/G), G, L, H, D]`` (per channel; the last group repeats its
+    last row, which leaves min and max alone) or ``[T, D/G, L, H]``-like ``[T, L, H, D/G, G]`` → axis -1 (per token)."""
+    if per_channel:
+        t = x.shape[0]
+        pad = (-t) % group
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+        return x.reshape(-1, group, *x.shape[1:])
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+
+
+def quantize_lowbit(x: np.ndarray, bits: int, *, per_channel: bool, group: int,
+                    symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric (default) or symmetric group quantisation to ``bits`` bits.
+
+    x: ``[T, L, H, D]`` float. per_channel: (scale, zero) per ``group`` rows per (layer, head, channel), shapes
+    ``[ceil(T/G), L, H, D]``; else per (token, layer, head, group of ``group`` channels), ``[T, L, H, D/G]``.
+    Returns (packed codes uint8 ``[T, L, H, D*bits/8]``, scale float16, zero float16) with
+    ``x ≈ code * scale + zero``. Asymmetric: zero = min, scale = (max - min) / (2**bits - 1). Symmetric (kept for
+    the measurement that chose asymmetric): scale = absmax / (2**(bits-1) - 1), zero = -(2**(bits-1) - 1) * scale.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    top = (1 << bits) - 1
+    g = _grouped(x, per_channel, group)
+    axis = 1 if per_channel else -1
+    if symmetric:
+        half = (1 << (bits - 1)) - 1
+        scale = (np.max(np.abs(g), axis=axis) / half).astype(np.float16)
+        zero = (-half * scale.astype(np.float32)).astype(np.float16)
+    else:
+        lo, hi = np.min(g, axis=axis), np.max(g, axis=axis)
+        scale = ((hi - lo) / top).astype(np.float16)
+        zero = lo.astype(np.float16)
+    # Codes from the scale and zero as stored (fp16-rounded), so decode(encode(x)) sees the same numbers.
+    s = np.expand_dims(scale.astype(np.float32), axis)
+    z = np.expand_dims(zero.astype(np.float32), axis)
+    q = np.divide(g - z, s, out=np.zeros_like(g), where=s > 0)
+    codes = np.clip(np.rint(q), 0, top).astype(np.uint8)
+    codes = codes.reshape(-1, *x.shape[1:])[: x.shape[0]] if per_channel else codes.reshape(x.shape)
+    return pack_bits(codes, bits), scale, zero
+
+
+def dequantize_np(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, dtype: str, *, per_channel: bool,
+                  group: int, first_row: int = 0) -> np.ndarray:
+    """Stored codes → float32 ``[T, L, H, D]``, numpy. The reference for :func:`dequantize_torch`.
+
+    int8: codes ``[T, L, H, D]`` int8, scale ``[T, L, H]``, zero None. int4/int2: packed codes ``[T, L, H, P]``
+    uint8; per channel, scale/zero ``[ceil((first_row + T) / G) - first_row // G, L, H, D]`` are the groups of
+    rows ``first_row .. first_row + T`` of the shard (the caller reads scale rows ``[first_row // G, ...)``);
+    per token, ``[T, L, H, D/G]``.
+    """
+    if dtype == "int8":
+        return codes.astype(np.float32) * scale.astype(np.float32)[..., None]
+    c = unpack_bits(codes, LOWBIT_BITS[dtype]).astype(np.float32)
+    s, z = scale.astype(np.float32), zero.astype(np.float32)
+    if per_channel:
+        skip = first_row % group
+        s = np.repeat(s, group, axis=0)[skip : skip + c.shape[0]]
+        z = np.repeat(z, group, axis=0)[skip : skip + c.shape[0]]
+    else:
+        s, z = np.repeat(s, group, axis=-1), np.repeat(z, group, axis=-1)
+    return c * s + z
+
+
+def dequantize_torch(codes: Any, scale: Any, zero: Any, dtype: str, *, per_channel: bool, group: int,
+                     first_row: int = 0) -> Any:
+    """:func:`dequantize_np` for torch tensors on any device (same shapes, same float32 result; two roundings,
+    no fused multiply-add). codes: int8 or uint8 tensors; scale/zero: float16 tensors."""
+    import torch
+
+    if dtype == "int8":
+        return codes.to(torch.float32) * scale.to(torch.float32)[..., None]
+    bits = LOWBIT_BITS[dtype]
+    per = 8 // bits
+    shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
+    c = (codes.to(torch.uint8)[..., None] >> shifts) & ((1 << bits) - 1)
+    c = c.reshape(*codes.shape[:-1], codes.shape[-1] * per).to(torch.float32)
+    s, z = scale.to(torch.float32), zero.to(torch.float32)
+    if per_channel:
+        skip = first_row % group
+        s = s.repeat_interleave(group, dim=0)[skip : skip + c.shape[0]]
+        z = z.repeat_interleave(group, dim=0)[skip : skip + c.shape[0]]
+    else:
+        s, z = s.repeat_interleave(group, dim=-1), z.repeat_interleave(group, dim=-1)
+    return torch.add(torch.mul(c, s), z)
+
+
+def group_of(array: str, dtype: str, group_tokens: int, group_channels: int) -> tuple[bool, int]:
+    """(per_channel, group size) of ``array`` (``k``, ``v`` or ``q``) stored as a low-bit ``dtype``."""
+    per_channel = array in PER_CHANNEL_ARRAYS
+    return per_channel, (group_tokens if per_channel else group_channels)
+
+
+def stored_arrays(array: str, rows: int, layers: int, heads: int, head_dim: int, dtype: str, *,
+                  group_tokens: int = 0, group_channels: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype,
+                                                                                       tuple[str, ...]]]:
+    """The zarr arrays that hold one ``[rows, layers, heads, head_dim]`` array in ``dtype``: name → (shape,
+    dtype, dimension names). Names are ``array`` plus ``_scale`` / ``_zero`` for the quantised dtypes."""
+    base = ("token", "q_layer", "q_head") if array == "q" else ("token", "layer", "kv_head")
+    if is_lowbit(dtype):
+        per_channel, g = group_of(array, dtype, group_tokens, group_channels)
+        side = ((-(-rows // g), layers, heads, head_dim), ("token_group", *base[1:], "head_dim")) if per_channel \
+            else ((rows, layers, heads, head_dim // g), (*base, "channel_group"))
+        packed = (rows, layers, heads, head_dim * LOWBIT_BITS[dtype] // 8)
+        return {array: (packed, np.dtype(np.uint8), (*base, "packed_head_dim")),
+                f"{array}_scale": (side[0], np.dtype(np.float16), side[1]),
+                f"{array}_zero": (side[0], np.dtype(np.float16), side[1])}
+    out = {array: ((rows, layers, heads, head_dim), storage_numpy_dtype(dtype), (*base, "head_dim"))}
+    if dtype == "int8":
+        out[f"{array}_scale"] = ((rows, layers, heads), np.dtype(np.float16), base)
+    return out
+
+
+def bytes_per_token(array: str, layers: int, heads: int, head_dim: int, dtype: str, *, group_tokens: int = 0,
+                    group_channels: int = 0) -> float:
+    """Stored bytes per token of one array, scales and zeros included (per-channel groups amortised over G)."""
+    total = 0.0
+    for shape, dt, dims in stored_arrays(array, group_tokens or 1, layers, heads, head_dim, dtype,
+                                         group_tokens=group_tokens, group_channels=group_channels).values():
+        n = float(np.prod(shape)) * dt.itemsize
+        total += n / (group_tokens or 1)
+    return total
+
+
+def cosine_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: (sum of cosine over the non-zero (token, head) rows, how many) of ``x`` vs ``y`` ``[T, L, H, D]``."""
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    nx, ny = np.linalg.norm(x, axis=-1), np.linalg.norm(y, axis=-1)
+    live = nx > 0
+    cos = np.divide(np.sum(x * y, axis=-1), nx * ny, out=np.zeros_like(nx), where=live & (ny > 0))
+    return cos.astype(np.float64).sum(axis=(0, 2)), live.sum(axis=(0, 2)).astype(np.int64)
+
+
+def encode_arrays(x: np.ndarray, array: str, dtype: str, *, group_tokens: int = 0,
+                  group_channels: int = 0) -> dict[str, np.ndarray]:
+    """float ``[T, L, H, D]`` → the stored arrays named as in :func:`stored_arrays` (``k``, ``k_scale``, ...).
+
+    For int4/int2 per-channel arrays, ``x`` must start at a group boundary of the shard (a writer's block does)."""
+    if is_lowbit(dtype):
+        per_channel, g = group_of(array, dtype, group_tokens, group_channels)
+        codes, scale, zero = quantize_lowbit(x, LOWBIT_BITS[dtype], per_channel=per_channel, group=g)
+        return {array: codes, f"{array}_scale": scale, f"{array}_zero": zero}
+    stored, scale = encode(x, dtype)
+    return {array: stored} if scale is None else {array: stored, f"{array}_scale": scale}
+
+
+def decode_arrays(parts: dict[str, np.ndarray], array: str, dtype: str, out_dtype: Any, *, first_row: int = 0,
+                  group_tokens: int = 0, group_channels: int = 0) -> np.ndarray:
+    """The inverse of :func:`encode_arrays` for rows ``first_row ..`` of a shard; per-channel scale and zero rows
+    must start at group ``first_row // group_tokens``. Returns ``out_dtype`` ``[T, L, H, D]``."""
+    if is_lowbit(dtype):
+        per_channel, g = group_of(array, dtype, group_tokens, group_channels)
+        x = dequantize_np(parts[array], parts[f"{array}_scale"], parts[f"{array}_zero"], dtype,
+                          per_channel=per_channel, group=g, first_row=first_row)
+        return x.astype(out_dtype, copy=False)
+    return decode(parts[array], parts.get(f"{array}_scale"), dtype, np.dtype(out_dtype))
+
+
+def side_rows(array: str, dtype: str, a: int, b: int, group_tokens: int) -> tuple[int, int]:
+    """The rows of ``<array>_scale`` / ``<array>_zero`` that rows ``[a, b)`` of ``array`` need."""
+    if is_lowbit(dtype) and array in PER_CHANNEL_ARRAYS:
+        return a // group_tokens, -(-b // group_tokens)
+    return a, b

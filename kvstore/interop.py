@@ -21,7 +21,8 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
     """One teacher's ``k``, ``v`` or ``q`` as a dask array ``[tokens, layers, heads, head_dim]``, lazily.
 
     Concatenates every shard along the token axis (aligned with ``grid/input_ids``). ``decode`` turns bfloat16
-    bits and int8 codes back into float32; without it you get the stored values. All shards must be complete.
+    bits and int8/int4/int2 codes back into float32; without it you get the stored values (int4/int2: packed codes
+    ``[tokens, layers, heads, head_dim * bits / 8]`` uint8). All shards must be complete.
     """
     import dask.array as da
 
@@ -37,7 +38,16 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
         key = layout.shard_array_key(teacher, shard, array)
         arr = store.array(key)
         x = da.from_zarr(arr)
-        if decode and spec.storage.dtype == "int8":
+        if decode and codecs.is_lowbit(spec.storage.dtype):
+            # Scale/zero chunks hold chunk_tokens / G groups (keys, queries) or chunk_tokens rows (values): block i
+            # of the codes lines up with block i of each, so every block dequantizes on its own.
+            st = spec.storage
+            per_channel, group = codecs.group_of(array, st.dtype, st.group_tokens, st.group_channels)
+            scale, zero = (da.from_zarr(store.array(f"{key}_{side}")) for side in ("scale", "zero"))
+            x = da.map_blocks(
+                lambda c, s, z: codecs.dequantize_np(c, s, z, st.dtype, per_channel=per_channel, group=group),
+                x, scale, zero, dtype=np.float32, chunks=(*x.chunks[:3], (spec.head_dim,)))
+        elif decode and spec.storage.dtype == "int8":
             scale = da.from_zarr(store.array(f"{key}_scale"))
             x = x.astype(np.float32) * scale.astype(np.float32)[..., None]
         elif decode and spec.storage.dtype == "bfloat16":
@@ -82,6 +92,21 @@ def _disk_bytes(store: KVStore, prefix: str) -> int | None:
     return total
 
 
+def _quantization_cosine(markers: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+    """Per array (k, v, q), per stored layer: the mean cosine of the decoded rows to the teacher's own, as the
+    writer measured it (int8, int4, int2; None for the lossless dtypes). Non-zero (token, head) rows count."""
+    total: dict[str, list[np.ndarray]] = {}
+    for mk in markers:
+        for name, q in mk.get("quantization", {}).items():
+            acc = total.setdefault(name, [np.zeros(len(q["rows"])), np.zeros(len(q["rows"]))])
+            acc[0] += q["cos_sum"]
+            acc[1] += q["rows"]
+    if not total:
+        return None
+    return {name: [round(float(c / n), 5) if n else 1.0 for c, n in zip(cos, rows)]
+            for name, (cos, rows) in total.items()}
+
+
 def summary(store: KVStore) -> dict[str, Any]:
     """What `kava store info --json` prints."""
     m = store.manifest
@@ -110,6 +135,10 @@ def summary(store: KVStore) -> dict[str, Any]:
             "quarantined": sum(len(mk.get("quarantined", [])) for mk in markers),
             "bytes_logical": int(sum(mk.get("bytes_logical", 0) for mk in markers)),
             "bytes_on_disk": _disk_bytes(store, layout.teacher_key(name)),
+            # The same K/V/Q as float16, for the ratio of a quantised store.
+            "bytes_float16": tokens * 2 * spec.head_dim * (2 * len(spec.layers) * spec.kv_heads
+                                                           + len(spec.q_layers) * spec.num_heads),
+            "quantization_cosine": _quantization_cosine(markers),
             # Logical bytes per student token of the complete shards: K/V, Q and the top-k logits together.
             "bytes_per_token": sum(mk.get("bytes_logical", 0) for mk in markers) / tokens if tokens else None,
             "logits": None if spec.logits is None else {

@@ -15,8 +15,10 @@ from typing import Any, Mapping
 
 from kava.core.errors import ConfigError, FormatVersionError, SchemaError, short_repr
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The store format this code writes and the newest it reads."""
+LOWBIT_SINCE = 3
+"""The first format version whose teachers may use the packed int4/int2 storage dtypes."""
 SEALED_SINCE = 2
 """The first format version whose manifest and teacher specs must carry a digest (version 1 had none)."""
 DIGEST_FIELD = "digest"
@@ -27,7 +29,9 @@ MAX_NAME_BYTES = 255
 SEGMENT_NAMES = ("prompt", "reasoning", "answer", "special")
 """Segment id ``i`` of a student token means ``SEGMENT_NAMES[i]``."""
 
-KV_DTYPES = ("float16", "bfloat16", "float32", "int8")
+KV_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4", "int2")
+LOWBIT_DTYPES = ("int4", "int2")
+"""Storage dtypes packed below a byte per value (format version 3 on)."""
 K_ROPE = ("pre", "post")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
@@ -361,8 +365,8 @@ class StorageSpec:
     """How a teacher's K/V/Q values are encoded on disk."""
 
     dtype: str = "float16"
-    """``float16`` (default), ``bfloat16`` (stored as its uint16 bit pattern), ``float32`` or ``int8``
-    (with one float16 scale per token, layer and head)."""
+    """``float16`` (default), ``bfloat16`` (stored as its uint16 bit pattern), ``float32``, ``int8``
+    (with one float16 scale per token, layer and head), or ``int4``/``int2`` (packed, asymmetric groups)."""
     compressor: dict[str, Any] = field(default_factory=dict)
     """The zarr bytes-to-bytes codec before the checksum, as zarr writes it (``{"name": "blosc", ...}``)."""
     checksum: str = "crc32c"
@@ -370,14 +374,28 @@ class StorageSpec:
     """Rows of the token axis per chunk."""
     chunk_layers: int = 1
     """Layers per chunk: 1 lets a reader skip layers it does not need; all layers when a layer is small."""
+    group_tokens: int = 0
+    """int4/int2: tokens per key/query group (one scale and zero per group, layer, head and channel); divides
+    ``chunk_tokens``. 0 for the other dtypes."""
+    group_channels: int = 0
+    """int4/int2: channels per value group (one scale and zero per token, layer, head and group); divides the head
+    dimension. 0 for the other dtypes."""
 
     def __post_init__(self) -> None:
         parse_str(self.dtype, "storage.dtype", choices=KV_DTYPES)
         parse_int(self.chunk_tokens, "storage.chunk_tokens", minimum=1)
         parse_int(self.chunk_layers, "storage.chunk_layers", minimum=1)
+        if self.dtype in LOWBIT_DTYPES:
+            g = parse_int(self.group_tokens, "storage.group_tokens", minimum=1)
+            parse_int(self.group_channels, "storage.group_channels", minimum=1)
+            _expect(self.chunk_tokens % g == 0, f"chunk_tokens {self.chunk_tokens} a multiple of group_tokens",
+                    g, "storage.group_tokens")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.dtype not in LOWBIT_DTYPES:  # the other dtypes' specs read exactly as in version 2
+            del d["group_tokens"], d["group_channels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> StorageSpec:
@@ -389,6 +407,8 @@ class StorageSpec:
             checksum=parse_str(d.get("checksum", "crc32c"), f"{w}.checksum", choices=("crc32c",)),
             chunk_tokens=parse_int(d.get("chunk_tokens"), f"{w}.chunk_tokens", minimum=1),
             chunk_layers=parse_int(d.get("chunk_layers"), f"{w}.chunk_layers", minimum=1),
+            group_tokens=parse_int(d.get("group_tokens", 0), f"{w}.group_tokens", minimum=0),
+            group_channels=parse_int(d.get("group_channels", 0), f"{w}.group_channels", minimum=0),
         )
 
 
@@ -468,6 +488,14 @@ class TeacherSpec:
             raise SchemaError(
                 f"layers: expected every teacher layer the layer map uses. Got {list(self.layers)} instead, "
                 f"missing {sorted(missing)}."
+            )
+        st = self.storage
+        if st.dtype in LOWBIT_DTYPES and (self.head_dim % st.group_channels or (self.head_dim * 4) % 8
+                                          or (st.dtype == "int2" and self.head_dim % 4)):
+            raise SchemaError(
+                f"storage: expected a head_dim divisible by group_channels {st.group_channels} and by "
+                f"{8 // (4 if st.dtype == 'int4' else 2)} (codes packed per byte) for {st.dtype}. Got head_dim "
+                f"{self.head_dim} instead. Store this teacher with --kv-dtype int8."
             )
 
     @property

@@ -35,6 +35,8 @@ from kava.core.errors import (
 
 from . import codecs, fastread, layout, zarr_io
 from .manifest import (
+    LOWBIT_DTYPES,
+    LOWBIT_SINCE,
     SEALED_SINCE,
     StorageSpec,
     StoreManifest,
@@ -114,7 +116,7 @@ class UnsealedStoreWarning(UserWarning):
 
 def unsealed_note(where: str) -> str:
     return (f"{where}: format version 1 store; its manifest and teacher specs carry no digest, so an edit to them "
-            "can't be detected. Re-extract it with this kava to get a sealed (version 2) store.")
+            "can't be detected. Re-extract it with this kava to get a sealed (version 2 or later) store.")
 
 
 def digest_error(where: str, document: str, problem: str, fix: str) -> ChecksumError:
@@ -418,6 +420,12 @@ class KVStore:
         if spec.storage.chunk_tokens <= 0:
             raise ConfigError("storage.chunk_tokens must be positive")
         key = layout.teacher_key(spec.name)
+        if spec.storage.dtype in LOWBIT_DTYPES and self.manifest.format_version < LOWBIT_SINCE:
+            raise StoreError(
+                f"{self.where}: expected a store of format version {LOWBIT_SINCE} or later for {spec.storage.dtype} "
+                f"storage (older readers can't decode it). Got version {self.manifest.format_version} instead. "
+                "Extract into a new store, or use --kv-dtype int8."
+            )
         if not zarr_io.exists(self._store, f"{key}/zarr.json"):
             # One exclusive write of the group with its spec: when the jobs of a job array register the same
             # teacher at once, one of them wins and the others compare against its spec below.
@@ -662,11 +670,17 @@ class KVStore:
         def values(array: str, lsel: Any) -> np.ndarray:
             key = layout.shard_array_key(name, shard, array)
             where = f"teacher {name!r} shard {shard} array {array!r}"
+            st = spec.storage
             with zarr_io.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
                                f"-{self.shard_samples(shard).start + sb - 1})"):
-                stored = self._rows(key, a, b, lsel)
-                scale = self._rows(f"{key}_scale", a, b, lsel) if spec.storage.dtype == "int8" else None
-            return codecs.decode(stored, scale, spec.storage.dtype, out_dtype)
+                parts = {array: self._rows(key, a, b, lsel)}
+                for side in codecs.stored_arrays(array, 1, 1, 1, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
+                                                 group_channels=st.group_channels):
+                    if side != array:  # scale rows: per-channel groups cover rows [a // G * G, b) of the shard
+                        ga, gb = codecs.side_rows(array, st.dtype, a, b, st.group_tokens)
+                        parts[side] = self._rows(layout.shard_array_key(name, shard, side), ga, gb, lsel)
+            return codecs.decode_arrays(parts, array, st.dtype, out_dtype, first_row=a, group_tokens=st.group_tokens,
+                                        group_channels=st.group_channels)
 
         if with_kv:
             k, v = values("k", sel), values("v", sel)
@@ -707,4 +721,6 @@ def default_storage(layers: int, kv_heads: int, head_dim: int, dtype: str = "flo
         compressor=dict(codecs.DEFAULT_COMPRESSOR) if compress else {},
         chunk_tokens=tokens,
         chunk_layers=min(per_chunk_layers, layers),
+        **({"group_tokens": codecs.DEFAULT_GROUP_TOKENS, "group_channels": codecs.group_channels_for(head_dim)}
+           if codecs.is_lowbit(dtype) else {}),
     )

@@ -208,7 +208,6 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
 def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, grid_rows) -> None:
     problems = report.problems
     complete = 0
-    stored_dtype = codecs.storage_numpy_dtype(spec.storage.dtype)
     for shard in range(store.num_shards):
         samples = store.shard_samples(shard)
         t0, t1 = store.shard_tokens(shard)
@@ -225,20 +224,19 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                                           f"with the grid ([{samples.start}, {samples.stop}]/[{t0}, {t1}])."))
             continue
         n = t1 - t0
-        shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-            "k": ((n, len(spec.layers), spec.kv_heads, spec.head_dim), stored_dtype),
-            "v": ((n, len(spec.layers), spec.kv_heads, spec.head_dim), stored_dtype),
-            "align_weight": ((n,), np.dtype(np.float32)),
-            "sample_status": ((len(samples),), np.dtype(np.uint8)),
-        }
-        if spec.has_q:
-            shapes["q"] = ((n, len(spec.q_layers), spec.num_heads, spec.head_dim), stored_dtype)
+        st = spec.storage
+        shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name, nl, nh in (("k", len(spec.layers), spec.kv_heads), ("v", len(spec.layers), spec.kv_heads),
+                             ("q", len(spec.q_layers), spec.num_heads))[: 3 if spec.has_q else 2]:
+            for part, (shape, dtype, _) in codecs.stored_arrays(name, n, nl, nh, spec.head_dim, st.dtype,
+                                                                group_tokens=st.group_tokens,
+                                                                group_channels=st.group_channels).items():
+                shapes[part] = (shape, dtype)
+        shapes["align_weight"] = ((n,), np.dtype(np.float32))
+        shapes["sample_status"] = ((len(samples),), np.dtype(np.uint8))
         if spec.logits is not None:
             shapes["logit_ids"] = ((n, spec.logits.top_k), np.dtype(np.int32))
             shapes["logit_logp"] = ((n, spec.logits.top_k), np.dtype(np.float16))
-        if spec.storage.dtype == "int8":
-            for name in [a for a in ("k", "v", "q") if a in shapes]:
-                shapes[f"{name}_scale"] = (shapes[name][0][:3], np.dtype(np.float16))
         for array, (shape, dtype) in shapes.items():
             key = f"{skey}/{array}"
             try:

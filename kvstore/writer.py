@@ -47,13 +47,16 @@ class ShardSlot:
 
 
 class _Block:
-    """A chunk-row block of one 4-D array (values + int8 scales) waiting to be written."""
+    """A chunk-row block of one 4-D array waiting to be written: its stored values (+ int8 scales), or for int4/int2
+    its float32 rows, encoded when the block is flushed (key groups span samples)."""
 
-    def __init__(self, array: zarr.Array, scale: zarr.Array | None, rows: int, inner: tuple[int, ...],
-                 dtype: np.dtype) -> None:
-        self.array, self.scale = array, scale
-        self.values = np.zeros((rows, *inner), dtype=dtype)
-        self.scales = np.zeros((rows, *inner[:-1]), dtype=np.float16) if scale is not None else None
+    def __init__(self, arrays: dict[str, zarr.Array], name: str, rows: int, inner: tuple[int, ...],
+                 dtype: np.dtype, lowbit: bool) -> None:
+        self.arrays, self.name = arrays, name
+        self.array, self.scale = arrays[name], arrays.get(f"{name}_scale")
+        self.values = np.zeros((rows, *inner), dtype=np.float32 if lowbit else dtype)
+        self.scales = np.zeros((rows, *inner[:-1]), dtype=np.float16) if self.scale is not None and not lowbit \
+            else None
 
 
 class ShardWriter:
@@ -107,21 +110,22 @@ class ShardWriter:
         geometry = {"k": (len(spec.layers), spec.kv_heads), "v": (len(spec.layers), spec.kv_heads)}
         if spec.has_q:
             geometry["q"] = (len(spec.q_layers), spec.num_heads)
+        lowbit = codecs.is_lowbit(st.dtype)
+        self._quality: dict[str, list[np.ndarray]] = {}  # name → [cos_sum [L], rows [L]] for the lossy dtypes
         for name, (nl, nh) in geometry.items():
             attrs = {layout.DTYPE_ATTR: st.dtype} if st.dtype == "bfloat16" else {}
-            dims = ("token", "q_layer", "q_head") if name == "q" else ("token", "layer", "kv_head")
-            chunks = (st.chunk_tokens, min(st.chunk_layers, nl), nh)
-            arr = zarr_io.create_array(
-                own, f"{base}{name}", shape=(self.num_tokens, nl, nh, spec.head_dim), chunks=(*chunks, spec.head_dim),
-                dtype=self._dtype, dims=(*dims, "head_dim"), compressor=st.compressor, attributes=attrs,
-            )
-            scale = None
-            if st.dtype == "int8":
-                scale = zarr_io.create_array(
-                    own, f"{base}{name}_scale", shape=(self.num_tokens, nl, nh), chunks=chunks, dtype=np.float16,
-                    dims=dims, compressor=st.compressor,
+            arrays = {}
+            for part, (shape, dtype, dims) in codecs.stored_arrays(
+                    name, self.num_tokens, nl, nh, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
+                    group_channels=st.group_channels).items():
+                rows = st.chunk_tokens // st.group_tokens if dims[0] == "token_group" else st.chunk_tokens
+                arrays[part] = zarr_io.create_array(
+                    own, f"{base}{part}", shape=shape, chunks=(rows, min(st.chunk_layers, nl), *shape[2:]),
+                    dtype=dtype, dims=dims, compressor=st.compressor, attributes=attrs if part == name else {},
                 )
-            self._blocks[name] = _Block(arr, scale, self._rows, (nl, nh, spec.head_dim), self._dtype)
+            self._blocks[name] = _Block(arrays, name, self._rows, (nl, nh, spec.head_dim), self._dtype, lowbit)
+            if st.dtype in ("int8", *codecs.LOWBIT_BITS):
+                self._quality[name] = [np.zeros(nl), np.zeros(nl, np.int64)]
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -219,9 +223,14 @@ class ShardWriter:
             # fp16 keeps ~3 significant digits of a log-probability; below -65504 a probability is 0 anyway.
             self._logit_logp[self._row : self._row + n] = np.where(live[:, None], np.clip(logp, -65504.0, 0.0), 0.0)
         self._bytes_logical += n * self._logit_ids.shape[1] * (4 + 2)
-        encoded = {name: codecs.encode(x, spec.storage.dtype) for name, x in values.items()}
+        lowbit = codecs.is_lowbit(spec.storage.dtype)
+        # int4/int2 are encoded when their block is flushed; the others now, sample by sample.
+        encoded = {name: (x, None) if lowbit else codecs.encode(x, spec.storage.dtype) for name, x in values.items()}
         for name, (stored, scale) in encoded.items():
-            self._bytes_logical += stored.nbytes + (scale.nbytes if scale is not None else 0)
+            if not lowbit:
+                self._bytes_logical += stored.nbytes + (scale.nbytes if scale is not None else 0)
+            if scale is not None:  # int8: how close the decoded values come to the teacher's
+                self._add_quality(name, values[name], codecs.decode(stored, scale, "int8", np.float32))
         # Copy rows into the pending block, writing each block out as soon as it fills.
         done = 0
         while done < n:
@@ -264,9 +273,29 @@ class ShardWriter:
                               f"target). Got {ids[row].tolist()} at token {row} instead.")
         return ids, logp.astype(np.float32)
 
+    def _add_quality(self, name: str, x: np.ndarray, decoded: np.ndarray) -> None:
+        cos, rows = codecs.cosine_rows(x, decoded)
+        self._quality[name][0] += cos
+        self._quality[name][1] += rows
+
     def _flush(self, rows: int) -> None:
         start = self._flushed
-        for block in self._blocks.values():
+        st = self.spec.storage
+        for name, block in self._blocks.items():
+            if codecs.is_lowbit(st.dtype):
+                # start is a multiple of chunk_tokens, hence of group_tokens: key groups begin at the block.
+                x = block.values[:rows]
+                parts = codecs.encode_arrays(x, name, st.dtype, group_tokens=st.group_tokens,
+                                             group_channels=st.group_channels)
+                for part, data in parts.items():
+                    a, b = codecs.side_rows(name, st.dtype, start, start + rows, st.group_tokens) if part != name \
+                        else (start, start + rows)
+                    block.arrays[part][a:b] = data
+                    self._bytes_logical += data.nbytes
+                self._add_quality(name, x, codecs.decode_arrays(parts, name, st.dtype, np.float32, first_row=start,
+                                                                group_tokens=st.group_tokens,
+                                                                group_channels=st.group_channels))
+                continue
             block.array[start : start + rows] = block.values[:rows]
             if block.scale is not None:
                 block.scale[start : start + rows] = block.scales[:rows]
@@ -303,6 +332,8 @@ class ShardWriter:
             "tokens": list(self.slot.tokens),
             "quarantined": self.quarantined,
             "bytes_logical": int(self._bytes_logical),
+            **({"quantization": {name: {"cos_sum": [round(float(c), 6) for c in cos], "rows": [int(r) for r in n]}
+                                 for name, (cos, n) in self._quality.items()}} if self._quality else {}),
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "writer": f"{socket.gethostname()}:{os.getpid()}",
         }

@@ -331,6 +331,11 @@ def format_info(info: dict[str, Any]) -> str:
             f" {logits['bytes_per_token']} B per token" if logits else "not stored"))
         if t.get("bytes_per_token") is not None:
             lines.append(f"  per token {t['bytes_per_token']:,.0f} B logical (K/V, Q and logits)")
+        if t.get("quantization_cosine"):  # a lossy dtype: its size against float16 and its measured fidelity
+            lines.append(f"  vs fp16   K/V/Q as float16 would be {_size(t['bytes_float16'])}: "
+                         f"{t['bytes_float16'] / max(t['bytes_on_disk'] or t['bytes_logical'], 1):.2f}x smaller on disk")
+            lines += [f"  cosine {name}  " + " ".join(f"{c:.5f}" for c in cos) + "  (per stored layer, to the teacher's)"
+                      for name, cos in t["quantization_cosine"].items()]
     return "\n".join(lines)
 
 
@@ -381,7 +386,7 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     With no CONFIG it runs the embedded default (offline, minutes on a laptop CPU): a teacher trained here on
     synthetic arithmetic, a smaller student with another tokenizer, CE-only vs CE + K/V at equal compute over five
     seeds, and a report with significance tests. A rerun reuses every finished stage; --force redoes one.
-    CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation,
+    CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation, codecs,
     gsm8k-qwen7b4bit-to-qwen0.5b.
     """
 

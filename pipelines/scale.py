@@ -106,14 +106,15 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
         sizes = []
         for name, n in subsets.items():
             for dtype in KV_DTYPES:
-                kv = 2 * bytes_per_token(n, kv_heads, head_dim, dtype)
-                q = bytes_per_token(n, heads, head_dim, dtype)
+                kv = bytes_per_token(n, kv_heads, head_dim, dtype) + bytes_per_token(n, kv_heads, head_dim, dtype, "v")
+                q = bytes_per_token(n, heads, head_dim, dtype, "q")
                 sizes.append({"layers": name, "n_layers": n, "kv_dtype": dtype, "kv_bytes_per_token": kv,
                               "q_bytes_per_token": q, "kv_bytes": kv * tokens, "kv_q_bytes": (kv + q) * tokens})
         # What one optimizer step reads: the run's global batch of mean-length samples, the stored layers of the
         # map, in the config's dtype, with Q when the config stores it.
         dtype = t.extract.get("kv_dtype", "float16")
-        per_token = 2 * bytes_per_token(mapped, kv_heads, head_dim, dtype) + bytes_per_token(n_q, heads, head_dim, dtype)
+        per_token = bytes_per_token(mapped, kv_heads, head_dim, dtype) + \
+            bytes_per_token(mapped, kv_heads, head_dim, dtype, "v") + bytes_per_token(n_q, heads, head_dim, dtype, "q")
         samples = cfg.train.batch_size * cfg.train.grad_accum
         step_bytes = per_token * mean_tokens * samples
         out["teachers"].append({
@@ -158,7 +159,7 @@ def format_plan(p: dict[str, Any]) -> str:
             label = f"{s['layers']} ({s['n_layers']})"
             lines.append(f"{label:<28}{s['kv_dtype']:<10}{gib(s['kv_bytes']):>12}"
                          f"{gib(s['kv_q_bytes']):>12}"
-                         f"{gib(s['kv_bytes'] / COMPRESSION_MEASURED[0]) if s['kv_dtype'] != 'int8' else '–':>14}")
+                         f"{gib(s['kv_bytes'] / COMPRESSION_MEASURED[0]) if s['kv_dtype'] in ('float16', 'bfloat16', 'float32') else '–':>14}")
         st = t["step"]
         lines += ["", f"this config {gib(t['store_bytes'])} raw ({st['dtype']}, K/V on {st['layers']} layers, Q on "
                   f"{st['q_layers']})",

@@ -252,7 +252,7 @@ def test_store_verify_and_info_json_of_an_extraction(ref_store):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)  # stdout holds the JSON document and nothing else
     store = KVStore.open(ref_store)
-    assert (info["format_version"], info["samples"], info["tokens"]) == (2, 100, store.num_tokens)
+    assert (info["format_version"], info["samples"], info["tokens"]) == (3, 100, store.num_tokens)
     t = info["teachers"][STORIES_NAME]
     assert (t["layers"], t["kv_heads"], t["head_dim"], t["k_rope"], t["has_q"], t["dtype"]) == (
         [0, 1, 2, 3, 4], 4, 8, "pre", False, "float16")
@@ -717,7 +717,11 @@ def test_estimate_json_prints_only_json(stories):
                *flags(limit=20, kv_dtype="int8", with_q=True, **QUIET))
     assert out.returncode == 0, out.stderr
     e = json.loads(out.stdout)
-    assert [c["kv_dtype"] for c in e["storage"]] == ["float16", "bfloat16", "float32", "int8"]
+    assert [c["kv_dtype"] for c in e["storage"]] == ["float16", "bfloat16", "float32", "int8", "int4", "int2"]
+    # int4, head_dim 8: K and Q half a byte a value + a float16 scale and zero per channel and 64 tokens; V half a
+    # byte + one scale and zero per token and head (the writer's 430 B a token, `kava store info`)
+    assert e["storage"][4]["bytes_per_token"] == 5 * 4 * (4 + 8 * 4 / 64) + 5 * 4 * (4 + 4) + 5 * 8 * (4 + 8 * 4 / 64)
+    assert not e["storage"][4]["lossless"] and e["storage"][4]["compressed_ratio"] > 0.9
     store_tokens = e["student_tokens"]
     f16 = e["storage"][0]
     assert f16["bytes_per_token"] == 2 * 5 * 4 * 8 * 2 + 5 * 8 * 8 * 2  # K+V, plus Q on 5 layers × 8 heads

@@ -329,7 +329,7 @@ def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
     ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
     assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 5 seeds)" in ok.stderr
     assert load_config("ablation") == load_config(Path(__file__).parents[1] / "pipelines" / "configs" / "ablation.yaml")
-    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, alignment, default"):
+    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, alignment, codecs, default"):
         load_config(tmp_path / "nope.yaml")
 
 

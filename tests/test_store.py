@@ -692,7 +692,7 @@ def test_default_storage_plans_big_chunks():
 
 
 def test_storage_spec_parses():
-    with pytest.raises(SchemaError, match="storage.dtype: expected one of float16, bfloat16, float32, int8. "
+    with pytest.raises(SchemaError, match="storage.dtype: expected one of float16, bfloat16, float32, int8, int4, int2. "
                                           "Got 'float8' instead"):
         StorageSpec(dtype="float8")
     with pytest.raises(SchemaError, match="storage.chunk_tokens: expected an integer >= 1"):
