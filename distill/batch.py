@@ -242,6 +242,18 @@ def _read_teacher(store: KVStore, req: Any, shards: tuple[int, ...], base: dict[
             raise SchemaError(f"{store.where}: teacher {req.name!r} has no stored queries. Re-extract it with --with-q.")
         parts.append(("q", slice(None), len(spec.q_layers), spec.num_heads))
         teacher.q_layers = tuple(spec.q_layers)
+    if codecs.is_lowbit(stored) and parts:
+        # int4/int2 keys and queries share a scale per channel over a group of a shard's rows, which a batch cuts
+        # across; the window dequantizes them once on the host, to float16, and batches carry float16 from there.
+        teacher.stored = "float16"
+        for array, _, nl, nh in parts:
+            setattr(teacher, array, np.zeros((total + 1, nl, nh, d), np.float16))
+        for s, n in zip(shards, sizes):
+            rows = store.read_shard(s, teachers=[req.name], layers=req.layers, with_q=req.with_q,
+                                    with_kv=req.with_kv, dtype=np.float16).teachers[req.name]
+            for array, _, _, _ in parts:
+                getattr(teacher, array)[base[s] : base[s] + n] = getattr(rows, array)
+        parts = []
     for array, sel, nl, nh in parts:
         setattr(teacher, array, gather(array, sel, value_dtype, (nl, nh, d)))
         if scaled:

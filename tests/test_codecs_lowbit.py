@@ -259,16 +259,20 @@ def test_real_lowbit_store_through_loader_interop_and_cka(lowbit_store, tmp_path
     assert to_dask(store, "int2", "k", decode=False).dtype == np.uint8  # packed codes: 4 a byte
     assert to_xarray(store, "int2")["k"].shape == (store.num_tokens, 5, 4, 8)
 
-    # The loader: each batch's rows are the store's decoded rows.
+    # The loader: a window dequantizes low-bit rows once, to float16; each batch's rows are the store's decoded
+    # rows rounded to float16.
     loader = StreamLoader(LoaderConfig(str(lowbit_store), teachers=(TeacherRequest("int2", with_q=True),),
                                        batch_size=8, seed=1), epochs=1)
     for batch in loader:
+        assert batch.teachers["int2"].stored == "float16"
+        got = batch.decoded().teachers["int2"]
         for row, i in enumerate(batch.sample_indices.tolist()):
             n = store.offsets[i + 1] - store.offsets[i]
             ref = store.read_sample(i, teachers=["int2"], with_q=True).teachers["int2"]
-            got = batch.teachers["int2"]
-            np.testing.assert_array_equal(got.k[row, :, :, :n].numpy(), ref.k.transpose(1, 2, 0, 3))
-            np.testing.assert_array_equal(got.q[row, :, :, :n].numpy(), ref.q.transpose(1, 2, 0, 3))
+            half = {a: getattr(ref, a).astype(np.float16).astype(np.float32).transpose(1, 2, 0, 3) for a in "kq"}
+            np.testing.assert_array_equal(got.k[row, :, :, :n].numpy(), half["k"])
+            np.testing.assert_array_equal(got.q[row, :, :, :n].numpy(), half["q"])
+            assert not got.k[row, :, :, n:].any()  # padding
         break
 
     # CKA of the int2 keys against the float16 keys: each layer is still most like itself.
