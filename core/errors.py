@@ -7,6 +7,8 @@ Messages name the thing (store, path, array, flag), what was expected, what was 
 from __future__ import annotations
 
 import errno
+import os
+import re
 from typing import Any
 
 
@@ -72,12 +74,19 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """No space left on device, disk quota exceeded, file too large (the process's file size limit)."""
 
 
-def disk_full_message(error: OSError, then: str) -> str | None:
-    """One line for an OSError that means the disk ran out (None for any other): what ran out, the file being
-    written, and ``then``, what the user does next."""
-    if error.errno not in DISK_FULL_ERRNOS:
+def disk_full_message(error: BaseException, then: str) -> str | None:
+    """One line for an error that means the disk ran out (None for any other): what ran out, the file being
+    written, and ``then``, what the user does next. An OSError, or an error that wraps one in its text as Rust
+    libraries do (safetensors: ``... I/O error: No space left on device (os error 28)``)."""
+    filename = None
+    if isinstance(error, OSError):
+        code, filename = error.errno, error.filename
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        code = int(found.group(1)) if found else None
+    if code not in DISK_FULL_ERRNOS:
         return None
-    where = f" while writing {error.filename}" if error.filename else ""
-    reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or "").lower()
+    where = f" while writing {filename}" if filename else ""
+    reason = "no space left on device" if code == errno.ENOSPC else os.strerror(code).lower()
     return f"{reason[:1].upper()}{reason[1:]}{where}. {then}"
 

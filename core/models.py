@@ -23,8 +23,8 @@ float16), hence float16 is the default compute dtype for int8; nf4 defaults to b
 from __future__ import annotations
 
 import difflib
-import json
 import importlib.util
+import json
 import re
 import warnings
 from dataclasses import asdict, dataclass

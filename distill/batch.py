@@ -108,22 +108,19 @@ class Batch:
         """Real (unpadded) tokens in the batch."""
         return int(self.attention_mask.sum())
 
-    def to(self, device: Any, non_blocking: bool = False) -> Batch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+    def _map(self, fn: Any) -> Batch:
         return dataclasses.replace(
-            self, sample_indices=move(self.sample_indices), input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask), segment_ids=move(self.segment_ids),
-            teachers={name: t.to(device, non_blocking) for name, t in self.teachers.items()},
+            self, sample_indices=fn(self.sample_indices), input_ids=fn(self.input_ids),
+            attention_mask=fn(self.attention_mask), segment_ids=fn(self.segment_ids),
+            teachers={name: t._map(fn) for name, t in self.teachers.items()},
         )
+
+    def to(self, device: Any, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """What a DataLoader's pin-memory thread calls on a batch from a worker process."""
-        pin = lambda t: t.pin_memory()  # noqa: E731
-        return dataclasses.replace(
-            self, sample_indices=pin(self.sample_indices), input_ids=pin(self.input_ids),
-            attention_mask=pin(self.attention_mask), segment_ids=pin(self.segment_ids),
-            teachers={name: t.pin_memory() for name, t in self.teachers.items()},
-        )
+        return self._map(lambda t: t.pin_memory())
 
     def decoded(self, dtype: torch.dtype = torch.float32) -> Batch:
         """Every teacher's K/V/Q decoded to ``dtype`` on the batch's device (see :meth:`TeacherBatch.decoded`)."""

@@ -122,9 +122,9 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.O
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves the previous checkpoint, and no partial one
-        raise as_os_error(e, tmp) from e
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -174,16 +174,6 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     return {**meta, "rng": state["rank_rng"][rank] if "rank_rng" in state else state["rng"]}
-
-
-def as_os_error(error: BaseException, path: Path) -> BaseException:
-    """safetensors reports a failed write as ``SafetensorError: ... (os error 28)``; give it back as the OSError
-    it is (here: no space left on device), so the command reports it as one; any other error unchanged."""
-    found = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
-    if found is None:
-        return error
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), str(path))
 
 
 def load_state(path: Path) -> dict[str, Any]:

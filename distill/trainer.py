@@ -230,7 +230,6 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
 def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started: float) -> DistillResult:
     """Steps 7-8 of the recipe on one rank: the loop, then the outputs (written by rank 0)."""
     from . import ddp
-    from .checkpoint import as_os_error
     from .student import save_student
 
     cfg = state.cfg
@@ -258,11 +257,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
 
     # 8. Outputs, written by rank 0; the other ranks return once they are whole.
     if state.ranks.main:
-        try:
-            save_student(state.student, state.out)
-            state.module.save_heads(state.out)
-        except Exception as e:  # a full disk: report it as the OSError it is (the last checkpoint holds the run)
-            raise as_os_error(e, state.out) from e
+        save_student(state.student, state.out)
+        state.module.save_heads(state.out)
         write_manifest(cfg, state.out, state.data, state.step, state.tokens, last, state.params)
     ddp.barrier(state.ranks)
     return DistillResult(out=str(state.out), steps=state.step, tokens=state.tokens,

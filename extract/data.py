@@ -102,8 +102,9 @@ def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is allowed
             except UnicodeDecodeError as e:
                 raise DatasetError(
-                    f"Expected UTF-8 text in {path}. Got byte 0x{raw[e.start]:02x} at position "
-                    f"{e.start + 1} of line {line_number}, which is not UTF-8. Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                    f"Expected UTF-8 text in {path}. Got byte 0x{raw[e.start]:02x} at position {e.start + 1} of "
+                    f"line {line_number}, which is not UTF-8. Re-encode the file as UTF-8 (e.g. iconv -f latin1 "
+                    "-t utf-8)."
                 ) from None
             if not line.strip():
                 continue

@@ -285,7 +285,7 @@ def dequantize_np(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     per token, ``[T, L, H, D/G]``.
     """
     if dtype == "int8":
-        return codes.astype(np.float32) * scale.astype(np.float32)[..., None]
+        return dequantize_int8(codes, scale)
     c = unpack_bits(codes, LOWBIT_BITS[dtype]).astype(np.float32)
     s, z = scale.astype(np.float32), zero.astype(np.float32)
     if per_channel:
@@ -304,7 +304,7 @@ def dequantize_torch(codes: Any, scale: Any, zero: Any, dtype: str, *, per_chann
     import torch
 
     if dtype == "int8":
-        return codes.to(torch.float32) * scale.to(torch.float32)[..., None]
+        return decode_torch(codes, scale, "int8", torch.float32)
     bits = LOWBIT_BITS[dtype]
     per = 8 // bits
     shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits

@@ -15,6 +15,14 @@ import click
 
 from kava.core.errors import KavaError, disk_full_message
 
+_AFTER_DISK_FULL = {
+    "extract": "What was finished is kept: free space, then rerun the same command with --resume to continue.",
+    "distill": "What was finished is kept: free space, then rerun the same command with --resume to continue.",
+    "run": "What was finished is kept: free space, then run the same command again; it continues where it stopped.",
+}
+"""What a command says to do after its disk filled (any other: free space and run it again)."""
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -30,13 +38,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], config_file: str | None, stage: str, *,
-              record_command: bool = False, resumable: bool = False, **kwargs: Any) -> Any:
+              record_command: bool = False, **kwargs: Any) -> Any:
     """Build ``config_cls`` (or each of several classes, e.g. ExtractConfig and ClusterConfig) from ``--config`` YAML
     and the flags, then call ``stage`` (``"module:function"``, imported only now) with it (them). Any KavaError
-    becomes one ``error:`` line on stderr and exit status 1, and so does a full disk (saying that ``--resume``
-    continues, for a ``resumable`` stage)."""
+    becomes one ``error:`` line on stderr and exit status 1 (a full disk too: see ``_Main.invoke``)."""
     import importlib
-
 
     from .options import build_configs
 
@@ -49,13 +55,6 @@ def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], confi
         return getattr(importlib.import_module(module), function)(*configs, **kwargs)
     except KavaError as e:
         fail(str(e))
-    except OSError as e:
-        then = ("What was finished is kept: free space, then rerun the same command with --resume to continue."
-                if resumable else "Free space, then run the command again.")
-        message = disk_full_message(e, then)
-        if message is None:
-            raise
-        fail(message)
 
 
 def emit_json(payload: Any) -> None:
@@ -77,11 +76,12 @@ class _Main(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
-        """A full disk in any command is one ``error:`` line (the stages say more: see ``run_stage``)."""
+        """A full disk in any command is one ``error:`` line saying what to do next (``_AFTER_DISK_FULL``)."""
         try:
             return super().invoke(ctx)
-        except OSError as e:
-            message = disk_full_message(e, "Free space, then run the command again.")
+        except Exception as e:
+            then = _AFTER_DISK_FULL.get(ctx.invoked_subcommand or "", "Free space, then run the command again.")
+            message = disk_full_message(e, then)
             if message is None:
                 raise
             fail(message)
@@ -121,7 +121,7 @@ def _extract_command() -> click.Command:
 
             click.echo(format_preset_table())
             return
-        result = run_stage((ExtractConfig, ClusterConfig), values, config_file, "kava.pipelines.cli:extract_stage", resumable=True,
+        result = run_stage((ExtractConfig, ClusterConfig), values, config_file, "kava.pipelines.cli:extract_stage",
                            record_command=True)
         if as_json:
             emit_json(result.to_dict())
@@ -172,7 +172,6 @@ def _estimate_command() -> click.Command:
         from kava.extract.estimate import format_estimate
 
         if run_config is not None:
-
             from .config import load_config
             from .scale import format_plan, plan
 
@@ -225,8 +224,7 @@ def _distill_command() -> click.Command:
             from kava.distill.ddp import launch
 
             sys.exit(launch(sys.argv[2:], nproc))
-        result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True,
-                           resumable=True)
+        result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True)
         if os.environ.get("RANK", "0") != "0":
             return  # rank 0 speaks for the job
         if as_json:
@@ -389,7 +387,6 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation, codecs,
     gsm8k-qwen7b4bit-to-qwen0.5b.
     """
-
     from .config import load_config
     from .runner import Runner, check_force
 
@@ -407,12 +404,6 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
         result = Runner(cfg, force=force).run()
     except KavaError as e:
         fail(str(e))
-    except OSError as e:
-        message = disk_full_message(e, "What was finished is kept: free space, then run the same command again; "
-                                       "it continues where it stopped.")
-        if message is None:
-            raise
-        fail(message)
     if as_json:
         emit_json({"root": str(result.root), "report": str(result.report), "ran": result.ran,
                    "timings": result.timings})
@@ -488,7 +479,6 @@ def _slurm_command(stage: str) -> click.Command:
     @click.option("--jobs", default=8, show_default=True, help="Extraction: array tasks (each writes 1/N of the shards).")
     @click.option("--out-dir", help="Write <job-name>.sbatch files here instead of printing the script.")
     def command(jobs: int, out_dir: str | None, config_file: str | None, **values: Any) -> None:
-
         from . import slurm as render
 
         slurm_values = {k: values.pop(k) for k in list(values) if k in slurm_fields}
@@ -536,7 +526,6 @@ def slurm() -> None:
 def slurm_run(config: str, stage: str, jobs: int, out_dir: str) -> None:
     """One script per teacher (extraction array + verify) or per variant and seed (distillation), at the paths
     `kava run CONFIG` uses, so `kava run` picks up a store the cluster extracted."""
-
     from .config import load_config
     from .slurm import SlurmOptions, render_from_run_config
 
@@ -560,7 +549,6 @@ def doctor(config: str | None, store: str | None, teachers: tuple[str, ...], stu
     teachers and students: Python and torch, CUDA devices, bitsandbytes' backend, every model in the local Hugging
     Face cache when offline, free disk for the estimated store, write access, dask and dask-jobqueue. Exit 0 when
     nothing fails, 1 otherwise; each problem names its fix."""
-
     from .doctor import run_doctor
 
     try:
