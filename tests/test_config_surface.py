@@ -78,17 +78,19 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def _commands() -> dict[str, click.Command]:
+def _commands() -> dict[str, tuple[click.Command, click.Context]]:
     from kava.pipelines.cli import main
 
     def walk(group: click.Group, ctx: click.Context, prefix: str):
         for name in group.list_commands(ctx):
             command = group.get_command(ctx, name)
-            yield f"{prefix}{name}", command
+            sub = click.Context(command, parent=ctx, **command.context_settings)  # as `kava` makes it: -h too
+            yield f"{prefix}{name}", (command, sub)
             if isinstance(command, click.Group):
-                yield from walk(command, click.Context(command, parent=ctx), f"{prefix}{name} ")
+                yield from walk(command, sub, f"{prefix}{name} ")
 
-    return {"": main, **dict(walk(main, click.Context(main), ""))}
+    root = click.Context(main, **main.context_settings)
+    return {"": (main, root), **dict(walk(main, root, ""))}
 
 
 def _parse(command: str, args: list[str]) -> tuple:
@@ -137,9 +139,10 @@ def surface(tmp: Path) -> dict[str, Any]:
     from kava.pipelines.slurm import config_flags
 
     out: dict[str, Any] = {"commands": {}, "configs": {}, "written": {}, "run": {}}
-    for name, command in _commands().items():
-        params = [_plain(p.to_info_dict()) for p in command.get_params(click.Context(command))]
-        out["commands"][name] = {"help": command.help, "params": params}
+    for name, (command, ctx) in _commands().items():
+        # click's own --help option is left out: click caches it per command from whichever context asked first.
+        params = [_plain(p.to_info_dict()) for p in command.params]
+        out["commands"][name] = {"help": command.help, "help_options": ctx.help_option_names, "params": params}
 
     for cls in (ExtractConfig, ClusterConfig, DistillConfig, EvalConfig):
         fields = [[c.name, str(c.hint), None if c.required else _plain(c.default), c.required]
