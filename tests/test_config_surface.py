@@ -123,10 +123,11 @@ def _problems(cls: type, options: dict[str, Any]) -> str:
 
 def surface(tmp: Path) -> dict[str, Any]:
     """Everything the snapshot pins (``tmp``: a scratch directory for the written config.yaml)."""
+    from kava.core.config import config_fields, option_names
     from kava.distill.config import DistillConfig
     from kava.distill.evaluate import EvalConfig
     from kava.distill.outputs import write_config
-    from kava.extract.config import ExtractConfig, config_fields, option_names
+    from kava.extract.config import ExtractConfig
     from kava.pipelines.cluster_config import ClusterConfig
     from kava.pipelines.config import (
         RunConfig,

@@ -10,11 +10,12 @@ import click
 import pytest
 import yaml
 
+from kava.core.config import config_fields
+from kava.core.data import DataSource, load_rows
+from kava.core.errors import ConfigError
 from kava.distill.config import DistillConfig
 from kava.distill.evaluate import EvalConfig
-from kava.extract.config import ExtractConfig, config_fields
-from kava.extract.data import DataSource, load_rows
-from kava.core.errors import ConfigError
+from kava.extract.config import ExtractConfig
 from kava.pipelines.cluster_config import ClusterConfig
 from kava.pipelines.options import build_configs
 
