@@ -1,32 +1,44 @@
-"""The config framework: a command's options as one typed dataclass, spelled flat as flags and YAML keys.
+"""The config framework: a command's options as one typed dataclass made of small groups, spelled flat outside.
 
-A command's config composes small groups (``data: DataSource``, the rows it reads) instead of repeating their fields;
-flags, YAML keys and ``to_dict()`` stay flat (``--dataset``, ``dataset:``), one name per field, with the group
-resolved by :func:`config_fields`. List options are typed lists, parsed once in ``__post_init__`` by
-:func:`parse_list` from whatever the flag or YAML gave (``'0,5,9'`` or ``[0, 5, 9]``).
+A command's config is a dataclass whose fields are options or groups. A field typed as a dataclass is a group
+(``data: DataSource``, ``trainer: TrainerOptions``); a group may hold groups of its own (``objective.logits``).
+Flags, YAML keys, ``to_dict()`` and a run's ``config.yaml`` stay flat: one name per option (``--lr``, ``lr:``),
+resolved to its group by :func:`config_fields`. The flat order is the declaration order with each group's options
+where the group sits, so moving options into a group that sits where they were changes no flag and no file.
+
+Inside, components take their group whole (the K/V objective takes ``cfg.objective``); code that speaks in
+options (validation messages, the runner, job scripts) may use the flat names, which a config decorated with
+:func:`flat_options` also reads, writes and is built from (``DistillConfig(student=..., out=..., lr=1e-3)``).
+
+List options are typed lists, parsed once in ``__post_init__`` by :func:`parse_list` from whatever the flag or
+YAML gave (``'0,5,9'`` or ``[0, 5, 9]``); a bad entry becomes a problem that ``validate()`` reports with the rest.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import operator
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The flat view of a config: one name per field, groups resolved
+# The flat view of a config: one name per option, groups resolved
 
 
 @dataclass(frozen=True)
 class ConfigField:
     """One option of a config: a field of the config itself, or of one of its groups (``group`` names the field
-    holding it)."""
+    holding it, dotted for a group inside a group: ``objective.logits``)."""
 
     name: str
     """The option's name: the field's, as flags (``--data-files``) and YAML keys (``data_files``) spell it."""
@@ -38,7 +50,8 @@ class ConfigField:
     owner: type
     """The dataclass that declares it (its attribute docstring is the help text)."""
     help_prefix: str | None = None
-    """Set on a group field with ``metadata={"help_prefix": ...}`` (e.g. "Without --store")."""
+    """Set on a group field with ``metadata={"help_prefix": ...}`` (e.g. "Without --store"); a group inside it
+    inherits it."""
 
     @property
     def required(self) -> bool:
@@ -57,27 +70,52 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _group_type(hint: Any) -> type | None:
+    """The group class of a field annotated ``hint``, or None for an option."""
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
 def config_fields(cls: type) -> list[ConfigField]:
-    """Every option of ``cls`` in declaration order, a group's fields where the group sits."""
-    hints = typing.get_type_hints(cls)
-    out: list[ConfigField] = []
-    for f in fields(cls):
-        hint = hints[f.name]
-        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
-            out.append(ConfigField(f.name, None, hint, _default(f), cls))
-            continue
-        inner, inner_hints = _default(f), typing.get_type_hints(hint)
-        for g in fields(hint):
-            default = dataclasses.MISSING if inner is dataclasses.MISSING else getattr(inner, g.name)
-            out.append(ConfigField(g.name, f.name, inner_hints[g.name], default, hint, f.metadata.get("help_prefix")))
+    """Every option of ``cls`` in declaration order, a group's options (and its groups') where the group sits."""
+    out = list(_options(cls, None, None, None))
     names = [c.name for c in out]
     assert len(set(names)) == len(names), f"{cls.__name__}: a group field shadows another option"
+    groups = {part for c in out if c.group for part in c.group.split(".")}
+    assert not groups & set(names), f"{cls.__name__}: a group is named like an option ({groups & set(names)})"
     return out
+
+
+def _options(cls: type, instance: Any, group: str | None, prefix: str | None) -> Iterator[ConfigField]:
+    """The options of ``cls``; defaults from ``instance`` (a group's default instance) or, for the config itself
+    (None), from the fields."""
+    for f in fields(cls):
+        hint = _hints(cls)[f.name]
+        if instance is None:
+            default = _default(f)
+        else:
+            default = dataclasses.MISSING if instance is dataclasses.MISSING else getattr(instance, f.name)
+        inner = _group_type(hint)
+        if inner is None:
+            yield ConfigField(f.name, group, hint, default, cls, prefix)
+        else:
+            path = f.name if group is None else f"{group}.{f.name}"
+            yield from _options(inner, default, path, f.metadata.get("help_prefix", prefix))
+
+
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    return frozenset(c.name for c in config_fields(cls))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The flat mapping of option names to values (what ``config.yaml`` holds and ``--config`` reads back)."""
-    return {c.name: getattr(getattr(cfg, c.group) if c.group else cfg, c.name) for c in config_fields(type(cfg))}
+    return {c.name: operator.attrgetter(f"{c.group}.{c.name}" if c.group else c.name)(cfg)
+            for c in config_fields(type(cfg))}
 
 
 def option_names(cls: type) -> set[str]:
@@ -98,6 +136,22 @@ def canonical_names(cls: type, data: Mapping[str, Any], problems: list[str]) -> 
     return out
 
 
+def _with_options(cls: type, given: dict[str, Any], flat: Mapping[str, Any], base: Any = None) -> dict[str, Any]:
+    """The keyword arguments that build ``cls``: ``given`` (its own fields, groups as instances) plus, from
+    ``flat``, its own options by name and every group that holds one of them, rebuilt around them. A group comes
+    from ``given``, else from ``base`` (the instance being replaced), else from its field's default."""
+    out = dict(given)
+    for f in fields(cls):
+        inner = _group_type(_hints(cls)[f.name])
+        if inner is None:
+            if f.name in flat:
+                out[f.name] = flat[f.name]
+        elif _names(inner) & flat.keys():
+            group = out[f.name] if f.name in out else getattr(base, f.name) if base is not None else _default(f)
+            out[f.name] = dataclasses.replace(group, **_with_options(inner, {}, flat, group))
+    return out
+
+
 def config_from_dict(cls: type, data: Mapping[str, Any], *, source: str = "--config") -> Any:
     """``cls`` from flat option names (``-`` or ``_``), old spellings included; the groups are built from their own
     defaults in ``cls``. Raises one ConfigError naming every missing or unknown option (``source`` says where they
@@ -110,16 +164,41 @@ def config_from_dict(cls: type, data: Mapping[str, Any], *, source: str = "--con
     problems += [f"Missing option {m}." for m in missing] + [f"Unknown option {u!r} in {source}." for u in unknown]
     if problems:
         raise ConfigError(" ".join(problems))
-    top: dict[str, Any] = {}
-    grouped: dict[str, dict[str, Any]] = {}
-    for c in options:
-        if c.name in data:
-            (grouped.setdefault(c.group, {}) if c.group else top)[c.name] = data[c.name]
-    for f in fields(cls):
-        if f.name in grouped:
-            base = _default(f)
-            top[f.name] = dataclasses.replace(base, **grouped[f.name])
-    return cls(**top)
+    own = {f.name for f in fields(cls)}
+    given = {k: v for k, v in data.items() if k in own}
+    return cls(**_with_options(cls, given, {k: v for k, v in data.items() if k not in own}))
+
+
+def flat_options(cls: C) -> C:
+    """Class decorator, above ``@dataclass``: every option of ``cls``'s groups is also an attribute of ``cls``
+    (``cfg.lr`` reads and writes ``cfg.trainer.lr``) and a keyword of its constructor, which applies it to its
+    group (``DistillConfig(student="s", out="o", lr=1e-3)``; ``dataclasses.replace(cfg, lr=1e-3)`` too)."""
+    own = {f.name for f in fields(cls)}
+    groups = {f.name for f in fields(cls) if _group_type(_hints(cls)[f.name])}
+    grouped = [c for c in config_fields(cls) if c.group]
+    for c in grouped:
+        assert c.name not in vars(cls), f"{cls.__name__}.{c.name} hides the option of its {c.group} group"
+        group_of = operator.attrgetter(c.group)  # the config → the group holding the option (dotted: a.b)
+
+        def get(cfg: Any, name: str = c.name, group_of: Callable[[Any], Any] = group_of) -> Any:
+            return getattr(group_of(cfg), name)
+
+        def put(cfg: Any, value: Any, name: str = c.name, group_of: Callable[[Any], Any] = group_of) -> None:
+            setattr(group_of(cfg), name, value)
+
+        setattr(cls, c.name, property(get, put, doc=f"``{c.group}.{c.name}``"))
+
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        # A group passed in is copied: the flat setters write into groups, and a replace() that leaves a group
+        # alone must not leave it shared between the two configs.
+        given = {k: copy.copy(v) if k in groups else v for k, v in kwargs.items() if k in own or k not in _names(cls)}
+        dataclass_init(self, *args, **_with_options(cls, given, {k: v for k, v in kwargs.items() if k not in given}))
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
 
 
 # ---------------------------------------------------------------------------------------------------------------------

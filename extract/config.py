@@ -1,10 +1,11 @@
-"""`kava extract` options as one typed dataclass; click flags and YAML keys load into the same fields.
+"""`kava extract` options as one typed dataclass of small groups; click flags and YAML keys load into the same fields.
 
-A command's config composes small groups (``data: DataSource``, the rows it reads) instead of repeating their fields;
-flags, YAML keys and ``to_dict()`` stay flat (``--dataset``, ``dataset:``), one name per field, with the group
-resolved by :func:`kava.core.config.config_fields`. List options are typed lists, parsed once in ``__post_init__`` from whatever the
-flag or YAML gave (``'0,5,9'`` or ``[0, 5, 9]``). Every cross-field rule lives in ``validate()``, which reports all
-problems at once in the flags' own spelling before any model loads or file is written.
+The config composes groups (``data: DataSource``, the rows it reads; ``grid``, the student's side; ``loading``,
+``capture``, ``mapping``, ``writing``, ``generation``) instead of listing 39 options flat; flags, YAML keys and
+``to_dict()`` stay flat (``--dataset``, ``dataset:``), one name per option, with the group resolved by
+:func:`kava.core.config.config_fields`. List options are typed lists, parsed once in ``__post_init__`` from whatever
+the flag or YAML gave (``'0,5,9'`` or ``[0, 5, 9]``). Every cross-field rule lives in ``validate()``, which reports
+all problems at once in the flags' own spelling before any model loads or file is written.
 
 Scale-out options (``--cluster``, ``--scheduler``, ``--slurm-*``) are not extraction's: ``pipelines/cluster_config.py``
 holds them, and only the cluster launcher reads them.
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kava.core.config import as_int, config_from_dict, config_to_dict, parse_list
+from kava.core.config import as_int, config_from_dict, config_to_dict, flat_options, parse_list
 from kava.core.data import DataSource
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import KV_DTYPES, check_teacher_name
@@ -26,21 +27,13 @@ _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# kava extract
+# The groups, in the order their options appear in `kava extract --help` and config.yaml
 
 
 @dataclass
-class ExtractConfig:
-    """Run one teacher once over a dataset and write its aligned K/V into a store."""
+class GridOptions:
+    """The student's side: the text and tokenizer every teacher lines up with, and the layers it maps onto."""
 
-    teacher: str
-    """Preset name (see --list-teachers), local model directory, or hub id."""
-    store: str
-    """The store directory (created on first use)."""
-    name: str | None = None
-    """The teacher's name inside the store (default: preset or directory name, plus the template when not plain)."""
-    data: DataSource = field(default_factory=DataSource)
-    """The rows: --dataset, --split, --limit, --data-files, --data-seed, ..."""
     student_template: str = "plain"
     """Template of the student's text (plain, chat, cot or a file): the grid every teacher lines up with, fixed when
     the store is created."""
@@ -53,6 +46,12 @@ class ExtractConfig:
     """Student model (path or id), needed for --layer-map cka (teacher×student CKA) and its layer count."""
     student_layers: int | None = None
     """Number of student layers for the layer map, when no --student is given (default: the teacher's)."""
+
+
+@dataclass
+class TeacherLoading:
+    """How the teacher model is loaded, and where it runs."""
+
     load_in_4bit: bool = False
     """Load the teacher in bitsandbytes nf4."""
     load_in_8bit: bool = False
@@ -65,6 +64,12 @@ class ExtractConfig:
     """Hub revision of the teacher."""
     trust_remote_code: bool = False
     """Allow modelling code shipped with the checkpoint."""
+
+
+@dataclass
+class CaptureOptions:
+    """What is taken from the teacher's forward pass besides K/V."""
+
     with_q: bool = False
     """Also store queries."""
     q_layers: list[int] | None = None
@@ -74,6 +79,17 @@ class ExtractConfig:
     (K ids and log-probabilities: 6 x K bytes per token); 0 stores none."""
     k_rope: str = "pre"
     """Store keys before RoPE (pre, default) or as the cache holds them (post)."""
+
+    def __post_init__(self) -> None:
+        self._parse_problems: list[str] = []
+        self.q_layers = parse_list(self.q_layers, as_int, "--q-layers", "comma-separated layer numbers",
+                                   self._parse_problems)
+
+
+@dataclass
+class MappingOptions:
+    """How the teacher's layers and tokens map onto the student's."""
+
     layer_map: str = "proportional"
     """proportional, cka, or an explicit list of teacher layers per student layer ('0,4,8' or '0:0.5+1:0.5,...')."""
     cka_top_k: int = 2
@@ -82,6 +98,12 @@ class ExtractConfig:
     """Samples used for the stored CKA matrices (at least 4; 0 skips them, except with --layer-map cka)."""
     alignment: str = "soft"
     """Tokenizer alignment: soft (IoU weights over overlapping teacher tokens) or hard (the best one)."""
+
+
+@dataclass
+class WriteOptions:
+    """How rows are written: their encoding, the length and non-finite policies, batches and shards."""
+
     kv_dtype: str = "float16"
     """Storage dtype: float16, bfloat16, float32, int8 (lossy, ~0.5% error), int4 or int2 (packed groups; lossy,
     cosine to the teacher's K/V >= 0.995 and 0.90-0.99)."""
@@ -97,14 +119,51 @@ class ExtractConfig:
     """Samples per teacher forward pass."""
     shard_tokens: int = 32768
     """Target student tokens per shard (fixed when the store is created)."""
-    resume: bool = False
-    """Keep complete shards of this teacher and redo the rest."""
-    shard: str | None = None
-    """Extract only shards s with s % n == i, written 'i/n' (job arrays)."""
+
+
+@dataclass
+class GenerationOptions:
+    """With --teacher-generates: the teacher writes the text it is extracted on."""
+
     teacher_generates: bool = False
     """The teacher writes its own chain of thought greedily first; its K/V are time-warped onto the student text."""
     max_new_tokens: int = 256
     """Generation budget with --teacher-generates."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kava extract
+
+
+@flat_options
+@dataclass
+class ExtractConfig:
+    """Run one teacher once over a dataset and write its aligned K/V into a store."""
+
+    teacher: str
+    """Preset name (see --list-teachers), local model directory, or hub id."""
+    store: str
+    """The store directory (created on first use)."""
+    name: str | None = None
+    """The teacher's name inside the store (default: preset or directory name, plus the template when not plain)."""
+    data: DataSource = field(default_factory=DataSource)
+    """The rows: --dataset, --split, --limit, --data-files, --data-seed, ..."""
+    grid: GridOptions = field(default_factory=GridOptions)
+    """The student's side: --student-template, --prompt-template, --student-tokenizer, --student, --student-layers."""
+    loading: TeacherLoading = field(default_factory=TeacherLoading)
+    """The teacher model: --load-in-4bit, --load-in-8bit, --dtype, --device, --revision, --trust-remote-code."""
+    capture: CaptureOptions = field(default_factory=CaptureOptions)
+    """What is stored besides K/V: --with-q, --q-layers, --logit-top-k, --k-rope."""
+    mapping: MappingOptions = field(default_factory=MappingOptions)
+    """Layers and tokens: --layer-map, --cka-top-k, --calibration-samples, --alignment."""
+    writing: WriteOptions = field(default_factory=WriteOptions)
+    """--kv-dtype, --compress, --max-length, --on-too-long, --on-nonfinite, --batch-size, --shard-tokens."""
+    resume: bool = False
+    """Keep complete shards of this teacher and redo the rest."""
+    shard: str | None = None
+    """Extract only shards s with s % n == i, written 'i/n' (job arrays)."""
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    """--teacher-generates, --max-new-tokens."""
     progress: bool = True
     """Show a progress bar on stderr."""
     threads: int | None = None
@@ -116,11 +175,6 @@ class ExtractConfig:
 
     ALIASES: ClassVar[dict[str, str]] = {"seed": "data_seed"}
     """Old spellings still accepted (flag and YAML key): ``--seed`` was the synthetic dataset's seed."""
-
-    def __post_init__(self) -> None:
-        self._parse_problems: list[str] = []
-        self.q_layers = parse_list(self.q_layers, as_int, "--q-layers", "comma-separated layer numbers",
-                                   self._parse_problems)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExtractConfig:
@@ -144,7 +198,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = list(self._parse_problems)
+        p: list[str] = list(self.capture._parse_problems)
         if self.load_in_4bit and self.load_in_8bit:
             p.append("Can't set both --load-in-4bit and --load-in-8bit. Choose one.")
         if self.kv_dtype not in KV_DTYPES:
