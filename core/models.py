@@ -1,6 +1,6 @@
 """Loading a Hugging Face causal LM and its tokenizer by name, local path or hub id, optionally quantized.
 
-Both stages load models: extraction its teachers (through the preset registry of ``kava.extract.teachers``),
+Both stages load models: extraction its teachers (through the preset registry extraction passes in),
 distillation its pretrained students, eval the trained ones. Three steps, kept apart so the CLI can validate before
 anything heavy happens:
 

@@ -1,8 +1,12 @@
-"""`kava distill` options as one typed dataclass; click flags and YAML keys load into the same fields.
+"""`kava distill` options as one typed dataclass of small groups; click flags and YAML keys load into the same fields.
 
-Without --store the run fine-tunes on rows of its own: those options are the ``data: DataSource`` group (the same
-``--dataset`` options as `kava extract`), read only then. List options (--teachers, --kv-layers, --attn-layers,
---fusion-weights) are lists and --segment-weights a mapping, parsed once in ``__post_init__``.
+Each component takes its group whole: the K/V objective ``objective`` and ``teacher_fusion``, the module its loss
+weights (``objective``, with logit distillation's ``objective.logits``), the loop and optimizer ``trainer``. Options
+of one mode sit in that mode's group: with --store, ``reads`` (which teachers and layers to read); without it, the
+rows fine-tuned on (``data: DataSource``, the same ``--dataset`` options as `kava extract`) and ``fine_tune`` (their
+template, tokenizer and length), read only then. Flags, YAML keys and ``config.yaml`` stay flat (``--lr``, ``lr:``),
+in the order the groups sit (see :mod:`kava.core.config`). List options (--teachers, --kv-layers, --attn-layers,
+--fusion-weights) are lists and --segment-weights a mapping, parsed once in their group's ``__post_init__``.
 
 ``validate()`` reports every problem at once, in the flags' spelling, before a model loads or a file is written.
 Rules that need the store (which teachers and layers it has) are checked by the trainer right after it opens the
@@ -16,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kava.extract.config import (as_float, as_int, as_name, config_from_dict, config_to_dict, format_list,
-                                 parse_list)
-from kava.extract.data import DataSource
+from kava.core.config import (as_float, as_int, as_name, config_from_dict, config_to_dict, flat_options, format_list,
+                              parse_list)
+from kava.core.data import DataSource
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
@@ -31,16 +35,47 @@ RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command"
 """Fields a resumed run may change; any other difference would change the loss sequence, so it is refused."""
 
 
-@dataclass
-class DistillConfig:
-    """Train a student on cross-entropy plus K/V alignment against a store's teachers."""
+def _segment_weights(value: Any, problems: list[str]) -> dict[str, float] | None:
+    """--segment-weights as a mapping: from 'prompt=0.5,answer=2' (a flag) or a YAML mapping; names it leaves out
+    weigh 1. A bad entry is reported in ``problems`` (and the option dropped)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        pairs = []
+        for part in (x for x in value.split(",") if x.strip()):
+            m = _WEIGHT.match(part)
+            pairs.append((m.group(1), m.group(2)) if m else (part.strip(), None))
+    elif isinstance(value, Mapping):
+        pairs = [(str(k), v) for k, v in value.items()]
+    else:
+        problems.append(f"--segment-weights: expected name=weight pairs like 'prompt=0.5,answer=2'. Got {value!r} "
+                        "instead.")
+        return None
+    out: dict[str, float] = {}
+    before = len(problems)
+    for name, weight in pairs:
+        try:
+            number = as_float(weight)
+        except (TypeError, ValueError):
+            number = None
+        if name not in SEGMENT_NAMES or number is None:
+            problems.append(f"--segment-weights: expected name=weight with names in {', '.join(SEGMENT_NAMES)}. "
+                            f"Got {name + ('' if weight is None else f'={weight}')!r} instead.")
+        elif number < 0:
+            problems.append(f"--segment-weights: expected weights >= 0. Got {f'{name}={weight}'!r} instead.")
+        else:
+            out[name] = number
+    return out if len(problems) == before else None
 
-    student: str
-    """Preset (tiny-qwen2, tiny-llama), local model directory, or hub id."""
-    out: str
-    """Output directory: the trained student, checkpoints, metrics.jsonl, the resolved config."""
-    store: str | None = None
-    """Store written by `kava extract`. Without it: CE-only fine-tuning on --dataset."""
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The groups, in the order their options appear in `kava distill --help` and config.yaml
+
+
+@dataclass
+class StoreReads:
+    """With --store: what the run reads from it."""
+
     teachers: list[str] | None = None
     """Teachers to learn from, comma-separated (default: the store's only teacher)."""
     kv_layers: list[int] | None = None
@@ -50,8 +85,19 @@ class DistillConfig:
     The attention term costs O(T^2) per layer; fewer layers make it cheaper."""
     allow_incomplete: bool = False
     """Train on the shards every teacher finished instead of refusing a store with unfinished shards."""
-    data: DataSource = field(default_factory=DataSource, metadata={"help_prefix": "Without --store"})
-    """Without --store: the rows fine-tuned on (tokenized into <out>/grid.zarr)."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        self.teachers = parse_list(self.teachers, as_name, "--teachers", "teacher names like 'a,b'", p)
+        self.kv_layers = parse_list(self.kv_layers, as_int, "--kv-layers", "integers like '0,2,3'", p)
+        self.attn_layers = parse_list(self.attn_layers, as_int, "--attn-layers", "integers like '3,5'", p)
+        self._parse_problems = p
+
+
+@dataclass
+class FineTuneOptions:
+    """Without --store: how the run tokenizes its own rows (into <out>/grid.zarr) and sizes a preset student."""
+
     student_template: str = "plain"
     """Without --store: the text template (plain, chat, cot or a file); with one, the store's."""
     tokenizer: str | None = None
@@ -61,12 +107,33 @@ class DistillConfig:
     else the preset's)."""
     max_length: int = 1024
     """Without --store: longest sequence; longer samples are cut at a segment boundary."""
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters instead of training every weight of the student."""
+
     lora_r: int | None = None
     """LoRA rank through peft; unset trains every weight."""
     lora_alpha: float | None = None
     """LoRA alpha (default: 2 x rank)."""
     lora_targets: str = "all-linear"
     """Modules LoRA adapts: all-linear or a comma-separated list (q_proj,v_proj)."""
+
+
+@dataclass
+class LogitOptions:
+    """Logit distillation against the teachers' top-k log-probabilities stored by `kava extract --logit-top-k`."""
+
+    logit_weight: float = 0.0
+    """Weight of logit distillation against the teachers' stored top-k (extract with --logit-top-k); 0 turns it off."""
+
+
+@dataclass
+class ObjectiveOptions:
+    """What the loss is made of: the K/V term (its projectors, loss and weights), cross-entropy and logit
+    distillation. The K/V objective and the training module each take it whole."""
+
     projector: str = "structured"
     """structured (head mixer, then head-dim projection) or flat (heads and dims concatenated, the baseline)."""
     init_uniform: bool = True
@@ -87,12 +154,28 @@ class DistillConfig:
     """Weight of the whole K/V term against cross-entropy; 0 trains CE only."""
     ce_weight: float = 1.0
     """Weight of the cross-entropy term."""
-    logit_weight: float = 0.0
-    """Weight of logit distillation against the teachers' stored top-k (extract with --logit-top-k); 0 turns it off."""
+    logits: LogitOptions = field(default_factory=LogitOptions)
+    """Logit distillation: --logit-weight."""
     ce_on: str = "completion"
     """Tokens cross-entropy is computed on: completion (reasoning and answer) or all."""
     segment_weights: dict[str, float] | None = None
     """K/V loss weight per segment, e.g. 'prompt=0.5,reasoning=1,answer=2' (others 1)."""
+
+    def __post_init__(self) -> None:
+        self._parse_problems: list[str] = []
+        self.segment_weights = _segment_weights(self.segment_weights, self._parse_problems)
+
+    @property
+    def segment_weight_list(self) -> list[float]:
+        """The weight of each segment id, in ``SEGMENT_NAMES`` order (names --segment-weights leaves out weigh 1)."""
+        segments = self.segment_weights or {}
+        return [segments.get(n, 1.0) for n in SEGMENT_NAMES]
+
+
+@dataclass
+class FusionOptions:
+    """How several teachers combine, per token; each mode's own option says which mode it needs."""
+
     fusion: str = "fixed"
     """How several teachers combine: fixed, similarity (softmax of cosine / temperature) or learnable (router)."""
     fusion_weights: list[float] | None = None
@@ -101,6 +184,18 @@ class DistillConfig:
     """With --fusion similarity: softmax temperature."""
     router_hidden: int = 64
     """With --fusion learnable: hidden width of the router MLP."""
+
+    def __post_init__(self) -> None:
+        self._parse_problems: list[str] = []
+        self.fusion_weights = parse_list(self.fusion_weights, as_float, "--fusion-weights", "numbers like '0.7,0.3'",
+                                         self._parse_problems)
+
+
+@dataclass
+class TrainerOptions:
+    """The training loop: how long, in what batches, the optimizer and its schedule, the data order, where it runs
+    and how often it checkpoints."""
+
     steps: int | None = None
     """Optimizer steps to train (default: --epochs)."""
     epochs: int | None = None
@@ -135,14 +230,53 @@ class DistillConfig:
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted)."""
-    resume: bool = False
-    """Continue the run in --out from its latest checkpoint (a run without one starts from step 0)."""
+
+
+@dataclass
+class ReportOptions:
+    """What the run reports while it trains (none of it changes the training)."""
+
     log_every: int = 10
     """Print progress every N steps (metrics.jsonl gets every step)."""
     tensorboard: bool = False
     """Also write TensorBoard event files under <out>/tb (needs the tensorboard package)."""
     progress: bool = True
     """Print progress lines on stderr."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kava distill
+
+
+@flat_options
+@dataclass
+class DistillConfig:
+    """Train a student on cross-entropy plus K/V alignment against a store's teachers."""
+
+    student: str
+    """Preset (tiny-qwen2, tiny-llama), local model directory, or hub id."""
+    out: str
+    """Output directory: the trained student, checkpoints, metrics.jsonl, the resolved config."""
+    store: str | None = None
+    """Store written by `kava extract`. Without it: CE-only fine-tuning on --dataset."""
+    reads: StoreReads = field(default_factory=StoreReads)
+    """With --store: --teachers, --kv-layers, --attn-layers, --allow-incomplete."""
+    data: DataSource = field(default_factory=DataSource, metadata={"help_prefix": "Without --store"})
+    """Without --store: the rows fine-tuned on (tokenized into <out>/grid.zarr)."""
+    fine_tune: FineTuneOptions = field(default_factory=FineTuneOptions, metadata={"help_prefix": "Without --store"})
+    """Without --store: --student-template, --tokenizer, --layers, --max-length."""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    """--lora-r, --lora-alpha, --lora-targets."""
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
+    """The loss: projectors, K/V loss and weights, cross-entropy, logit distillation."""
+    teacher_fusion: FusionOptions = field(default_factory=FusionOptions)
+    """--fusion and each fusion mode's option."""
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
+    """Steps, batches, optimizer and schedule, seed, loader, device, precision, checkpoints."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint (a run without one starts from step 0)."""
+    report: ReportOptions = field(default_factory=ReportOptions)
+    """--log-every, --tensorboard, --progress."""
     threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
     trust_remote_code: bool = False
@@ -154,16 +288,6 @@ class DistillConfig:
 
     ALIASES: ClassVar[dict[str, str]] = {"template": "student_template"}
     """Old spellings still accepted (flag and YAML key)."""
-
-    def __post_init__(self) -> None:
-        p: list[str] = []
-        self.teachers = parse_list(self.teachers, as_name, "--teachers", "teacher names like 'a,b'", p)
-        self.kv_layers = parse_list(self.kv_layers, as_int, "--kv-layers", "integers like '0,2,3'", p)
-        self.attn_layers = parse_list(self.attn_layers, as_int, "--attn-layers", "integers like '3,5'", p)
-        self.fusion_weights = parse_list(self.fusion_weights, as_float, "--fusion-weights", "numbers like '0.7,0.3'",
-                                         p)
-        self.segment_weights = _segment_weights(self.segment_weights, p)
-        self._parse_problems = p
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
@@ -188,20 +312,22 @@ class DistillConfig:
 
     @property
     def uses_kv(self) -> bool:
-        return self.store is not None and self.kv_weight > 0 and (
-            self.alpha_k > 0 or self.alpha_v > 0 or (self.loss == "structural" and self.alpha_attn > 0))
+        o = self.objective
+        return self.store is not None and o.kv_weight > 0 and (
+            o.alpha_k > 0 or o.alpha_v > 0 or (o.loss == "structural" and o.alpha_attn > 0))
 
     @property
     def uses_logits(self) -> bool:
-        return self.store is not None and self.logit_weight > 0
+        return self.store is not None and self.objective.logits.logit_weight > 0
 
     @property
     def uses_attention(self) -> bool:
-        return self.uses_kv and self.loss == "structural" and self.alpha_attn > 0
+        return self.uses_kv and self.objective.loss == "structural" and self.objective.alpha_attn > 0
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = [*self._parse_problems, *self.data.problems()]
+        p: list[str] = [*self.reads._parse_problems, *self.teacher_fusion._parse_problems,
+                        *self.objective._parse_problems, *self.data.problems()]
 
         def choice(flag: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
@@ -280,35 +406,3 @@ class DistillConfig:
         if p:
             raise ConfigError.from_problems(p)
 
-
-def _segment_weights(value: Any, problems: list[str]) -> dict[str, float] | None:
-    """--segment-weights as a mapping: from 'prompt=0.5,answer=2' (a flag) or a YAML mapping; names it leaves out
-    weigh 1. A bad entry is reported in ``problems`` (and the option dropped)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        pairs = []
-        for part in (x for x in value.split(",") if x.strip()):
-            m = _WEIGHT.match(part)
-            pairs.append((m.group(1), m.group(2)) if m else (part.strip(), None))
-    elif isinstance(value, Mapping):
-        pairs = [(str(k), v) for k, v in value.items()]
-    else:
-        problems.append(f"--segment-weights: expected name=weight pairs like 'prompt=0.5,answer=2'. Got {value!r} "
-                        "instead.")
-        return None
-    out: dict[str, float] = {}
-    before = len(problems)
-    for name, weight in pairs:
-        try:
-            number = as_float(weight)
-        except (TypeError, ValueError):
-            number = None
-        if name not in SEGMENT_NAMES or number is None:
-            problems.append(f"--segment-weights: expected name=weight with names in {', '.join(SEGMENT_NAMES)}. "
-                            f"Got {name + ('' if weight is None else f'={weight}')!r} instead.")
-        elif number < 0:
-            problems.append(f"--segment-weights: expected weights >= 0. Got {f'{name}={weight}'!r} instead.")
-        else:
-            out[name] = number
-    return out if len(problems) == before else None

@@ -28,10 +28,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kava.extract.config import config_from_dict, config_to_dict
-from kava.extract.data import DataSource
-from kava.extract.rows import ReasoningRow
-from kava.extract.synthetic import SYNTHETIC_SPLITS, Difficulty
+from kava.core.config import config_from_dict, config_to_dict
+from kava.core.data import DataSource
+from kava.core.rows import ReasoningRow
+from kava.core.synthetic import SYNTHETIC_SPLITS, Difficulty
 from kava.extract.templates import TEMPLATES, PromptTemplate, format_row, load_template
 from kava.core.errors import ConfigError, DatasetError
 

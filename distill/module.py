@@ -37,14 +37,7 @@ _COMPLETION = (SEGMENT_NAMES.index("reasoning"), SEGMENT_NAMES.index("answer"))
 def build_objective(cfg: DistillConfig, data: RunData, student: Student) -> KVObjective:
     """The K/V objective for the run's teacher plans and the student's attention geometry (random init: seed first)."""
     _, heads, kv_heads, head_dim = attention_geometry(student.config)
-    segments = cfg.segment_weights or {}  # names left out weigh 1
-    return KVObjective(
-        data.plans, (heads, kv_heads, head_dim), data.kv_layers, loss=cfg.loss, alpha_k=cfg.alpha_k,
-        alpha_v=cfg.alpha_v, alpha_attn=cfg.alpha_attn, projector=cfg.projector, project=cfg.project,
-        init_uniform=cfg.init_uniform, share_dim=cfg.share_dim_proj, fusion=cfg.fusion,
-        fusion_weights=cfg.fusion_weights, temperature=cfg.fusion_temperature,
-        router_hidden=cfg.router_hidden, segment_weights=[segments.get(n, 1.0) for n in SEGMENT_NAMES],
-    )
+    return KVObjective(data.plans, (heads, kv_heads, head_dim), data.kv_layers, cfg.objective, cfg.teacher_fusion)
 
 
 def completion_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, segment_ids: torch.Tensor,
@@ -99,8 +92,9 @@ class DistillModule(nn.Module):
         self.student = student.model
         self.objective = objective
         self._inner = [student.inner]  # the same modules as self.student; a list keeps them out of state_dict twice
-        self.ce_weight, self.kv_weight, self.ce_on = cfg.ce_weight, cfg.kv_weight, cfg.ce_on
-        self.logit_weight, self.logit_teachers = cfg.logit_weight, list(logit_teachers)
+        options = cfg.objective
+        self.ce_weight, self.kv_weight, self.ce_on = options.ce_weight, options.kv_weight, options.ce_on
+        self.logit_weight, self.logit_teachers = options.logits.logit_weight, list(logit_teachers)
         # Checked now rather than at the first forward: the capture records the rotation through this module.
         if objective is not None and rope_params(student.inner.config) is not None \
                 and rotary_module(student.inner) is None:

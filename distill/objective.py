@@ -20,6 +20,7 @@ from torch import nn
 from kava.extract.rope import apply_rope, cos_sin
 from kava.kvstore.manifest import TeacherSpec
 
+from .config import FusionOptions, ObjectiveOptions
 from .fusion import build_fusion, router_entropy
 from .losses import (
     TeacherAttention,
@@ -104,31 +105,32 @@ class KVObjective(nn.Module):
         plans: one per teacher, in the order of the fusion weights.
         student_geometry: ``(num_heads, kv_heads, head_dim)`` of the student.
         kv_layers: the aligned student layers.
-        loss: ``mse``, ``mercator`` or ``structural``.
-        segment_weights: ``[num_segments]`` weight per segment id.
+        objective: the projector, loss, alphas and segment weights (``--projector``, ``--loss``, ``--alpha-*``,
+            ``--segment-weights``, ...); its cross-entropy and logit options are the training module's.
+        fusion: how the teachers combine (``--fusion`` and its mode's option).
     """
 
     def __init__(self, plans: Sequence[TeacherPlan], student_geometry: tuple[int, int, int], kv_layers: Sequence[int],
-                 *, loss: str, alpha_k: float, alpha_v: float, alpha_attn: float, projector: str, project: str,
-                 init_uniform: bool, share_dim: bool, fusion: str, fusion_weights: Sequence[float] | None,
-                 temperature: float, router_hidden: int, segment_weights: Sequence[float]) -> None:
+                 objective: ObjectiveOptions, fusion: FusionOptions) -> None:
         super().__init__()
         self.plans = list(plans)
         self.kv_layers = tuple(kv_layers)
-        self.loss, self.project = loss, project
-        self.alpha_k, self.alpha_v = alpha_k, alpha_v
-        self.alpha_attn = alpha_attn if loss == "structural" else 0.0
+        self.loss, self.project = objective.loss, objective.project
+        self.alpha_k, self.alpha_v = objective.alpha_k, objective.alpha_v
+        self.alpha_attn = objective.alpha_attn if objective.loss == "structural" else 0.0
         _, s_kv, s_dim = student_geometry
         self.projectors = nn.ModuleDict()
         for plan in self.plans:
             t = plan.spec
-            src, dst = ((s_kv, s_dim), (t.kv_heads, t.head_dim)) if project == "student" else \
+            src, dst = ((s_kv, s_dim), (t.kv_heads, t.head_dim)) if self.project == "student" else \
                 ((t.kv_heads, t.head_dim), (s_kv, s_dim))
-            self.projectors[plan.name] = KVProjectors(projector, self.kv_layers, src[0], src[1], dst[0], dst[1],
-                                                      init_uniform=init_uniform, share_dim=share_dim)
-        self.fusion = build_fusion(fusion, len(self.plans), weights=fusion_weights, temperature=temperature,
-                                   feature_dim=s_dim, hidden=router_hidden)
-        self.register_buffer("segment_weights", torch.tensor(list(segment_weights), dtype=torch.float32),
+            self.projectors[plan.name] = KVProjectors(objective.projector, self.kv_layers, src[0], src[1], dst[0],
+                                                      dst[1], init_uniform=objective.init_uniform,
+                                                      share_dim=objective.share_dim_proj)
+        self.fusion = build_fusion(fusion.fusion, len(self.plans), weights=fusion.fusion_weights,
+                                   temperature=fusion.fusion_temperature, feature_dim=s_dim,
+                                   hidden=fusion.router_hidden)
+        self.register_buffer("segment_weights", torch.tensor(objective.segment_weight_list, dtype=torch.float32),
                              persistent=False)
 
     @property

@@ -17,8 +17,8 @@ def make_optimizer(module: nn.Module, cfg: DistillConfig) -> torch.optim.Optimiz
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": cfg.trainer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.trainer.lr, betas=(0.9, 0.95))
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -124,7 +124,7 @@ def write_manifest(cfg: DistillConfig, out: Path, data: RunData, steps: int, tok
         "teachers": list(data.teacher_names),
         "kv_layers": list(data.kv_layers),
         "logit_teachers": [t.name for t in data.logit_teachers],
-        "loss": cfg.loss if cfg.uses_kv else "ce",
+        "loss": cfg.objective.loss if cfg.uses_kv else "ce",
         "steps": steps,
         "tokens": tokens,
         "parameters": params,

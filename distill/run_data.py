@@ -64,10 +64,11 @@ class RunData:
         requests = tuple(TeacherRequest(n, layers=kv[n].read_layers if n in kv else None,
                                         with_q=n in kv and kv[n].with_q, with_logits=n in logits, with_kv=n in kv)
                          for n in names)
+        t = cfg.trainer
         return LoaderConfig(store=self.path,
-                            teachers=requests, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
-                            buffer_shards=cfg.buffer_shards, seed=cfg.seed, rank=rank, world_size=world_size,
-                            num_workers=cfg.workers, allow_incomplete=cfg.allow_incomplete)
+                            teachers=requests, batch_size=t.batch_size, max_tokens=t.max_tokens,
+                            buffer_shards=t.buffer_shards, seed=t.seed, rank=rank, world_size=world_size,
+                            num_workers=t.workers, allow_incomplete=cfg.reads.allow_incomplete)
 
     def check_student(self, student: Student) -> None:
         """Refuse a student whose tokenizer or depth doesn't match the store."""
@@ -110,7 +111,7 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         return RunData(store, path, tokenizer, template, [], (), _ce_depth(cfg, store))
 
     have = store.teachers
-    names = cfg.teachers
+    names = cfg.reads.teachers
     if names is None:
         if len(have) != 1:
             listing = ", ".join(sorted(have)) or "none"
@@ -134,11 +135,11 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
         raise SchemaError(f"{store.where}: the teachers' layer maps are for students of different depths {depths}. "
                           "Pick teachers mapped for the same student.")
     depth = next(iter(depths.values()))
-    kv_layers = tuple(cfg.kv_layers or range(depth))
+    kv_layers = tuple(cfg.reads.kv_layers or range(depth))
     out_of_range = [layer for layer in kv_layers if layer >= depth]
     if out_of_range:
         raise ConfigError(f"--kv-layers {out_of_range}: the store's layer map has student layers 0-{depth - 1}.")
-    attn_layers = tuple(cfg.attn_layers or kv_layers)
+    attn_layers = tuple(cfg.reads.attn_layers or kv_layers)
     outside = [layer for layer in attn_layers if layer not in kv_layers]
     if outside:
         raise ConfigError(f"--attn-layers {outside}: not among the aligned student layers {list(kv_layers)}.")
@@ -150,15 +151,15 @@ def _ce_depth(cfg: DistillConfig, store: KVStore) -> int | None:
     """A run without K/V on a store with teachers builds the same preset student as the K/V run it is compared
     with: the depth of the teachers' layer maps (or --layers)."""
     depths = {spec.layer_map.student_layers for spec in store.teachers.values()}
-    return cfg.layers if cfg.layers is not None else depths.pop() if len(depths) == 1 else None
+    return cfg.fine_tune.layers if cfg.fine_tune.layers is not None else depths.pop() if len(depths) == 1 else None
 
 
 def _logit_teacher(spec: TeacherSpec, store: KVStore, cfg: DistillConfig) -> LogitTeacher:
     if spec.logits is None:
         raise SchemaError(
             f"{store.where}: expected teacher {spec.name!r} to store its top-k logits for --logit-weight "
-            f"{cfg.logit_weight}. Got none instead. Re-extract it with --logit-top-k K (e.g. 8), or set "
-            "--logit-weight 0."
+            f"{cfg.objective.logits.logit_weight}. Got none instead. Re-extract it with --logit-top-k K (e.g. 8), or "
+            "set --logit-weight 0."
         )
     return LogitTeacher(spec.name, spec.logits.tokenizer_fingerprint == store.manifest.student_tokenizer.fingerprint)
 
@@ -198,17 +199,17 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
 
     path = out / "grid.zarr"
     preset = cfg.student.lower() in PRESETS
-    if preset and cfg.tokenizer is None:
+    if preset and cfg.fine_tune.tokenizer is None:
         raise ConfigError(f"--student {cfg.student} is a preset: without --store it needs --tokenizer to build on.")
-    tok_name = cfg.tokenizer if preset else cfg.student
+    tok_name = cfg.fine_tune.tokenizer if preset else cfg.student
     if preset:
         tokenizer = load_fast_tokenizer(tok_name)
     else:
         tokenizer = load_tokenizer(resolve_model(tok_name, role="student", trust_remote_code=cfg.trust_remote_code))
     d = cfg.data
-    store, grid = create_grid_store(path, d.load(), tokenizer, load_template(cfg.student_template),
+    store, grid = create_grid_store(path, d.load(), tokenizer, load_template(cfg.fine_tune.student_template),
                                     tokenizer_name=tok_name, dataset=d.dataset, split=d.split,
-                                    max_length=cfg.max_length,
+                                    max_length=cfg.fine_tune.max_length,
                                     on_too_long="truncate", shard_tokens=32768, command=cfg.command,
                                     details=d.details())
     log(f"tokenized {len(grid)} samples of {d.dataset}:{d.split} into {path}")

@@ -126,14 +126,14 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     ranks = ddp.ranks_from_env()
     out = Path(cfg.out)
     resume_from = check_out(cfg, out, ranks.world_size)
-    if cfg.tensorboard:
+    if cfg.report.tensorboard:
         check_tensorboard()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: CUDA is not available here. Use --device cpu.")
-    device = ddp.rank_device(device, ranks, cfg.device)
+        raise ConfigError(f"--device {cfg.trainer.device}: CUDA is not available here. Use --device cpu.")
+    device = ddp.rank_device(device, ranks, cfg.trainer.device)
     with ddp.process_group(ranks, device):  # one process: no group
         state = setup(cfg, out, resume_from, device, ranks, log if ranks.main else quiet)
         return train(state, log if ranks.main else quiet, resumed_from=resume_from, started=started)
@@ -157,30 +157,32 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     with ddp.main_first(ranks):
         out.mkdir(parents=True, exist_ok=True)
         data = resolve_data(cfg, out, log)
-        student = load_student(cfg.student, tokenizer=data.tokenizer, num_layers=data.student_layers, seed=cfg.seed,
-                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                               trust_remote_code=cfg.trust_remote_code)
+        lora = cfg.lora
+        student = load_student(cfg.student, tokenizer=data.tokenizer, num_layers=data.student_layers,
+                               seed=cfg.trainer.seed, lora_r=lora.lora_r, lora_alpha=lora.lora_alpha,
+                               lora_targets=lora.lora_targets, trust_remote_code=cfg.trust_remote_code)
     data.check_student(student)
 
     # 4. The loader: every rank of a DDP job reads its own shards, and as many batches as every other rank. Building
     # it checks the request against the store (teachers, layers, Q, finished shards), still before anything trains.
-    loader = StreamLoader(data.loader_config(cfg, rank=ranks.rank, world_size=ranks.world_size), epochs=cfg.epochs)
+    loader = StreamLoader(data.loader_config(cfg, rank=ranks.rank, world_size=ranks.world_size),
+                          epochs=cfg.trainer.epochs)
     if ranks.distributed:
         _check_same_shards(loader, data, ranks)
 
     # 5. Objective, optimizer, schedule. The objective's random init is seeded apart from the student's; every rank
     # draws the same weights (and DDP broadcasts rank 0's anyway).
-    torch.manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.trainer.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
     module = DistillModule(student, objective, cfg, logit_teachers=data.logit_teachers).to(device)
     optimizer = make_optimizer(module, cfg)
-    if cfg.steps is not None:
-        total = cfg.steps
+    if cfg.trainer.steps is not None:
+        total = cfg.trainer.steps
     else:
-        micro = sum(len(loader.plan(e).batches) for e in range(cfg.epochs or 1))
-        total = max(1, micro // cfg.grad_accum)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
-    schedule = make_schedule(optimizer, total, warmup, cfg.min_lr_ratio)
+        micro = sum(len(loader.plan(e).batches) for e in range(cfg.trainer.epochs or 1))
+        total = max(1, micro // cfg.trainer.grad_accum)
+    warmup = cfg.trainer.warmup_steps if cfg.trainer.warmup_steps is not None else max(1, round(0.05 * total))
+    schedule = make_schedule(optimizer, total, warmup, cfg.trainer.min_lr_ratio)
     params = {"student_trainable": student.trainable_parameters(), "student_total": student.total_parameters()}
     if objective is not None:
         params.update(objective.parameter_counts())
@@ -207,7 +209,7 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
         for partial in remove_partial_checkpoints(out):
             log(f"removed {partial.name}, a checkpoint left half-written when the run stopped")
     # Dropout etc., each rank its own draws; a resumed run also restores each rank's exact RNG state.
-    torch.manual_seed(cfg.seed + 2 + step + _RANK_SEED_STRIDE * ranks.rank)
+    torch.manual_seed(cfg.trainer.seed + 2 + step + _RANK_SEED_STRIDE * ranks.rank)
     if saved is not None:
         torch.set_rng_state(saved["rng"]["torch"])
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:
@@ -217,9 +219,9 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
 
     log(f"student {cfg.student}: {params['student_trainable']:,} trainable of {params['student_total']:,} parameters"
         + "".join(f"; {k} {v:,}" for k, v in params.items() if k.startswith(("projector", "router")) and v))
-    log(f"training {total} steps of {cfg.grad_accum} x {cfg.batch_size} samples on {device}"
+    log(f"training {total} steps of {cfg.trainer.grad_accum} x {cfg.trainer.batch_size} samples on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.distributed else "")
-        + (f", K/V from {', '.join(data.teacher_names)} ({cfg.loss}, layers {list(data.kv_layers)})"
+        + (f", K/V from {', '.join(data.teacher_names)} ({cfg.objective.loss}, layers {list(data.kv_layers)})"
            if objective is not None else ", cross-entropy only" if not data.logit_teachers else "")
         + (f", logits from {', '.join(t.name for t in data.logit_teachers)}" if data.logit_teachers else ""))
     return TrainingState(cfg=cfg, out=out, ranks=ranks, device=device, data=data, student=student, module=module,
@@ -236,7 +238,7 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
     # 7. The loop.
     batches = iter(state.loader)
     autocast = _autocast(cfg, state.device)
-    sinks = MetricSinks.open(state.out, main=state.ranks.main, tensorboard=cfg.tensorboard)
+    sinks = MetricSinks.open(state.out, main=state.ranks.main, tensorboard=cfg.report.tensorboard)
     wait_total = step_total = 0.0
     last: dict[str, float] = {}
     try:
@@ -247,7 +249,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
             wait_total += stats.wait
             step_total += stats.seconds
             last = log_step(state, stats, sinks, log)
-            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or state.step == state.total:
+            every = cfg.trainer.checkpoint_every
+            if (every and state.step % every == 0) or state.step == state.total:
                 write_checkpoint(state)
     finally:
         close = getattr(batches, "close", None)
@@ -287,7 +290,7 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
     tokens = 0
     sums: dict[str, float] = {}
     bad_samples: list[int] | None = None  # under DDP: this rank's micro-batch with a non-finite term
-    for micro in range(cfg.grad_accum):
+    for micro in range(cfg.trainer.grad_accum):
         tw = time.perf_counter()
         try:
             batch = next(batches)
@@ -297,7 +300,7 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
         batch = batch.to(state.device, non_blocking=True)
         # DDP all-reduces the gradients in the step's last backward; the earlier ones accumulate locally.
         # Every rank has as many batches as the others, so all of them agree on which backward is last.
-        with ddp.backward_sync(state.model, sync=micro == cfg.grad_accum - 1 or _exhausted(state.loader)):
+        with ddp.backward_sync(state.model, sync=micro == cfg.trainer.grad_accum - 1 or _exhausted(state.loader)):
             with autocast:
                 loss, terms = state.model(batch)
             # One device-to-host copy per micro-batch for every logged term (and the NaN check).
@@ -308,9 +311,9 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
                 raise _nan_error(bad[0], values[bad[0]], state.step, batch.sample_indices.tolist(), path)
             if bad and bad_samples is None:
                 bad_samples = batch.sample_indices.tolist()
-            (loss / cfg.grad_accum).backward()
+            (loss / cfg.trainer.grad_accum).backward()
         for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            sums[k] = sums.get(k, 0.0) + v / cfg.trainer.grad_accum
         tokens += batch.num_tokens
     if not sums:
         return None
@@ -324,7 +327,7 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
             raise _nan_error(bad[0], sums[bad[0]], state.step, bad_samples, path)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in state.module.parameters() if p.requires_grad],
-        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
+        cfg.trainer.max_grad_norm if cfg.trainer.max_grad_norm > 0 else float("inf"),
     )
     state.optimizer.step()
     state.schedule.step()
@@ -343,7 +346,7 @@ def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Lo
               "grad_norm": stats.grad_norm, "tokens": stats.tokens, "tokens_per_s": stats.tokens / stats.seconds,
               "step_s": stats.seconds, "data_wait_s": stats.wait, "data_wait_frac": stats.wait / stats.seconds}
     sinks.write(record)
-    if state.cfg.progress and (state.step % state.cfg.log_every == 0 or state.step in (1, state.total)):
+    if state.cfg.report.progress and (state.step % state.cfg.report.log_every == 0 or state.step in (1, state.total)):
         log(progress_line(record, state.total))
     return record
 
@@ -359,7 +362,8 @@ def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
     path = checkpoint_dir(state.out) / (tag or f"step-{state.step:06d}")
     if ranks.main:
         path = save_checkpoint(state.out, state.module, state.optimizer, state.schedule, state.cfg, step=state.step,
-                               position=state.loader.position, tokens=state.tokens, keep=state.cfg.keep_checkpoints,
+                               position=state.loader.position, tokens=state.tokens,
+                               keep=state.cfg.trainer.keep_checkpoints,
                                shards=list(state.loader.shards), tag=tag, world_size=ranks.world_size,
                                rank_rng=rank_rng)
     ddp.barrier(ranks)
@@ -410,7 +414,7 @@ def _autocast(cfg: DistillConfig, device: torch.device) -> ContextManager[Any]:
 
     import torch
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

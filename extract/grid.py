@@ -26,7 +26,7 @@ from kava.core.errors import ConfigError
 from kava.kvstore.manifest import TokenizerSpec
 
 from .align import token_spans
-from .rows import ReasoningRow, RowSet
+from kava.core.rows import ReasoningRow, RowSet
 from .templates import PromptTemplate, format_row, segment_ids, truncate_at_segment
 
 

@@ -34,8 +34,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from kava.extract.rows import ReasoningRow
 from kava.core.errors import ConfigError
+from kava.core.rows import ReasoningRow
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Templates

@@ -313,9 +313,10 @@ def shipped_configs() -> list[str]:
 
 def semantic_problems(cfg: RunConfig) -> list[str]:
     """Every problem of a well-typed config, including those of the stage configs built from it."""
+    from kava.core.config import option_names
+    from kava.core.synthetic import difficulty_problems
     from kava.distill.config import DistillConfig
-    from kava.extract.config import ExtractConfig, option_names
-    from kava.extract.synthetic import difficulty_problems
+    from kava.extract.config import ExtractConfig
     from kava.kvstore.manifest import is_teacher_name
 
     from .contrasts import contrast_problems
@@ -412,7 +413,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
 def _typed(cls: type, options: dict[str, Any], where: str, problems: list[str]) -> None:
     """Type-check a stage's options against its config's fields (values of the wrong type are dropped). List and
     mapping options are left to the config, which parses them from a YAML list or a flag's text ('0,2,3')."""
-    from kava.extract.config import config_fields
+    from kava.core.config import config_fields
 
     hints = {c.name: c.hint for c in config_fields(cls)
              if typing.get_origin(_optional(c.hint)) not in (list, dict)}

@@ -55,7 +55,7 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
     """Decorate a click command with one option per config option (plus ``--config`` unless ``config_flag`` is
     False: a command taking two dataclasses' options has one). A group's fields (``data: DataSource``) become
     options of their own, flat (``--dataset``); ``cls.ALIASES`` adds each old spelling to its option."""
-    from kava.extract.config import config_fields
+    from kava.core.config import config_fields
 
     aliases: dict[str, list[str]] = {}
     for old, new in getattr(cls, "ALIASES", {}).items():
@@ -108,7 +108,7 @@ def build_configs(classes: tuple[type, ...], values: dict[str, Any], config_file
     """One dataclass per class (e.g. `kava extract`'s ExtractConfig and ClusterConfig) from one YAML file overlaid
     with one set of flags: each key goes to the class that knows it (a key none knows is reported by the first).
     Old spellings are resolved first, so a flag overrides YAML under either name."""
-    from kava.extract.config import canonical_names, config_from_dict, option_names
+    from kava.core.config import canonical_names, config_from_dict, option_names
     from kava.core.errors import ConfigError
 
     def split(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -56,7 +56,7 @@ def stored_layers(extract: dict[str, Any], teacher_layers: int, student_layers: 
         from kava.extract.layer_map import parse_layer_map
 
         kv = len(parse_layer_map(layer_map, teacher_layers, student_layers).teacher_layers)
-    from kava.extract.config import as_int, parse_list
+    from kava.core.config import as_int, parse_list
 
     q_spec = parse_list(extract.get("q_layers"), as_int, "q_layers", "layer numbers", [])  # '0,5' or [0, 5]
     q = (len(q_spec) if q_spec else kv) if extract.get("with_q") else 0
@@ -67,10 +67,10 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
          limit: int | None = None, tokens_per_s: float = 5000.0, step_seconds: float = 0.5,
          store: str | None = None) -> dict[str, Any]:
     """The numbers of ``format_plan``; ``tokens_per_s`` and ``step_seconds`` are assumptions the caller states."""
-    from kava.extract.data import DataSource
+    from kava.core.data import DataSource
+    from kava.core.models import load_fast_tokenizer
     from kava.extract.estimate import bytes_per_token
     from kava.extract.grid import build_grid
-    from kava.core.models import load_fast_tokenizer
     from kava.extract.teachers import PRESETS
     from kava.extract.templates import load_template
     from kava.kvstore.manifest import KV_DTYPES, proportional_layer_map

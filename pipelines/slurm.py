@@ -130,7 +130,7 @@ def config_flags(cfg: Any, *, omit: Sequence[str] = ()) -> list[str]:
     ``repr`` so they read back exactly. Raises ConfigError for a value no flag can express (a None over a non-None
     default, free-form ``extra`` details).
     """
-    from kava.extract.config import config_fields, config_to_dict
+    from kava.core.config import config_fields, config_to_dict
 
     values = config_to_dict(cfg)
     args: list[str] = []

@@ -31,7 +31,7 @@ def split_path(root: Path, role: str) -> Path:
 
 def load_split(root: Path, role: str) -> Any:
     """The rows of one split file, as every stage reads them."""
-    from kava.extract.data import load_rows
+    from kava.core.data import load_rows
 
     return load_rows(str(split_path(root, role)), split=FILE_SPLIT[role])
 
@@ -61,8 +61,8 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
     With ``teacher_fraction`` 0 (every teacher pretrained) the whole pool trains students and there is no
     teacher-train split: no file, and none in the record.
     """
-    from kava.extract.data import load_rows
-    from kava.extract.synthetic import difficulty_details
+    from kava.core.data import load_rows
+    from kava.core.synthetic import difficulty_details
 
     pool = list(load_rows(spec.dataset, split=spec.pool_split, limit=spec.pool_size, seed=spec.seed,
                           data_files=spec.data_files, difficulty=spec.difficulty))

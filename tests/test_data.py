@@ -13,9 +13,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from kava.core.data import file_rows, gsm8k_rows, load_rows
 from kava.core.errors import DatasetError
-from kava.extract.data import file_rows, gsm8k_rows, load_rows
-from kava.extract.rows import (
+from kava.core.rows import (
     ReasoningRow,
     RowSet,
     dataset_fingerprint,
@@ -23,8 +23,8 @@ from kava.extract.rows import (
     parse_gsm8k_answer,
     strip_calculator_notes,
 )
+from kava.core.synthetic import synthetic_rows
 from kava.kvstore import sample_ids_hash
-from kava.extract.synthetic import synthetic_rows
 from kava.extract.templates import (
     SEGMENT_ANSWER,
     SEGMENT_NAMES,

@@ -18,10 +18,10 @@ from kava.distill.evaluate import (
     resolve_template,
     run_eval,
 )
-from kava.extract.data import load_rows
-from kava.extract.rows import ReasoningRow, parse_gsm8k_answer
-from kava.extract.templates import TEMPLATES, format_row
+from kava.core.data import load_rows
 from kava.core.errors import ConfigError
+from kava.core.rows import ReasoningRow, parse_gsm8k_answer
+from kava.extract.templates import TEMPLATES, format_row
 
 STORIES = "models/stories260K_hf_derived"
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread; greedy decoding is hundreds of tiny forwards
@@ -519,8 +519,8 @@ def test_kava_generation_is_plain_greedy_generation_cut_at_the_stop(assets, tmp_
     the stop point, on the forced model (answers, EOS, budget) and on the real stories260K over synthetic prompts."""
     from transformers import AutoTokenizer
 
+    from kava.core.synthetic import synthetic_rows
     from kava.distill.evaluate import _generate
-    from kava.extract.synthetic import synthetic_rows
 
     tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
     _forced_model(tok, CHAIN).save_pretrained(tmp_path / "forced")

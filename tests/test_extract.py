@@ -34,11 +34,11 @@ import zarr
 from click.testing import CliRunner
 
 from helpers import ENV, KAVA, asset_path, sigkill_when  # asset_path: the `assets` lookup, for module-scoped fixtures
+from kava.core.synthetic import synthetic_rows
 from kava.extract.align import align_tokens, apply, token_spans
 from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
 from kava.extract.grid import with_eos
-from kava.extract.synthetic import synthetic_rows
 from kava.extract.recipe import run_extract
 from kava.extract.templates import TEMPLATES, format_row
 from kava.kvstore import KVStore, SampleError, SchemaError, StoreError, summary, verify_store

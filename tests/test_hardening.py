@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from helpers import ENV, KAVA, sigkill_when
+from kava.core.data import file_rows
 from kava.core.errors import CheckpointError, ConfigError, DatasetError
 from kava.distill.checkpoint import load_state
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import run_distill
 from kava.extract.config import ExtractConfig
-from kava.extract.data import file_rows
 from kava.extract.recipe import run_extract
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread

@@ -30,11 +30,11 @@ from kava.distill.loader import (
     check_request,
     plan_epoch,
 )
+from kava.core.synthetic import synthetic_rows
 from kava.distill import batch as batch_module
 from kava.distill.plan import check_layout
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
-from kava.extract.synthetic import synthetic_rows
 from kava.kvstore import ConfigError, IncompleteError, KVStore, SchemaError
 
 STORIES = "stories260K_hf_derived"  # the default teacher name: the model directory's name

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from helpers import asset_path
 from kava.core.errors import ConfigError, SchemaError
+from kava.core.synthetic import synthetic_rows
 from kava.distill.config import DistillConfig
 from kava.distill.loader import LoaderConfig, StreamLoader, TeacherRequest
 from kava.distill.trainer import run_distill
@@ -23,7 +24,6 @@ from kava.extract.align import token_spans
 from kava.extract.config import ExtractConfig
 from kava.extract.grid import tokenizer_fingerprint
 from kava.extract.recipe import run_extract
-from kava.extract.synthetic import synthetic_rows
 from kava.extract.templates import TEMPLATES, format_row
 from kava.kvstore import KVStore, LogitSpec, SampleError, TeacherSpec, verify_store
 from kava.pipelines.cli import main

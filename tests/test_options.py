@@ -10,11 +10,12 @@ import click
 import pytest
 import yaml
 
+from kava.core.config import config_fields
+from kava.core.data import DataSource, load_rows
+from kava.core.errors import ConfigError
 from kava.distill.config import DistillConfig
 from kava.distill.evaluate import EvalConfig
-from kava.extract.config import ExtractConfig, config_fields
-from kava.extract.data import DataSource, load_rows
-from kava.core.errors import ConfigError
+from kava.extract.config import ExtractConfig
 from kava.pipelines.cluster_config import ClusterConfig
 from kava.pipelines.options import build_configs
 
@@ -156,3 +157,19 @@ def test_every_off_switch_says_it_turns_its_option_off():
     assert {"extract --no-compress", "extract --no-progress", "distill --no-progress"} <= set(switches)
     wrong = {k: v for k, v in switches.items() if not v.startswith("Turn off")}
     assert not wrong, wrong
+
+
+def test_group_options_read_write_and_build_flat_and_replace_copies_groups():
+    """A grouped config is built, read and changed by the flat names its flags use; the groups stay its own."""
+    import dataclasses
+
+    cfg = DistillConfig(student="s", out="o", store="kv", lr=1e-3, logit_weight=0.5, fusion_weights="0.7,0.3")
+    assert (cfg.trainer.lr, cfg.objective.logits.logit_weight, cfg.teacher_fusion.fusion_weights) == \
+        (cfg.lr, cfg.logit_weight, cfg.fusion_weights) == (1e-3, 0.5, [0.7, 0.3])
+    assert cfg == DistillConfig.from_dict(cfg.to_dict())
+    other = dataclasses.replace(cfg, steps=4)
+    other.kv_weight = 0.0  # written into other's objective group, not into cfg's
+    assert (other.trainer.steps, other.objective.kv_weight, cfg.trainer.steps, cfg.objective.kv_weight) == \
+        (4, 0.0, None, 1.0)
+    with pytest.raises(TypeError, match="typo"):
+        DistillConfig(student="s", out="o", typo=1)

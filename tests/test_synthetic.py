@@ -9,13 +9,13 @@ import re
 from fractions import Fraction
 
 import pytest
+from kava.core.data import load_rows
 from kava.core.errors import ConfigError, StoreError
 from kava.distill.config import DistillConfig
 from kava.distill.evaluate import EvalConfig, run_eval
 from kava.extract.config import ExtractConfig
-from kava.extract.data import load_rows
 from kava.extract.recipe import run_extract
-from kava.extract.synthetic import (
+from kava.core.synthetic import (
     DIFFICULTY_PRESETS,
     OPERATIONS,
     Difficulty,

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from kava.core.data import RowSet, load_rows
+from kava.core.synthetic import synthetic_rows
 from kava.extract.align import align_dense_reference, token_spans
-from kava.extract.data import RowSet, load_rows
 from kava.extract.grid import build_grid
-from kava.extract.synthetic import synthetic_rows
 from kava.extract.templates import (
     SEGMENT_ANSWER,
     SEGMENT_SPECIAL,

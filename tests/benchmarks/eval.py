@@ -51,8 +51,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from kava.core.padding import left_pad
+    from kava.core.synthetic import synthetic_rows
     from kava.distill.evaluate import _eos_ids, _generate, prompt_text
-    from kava.extract.synthetic import synthetic_rows
     from kava.extract.templates import TEMPLATES
 
     torch.set_num_threads(args.threads)

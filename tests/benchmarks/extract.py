@@ -35,9 +35,9 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from kava.core.synthetic import synthetic_rows
     from kava.extract.align import token_spans
     from kava.extract.config import ExtractConfig
-    from kava.extract.synthetic import synthetic_rows
     from kava.extract.grid import build_grid
     from kava.extract.recipe import run_extract
     from kava.extract.templates import load_template
