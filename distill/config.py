@@ -29,6 +29,8 @@ from kava.kvstore.manifest import SEGMENT_NAMES
 LOSSES = ("mse", "mercator", "structural")
 FUSIONS = ("fixed", "similarity", "learnable")
 PROJECTORS = ("structured", "flat")
+DIVERGENCES = ("auto", "forward-kl", "reverse-kl", "skew-kl", "jsd", "tvd")
+"""--logit-divergence choices (``kava.distill.logit_kd.logit_divergence`` computes each)."""
 _WEIGHT = re.compile(r"^\s*([a-z]+)\s*=\s*([0-9.eE+-]+)\s*$")
 
 RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard"})
@@ -127,6 +129,13 @@ class LogitOptions:
 
     logit_weight: float = 0.0
     """Weight of logit distillation against the teachers' stored top-k (extract with --logit-top-k); 0 turns it off."""
+    logit_divergence: str = "auto"
+    """forward-kl, reverse-kl, skew-kl, jsd or tvd over the top-k plus a tail bucket; auto: forward KL with the
+    teacher's tokenizer, ULD's sorted distance across tokenizers."""
+    logit_temperature: float = 1.0
+    """Softens both sides' top-k buckets (p^(1/T)); the term is scaled by T^2."""
+    logit_skew: float = 0.1
+    """With --logit-divergence skew-kl: the teacher's share alpha of the mixture KL(t || alpha t + (1-alpha) s)."""
 
 
 @dataclass
@@ -160,6 +169,9 @@ class ObjectiveOptions:
     """Tokens cross-entropy is computed on: completion (reasoning and answer) or all."""
     segment_weights: dict[str, float] | None = None
     """K/V loss weight per segment, e.g. 'prompt=0.5,reasoning=1,answer=2' (others 1)."""
+    balance: str = "none"
+    """none, or gradnorm: on the first step scale each term so its gradient norm on the student equals CE's (the
+    weights then scale those), frozen for the run."""
 
     def __post_init__(self) -> None:
         self._parse_problems: list[str] = []
@@ -238,6 +250,9 @@ class ReportOptions:
 
     log_every: int = 10
     """Print progress every N steps (metrics.jsonl gets every step)."""
+    grad_shares_every: int = 0
+    """Every N steps, log each loss term's share of the gradient norm on the student (grad_share/* in
+    metrics.jsonl; one extra backward per term on those steps); 0: never."""
     tensorboard: bool = False
     """Also write TensorBoard event files under <out>/tb (needs the tensorboard package)."""
     progress: bool = True
@@ -338,12 +353,15 @@ class DistillConfig:
         choice("--projector", self.projector, PROJECTORS)
         choice("--project", self.project, ("student", "teacher"))
         choice("--ce-on", self.ce_on, ("completion", "all"))
+        choice("--logit-divergence", self.logit_divergence, DIVERGENCES)
+        choice("--balance", self.balance, ("none", "gradnorm"))
         choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         for flag, value, low in (("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
                                  ("--buffer-shards", self.buffer_shards, 1), ("--workers", self.workers, 0),
                                  ("--checkpoint-every", self.checkpoint_every, 0), ("--log-every", self.log_every, 1),
                                  ("--keep-checkpoints", self.keep_checkpoints, 1), ("--max-length", self.max_length, 2),
-                                 ("--router-hidden", self.router_hidden, 1)):
+                                 ("--router-hidden", self.router_hidden, 1),
+                                 ("--grad-shares-every", self.grad_shares_every, 0)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
         for flag, value in (("--steps", self.steps), ("--epochs", self.epochs),
@@ -366,6 +384,10 @@ class DistillConfig:
             p.append(f"--lr: expected a positive number. Got {self.lr!r} instead.")
         if not 0 <= self.min_lr_ratio <= 1:
             p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {self.min_lr_ratio!r} instead.")
+        if not isinstance(self.logit_temperature, (int, float)) or not self.logit_temperature > 0:
+            p.append(f"--logit-temperature: expected a positive number. Got {self.logit_temperature!r} instead.")
+        if not isinstance(self.logit_skew, (int, float)) or not 0 < self.logit_skew < 1:
+            p.append(f"--logit-skew: expected a number in (0, 1). Got {self.logit_skew!r} instead.")
         if self.fusion_temperature <= 0:
             p.append(f"--fusion-temperature: expected a positive number. Got {self.fusion_temperature!r} instead.")
         if self.ce_weight == 0 and not self.uses_kv and not self.uses_logits:

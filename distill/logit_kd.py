@@ -40,7 +40,8 @@ TAIL_FLOOR = 1e-6
 """Smallest tail mass a log is taken of: a student tail that rounds to 0 would otherwise give ``log 0``."""
 
 DIVERGENCES = ("auto", "forward-kl", "reverse-kl", "skew-kl", "jsd", "tvd")
-"""``--logit-divergence`` choices; ``auto`` is forward KL on shared ids and ULD's sorted L1 across tokenizers."""
+"""``--logit-divergence`` choices; ``auto`` is forward KL on shared ids and ULD's sorted L1 across tokenizers (the
+same tuple as ``kava.distill.config.DIVERGENCES``, which a test checks; the config module stays free of torch)."""
 
 
 def _check(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .config import DistillConfig
-from .logit_kd import sorted_prob_distance, topk_kl
+from .logit_kd import logit_divergence
 from .losses import weighted_mean
 from .objective import KVObjective, StudentKV
 
@@ -56,7 +56,8 @@ def completion_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, se
 
 
 def logit_term(logits: torch.Tensor, targets: torch.Tensor, teachers: Sequence[LogitTeacher],
-               batch: Batch) -> torch.Tensor:
+               batch: Batch, *, divergence: str = "auto", temperature: float = 1.0,
+               skew: float = 0.1) -> torch.Tensor:
     """Logit distillation against the teachers' stored top-k: the mean over teachers of each one's weighted mean.
 
     ``logits[:, t]`` and the teacher's stored row at ``t`` both predict the text after token ``t``'s last character,
@@ -65,6 +66,7 @@ def logit_term(logits: torch.Tensor, targets: torch.Tensor, teachers: Sequence[L
     Args:
         logits: ``[B, T, V]`` the student's logits.
         targets: ``[B, T]`` bool, ``completion_targets``.
+        divergence, temperature, skew: ``logit_divergence``'s (``auto`` at 1: top-k KL / ULD's distance).
 
     Returns:
         A scalar (0 when no position counts).
@@ -75,10 +77,14 @@ def logit_term(logits: torch.Tensor, targets: torch.Tensor, teachers: Sequence[L
         assert tb.logit_ids is not None and tb.logit_logp is not None  # requested by RunData.loader_config
         ids, logp = tb.logit_ids[:, :-1], tb.logit_logp[:, :-1]  # [B, T-1, k]
         weight = ((ids[..., 0] >= 0) & targets[:, 1:]).float()  # [B, T-1]
-        per_token = (topk_kl(logits[:, :-1], ids.clamp(min=0), logp) if teacher.same_tokenizer
-                     else sorted_prob_distance(logits[:, :-1], logp))
+        per_token = logit_divergence(logits[:, :-1], ids.clamp(min=0), logp, same_tokenizer=teacher.same_tokenizer,
+                                     divergence=divergence, temperature=temperature, skew=skew)
         per_teacher.append(weighted_mean(per_token, weight))
     return torch.stack(per_teacher).mean()
+
+
+TERMS = ("ce", "kv", "logit")
+"""The loss terms a DistillModule sums, in order."""
 
 
 class DistillModule(nn.Module):
@@ -94,7 +100,17 @@ class DistillModule(nn.Module):
         self._inner = [student.inner]  # the same modules as self.student; a list keeps them out of state_dict twice
         options = cfg.objective
         self.ce_weight, self.kv_weight, self.ce_on = options.ce_weight, options.kv_weight, options.ce_on
-        self.logit_weight, self.logit_teachers = options.logits.logit_weight, list(logit_teachers)
+        self.logit_options, self.logit_teachers = options.logits, list(logit_teachers)
+        self.logit_weight = options.logits.logit_weight
+        # --balance gradnorm: per-term scales set on the first step (``set_scales``); a buffer, so a checkpoint
+        # carries them and a resumed run continues with the same ones. Absent otherwise (older checkpoints load).
+        self.balance = options.balance == "gradnorm"
+        if self.balance:
+            self.register_buffer("term_scales", torch.ones(len(TERMS)))
+            self.register_buffer("scales_set", torch.zeros(()))
+        self.parts: dict[str, torch.Tensor] = {}
+        """The last forward's unweighted terms (``ce``, ``kv``, ``logit``), still in the graph: what
+        ``kava.distill.balance`` takes gradients of."""
         # Checked now rather than at the first forward: the capture records the rotation through this module.
         if objective is not None and rope_params(student.inner.config) is not None \
                 and rotary_module(student.inner) is None:
@@ -127,18 +143,46 @@ class DistillModule(nn.Module):
         ce_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                  reduction="sum")
         ce = ce_sum / targets.sum().clamp(min=1)
-        total = self.ce_weight * ce
+        self.parts = {"ce": ce}
         terms = {"loss/ce": ce.detach()}
         if kv is not None:
-            total = total + self.kv_weight * kv
+            self.parts["kv"] = kv
             terms["loss/kv"] = kv.detach()
             terms.update(logs)
         if self.logit_teachers:
-            logit = logit_term(logits, targets, self.logit_teachers, batch)
-            total = total + self.logit_weight * logit
+            o = self.logit_options
+            logit = logit_term(logits, targets, self.logit_teachers, batch, divergence=o.logit_divergence,
+                               temperature=o.logit_temperature, skew=o.logit_skew)
+            self.parts["logit"] = logit
             terms["loss/logit"] = logit.detach()
+        total = self.total()
         terms["loss/total"] = total.detach()
         return total, terms
+
+    def weighted_parts(self) -> dict[str, torch.Tensor]:
+        """The last forward's terms as they enter the loss: weight × (balance scale) × term."""
+        weights = {"ce": self.ce_weight, "kv": self.kv_weight, "logit": self.logit_weight}
+        out = {}
+        for name, part in self.parts.items():
+            out[name] = weights[name] * part
+            if self.balance:
+                out[name] = out[name] * self.term_scales[TERMS.index(name)]
+        return out
+
+    def total(self) -> torch.Tensor:
+        """The loss of the last forward: the sum of ``weighted_parts`` in a fixed order (CE, K/V, logits)."""
+        parts = self.weighted_parts()
+        total = parts["ce"]
+        for name in TERMS[1:]:
+            if name in parts:
+                total = total + parts[name]
+        return total
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        """Fix --balance gradnorm's per-term scales (from ``kava.distill.balance.balance_scales``)."""
+        for name, value in scales.items():
+            self.term_scales[TERMS.index(name)] = value
+        self.scales_set.fill_(1.0)
 
     def save_heads(self, out: Path) -> None:
         """Projector and router weights as safetensors (nothing without a K/V objective)."""

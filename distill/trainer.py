@@ -94,6 +94,8 @@ class TrainingState:
     params: dict[str, int]
     step: int = 0
     tokens: int = 0
+    measured: dict[str, float] = field(default_factory=dict)
+    """Gradient norms, shares and balance scales measured during the step, for its metrics line."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,9 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     torch.manual_seed(cfg.trainer.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
     module = DistillModule(student, objective, cfg, logit_teachers=data.logit_teachers).to(device)
+    if module.balance and ranks.distributed:
+        raise ConfigError("--balance gradnorm runs on one process: its scales would differ between ranks. Drop "
+                          "--balance or train without --nproc/torchrun.")
     optimizer = make_optimizer(module, cfg)
     if cfg.trainer.steps is not None:
         total = cfg.trainer.steps
@@ -303,6 +308,9 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
         with ddp.backward_sync(state.model, sync=micro == cfg.trainer.grad_accum - 1 or _exhausted(state.loader)):
             with autocast:
                 loss, terms = state.model(batch)
+            if micro == 0:
+                loss = _balance_terms(state, loss)
+                terms["loss/total"] = loss.detach()
             # One device-to-host copy per micro-batch for every logged term (and the NaN check).
             values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
             bad = _non_finite(values)
@@ -338,13 +346,43 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
     return StepStats(terms=sums, tokens=tokens, grad_norm=float(grad_norm), seconds=seconds, wait=wait)
 
 
+def _balance_terms(state: TrainingState, loss: Any) -> Any:
+    """On a step's first micro-batch: fix --balance gradnorm's scales (first step only; the loss is summed again
+    with them) and, every --grad-shares-every steps, measure each term's gradient norm and share on the student
+    into ``state.measured`` (``balance/*``, ``grad_norm/*``, ``grad_share/*`` in the step's metrics line).
+
+    Both take gradients of the terms on the graph the forward built (``kava.distill.balance``), before the real
+    backward. Under DDP they are skipped: the norms would be one rank's, and balance scales must agree on every rank.
+    """
+    from .balance import balance_scales, grad_shares, term_grad_norms
+
+    module, cfg = state.module, state.cfg
+    every = cfg.report.grad_shares_every
+    measure = every > 0 and (state.step + 1) % every == 0
+    if state.ranks.distributed or not (measure or (module.balance and not module.scales_set)):
+        return loss
+    shared = [p for p in module.student.parameters() if p.requires_grad]
+    if module.balance and not module.scales_set:
+        scales = balance_scales(term_grad_norms(module.parts, shared))
+        module.set_scales(scales)
+        loss = module.total()
+        state.measured.update({f"balance/{k}": v for k, v in scales.items()})
+    if measure:
+        norms = term_grad_norms(module.weighted_parts(), shared)
+        state.measured.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        state.measured.update({f"grad_share/{k}": v for k, v in grad_shares(norms).items()})
+    return loss
+
+
 def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Log) -> dict[str, float]:
     """Write the step's metrics line (``metrics.jsonl``, TensorBoard) and, every --log-every steps, the progress
     line; return the line."""
     epoch, _ = state.loader.position
     record = {"step": state.step, "epoch": epoch, "lr": state.schedule.get_last_lr()[0], **stats.terms,
               "grad_norm": stats.grad_norm, "tokens": stats.tokens, "tokens_per_s": stats.tokens / stats.seconds,
-              "step_s": stats.seconds, "data_wait_s": stats.wait, "data_wait_frac": stats.wait / stats.seconds}
+              "step_s": stats.seconds, "data_wait_s": stats.wait, "data_wait_frac": stats.wait / stats.seconds,
+              **state.measured}
+    state.measured.clear()
     sinks.write(record)
     if state.cfg.report.progress and (state.step % state.cfg.report.log_every == 0 or state.step in (1, state.total)):
         log(progress_line(record, state.total))

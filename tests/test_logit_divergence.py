@@ -104,6 +104,12 @@ def test_a_teacher_with_no_tail_gives_finite_losses():
         assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all(), divergence
 
 
+def test_the_config_offers_every_divergence():
+    from kava.distill.config import DIVERGENCES as OFFERED
+
+    assert OFFERED == DIVERGENCES
+
+
 def test_bounds_and_bad_arguments(pair):
     student, ids, logp = pair
     tvd = logit_divergence(student, ids, logp, same_tokenizer=True, divergence="tvd")
