@@ -336,7 +336,7 @@ class DataSource:
     """Seed of the synthetic dataset."""
     difficulty: str = "default"
     """Difficulty of the synthetic dataset: a preset (default, easy) or key=value pairs such as
-    steps=1-2,ops=+-,start=2-9,operand=1-9 (see the README)."""
+    steps=1-2,ops=+-,start=2-9,operand=1-9 (see docs/extract.md)."""
     strip_calculator: bool = False
     """Remove GSM8K's <<a*b=c>> calculator notes from the text."""
 

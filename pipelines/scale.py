@@ -24,7 +24,7 @@ KNOWN_GEOMETRY: dict[str, tuple[int, int, int, int]] = {
     "Qwen/Qwen2.5-0.5B-Instruct": (24, 14, 2, 64),   # hidden 896
 }
 COMPRESSION_MEASURED = (1.26, 1.5)
-"""blosc-zstd ratios measured on real fp16 K/V (post-RoPE, pre-RoPE) of stories260K; see README "Performance"."""
+"""blosc-zstd ratios measured on real fp16 K/V (post-RoPE, pre-RoPE) of stories260K; see docs/performance.md "Store"."""
 
 
 def geometry(model_id: str) -> tuple[tuple[int, int, int, int], str]:

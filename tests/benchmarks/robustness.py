@@ -1,4 +1,4 @@
-"""What the reliability section of the README promises, counted: killed runs that resume, corrupted bytes that are
+"""What docs/reliability.md promises, counted: killed runs that resume, corrupted bytes that are
 caught, bad inputs that get one clear line. Prints one JSON object.
 
 - **extract kills**: ``kava extract`` SIGKILLed at a random moment (uniform over an uninterrupted run's duration), then
