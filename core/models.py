@@ -186,7 +186,7 @@ def resolve_model(
     if dtype_name is None:
         # A preset's dtype goes with its quantization; a flag that changes the quantization takes that one's default.
         same = preset is not None and preset.quantization == quantization
-        dtype_name = preset.dtype if same else _DEFAULT_DTYPE[quantization]
+        dtype_name = preset.dtype if same and preset is not None else _DEFAULT_DTYPE[quantization]
     if dtype_name == "auto" and quantization != "none":
         dtype_name = _DEFAULT_DTYPE[quantization]
 
@@ -272,7 +272,7 @@ def load_model(source: ModelSource, *, trainable: bool = False,
     if source.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(_no_cuda_message(source.device))
     quantization_config = _quantization_config(source)
-    placement = {} if trainable else {"device_map": {"": source.device}}
+    placement: dict[str, Any] = {} if trainable else {"device_map": {"": source.device}}
     if attn_implementation is not None:
         placement["attn_implementation"] = attn_implementation
     try:

@@ -15,17 +15,19 @@ the bytes a host-to-device copy moves.
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kava.core.errors import IncompleteError, SchemaError
-from kava.kvstore import KVStore, codecs, fastread, layout, zarr_io
+from kava.kvstore import KVStore, ShardSpan, TeacherRead, codecs, layout
 
 from .plan import BatchPlan
+
+if TYPE_CHECKING:
+    from .loader import TeacherRequest  # the loader imports this module
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -63,15 +65,18 @@ class TeacherBatch:
     v_scale: torch.Tensor | None = None
     q_scale: torch.Tensor | None = None
 
-    def _map(self, fn: Any) -> TeacherBatch:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TeacherBatch:
+        """A copy with ``fn`` applied to every tensor (None stays None)."""
         names = ("k", "v", "align_weight", "q", "logit_ids", "logit_logp", "k_scale", "v_scale", "q_scale")
         return dataclasses.replace(self, **{n: None if getattr(self, n) is None else fn(getattr(self, n))
                                             for n in names})
 
-    def to(self, device: Any, non_blocking: bool = False) -> TeacherBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherBatch:
+        """Every tensor on ``device``, still in the stored dtype."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TeacherBatch:
+        """Every tensor in page-locked memory."""
         return self._map(lambda t: t.pin_memory())
 
     def decoded(self, dtype: torch.dtype = torch.float32) -> TeacherBatch:
@@ -108,14 +113,16 @@ class Batch:
         """Real (unpadded) tokens in the batch."""
         return int(self.attention_mask.sum())
 
-    def _map(self, fn: Any) -> Batch:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A copy with ``fn`` applied to every tensor, the teachers' included."""
         return dataclasses.replace(
             self, sample_indices=fn(self.sample_indices), input_ids=fn(self.input_ids),
             attention_mask=fn(self.attention_mask), segment_ids=fn(self.segment_ids),
             teachers={name: t._map(fn) for name, t in self.teachers.items()},
         )
 
-    def to(self, device: Any, non_blocking: bool = False) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Every tensor on ``device`` (``non_blocking`` overlaps the copy from pinned memory with compute)."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
@@ -174,15 +181,15 @@ class Window:
 
     @property
     def pad_row(self) -> int:
+        """The index of the zero (padding) row, the last of every per-token array."""
         return len(self.input_ids) - 1
 
 
-def read_window(store: KVStore, shards: Sequence[int], requests: Sequence[Any], pad_id: int) -> Window:
+def read_window(store: KVStore, shards: Sequence[int], requests: Sequence[TeacherRequest], pad_id: int) -> Window:
     """Read the window's shards once, with only the requested teachers, layers, queries and logits, as stored."""
     shards = tuple(int(s) for s in shards)
-    bounds = [(int(store.offsets[store.shard_starts[s]]), int(store.offsets[store.shard_starts[s + 1]]))
-              for s in shards]
-    sizes = [b - a for a, b in bounds]
+    spans = [store.shard_span(s) for s in shards]
+    sizes = [span.num_tokens for span in spans]
     base = dict(zip(shards, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()))
     total = int(sum(sizes))
     input_ids = np.empty(total + 1, dtype=np.int64)
@@ -194,134 +201,62 @@ def read_window(store: KVStore, shards: Sequence[int], requests: Sequence[Any], 
     input_ids[-1], segment_ids[-1] = pad_id, -1
     window = Window(shards, base, input_ids, segment_ids)
     for req in requests:
-        window.teachers[req.name] = _read_teacher(store, req, shards, base, sizes, total)
+        read = TeacherRead(req.name, layers=req.layers, with_q=req.with_q, with_logits=req.with_logits,
+                           with_kv=req.with_kv)
+        window.teachers[req.name] = _read_teacher(store, read, spans, total)
     return window
 
 
-def _read_teacher(store: KVStore, req: Any, shards: tuple[int, ...], base: dict[int, int], sizes: list[int],
-                  total: int) -> WindowTeacher:
-    spec = store.teacher(req.name)
-    stored = spec.storage.dtype
-    scaled = codecs.storage_numpy_dtype(stored).kind in "iu" and stored != "bfloat16"  # int8: codes + scales
-    for s in shards:
-        if store.shard_marker(req.name, s) is None:
-            first, stop = store.shard_samples(s).start, store.shard_samples(s).stop
-            raise IncompleteError(
-                f"{store.where}: teacher {req.name!r} has not finished shard {s} (samples {first}-{stop - 1}). "
-                "Finish the extraction with `kava extract --resume`, or read complete_shards() only."
-            )
-
-    pending: list = []  # every chunk read of the window is started before any is waited for
-
-    def gather(array: str, lsel: Any, dtype: Any, inner: tuple[int, ...]) -> np.ndarray:
-        """``array[:, lsel]`` of every shard, one after another, into one ``[total + 1, *inner]`` buffer (filled
-        once ``pending`` is done)."""
-        out = np.empty((total + 1, *inner), dtype=dtype)
-        out[total] = 0
-        for s, n in zip(shards, sizes):
-            pending.extend(_read_into(store, layout.shard_array_key(req.name, s, array), n, lsel,
-                                      out[base[s] : base[s] + n], f"teacher {req.name!r} shard {s} array {array!r}"))
-        return out
-
-    value_dtype = codecs.storage_numpy_dtype(stored)
-    kv_layers = tuple(spec.layers) if req.layers is None else tuple(req.layers)
-    lsel = _positions(spec.layers, req.layers)
-    heads, d = spec.kv_heads, spec.head_dim
-    teacher = WindowTeacher(stored=stored, k=np.zeros((total + 1, 0, heads, d), value_dtype), v=np.zeros(
-        (total + 1, 0, heads, d), value_dtype), align_weight=gather("align_weight", slice(None), np.float32, ()),
-        layers=())
-    parts = []
-    if req.with_kv:
-        parts += [("k", lsel, len(kv_layers), heads), ("v", lsel, len(kv_layers), heads)]
-        teacher.layers = kv_layers
-    if req.with_q:
-        if not spec.has_q:
-            raise SchemaError(f"{store.where}: teacher {req.name!r} has no stored queries. Re-extract it with --with-q.")
-        parts.append(("q", slice(None), len(spec.q_layers), spec.num_heads))
-        teacher.q_layers = tuple(spec.q_layers)
-    if codecs.is_lowbit(stored) and parts:
+def _read_teacher(store: KVStore, read: TeacherRead, spans: Sequence[ShardSpan], total: int) -> WindowTeacher:
+    """One teacher's arrays of the window's shards (``spans``, whole shards of ``total`` tokens in all), each into
+    one buffer ``[total + 1, ...]`` on the window's token axis, as stored, its last row zeros; the store starts every
+    chunk read of the window before waiting for any (:meth:`KVStore.start_teacher_read`)."""
+    plan = store.read_plan(read)
+    heads, d = plan.spec.kv_heads, plan.spec.head_dim
+    value_dtype = codecs.storage_numpy_dtype(plan.stored)
+    teacher = WindowTeacher(stored=plan.stored, k=np.zeros((total + 1, 0, heads, d), value_dtype),
+                            v=np.zeros((total + 1, 0, heads, d), value_dtype), align_weight=np.empty(0, np.float32),
+                            layers=plan.layers, q_layers=plan.q_layers)
+    if codecs.is_lowbit(plan.stored) and plan.values:
         # int4/int2 keys and queries share a scale per channel over a group of a shard's rows, which a batch cuts
         # across; the window dequantizes them once on the host, to float16, and batches carry float16 from there.
         teacher.stored = "float16"
-        for array, _, nl, nh in parts:
-            setattr(teacher, array, np.zeros((total + 1, nl, nh, d), np.float16))
-        for s, n in zip(shards, sizes):
-            rows = store.read_shard(s, teachers=[req.name], layers=req.layers, with_q=req.with_q,
-                                    with_kv=req.with_kv, dtype=np.float16).teachers[req.name]
-            for array, _, _, _ in parts:
-                getattr(teacher, array)[base[s] : base[s] + n] = getattr(rows, array)
-        parts = []
-    for array, sel, nl, nh in parts:
-        setattr(teacher, array, gather(array, sel, value_dtype, (nl, nh, d)))
-        if scaled:
-            teacher.scales[array] = gather(f"{array}_scale", sel, np.float16, (nl, nh))
+        values = {a: np.zeros((total + 1, *plan.arrays[a].inner[:2], d), np.float16) for a in plan.values}
+        at = 0
+        for span in spans:
+            rows = store.read_teacher(dataclasses.replace(read, with_logits=False), span, dtype=np.float16)
+            for array, out in values.items():
+                out[at : at + span.num_tokens] = getattr(rows, array)
+            at += span.num_tokens
+        plan = store.read_plan(dataclasses.replace(read, with_kv=False, with_q=False))  # what is left to read
+    else:
+        values = {}
 
-    if req.with_logits:
-        if spec.logits is None:
-            raise SchemaError(
-                f"{store.where}: teacher {req.name!r} has no stored logits. Re-extract it with --logit-top-k K."
-            )
-        top = spec.logits.top_k
-        ids = gather(layout.LOGIT_ARRAYS[0], slice(None), np.int32, (top,))
-        logp = gather(layout.LOGIT_ARRAYS[1], slice(None), np.float16, (top,))
-    status = np.concatenate([_read_status(store, req.name, s) for s in shards])
-    _wait(store, pending)
+    # Each array's buffer: the window's rows, then (per token) the zero row that padding gathers.
+    buffers, rows_of = {}, {}
+    for array, part in plan.arrays.items():
+        rows_of[array] = plan.total_rows(array, spans)
+        buffers[array] = np.empty((rows_of[array] + (part.per == "token"), *part.inner), part.dtype)
+        buffers[array][rows_of[array] :] = 0
+    store.start_teacher_read(plan, spans, {a: buffers[a][: rows_of[a]] for a in plan.arrays}).wait()
+    values.update({a: buffers[a] for a in plan.values})
+    if "k" in values:
+        teacher.k, teacher.v = values["k"], values["v"]
+    teacher.q = values.get("q")
+    teacher.scales = {a: buffers[f"{a}_scale"] for a in plan.values if f"{a}_scale" in buffers}  # int8's
+    teacher.align_weight = buffers["align_weight"]
 
     # Quarantined samples: no token of theirs may pull the student (their K/V rows are the writer's zeros).
-    lengths = np.concatenate([np.diff(store.offsets[store.shard_starts[s] : store.shard_starts[s + 1] + 1])
-                              for s in shards])
+    status = buffers["sample_status"]
+    lengths = np.concatenate([np.diff(store.offsets[store.shard_starts[span.shard] : store.shard_starts[span.shard + 1]
+                                                    + 1]) for span in spans])
     bad = np.append(np.repeat(status != 0, lengths), True)  # [total + 1]; the pad row has no target either
     teacher.align_weight[bad] = 0
-    if req.with_logits:
-        teacher.logit_ids, teacher.logit_logp = ids.astype(np.int64), logp.astype(np.float32)
+    if read.with_logits:
+        ids, logp = layout.LOGIT_ARRAYS
+        teacher.logit_ids, teacher.logit_logp = buffers[ids].astype(np.int64), buffers[logp].astype(np.float32)
         teacher.logit_ids[bad], teacher.logit_logp[bad] = layout.LOGIT_NO_TARGET, 0
     return teacher
-
-
-def _positions(stored: Sequence[int], layers: Sequence[int] | None) -> Any:
-    """Axis-1 selection of ``layers`` among the ``stored`` ones: a slice for a contiguous run, else a list."""
-    if layers is None:
-        return slice(None)
-    pos = [list(stored).index(layer) for layer in layers]
-    return slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
-
-
-def _read_status(store: KVStore, name: str, shard: int) -> np.ndarray:
-    n = len(store.shard_samples(shard))
-    out = np.empty(n, dtype=np.uint8)
-    what = f"teacher {name!r} shard {shard} array 'sample_status'"
-    _wait(store, _read_into(store, layout.shard_array_key(name, shard, "sample_status"), n, slice(None), out, what))
-    return out
-
-
-def _read_into(store: KVStore, key: str, n: int, lsel: Any, out: np.ndarray, what: str) -> list[Future[None]]:
-    """Start ``out[...] = array[0:n, lsel]`` from the chunk files (:mod:`kava.kvstore.fastread`), or do it through
-    zarr; returns what to wait for (:func:`_wait`). A missing chunk is an error, a bad checksum a ChecksumError."""
-    with zarr_io.reading(f"{store.where}: {what}"):
-        info = fastread.array_info(store.zarr_store, key)
-        if info is not None and info.dtype == out.dtype and info.shape[0] == n:
-            started = fastread.submit(info, key, (0, n), lsel, out=out)
-            if started is not None:
-                return [(what, future) for future in started[1]]
-        arr = store.array(key)
-        if arr.shape[0] != n:
-            raise SchemaError(f"{store.where}: {key}: expected {n} rows. Got {arr.shape[0]} instead. "
-                              "Run `kava store verify` for a full report; re-extract what it names.")
-        zarr_io.require_chunks(store.zarr_store, key, arr, (0, n), where=store.where)
-        if arr.ndim == 1:
-            out[...] = arr[0:n]
-        elif isinstance(lsel, list):
-            out[...] = arr.get_orthogonal_selection((slice(0, n), lsel))
-        else:
-            out[...] = arr[0:n, lsel]
-        return []
-
-
-def _wait(store: KVStore, pending: list) -> None:
-    """Wait for every started chunk read; a failure names what was being read."""
-    for what, future in pending:
-        with zarr_io.reading(f"{store.where}: {what}"):
-            future.result()
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -392,6 +327,7 @@ def collate(plan: BatchPlan, window: Window, offsets: np.ndarray, shard_starts: 
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of the same name as a numpy one (``uint16`` included, for bfloat16 bits)."""
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 

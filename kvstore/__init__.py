@@ -28,16 +28,18 @@ from .manifest import (
     proportional_layer_map,
 )
 from .create import create_store, plan_shards, sample_ids_hash
-from .store import KVStore, Rows, TeacherKV, UnsealedStoreWarning, default_storage
+from .integrity import UnsealedStoreWarning
+from .read import PendingReads, ReadPlan, Rows, ShardSpan, StoredArray, TeacherKV, TeacherRead
+from .store import KVStore, default_storage
 from .writer import ShardSlot, ShardWriter
 from .verify import Problem, VerifyReport, verify_store
 from .interop import summary, to_dask, to_xarray
 
 __all__ = [
     "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "create_store", "ConfigError", "DatasetSpec", "FormatVersionError",
-    "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError", "Rows", "SampleError", "SchemaError",
-    "ShardSlot", "ShardWriter", "StorageSpec", "StoreError", "StoreManifest", "TeacherKV", "TeacherSpec", "TokenizerSpec",
-    "UnsealedStoreWarning",
+    "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError", "PendingReads", "ReadPlan",
+    "Rows", "SampleError", "SchemaError", "ShardSlot", "ShardSpan", "ShardWriter", "StorageSpec", "StoreError",
+    "StoreManifest", "StoredArray", "TeacherKV", "TeacherRead", "TeacherSpec", "TokenizerSpec", "UnsealedStoreWarning",
     "default_storage", "plan_shards", "proportional_layer_map", "sample_ids_hash", "Problem", "VerifyReport",
     "verify_store", "summary", "to_dask", "to_xarray",
 ]

@@ -19,11 +19,16 @@ Readers get ``float32`` (or ``float16`` when asked) back, whatever the storage d
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from kava.core.errors import SampleError
+
+if TYPE_CHECKING:
+    import torch  # only the device decoders use it, importing it themselves
 
 FP16_MAX = 65504.0
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -38,7 +43,8 @@ DEFAULT_COMPRESSOR: dict[str, Any] = {
 
 
 def storage_numpy_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype zarr sees for a storage dtype."""
+    """The numpy dtype zarr sees for a storage dtype: ``<f2``, ``<u2`` (bfloat16 bits), ``<f4``, ``i1`` or ``u1``
+    (int4/int2 packed codes)."""
     return np.dtype({"float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "int8": "i1", "int4": "u1",
                      "int2": "u1"}[dtype])
 
@@ -112,6 +118,7 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 codes ``[..., D]`` times their float16 scales ``[...]`` → float32 ``[..., D]``."""
     return q.astype(np.float32) * scale.astype(np.float32)[..., None]
 
 
@@ -129,8 +136,9 @@ def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
                       f"per block: encode_lowbit). Got {dtype!r} instead.")
 
 
-def decode(stored: np.ndarray, scale: np.ndarray | None, dtype: str, out_dtype: np.dtype) -> np.ndarray:
-    """Stored values (+ int8 scales) → floats of ``out_dtype``."""
+def decode(stored: np.ndarray, scale: np.ndarray | None, dtype: str, out_dtype: npt.DTypeLike) -> np.ndarray:
+    """Stored values ``[..., D]`` (+ int8 scales ``[...]`` float16) → floats of ``out_dtype``, same shape; ``stored``
+    itself when it already is ``out_dtype`` (float16 or float32 storage read as such)."""
     if dtype == "bfloat16":
         x = bf16_bits_to_float(stored)
     elif dtype == "int8":
@@ -141,7 +149,8 @@ def decode(stored: np.ndarray, scale: np.ndarray | None, dtype: str, out_dtype: 
     return x.astype(out_dtype, copy=False)
 
 
-def decode_torch(stored: Any, scale: Any, dtype: str, out_dtype: Any) -> Any:
+def decode_torch(stored: torch.Tensor, scale: torch.Tensor | None, dtype: str, out_dtype: torch.dtype
+                 ) -> torch.Tensor:
     """:func:`decode` for torch tensors, on whatever device they are (the trainer decodes after the copy).
 
     stored: the stored values, any shape ``[..., D]``: float16 / float32, bfloat16 (as ``torch.bfloat16`` or as its
@@ -206,6 +215,7 @@ PER_CHANNEL_ARRAYS = ("k", "q")
 
 
 def is_lowbit(dtype: str) -> bool:
+    """Whether ``dtype`` is a bit-packed storage dtype (int4, int2) with scale and zero arrays."""
     return dtype in LOWBIT_BITS
 
 
@@ -286,6 +296,7 @@ def dequantize_np(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     """
     if dtype == "int8":
         return dequantize_int8(codes, scale)
+    assert zero is not None, "int4/int2 codes decode with their zero array"
     c = unpack_bits(codes, LOWBIT_BITS[dtype]).astype(np.float32)
     s, z = scale.astype(np.float32), zero.astype(np.float32)
     if per_channel:
@@ -297,14 +308,15 @@ def dequantize_np(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     return c * s + z
 
 
-def dequantize_torch(codes: Any, scale: Any, zero: Any, dtype: str, *, per_channel: bool, group: int,
-                     first_row: int = 0) -> Any:
+def dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, *,
+                     per_channel: bool, group: int, first_row: int = 0) -> torch.Tensor:
     """:func:`dequantize_np` for torch tensors on any device (same shapes, same float32 result; two roundings,
-    no fused multiply-add). codes: int8 or uint8 tensors; scale/zero: float16 tensors."""
+    no fused multiply-add). codes: int8 or uint8 tensors; scale/zero: float16 tensors (zero None for int8)."""
     import torch
 
     if dtype == "int8":
         return decode_torch(codes, scale, "int8", torch.float32)
+    assert zero is not None, "int4/int2 codes decode with their zero array"
     bits = LOWBIT_BITS[dtype]
     per = 8 // bits
     shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
@@ -340,7 +352,8 @@ def stored_arrays(array: str, rows: int, layers: int, heads: int, head_dim: int,
         return {array: (packed, np.dtype(np.uint8), (*base, "packed_head_dim")),
                 f"{array}_scale": (side[0], np.dtype(np.float16), side[1]),
                 f"{array}_zero": (side[0], np.dtype(np.float16), side[1])}
-    out = {array: ((rows, layers, heads, head_dim), storage_numpy_dtype(dtype), (*base, "head_dim"))}
+    out: dict[str, tuple[tuple[int, ...], np.dtype, tuple[str, ...]]] = {
+        array: ((rows, layers, heads, head_dim), storage_numpy_dtype(dtype), (*base, "head_dim"))}
     if dtype == "int8":
         out[f"{array}_scale"] = ((rows, layers, heads), np.dtype(np.float16), base)
     return out
@@ -375,12 +388,12 @@ def encode_arrays(x: np.ndarray, array: str, dtype: str, *, group_tokens: int = 
         per_channel, g = group_of(array, dtype, group_tokens, group_channels)
         codes, scale, zero = quantize_lowbit(x, LOWBIT_BITS[dtype], per_channel=per_channel, group=g)
         return {array: codes, f"{array}_scale": scale, f"{array}_zero": zero}
-    stored, scale = encode(x, dtype)
-    return {array: stored} if scale is None else {array: stored, f"{array}_scale": scale}
+    stored, int8_scale = encode(x, dtype)
+    return {array: stored} if int8_scale is None else {array: stored, f"{array}_scale": int8_scale}
 
 
-def decode_arrays(parts: dict[str, np.ndarray], array: str, dtype: str, out_dtype: Any, *, first_row: int = 0,
-                  group_tokens: int = 0, group_channels: int = 0) -> np.ndarray:
+def decode_arrays(parts: Mapping[str, np.ndarray], array: str, dtype: str, out_dtype: npt.DTypeLike, *,
+                  first_row: int = 0, group_tokens: int = 0, group_channels: int = 0) -> np.ndarray:
     """The inverse of :func:`encode_arrays` for rows ``first_row ..`` of a shard; per-channel scale and zero rows
     must start at group ``first_row // group_tokens``. Returns ``out_dtype`` ``[T, L, H, D]``."""
     if is_lowbit(dtype):

@@ -25,8 +25,9 @@ from zarr.abc.store import Store
 
 from . import zarr_io, codecs, layout
 from kava.core.errors import ConfigError, StoreError
+from .integrity import sample_ids_problem
 from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec, is_plain_name, seal
-from .store import KVStore, sample_ids_problem
+from .store import KVStore
 
 GRID_CHUNK = 1 << 20
 """Rows per chunk of the 1-D grid arrays (4 MiB of int32 input ids)."""

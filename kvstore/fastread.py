@@ -22,16 +22,25 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import crc32c
 import numpy as np
 from numcodecs import Blosc
+from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
 from kava.core.errors import SchemaError
 
 from .zarr_io import checksum_error
+
+if TYPE_CHECKING:
+    # numpy declares an array's buffer protocol to type checkers only from Python 3.12: arrays handed to os.readv
+    # and crc32c are cast to it.
+    from typing_extensions import Buffer
+
+LayerSelection: TypeAlias = slice | list[int]
+"""Positions on an array's axis 1 (its layers): a step-1 slice (a contiguous run) or a list of positions."""
 
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
@@ -58,13 +67,16 @@ class ArrayInfo:
     chunks: tuple[int, ...]
     dtype: np.dtype
     decoder: Blosc | None
+    """The compressor of every chunk, or None for uncompressed chunks."""
     separator: str
+    """The chunk key separator (``/``)."""
 
     def chunk_path(self, coords: tuple[int, ...]) -> Path:
+        """The file of the chunk at grid position ``coords``, e.g. ``<array>/c/3/0/0/0``."""
         return self.path / ("c" + self.separator + self.separator.join(map(str, coords)))
 
 
-def array_info(store: Any, key: str) -> ArrayInfo | None:
+def array_info(store: Store, key: str) -> ArrayInfo | None:
     """The fast path's view of array ``key``, or None when it can't read it (not a directory store, or metadata
     it does not know: then zarr reads the array)."""
     if not isinstance(store, LocalStore):
@@ -91,11 +103,12 @@ def array_info(store: Any, key: str) -> ArrayInfo | None:
         return None  # missing or unexpected metadata: zarr reads it, and reports what is wrong
 
 
-def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(None), *,
+def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: LayerSelection = slice(None), *,
          out: np.ndarray | None = None) -> np.ndarray | None:
     """``array[a:b, axis1]`` decoded from the chunk files, or None when this path does not apply.
 
-    ``axis1`` is a slice or a list of indices into axis 1 (layers); other axes are read whole. ``out``, when given,
+    ``axis1`` is a slice or a list of indices into axis 1 (layers); other axes are read whole: ``[b - a, n1, ...]``
+    for an array ``[rows, layers, ...]``, ``[b - a]`` for a 1-D one, in the array's dtype. ``out``, when given,
     receives the rows (it must have the result's shape and the array's dtype, C-contiguous): a caller that gathers
     several reads into one buffer saves a copy.
     """
@@ -108,7 +121,7 @@ def read(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(No
     return out
 
 
-def submit(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: Any = slice(None), *,
+def submit(info: ArrayInfo, key: str, rows: tuple[int, int], axis1: LayerSelection = slice(None), *,
            out: np.ndarray | None = None) -> tuple[np.ndarray, list[Future[None]]] | None:
     """:func:`read` without waiting: ``(out, futures)``, ``out`` complete once every future is done (each raises
     what its chunk's read raised). A caller reading many arrays submits them all first, so that every core decodes
@@ -149,7 +162,12 @@ def _buffer(name: str, nbytes: int) -> np.ndarray:
 def _read_chunk(info: ArrayInfo, key: str, job: tuple[int, int], a: int, b: int, picked: np.ndarray | None,
                 whole_axis1: bool, out: np.ndarray) -> None:
     """Read, check and decode one chunk file into its rows of ``out`` (runs on a pool thread: the file read,
-    crc32c and blosc all release the GIL)."""
+    crc32c and blosc all release the GIL).
+
+    ``job``: the chunk's (row chunk, layer chunk) grid position; ``a``, ``b``: the rows ``out`` holds (``out[0]`` is
+    row ``a``); ``picked``: the axis-1 positions ``out`` holds, in its order (None for a 1-D array);
+    ``whole_axis1``: every position of axis 1, in order, in one chunk (then a chunk is whole rows of ``out``).
+    """
     ci, lj = job
     shape, chunks, decoder = info.shape, info.chunks, info.decoder
     coords = (ci,) if picked is None else (ci, lj, *([0] * (len(shape) - 2)))
@@ -171,20 +189,20 @@ def _read_chunk(info: ArrayInfo, key: str, job: tuple[int, int], a: int, b: int,
             # Uncompressed: read the file straight into the output rows, then check them in place.
             target = out[r0 - a : r1 - a].reshape(-1).view(np.uint8)
             stored = bytearray(4)
-            if size != target.nbytes + 4 or os.readv(fd, [target, stored]) != size:
+            if size != target.nbytes + 4 or os.readv(fd, [cast("Buffer", target), stored]) != size:
                 raise checksum_error(f"{key}: chunk {coords} (wrong size)")
-            if crc32c.crc32c(target) != int.from_bytes(stored, "little"):
+            if crc32c.crc32c(cast("Buffer", target)) != int.from_bytes(stored, "little"):
                 raise checksum_error(f"{key}: chunk {coords}")
             return
         raw = _buffer("raw", size)
-        if size < 4 or os.readv(fd, [raw]) != size:
+        if size < 4 or os.readv(fd, [cast("Buffer", raw)]) != size:
             raise checksum_error(f"{key}: chunk {coords} (wrong size)")
     finally:
         os.close(fd)
     body = raw[:-4]
-    if crc32c.crc32c(body) != int.from_bytes(raw[-4:].tobytes(), "little"):
+    if crc32c.crc32c(cast("Buffer", body)) != int.from_bytes(raw[-4:].tobytes(), "little"):
         raise checksum_error(f"{key}: chunk {coords}")
-    if direct:
+    if direct and decoder is not None:  # (uncompressed direct chunks were read into place above)
         decoder.decode(body, out=out[r0 - a : r1 - a])
         return
     if decoder is None:

@@ -62,7 +62,7 @@ def to_xarray(store: KVStore, teacher: str) -> Any:
     import xarray as xr
 
     spec = store.teacher(teacher)
-    data = {
+    data: dict[str, tuple[tuple[str, ...], Any]] = {
         "k": (("token", "layer", "kv_head", "head_dim"), to_dask(store, teacher, "k")),
         "v": (("token", "layer", "kv_head", "head_dim"), to_dask(store, teacher, "v")),
     }

@@ -12,20 +12,19 @@ import io
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import Any, Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 from zarr.errors import ContainsArrayError
 
 from kava.core.errors import (
-    ChecksumError,
     ConfigError,
     IncompleteError,
     NotAStoreError,
@@ -33,7 +32,17 @@ from kava.core.errors import (
     StoreError,
 )
 
-from . import codecs, fastread, layout, zarr_io
+from . import codecs, layout, zarr_io
+from .integrity import (
+    MANIFEST_DOC,
+    MANIFEST_FIX,
+    UnsealedStoreWarning,
+    digest_error,
+    sample_ids_problem,
+    teacher_doc,
+    teacher_fix,
+    unsealed_note,
+)
 from .manifest import (
     LOWBIT_DTYPES,
     LOWBIT_SINCE,
@@ -45,100 +54,20 @@ from .manifest import (
     digest_problem,
     seal,
 )
+from .read import (
+    ArrayReader,
+    PendingReads,
+    ReadPlan,
+    Rows,
+    ShardSpan,
+    TeacherKV,
+    TeacherRead,
+    plan_read,
+    prefetched,
+    read_teacher,
+    start_reads,
+)
 from .writer import ShardSlot, ShardWriter
-
-
-@dataclass
-class TeacherKV:
-    """One teacher's rows for a run of student tokens. Shapes: ``k``/``v`` ``[T, L, H, D]`` (``L`` = 0 when read
-    ``with_kv=False``), ``q`` ``[T, Lq, Hq, D]`` or None, ``align_weight`` ``[T]``, ``status`` ``[n_samples]``
-    (0 ok, 1 quarantined), ``logit_ids`` int32 / ``logit_logp`` float32 ``[T, top_k]`` or None (ids -1: no target)."""
-
-    k: np.ndarray
-    v: np.ndarray
-    align_weight: np.ndarray
-    status: np.ndarray
-    layers: tuple[int, ...]
-    q: np.ndarray | None = None
-    q_layers: tuple[int, ...] = ()
-    logit_ids: np.ndarray | None = None
-    logit_logp: np.ndarray | None = None
-
-
-@dataclass
-class Rows:
-    """A run of samples on the flat token axis: a single sample or a whole shard.
-
-    ``offsets`` ``[n+1]`` are relative to the first row; ``input_ids``/``segment_ids`` ``[T]``.
-    """
-
-    sample_indices: np.ndarray
-    sample_ids: list[str]
-    offsets: np.ndarray
-    input_ids: np.ndarray
-    segment_ids: np.ndarray
-    teachers: dict[str, TeacherKV] = field(default_factory=dict)
-    shard: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.sample_indices)
-
-
-MAX_SAMPLE_ID = 1000
-"""The longest sample id (characters) a store may hold; ids are names in messages, never paths."""
-
-
-def sample_ids_problem(ids: pa.ChunkedArray | pa.Array) -> str | None:
-    """What is wrong with a store's sample ids (null, empty, control characters, too long, repeated), or None.
-
-    Ids such as ``gsm8k/test/000042`` hold ``/``: no code makes a path of them, so only what would garble a
-    message or a lookup is refused."""
-    if ids.null_count:
-        return f"expected a string per sample. Got {ids.null_count} null(s) instead"
-    if len(ids) == 0:
-        return None
-    lengths = pc.utf8_length(ids)
-    printable = pc.utf8_is_printable(ids)
-    if not pc.all(printable).as_py():
-        first = ids[pc.index(printable, False).as_py()].as_py()
-        return f"expected printable ids (no NUL, newline or other control character). Got {first[:80]!r} instead"
-    if pc.min(lengths).as_py() == 0 or pc.max(lengths).as_py() > MAX_SAMPLE_ID:
-        return (f"expected ids of 1 to {MAX_SAMPLE_ID} characters. Got lengths "
-                f"{pc.min(lengths).as_py()}-{pc.max(lengths).as_py()} instead")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        return f"expected distinct ids. Got {len(ids) - pc.count_distinct(ids).as_py()} repeated instead"
-    return None
-
-
-class UnsealedStoreWarning(UserWarning):
-    """A store of format version 1, written before metadata carried a digest: edits to it can't be detected."""
-
-
-def unsealed_note(where: str) -> str:
-    return (f"{where}: format version 1 store; its manifest and teacher specs carry no digest, so an edit to them "
-            "can't be detected. Re-extract it with this kava to get a sealed (version 2 or later) store.")
-
-
-def digest_error(where: str, document: str, problem: str, fix: str) -> ChecksumError:
-    """The error for metadata that no longer matches its digest, naming the document, what changed and the fix."""
-    return ChecksumError(
-        f"{where}: {document} does not match its digest ({problem}): it was edited after it was written, so it may "
-        f"no longer describe the arrays. {fix}"
-    )
-
-
-MANIFEST_DOC = "the manifest (zarr.json, attributes.kava)"
-MANIFEST_FIX = ("Restore the original zarr.json, or extract again into a new --store path; "
-                "`kava store verify` lists every problem.")
-
-
-def teacher_doc(name: str) -> str:
-    return f"teacher {name!r}'s spec (teachers/{name}/zarr.json, attributes.{layout.TEACHER_ATTR})"
-
-
-def teacher_fix(name: str) -> str:
-    return (f"Restore the original teachers/{name}/zarr.json, or delete teachers/{name} and extract that teacher "
-            "again; `kava store verify` lists every problem.")
 
 
 class KVStore:
@@ -148,12 +77,10 @@ class KVStore:
         self._store = store
         self.manifest = manifest
         self.where = zarr_io.describe(store)
-        self._arrays: dict[str, zarr.Array] = {}
-        self._specs: dict[str, TeacherSpec] = {}
-        self._grid_cache: dict[tuple[str, int], np.ndarray] = {}
+        self._reader = ArrayReader(store)  # every array read goes through it (see read.py)
+        self._specs: dict[str, TeacherSpec] = {}  # teacher specs read by K/V reads, once per handle
         self._all_teachers: list[str] | None = None
         self._markers: dict[tuple[str, int], dict[str, Any]] = {}  # complete shards seen by a read-only handle
-        self._infos: dict[str, Any] = {}  # key → fastread.ArrayInfo, or None where zarr reads the array
 
     # ---------------------------------------------------------------------------------------------------------
     # Opening and creating
@@ -183,7 +110,7 @@ class KVStore:
                 f"{where}: a zarr group, but not a KaVa store (no '{layout.MANIFEST_ATTR}' manifest attribute). "
                 "If a creation was interrupted, delete the directory and run the extraction again."
             )
-        raw = attrs[layout.MANIFEST_ATTR]
+        raw = cast(dict[str, Any], attrs[layout.MANIFEST_ATTR])  # a mapping, or from_dict says what it is
         try:
             manifest = StoreManifest.from_dict(raw)
         except SchemaError as e:
@@ -223,63 +150,22 @@ class KVStore:
     def array(self, key: str) -> zarr.Array:
         """The zarr array at ``key`` (a key that :mod:`.layout` spells), opened once per handle. For interop and
         tools: readers should use the read methods, which check checksums and completeness."""
-        arr = self._arrays.get(key)
-        if arr is None:
-            arr = self._arrays[key] = zarr_io.open_array(self._store, key)
-        return arr
-
-    def _read(self, key: str, selection: slice | Any = Ellipsis, what: str | None = None) -> np.ndarray:
-        """``array[selection]``, ``selection`` a step-1 slice of the first axis or ``...``; a missing chunk is an
-        error, never zeros."""
-        selection = slice(None) if selection is Ellipsis else selection
-        if not isinstance(selection, slice) or selection.step not in (None, 1):
-            raise ConfigError(f"Expected a step-1 slice or '...'. Got {selection!r} for {key} instead.")
-        with zarr_io.reading(f"{self.where}: {what or key}"):
-            info = self._fast_info(key)  # its shape, without the cost of opening the array through zarr
-            if info is not None and len(info.shape) == 1:
-                a, b, _ = selection.indices(info.shape[0])
-                return self._rows(key, a, max(a, b), slice(None))
-            arr = self.array(key)  # a CKA matrix (rewritten in place, so never through the cached fast path)
-            a, b, _ = selection.indices(arr.shape[0])
-            zarr_io.require_chunks(self._store, key, arr, (a, max(a, b)), where=self.where)
-            return np.asarray(arr[selection])
-
-    def _fast_info(self, key: str) -> Any:
-        if key not in self._infos:
-            self._infos[key] = fastread.array_info(self._store, key)
-        return self._infos[key]
-
-    def _grid_rows(self, name: str, a: int, b: int) -> np.ndarray:
-        """Rows ``[a, b)`` of a 1-D grid array, through a small cache of decoded chunks: a grid chunk holds 1M
-        tokens, and streaming reads the same chunk for many shards in a row."""
-        key = layout.grid_key(name)
-        arr = self.array(key)
-        size = arr.chunks[0]
-        parts = []
-        for c in range(a // size, (b - 1) // size + 1) if b > a else ():
-            chunk = self._grid_cache.get((name, c))
-            if chunk is None:
-                chunk = self._read(key, slice(c * size, min((c + 1) * size, arr.shape[0])))
-                if len(self._grid_cache) >= 4:
-                    self._grid_cache.pop(next(iter(self._grid_cache)))
-                self._grid_cache[(name, c)] = chunk
-            parts.append(chunk[max(a, c * size) - c * size : min(b, (c + 1) * size) - c * size])
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=arr.dtype)
+        return self._reader.array(key)
 
     @cached_property
     def offsets(self) -> np.ndarray:
         """``[N+1]`` int64: sample ``i`` is rows ``offsets[i]:offsets[i+1]`` of the flat token axis."""
-        return self._read(layout.grid_key("offsets"))
+        return self._reader.read_slice(layout.grid_key("offsets"))
 
     @cached_property
     def shard_starts(self) -> np.ndarray:
         """``[S+1]`` int64: shard ``s`` holds samples ``shard_starts[s]:shard_starts[s+1]``."""
-        return self._read(layout.grid_key("shard_starts"))
+        return self._reader.read_slice(layout.grid_key("shard_starts"))
 
     @cached_property
     def sample_status(self) -> np.ndarray:
         """``[N]`` uint8 grid status: index into ``layout.SAMPLE_STATUS`` (ok, truncated, skipped)."""
-        return self._read(layout.grid_key("sample_status"))
+        return self._reader.read_slice(layout.grid_key("sample_status"))
 
     def index_table(self) -> pa.Table:
         """The per-sample index (``index.parquet``) with its page checksums verified."""
@@ -342,7 +228,7 @@ class KVStore:
     def tokenizer_files(self) -> dict[str, bytes]:
         """The student tokenizer's files saved in the store (empty if none were saved)."""
         return {
-            name: self._read(layout.tokenizer_file_key(name)).tobytes()
+            name: self._reader.read_slice(layout.tokenizer_file_key(name)).tobytes()
             for name in self.manifest.student_tokenizer.files
         }
 
@@ -391,7 +277,7 @@ class KVStore:
                 f"{self.where}: teachers/{name}/zarr.json has no '{layout.TEACHER_ATTR}' attribute (the teacher's "
                 f"spec). Restore it, or delete teachers/{name} and extract that teacher again."
             )
-        raw = attrs[layout.TEACHER_ATTR]
+        raw = cast(dict[str, Any], attrs[layout.TEACHER_ATTR])  # a mapping, or from_dict says what it is
         try:
             spec = TeacherSpec.from_dict(raw)
         except (SchemaError, ConfigError) as e:
@@ -510,7 +396,7 @@ class KVStore:
         if m.ndim != 2:
             raise ConfigError(f"Expected a 2-D CKA matrix. Got shape {m.shape} instead.")
         key = layout.cka_key(teacher, name)
-        self._arrays.pop(key, None)  # a rewrite may change the shape: drop the cached metadata
+        self._reader.forget(key)  # a rewrite may change the shape: drop the cached metadata
         own, base = zarr_io.substore(self._store, f"{layout.teacher_key(teacher)}/cka")
 
         def create(overwrite: bool) -> zarr.Array:
@@ -532,7 +418,7 @@ class KVStore:
         out = {}
         for name in sorted(zarr_io.list_dir(self._store, f"{layout.teacher_key(teacher)}/cka/")):
             key = layout.cka_key(teacher, name)
-            out[name] = (self._read(key), dict(self.array(key).attrs))
+            out[name] = (self._reader.read_slice(key), dict(self.array(key).attrs))
         return out
 
     # ---------------------------------------------------------------------------------------------------------
@@ -541,73 +427,43 @@ class KVStore:
     def read_sample(
         self,
         sample: int | str,
-        *,
-        teachers: Sequence[str] | None = None,
-        layers: Sequence[int] | None = None,
-        with_q: bool = False,
-        dtype: Any = np.float32,
-        with_logits: bool = False,
-        with_kv: bool = True,
+        *, teachers: Sequence[str] | None = None, layers: Sequence[int] | None = None, with_q: bool = False,
+        dtype: npt.DTypeLike = np.float32, with_logits: bool = False, with_kv: bool = True,
     ) -> Rows:
         """One sample's grid rows and each teacher's K/V (and Q, and top-k logits). Random access: reads the 1-2
         chunks it needs. ``with_kv=False`` reads no K/V (zero layers): a logit-only reader."""
         i = self.sample_index(sample)
         shard = self.shard_of(i)
-        return self._read_rows(shard, i, i + 1, teachers, layers, with_q, dtype, with_logits, with_kv)
+        return self._read_rows(shard, range(i, i + 1), teachers, layers, with_q, dtype, with_logits, with_kv)
 
     def read_shard(
         self,
         shard: int,
-        *,
-        teachers: Sequence[str] | None = None,
-        layers: Sequence[int] | None = None,
-        with_q: bool = False,
-        dtype: Any = np.float32,
-        with_logits: bool = False,
-        with_kv: bool = True,
+        *, teachers: Sequence[str] | None = None, layers: Sequence[int] | None = None, with_q: bool = False,
+        dtype: npt.DTypeLike = np.float32, with_logits: bool = False, with_kv: bool = True,
     ) -> Rows:
         """A whole shard: the unit of streaming. Options as :meth:`read_sample`."""
-        s = self.shard_samples(shard)
-        return self._read_rows(shard, s.start, s.stop, teachers, layers, with_q, dtype, with_logits, with_kv)
+        return self._read_rows(shard, self.shard_samples(shard), teachers, layers, with_q, dtype, with_logits, with_kv)
 
-    def iter_shards(
-        self,
-        shards: Sequence[int] | None = None,
-        *,
-        prefetch: int = 1,
-        **kwargs: Any,
-    ) -> Iterator[Rows]:
+    def iter_shards(self, shards: Sequence[int] | None = None, *, prefetch: int = 1, **kwargs: Any) -> Iterator[Rows]:
         """Stream shards in the given order (default: all, in order). Keyword arguments as :meth:`read_shard`.
 
         ``prefetch`` shards are read ahead on a background thread while the caller works on the current one (the
         reads wait on the disk and decompress with the GIL released); 0 reads each shard only when asked.
         """
         order = list(range(self.num_shards) if shards is None else shards)
-        if prefetch <= 0:
-            for s in order:
-                yield self.read_shard(s, **kwargs)
-            return
-        from concurrent.futures import ThreadPoolExecutor
+        yield from prefetched(lambda s: self.read_shard(s, **kwargs), order, prefetch)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kava-prefetch") as pool:
-            pending = [pool.submit(self.read_shard, s, **kwargs) for s in order[: prefetch + 1]]
-            for i in range(len(order)):
-                rows = pending.pop(0).result()
-                if i + prefetch + 1 < len(order):
-                    pending.append(pool.submit(self.read_shard, order[i + prefetch + 1], **kwargs))
-                yield rows
-
-    def _read_rows(
-        self, shard: int, first: int, stop: int, teachers, layers, with_q, dtype, with_logits=False, with_kv=True
-    ) -> Rows:
-        a, b = int(self.offsets[first]), int(self.offsets[stop])
-        ids = self.sample_ids[first:stop]
+    def _read_rows(self, shard: int, samples: range, teachers: Sequence[str] | None, layers: Sequence[int] | None,
+                   with_q: bool, dtype: npt.DTypeLike, with_logits: bool, with_kv: bool) -> Rows:
+        """``samples`` (a run of ``shard``'s) with the grid's rows and each teacher's (every teacher when None)."""
+        a, b = int(self.offsets[samples.start]), int(self.offsets[samples.stop])
         rows = Rows(
-            sample_indices=np.arange(first, stop),
-            sample_ids=ids,
-            offsets=self.offsets[first : stop + 1] - a,
-            input_ids=self._grid_rows("input_ids", a, b),
-            segment_ids=self._grid_rows("segment_ids", a, b),
+            sample_indices=np.arange(samples.start, samples.stop),
+            sample_ids=self.sample_ids[samples.start : samples.stop],
+            offsets=self.offsets[samples.start : samples.stop + 1] - a,
+            input_ids=self._reader.cached_rows(layout.grid_key("input_ids"), a, b),
+            segment_ids=self._reader.cached_rows(layout.grid_key("segment_ids"), a, b),
             shard=shard,
         )
         if teachers is None:
@@ -615,112 +471,56 @@ class KVStore:
             if self._all_teachers is None or not self.read_only:
                 self._all_teachers = list(self.teachers)
             teachers = self._all_teachers
-        names = list(teachers)
-        s0 = int(self.shard_starts[shard])
-        t0 = int(self.offsets[s0])
-        for name in names:
-            rows.teachers[name] = self._read_teacher(name, shard, a - t0, b - t0, first - s0, stop - s0,
-                                                     layers, with_q, dtype, with_logits, with_kv)
+        span = self.shard_span(shard, samples)
+        for name in list(teachers):
+            request = TeacherRead(name, None if layers is None else tuple(layers), with_q, with_logits, with_kv)
+            rows.teachers[name] = self.read_teacher(request, span, dtype=dtype)
         return rows
 
-    def _layer_positions(self, spec: TeacherSpec, layers: Sequence[int] | None, stored: tuple[int, ...],
-                         what: str) -> tuple[Any, tuple[int, ...]]:
-        if layers is None:
-            return slice(None), stored
-        if len(layers) == 0:
-            raise ConfigError("Expected at least one layer in layers=. Got [] instead; pass None for all layers.")
-        missing = [l for l in layers if l not in stored]
-        if missing:
-            raise SchemaError(
-                f"{self.where}: teacher {spec.name!r} stores {what} layers {list(stored)}; "
-                f"{missing} were asked for. Ask for stored layers, or re-extract with those layers in the map."
-            )
-        pos = [stored.index(l) for l in layers]
-        # A contiguous run reads as a slice; otherwise orthogonal indexing touches only the chunks it needs.
-        sel: Any = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
-        return sel, tuple(layers)
+    def shard_span(self, shard: int, samples: range | None = None) -> ShardSpan:
+        """The rows of ``samples`` (a run of ``shard``'s; default: all of them) in ``shard``'s arrays."""
+        return ShardSpan.of(shard, self.shard_samples(shard), self.offsets, samples)
 
-    def _rows(self, key: str, a: int, b: int, lsel: Any) -> np.ndarray:
-        """``array[a:b, lsel]``: from the chunk files directly when the fast path applies, else through zarr."""
-        info = self._fast_info(key)
-        fast = None if info is None else fastread.read(info, key, (a, b), lsel)
-        if fast is not None:
-            return fast
-        arr = self.array(key)
-        # zarr reads a missing chunk as its fill value (zeros): look for the chunks first.
-        zarr_io.require_chunks(self._store, key, arr, (a, b), where=self.where)
-        if arr.ndim == 1:
-            return np.asarray(arr[a:b])
-        if isinstance(lsel, list):
-            return np.asarray(arr.get_orthogonal_selection((slice(a, b), lsel)))
-        return np.asarray(arr[a:b, lsel])
+    def _spec(self, name: str) -> TeacherSpec:
+        """:meth:`teacher`, read once per handle (for K/V reads, which ask for it for every shard)."""
+        return self._specs.get(name) or self._specs.setdefault(name, self.teacher(name))
 
-    def _read_teacher(self, name, shard, a, b, sa, sb, layers, with_q, dtype, with_logits=False,
-                      with_kv=True) -> TeacherKV:
-        spec = self._specs.get(name) or self._specs.setdefault(name, self.teacher(name))
-        if self.shard_marker(name, shard) is None:
-            first, stop = self.shard_samples(shard).start, self.shard_samples(shard).stop
+    def _require_complete(self, teacher: str, shard: int) -> None:
+        """An IncompleteError unless ``teacher`` has finished ``shard`` (its completion marker is written)."""
+        if self.shard_marker(teacher, shard) is None:
+            samples = self.shard_samples(shard)
             raise IncompleteError(
-                f"{self.where}: teacher {name!r} has not finished shard {shard} (samples {first}-{stop - 1}). "
-                "Finish the extraction with `kava extract --resume`, or read complete_shards() only."
+                f"{self.where}: teacher {teacher!r} has not finished shard {shard} (samples {samples.start}-"
+                f"{samples.stop - 1}). Finish the extraction with `kava extract --resume`, or read complete_shards() "
+                "only."
             )
-        out_dtype = np.dtype(dtype)
-        sel, kept = self._layer_positions(spec, layers, spec.layers, "K/V")
 
-        def values(array: str, lsel: Any) -> np.ndarray:
-            key = layout.shard_array_key(name, shard, array)
-            where = f"teacher {name!r} shard {shard} array {array!r}"
-            st = spec.storage
-            with zarr_io.reading(f"{self.where}: {where} (samples {self.shard_samples(shard).start + sa}"
-                               f"-{self.shard_samples(shard).start + sb - 1})"):
-                parts = {array: self._rows(key, a, b, lsel)}
-                for side in codecs.stored_arrays(array, 1, 1, 1, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
-                                                 group_channels=st.group_channels):
-                    if side != array:  # scale rows: per-channel groups cover rows [a // G * G, b) of the shard
-                        ga, gb = codecs.side_rows(array, st.dtype, a, b, st.group_tokens)
-                        parts[side] = self._rows(layout.shard_array_key(name, shard, side), ga, gb, lsel)
-            return codecs.decode_arrays(parts, array, st.dtype, out_dtype, first_row=a, group_tokens=st.group_tokens,
-                                        group_channels=st.group_channels)
+    def read_plan(self, request: TeacherRead) -> ReadPlan:
+        """The stored arrays ``request`` reads, with their dtypes and row shapes; a SchemaError for layers, queries
+        or logits the teacher does not store. See :func:`kava.kvstore.read.plan_read`."""
+        return plan_read(self.where, self._spec(request.name), request)
 
-        if with_kv:
-            k, v = values("k", sel), values("v", sel)
-        else:  # zero layers: nothing of K/V is read
-            k = v = np.zeros((b - a, 0, spec.kv_heads, spec.head_dim), dtype=out_dtype)
-            kept = ()
-        kv = TeacherKV(
-            k=k,
-            v=v,
-            align_weight=self._read(layout.shard_array_key(name, shard, "align_weight"), slice(a, b)),
-            status=self._read(layout.shard_array_key(name, shard, "sample_status"), slice(sa, sb)),
-            layers=kept,
-        )
-        if with_q:
-            if not spec.has_q:
-                raise SchemaError(
-                    f"{self.where}: teacher {name!r} has no stored queries. Re-extract it with --with-q."
-                )
-            qsel, qkept = self._layer_positions(spec, None, spec.q_layers, "Q")
-            kv.q, kv.q_layers = values("q", qsel), qkept
-        if with_logits:
-            if spec.logits is None:
-                raise SchemaError(
-                    f"{self.where}: teacher {name!r} has no stored logits. Re-extract it with --logit-top-k K."
-                )
-            ids_key, logp_key = (layout.shard_array_key(name, shard, x) for x in layout.LOGIT_ARRAYS)
-            kv.logit_ids = self._read(ids_key, slice(a, b))
-            kv.logit_logp = self._read(logp_key, slice(a, b)).astype(np.float32)
-        return kv
+    def start_teacher_read(self, plan: ReadPlan, spans: Sequence[ShardSpan],
+                           into: Mapping[str, np.ndarray]) -> PendingReads:
+        """Start reading ``plan``'s arrays for ``spans`` into the caller's buffers ``into``, in the stored dtype,
+        one span after another (see :func:`kava.kvstore.read.start_reads`); ``.wait()`` on the result. An
+        IncompleteError for a shard the teacher has not finished. What a loader gathering shards calls."""
+        for span in spans:
+            self._require_complete(plan.name, span.shard)
+        return start_reads(self._reader, plan, spans, into)
+
+    def read_teacher(self, request: TeacherRead, span: ShardSpan, *, dtype: npt.DTypeLike = np.float32) -> TeacherKV:
+        """One teacher's rows of ``span``, K/V/Q decoded to ``dtype`` (see :func:`kava.kvstore.read.read_teacher`)."""
+        spec = self._spec(request.name)
+        self._require_complete(request.name, span.shard)
+        return read_teacher(self._reader, plan_read(self.where, spec, request), span, dtype)
 
 
 def default_storage(layers: int, kv_heads: int, head_dim: int, dtype: str = "float16", *,
                     compress: bool = True) -> StorageSpec:
     """The storage choice for a teacher: chunking planned from its geometry, blosc-zstd unless told not to."""
     tokens, per_chunk_layers = codecs.plan_chunks(layers, kv_heads, head_dim, dtype)
-    return StorageSpec(
-        dtype=dtype,
-        compressor=dict(codecs.DEFAULT_COMPRESSOR) if compress else {},
-        chunk_tokens=tokens,
-        chunk_layers=min(per_chunk_layers, layers),
-        **({"group_tokens": codecs.DEFAULT_GROUP_TOKENS, "group_channels": codecs.group_channels_for(head_dim)}
-           if codecs.is_lowbit(dtype) else {}),
-    )
+    groups: dict[str, Any] = {"group_tokens": codecs.DEFAULT_GROUP_TOKENS,
+                              "group_channels": codecs.group_channels_for(head_dim)} if codecs.is_lowbit(dtype) else {}
+    return StorageSpec(dtype=dtype, compressor=dict(codecs.DEFAULT_COMPRESSOR) if compress else {},
+                       chunk_tokens=tokens, chunk_layers=min(per_chunk_layers, layers), **groups)

@@ -13,11 +13,9 @@ import zarr  # noqa: F401 - zarr.Array in annotations
 
 from . import zarr_io, codecs, layout
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
-from .manifest import SEALED_SINCE, TeacherSpec, digest_problem
-from .store import (
+from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
-    KVStore,
     UnsealedStoreWarning,
     digest_error,
     sample_ids_problem,
@@ -25,6 +23,8 @@ from .store import (
     teacher_fix,
     unsealed_note,
 )
+from .manifest import SEALED_SINCE, TeacherSpec, digest_problem
+from .store import KVStore
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _check_chunks(
             continue
         try:
             with zarr_io.reading(key):
-                block = arr.blocks[coords]
+                block = np.asarray(arr.blocks[coords])
         except ChecksumError:
             report.problems.append(
                 Problem(key, f"chunk {coords} fails its crc32c checksum: corrupted ({describe_rows(*rows)})")
@@ -150,7 +150,11 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     for name in layout.GRID_ARRAYS:
         key = layout.grid_key(name)
         hasher = grid_hash if name in ("offsets", "input_ids") else None
-        arrays[name] = _check_chunks(store, report, key, lambda a, b, n=name: f"{n} rows {a}-{b - 1}", hasher)
+
+        def describe(a: int, b: int, n: str = name) -> str:
+            return f"{n} rows {a}-{b - 1}"
+
+        arrays[name] = _check_chunks(store, report, key, describe, hasher)
     # A missing or bad chunk of either was reported above; a partial hash would say nothing more.
     if not any(p.where in ("grid/offsets", "grid/input_ids") for p in problems) and m.grid_fingerprint and grid_hash.hexdigest() != m.grid_fingerprint:
         problems.append(Problem("grid", f"expected the grid fingerprint in the manifest "
@@ -160,8 +164,9 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     expected = {"offsets": (m.num_samples + 1,), "input_ids": (m.num_tokens,), "segment_ids": (m.num_tokens,),
                 "sample_status": (m.num_samples,), "shard_starts": (m.num_shards + 1,)}
     for name, shape in expected.items():
-        if arrays[name] is not None and arrays[name].shape != shape:
-            problems.append(Problem(layout.grid_key(name), f"expected shape {shape}. Got {arrays[name].shape}."))
+        got = arrays[name]
+        if got is not None and got.shape != shape:
+            problems.append(Problem(layout.grid_key(name), f"expected shape {shape}. Got {got.shape}."))
             arrays[name] = None
     off, starts = arrays["offsets"], arrays["shard_starts"]
     if off is not None and (off[0] != 0 or off[-1] != m.num_tokens or np.any(np.diff(off) < 0)):

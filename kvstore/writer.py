@@ -239,7 +239,7 @@ class ShardWriter:
             for name, (stored, scale) in encoded.items():
                 block = self._blocks[name]
                 block.values[pos : pos + take] = stored[done : done + take]
-                if block.scales is not None:
+                if block.scales is not None and scale is not None:  # int8 (both or neither)
                     block.scales[pos : pos + take] = scale[done : done + take]
             done += take
             if pos + take == self._rows:
@@ -297,7 +297,7 @@ class ShardWriter:
                                                                 group_channels=st.group_channels))
                 continue
             block.array[start : start + rows] = block.values[:rows]
-            if block.scale is not None:
+            if block.scale is not None and block.scales is not None:  # int8 (both or neither)
                 block.scale[start : start + rows] = block.scales[:rows]
         self._flushed += rows
 
@@ -313,19 +313,22 @@ class ShardWriter:
         if self._row > self._flushed:
             self._flush(self._row - self._flushed)
         zstore = self.slot.zarr_store
-        for name, data, dim in (("align_weight", self._align, "token"), ("sample_status", self._status, "sample")):
+        columns: list[tuple[str, np.ndarray, str]] = [("align_weight", self._align, "token"),
+                                                      ("sample_status", self._status, "sample")]
+        for name, data, dim in columns:
             zarr_io.create_array(
                 self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
                 dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
             )[...] = data
         if self.spec.logits is not None:
-            for name, data in zip(layout.LOGIT_ARRAYS, (self._logit_ids, self._logit_logp)):
+            tops: tuple[np.ndarray, np.ndarray] = (self._logit_ids, self._logit_logp)
+            for name, top in zip(layout.LOGIT_ARRAYS, tops):
                 zarr_io.create_array(
-                    self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, len(data)), data.shape[1]),
-                    dtype=data.dtype, dims=("token", "top_k"), compressor=codecs.DEFAULT_COMPRESSOR,
-                )[...] = data
+                    self._own, f"{self._base}{name}", shape=top.shape, chunks=(max(1, len(top)), top.shape[1]),
+                    dtype=top.dtype, dims=("token", "top_k"), compressor=codecs.DEFAULT_COMPRESSOR,
+                )[...] = top
         zarr_io.fsync_tree(zstore, self._key)
-        marker = {
+        marker: dict[str, Any] = {
             "complete": True,
             "shard": self.shard,
             "samples": [self._samples.start, self._samples.stop],

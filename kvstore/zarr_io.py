@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import numpy.typing as npt
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -37,6 +38,7 @@ def describe(store: Store) -> str:
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:
+    """The raw bytes stored at ``key`` (a metadata document, ``index.parquet``), or None when there are none."""
     buf = sync(store.get(key, prototype=default_buffer_prototype()))
     return None if buf is None else buf.to_bytes()
 
@@ -46,6 +48,7 @@ def set_bytes(store: Store, key: str, data: bytes) -> None:
 
 
 def exists(store: Store, key: str) -> bool:
+    """Whether ``key`` (e.g. a chunk, ``<array>/c/0/0``) is stored."""
     return bool(sync(store.exists(key)))
 
 
@@ -120,7 +123,7 @@ def create_array(
     *,
     shape: tuple[int, ...],
     chunks: tuple[int, ...],
-    dtype: np.dtype | str,
+    dtype: npt.DTypeLike,
     dims: tuple[str, ...],
     compressor: dict[str, Any] | None = None,
     attributes: dict[str, Any] | None = None,
@@ -148,6 +151,8 @@ def create_array(
 
 
 def open_array(store: Store, key: str) -> zarr.Array:
+    """The zarr array at ``key`` (read-only in a read-only store); a SchemaError naming the fix when it is missing
+    or its ``zarr.json`` is unreadable."""
     try:
         return zarr.open_array(store, path=key, mode="r" if store.read_only else "r+")
     except (FileNotFoundError, KeyError) as e:

@@ -36,6 +36,7 @@ from kava.distill.plan import check_layout
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.kvstore import ConfigError, IncompleteError, KVStore, SchemaError
+from kava.kvstore.read import ArrayReader
 
 STORIES = "stories260K_hf_derived"  # the default teacher name: the model directory's name
 SKIPPED, NAN_ROW = 7, 20  # the emptied row and the row with a '§'
@@ -251,13 +252,13 @@ def test_check_request_lists_what_the_store_has(store, store_path):
 
 def test_batches_hold_each_samples_rows_padded(store, store_path, monkeypatch):
     reads: list[tuple[str, Any]] = []
-    read_into = batch_module._read_into
+    start = ArrayReader.start  # every array read of the store and the loader starts here
 
-    def recording(store, key, n, lsel, out, what):
-        reads.append((key, lsel))
-        return read_into(store, key, n, lsel, out, what)
+    def recording(reader, key, rows, layers=slice(None), **options):
+        reads.append((key, layers))
+        return start(reader, key, rows, layers, **options)
 
-    monkeypatch.setattr(batch_module, "_read_into", recording)
+    monkeypatch.setattr(ArrayReader, "start", recording)
     requests = (TeacherRequest(STORIES, layers=(3, 1), with_q=True), TeacherRequest("nan-llama"))
     loader = StreamLoader(LoaderConfig(str(store_path), teachers=requests, batch_size=5, buffer_shards=3, seed=7),
                           epochs=1)
@@ -554,6 +555,59 @@ def test_fast_read_into_a_given_buffer_equals_zarr(dtypes_path):
         assert np.all(buffer[:2] == 7) and np.all(buffer[2 + n :] == 7)  # nothing written outside out
     with pytest.raises(ValueError, match="Expected out of shape"):
         fastread.read(info, key, (0, 4), out=np.empty(3, np.float32))
+
+
+@pytest.mark.parametrize("which, request_", [
+    ("fp16", TeacherRequest(STORIES, layers=(3, 1), with_q=True)),
+    ("fp16", TeacherRequest("nan-llama")),  # a quarantined sample
+    ("dtypes", TeacherRequest("bf16", with_q=True)),
+    ("dtypes", TeacherRequest("int8", layers=(2, 0), with_q=True)),
+    ("dtypes", TeacherRequest("raw", layers=(1, 2))),  # uncompressed: chunks read straight into the window
+])
+def test_the_window_and_read_shard_read_the_same_rows(store_path, dtypes_path, which, request_):
+    """The loader's window and ``read_shard`` read through the store's one reader: a window of shards (in a
+    shuffled order) holds, as stored, exactly the rows ``read_shard`` decodes, shard by shard."""
+    from kava.kvstore import codecs
+
+    store = KVStore.open(store_path if which == "fp16" else dtypes_path)
+    shards = tuple(dict.fromkeys((store.shard_of(NAN_ROW), 0, store.shard_of(SKIPPED), 1)))  # shuffled
+    window = batch_module.read_window(store, shards, [request_], pad_id=0)
+    got = window.teachers[request_.name]
+    assert got.stored == store.teacher(request_.name).storage.dtype
+    seen_quarantined = False
+    for s in shards:
+        a, b = store.shard_tokens(s)
+        rows = slice(window.base[s], window.base[s] + b - a)
+        ref = store.read_shard(s, teachers=[request_.name], layers=request_.layers,
+                               with_q=request_.with_q).teachers[request_.name]
+        assert (got.layers, got.q_layers) == (ref.layers, ref.q_layers)
+        for array in ("k", "v", "q"):
+            want, stored = getattr(ref, array), getattr(got, array)
+            if want is None:
+                assert stored is None
+                continue
+            scale = got.scales.get(array)
+            decoded = codecs.decode(stored[rows], None if scale is None else scale[rows], got.stored, np.float32)
+            np.testing.assert_array_equal(decoded, want, err_msg=f"shard {s} {array}")
+            if got.stored == "float16":  # as stored: the same bytes read_shard hands out in float16
+                as_fp16 = store.read_shard(s, teachers=[request_.name], layers=request_.layers,
+                                           with_q=request_.with_q, dtype=np.float16).teachers[request_.name]
+                np.testing.assert_array_equal(stored[rows], getattr(as_fp16, array))
+        lengths = np.diff(store.offsets[store.shard_samples(s).start : store.shard_samples(s).stop + 1])
+        quarantined = np.repeat(ref.status != 0, lengths)
+        np.testing.assert_array_equal(got.align_weight[rows], np.where(quarantined, 0, ref.align_weight))
+        seen_quarantined = seen_quarantined or bool(quarantined.any())
+    assert seen_quarantined == (request_.name == "nan-llama")
+    assert got.align_weight[-1] == 0 and not got.k[-1].any()  # the padding row
+
+
+def test_the_window_and_read_shard_refuse_an_unfinished_shard_alike(store):
+    with pytest.raises(IncompleteError) as from_window:
+        batch_module.read_window(store, (0, 1), [TeacherRequest("partial")], pad_id=0)
+    with pytest.raises(IncompleteError) as from_store:
+        store.read_shard(1, teachers=["partial"])
+    assert str(from_window.value) == str(from_store.value)
+    assert "teacher 'partial' has not finished shard 1 (samples" in str(from_store.value)
 
 
 @pytest.mark.gpu
