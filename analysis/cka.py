@@ -31,7 +31,7 @@ import numpy as np
 
 from kava.extract.cka import linear_cka, minibatch_cka, unbiased_hsic
 from kava.kvstore import KVStore
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 __all__ = [
     "ARRAYS", "ESTIMATORS", "CKAResult", "linear_cka", "linear_cka_reference", "minibatch_cka",
@@ -53,13 +53,13 @@ def _rows(x: Any, name: str) -> np.ndarray:
     """``x [n, ...]`` as float64 ``[n, d]``."""
     a = np.asarray(x, dtype=np.float64)
     if a.ndim < 2:
-        raise ConfigError(f"Expected {name} with shape [n, d] (samples first). Got shape {a.shape} instead.")
+        raise ShapeError(f"Expected {name} with shape [n, d] (samples first). Got shape {a.shape} instead.")
     return a.reshape(a.shape[0], -1)
 
 
 def _same_rows(x: np.ndarray, y: np.ndarray) -> int:
     if len(x) != len(y):
-        raise ConfigError(f"Expected x and y with the same rows (samples). Got {len(x)} and {len(y)} instead.")
+        raise ShapeError(f"Expected x and y with the same rows (samples). Got {len(x)} and {len(y)} instead.")
     return len(x)
 
 
@@ -111,7 +111,7 @@ def unbiased_hsic_reference(k: Any, l: Any) -> float:
     kt, lt = _rows(k, "k").copy(), _rows(l, "l").copy()
     n = _same_rows(kt, lt)
     if kt.shape != (n, n) or lt.shape != (n, n):
-        raise ConfigError(f"Expected two square Gram matrices [n, n]. Got {kt.shape} and {lt.shape} instead.")
+        raise ShapeError(f"Expected two square Gram matrices [n, n]. Got {kt.shape} and {lt.shape} instead.")
     if n < MIN_UNBIASED:
         raise ConfigError(f"Expected at least {MIN_UNBIASED} samples for the unbiased HSIC. Got {n} instead.")
     np.fill_diagonal(kt, 0.0)
@@ -128,7 +128,7 @@ def minibatch_cka_reference(batches_x: Sequence[Any], batches_y: Sequence[Any]) 
     HSIC_1(L_b, L_b))`` with linear kernels ``K_b = X_b X_b^T``. Every batch needs ``n_b >= 4``; NaN when a
     self-similarity sum is not positive (constant features)."""
     if len(batches_x) != len(batches_y) or not batches_x:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected the same, non-zero number of minibatches on both sides. Got {len(batches_x)} and "
             f"{len(batches_y)} instead."
         )

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 from kava.kvstore.manifest import TeacherSpec
 
 __all__ = ["draw_heatmap", "heatmap", "layer_map_matrix", "layer_map_pairs"]
@@ -53,7 +53,7 @@ def draw_heatmap(
     """
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or 0 in m.shape:
-        raise ConfigError(f"Expected a non-empty 2-D matrix for a heatmap. Got shape {m.shape} instead.")
+        raise ShapeError(f"Expected a non-empty 2-D matrix for a heatmap. Got shape {m.shape} instead.")
     rows, cols = m.shape
     row_ticks = [str(i) for i in range(rows)] if row_ticks is None else [str(t) for t in row_ticks]
     col_ticks = [str(j) for j in range(cols)] if col_ticks is None else [str(t) for t in col_ticks]

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 from kava.analysis.stats import NAN, as_1d, check_level, json_safe, bootstrap_ci, holm, welch_t
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 __all__ = [
     "McNemar",
@@ -111,7 +111,7 @@ def paired_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *
     check_level("confidence", confidence)
     a, b = as_1d(a), as_1d(b)
     if a.shape != b.shape:
-        raise ConfigError(f"Expected paired scores of equal length. Got {a.size} and {b.size} instead. "
+        raise ShapeError(f"Expected paired scores of equal length. Got {a.size} and {b.size} instead. "
                           "Pair them first (match_seeds).")
     d = a - b  # [S]
     n = d.size
@@ -177,7 +177,7 @@ def mcnemar_exact(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray
     """
     a, b = np.asarray(a, dtype=bool).reshape(-1), np.asarray(b, dtype=bool).reshape(-1)
     if a.shape != b.shape:
-        raise ConfigError(f"Expected paired outcomes of equal length. Got {a.size} and {b.size} instead. "
+        raise ShapeError(f"Expected paired outcomes of equal length. Got {a.size} and {b.size} instead. "
                           "Pair them by item id first (match_items).")
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     return McNemar(int(np.sum(a & b)), only_a, only_b, int(np.sum(~a & ~b)), _mcnemar_p(only_a, only_b))
@@ -233,7 +233,7 @@ def paired_bootstrap_items(
     check_level("confidence", confidence)
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ConfigError(f"Expected per-item scores [S, N] with the same N items for both models. Got shapes "
+        raise ShapeError(f"Expected per-item scores [S, N] with the same N items for both models. Got shapes "
                           f"{a.shape} and {b.shape} instead. Pair the items by id first (match_items).")
     n = a.shape[1]
     w = np.ones(n) if weights is None else as_1d(weights)

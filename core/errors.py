@@ -34,6 +34,12 @@ class ConfigError(KavaError, ValueError):
         return cls(f"Found {len(problems)} problems:\n  - " + "\n  - ".join(problems))
 
 
+class ShapeError(KavaError, ValueError):
+    """A tensor's (or array's) shape, rank or dtype is not what a component takes, or two inputs that must agree
+    in size do not: a programming or data-layout error in the caller, not a user option. Where a flag's value
+    implies the shape, the error is a ConfigError naming the flag."""
+
+
 class DatasetError(KavaError):
     """A dataset can't be read: the file is malformed, or the hub dataset is not available offline."""
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kava.distill.losses import weighted_mean
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 FUSION_KINDS = ("fixed", "similarity", "learnable")
 
@@ -51,12 +51,12 @@ def _check_inputs(
     similarity: torch.Tensor, features: torch.Tensor, available: torch.Tensor, num_teachers: int | None, flag: str
 ) -> None:
     if similarity.dim() != 3 or available.shape != similarity.shape or available.dtype != torch.bool:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected similarity [B, T, N] and a bool mask available of the same shape. Got {tuple(similarity.shape)} "
             f"and {available.dtype} {tuple(available.shape)} instead. Pass one entry per token and teacher."
         )
     if features.dim() != 3 or features.shape[:2] != similarity.shape[:2]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected features [B, T, F] for the same {tuple(similarity.shape[:2])} tokens. "
             f"Got {tuple(features.shape)} instead. Pass the student's per-token features."
         )
@@ -146,7 +146,7 @@ class LearnedRouter(nn.Module):
         """``similarity`` ``[B, T, N]`` (unused), ``features`` ``[B, T, F]``, ``available`` -> ``[B, T, N]``."""
         _check_inputs(similarity, features, available, self.num_teachers, "--fusion")
         if features.shape[-1] != self.feature_dim:
-            raise ConfigError(
+            raise ShapeError(
                 f"Expected features with {self.feature_dim} channels. Got {features.shape[-1]} instead. "
                 "Build the router with the student's hidden size as feature_dim."
             )
@@ -165,7 +165,7 @@ def router_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         Scalar: mean over tokens that are in ``mask`` and have any teacher available; 0 when there are none.
     """
     if weights.dim() != 3 or mask.shape != weights.shape[:2]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected weights [B, T, N] and mask [B, T]. Got {tuple(weights.shape)} and {tuple(mask.shape)} "
             "instead. Pass the router output and the token mask of the same batch."
         )

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ShapeError
 
 TAIL_FLOOR = 1e-6
 """Smallest tail mass a log is taken of: a student tail that rounds to 0 would otherwise give ``log 0``."""
@@ -46,12 +46,12 @@ same tuple as ``kava.distill.config.DIVERGENCES``, which a test checks; the conf
 
 def _check(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> None:
     if student_logits.dim() != 3 or teacher_logp.dim() != 3 or student_logits.shape[:2] != teacher_logp.shape[:2]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected student logits [B, T, V] and teacher log-probabilities [B, T, k] on the same tokens. Got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logp.shape)} instead."
         )
     if teacher_logp.shape[-1] > student_logits.shape[-1]:
-        raise ConfigError(f"Expected at most {student_logits.shape[-1]} (the student's vocabulary) teacher "
+        raise ShapeError(f"Expected at most {student_logits.shape[-1]} (the student's vocabulary) teacher "
                           f"log-probabilities per token. Got {teacher_logp.shape[-1]} instead.")
 
 

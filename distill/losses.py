@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kava.distill.projectors import head_share_matrix
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 # Score given to masked (future or padded) keys before the softmax: exp() of it is exactly 0 in float32, yet it
 # stays finite after the max is subtracted, unlike -inf (NaN on all-masked rows) or finfo.min (overflows to -inf).
@@ -31,7 +31,7 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
 
 def _check_same(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.dim() != 4 or pred.shape != target.shape:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected pred and target of the same shape [B, H, T, D]. Got {tuple(pred.shape)} and "
             f"{tuple(target.shape)} instead. Project the student's K/V onto the teacher's layout first."
         )
@@ -102,7 +102,7 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         A scalar tensor.
     """
     if values.shape != weight.shape:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected values and weight of the same shape. Got {tuple(values.shape)} and {tuple(weight.shape)} "
             "instead. Pass one weight per token, [B, T]."
         )
@@ -127,7 +127,7 @@ def _allowed_keys(lengths: torch.Tensor, seq_len: int, device: torch.device) -> 
 
 def _check_lengths(lengths: torch.Tensor, batch: int) -> None:
     if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected lengths as an integer tensor of shape [{batch}]. Got {lengths.dtype} of shape "
             f"{tuple(lengths.shape)} instead. Pass attention_mask.sum(-1) for right-padded batches."
         )
@@ -150,14 +150,14 @@ def _masked_scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scal
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, Hq, T, T]`` scaled scores plus the ``attention_bias`` (invisible keys at ``MASKED_SCORE``)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected q [B, Hq, T, D] and k [B, Hk, T, D]. Got {tuple(q.shape)} and {tuple(k.shape)} instead. "
             "Pass queries and keys of the same layer, heads before tokens."
         )
     batch, q_heads, seq_len, _ = q.shape
     kv_heads = k.shape[1]
     if q_heads % kv_heads:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected the query heads to be a multiple of the key heads. Got Hq={q_heads}, Hk={kv_heads} instead. "
             "Pass the model's own q and k (grouped-query attention shares each key head among Hq // Hk heads)."
         )
@@ -216,7 +216,7 @@ def attention_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, lengths
         or teacher_logp.shape[2:] != student_logp.shape[2:]
         or teacher_logp.shape[2] != teacher_logp.shape[3]
     ):
-        raise ConfigError(
+        raise ShapeError(
             f"Expected teacher_logp [B, Ht, T, T] and student_logp [B, Hs, T, T]. Got {tuple(teacher_logp.shape)} "
             f"and {tuple(student_logp.shape)} instead. Pass attention over the same (aligned) tokens."
         )
@@ -259,14 +259,14 @@ class TeacherAttention:
     def __init__(self, queries: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], weights: Sequence[float],
                  scaling: float) -> None:
         if not queries or len(queries) != len(keys) or len(queries) != len(weights):
-            raise ConfigError(
+            raise ShapeError(
                 f"Expected as many teacher queries, keys and weights, at least one. Got {len(queries)}, {len(keys)} "
                 f"and {len(weights)} instead. Pass one (q, k, weight) per teacher layer of the layer map."
             )
         for q, k in zip(queries, keys):
             _check_qk(q, k)
             if q.shape != queries[0].shape or k.shape != keys[0].shape:
-                raise ConfigError(
+                raise ShapeError(
                     f"Expected every teacher layer's q and k in one layout. Got q {tuple(q.shape)}, k "
                     f"{tuple(k.shape)} against {tuple(queries[0].shape)}, {tuple(keys[0].shape)} instead. Mix "
                     "layers of one teacher only."
@@ -318,12 +318,12 @@ class TeacherAttention:
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected q [B, Hq, T, D] and k [B, Hk, T, D]. Got {tuple(q.shape)} and {tuple(k.shape)} instead. "
             "Pass queries and keys of the same layer, heads before tokens."
         )
     if q.shape[1] % k.shape[1]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected the query heads to be a multiple of the key heads. Got Hq={q.shape[1]}, Hk={k.shape[1]} "
             "instead. Pass the model's own q and k (grouped-query attention shares each key head among Hq // Hk "
             "heads)."
@@ -444,7 +444,7 @@ def attention_kl_blockwise(teacher: TeacherAttention, q: torch.Tensor, k: torch.
     _check_lengths(lengths, batch)
     t_q = teacher.queries[0]
     if t_q.shape[0] != batch or t_q.shape[2] != steps:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected the teacher's queries over the student's batch and tokens [{batch}, Ht, {steps}, Dt]. Got "
             f"{tuple(t_q.shape)} instead. Pass attention over the same (aligned) tokens."
         )

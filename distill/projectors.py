@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 PROJECTOR_KINDS = ("structured", "flat")
 
@@ -149,7 +149,7 @@ class FlatProjector(nn.Module):
 
 def _check_input(x: torch.Tensor, heads: int, dim: int) -> None:
     if x.dim() < 3 or x.shape[-3] != heads or x.shape[-1] != dim:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected a tensor [..., {heads}, T, {dim}] (heads, tokens, head_dim). Got shape {tuple(x.shape)} "
             "instead. Pass K or V as [B, H, T, D] with the heads and head_dim the projector was built for."
         )

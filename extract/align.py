@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 __all__ = ["Alignment", "align_dense_reference", "align_tokens", "apply", "token_spans"]
 
@@ -181,7 +181,7 @@ class Alignment:
         n, nnz = len(self.indptr) - 1, len(self.indices)
         bad_indptr = n < 0 or self.indptr[0] != 0 or self.indptr[-1] != nnz
         if bad_indptr or len(self.weights) != nnz or len(self.coverage) != n:
-            raise ConfigError(
+            raise ShapeError(
                 f"Expected indptr [T_s+1] starting at 0 and ending at nnz, indices and weights [nnz], coverage "
                 f"[T_s]. Got indptr {self.indptr.shape} ({self.indptr[:1]}..{self.indptr[-1:]}), indices "
                 f"{self.indices.shape}, weights {self.weights.shape}, coverage {self.coverage.shape} instead. "
@@ -231,10 +231,11 @@ class Alignment:
 
 
 def _check_spans(spans: Any, name: str) -> np.ndarray:
-    """``spans`` as int64 ``[T, 2]`` with ``0 <= start <= end``, or a ConfigError that says what is wrong."""
+    """``spans`` as int64 ``[T, 2]`` with ``0 <= start <= end``; a ShapeError when it is not ``[T, 2]`` integers, a
+    ConfigError when a span is not ``0 <= start <= end``."""
     arr = np.asarray(spans)
     if arr.ndim != 2 or arr.shape[1] != 2 or not (arr.dtype.kind in "iu" or arr.size == 0):
-        raise ConfigError(
+        raise ShapeError(
             f"Expected {name} as an integer array of shape [T, 2] (start, end). Got {arr.dtype} {arr.shape} "
             "instead. Pass the spans from token_spans()."
         )
@@ -272,7 +273,8 @@ def align_tokens(student_spans: np.ndarray, teacher_spans: np.ndarray) -> Alignm
     a superset that is filtered.
 
     Raises:
-        ConfigError: a span array is not ``[T, 2]`` integers with ``0 <= start <= end``.
+        ShapeError: a span array is not ``[T, 2]`` integers.
+        ConfigError: a span does not have ``0 <= start <= end``.
     """
     s = _check_spans(student_spans, "student_spans")
     t = _check_spans(teacher_spans, "teacher_spans")
@@ -383,18 +385,18 @@ def apply(alignment: Alignment, teacher_values: ArrayOrTensor) -> ArrayOrTensor:
         weights are zeros. Integer numpy input gives float32 or wider.
 
     Raises:
-        ConfigError: ``teacher_values`` does not have ``T_t`` rows, or is an integer tensor.
+        ShapeError: ``teacher_values`` does not have ``T_t`` rows, or is an integer tensor.
     """
     n_t = alignment.num_teacher_tokens
     if teacher_values.ndim < 1 or teacher_values.shape[0] != n_t:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected teacher_values with {n_t} rows (the teacher tokens the alignment was built for). Got "
             f"shape {tuple(teacher_values.shape)} instead. Put the token axis first."
         )
     n_s = alignment.num_student_tokens
     if isinstance(teacher_values, torch.Tensor):
         if not teacher_values.is_floating_point():
-            raise ConfigError(
+            raise ShapeError(
                 f"Expected a floating-point teacher_values tensor. Got {teacher_values.dtype} instead. "
                 "Cast it with .float() first."
             )

@@ -35,7 +35,7 @@ from torch import nn
 
 from kava.extract.rope import RotateHalf, apply_rope, invert_rope, rope_params
 from kava.extract.rope import rotate_half as default_rotate_half
-from kava.core.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError, ShapeError
 
 KRope = Literal["pre", "post"]
 
@@ -394,29 +394,29 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     """Validate ``input_ids [B, T]`` and a right-padded ``attention_mask [B, T]``; return ``lengths [B]``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or 0 in input_ids.shape:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ConfigError(f"Expected input_ids of shape [B, T] with B, T >= 1. Got {shape} instead.")
+        raise ShapeError(f"Expected input_ids of shape [B, T] with B, T >= 1. Got {shape} instead.")
     if input_ids.dtype not in (torch.int32, torch.int64):
-        raise ConfigError(f"Expected integer token ids in input_ids. Got dtype {input_ids.dtype} instead.")
+        raise ShapeError(f"Expected integer token ids in input_ids. Got dtype {input_ids.dtype} instead.")
     if attention_mask is None:
         return torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
     if attention_mask.shape != input_ids.shape:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected attention_mask of the same shape as input_ids {tuple(input_ids.shape)}. "
             f"Got {tuple(attention_mask.shape)} instead."
         )
     mask = attention_mask.to(torch.long)
     if ((mask != 0) & (mask != 1)).any():
-        raise ConfigError("Expected an attention_mask of 0s and 1s. Got other values instead.")
+        raise ShapeError("Expected an attention_mask of 0s and 1s. Got other values instead.")
     lengths = mask.sum(dim=1)
     # Right padding: row b is 1 exactly on its first lengths[b] positions. Left padding would shift positions.
     positions = torch.arange(mask.shape[1], device=mask.device)
     if not torch.equal(mask, (positions[None, :] < lengths[:, None]).to(mask.dtype)):
-        raise ConfigError(
+        raise ShapeError(
             "Expected a right-padded attention_mask (each row 1...1 then 0...0). Got left padding or holes instead. "
             "Tokenize with padding_side='right'."
         )
     if (lengths == 0).any():
-        raise ConfigError(
+        raise ShapeError(
             f"Expected at least one token per row. Got empty rows {torch.nonzero(lengths == 0).flatten().tolist()} "
             "instead. Drop empty samples before capture."
         )

@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 __all__ = ["ESTIMATORS", "CKAAccumulator", "Estimator", "linear_cka", "minibatch_cka", "unbiased_hsic"]
 
@@ -54,7 +54,7 @@ def _features(x: Features, name: str, device: torch.device | None = None) -> tor
         # torch.from_numpy warns on read-only arrays (e.g. from zarr or np.broadcast_to); copy those.
         t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     if t.ndim < 2:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected {name} with shape [n, d] (samples first). Got shape {tuple(t.shape)} instead. "
             "Add a feature axis with x[:, None] for one feature per sample."
         )
@@ -64,7 +64,7 @@ def _features(x: Features, name: str, device: torch.device | None = None) -> tor
 
 def _check_rows(x: torch.Tensor, y: torch.Tensor, what: str) -> int:
     if x.shape[0] != y.shape[0]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected {what} with the same number of rows (token-aligned samples). Got {x.shape[0]} and "
             f"{y.shape[0]} instead. Align the teacher's tokens to the student's first."
         )
@@ -152,7 +152,8 @@ def linear_cka(x: Features, y: Features) -> float:
         the module docstring.
 
     Raises:
-        ConfigError: the row counts differ, or there are fewer than 2 samples.
+        ShapeError: an input is not ``[n, ...]``, or the row counts differ.
+        ConfigError: there are fewer than 2 samples.
     """
     xt = _features(x, "x")
     yt = _features(y, "y", device=xt.device)
@@ -177,13 +178,14 @@ def unbiased_hsic(k: Features, l: Features) -> float:
         population HSIC, hence sometimes slightly negative.
 
     Raises:
-        ConfigError: the matrices are not square of the same size, or ``n < 4``.
+        ShapeError: the matrices are not square of the same size.
+        ConfigError: ``n < 4``.
     """
     kt = _features(k, "k")
     lt = _features(l, "l", device=kt.device)
     n = _check_rows(kt, lt, "k and l")
     if kt.shape != (n, n) or lt.shape != (n, n):
-        raise ConfigError(
+        raise ShapeError(
             f"Expected two square Gram matrices [n, n]. Got {tuple(kt.shape)} and {tuple(lt.shape)} instead. "
             "Pass X @ X.T, not the features X."
         )
@@ -203,13 +205,13 @@ def minibatch_cka(batches_x: Sequence[Features], batches_y: Sequence[Features]) 
         ``K_b = X_b X_b^T``, ``L_b = Y_b Y_b^T``; NaN when a self-similarity sum is not positive.
 
     Raises:
-        ConfigError: the batch lists differ in length or are empty, a batch pair differs in rows, or a batch
-            has fewer than 4 samples.
+        ShapeError: the batch lists differ in length or are empty, or a batch pair differs in rows.
+        ConfigError: a batch has fewer than 4 samples.
     """
     acc = CKAAccumulator(estimators=("unbiased",))
     batches_x, batches_y = list(batches_x), list(batches_y)
     if len(batches_x) != len(batches_y) or not batches_x:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected the same, non-zero number of minibatches on both sides. Got {len(batches_x)} and "
             f"{len(batches_y)} instead."
         )
@@ -282,14 +284,15 @@ class CKAAccumulator:
             feats_b: one ``[n, d_b_l]`` array per layer of model ``b``; the same ``n`` rows (tokens) as ``a``.
 
         Raises:
-            ConfigError: no layers, rows that differ between layers, layer counts or widths that differ from
-                the first update, or (when accumulating ``"unbiased"``) fewer than 4 rows. Nothing is added then.
+            ShapeError: no layers, rows that differ between layers, or layer counts or widths that differ from
+                the first update.
+            ConfigError: fewer than 4 rows when accumulating ``"unbiased"``. Nothing is added in either case.
         """
         xs = [_features(x, f"feats_a[{i}]", self._device) for i, x in enumerate(feats_a)]
         device = xs[0].device if xs else self._device
         ys = [_features(y, f"feats_b[{i}]", device) for i, y in enumerate(feats_b)]
         if not xs or not ys:
-            raise ConfigError(
+            raise ShapeError(
                 f"Expected features of at least one layer on each side. Got {len(xs)} and {len(ys)} layers instead."
             )
         n = int(xs[0].shape[0])
@@ -297,13 +300,13 @@ class CKAAccumulator:
             (f"feats_b[{i}]", y) for i, y in enumerate(ys)
         ]:
             if t.shape[0] != n:
-                raise ConfigError(
+                raise ShapeError(
                     f"Expected every layer's features with the same rows (tokens) as feats_a[0], {n}. Got "
                     f"{t.shape[0]} for {name} instead. Align the teacher's tokens to the student's first."
                 )
         dims_a, dims_b = tuple(int(x.shape[1]) for x in xs), tuple(int(y.shape[1]) for y in ys)
         if self.num_batches and (dims_a, dims_b) != (self._dims_a, self._dims_b):
-            raise ConfigError(
+            raise ShapeError(
                 f"Expected the layer widths of the first update, {list(self._dims_a)} and {list(self._dims_b)}. "
                 f"Got {list(dims_a)} and {list(dims_b)} instead. Pass every layer, in the same order, each time."
             )

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 from kava.kvstore.manifest import LayerMap, proportional_layer_map
 
 from .cka import ESTIMATORS
@@ -119,11 +119,12 @@ def cka_top_k(cka: Any, k: int = 2, *, estimator: str) -> LayerMap:
         ``proportional_fallback`` (the student layers that fell back).
 
     Raises:
-        ConfigError: ``cka`` is not a non-empty 2-D matrix, ``k`` is out of range, or the estimator is unknown.
+        ShapeError: ``cka`` is not a non-empty 2-D matrix.
+        ConfigError: ``k`` is out of range, or the estimator is unknown.
     """
     c = np.asarray(cka, dtype=np.float64)
     if c.ndim != 2 or 0 in c.shape:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected a CKA matrix [student_layers, teacher_layers]. Got shape {c.shape} instead. "
             "Run the CKA calibration first."
         )

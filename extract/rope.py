@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 RotateHalf = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,20 +39,20 @@ def _split_rotary(x: torch.Tensor, cos: torch.Tensor) -> tuple[torch.Tensor, tor
     Returns ``(x_rot [B, H, T, R], x_pass [B, H, T, D - R], cos [B|1, 1, T, R], R)`` with cos as float32.
     """
     if not cos.is_floating_point():
-        raise ConfigError(
+        raise ShapeError(
             f"Expected floating-point cos/sin. Got {cos.dtype} instead. The rotary module casts cos/sin to the dtype "
             "of its first argument: pass it a float tensor (e.g. the hidden states), not the token ids."
         )
     rotary_dim = cos.shape[-1]
     head_dim = x.shape[-1]
     if rotary_dim > head_dim or rotary_dim % 2:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected an even number of rotary channels no larger than head_dim={head_dim}. "
             f"Got cos/sin with {rotary_dim} channels instead. The model's rotary module does not match its "
             "attention heads; capture with k_rope='post' for this architecture."
         )
     if cos.shape[-2] != x.shape[-2]:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected cos/sin for {x.shape[-2]} positions. Got {cos.shape[-2]} instead. "
             "Pass the cos/sin computed for the same position_ids as the tensor."
         )
@@ -213,7 +213,7 @@ def cos_sin(
             )
         params = types[layer_type]
     if positions.dim() not in (1, 2) or positions.is_floating_point() or positions.dtype == torch.bool:
-        raise ConfigError(
+        raise ShapeError(
             f"Expected integer positions of shape [T] or [B, T]. Got {positions.dtype} of shape "
             f"{tuple(positions.shape)} instead. Pass the position_ids the model saw."
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .align import Alignment
@@ -52,7 +52,8 @@ def time_warp(teacher_segments: Any, student_segments: Any) -> Alignment:
         never used. Cost ``O(T_s + T_t)``.
 
     Raises:
-        ConfigError: an input is not a 1-D integer array of ids in ``[0, 4)``.
+        ShapeError: an input is not a 1-D integer array of ids.
+        ConfigError: an id is outside ``[0, 4)``.
     """
     t = _check_segments(teacher_segments, "teacher_segments")
     s = _check_segments(student_segments, "student_segments")
@@ -98,10 +99,11 @@ def time_warp(teacher_segments: Any, student_segments: Any) -> Alignment:
 
 
 def _check_segments(segments: Any, name: str) -> np.ndarray:
-    """``segments`` as int64 ``[T]`` with ids in ``[0, 4)``, or a ConfigError that says what is wrong."""
+    """``segments`` as int64 ``[T]`` with ids in ``[0, 4)``; a ShapeError when it is not a 1-D integer array, a
+    ConfigError when an id is out of range."""
     arr = np.asarray(segments)
     if arr.ndim != 1 or not (arr.dtype.kind in "iu" or arr.size == 0):
-        raise ConfigError(
+        raise ShapeError(
             f"Expected {name} as a 1-D integer array of segment ids [T]. Got {arr.dtype} {arr.shape} instead. "
             "Pass one sample's segment ids at a time."
         )

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, KavaError
 
 from . import splits
 from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config
@@ -149,8 +149,8 @@ class Runner:
             try:
                 for role in {"student-train", "eval", *splits.recorded(self.root)["splits"]}:
                     splits.check_split(self.root, role, stage="data")
-            except Exception:  # noqa: BLE001 — any failure means: make them again
-                return False
+            except (KavaError, json.JSONDecodeError):  # missing, changed or torn: make them again
+                return False  # (any other exception is a bug, and propagates rather than redoing the stage)
             return not trains_tokenizer or (where / "student-tokenizer" / "tokenizer.json").is_file()
 
         return self._unit(where, "data", "data", key, work, check)
@@ -225,7 +225,7 @@ class Runner:
             def check(name: str = spec.name) -> bool:
                 try:
                     store = KVStore.open(path)
-                except Exception:  # noqa: BLE001
+                except KavaError:  # no store, or one that doesn't open: extract again (a bug propagates)
                     return False
                 return name in store.teachers and not store.missing_shards(name) \
                     and store.manifest.dataset.sample_ids_hash == want

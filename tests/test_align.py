@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, SentencePieceBackend
 
 from kava.extract.align import Alignment, align_dense_reference, align_tokens, apply, token_spans
-from kava.core.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError, ShapeError
 
 TOKENIZERS = ["tokenizers/gpt2", "tokenizers/qwen2", "tokenizers/llama2", "models/stories260K_hf_derived"]
 DENSE_EVERY = 10  # the dense O(T_s * T_t) comparison runs on every 10th GSM8K item to keep the file fast
@@ -336,17 +336,17 @@ def test_non_string_text_is_rejected(tok):
 
 
 @pytest.mark.parametrize(
-    ("spans", "message"),
+    ("spans", "error", "message"),
     [
-        (np.zeros((3,), dtype=np.int64), r"student_spans as an integer array of shape \[T, 2\]"),
-        (np.zeros((3, 3), dtype=np.int64), r"shape \[T, 2\] \(start, end\). Got int64 \(3, 3\)"),
-        (np.array([[0.0, 1.5]]), r"Got float64 \(1, 2\)"),
-        (np.array([[0, 2], [3, 1]]), r"0 <= start <= end. Got \(3, 1\) at token 1"),
-        (np.array([[-1, 2]]), r"0 <= start <= end. Got \(-1, 2\) at token 0"),
+        (np.zeros((3,), dtype=np.int64), ShapeError, r"student_spans as an integer array of shape \[T, 2\]"),
+        (np.zeros((3, 3), dtype=np.int64), ShapeError, r"shape \[T, 2\] \(start, end\). Got int64 \(3, 3\)"),
+        (np.array([[0.0, 1.5]]), ShapeError, r"Got float64 \(1, 2\)"),
+        (np.array([[0, 2], [3, 1]]), ConfigError, r"0 <= start <= end. Got \(3, 1\) at token 1"),
+        (np.array([[-1, 2]]), ConfigError, r"0 <= start <= end. Got \(-1, 2\) at token 0"),
     ],
 )
-def test_bad_spans_are_rejected(spans, message):
-    with pytest.raises(ConfigError, match=message):
+def test_bad_spans_are_rejected(spans, error, message):
+    with pytest.raises(error, match=message):
         align_tokens(spans, np.array([[0, 1]]))
     with pytest.raises(KavaError, match=message.replace("student", "teacher")):
         align_tokens(np.array([[0, 1]]), spans)
@@ -354,13 +354,13 @@ def test_bad_spans_are_rejected(spans, message):
 
 def test_apply_and_to_dense_reject_wrong_sizes():
     al = align_tokens(np.array([[0, 2]]), np.array([[0, 1], [1, 2]]))
-    with pytest.raises(ConfigError, match=r"teacher_values with 2 rows .* Got shape \(3, 4\)"):
+    with pytest.raises(ShapeError, match=r"teacher_values with 2 rows .* Got shape \(3, 4\)"):
         apply(al, np.zeros((3, 4)))
-    with pytest.raises(ConfigError, match="floating-point teacher_values tensor. Got torch.int64"):
+    with pytest.raises(ShapeError, match="floating-point teacher_values tensor. Got torch.int64"):
         apply(al, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ConfigError, match=r"num_teacher_tokens > 1 .* Got 1 instead"):
         al.to_dense(1)
-    with pytest.raises(ConfigError, match=r"Expected indptr \[T_s\+1\]"):
+    with pytest.raises(ShapeError, match=r"Expected indptr \[T_s\+1\]"):
         Alignment(np.array([0, 2]), np.array([0]), np.array([1.0], dtype=np.float32), np.ones(1), 2)
 
 

@@ -36,7 +36,7 @@ from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.kvstore import KVStore, default_storage
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 STORIES = "models/stories260K_hf_derived"
 TEACHER = "stories260K_hf_derived"
@@ -179,7 +179,7 @@ def test_references_are_nan_for_constant_features_and_refuse_bad_input(related):
     assert np.isnan(minibatch_cka_reference([np.ones((10, 2))], [x[:10]]))
     with pytest.raises(ConfigError, match="at least 4 samples"):
         unbiased_hsic_reference(np.eye(3), np.eye(3))
-    with pytest.raises(ConfigError, match="same rows"):
+    with pytest.raises(ShapeError, match="same rows"):
         linear_cka_reference(x, x[:10])
 
 

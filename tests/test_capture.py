@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from kava.extract.capture import QKVCapture, attention_capture, attention_geometry, capture_qkv
 from kava.extract.rope import apply_rope, invert_rope, rope_params
-from kava.core.errors import ConfigError, KavaError
+from kava.core.errors import ConfigError, KavaError, ShapeError
 
 SEED = 0
 VOCAB = 128
@@ -328,13 +328,13 @@ def test_rejects_bad_arguments(model_for):
         capture_qkv(model, ids, mask, layers=[0], with_q=[1])
     with pytest.raises(ConfigError, match="k_rope to be 'pre' or 'post'"):
         capture_qkv(model, ids, mask, k_rope="before")
-    with pytest.raises(ConfigError, match="right-padded"):
+    with pytest.raises(ShapeError, match="right-padded"):
         capture_qkv(model, ids, mask.flip(1))
-    with pytest.raises(ConfigError, match="same shape as input_ids"):
+    with pytest.raises(ShapeError, match="same shape as input_ids"):
         capture_qkv(model, ids, mask[:, :3])
-    with pytest.raises(ConfigError, match=r"shape \[B, T\]"):
+    with pytest.raises(ShapeError, match=r"shape \[B, T\]"):
         capture_qkv(model, ids[0], mask[0])
-    with pytest.raises(ConfigError, match="at least one token"):
+    with pytest.raises(ShapeError, match="at least one token"):
         capture_qkv(model, ids, mask * torch.tensor([[1], [0]]))
     assert model.config._attn_implementation == "sdpa"
 
@@ -401,7 +401,7 @@ def test_invert_rope_is_exact_for_scaled_partial_rotation():
     y = apply_rope(x, cos, sin)
     torch.testing.assert_close(y[..., 4:], x[..., 4:], atol=0, rtol=0)
     torch.testing.assert_close(invert_rope(y, cos, sin), x, atol=1e-6, rtol=0)
-    with pytest.raises(ConfigError, match="floating-point cos/sin"):
+    with pytest.raises(ShapeError, match="floating-point cos/sin"):
         invert_rope(y, cos.long(), sin.long())
 
 

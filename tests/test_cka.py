@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kava.extract.cka import CKAAccumulator, linear_cka, minibatch_cka, unbiased_hsic
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 
 def _naive_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -165,9 +165,9 @@ def test_fewer_than_four_samples_raises():
 
 def test_input_errors():
     x = np.zeros((10, 3))
-    with pytest.raises(ConfigError, match="same number of rows"):
+    with pytest.raises(ShapeError, match="same number of rows"):
         linear_cka(x, x[:9])
-    with pytest.raises(ConfigError, match=r"shape \[n, d\]"):
+    with pytest.raises(ShapeError, match=r"shape \[n, d\]"):
         linear_cka(np.zeros(10), x)
     acc = CKAAccumulator(estimators=("biased",))
     with pytest.raises(ConfigError, match="at least one update"):
@@ -177,7 +177,7 @@ def test_input_errors():
     with pytest.raises(ConfigError, match="one of biased, unbiased"):
         acc.matrix("rbf")  # type: ignore[arg-type]
     acc.update([x], [x])
-    with pytest.raises(ConfigError, match="layer widths of the first update"):
+    with pytest.raises(ShapeError, match="layer widths of the first update"):
         acc.update([x[:, :2]], [x])
     # Constant features: CKA is undefined, reported as NaN without a warning (warnings are errors here).
     assert np.isnan(linear_cka(x, np.random.default_rng(0).normal(size=(10, 2))))

@@ -520,7 +520,7 @@ def test_kava_generation_is_plain_greedy_generation_cut_at_the_stop(assets, tmp_
     from transformers import AutoTokenizer
 
     from kava.core.synthetic import synthetic_rows
-    from kava.distill.evaluate import _generate
+    from kava.distill.evaluate import generate_with_stops
 
     tok = AutoTokenizer.from_pretrained(assets("tokenizers/gpt2"))
     _forced_model(tok, CHAIN).save_pretrained(tmp_path / "forced")
@@ -529,9 +529,11 @@ def test_kava_generation_is_plain_greedy_generation_cut_at_the_stop(assets, tmp_
     stories_prompts = [prompt_text(row, TEMPLATES["plain"]) for row in synthetic_rows(6, seed=3, split="test")]
     for path, prompts in ((tmp_path / "forced", forced), (assets(STORIES), stories_prompts)):
         model, tokenizer = _load(path)
-        got = _generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=24, terminator="\n")
+        got = generate_with_stops(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=24,
+                                  terminator="\n")
         want = [_greedy_then_cut(model, tokenizer, p, 24, "\n") for p in prompts]
         assert got == want
     assert {why for _, _, why in got} | {why for _, _, why in
-                                         _generate(*_load(tmp_path / "forced"), forced, batch_size=batch_size,
-                                                   max_new_tokens=24, terminator="\n")} >= {"answer", "eos", "budget"}
+                                         generate_with_stops(*_load(tmp_path / "forced"), forced,
+                                                             batch_size=batch_size, max_new_tokens=24,
+                                                             terminator="\n")} >= {"answer", "eos", "budget"}

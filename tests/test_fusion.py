@@ -15,7 +15,7 @@ from kava.distill.fusion import (
     masked_softmax,
     router_entropy,
 )
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 B, T, N, F = 2, 4, 3, 5
 
@@ -188,9 +188,9 @@ def test_learned_router_rejects_bad_sizes() -> None:
     with pytest.raises(ConfigError, match="Expected hidden to be a positive integer. Got 0"):
         LearnedRouter(2, 4, hidden=0)
     similarity, features, available = inputs()
-    with pytest.raises(ConfigError, match="Expected features with 7 channels. Got 5"):
+    with pytest.raises(ShapeError, match="Expected features with 7 channels. Got 5"):
         LearnedRouter(N, 7)(similarity, features, available)
-    with pytest.raises(ConfigError, match=r"Expected similarity \[B, T, N\] and a bool mask"):
+    with pytest.raises(ShapeError, match=r"Expected similarity \[B, T, N\] and a bool mask"):
         LearnedRouter(N, F)(similarity, features, available.float())
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kava.extract.layer_map import cka_top_k, explicit, format_layer_map, parse_layer_map, proportional
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 from kava.kvstore.manifest import LayerMap
 
 
@@ -136,7 +136,7 @@ def test_cka_top_k_errors():
         cka_top_k(np.ones((2, 4)), k=5, estimator="biased")
     with pytest.raises(ConfigError, match="Expected estimator as one of biased, unbiased"):
         cka_top_k(np.ones((2, 4)), k=1, estimator="rbf")
-    with pytest.raises(ConfigError, match=r"\[student_layers, teacher_layers\]"):
+    with pytest.raises(ShapeError, match=r"\[student_layers, teacher_layers\]"):
         cka_top_k(np.ones(4), k=1, estimator="biased")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 from kava.distill.logit_kd import sorted_prob_distance, topk_kl
 from kava.extract.logits import NO_TARGET, boundary_rows, topk_logprobs
 
@@ -139,7 +139,7 @@ def test_sorted_prob_distance_matches_a_loop_and_ignores_which_token_is_which():
 
 
 def test_losses_refuse_mismatched_shapes():
-    with pytest.raises(ConfigError, match=r"Expected student logits \[B, T, V\] and teacher log-probabilities"):
+    with pytest.raises(ShapeError, match=r"Expected student logits \[B, T, V\] and teacher log-probabilities"):
         topk_kl(torch.zeros(1, 3, 5), torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2))
-    with pytest.raises(ConfigError, match="at most 5 \\(the student's vocabulary\\)"):
+    with pytest.raises(ShapeError, match="at most 5 \\(the student's vocabulary\\)"):
         sorted_prob_distance(torch.zeros(1, 3, 5), torch.zeros(1, 3, 6))

@@ -16,7 +16,7 @@ from kava.distill.losses import (
     weighted_mean,
 )
 from kava.distill.projectors import head_share_matrix
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 F64 = torch.float64
 
@@ -141,7 +141,7 @@ def test_kv_losses_gradcheck() -> None:
 
 
 def test_kv_losses_reject_mismatched_shapes() -> None:
-    with pytest.raises(ConfigError, match=r"Expected pred and target of the same shape.*\(1, 2, 3, 4\) and \(1, 3"):
+    with pytest.raises(ShapeError, match=r"Expected pred and target of the same shape.*\(1, 2, 3, 4\) and \(1, 3"):
         per_token_mse(torch.zeros(1, 2, 3, 4), torch.zeros(1, 3, 3, 4))
     with pytest.raises(ConfigError, match="Expected eps > 0. Got 0"):
         per_token_cosine(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), eps=0)
@@ -185,7 +185,7 @@ def test_weighted_mean_ignores_non_finite_values_where_unweighted() -> None:
 
 
 def test_weighted_mean_rejects_mismatched_shapes() -> None:
-    with pytest.raises(ConfigError, match=r"Expected values and weight of the same shape. Got \(2, 3\) and \(3, 2\)"):
+    with pytest.raises(ShapeError, match=r"Expected values and weight of the same shape. Got \(2, 3\) and \(3, 2\)"):
         weighted_mean(torch.zeros(2, 3), torch.zeros(3, 2))
 
 
@@ -247,12 +247,12 @@ def test_attention_log_probs_gradients_are_finite_with_padding() -> None:
 
 def test_attention_log_probs_rejects_bad_inputs() -> None:
     q, k = random_qk(1, 3, 2, 4, 3, seed=0)
-    with pytest.raises(ConfigError, match="multiple of the key heads. Got Hq=3, Hk=2"):
+    with pytest.raises(ShapeError, match="multiple of the key heads. Got Hq=3, Hk=2"):
         attention_log_probs(q, k, torch.tensor([4]), 1.0)
     q, k = random_qk(1, 2, 2, 4, 3, seed=0)
-    with pytest.raises(ConfigError, match=r"Expected lengths as an integer tensor of shape \[1\]"):
+    with pytest.raises(ShapeError, match=r"Expected lengths as an integer tensor of shape \[1\]"):
         attention_log_probs(q, k, torch.tensor([4.0]), 1.0)
-    with pytest.raises(ConfigError, match=r"Expected q \[B, Hq, T, D\] and k \[B, Hk, T, D\]"):
+    with pytest.raises(ShapeError, match=r"Expected q \[B, Hq, T, D\] and k \[B, Hk, T, D\]"):
         attention_log_probs(q, k[:, :, :3], torch.tensor([4]), 1.0)
 
 
@@ -315,7 +315,7 @@ def test_attention_kl_handles_zero_teacher_probabilities_and_all_padding() -> No
 
 
 def test_attention_kl_rejects_mismatched_tokens() -> None:
-    with pytest.raises(ConfigError, match=r"Expected teacher_logp \[B, Ht, T, T\] and student_logp"):
+    with pytest.raises(ShapeError, match=r"Expected teacher_logp \[B, Ht, T, T\] and student_logp"):
         attention_kl(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 4, 4), torch.tensor([3]))
 
 
@@ -433,19 +433,19 @@ def test_attention_kl_blockwise_rejects_bad_inputs():
 
     q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
     teacher = TeacherAttention([torch.randn(2, 4, 5, 4)], [torch.randn(2, 4, 5, 4)], [1.0], 0.5)
-    with pytest.raises(ConfigError, match=r"Expected the teacher's queries over the student's batch and tokens "
+    with pytest.raises(ShapeError, match=r"Expected the teacher's queries over the student's batch and tokens "
                                           r"\[2, Ht, 6, Dt\]. Got \(2, 4, 5, 4\) instead"):
         attention_kl_blockwise(teacher, q, k, torch.tensor([6, 6]), 0.3)
     teacher = TeacherAttention([torch.randn(2, 4, 6, 4)], [torch.randn(2, 4, 6, 4)], [1.0], 0.5)
     with pytest.raises(ConfigError, match="Expected block to be an integer >= 1. Got 0 instead"):
         attention_kl_blockwise(teacher, q, k, torch.tensor([6, 6]), 0.3, block=0)
-    with pytest.raises(ConfigError, match="multiple of the key heads. Got Hq=4, Hk=3"):
+    with pytest.raises(ShapeError, match="multiple of the key heads. Got Hq=4, Hk=3"):
         attention_kl_blockwise(teacher, q, torch.randn(2, 3, 6, 8), torch.tensor([6, 6]), 0.3)
-    with pytest.raises(ConfigError, match=r"Expected lengths as an integer tensor of shape \[2\]"):
+    with pytest.raises(ShapeError, match=r"Expected lengths as an integer tensor of shape \[2\]"):
         attention_kl_blockwise(teacher, q, k, torch.tensor([6.0, 6.0]), 0.3)
-    with pytest.raises(ConfigError, match="Expected as many teacher queries, keys and weights, at least one. Got 1, "
+    with pytest.raises(ShapeError, match="Expected as many teacher queries, keys and weights, at least one. Got 1, "
                                           "1 and 2 instead"):
         TeacherAttention([torch.randn(2, 4, 6, 4)], [torch.randn(2, 4, 6, 4)], [0.5, 0.5], 0.5)
-    with pytest.raises(ConfigError, match="Expected every teacher layer's q and k in one layout"):
+    with pytest.raises(ShapeError, match="Expected every teacher layer's q and k in one layout"):
         TeacherAttention([torch.randn(2, 4, 6, 4), torch.randn(2, 2, 6, 4)], [torch.randn(2, 2, 6, 4)] * 2,
                          [0.5, 0.5], 0.5)

@@ -15,7 +15,7 @@ from kava.distill.projectors import (
     count_parameters,
     head_share_matrix,
 )
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 HEAD_PAIRS = [(4, 2), (3, 2), (2, 3), (5, 3), (1, 4), (7, 7), (2, 4)]
 
@@ -188,7 +188,7 @@ def test_build_projector_rejects_unknown_kind() -> None:
 
 def test_projector_rejects_wrong_input_shape() -> None:
     proj = StructuredProjector(3, 4, 2, 4)
-    with pytest.raises(ConfigError, match=r"Expected a tensor \[\.\.\., 3, T, 4\].*Got shape \(1, 2, 5, 4\)"):
+    with pytest.raises(ShapeError, match=r"Expected a tensor \[\.\.\., 3, T, 4\].*Got shape \(1, 2, 5, 4\)"):
         proj(torch.randn(1, 2, 5, 4))
     with pytest.raises(ConfigError, match="Expected out_dim to be a positive integer. Got 0"):
         FlatProjector(3, 4, 2, 0)

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from kava.extract.rope import apply_rope, cos_sin, invert_rope, rope_params
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32}
 
@@ -134,7 +134,7 @@ def test_cos_sin_dtype_and_errors() -> None:
     params = rope_params(CONFIGS["qwen2"]())
     cos, _ = cos_sin(params, torch.arange(5), dtype=torch.bfloat16)
     assert cos.dtype == torch.bfloat16
-    with pytest.raises(ConfigError, match=r"Expected integer positions of shape \[T\] or \[B, T\]"):
+    with pytest.raises(ShapeError, match=r"Expected integer positions of shape \[T\] or \[B, T\]"):
         cos_sin(params, torch.arange(5.0))
     dynamic = dict(params, type="dynamic", scaling={"factor": 2.0})
     with pytest.raises(ConfigError, match="Got 'dynamic' \\(NTK\\) instead.*--k-rope post"):

@@ -245,6 +245,42 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_forced(run, tmp_
         Runner(cfg, force=("distil",))
 
 
+def _bug(*args: Any, **kwargs: Any) -> None:
+    raise TypeError("a bug, not a missing output")
+
+
+def test_a_kava_error_checking_a_stage_redoes_it_and_a_bug_propagates(tmp_path, monkeypatch):
+    cfg = parse_config(tiny(tmp_path))
+    Runner(cfg, log=lambda _: None).data()
+    runner = Runner(cfg, log=lambda _: None)
+    runner.data()
+    assert runner.result.ran == []  # made and checked: reused
+
+    # The project's own error while checking the outputs (here: a split that changed) means "make them again".
+    def changed(root: Path, role: str, **kwargs: Any) -> None:
+        raise DatasetError(f"{role}: not the recorded split")
+
+    monkeypatch.setattr(splits, "check_split", changed)
+    runner = Runner(cfg, log=lambda _: None)
+    runner.data()
+    assert runner.result.ran == ["data"]
+
+    # Anything else is a bug: it propagates instead of turning into a silent redo of the stage.
+    monkeypatch.setattr(splits, "check_split", _bug)
+    runner = Runner(cfg, log=lambda _: None)
+    with pytest.raises(TypeError, match="a bug, not a missing output"):
+        runner.data()
+    assert runner.result.ran == []
+
+
+def test_a_bug_checking_a_store_propagates_instead_of_extracting_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(KVStore, "open", _bug)  # what the extract stage checks a store (made here or not) with
+    runner = Runner(parse_config(tiny(tmp_path)), log=lambda _: None)
+    with pytest.raises(TypeError, match="a bug, not a missing output"):
+        runner.extract({"t": {"digest": "d", "model": "m"}}, {"splits": {"student-train": {"sample_ids_hash": "h"}}})
+    assert runner.result.ran == []
+
+
 @pytest.mark.integration
 def test_killed_run_resumes_the_interrupted_student_exactly(tmp_path):
     out = tmp_path / "runs"

@@ -38,7 +38,7 @@ from kava.analysis.stats import (
     holm,
     welch_t,
 )
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 
 def welch_reference(a, b) -> tuple[float, float]:
@@ -266,7 +266,7 @@ def test_paired_t_degenerate():
     assert (same.t, same.p, same.ci) == (0.0, 1.0, (0.0, 0.0))
     shifted = paired_t([0.5, 0.5], [0.25, 0.25])  # every seed ahead by exactly 0.25 (exact in binary)
     assert (shifted.t, shifted.p, shifted.ci) == (math.inf, 0.0, (0.25, 0.25))
-    with pytest.raises(ConfigError, match="paired scores of equal length. Got 2 and 3 instead"):
+    with pytest.raises(ShapeError, match="paired scores of equal length. Got 2 and 3 instead"):
         paired_t([0.1, 0.2], [0.1, 0.2, 0.3])
 
 
@@ -313,7 +313,7 @@ def test_mcnemar_exact_by_hand_and_textbook():
     a = [True] * 794 + [True] * 150 + [False] * 86 + [False] * 570
     b = [True] * 794 + [False] * 150 + [True] * 86 + [False] * 570
     assert f"{mcnemar_exact(a, b).p:.3e}" == "3.716e-05"
-    with pytest.raises(ConfigError, match="paired outcomes of equal length. Got 2 and 1 instead"):
+    with pytest.raises(ShapeError, match="paired outcomes of equal length. Got 2 and 1 instead"):
         mcnemar_exact([True, False], [True])
 
 
@@ -391,7 +391,7 @@ def test_paired_bootstrap_degenerate_and_errors():
     one = paired_bootstrap_items([1.0], [0.5])
     assert one[0] == 0.5 and all(math.isnan(v) for v in one[1])
     assert paired_bootstrap_items([0.5, 0.75], [0.25, 0.5]) == (0.25, (0.25, 0.25))
-    with pytest.raises(ConfigError, match=r"the same N items for both models. Got shapes \(1, 3\) and \(1, 2\)"):
+    with pytest.raises(ShapeError, match=r"the same N items for both models. Got shapes \(1, 3\) and \(1, 2\)"):
         paired_bootstrap_items([1.0, 2.0, 3.0], [1.0, 2.0])
     with pytest.raises(ConfigError, match=r"Found 2 problems:(.|\n)*non-negative item weights(.|\n)*finite"):
         paired_bootstrap_items([1.0, float("nan")], [1.0, 2.0], weights=[1.0, -1.0])

@@ -8,7 +8,7 @@ import torch
 
 from kava.extract.align import Alignment, apply
 from kava.extract.warp import SPECIAL_SEGMENT, time_warp
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, ShapeError
 
 P, R, A, S = 0, 1, 2, 3  # prompt, reasoning, answer, special
 
@@ -126,7 +126,7 @@ def test_empty_and_bad_inputs():
     assert time_warp(_segments((P, 3)), np.zeros(0, dtype=np.uint8)).num_student_tokens == 0
     with pytest.raises(ConfigError, match=r"Expected student_segments ids in \[0, 4\).*Got 4 at token 1"):
         time_warp(_segments((P, 3)), np.array([0, 4], dtype=np.uint8))
-    with pytest.raises(ConfigError, match="Expected teacher_segments as a 1-D integer array"):
+    with pytest.raises(ShapeError, match="Expected teacher_segments as a 1-D integer array"):
         time_warp(np.zeros((2, 2), dtype=np.uint8), _segments((P, 3)))
-    with pytest.raises(ConfigError, match="1-D integer array"):
+    with pytest.raises(ShapeError, match="1-D integer array"):
         time_warp(np.array([0.0, 1.0]), _segments((P, 3)))

@@ -5,8 +5,8 @@ real pretrained stories260K from ``$KAVA_ASSETS``), seeded synthetic test proble
 ``kava eval`` does (``prompt_text``, tokenized with special tokens, sorted longest first, left-padded) and generated
 three ways, interleaved over ``--reps`` repetitions (the median time of each is kept):
 
-- **kava**: ``kava.distill.evaluate._generate``, the loop behind ``kava eval`` (greedy, the stop-at-answer check,
-  EOS and terminator handling, decoding and cutting of every row).
+- **kava**: ``kava.distill.evaluate.generate_with_stops``, the loop behind ``kava eval`` (greedy, the stop-at-answer
+  check, EOS and terminator handling, decoding and cutting of every row).
 - **plain**: ``model.generate(do_sample=False)`` on the same batches with no stop criterion at all, run for exactly
   as many steps as kava ran on each batch (kava stops a batch once every row has finished), so both do the same
   model work.
@@ -52,7 +52,7 @@ def main() -> None:
 
     from kava.core.padding import left_pad
     from kava.core.synthetic import synthetic_rows
-    from kava.distill.evaluate import _eos_ids, _generate, prompt_text
+    from kava.distill.evaluate import eos_ids, generate_with_stops, prompt_text
     from kava.extract.templates import TEMPLATES
 
     torch.set_num_threads(args.threads)
@@ -84,9 +84,9 @@ def main() -> None:
         for name in args.models.split(","):
             model = AutoModelForCausalLM.from_pretrained(paths[name]).eval()
             tokenizer = AutoTokenizer.from_pretrained(paths[name])
-            eos = _eos_ids(model, tokenizer)
+            eos = eos_ids(model, tokenizer)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-            # The batches _generate makes: tokenized with special tokens, longest first, left-padded.
+            # The batches generate_with_stops makes: tokenized with special tokens, longest first, left-padded.
             encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
             order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
             batches = [left_pad([encoded[i] for i in order[s : s + args.batch_size]], pad)
@@ -112,8 +112,8 @@ def main() -> None:
             def kava() -> tuple[float, list[tuple[int, int]]]:
                 calls.clear()
                 t0 = time.perf_counter()
-                out = _generate(model, tokenizer, prompts, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, terminator=template.terminator)
+                out = generate_with_stops(model, tokenizer, prompts, batch_size=args.batch_size,
+                                          max_new_tokens=args.max_new_tokens, terminator=template.terminator)
                 seconds = time.perf_counter() - t0
                 kava_out[:] = out
                 return seconds, list(calls)
