@@ -54,6 +54,9 @@ class DataSpec:
     """A separate split for evaluation: never seen by a teacher or a student."""
     eval_size: int | None = 200
     """Rows evaluated (None: the whole split)."""
+    validation_size: int = 0
+    """Rows carved from the student share of the pool into a validation split: never trained on, never part of the
+    store, read only by ``tune:`` (the eval split is never used to choose a setting)."""
 
 
 @dataclass
@@ -82,6 +85,10 @@ class TeacherSpec:
     """`kava extract` options for this teacher (with_q, layer_map, alignment, kv_dtype, ...)."""
 
 
+TEACHER_TOKENIZER = "teacher:"
+"""``student.tokenizer: teacher:NAME`` takes the tokenizer of the teacher ``NAME`` trained here."""
+
+
 @dataclass
 class StudentSpec:
     model: str = "tiny-qwen2"
@@ -89,7 +96,9 @@ class StudentSpec:
     layers: int | None = 3
     """A preset's depth (the store's layer map is made for it)."""
     tokenizer: str | None = None
-    """A preset's tokenizer (directory or hub id); None trains a byte-level BPE of ``vocab_size`` here."""
+    """A preset's tokenizer (directory or hub id), or ``teacher:NAME`` for the BPE a teacher trained here was given
+    (so teacher and student share ids and logit KD compares the same tokens); None trains a byte-level BPE of
+    ``vocab_size`` here."""
     vocab_size: int = 384
 
     @property
@@ -102,6 +111,13 @@ class StudentSpec:
     def trains_tokenizer(self) -> bool:
         """A preset without a tokenizer gets a BPE trained in the data stage."""
         return self.is_preset and self.tokenizer is None
+
+    @property
+    def teacher_tokenizer(self) -> str | None:
+        """The teacher whose tokenizer the student takes (``tokenizer: teacher:NAME``), else None."""
+        if self.tokenizer is not None and self.tokenizer.startswith(TEACHER_TOKENIZER):
+            return self.tokenizer[len(TEACHER_TOKENIZER):]
+        return None
 
 
 @dataclass
@@ -126,6 +142,25 @@ class VariantSpec:
 
 
 @dataclass
+class TuneSpec:
+    """A small grid search on the validation split: one student per grid point, the best point's options applied to
+    ``apply_to``'s variants before they train."""
+
+    variant: str
+    """The variant whose `kava distill` options each grid point extends (e.g. the logit-KD baseline)."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """`kava distill` option → the values tried; every combination is trained (e.g. logit_temperature: [1, 2])."""
+    apply_to: list[str] = field(default_factory=list)
+    """Variants that take the chosen options (default: ``variant`` alone)."""
+    metric: str = "accuracy"
+    """What chooses on the validation split: accuracy (ties broken by lower NLL) or nll."""
+    seed: int | None = None
+    """The tuning students' seed (default: the first of ``seeds``)."""
+    steps: int | None = None
+    """Steps of each tuning student (default: train.steps)."""
+
+
+@dataclass
 class EvalSpec:
     batch_size: int = 50
     max_new_tokens: int = 200
@@ -133,6 +168,10 @@ class EvalSpec:
     """Evaluate the teachers too (the ceiling the students are compared with)."""
     checkpoint_rows: int = 50
     """Task accuracy at each kept checkpoint (a learning curve) is measured on the first N eval rows; 0: none."""
+    budgets: list[int] = field(default_factory=list)
+    """Steps at which the report compares the variants (paired, Holm) from their checkpoints on the first
+    ``checkpoint_rows`` eval rows, with the compute ratio against the baseline; only these checkpoints are
+    evaluated. Each must be a checkpoint step (a multiple of checkpoint_every) or train.steps."""
 
 
 @dataclass
@@ -150,6 +189,8 @@ class RunConfig:
     student: StudentSpec = field(default_factory=StudentSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     variants: list[VariantSpec] = field(default_factory=list)
+    tune: TuneSpec | None = None
+    """A grid search on the validation split before the students train (needs data.validation_size)."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     device: str | None = None
     """cpu (default), cuda[:N] or mps, for every stage."""
@@ -164,8 +205,8 @@ class RunConfig:
     def student_tokenizer(self) -> str:
         """The tokenizer the store is cut with: a preset's (given, or trained in the data stage), else the
         pretrained student's own."""
-        if self.student.trains_tokenizer:
-            return str(self.root / "data" / "student-tokenizer")
+        if self.student.trains_tokenizer or self.student.teacher_tokenizer is not None:
+            return str(self.root / "data" / "student-tokenizer")  # trained in the data stage, or the teacher's copied
         return self.student.tokenizer or self.student.model
 
     def to_dict(self) -> dict[str, Any]:
@@ -389,6 +430,12 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     if vnames and cfg.baseline not in vnames:
         p.append(f"baseline: {cfg.baseline!r} is not a variant. Variants: {', '.join(vnames)}.")
     p += contrast_problems(cfg.contrasts, vnames)
+    shared = cfg.student.teacher_tokenizer
+    if shared is not None and shared not in trained:
+        p.append(f"student.tokenizer: teacher:{shared} names no teacher trained here. Teachers trained here: "
+                 f"{', '.join(trained) or 'none'}.")
+    p += tune_problems(cfg, distill_fields)
+    p += budget_problems(cfg)
     for v in cfg.variants:
         w = f"variants[{v.name}]"
         for key in sorted(set(v.distill) - distill_fields):
@@ -407,6 +454,77 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
                 stage_distill_config(cfg, v, seed=0, store="s", out="o").validate()
             except ConfigError as e:
                 p.append(f"{w}: {e}")
+    return p
+
+
+def tune_problems(cfg: RunConfig, distill_fields: set[str]) -> list[str]:
+    """What is wrong with ``tune:`` (nothing when there is none)."""
+    t, p = cfg.tune, []
+    if t is None:
+        if cfg.data.validation_size:
+            p.append("data.validation_size: set, but there is no tune: section to read the validation split.")
+        return p
+    vnames = [v.name for v in cfg.variants]
+    if t.variant not in vnames:
+        p.append(f"tune.variant: {t.variant!r} is not a variant. Variants: {', '.join(vnames)}.")
+    for name in t.apply_to:
+        if name not in vnames:
+            p.append(f"tune.apply_to: {name!r} is not a variant. Variants: {', '.join(vnames)}.")
+    if not t.grid:
+        p.append("tune.grid: expected at least one option with the values to try.")
+    for key, values in t.grid.items():
+        if key not in distill_fields:
+            p.append(f"tune.grid: unknown option {key!r} (see `kava distill --help`).")
+        elif key in COMPUTE_FIELDS or key in RUNNER_FIELDS:
+            p.append(f"tune.grid: {key!r} is compute or set by the runner; tune the objective's options only.")
+        if not isinstance(values, list) or not values:
+            p.append(f"tune.grid.{key}: expected a non-empty list of values. Got {values!r} instead.")
+    if t.metric not in ("accuracy", "nll"):
+        p.append(f"tune.metric: expected accuracy or nll. Got {t.metric!r} instead.")
+    if cfg.data.validation_size < 1:
+        p.append("data.validation_size: tune: needs validation rows carved from the student share; set it (e.g. "
+                 "100). The eval split is never used to choose a setting.")
+    if t.steps is not None and t.steps < 1:
+        p.append(f"tune.steps: expected a positive integer. Got {t.steps} instead.")
+    if not p and t.variant in vnames:
+        for point in tune_points(t):
+            variant = cfg.variant(t.variant)
+            trial = dataclasses.replace(variant, distill={**variant.distill, **point})
+            try:
+                stage_distill_config(cfg, trial, seed=0, store="s", out="o").validate()
+            except ConfigError as e:
+                p.append(f"tune.grid point {point}: {e}")
+                break
+    return p
+
+
+def tune_points(t: TuneSpec) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the grid's key order (the first key varies slowest)."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in t.grid.items():
+        points = [{**point, key: value} for point in points for value in (values if isinstance(values, list) else [])]
+    return points
+
+
+def budget_problems(cfg: RunConfig) -> list[str]:
+    """``eval.budgets`` must name steps that a checkpoint is kept at (or the last step)."""
+    budgets, p = cfg.eval.budgets, []
+    if not budgets:
+        return p
+    steps = cfg.train.steps
+    every = cfg.train.distill.get("checkpoint_every", 100)
+    keep = cfg.train.distill.get("keep_checkpoints", 2)
+    bad = [b for b in budgets if not isinstance(b, int) or b < 1 or b > steps
+           or (b != steps and (not every or b % every))]
+    if bad:
+        p.append(f"eval.budgets: {bad} are not checkpoint steps. Expected steps up to train.steps ({steps}) that are "
+                 f"multiples of train.distill.checkpoint_every ({every}), or train.steps itself.")
+    if isinstance(every, int) and every > 0 and isinstance(keep, int) and keep < steps // every:
+        p.append(f"eval.budgets: train.distill.keep_checkpoints {keep} drops early checkpoints before they are "
+                 f"evaluated; keep at least {steps // every}.")
+    if cfg.eval.checkpoint_rows < 1:
+        p.append("eval.budgets: the budgets are evaluated on the first eval.checkpoint_rows rows; set it (e.g. to "
+                 "data.eval_size).")
     return p
 
 

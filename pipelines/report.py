@@ -18,6 +18,7 @@ from typing import Any
 from kava.core.errors import ConfigError
 
 from .config import RunConfig
+from .lasting import budget_section, grad_share_section, tune_section
 
 ALPHA = 0.05
 TEACHER_FLOOR = 0.30
@@ -110,6 +111,13 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     contrast_lines, contrast_json = contrasts_section(
         cfg.contrasts, cfg.seeds, acc, nll, unit, lambda a, b: _mcnemar(items, a, cfg, other=b), alpha=ALPHA)
     lines += contrast_lines
+    tune_lines, tune_json = tune_section(root)
+    lines += tune_lines
+    budget_curves = {v: {s: evals[f"{v} seed {s}"].get("curve") or [] for s in cfg.seeds} for v in variants}
+    budget_lines, budget_json = budget_section(cfg, budget_curves, figures, root)
+    lines += budget_lines
+    share_lines, share_json = grad_share_section(runs)
+    lines += share_lines
 
     lines += _compute_section(cfg, students)
     lines += _splits_section(data)
@@ -139,7 +147,9 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                "baseline": cfg.baseline,
                "compute": {f"{v} seed {s}": {k: r.get(k) for k in ("steps", "tokens", "batch_size")}
                            for (v, s), r in students.items()},
-               "checkpoints": curves, "splits": data["splits"], "cka": cka_json, "timings": timings}
+               "checkpoints": curves, "splits": data["splits"], "cka": cka_json, "timings": timings,
+               **({"tune": tune_json} if tune_json else {}), **({"budgets": budget_json} if budget_json else {}),
+               **({"grad_shares": share_json} if share_json else {})}
     (root / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     return root / "report.md"
 

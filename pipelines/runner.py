@@ -5,6 +5,8 @@ Stages, in order (``--force NAME`` redoes one; what depends on its outputs is re
 - ``data``      the three disjoint splits (``splits.py``) and the student's tokenizer when it is trained here
 - ``teachers``  teachers trained here, CE only, on the teacher split; cached under ``<out>/.cache/teachers/``
 - ``extract``   every teacher into one store over the student split
+- ``tune``      with ``tune:``, one student per grid point, scored on the validation split; the best point's
+                options go to ``tune.apply_to``'s variants (``tune.json``)
 - ``distill``   every variant × seed, at the same steps, batch and length
 - ``eval``      the teachers and every student on the eval split
 - ``report``    ``report.md``, its PNGs and ``report.json``
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,9 +31,10 @@ import yaml
 from kava.core.errors import ConfigError, KavaError
 
 from . import splits
-from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config
+from .config import (RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config,
+                     tune_points)
 
-STAGES = ("data", "teachers", "extract", "distill", "eval", "report")
+STAGES = ("data", "teachers", "extract", "tune", "distill", "eval", "report")
 Log = Callable[[str], None]
 
 
@@ -123,8 +126,11 @@ class Runner:
         (self.root / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         data = self.data()
         teachers = {t.name: self.teacher(t, data) for t in self.cfg.teachers}
+        self._share_teacher_tokenizer(teachers)
         store = self.extract(teachers, data)
-        students = {(v.name, s): self.distill(v, s, store) for v in self.cfg.variants for s in self.cfg.seeds}
+        tuned = self.tune(store, data) if self.cfg.tune is not None else None
+        students = {(v.name, s): self.distill(self._tuned(v, tuned), s, store)
+                    for v in self.cfg.variants for s in self.cfg.seeds}
         evals = self.evaluate(teachers, students, data)
         self.report(data, teachers, store, students, evals)
         (self.root / "timings.json").write_text(json.dumps(self.result.timings, indent=2))
@@ -154,6 +160,20 @@ class Runner:
             return not trains_tokenizer or (where / "student-tokenizer" / "tokenizer.json").is_file()
 
         return self._unit(where, "data", "data", key, work, check)
+
+    def _share_teacher_tokenizer(self, teachers: dict[str, dict[str, Any]]) -> None:
+        """``student.tokenizer: teacher:NAME``: the student's tokenizer is a copy of that teacher's, in the run's data
+        folder, where a trained student tokenizer would be."""
+        name = self.cfg.student.teacher_tokenizer
+        if name is None:
+            return
+        source = Path(teachers[name]["model"]).parent / "tokenizer"
+        target = Path(self.cfg.student_tokenizer)
+        if not (target / "tokenizer.json").is_file() or \
+                (target / "tokenizer.json").read_bytes() != (source / "tokenizer.json").read_bytes():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+            self.log(f"[data] the student takes teacher {name}'s tokenizer ({source})")
 
     def _student_tokenizer_settings(self) -> dict[str, Any]:
         s = self.cfg.student
@@ -240,12 +260,57 @@ class Runner:
         return {"path": str(path), "teachers": records,
                 "digest": digest([[r["digest"], r.get("made")] for r in records.values()])}
 
-    def distill(self, variant: VariantSpec, seed: int, store: dict[str, Any]) -> dict[str, Any]:
+    def tune(self, store: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """Train ``tune.variant`` once per grid point, score each on the validation split, choose the best.
+
+        Returns the ``tune.json`` record: every trial's accuracy and NLL on the validation rows and the chosen point.
+        """
+        t = self.cfg.tune
+        assert t is not None
+        seed = t.seed if t.seed is not None else self.cfg.seeds[0]
+        variant = self.cfg.variant(t.variant)
+        split = data["splits"]["validation"]
+        trials = []
+        for point in tune_points(t):
+            name = f"{variant.name}~{digest(point)[:8]}"
+            trial = replace(variant, name=name, distill={**variant.distill, **point})
+            where = self.root / "tune" / name
+            record = self.distill(trial, seed, store, where=where, steps=t.steps, stage="tune",
+                                  score=split)
+            trials.append({"point": point, "folder": str(where.relative_to(self.root)),
+                           **{k: record["validation"][k] for k in ("accuracy", "nll", "nll_per_char", "n")}})
+        if t.metric == "nll":
+            best = min(trials, key=lambda r: r["nll_per_char"])
+        else:  # accuracy; ties broken by the lower NLL
+            best = max(trials, key=lambda r: (r["accuracy"], -r["nll_per_char"]))
+        out = {"variant": variant.name, "apply_to": t.apply_to or [variant.name], "metric": t.metric, "seed": seed,
+               "steps": t.steps or self.cfg.train.steps, "validation_rows": split["rows"], "chosen": best["point"],
+               "trials": trials}
+        (self.root / "tune.json").write_text(json.dumps(out, indent=2, default=str))
+        self.log(f"[tune] chose {best['point']} ({t.metric} on {split['rows']} validation rows)")
+        return out
+
+    def _tuned(self, variant: VariantSpec, tuned: dict[str, Any] | None) -> VariantSpec:
+        """``variant`` with the tuned options when it is one of ``tune.apply_to``'s."""
+        if tuned is None or variant.name not in tuned["apply_to"]:
+            return variant
+        return replace(variant, distill={**variant.distill, **tuned["chosen"]})
+
+    def distill(self, variant: VariantSpec, seed: int, store: dict[str, Any], *, where: Path | None = None,
+                steps: int | None = None, stage: str = "distill",
+                score: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train one student (``variant`` × ``seed``) from the store.
+
+        ``tune`` passes its own folder, steps and ``score``, the validation split's record: the student is then
+        scored on those rows (accuracy and reference NLL) as part of the unit.
+        """
         from kava.kvstore import KVStore
 
-        where = self.root / "students" / variant.name / f"seed-{seed}"
+        where = where or self.root / "students" / variant.name / f"seed-{seed}"
         cfg = stage_distill_config(self.cfg, variant, seed=seed, store=store["path"], out=str(where))
-        key = digest({"config": cfg.to_dict(), "store": store["digest"]})
+        if steps is not None:
+            cfg.trainer.steps = steps
+        key = digest({"config": cfg.to_dict(), "store": store["digest"], **({"score": score} if score else {})})
 
         def work() -> dict[str, Any]:
             from kava.distill.trainer import run_distill
@@ -261,9 +326,12 @@ class Runner:
                 self.log(f"[distill] {variant.name} seed {seed}: resuming its last checkpoint")
             cfg.resume = resume
             result = run_distill(cfg, log=self._quiet)
-            return {"variant": variant.name, "seed": seed, "steps": result.steps, "tokens": result.tokens,
-                    "batch_size": cfg.batch_size * cfg.grad_accum, "final": result.final,
-                    "parameters": result.parameters, "train_seconds": result.seconds, "settings": cfg.to_dict()}
+            record = {"variant": variant.name, "seed": seed, "steps": result.steps, "tokens": result.tokens,
+                      "batch_size": cfg.batch_size * cfg.grad_accum, "final": result.final,
+                      "parameters": result.parameters, "train_seconds": result.seconds, "settings": cfg.to_dict()}
+            if score is not None:
+                record["validation"] = self._score(where, "validation")
+            return record
 
         def adopt() -> dict[str, Any] | None:
             """A student the rendered sbatch script trained: finished, with this very config."""
@@ -276,8 +344,24 @@ class Runner:
             return {"variant": variant.name, "seed": seed, "steps": made["steps"], "tokens": made["tokens"],
                     "batch_size": cfg.batch_size * cfg.grad_accum, "final": made["final"], "settings": cfg.to_dict()}
 
-        return self._unit(where, "distill", f"distill {variant.name} seed {seed}", key, work,
-                          check=lambda: _finished_student(where, cfg.steps), adopt=adopt)
+        return self._unit(where, stage, f"{stage} {variant.name} seed {seed}", key, work,
+                          check=lambda: _finished_student(where, cfg.steps),
+                          adopt=adopt if score is None else None)
+
+    def _score(self, model: Path, role: str) -> dict[str, Any]:
+        """Accuracy and reference NLL of ``model`` on a split other than eval (the validation rows)."""
+        from kava.distill.evaluate import EvalConfig, run_eval
+
+        splits.check_split(self.root, role, stage=f"score {model.name} on {role}")
+        e = self.cfg.eval
+        config = EvalConfig.from_dict(dict(
+            model=str(model), dataset=str(splits.split_path(self.root, role)), split=splits.FILE_SPLIT[role],
+            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, out=str(model / f"{role}-items.jsonl"),
+            device=self.cfg.device, threads=self.cfg.threads, progress=False, nll=True,
+        ))
+        result = run_eval(config)
+        return {"accuracy": result.accuracy, "nll": result.reference_nll, "n": result.n,
+                "nll_per_char": result.reference_nll_per_char}
 
     def evaluate(self, teachers: dict[str, dict[str, Any]], students: dict[tuple[str, int], dict[str, Any]],
                  data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -334,7 +418,7 @@ class Runner:
         template, steps = load_template(made["template"]), made["steps"]
         curve = []
         for step, path in step_checkpoints(student):
-            if step >= steps:
+            if step >= steps or (e.budgets and step not in e.budgets):
                 continue
             model = student_at(student, path)
             scored = evaluate(model, tokenizer, rows, template, batch_size=e.batch_size,

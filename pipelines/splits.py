@@ -1,7 +1,8 @@
-"""The experiment's three disjoint splits, written once and checked by every stage that reads one.
+"""The experiment's disjoint splits, written once and checked by every stage that reads one.
 
 ``teacher-train`` trains the teachers made here, ``student-train`` is what the store is extracted over and the
-students learn from, ``eval`` is a separate split no model ever trains on. Each is a GSM8K-form JSONL file under
+students learn from, ``validation`` (only with ``data.validation_size``) is carved from the student share for
+``tune:`` and is neither trained on nor stored, ``eval`` is a separate split no model ever trains on. Each is a GSM8K-form JSONL file under
 ``<run>/data/``; ``splits.json`` records each one's row count, its sample-id hash (the hash a store's manifest
 records for the rows it was cut from) and a hash of its questions. A stage loads its file, recomputes the hash and
 refuses to run on anything else.
@@ -20,8 +21,8 @@ from kava.core.errors import DatasetError
 if TYPE_CHECKING:  # pragma: no cover - config.py imports this module: its types only, for annotations
     from .config import DataSpec
 
-ROLES = ("teacher-train", "student-train", "eval")
-FILE_SPLIT = {"teacher-train": "train", "student-train": "train", "eval": "test"}
+ROLES = ("teacher-train", "student-train", "validation", "eval")
+FILE_SPLIT = {"teacher-train": "train", "student-train": "train", "validation": "train", "eval": "test"}
 """The split name the rows of each file are read under (it is part of their sample ids)."""
 
 
@@ -72,8 +73,12 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
     order = list(range(len(pool)))
     random.Random(spec.seed).shuffle(order)
     cut = round(spec.teacher_fraction * len(pool))
+    # The validation rows are the last of the student share: carved from what students would train on, so tuning
+    # never reads the eval split and the final students never train on what chose their setting.
+    held = len(pool) - spec.validation_size
     parts = {"teacher-train": [pool[i] for i in sorted(order[:cut])],
-             "student-train": [pool[i] for i in sorted(order[cut:])], "eval": evals}
+             "student-train": [pool[i] for i in sorted(order[cut:held])],
+             "validation": [pool[i] for i in sorted(order[held:])], "eval": evals}
     # Disjoint by content, not just by id: the same question under two ids would still leak.
     seen: dict[str, str] = {}
     for role, rows in parts.items():
@@ -88,8 +93,11 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
 
     if not parts["teacher-train"]:
         del parts["teacher-train"]  # every teacher is pretrained (teacher_fraction 0): there is no teacher split
+    if not parts["validation"]:
+        del parts["validation"]  # nothing is tuned: no validation split
     (root / "data").mkdir(parents=True, exist_ok=True)
-    split_path(root, "teacher-train").unlink(missing_ok=True)  # a file left by an earlier config of this run
+    for role in ("teacher-train", "validation"):
+        split_path(root, role).unlink(missing_ok=True)  # a file left by an earlier config of this run
     record: dict[str, Any] = {"dataset": spec.dataset, "seed": spec.seed, "pool_split": spec.pool_split,
                               "eval_split": spec.eval_split, **difficulty_details(spec.dataset, spec.difficulty),
                               "splits": {}}
