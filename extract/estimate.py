@@ -97,11 +97,12 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     tokens_per_s = timed_tokens / seconds if seconds > 0 else float("nan")
     sample = np.concatenate(k_rows) if k_rows else np.zeros((0, len(layers), kv_heads, head_dim), np.float32)
 
+    logit_bytes = cfg.logit_top_k * (4 + 2)  # per token: an int32 id and a float16 log-probability for each of k
     choices = []
     for dtype in KV_DTYPES:
         per_token = bytes_per_token(stored, kv_heads, head_dim, dtype, "k") + \
             bytes_per_token(stored, kv_heads, head_dim, dtype, "v") + \
-            bytes_per_token(q_layers, num_heads, head_dim, dtype, "q")
+            bytes_per_token(q_layers, num_heads, head_dim, dtype, "q") + logit_bytes
         logical = per_token * student_tokens
         ratio = _compressed_ratio(sample, dtype) if len(sample) else 1.0
         choices.append({"kv_dtype": dtype, "bytes_per_token": per_token, "logical_bytes": int(logical),
@@ -117,6 +118,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
         "geometry": {"layers": num_layers, "stored_layers": stored, "kv_heads": kv_heads, "heads": num_heads,
                      "head_dim": head_dim, "q_layers": q_layers},
         "storage": choices,
+        "logits": {"top_k": cfg.logit_top_k, "bytes_per_token": logit_bytes} if cfg.logit_top_k else None,
         "timed": {"samples": len(live), "teacher_tokens": timed_tokens, "seconds": round(seconds, 3),
                   "tokens_per_s": round(tokens_per_s, 1), "device": str(next(model.parameters()).device)},
         "predicted_seconds": round(teacher_tokens / tokens_per_s, 1) if tokens_per_s > 0 else None,
@@ -144,6 +146,9 @@ def format_estimate(e: dict[str, Any]) -> str:
         lines.append(f"{c['kv_dtype']:<10}{size(c['bytes_per_token']):>12}{size(c['logical_bytes']):>12}"
                      f"{c['compressed_ratio']:>11.2f}x{size(c['bytes_on_disk_zstd']):>12}  "
                      f"{'yes' if c['lossless'] else LOSSY_NOTE.get(c['kv_dtype'], 'no')}")
+    if e.get("logits"):
+        lines.append(f"(per token includes the top-{e['logits']['top_k']} logits: {e['logits']['bytes_per_token']} B, "
+                     "stored as is)")
     t = e["timed"]
     lines += ["", f"timed     {t['samples']} samples, {t['teacher_tokens']} tokens in {t['seconds']} s on {t['device']}"
               f" → {t['tokens_per_s']:,.0f} tokens/s",

@@ -711,6 +711,15 @@ def test_estimate_prints_each_kv_dtype_and_a_time(stories):
                for line in lines)
 
 
+def test_estimate_counts_the_stored_logits(stories):
+    out = cli("estimate", "--teacher", str(stories), "--timed-samples", "2", "--json",
+              *flags(limit=8, logit_top_k=128, **QUIET))
+    assert out.exit_code == 0, out.stderr
+    e = json.loads(out.stdout)
+    assert e["logits"] == {"top_k": 128, "bytes_per_token": 768}  # an int32 id and a float16 log-prob each
+    assert e["storage"][0]["bytes_per_token"] == 640 + 768
+
+
 @pytest.mark.integration
 def test_estimate_json_prints_only_json(stories):
     out = kava("estimate", "--teacher", str(stories), "--timed-samples", "4", "--json",
