@@ -45,7 +45,7 @@ def tune_section(root: Path) -> tuple[list[str], dict[str, Any] | None]:
              f"scored on {tune['validation_rows']} validation rows carved from the student share (never trained on, "
              f"never in the store; the eval split was not read). Chosen by {tune['metric']}"
              f"{' (ties: lower NLL)' if tune['metric'] == 'accuracy' else ''}: **"
-             + ", ".join(f"{k} = {tune['chosen'][k]}" for k in keys) + f"**, applied to "
+             + ", ".join(f"{k} = {tune['chosen'][k]}" for k in keys) + "**, applied to "
              + ", ".join(f"`{v}`" for v in tune["apply_to"]) + ".", "",
              "| " + " | ".join(keys) + " | validation accuracy % | NLL (nats/char) |",
              "|" + "---|" * (len(keys) + 2)]
