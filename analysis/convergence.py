@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from kava.analysis.curves import DPI, _color, _message, _save
 
@@ -86,9 +87,10 @@ def band_plot(curves: Mapping[str, Mapping[int, Curve]], path: str | os.PathLike
     """One line per variant (mean over seeds, markers at the checkpoints) with its min-max band over seeds."""
     fig = Figure(figsize=(6.4, 4), layout="constrained")
     ax = fig.subplots()
-    drawn = 0
+    drawn, xs = 0, set()
     for i, (name, seeds) in enumerate(curves.items()):
         points = mean_curve(seeds)
+        xs.update(p[0] for p in points)
         if not points:
             continue
         x, mean, lo, hi = np.asarray(points, dtype=float).T
@@ -101,6 +103,8 @@ def band_plot(curves: Mapping[str, Mapping[int, Curve]], path: str | os.PathLike
     else:
         if logx:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(sorted(xs), [f"{x:g}" for x in sorted(xs)])  # the checkpoints themselves, as plain numbers
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

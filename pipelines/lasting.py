@@ -18,6 +18,7 @@ from kava.analysis.convergence import band_plot, compute_ratio
 from kava.analysis.paired import compare_paired
 
 from .config import RunConfig
+from .contrasts import parse_contrast
 
 Curves = dict[str, dict[int, list[dict[str, float]]]]
 """variant → seed → the checkpoint curve the runner recorded (``{"step", "accuracy", "nll"}`` per point)."""
@@ -92,21 +93,21 @@ def budget_section(cfg: RunConfig, curves: Curves, figures: Path, root: Path) ->
                   for v in variants}
     nll_curves = {v: {s: [(p["step"], p["nll"]) for p in curve] for s, curve in curves[v].items()}
                   for v in variants}
-    lines += ["Compute ratio: the steps each variant needs to reach the best mean accuracy the baseline reaches at any "
-              "budget (checkpoints only, so a bound at their resolution):", "",
+    lines += ["Compute ratio: the steps each variant needs to reach the best mean accuracy the baseline (or the "
+              "second variant of a contrast) reaches at any budget (checkpoints only, so a bound at their "
+              "resolution):", "",
               "| variant | against | level % (reached by the baseline at step) | variant reaches it at step | ratio |",
               "|---|---|---|---|---|"]
-    for v in variants:
-        if v == cfg.baseline:
-            continue
-        for other in [cfg.baseline, *[o for o in variants if o not in (v, cfg.baseline)]]:
-            r = compute_ratio(acc_curves[v], acc_curves[other], names=(v, other))
-            out["compute_ratio"].append({"variant": v, "against": other, "level": r.level,
-                                         "baseline_steps": r.baseline_steps, "variant_steps": r.variant_steps,
-                                         "ratio": r.ratio})
-            reach = "never" if r.variant_steps is None else f"{r.variant_steps:.0f}"
-            ratio = "–" if r.ratio is None else f"{r.ratio:.2f}×"
-            lines.append(f"| `{v}` | `{other}` | {r.level:.1f} ({r.baseline_steps:.0f}) | {reach} | {ratio} |")
+    pairs = [(v, cfg.baseline) for v in variants if v != cfg.baseline]
+    pairs += [p for p in (parse_contrast(c) for c in cfg.contrasts) if p not in pairs]
+    for v, other in pairs:
+        r = compute_ratio(acc_curves[v], acc_curves[other], names=(v, other))
+        out["compute_ratio"].append({"variant": v, "against": other, "level": r.level,
+                                     "baseline_steps": r.baseline_steps, "variant_steps": r.variant_steps,
+                                     "ratio": r.ratio})
+        reach = "never" if r.variant_steps is None else f"{r.variant_steps:.0f}"
+        ratio = "–" if r.ratio is None else f"{r.ratio:.2f}×"
+        lines.append(f"| `{v}` | `{other}` | {r.level:.1f} ({r.baseline_steps:.0f}) | {reach} | {ratio} |")
     acc_fig = band_plot(acc_curves, figures / "budget-accuracy.png", xlabel="steps", ylabel=f"accuracy % (first "
                         f"{rows} eval rows)", title="accuracy against steps (mean, min-max over seeds)", logx=True)
     nll_fig = band_plot(nll_curves, figures / "budget-nll.png", xlabel="steps", ylabel="reference NLL, nats/token",
