@@ -51,7 +51,7 @@ def test_the_quick_config_parses_and_shares_the_teachers_tokenizer(tmp_path):
     cfg = parse_config(config)
     assert cfg.student.teacher_tokenizer == "teacher" and not cfg.student.trains_tokenizer
     assert cfg.student_tokenizer == str(tmp_path / "convergence-quick" / "data" / "student-tokenizer")
-    assert len(tune_points(cfg.tune)) == 8
+    assert len(tune_points(cfg.tune)) == 4
 
 
 def test_validation_rows_are_carved_from_the_student_share(tmp_path):
