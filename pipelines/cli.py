@@ -330,10 +330,11 @@ def format_info(info: dict[str, Any]) -> str:
         if t.get("bytes_per_token") is not None:
             lines.append(f"  per token {t['bytes_per_token']:,.0f} B logical (K/V, Q and logits)")
         if t.get("quantization_cosine"):  # a lossy dtype: its size against float16 and its measured fidelity
+            smaller = t["bytes_float16"] / max(t["bytes_on_disk"] or t["bytes_logical"], 1)
             lines.append(f"  vs fp16   K/V/Q as float16 would be {_size(t['bytes_float16'])}: "
-                         f"{t['bytes_float16'] / max(t['bytes_on_disk'] or t['bytes_logical'], 1):.2f}x smaller on disk")
-            lines += [f"  cosine {name}  " + " ".join(f"{c:.5f}" for c in cos) + "  (per stored layer, to the teacher's)"
-                      for name, cos in t["quantization_cosine"].items()]
+                         f"{smaller:.2f}x smaller on disk")
+            lines += [f"  cosine {name}  " + " ".join(f"{c:.5f}" for c in cos)
+                      + "  (per stored layer, to the teacher's)" for name, cos in t["quantization_cosine"].items()]
     return "\n".join(lines)
 
 
@@ -476,7 +477,8 @@ def _slurm_command(stage: str) -> click.Command:
                    + (" (a job array over shards)." if stage == "extract" else " under torchrun."))
     @config_options(SlurmOptions, config_flag=False)
     @config_options(cls, exclude=exclude + required)
-    @click.option("--jobs", default=8, show_default=True, help="Extraction: array tasks (each writes 1/N of the shards).")
+    @click.option("--jobs", default=8, show_default=True,
+                  help="Extraction: array tasks (each writes 1/N of the shards).")
     @click.option("--out-dir", help="Write <job-name>.sbatch files here instead of printing the script.")
     def command(jobs: int, out_dir: str | None, config_file: str | None, **values: Any) -> None:
         from . import slurm as render

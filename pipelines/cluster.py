@@ -16,16 +16,26 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from distributed import WorkerPlugin
 
 from kava.core.errors import ConfigError, KavaError
 from kava.core.log import Log, log_stderr
 from kava.extract.config import ExtractConfig
-from kava.extract.recipe import (ExtractPlan, ExtractResult, LoadedTeacher, configure_process, prepare_extract,
-                                 progress_bar, summary_line, validate_and_resolve, write_shards)
+from kava.extract.recipe import (
+    ExtractPlan,
+    ExtractResult,
+    LoadedTeacher,
+    configure_process,
+    prepare_extract,
+    progress_bar,
+    summary_line,
+    validate_and_resolve,
+    write_shards,
+)
 from kava.kvstore import KVStore
 
 from .cluster_config import ClusterConfig

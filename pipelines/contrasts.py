@@ -10,8 +10,9 @@ reference NLL, Holm-adjusted across the contrasts, and McNemar's exact test on t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from kava.core.errors import ConfigError
 

@@ -25,9 +25,10 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from kava.core.errors import ConfigError
 from kava.core.hub import hub_cache_dir, hub_offline

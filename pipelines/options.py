@@ -13,14 +13,15 @@ import ast
 import inspect
 import textwrap
 import typing
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal right after each field)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

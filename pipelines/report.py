@@ -355,7 +355,7 @@ def _compute_section(cfg: RunConfig, students: dict[tuple[str, int], dict[str, A
         lines.append(f"| `{v}` | {s} | {r.get('steps')} | {r.get('batch_size')} | {r.get('tokens')} | "
                      f"{_fmt(r.get('train_seconds'), '.1f')} |")
     by_seed: dict[int, set[tuple[Any, Any]]] = {}
-    for (v, s), r in students.items():
+    for (_, s), r in students.items():
         by_seed.setdefault(s, set()).add((r.get("steps"), r.get("tokens")))
     equal = all(len(x) == 1 for x in by_seed.values())
     lines += ["", "Steps and tokens are **equal across variants for every seed**." if equal else

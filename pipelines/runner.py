@@ -10,9 +10,9 @@ Stages, in order (``--force NAME`` redoes one; what depends on its outputs is re
 - ``report``    ``report.md``, its PNGs and ``report.json``
 
 Each unit of work writes ``stage.json`` next to its outputs: a digest of everything it was made from, its seconds,
-and the resolved settings of the stage it ran (``settings``: the ExtractConfig, DistillConfig or EvalConfig). A unit is skipped only when that digest matches *and* its outputs check out (a store
-that verifies its shards, a student whose ``kava.json`` says it finished). The run's resolved config is written to
-``<out>/<name>/config.yaml``.
+and the resolved settings of the stage it ran (``settings``: the ExtractConfig, DistillConfig or EvalConfig). A unit
+is skipped only when that digest matches *and* its outputs check out (a store that verifies its shards, a student
+whose ``kava.json`` says it finished). The run's resolved config is written to ``<out>/<name>/config.yaml``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 

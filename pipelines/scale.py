@@ -157,9 +157,10 @@ def format_plan(p: dict[str, Any]) -> str:
                   f"{'layers':<28}{'dtype':<10}{'K+V raw':>12}{'K+V+Q raw':>12}{'K+V at 1.26x':>14}"]
         for s in t["sizes"]:
             label = f"{s['layers']} ({s['n_layers']})"
+            lossless = s["kv_dtype"] in ("float16", "bfloat16", "float32")
+            compressed = gib(s["kv_bytes"] / COMPRESSION_MEASURED[0]) if lossless else "–"
             lines.append(f"{label:<28}{s['kv_dtype']:<10}{gib(s['kv_bytes']):>12}"
-                         f"{gib(s['kv_q_bytes']):>12}"
-                         f"{gib(s['kv_bytes'] / COMPRESSION_MEASURED[0]) if s['kv_dtype'] in ('float16', 'bfloat16', 'float32') else '–':>14}")
+                         f"{gib(s['kv_q_bytes']):>12}{compressed:>14}")
         st = t["step"]
         lines += ["", f"this config {gib(t['store_bytes'])} raw ({st['dtype']}, K/V on {st['layers']} layers, Q on "
                   f"{st['q_layers']})",

@@ -29,8 +29,9 @@ import dataclasses
 import re
 import shlex
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from kava.core.errors import ConfigError
 
