@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from distributed import WorkerPlugin
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
 from kava.core.errors import ConfigError, KavaError
 from kava.core.log import Log, log_stderr
+from kava.core.models import load_model, load_tokenizer
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import (
     ExtractPlan,
@@ -70,8 +71,6 @@ class TeacherCache(WorkerPlugin):
         configure_process(self.threads, progress=False)
         with self._lock:  # a worker with several threads loads its teacher once
             if source not in self._teachers:
-                from kava.core.models import load_model, load_tokenizer
-
                 self._teachers.clear()  # one teacher at a time in a worker's memory
                 tokenizer = load_tokenizer(source)
                 self._teachers[source] = LoadedTeacher(load_model(source), tokenizer)
@@ -162,8 +161,6 @@ def worker_threads(cfg: ExtractConfig, cluster: ClusterConfig) -> int | None:
 
 def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
     """A client of the cluster ``cfg`` names, and how to let go of it afterwards."""
-    from distributed import Client
-
     if cfg.scheduler is not None:
         try:
             client = Client(cfg.scheduler)
@@ -183,7 +180,7 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
 
     if cfg.cluster == "slurm":
         try:
-            from dask_jobqueue import SLURMCluster
+            from dask_jobqueue import SLURMCluster  # noqa: PLC0415 - an optional package, only for --cluster slurm
         except ImportError as e:
             raise ConfigError("--cluster slurm needs the package dask-jobqueue, which is not installed. "
                               "Run `pip install dask-jobqueue` (or `pip install 'kava[slurm]'`).") from e
@@ -191,8 +188,6 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
         cluster.scale(jobs=cfg.slurm_jobs)
         what = f"SLURM, {cfg.slurm_jobs} job(s) of {cfg.slurm_cores} cores"
     else:
-        from distributed import LocalCluster
-
         cluster = LocalCluster(
             n_workers=cfg.local_workers, threads_per_worker=1, processes=True,
             # The teacher's weights are not dask data: a memory limit would only make the nanny pause or restart
@@ -231,8 +226,6 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
 
 def _extract(client: Any, cfg: ExtractConfig, cluster: ClusterConfig, source: Any, log: Log, started: float,
              on_shard: Callable[[int], None] | None) -> ExtractResult:
-    from distributed import as_completed
-
     run = uuid.uuid4().hex[:8]  # task keys unique to this run, readable on the dashboard
     resources = {SLURM_RESOURCE: 1} if cluster.cluster == "slurm" else None
     client.register_plugin(TeacherCache(worker_threads(cfg, cluster)), name=PLUGIN)
@@ -295,8 +288,6 @@ def _outcome(future: Any, what: str) -> Any:
 
 
 def _cache() -> TeacherCache:
-    from distributed import get_worker
-
     return get_worker().plugins[PLUGIN]
 
 

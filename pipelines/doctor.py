@@ -27,11 +27,21 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from huggingface_hub import try_to_load_from_cache
+
 from kava.core.errors import ConfigError
 from kava.core.hub import hub_cache_dir, hub_offline
+from kava.core.models import import_bitsandbytes
+from kava.distill.student import PRESETS as STUDENT_PRESETS
+from kava.extract.estimate import bytes_per_token
+from kava.extract.teachers import PRESETS
+
+from .config import load_config
+from .scale import KNOWN_GEOMETRY, stored_layers
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -118,8 +128,6 @@ def run_doctor(config: str | None = None, *, store: str | None = None, teachers:
     add = report.checks.append
     run = None
     if config is not None:
-        from .config import load_config
-
         try:
             run = load_config(config)
             add(Check("config", "ok", f"{config}: {len(run.teachers)} teacher(s), {len(run.variants)} variant(s) x "
@@ -188,7 +196,7 @@ def _python() -> Check:
 
 def _torch(wants_cuda: bool) -> tuple[Check, Any]:
     try:
-        import torch
+        import torch  # noqa: PLC0415 - the check itself: the doctor runs, and says so, where torch is missing
     except ImportError:
         return Check("torch", "fail", "not installed", "install the torch build for this machine first "
                                                        "(see README: a CUDA build on GPU nodes)"), None
@@ -218,10 +226,8 @@ def _bitsandbytes(quantized: list[str]) -> Check:
     if importlib.util.find_spec("accelerate") is None and quantized:
         return Check("bitsandbytes", "fail", f"accelerate is not installed{needed}", "pip install accelerate")
     try:
-        from kava.core.models import import_bitsandbytes  # imports it quietly, as the teachers do
-
-        import_bitsandbytes()
-        import bitsandbytes
+        import_bitsandbytes()  # imports it quietly, as the teachers do
+        import bitsandbytes  # noqa: PLC0415 - an optional package, and the check itself
     except (ConfigError, ImportError, RuntimeError) as e:
         status: Status = "fail" if quantized else "warn"
         return Check("bitsandbytes", status, f"not importable: {e}{needed}", "pip install bitsandbytes")
@@ -234,8 +240,6 @@ def _bitsandbytes(quantized: list[str]) -> Check:
 
 
 def _module(name: str, required: bool) -> Check:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         with warnings.catch_warnings():
             # Only "can it be imported" is asked here; a library's deprecation notes are not this check's business.
@@ -265,15 +269,11 @@ def _slurm_commands() -> Check:
 
 def _hub_id(name: str) -> tuple[str, str | None]:
     """``(hub id or path, preset name)``: a teacher preset resolves to its checkpoint's hub id."""
-    from kava.extract.teachers import PRESETS
-
     preset = PRESETS.get(name.strip().lower())
     return (preset.hf_id, preset.name) if preset else (name, None)
 
 
 def _quantization(name: str, extract: dict[str, Any]) -> str:
-    from kava.extract.teachers import PRESETS
-
     if extract.get("load_in_4bit"):
         return "nf4"
     if extract.get("load_in_8bit"):
@@ -283,8 +283,6 @@ def _quantization(name: str, extract: dict[str, Any]) -> str:
 
 
 def _cached(repo: str, filename: str, cache: Path, repo_type: str = "model") -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(repo, filename, cache_dir=cache, repo_type=repo_type)
     return Path(found) if isinstance(found, str) else None
 
@@ -308,8 +306,6 @@ def _missing_files(repo: str, kind: str, cache: Path) -> list[str]:
 
 
 def _model(row: str, name: str, kind: str, cache: Path, offline: bool) -> Check:
-    from kava.distill.student import PRESETS as STUDENT_PRESETS
-
     if kind == "student" and name.lower() in STUDENT_PRESETS:
         return Check(row, "ok", f"{name}: a preset, built here at random")
     repo, preset = _hub_id(name)
@@ -381,8 +377,6 @@ def _existing_ancestor(path: Path) -> Path:
 def _geometry(name: str, cache: Path) -> tuple[tuple[int, int, int, int], str] | None:
     """``((layers, heads, kv_heads, head_dim), source)`` from a local or cached config.json, else the published
     geometry of a model the shipped configs name; None when neither is at hand."""
-    from .scale import KNOWN_GEOMETRY
-
     repo, _ = _hub_id(name)
     local = Path(name).expanduser() / "config.json"
     config = local if local.is_file() else _cached(repo, "config.json", cache)
@@ -411,11 +405,6 @@ def _student_rows(run: Any) -> int:
 
 def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] | str:
     """``(bytes, how)`` of the run's store, or why it can't be estimated."""
-    from kava.distill.student import PRESETS as STUDENT_PRESETS
-    from kava.extract.estimate import bytes_per_token  # the same arithmetic as `kava estimate`
-
-    from .scale import stored_layers
-
     rows = _student_rows(run)
     total, parts = 0.0, []
     for t in run.teachers:
@@ -436,6 +425,7 @@ def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] 
             s_layers = student[0][0] if student else layers
         kv, q = stored_layers(t.extract, layers, s_layers)
         dtype = str(t.extract.get("kv_dtype", "float16"))
+        # bytes_per_token: the same arithmetic as `kava estimate`
         per_token = 2 * bytes_per_token(kv, kv_heads, head_dim, dtype) + bytes_per_token(q, heads, head_dim, dtype)
         tokens = rows * min(tokens_per_sample, int(t.extract.get("max_length", 1024)))
         total += per_token * tokens

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
+
+from kava.core.config import canonical_names, config_fields, config_from_dict, option_names
+from kava.core.errors import ConfigError
 
 
 @cache
@@ -56,8 +60,6 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
     """Decorate a click command with one option per config option (plus ``--config`` unless ``config_flag`` is
     False: a command taking two dataclasses' options has one). A group's fields (``data: DataSource``) become
     options of their own, flat (``--dataset``); ``cls.ALIASES`` adds each old spelling to its option."""
-    from kava.core.config import config_fields
-
     aliases: dict[str, list[str]] = {}
     for old, new in getattr(cls, "ALIASES", {}).items():
         aliases.setdefault(new, []).append("--" + old.replace("_", "-"))
@@ -88,10 +90,6 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
 
 
 def _read_yaml(config_file: str | None) -> dict[str, Any]:
-    import yaml
-
-    from kava.core.errors import ConfigError
-
     if not config_file:
         return {}
     loaded = yaml.safe_load(Path(config_file).read_text()) or {}
@@ -109,9 +107,6 @@ def build_configs(classes: tuple[type, ...], values: dict[str, Any], config_file
     """One dataclass per class (e.g. `kava extract`'s ExtractConfig and ClusterConfig) from one YAML file overlaid
     with one set of flags: each key goes to the class that knows it (a key none knows is reported by the first).
     Old spellings are resolved first, so a flag overrides YAML under either name."""
-    from kava.core.config import canonical_names, config_from_dict, option_names
-    from kava.core.errors import ConfigError
-
     def split(data: dict[str, Any]) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = [{} for _ in classes]
         for key, value in data.items():

@@ -15,9 +15,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kava.analysis.cka import store_cka
+from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
+from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
+from kava.analysis.paired import (
+    compare_paired,
+    match_items,
+    mcnemar_exact,
+    mcnemar_pooled,
+    paired_bootstrap_items,
+)
+from kava.analysis.stats import format_mean_ci
 from kava.core.errors import ConfigError
+from kava.kvstore import KVStore
+from kava.kvstore import summary as store_summary
 
 from .config import RunConfig
+from .contrasts import contrasts_section
 
 ALPHA = 0.05
 TEACHER_FLOOR = 0.30
@@ -49,12 +63,6 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                  store: dict[str, Any], students: dict[tuple[str, int], dict[str, Any]],
                  evals: dict[str, dict[str, Any]], timings: dict[str, float]) -> Path:
     """Write ``root/report.md`` (+ ``figures/*.png``, ``report.json``) and return the markdown's path."""
-    from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
-    from kava.analysis.paired import compare_paired
-    from kava.analysis.stats import format_mean_ci
-
-    from .contrasts import contrasts_section
-
     figures = root / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     variants = [v.name for v in cfg.variants]
@@ -92,8 +100,6 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                                   figures / "checkpoint-nll.png",
                                   ylabel=f"reference NLL, nats/token (first {rows} eval rows)",
                                   title="reference NLL at checkpoints (mean over seeds)")
-    from kava.kvstore import KVStore
-
     kv = KVStore.open(store["path"])  # read-only, once, for the CKA and the store's sections
     cka_lines, cka_json = _cka_section(kv, figures)
 
@@ -171,8 +177,6 @@ def _mcnemar(items: dict[tuple[str, int], dict[str, dict[str, Any]]], variant: s
              other: str | None = None) -> dict[str, Any]:
     """McNemar's exact test of ``variant`` against ``other`` (the baseline) on each seed's items, and pooled over
     seeds."""
-    from kava.analysis.paired import match_items, mcnemar_exact, mcnemar_pooled
-
     other = other or cfg.baseline
     per_seed = {}
     for s in cfg.seeds:
@@ -196,8 +200,6 @@ def _nll_bootstrap(items: dict[tuple[str, int], dict[str, dict[str, Any]]], vari
 
     Per-item rates (nats per ``unit``) weighted by the item's units make the statistic total nats over total units,
     so its point estimate equals the mean per-seed difference of the table; the interval is the items' own."""
-    from kava.analysis.paired import match_items, paired_bootstrap_items
-
     units = {"token": "nll_tokens", "char": "nll_chars"}[unit]
 
     def rate(item: dict[str, Any]) -> float:
@@ -374,9 +376,6 @@ def _splits_section(data: dict[str, Any]) -> list[str]:
 
 
 def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
-    from kava.analysis.cka import store_cka
-    from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
-
     lines = ["## Layers: CKA and the layer map", ""]
     out: dict[str, Any] = {}
     for name, spec in kv.teachers.items():
@@ -409,9 +408,7 @@ def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
 
 
 def _store_section(kv: Any) -> list[str]:
-    from kava.kvstore.interop import summary
-
-    s = summary(kv)
+    s = store_summary(kv)
     lines = ["## The store", "", f"`{Path(kv.where).name}`: {s['samples']} samples, {s['tokens']} student "
              f"tokens in {s['shards']} shards, {_mib(s['bytes_on_disk'])} on disk.", "",
              "| teacher | layers | KV heads × dim | dtype | codec | logical | on disk | ratio |",

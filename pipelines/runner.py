@@ -26,13 +26,32 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from kava.core.errors import ConfigError, KavaError
+from kava.core.errors import KavaError
+from kava.core.log import log_stderr
+from kava.distill.checkpoint import step_checkpoints, student_at
+from kava.distill.config import DistillConfig
+from kava.distill.evaluate import EvalConfig, evaluate, reference_nll, run_eval
+from kava.distill.trainer import run_distill
+from kava.extract.recipe import run_extract
+from kava.extract.templates import load_template
+from kava.extract.vocab import train_bpe_tokenizer
+from kava.kvstore import KVStore
 
 from . import splits
-from .config import RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config
+from .config import (
+    RunConfig,
+    TeacherSpec,
+    VariantSpec,
+    check_force,
+    digest,
+    stage_distill_config,
+    stage_extract_config,
+)
+from .report import write_report
 
-STAGES = ("data", "teachers", "extract", "distill", "eval", "report")
 Log = Callable[[str], None]
 
 
@@ -45,16 +64,9 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check_force(force: tuple[str, ...]) -> None:
-    bad = [s for s in force if s not in STAGES]
-    if bad:
-        raise ConfigError(f"--force: expected stages from {', '.join(STAGES)}. Got {', '.join(bad)} instead.")
-
 
 class Runner:
     def __init__(self, cfg: RunConfig, *, force: tuple[str, ...] = (), log: Log | None = None) -> None:
-        from kava.core.log import log_stderr
-
         check_force(force)
         self.cfg, self.force, self.log = cfg, set(force), log or log_stderr
         self.root = cfg.root
@@ -117,8 +129,6 @@ class Runner:
     # -- the stages ---------------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -140,8 +150,6 @@ class Runner:
         def work() -> dict[str, Any]:
             record = splits.make_splits(d, self.root)
             if trains_tokenizer:
-                from kava.extract.vocab import train_bpe_tokenizer
-
                 rows = splits.load_split(self.root, "student-train")
                 train_bpe_tokenizer(_texts(rows), where / "student-tokenizer", vocab_size=self.cfg.student.vocab_size)
             return {"splits": record["splits"]}
@@ -171,10 +179,6 @@ class Runner:
         where = Path(self.cfg.out) / ".cache" / "teachers" / key
 
         def work() -> dict[str, Any]:
-            from kava.distill.config import DistillConfig
-            from kava.distill.trainer import run_distill
-            from kava.extract.vocab import train_bpe_tokenizer
-
             rows = splits.check_split(self.root, "teacher-train", stage=f"teacher {spec.name}")
             if where.exists():
                 shutil.rmtree(where)  # a half-trained teacher from a killed run: train it again
@@ -195,8 +199,6 @@ class Runner:
         return {**record, "model": str(where / "model"), "trained": True, "digest": digest([key, record.get("made")])}
 
     def extract(self, teachers: dict[str, dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
-        from kava.kvstore import KVStore
-
         path = self.root / "kv.zarr"
         want = data["splits"]["student-train"]["sample_ids_hash"]
         records = {}
@@ -207,8 +209,6 @@ class Runner:
             where = self.root / "stages" / "extract" / spec.name
 
             def work(spec: TeacherSpec = spec) -> dict[str, Any]:
-                from kava.extract.recipe import run_extract
-
                 splits.check_split(self.root, "student-train", stage=f"extract {spec.name}")
                 resume = False
                 if path.exists():
@@ -242,15 +242,11 @@ class Runner:
                 "digest": digest([[r["digest"], r.get("made")] for r in records.values()])}
 
     def distill(self, variant: VariantSpec, seed: int, store: dict[str, Any]) -> dict[str, Any]:
-        from kava.kvstore import KVStore
-
         where = self.root / "students" / variant.name / f"seed-{seed}"
         cfg = stage_distill_config(self.cfg, variant, seed=seed, store=store["path"], out=str(where))
         key = digest({"config": cfg.to_dict(), "store": store["digest"]})
 
         def work() -> dict[str, Any]:
-            from kava.distill.trainer import run_distill
-
             splits.check_split(self.root, "student-train", stage=f"distill {variant.name}",
                                sample_ids_hash=KVStore.open(store["path"]).manifest.dataset.sample_ids_hash)
             resume = self.resumable and (where / "checkpoints").is_dir()
@@ -296,8 +292,6 @@ class Runner:
             key = digest({"model": model_key, "eval": e.__dict__, "split": data["splits"]["eval"], "items": 2})
 
             def work(model: str = model, label: str = label, where: Path = where) -> dict[str, Any]:
-                from kava.distill.evaluate import EvalConfig, run_eval
-
                 splits.check_split(self.root, "eval", stage=f"eval {label}")
                 where.mkdir(parents=True, exist_ok=True)
                 config = EvalConfig.from_dict(dict(
@@ -320,12 +314,6 @@ class Runner:
     def _checkpoint_curve(self, student: Path, final: Any) -> list[dict[str, float]]:
         """Accuracy and reference NLL on the first ``eval.checkpoint_rows`` eval rows at every kept checkpoint,
         ending with the final student (its items from the full eval, the same rows)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from kava.distill.checkpoint import step_checkpoints, student_at
-        from kava.distill.evaluate import evaluate, reference_nll
-        from kava.extract.templates import load_template
-
         n, e = self.cfg.eval.checkpoint_rows, self.cfg.eval
         if n <= 0:
             return []
@@ -349,8 +337,6 @@ class Runner:
 
     def report(self, data: dict[str, Any], teachers: dict[str, Any], store: dict[str, Any],
                students: dict[tuple[str, int], dict[str, Any]], evals: dict[str, dict[str, Any]]) -> None:
-        from .report import write_report
-
         t0 = time.perf_counter()
         self.log("[report] writing")
         write_report(self.cfg, self.root, data=data, teachers=teachers, store=store, students=students,

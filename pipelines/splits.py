@@ -15,7 +15,10 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kava.core.data import load_rows
 from kava.core.errors import DatasetError
+from kava.core.synthetic import difficulty_details
+from kava.kvstore import sample_ids_hash
 
 if TYPE_CHECKING:  # pragma: no cover - config.py imports this module: its types only, for annotations
     from .config import DataSpec
@@ -31,8 +34,6 @@ def split_path(root: Path, role: str) -> Path:
 
 def load_split(root: Path, role: str) -> Any:
     """The rows of one split file, as every stage reads them."""
-    from kava.core.data import load_rows
-
     return load_rows(str(split_path(root, role)), split=FILE_SPLIT[role])
 
 
@@ -49,8 +50,6 @@ def _question_hash(questions: list[str]) -> str:
 
 
 def describe(rows: Any) -> dict[str, Any]:
-    from kava.kvstore import sample_ids_hash
-
     return {"rows": len(rows), "sample_ids_hash": sample_ids_hash([r.sample_id for r in rows]),
             "questions_hash": _question_hash([r.question for r in rows])}
 
@@ -61,9 +60,6 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
     With ``teacher_fraction`` 0 (every teacher pretrained) the whole pool trains students and there is no
     teacher-train split: no file, and none in the record.
     """
-    from kava.core.data import load_rows
-    from kava.core.synthetic import difficulty_details
-
     pool = list(load_rows(spec.dataset, split=spec.pool_split, limit=spec.pool_size, seed=spec.seed,
                           data_files=spec.data_files, difficulty=spec.difficulty))
     evals = list(load_rows(spec.dataset if spec.eval_files is None or spec.dataset != "gsm8k" else "gsm8k",
