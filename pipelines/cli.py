@@ -12,9 +12,10 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -22,6 +23,10 @@ from kava.core.errors import KavaError, disk_full_message
 
 from .cluster_config import ClusterConfig
 from .options import build_config, build_configs, config_options
+
+if TYPE_CHECKING:  # annotations only: the stages load inside their commands
+    from kava.extract.config import ExtractConfig
+    from kava.extract.recipe import ExtractResult
 
 _AFTER_DISK_FULL = {
     "extract": "What was finished is kept: free space, then rerun the same command with --resume to continue.",
@@ -66,7 +71,7 @@ def emit_json(payload: Any) -> None:
 class _Main(click.Group):
     """Builds the commands that need their stage's config only when they are asked for (keeps --help instant)."""
 
-    lazy: dict[str, Any] = {}
+    lazy: dict[str, Callable[[], click.Command]] = {}
     """name → a function building the command."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -128,7 +133,7 @@ def _extract_command() -> click.Command:
     return extract
 
 
-def extract_stage(cfg: Any, cluster: Any) -> Any:
+def extract_stage(cfg: ExtractConfig, cluster: ClusterConfig) -> ExtractResult:
     """`kava extract`: in this process, or on a dask cluster with --cluster / --scheduler (``cluster``, a
     ClusterConfig; only the launcher reads it)."""
     if cluster.active:
@@ -187,7 +192,7 @@ def _estimate_command() -> click.Command:
     return estimate
 
 
-def estimate_stage(cfg: Any, cluster: Any, *, timed_samples: int) -> Any:
+def estimate_stage(cfg: ExtractConfig, cluster: ClusterConfig, *, timed_samples: int) -> dict[str, Any]:
     """`kava estimate`: the cluster options of an extract command line are accepted (and checked), not used."""
     cluster.validate(shard=cfg.shard)
     from kava.extract.estimate import estimate  # noqa: PLC0415 - keeps kava --help free of torch

@@ -293,7 +293,7 @@ MAX_CONFIG_BYTES = 1 << 20
 """A config is a page of YAML; anything larger is not one."""
 
 
-def _no_alias_loader() -> Any:
+def _no_alias_loader() -> type[yaml.SafeLoader]:
     class NoAliasLoader(yaml.SafeLoader):
         """YAML's safe loader, refusing aliases (``*x``): a kilobyte of nested aliases expands to gigabytes."""
 
@@ -433,7 +433,7 @@ def _optional(tp: Any) -> Any:
     return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
 
 
-def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, store: str, out: str) -> Any:
+def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, store: str, out: str) -> DistillConfig:
     """The DistillConfig one (variant, seed) trains with: shared compute and options, then the variant's own."""
     t = cfg.train
     options: dict[str, Any] = {k: v for k, v in {**t.distill, **variant.distill}.items()
@@ -449,7 +449,7 @@ def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, sto
 
 
 def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | None = None,
-                         resume: bool = False) -> Any:
+                         resume: bool = False) -> ExtractConfig:
     """The ExtractConfig `kava run` extracts ``teacher`` with: into ``<root>/kv.zarr``, over the student-train split
     file, on the student's tokenizer grid and layer count, then the teacher's own ``extract:`` options.
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from huggingface_hub import try_to_load_from_cache
@@ -40,7 +41,7 @@ from kava.distill.student import PRESETS as STUDENT_PRESETS
 from kava.extract.estimate import bytes_per_token
 from kava.extract.teachers import PRESETS
 
-from .config import load_config
+from .config import RunConfig, load_config
 from .scale import KNOWN_GEOMETRY, stored_layers
 
 Status = Literal["ok", "warn", "fail"]
@@ -126,7 +127,7 @@ def run_doctor(config: str | None = None, *, store: str | None = None, teachers:
     """
     report = DoctorReport()
     add = report.checks.append
-    run = None
+    run: RunConfig | None = None
     if config is not None:
         try:
             run = load_config(config)
@@ -194,7 +195,7 @@ def _python() -> Check:
     return Check("python", "ok", text)
 
 
-def _torch(wants_cuda: bool) -> tuple[Check, Any]:
+def _torch(wants_cuda: bool) -> tuple[Check, ModuleType | None]:
     try:
         import torch  # noqa: PLC0415 - the check itself: the doctor runs, and says so, where torch is missing
     except ImportError:
@@ -207,7 +208,7 @@ def _torch(wants_cuda: bool) -> tuple[Check, Any]:
     return Check("torch", "ok", detail), torch
 
 
-def _cuda(torch: Any, wants_cuda: bool) -> Check:
+def _cuda(torch: ModuleType | None, wants_cuda: bool) -> Check:
     if torch is not None and torch.cuda.is_available():
         devices = []
         for i in range(torch.cuda.device_count()):
@@ -333,7 +334,7 @@ def _model(row: str, name: str, kind: str, cache: Path, offline: bool) -> Check:
                               "offline)", fix)
 
 
-def _dataset(run: Any, cache: Path, offline: bool) -> Check:
+def _dataset(run: RunConfig, cache: Path, offline: bool) -> Check:
     d = run.data
     if d.dataset == "synthetic":
         return Check("dataset", "ok", "synthetic: generated here")
@@ -391,7 +392,7 @@ def _geometry(name: str, cache: Path) -> tuple[tuple[int, int, int, int], str] |
     return None
 
 
-def _student_rows(run: Any) -> int:
+def _student_rows(run: RunConfig) -> int:
     d = run.data
     if d.dataset == "gsm8k":
         pool = d.pool_size or GSM8K_ROWS.get(d.pool_split, GSM8K_ROWS["train"])
@@ -403,7 +404,7 @@ def _student_rows(run: Any) -> int:
     return round(pool * (1 - d.teacher_fraction))
 
 
-def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] | str:
+def _estimate(run: RunConfig, cache: Path, tokens_per_sample: int) -> tuple[int, str] | str:
     """``(bytes, how)`` of the run's store, or why it can't be estimated."""
     rows = _student_rows(run)
     total, parts = 0.0, []
@@ -434,7 +435,7 @@ def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] 
     return int(total), how
 
 
-def _disk(run: Any, store: Path, cache: Path, tokens_per_sample: int) -> Check:
+def _disk(run: RunConfig | None, store: Path, cache: Path, tokens_per_sample: int) -> Check:
     where = _existing_ancestor(store)
     free = shutil.disk_usage(where).free
     have = f"{free / 2**30:,.1f} GiB free at {where}"

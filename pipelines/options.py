@@ -16,13 +16,15 @@ import typing
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import yaml
 
 from kava.core.config import canonical_names, config_fields, config_from_dict, option_names
 from kava.core.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @cache
@@ -98,7 +100,7 @@ def _read_yaml(config_file: str | None) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
-def build_config(cls: type, values: dict[str, Any], config_file: str | None) -> Any:
+def build_config(cls: type[T], values: dict[str, Any], config_file: str | None) -> T:
     """The dataclass from YAML (if any) overlaid with the flags that were given."""
     return build_configs((cls,), values, config_file)[0]
 

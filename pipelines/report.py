@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from kava.analysis.cka import store_cka
 from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
 from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
 from kava.analysis.paired import (
+    PairedComparison,
     compare_paired,
     match_items,
     mcnemar_exact,
@@ -32,6 +34,9 @@ from kava.kvstore import summary as store_summary
 
 from .config import RunConfig
 from .contrasts import contrasts_section
+
+Cell = Callable[[PairedComparison], str]
+"""Formats one table cell of a variant's row."""
 
 ALPHA = 0.05
 TEACHER_FLOOR = 0.30
@@ -254,8 +259,8 @@ def teacher_clause(variant: str, cfg: RunConfig, teacher_evals: dict[str, dict[s
     return text
 
 
-def _verdicts(acc_cmp: list[Any], nll_cmp: list[Any], mcnemar: dict[str, Any], unit: str, cfg: RunConfig,
-              teacher_evals: dict[str, dict[str, Any]]) -> list[str]:
+def _verdicts(acc_cmp: list[PairedComparison], nll_cmp: list[PairedComparison], mcnemar: dict[str, Any], unit: str,
+              cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]]) -> list[str]:
     """One line per variant, decided by the paired t-test on accuracy (Holm-adjusted)."""
     base = acc_cmp[0]
     out = []
@@ -290,8 +295,8 @@ _PAIRING = ("Students of one seed share initial weights and batch order, so each
             "unpaired t-test is a secondary column: it ignores the pairing.")
 
 
-def _model_rows(cfg: RunConfig, comparisons: list[Any], teacher_evals: dict[str, dict[str, Any]], *,
-                teacher: Any, value: Any, delta: Any, extra: Any) -> list[str]:
+def _model_rows(cfg: RunConfig, comparisons: list[PairedComparison], teacher_evals: dict[str, dict[str, Any]], *,
+                teacher: Callable[[dict[str, Any]], str], value: Cell, delta: Cell, extra: Cell) -> list[str]:
     """The rows the accuracy and NLL tables share: each teacher, the baseline, then every variant with its Δ, paired
     p, Holm p, verdict, one table-specific cell (``extra``) and Welch's p. The callables format one cell each."""
     rows = [f"| teacher `{n}` | – | {teacher(e)} |" + " – |" * 6 for n, e in teacher_evals.items()]
@@ -303,12 +308,12 @@ def _model_rows(cfg: RunConfig, comparisons: list[Any], teacher_evals: dict[str,
     return rows
 
 
-def _diff_ci(diff: float, ci: Any) -> str:
+def _diff_ci(diff: float, ci: Sequence[float | None]) -> str:
     return f"{diff:+.3f} [{_fmt(ci[0], '+.3f')}, {_fmt(ci[1], '+.3f')}]"
 
 
-def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], mcnemar: dict[str, Any],
-                      teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[PairedComparison], mcnemar: dict[str, Any],
+                      teacher_evals: dict[str, dict[str, Any]], fmt: Callable[..., str]) -> list[str]:
     lines = ["## Accuracy on the eval split", "",
              f"Greedy decoding, exact match of the `#### N` answer, {data['splits']['eval']['rows']} problems. "
              f"Mean ± std over seeds [bootstrap 95% CI of the mean]. {_PAIRING} McNemar's exact test reads the "
@@ -330,8 +335,8 @@ def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], 
     return lines + [""]
 
 
-def _nll_section(cfg: RunConfig, nll_cmp: list[Any], nll_items: dict[str, Any], unit: str, nll_key: str,
-                 teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+def _nll_section(cfg: RunConfig, nll_cmp: list[PairedComparison], nll_items: dict[str, Any], unit: str, nll_key: str,
+                 teacher_evals: dict[str, dict[str, Any]], fmt: Callable[..., str]) -> list[str]:
     why = ("nats per character of the scored text: the teacher and the students tokenize differently, and nats per "
            "token would compare different numbers of different tokens" if unit == "char" else
            "nats per token: every model in this table uses the same tokenizer")
@@ -375,7 +380,7 @@ def _splits_section(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
+def _cka_section(kv: KVStore, figures: Path) -> tuple[list[str], dict[str, Any]]:
     lines = ["## Layers: CKA and the layer map", ""]
     out: dict[str, Any] = {}
     for name, spec in kv.teachers.items():
@@ -407,7 +412,7 @@ def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
     return lines, out
 
 
-def _store_section(kv: Any) -> list[str]:
+def _store_section(kv: KVStore) -> list[str]:
     s = store_summary(kv)
     lines = ["## The store", "", f"`{Path(kv.where).name}`: {s['samples']} samples, {s['tokens']} student "
              f"tokens in {s['shards']} shards, {_mib(s['bytes_on_disk'])} on disk.", "",

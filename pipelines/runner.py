@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,10 @@ from transformers.utils import logging as hf_logging
 
 from kava.core.errors import KavaError
 from kava.core.log import log_stderr
+from kava.core.rows import ReasoningRow
 from kava.distill.checkpoint import step_checkpoints, student_at
 from kava.distill.config import DistillConfig
-from kava.distill.evaluate import EvalConfig, evaluate, reference_nll, run_eval
+from kava.distill.evaluate import EvalConfig, EvalResult, evaluate, reference_nll, run_eval
 from kava.distill.trainer import run_distill
 from kava.extract.recipe import run_extract
 from kava.extract.templates import load_template
@@ -311,7 +312,7 @@ class Runner:
                                     check=lambda where=where: (where / "items.jsonl").is_file())
         return out
 
-    def _checkpoint_curve(self, student: Path, final: Any) -> list[dict[str, float]]:
+    def _checkpoint_curve(self, student: Path, final: EvalResult) -> list[dict[str, float]]:
         """Accuracy and reference NLL on the first ``eval.checkpoint_rows`` eval rows at every kept checkpoint,
         ending with the final student (its items from the full eval, the same rows)."""
         n, e = self.cfg.eval.checkpoint_rows, self.cfg.eval
@@ -348,7 +349,7 @@ class Runner:
         """Stage logs are kept short: the runner prints one line per unit of work."""
 
 
-def _texts(rows: Any) -> list[str]:
+def _texts(rows: Iterable[ReasoningRow]) -> list[str]:
     """The text a run's BPE tokenizers are trained on: each problem as the split files hold it."""
     return [f"{r.question}\n{splits.gsm8k_answer(r)}" for r in rows]
 

@@ -122,7 +122,7 @@ class SlurmOptions:
 # Flags from a config
 
 
-def config_flags(cfg: Any, *, omit: Sequence[str] = ()) -> list[str]:
+def config_flags(cfg: ExtractConfig | DistillConfig, *, omit: Sequence[str] = ()) -> list[str]:
     """The command-line arguments that rebuild ``cfg`` (a stage config dataclass) through its click command.
 
     Required options always, others only where they differ from their default (a group's options included, flat,

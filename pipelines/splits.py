@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kava.core.data import load_rows
 from kava.core.errors import DatasetError
+from kava.core.rows import ReasoningRow, RowSet
 from kava.core.synthetic import difficulty_details
 from kava.kvstore import sample_ids_hash
 
@@ -32,12 +33,12 @@ def split_path(root: Path, role: str) -> Path:
     return root / "data" / f"{role}.jsonl"
 
 
-def load_split(root: Path, role: str) -> Any:
+def load_split(root: Path, role: str) -> RowSet:
     """The rows of one split file, as every stage reads them."""
     return load_rows(str(split_path(root, role)), split=FILE_SPLIT[role])
 
 
-def gsm8k_answer(row: Any) -> str:
+def gsm8k_answer(row: ReasoningRow) -> str:
     """A row's answer field in GSM8K form: the reasoning lines, then ``#### <answer>``."""
     return f"{row.reasoning}\n#### {row.answer}"
 
@@ -49,7 +50,7 @@ def _question_hash(questions: list[str]) -> str:
     return h.hexdigest()
 
 
-def describe(rows: Any) -> dict[str, Any]:
+def describe(rows: RowSet) -> dict[str, Any]:
     return {"rows": len(rows), "sample_ids_hash": sample_ids_hash([r.sample_id for r in rows]),
             "questions_hash": _question_hash([r.question for r in rows])}
 
@@ -110,7 +111,7 @@ def recorded(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_split(root: Path, role: str, *, stage: str, sample_ids_hash: str | None = None) -> Any:
+def check_split(root: Path, role: str, *, stage: str, sample_ids_hash: str | None = None) -> RowSet:
     """Load ``role``'s rows and refuse if they (or a store's recorded hash) are not the recorded split."""
     want = recorded(root)["splits"][role]
     rows = load_split(root, role)
