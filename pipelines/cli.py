@@ -6,14 +6,27 @@ answers at once. Every command with ``--json`` prints only JSON on stdout; logs 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+import os
 import shlex
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from kava.core.errors import KavaError, disk_full_message
+
+from .cluster_config import ClusterConfig
+from .options import build_config, build_configs, config_options
+
+if TYPE_CHECKING:  # annotations only: the stages load inside their commands
+    from kava.extract.config import ExtractConfig
+    from kava.extract.recipe import ExtractResult
 
 _AFTER_DISK_FULL = {
     "extract": "What was finished is kept: free space, then rerun the same command with --resume to continue.",
@@ -24,8 +37,6 @@ _AFTER_DISK_FULL = {
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("kava")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -42,10 +53,6 @@ def run_stage(config_cls: type | tuple[type, ...], values: dict[str, Any], confi
     """Build ``config_cls`` (or each of several classes, e.g. ExtractConfig and ClusterConfig) from ``--config`` YAML
     and the flags, then call ``stage`` (``"module:function"``, imported only now) with it (them). Any KavaError
     becomes one ``error:`` line on stderr and exit status 1 (a full disk too: see ``_Main.invoke``)."""
-    import importlib
-
-    from .options import build_configs
-
     classes = config_cls if isinstance(config_cls, tuple) else (config_cls,)
     if record_command:
         values = {**values, "command": shlex.join(["kava", *sys.argv[1:]])}
@@ -64,7 +71,7 @@ def emit_json(payload: Any) -> None:
 class _Main(click.Group):
     """Builds the commands that need their stage's config only when they are asked for (keeps --help instant)."""
 
-    lazy: dict[str, Any] = {}
+    lazy: dict[str, Callable[[], click.Command]] = {}
     """name → a function building the command."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -99,10 +106,7 @@ def main() -> None:
 
 
 def _extract_command() -> click.Command:
-    from kava.extract.config import ExtractConfig
-
-    from .cluster_config import ClusterConfig
-    from .options import config_options
+    from kava.extract.config import ExtractConfig  # noqa: PLC0415 - zarr: only once the command is built
 
     @click.command("extract", short_help="Run each teacher once over a dataset and write its aligned K/V into a store.")
     @config_options(ExtractConfig, exclude=("command", "extra", "teacher", "store"))
@@ -117,7 +121,7 @@ def _extract_command() -> click.Command:
         into a store. Run it again with another --teacher, --name or --prompt-template to add teachers; --resume
         finishes a killed run; --shard i/n splits the work over jobs."""
         if list_teachers:
-            from kava.extract.teachers import format_preset_table
+            from kava.extract.teachers import format_preset_table  # noqa: PLC0415 - keeps kava --help free of torch
 
             click.echo(format_preset_table())
             return
@@ -129,23 +133,20 @@ def _extract_command() -> click.Command:
     return extract
 
 
-def extract_stage(cfg: Any, cluster: Any) -> Any:
+def extract_stage(cfg: ExtractConfig, cluster: ClusterConfig) -> ExtractResult:
     """`kava extract`: in this process, or on a dask cluster with --cluster / --scheduler (``cluster``, a
     ClusterConfig; only the launcher reads it)."""
     if cluster.active:
-        from .cluster import run_extract_cluster
+        from .cluster import run_extract_cluster  # noqa: PLC0415 - dask.distributed and torch, only with --cluster
 
         return run_extract_cluster(cfg, cluster)
-    from kava.extract.recipe import run_extract
+    from kava.extract.recipe import run_extract  # noqa: PLC0415 - keeps kava --help free of torch
 
     return run_extract(cfg)
 
 
 def _estimate_command() -> click.Command:
-    from kava.extract.config import ExtractConfig
-
-    from .cluster_config import ClusterConfig
-    from .options import config_options
+    from kava.extract.config import ExtractConfig  # noqa: PLC0415 - zarr: only once the command is built
 
     @click.command("estimate", short_help="Predict store size and extraction time before anything runs.")
     @config_options(ExtractConfig, exclude=("command", "extra", "teacher", "store"))
@@ -169,11 +170,11 @@ def _estimate_command() -> click.Command:
         With --run-config it plans a whole experiment instead: store size per dtype and layer subset, extraction
         GPU-hours and the read bandwidth a student step needs (--student-tokenizer, --data-files and --limit
         apply)."""
-        from kava.extract.estimate import format_estimate
+        from kava.extract.estimate import format_estimate  # noqa: PLC0415 - keeps kava --help free of torch
 
         if run_config is not None:
-            from .config import load_config
-            from .scale import format_plan, plan
+            from .config import load_config  # noqa: PLC0415 - the run config pulls every stage config (zarr)
+            from .scale import format_plan, plan  # noqa: PLC0415 - keeps kava --help free of torch
 
             try:
                 result = plan(load_config(run_config), student_tokenizer=values.get("student_tokenizer"),
@@ -191,18 +192,16 @@ def _estimate_command() -> click.Command:
     return estimate
 
 
-def estimate_stage(cfg: Any, cluster: Any, *, timed_samples: int) -> Any:
+def estimate_stage(cfg: ExtractConfig, cluster: ClusterConfig, *, timed_samples: int) -> dict[str, Any]:
     """`kava estimate`: the cluster options of an extract command line are accepted (and checked), not used."""
     cluster.validate(shard=cfg.shard)
-    from kava.extract.estimate import estimate
+    from kava.extract.estimate import estimate  # noqa: PLC0415 - keeps kava --help free of torch
 
     return estimate(cfg, timed_samples=timed_samples)
 
 
 def _distill_command() -> click.Command:
-    from kava.distill.config import DistillConfig
-
-    from .options import config_options
+    from kava.distill.config import DistillConfig  # noqa: PLC0415 - zarr: only once the command is built
 
     @click.command("distill", short_help="Train a student on cross-entropy plus K/V alignment against a store.")
     @config_options(DistillConfig, exclude=("command", "extra", "student", "out"))
@@ -218,10 +217,8 @@ def _distill_command() -> click.Command:
         fine-tuning on --dataset (the CE-only baseline). --resume continues a killed run exactly. --nproc N (or
         `torchrun --nproc-per-node N -m kava.pipelines.cli distill ...`) trains with DDP, each rank on its own
         shards."""
-        import os
-
         if nproc is not None and nproc > 1 and "LOCAL_RANK" not in os.environ:
-            from kava.distill.ddp import launch
+            from kava.distill.ddp import launch  # noqa: PLC0415 - keeps kava --help free of torch
 
             sys.exit(launch(sys.argv[2:], nproc))
         result = run_stage(DistillConfig, values, config_file, "kava.distill.trainer:run_distill", record_command=True)
@@ -237,9 +234,7 @@ def _distill_command() -> click.Command:
 
 
 def _eval_command() -> click.Command:
-    from kava.distill.evaluate import EvalConfig
-
-    from .options import config_options
+    from kava.distill.evaluate import EvalConfig  # noqa: PLC0415 - only once the command is built
 
     @click.command("eval", short_help="Score a model on a reasoning dataset (greedy generation, accuracy).")
     @config_options(EvalConfig, exclude=("model",))
@@ -274,7 +269,7 @@ def store() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
 def store_info(path: str, as_json: bool) -> None:
     """Summarise the store at PATH: samples, tokens, teachers, sizes."""
-    from kava.kvstore import KVStore, summary
+    from kava.kvstore import KVStore, summary  # noqa: PLC0415 - zarr: only the store commands load it
 
     try:
         info = summary(KVStore.open(path))
@@ -330,10 +325,11 @@ def format_info(info: dict[str, Any]) -> str:
         if t.get("bytes_per_token") is not None:
             lines.append(f"  per token {t['bytes_per_token']:,.0f} B logical (K/V, Q and logits)")
         if t.get("quantization_cosine"):  # a lossy dtype: its size against float16 and its measured fidelity
+            smaller = t["bytes_float16"] / max(t["bytes_on_disk"] or t["bytes_logical"], 1)
             lines.append(f"  vs fp16   K/V/Q as float16 would be {_size(t['bytes_float16'])}: "
-                         f"{t['bytes_float16'] / max(t['bytes_on_disk'] or t['bytes_logical'], 1):.2f}x smaller on disk")
-            lines += [f"  cosine {name}  " + " ".join(f"{c:.5f}" for c in cos) + "  (per stored layer, to the teacher's)"
-                      for name, cos in t["quantization_cosine"].items()]
+                         f"{smaller:.2f}x smaller on disk")
+            lines += [f"  cosine {name}  " + " ".join(f"{c:.5f}" for c in cos)
+                      + "  (per stored layer, to the teacher's)" for name, cos in t["quantization_cosine"].items()]
     return "\n".join(lines)
 
 
@@ -343,7 +339,7 @@ def format_info(info: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
 def store_verify(path: str, teachers: tuple[str, ...], as_json: bool) -> None:
     """Check schema, completeness and every chunk's crc32c. Exit 0 when sound, 1 when not."""
-    from kava.kvstore import verify_store
+    from kava.kvstore import verify_store  # noqa: PLC0415 - zarr: only the store commands load it
 
     try:
         report = verify_store(path, teachers=list(teachers) or None)
@@ -387,8 +383,7 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation, codecs,
     gsm8k-qwen7b4bit-to-qwen0.5b.
     """
-    from .config import load_config
-    from .runner import Runner, check_force
+    from .config import check_force, load_config  # noqa: PLC0415 - the run config pulls every stage config (zarr)
 
     try:
         cfg = load_config(config)
@@ -401,6 +396,8 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
             click.echo(f"{config or 'embedded default'}: ok ({len(cfg.teachers)} teachers, {len(cfg.variants)} "
                        f"variants x {len(cfg.seeds)} seeds)", err=True)
             return
+        from .runner import Runner  # noqa: PLC0415 - every stage (torch): `kava run --check` validates without it
+
         result = Runner(cfg, force=force).run()
     except KavaError as e:
         fail(str(e))
@@ -427,7 +424,7 @@ def cka(store: str, teacher: str, vs: str | None, out: str, array: str, estimato
     """Linear CKA between every pair of a teacher's stored layers (or against another teacher's), computed out
     of core with dask: memory stays near one block of tokens. Writes the matrix as .npy and .csv, a heatmap .png
     and a .json summary into --out."""
-    from kava.analysis.cka import run_cka
+    from kava.analysis.cka import run_cka  # noqa: PLC0415 - keeps kava --help free of torch
 
     try:
         result = run_cka(store, teacher, vs=vs, out=out, array=array, estimator=estimator, block_tokens=block_tokens,
@@ -441,8 +438,6 @@ def cka(store: str, teacher: str, vs: str | None, out: str, array: str, estimato
 
 def _write_scripts(scripts: list[tuple[str, str]], out_dir: str | None) -> None:
     """Print one script to stdout, or write each to ``out_dir/<name>.sbatch`` and say how to submit them."""
-    from pathlib import Path
-
     if out_dir is None:
         if len(scripts) != 1:
             fail(f"This renders {len(scripts)} scripts ({', '.join(n for n, _ in scripts)}): pass --out-dir DIR.")
@@ -457,17 +452,15 @@ def _write_scripts(scripts: list[tuple[str, str]], out_dir: str | None) -> None:
 
 def _slurm_command(stage: str) -> click.Command:
     """`kava slurm extract|distill`: every option of the stage, the Slurm options, and where the script goes."""
-    import dataclasses
-
-    from .options import build_config, config_options
-    from .slurm import SlurmOptions
+    # Imported when the command is built, like the stage commands' configs.
+    from .slurm import SlurmOptions, render_distill, render_extract, render_verify  # noqa: PLC0415 - zarr
 
     if stage == "extract":
-        from kava.extract.config import ExtractConfig as cls
+        from kava.extract.config import ExtractConfig as cls  # noqa: PLC0415 - zarr: only once the command is built
 
         required, exclude = ("teacher", "store"), ("command", "extra", "shard", "resume")
     else:
-        from kava.distill.config import DistillConfig as cls
+        from kava.distill.config import DistillConfig as cls  # noqa: PLC0415 - zarr: only once the command is built
 
         required, exclude = ("student", "out"), ("command", "extra", "resume")
     slurm_fields = {f.name for f in dataclasses.fields(SlurmOptions)}
@@ -476,21 +469,20 @@ def _slurm_command(stage: str) -> click.Command:
                    + (" (a job array over shards)." if stage == "extract" else " under torchrun."))
     @config_options(SlurmOptions, config_flag=False)
     @config_options(cls, exclude=exclude + required)
-    @click.option("--jobs", default=8, show_default=True, help="Extraction: array tasks (each writes 1/N of the shards).")
+    @click.option("--jobs", default=8, show_default=True,
+                  help="Extraction: array tasks (each writes 1/N of the shards).")
     @click.option("--out-dir", help="Write <job-name>.sbatch files here instead of printing the script.")
     def command(jobs: int, out_dir: str | None, config_file: str | None, **values: Any) -> None:
-        from . import slurm as render
-
         slurm_values = {k: values.pop(k) for k in list(values) if k in slurm_fields}
         try:
             opts = SlurmOptions(**{k: v for k, v in slurm_values.items() if v is not None})
             cfg = build_config(cls, values, config_file)
             if stage == "extract":
-                scripts = [(f"{opts.job_name}-extract", render.render_extract(cfg, opts, jobs=jobs)),
-                           (f"{opts.job_name}-verify", render.render_verify(cfg, opts))]
+                scripts = [(f"{opts.job_name}-extract", render_extract(cfg, opts, jobs=jobs)),
+                           (f"{opts.job_name}-verify", render_verify(cfg, opts))]
                 scripts = scripts if out_dir else scripts[:1]
             else:
-                scripts = [(f"{opts.job_name}-distill", render.render_distill(cfg, opts))]
+                scripts = [(f"{opts.job_name}-distill", render_distill(cfg, opts))]
         except KavaError as e:
             fail(str(e))
         _write_scripts(scripts, out_dir)
@@ -526,8 +518,8 @@ def slurm() -> None:
 def slurm_run(config: str, stage: str, jobs: int, out_dir: str) -> None:
     """One script per teacher (extraction array + verify) or per variant and seed (distillation), at the paths
     `kava run CONFIG` uses, so `kava run` picks up a store the cluster extracted."""
-    from .config import load_config
-    from .slurm import SlurmOptions, render_from_run_config
+    from .config import load_config  # noqa: PLC0415 - the run config pulls every stage config (zarr)
+    from .slurm import SlurmOptions, render_from_run_config  # noqa: PLC0415 - stage configs (zarr)
 
     try:
         scripts = render_from_run_config(load_config(config), SlurmOptions(), stage=stage, jobs=jobs, config=config)
@@ -549,7 +541,7 @@ def doctor(config: str | None, store: str | None, teachers: tuple[str, ...], stu
     teachers and students: Python and torch, CUDA devices, bitsandbytes' backend, every model in the local Hugging
     Face cache when offline, free disk for the estimated store, write access, dask and dask-jobqueue. Exit 0 when
     nothing fails, 1 otherwise; each problem names its fix."""
-    from .doctor import run_doctor
+    from .doctor import run_doctor  # noqa: PLC0415 - its checks (zarr, the hub client): only `kava doctor` loads them
 
     try:
         report = run_doctor(config, store=store, teachers=teachers, students=students, slurm=use_slurm)

@@ -16,16 +16,28 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
-from distributed import WorkerPlugin
+from distributed import Client, Future, LocalCluster, Worker, WorkerPlugin, as_completed, get_worker
 
 from kava.core.errors import ConfigError, KavaError
 from kava.core.log import Log, log_stderr
+from kava.core.models import ModelSource, load_model, load_tokenizer
 from kava.extract.config import ExtractConfig
-from kava.extract.recipe import (ExtractPlan, ExtractResult, LoadedTeacher, configure_process, prepare_extract,
-                                 progress_bar, summary_line, validate_and_resolve, write_shards)
+from kava.extract.grid import GridSample
+from kava.extract.recipe import (
+    ExtractPlan,
+    ExtractResult,
+    LoadedTeacher,
+    configure_process,
+    prepare_extract,
+    progress_bar,
+    summary_line,
+    validate_and_resolve,
+    write_shards,
+)
 from kava.kvstore import KVStore
 
 from .cluster_config import ClusterConfig
@@ -45,23 +57,21 @@ class TeacherCache(WorkerPlugin):
     def __init__(self, threads: int | None) -> None:
         self.threads = threads
 
-    def setup(self, worker: Any) -> None:
+    def setup(self, worker: Worker) -> None:
         # Made here, on the worker: the plugin itself travels pickled, and a lock does not pickle.
-        self._teachers: dict[Any, LoadedTeacher] = {}
+        self._teachers: dict[ModelSource, LoadedTeacher] = {}
         self._lock = threading.Lock()
         configure_process(self.threads, progress=False)  # the driver's bar is the only one
 
-    def teardown(self, worker: Any) -> None:
+    def teardown(self, worker: Worker) -> None:
         self._teachers.clear()
 
-    def get(self, source: Any) -> LoadedTeacher:
-        """The teacher of ``source`` (a ``TeacherSource``), loaded on first use."""
+    def get(self, source: ModelSource) -> LoadedTeacher:
+        """The teacher of ``source``, loaded on first use."""
         # Torch keeps its thread count per thread; tasks run on executor threads, so set it on the caller's too.
         configure_process(self.threads, progress=False)
         with self._lock:  # a worker with several threads loads its teacher once
             if source not in self._teachers:
-                from kava.core.models import load_model, load_tokenizer
-
                 self._teachers.clear()  # one teacher at a time in a worker's memory
                 tokenizer = load_tokenizer(source)
                 self._teachers[source] = LoadedTeacher(load_model(source), tokenizer)
@@ -129,7 +139,7 @@ def render_slurm_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
 # The driver's pieces
 
 
-def _resolve_for_workers(cfg: ExtractConfig, cluster: ClusterConfig) -> Any:
+def _resolve_for_workers(cfg: ExtractConfig, cluster: ClusterConfig) -> ModelSource:
     """``validate_and_resolve``, except that CUDA is checked where the teacher loads: a SLURM login node or a remote
     scheduler's client often has no GPU of its own."""
     device = (cfg.device or "cpu").strip().lower()
@@ -150,10 +160,8 @@ def worker_threads(cfg: ExtractConfig, cluster: ClusterConfig) -> int | None:
     return None  # a running cluster's workers: their own setting (dask's nanny starts them at one)
 
 
-def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
+def _connect(cfg: ClusterConfig, log: Log) -> tuple[Client, Callable[[], None]]:
     """A client of the cluster ``cfg`` names, and how to let go of it afterwards."""
-    from distributed import Client
-
     if cfg.scheduler is not None:
         try:
             client = Client(cfg.scheduler)
@@ -173,7 +181,7 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
 
     if cfg.cluster == "slurm":
         try:
-            from dask_jobqueue import SLURMCluster
+            from dask_jobqueue import SLURMCluster  # noqa: PLC0415 - an optional package, only for --cluster slurm
         except ImportError as e:
             raise ConfigError("--cluster slurm needs the package dask-jobqueue, which is not installed. "
                               "Run `pip install dask-jobqueue` (or `pip install 'kava[slurm]'`).") from e
@@ -181,8 +189,6 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
         cluster.scale(jobs=cfg.slurm_jobs)
         what = f"SLURM, {cfg.slurm_jobs} job(s) of {cfg.slurm_cores} cores"
     else:
-        from distributed import LocalCluster
-
         cluster = LocalCluster(
             n_workers=cfg.local_workers, threads_per_worker=1, processes=True,
             # The teacher's weights are not dask data: a memory limit would only make the nanny pause or restart
@@ -219,10 +225,8 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Any, Callable[[], None]]:
     return client, close
 
 
-def _extract(client: Any, cfg: ExtractConfig, cluster: ClusterConfig, source: Any, log: Log, started: float,
+def _extract(client: Client, cfg: ExtractConfig, cluster: ClusterConfig, source: ModelSource, log: Log, started: float,
              on_shard: Callable[[int], None] | None) -> ExtractResult:
-    from distributed import as_completed
-
     run = uuid.uuid4().hex[:8]  # task keys unique to this run, readable on the dashboard
     resources = {SLURM_RESOURCE: 1} if cluster.cluster == "slurm" else None
     client.register_plugin(TeacherCache(worker_threads(cfg, cluster)), name=PLUGIN)
@@ -268,7 +272,7 @@ def _extract(client: Any, cfg: ExtractConfig, cluster: ClusterConfig, source: An
     return result
 
 
-def _outcome(future: Any, what: str) -> Any:
+def _outcome(future: Future, what: str) -> Any:
     """A task's value; its KavaError raised as is, anything else that stopped it as a KavaError."""
     try:
         value = future.result()
@@ -285,12 +289,11 @@ def _outcome(future: Any, what: str) -> Any:
 
 
 def _cache() -> TeacherCache:
-    from distributed import get_worker
-
     return get_worker().plugins[PLUGIN]
 
 
-def _prepare_task(cfg: ExtractConfig, source: Any) -> tuple[ExtractPlan, dict[int, list[Any]], list[str]] | _Failed:
+def _prepare_task(cfg: ExtractConfig, source: ModelSource
+                  ) -> tuple[ExtractPlan, dict[int, list[GridSample]], list[str]] | _Failed:
     """``prepare_extract`` on a worker: the plan, the grid samples of each shard to write, and the log lines."""
     lines: list[str] = []
     cache = _cache()
@@ -301,7 +304,7 @@ def _prepare_task(cfg: ExtractConfig, source: Any) -> tuple[ExtractPlan, dict[in
     return plan, {s: [grid[i] for i in plan.shard_samples(s)] for s in plan.todo}, lines
 
 
-def shard_task(plan: ExtractPlan, shard: int, samples: list[Any]) -> ExtractResult | _Failed:
+def shard_task(plan: ExtractPlan, shard: int, samples: list[GridSample]) -> ExtractResult | _Failed:
     """Write one whole shard with this worker's teacher; returns its counters."""
     part = ExtractResult(store=plan.store, teacher=plan.name)
     try:

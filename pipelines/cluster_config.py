@@ -84,7 +84,7 @@ class ClusterConfig:
                                  ("--slurm-jobs", self.slurm_jobs, 1)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
-        from dask.utils import parse_bytes
+        from dask.utils import parse_bytes  # noqa: PLC0415 - keeps `kava --help` and `kava extract --help` free of dask
 
         try:
             parse_bytes(self.slurm_memory)

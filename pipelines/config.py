@@ -19,9 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from kava.core.config import config_fields, option_names
 from kava.core.errors import ConfigError, short_repr
+from kava.core.synthetic import difficulty_problems
+from kava.distill.config import DistillConfig
+from kava.distill.student import PRESETS as STUDENT_PRESETS
+from kava.extract.config import ExtractConfig
+from kava.kvstore.manifest import is_teacher_name
 
 from . import splits
+from .contrasts import contrast_problems
+
+STAGES = ("data", "teachers", "extract", "tune", "distill", "eval", "report")
+"""The stages of `kava run`, in order; ``--force NAME`` redoes one."""
 
 COMPUTE_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_tokens", "max_length")
 """DistillConfig fields that decide a student's compute: set once in ``train:``, never per variant."""
@@ -103,9 +115,7 @@ class StudentSpec:
 
     @property
     def is_preset(self) -> bool:
-        from kava.distill.student import PRESETS
-
-        return self.model.lower() in PRESETS
+        return self.model.lower() in STUDENT_PRESETS
 
     @property
     def trains_tokenizer(self) -> bool:
@@ -219,6 +229,13 @@ class RunConfig:
         return next(v for v in self.variants if v.name == name)
 
 
+def check_force(force: tuple[str, ...]) -> None:
+    """``--force``'s stage names, checked before anything runs (`kava run --check` too)."""
+    bad = [s for s in force if s not in STAGES]
+    if bad:
+        raise ConfigError(f"--force: expected stages from {', '.join(STAGES)}. Got {', '.join(bad)} instead.")
+
+
 def digest(value: Any) -> str:
     """A short stable hash of a JSON-able value: stage outputs are reused only when their inputs hash the same."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -230,7 +247,7 @@ def digest(value: Any) -> str:
 
 def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         return _convert(next(a for a in args if a is not type(None)), value, where, problems)
@@ -294,8 +311,6 @@ def parse_config(data: Any, *, source: str = "config") -> RunConfig:
 def load_config(path: str | Path | None) -> RunConfig:
     """The config at ``path`` (or a shipped config by name), or the embedded default
     (``pipelines/configs/default.yaml``) for None."""
-    import yaml
-
     path = Path(path) if path is not None else default_config_path()
     if not path.is_file() and str(path) in shipped_configs():
         path = configs_dir() / f"{path}.yaml"  # a shipped config by name: `kava run ablation`
@@ -319,9 +334,7 @@ MAX_CONFIG_BYTES = 1 << 20
 """A config is a page of YAML; anything larger is not one."""
 
 
-def _no_alias_loader() -> Any:
-    import yaml
-
+def _no_alias_loader() -> type[yaml.SafeLoader]:
     class NoAliasLoader(yaml.SafeLoader):
         """YAML's safe loader, refusing aliases (``*x``): a kilobyte of nested aliases expands to gigabytes."""
 
@@ -354,14 +367,6 @@ def shipped_configs() -> list[str]:
 
 def semantic_problems(cfg: RunConfig) -> list[str]:
     """Every problem of a well-typed config, including those of the stage configs built from it."""
-    from kava.core.config import option_names
-    from kava.core.synthetic import difficulty_problems
-    from kava.distill.config import DistillConfig
-    from kava.extract.config import ExtractConfig
-    from kava.kvstore.manifest import is_teacher_name
-
-    from .contrasts import contrast_problems
-
     p: list[str] = []
     d = cfg.data
     # Every name below becomes a folder under the run's own (<out>/<name>/students/<variant>/seed-N): the rule of
@@ -531,8 +536,6 @@ def budget_problems(cfg: RunConfig) -> list[str]:
 def _typed(cls: type, options: dict[str, Any], where: str, problems: list[str]) -> None:
     """Type-check a stage's options against its config's fields (values of the wrong type are dropped). List and
     mapping options are left to the config, which parses them from a YAML list or a flag's text ('0,2,3')."""
-    from kava.core.config import config_fields
-
     hints = {c.name: c.hint for c in config_fields(cls)
              if typing.get_origin(_optional(c.hint)) not in (list, dict)}
     for key in [k for k in options if k in hints]:
@@ -548,10 +551,8 @@ def _optional(tp: Any) -> Any:
     return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
 
 
-def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, store: str, out: str) -> Any:
+def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, store: str, out: str) -> DistillConfig:
     """The DistillConfig one (variant, seed) trains with: shared compute and options, then the variant's own."""
-    from kava.distill.config import DistillConfig
-
     t = cfg.train
     options: dict[str, Any] = {k: v for k, v in {**t.distill, **variant.distill}.items()
                                if k not in COMPUTE_FIELDS + RUNNER_FIELDS}  # refused by semantic_problems
@@ -566,15 +567,12 @@ def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, sto
 
 
 def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | None = None,
-                         resume: bool = False) -> Any:
+                         resume: bool = False) -> ExtractConfig:
     """The ExtractConfig `kava run` extracts ``teacher`` with: into ``<root>/kv.zarr``, over the student-train split
     file, on the student's tokenizer grid and layer count, then the teacher's own ``extract:`` options.
 
     ``model`` is the teacher to load (default: its ``model:``); a teacher trained here passes its trained directory.
     """
-    from kava.extract.config import ExtractConfig
-
-
     model = model if model is not None else teacher.model
     if model is None:
         raise ConfigError(f"teachers[{teacher.name}] is trained by `kava run` (train:): pass its trained model "

@@ -25,12 +25,24 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from types import ModuleType
+from typing import Any, Literal
+
+from huggingface_hub import try_to_load_from_cache
 
 from kava.core.errors import ConfigError
 from kava.core.hub import hub_cache_dir, hub_offline
+from kava.core.models import import_bitsandbytes
+from kava.distill.student import PRESETS as STUDENT_PRESETS
+from kava.extract.estimate import bytes_per_token
+from kava.extract.teachers import PRESETS
+
+from .config import RunConfig, load_config
+from .scale import KNOWN_GEOMETRY, stored_layers
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -115,10 +127,8 @@ def run_doctor(config: str | None = None, *, store: str | None = None, teachers:
     """
     report = DoctorReport()
     add = report.checks.append
-    run = None
+    run: RunConfig | None = None
     if config is not None:
-        from .config import load_config
-
         try:
             run = load_config(config)
             add(Check("config", "ok", f"{config}: {len(run.teachers)} teacher(s), {len(run.variants)} variant(s) x "
@@ -185,9 +195,9 @@ def _python() -> Check:
     return Check("python", "ok", text)
 
 
-def _torch(wants_cuda: bool) -> tuple[Check, Any]:
+def _torch(wants_cuda: bool) -> tuple[Check, ModuleType | None]:
     try:
-        import torch
+        import torch  # noqa: PLC0415 - the check itself: the doctor runs, and says so, where torch is missing
     except ImportError:
         return Check("torch", "fail", "not installed", "install the torch build for this machine first "
                                                        "(see README: a CUDA build on GPU nodes)"), None
@@ -198,7 +208,7 @@ def _torch(wants_cuda: bool) -> tuple[Check, Any]:
     return Check("torch", "ok", detail), torch
 
 
-def _cuda(torch: Any, wants_cuda: bool) -> Check:
+def _cuda(torch: ModuleType | None, wants_cuda: bool) -> Check:
     if torch is not None and torch.cuda.is_available():
         devices = []
         for i in range(torch.cuda.device_count()):
@@ -217,10 +227,8 @@ def _bitsandbytes(quantized: list[str]) -> Check:
     if importlib.util.find_spec("accelerate") is None and quantized:
         return Check("bitsandbytes", "fail", f"accelerate is not installed{needed}", "pip install accelerate")
     try:
-        from kava.core.models import import_bitsandbytes  # imports it quietly, as the teachers do
-
-        import_bitsandbytes()
-        import bitsandbytes
+        import_bitsandbytes()  # imports it quietly, as the teachers do
+        import bitsandbytes  # noqa: PLC0415 - an optional package, and the check itself
     except (ConfigError, ImportError, RuntimeError) as e:
         status: Status = "fail" if quantized else "warn"
         return Check("bitsandbytes", status, f"not importable: {e}{needed}", "pip install bitsandbytes")
@@ -233,8 +241,6 @@ def _bitsandbytes(quantized: list[str]) -> Check:
 
 
 def _module(name: str, required: bool) -> Check:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         with warnings.catch_warnings():
             # Only "can it be imported" is asked here; a library's deprecation notes are not this check's business.
@@ -264,15 +270,11 @@ def _slurm_commands() -> Check:
 
 def _hub_id(name: str) -> tuple[str, str | None]:
     """``(hub id or path, preset name)``: a teacher preset resolves to its checkpoint's hub id."""
-    from kava.extract.teachers import PRESETS
-
     preset = PRESETS.get(name.strip().lower())
     return (preset.hf_id, preset.name) if preset else (name, None)
 
 
 def _quantization(name: str, extract: dict[str, Any]) -> str:
-    from kava.extract.teachers import PRESETS
-
     if extract.get("load_in_4bit"):
         return "nf4"
     if extract.get("load_in_8bit"):
@@ -282,8 +284,6 @@ def _quantization(name: str, extract: dict[str, Any]) -> str:
 
 
 def _cached(repo: str, filename: str, cache: Path, repo_type: str = "model") -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(repo, filename, cache_dir=cache, repo_type=repo_type)
     return Path(found) if isinstance(found, str) else None
 
@@ -307,8 +307,6 @@ def _missing_files(repo: str, kind: str, cache: Path) -> list[str]:
 
 
 def _model(row: str, name: str, kind: str, cache: Path, offline: bool) -> Check:
-    from kava.distill.student import PRESETS as STUDENT_PRESETS
-
     if kind == "student" and name.lower() in STUDENT_PRESETS:
         return Check(row, "ok", f"{name}: a preset, built here at random")
     repo, preset = _hub_id(name)
@@ -336,7 +334,7 @@ def _model(row: str, name: str, kind: str, cache: Path, offline: bool) -> Check:
                               "offline)", fix)
 
 
-def _dataset(run: Any, cache: Path, offline: bool) -> Check:
+def _dataset(run: RunConfig, cache: Path, offline: bool) -> Check:
     d = run.data
     if d.dataset == "synthetic":
         return Check("dataset", "ok", "synthetic: generated here")
@@ -380,8 +378,6 @@ def _existing_ancestor(path: Path) -> Path:
 def _geometry(name: str, cache: Path) -> tuple[tuple[int, int, int, int], str] | None:
     """``((layers, heads, kv_heads, head_dim), source)`` from a local or cached config.json, else the published
     geometry of a model the shipped configs name; None when neither is at hand."""
-    from .scale import KNOWN_GEOMETRY
-
     repo, _ = _hub_id(name)
     local = Path(name).expanduser() / "config.json"
     config = local if local.is_file() else _cached(repo, "config.json", cache)
@@ -396,7 +392,7 @@ def _geometry(name: str, cache: Path) -> tuple[tuple[int, int, int, int], str] |
     return None
 
 
-def _student_rows(run: Any) -> int:
+def _student_rows(run: RunConfig) -> int:
     d = run.data
     if d.dataset == "gsm8k":
         pool = d.pool_size or GSM8K_ROWS.get(d.pool_split, GSM8K_ROWS["train"])
@@ -408,13 +404,8 @@ def _student_rows(run: Any) -> int:
     return round(pool * (1 - d.teacher_fraction))
 
 
-def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] | str:
+def _estimate(run: RunConfig, cache: Path, tokens_per_sample: int) -> tuple[int, str] | str:
     """``(bytes, how)`` of the run's store, or why it can't be estimated."""
-    from kava.distill.student import PRESETS as STUDENT_PRESETS
-    from kava.extract.estimate import bytes_per_token  # the same arithmetic as `kava estimate`
-
-    from .scale import stored_layers
-
     rows = _student_rows(run)
     total, parts = 0.0, []
     for t in run.teachers:
@@ -435,6 +426,7 @@ def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] 
             s_layers = student[0][0] if student else layers
         kv, q = stored_layers(t.extract, layers, s_layers)
         dtype = str(t.extract.get("kv_dtype", "float16"))
+        # bytes_per_token: the same arithmetic as `kava estimate`
         per_token = 2 * bytes_per_token(kv, kv_heads, head_dim, dtype) + bytes_per_token(q, heads, head_dim, dtype)
         tokens = rows * min(tokens_per_sample, int(t.extract.get("max_length", 1024)))
         total += per_token * tokens
@@ -443,7 +435,7 @@ def _estimate(run: Any, cache: Path, tokens_per_sample: int) -> tuple[int, str] 
     return int(total), how
 
 
-def _disk(run: Any, store: Path, cache: Path, tokens_per_sample: int) -> Check:
+def _disk(run: RunConfig | None, store: Path, cache: Path, tokens_per_sample: int) -> Check:
     where = _existing_ancestor(store)
     free = shutil.disk_usage(where).free
     have = f"{free / 2**30:,.1f} GiB free at {where}"

@@ -13,14 +13,21 @@ import ast
 import inspect
 import textwrap
 import typing
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 import click
+import yaml
+
+from kava.core.config import canonical_names, config_fields, config_from_dict, option_names
+from kava.core.errors import ConfigError
+
+T = TypeVar("T")
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal right after each field)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -55,8 +62,6 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
     """Decorate a click command with one option per config option (plus ``--config`` unless ``config_flag`` is
     False: a command taking two dataclasses' options has one). A group's fields (``data: DataSource``) become
     options of their own, flat (``--dataset``); ``cls.ALIASES`` adds each old spelling to its option."""
-    from kava.core.config import config_fields
-
     aliases: dict[str, list[str]] = {}
     for old, new in getattr(cls, "ALIASES", {}).items():
         aliases.setdefault(new, []).append("--" + old.replace("_", "-"))
@@ -87,10 +92,6 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
 
 
 def _read_yaml(config_file: str | None) -> dict[str, Any]:
-    import yaml
-
-    from kava.core.errors import ConfigError
-
     if not config_file:
         return {}
     loaded = yaml.safe_load(Path(config_file).read_text()) or {}
@@ -99,7 +100,7 @@ def _read_yaml(config_file: str | None) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
-def build_config(cls: type, values: dict[str, Any], config_file: str | None) -> Any:
+def build_config(cls: type[T], values: dict[str, Any], config_file: str | None) -> T:
     """The dataclass from YAML (if any) overlaid with the flags that were given."""
     return build_configs((cls,), values, config_file)[0]
 
@@ -108,9 +109,6 @@ def build_configs(classes: tuple[type, ...], values: dict[str, Any], config_file
     """One dataclass per class (e.g. `kava extract`'s ExtractConfig and ClusterConfig) from one YAML file overlaid
     with one set of flags: each key goes to the class that knows it (a key none knows is reported by the first).
     Old spellings are resolved first, so a flag overrides YAML under either name."""
-    from kava.core.config import canonical_names, config_from_dict, option_names
-    from kava.core.errors import ConfigError
-
     def split(data: dict[str, Any]) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = [{} for _ in classes]
         for key, value in data.items():

@@ -12,13 +12,32 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kava.analysis.cka import store_cka
+from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
+from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
+from kava.analysis.paired import (
+    PairedComparison,
+    compare_paired,
+    match_items,
+    mcnemar_exact,
+    mcnemar_pooled,
+    paired_bootstrap_items,
+)
+from kava.analysis.stats import format_mean_ci
 from kava.core.errors import ConfigError
+from kava.kvstore import KVStore
+from kava.kvstore import summary as store_summary
 
 from .config import RunConfig
+from .contrasts import contrasts_section
 from .lasting import budget_section, grad_share_section, tune_section
+
+Cell = Callable[[PairedComparison], str]
+"""Formats one table cell of a variant's row."""
 
 ALPHA = 0.05
 TEACHER_FLOOR = 0.30
@@ -50,12 +69,6 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                  store: dict[str, Any], students: dict[tuple[str, int], dict[str, Any]],
                  evals: dict[str, dict[str, Any]], timings: dict[str, float]) -> Path:
     """Write ``root/report.md`` (+ ``figures/*.png``, ``report.json``) and return the markdown's path."""
-    from kava.analysis.curves import accuracy_bars, eval_curve, layer_cosine, learning_curves
-    from kava.analysis.paired import compare_paired
-    from kava.analysis.stats import format_mean_ci
-
-    from .contrasts import contrasts_section
-
     figures = root / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     variants = [v.name for v in cfg.variants]
@@ -93,8 +106,6 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                                   figures / "checkpoint-nll.png",
                                   ylabel=f"reference NLL, nats/token (first {rows} eval rows)",
                                   title="reference NLL at checkpoints (mean over seeds)")
-    from kava.kvstore import KVStore
-
     kv = KVStore.open(store["path"])  # read-only, once, for the CKA and the store's sections
     cka_lines, cka_json = _cka_section(kv, figures)
 
@@ -181,8 +192,6 @@ def _mcnemar(items: dict[tuple[str, int], dict[str, dict[str, Any]]], variant: s
              other: str | None = None) -> dict[str, Any]:
     """McNemar's exact test of ``variant`` against ``other`` (the baseline) on each seed's items, and pooled over
     seeds."""
-    from kava.analysis.paired import match_items, mcnemar_exact, mcnemar_pooled
-
     other = other or cfg.baseline
     per_seed = {}
     for s in cfg.seeds:
@@ -206,8 +215,6 @@ def _nll_bootstrap(items: dict[tuple[str, int], dict[str, dict[str, Any]]], vari
 
     Per-item rates (nats per ``unit``) weighted by the item's units make the statistic total nats over total units,
     so its point estimate equals the mean per-seed difference of the table; the interval is the items' own."""
-    from kava.analysis.paired import match_items, paired_bootstrap_items
-
     units = {"token": "nll_tokens", "char": "nll_chars"}[unit]
 
     def rate(item: dict[str, Any]) -> float:
@@ -262,8 +269,8 @@ def teacher_clause(variant: str, cfg: RunConfig, teacher_evals: dict[str, dict[s
     return text
 
 
-def _verdicts(acc_cmp: list[Any], nll_cmp: list[Any], mcnemar: dict[str, Any], unit: str, cfg: RunConfig,
-              teacher_evals: dict[str, dict[str, Any]]) -> list[str]:
+def _verdicts(acc_cmp: list[PairedComparison], nll_cmp: list[PairedComparison], mcnemar: dict[str, Any], unit: str,
+              cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]]) -> list[str]:
     """One line per variant, decided by the paired t-test on accuracy (Holm-adjusted)."""
     base = acc_cmp[0]
     out = []
@@ -298,8 +305,8 @@ _PAIRING = ("Students of one seed share initial weights and batch order, so each
             "unpaired t-test is a secondary column: it ignores the pairing.")
 
 
-def _model_rows(cfg: RunConfig, comparisons: list[Any], teacher_evals: dict[str, dict[str, Any]], *,
-                teacher: Any, value: Any, delta: Any, extra: Any) -> list[str]:
+def _model_rows(cfg: RunConfig, comparisons: list[PairedComparison], teacher_evals: dict[str, dict[str, Any]], *,
+                teacher: Callable[[dict[str, Any]], str], value: Cell, delta: Cell, extra: Cell) -> list[str]:
     """The rows the accuracy and NLL tables share: each teacher, the baseline, then every variant with its Δ, paired
     p, Holm p, verdict, one table-specific cell (``extra``) and Welch's p. The callables format one cell each."""
     rows = [f"| teacher `{n}` | – | {teacher(e)} |" + " – |" * 6 for n, e in teacher_evals.items()]
@@ -311,12 +318,12 @@ def _model_rows(cfg: RunConfig, comparisons: list[Any], teacher_evals: dict[str,
     return rows
 
 
-def _diff_ci(diff: float, ci: Any) -> str:
+def _diff_ci(diff: float, ci: Sequence[float | None]) -> str:
     return f"{diff:+.3f} [{_fmt(ci[0], '+.3f')}, {_fmt(ci[1], '+.3f')}]"
 
 
-def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], mcnemar: dict[str, Any],
-                      teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[PairedComparison], mcnemar: dict[str, Any],
+                      teacher_evals: dict[str, dict[str, Any]], fmt: Callable[..., str]) -> list[str]:
     lines = ["## Accuracy on the eval split", "",
              f"Greedy decoding, exact match of the `#### N` answer, {data['splits']['eval']['rows']} problems. "
              f"Mean ± std over seeds [bootstrap 95% CI of the mean]. {_PAIRING} McNemar's exact test reads the "
@@ -338,8 +345,8 @@ def _accuracy_section(cfg: RunConfig, data: dict[str, Any], acc_cmp: list[Any], 
     return lines + [""]
 
 
-def _nll_section(cfg: RunConfig, nll_cmp: list[Any], nll_items: dict[str, Any], unit: str, nll_key: str,
-                 teacher_evals: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+def _nll_section(cfg: RunConfig, nll_cmp: list[PairedComparison], nll_items: dict[str, Any], unit: str, nll_key: str,
+                 teacher_evals: dict[str, dict[str, Any]], fmt: Callable[..., str]) -> list[str]:
     why = ("nats per character of the scored text: the teacher and the students tokenize differently, and nats per "
            "token would compare different numbers of different tokens" if unit == "char" else
            "nats per token: every model in this table uses the same tokenizer")
@@ -365,7 +372,7 @@ def _compute_section(cfg: RunConfig, students: dict[tuple[str, int], dict[str, A
         lines.append(f"| `{v}` | {s} | {r.get('steps')} | {r.get('batch_size')} | {r.get('tokens')} | "
                      f"{_fmt(r.get('train_seconds'), '.1f')} |")
     by_seed: dict[int, set[tuple[Any, Any]]] = {}
-    for (v, s), r in students.items():
+    for (_, s), r in students.items():
         by_seed.setdefault(s, set()).add((r.get("steps"), r.get("tokens")))
     equal = all(len(x) == 1 for x in by_seed.values())
     lines += ["", "Steps and tokens are **equal across variants for every seed**." if equal else
@@ -383,10 +390,7 @@ def _splits_section(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
-    from kava.analysis.cka import store_cka
-    from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
-
+def _cka_section(kv: KVStore, figures: Path) -> tuple[list[str], dict[str, Any]]:
     lines = ["## Layers: CKA and the layer map", ""]
     out: dict[str, Any] = {}
     for name, spec in kv.teachers.items():
@@ -418,10 +422,8 @@ def _cka_section(kv: Any, figures: Path) -> tuple[list[str], dict[str, Any]]:
     return lines, out
 
 
-def _store_section(kv: Any) -> list[str]:
-    from kava.kvstore.interop import summary
-
-    s = summary(kv)
+def _store_section(kv: KVStore) -> list[str]:
+    s = store_summary(kv)
     lines = ["## The store", "", f"`{Path(kv.where).name}`: {s['samples']} samples, {s['tokens']} student "
              f"tokens in {s['shards']} shards, {_mib(s['bytes_on_disk'])} on disk.", "",
              "| teacher | layers | KV heads × dim | dtype | codec | logical | on disk | ratio |",

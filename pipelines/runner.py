@@ -12,9 +12,9 @@ Stages, in order (``--force NAME`` redoes one; what depends on its outputs is re
 - ``report``    ``report.md``, its PNGs and ``report.json``
 
 Each unit of work writes ``stage.json`` next to its outputs: a digest of everything it was made from, its seconds,
-and the resolved settings of the stage it ran (``settings``: the ExtractConfig, DistillConfig or EvalConfig). A unit is skipped only when that digest matches *and* its outputs check out (a store
-that verifies its shards, a student whose ``kava.json`` says it finished). The run's resolved config is written to
-``<out>/<name>/config.yaml``.
+and the resolved settings of the stage it ran (``settings``: the ExtractConfig, DistillConfig or EvalConfig). A unit
+is skipped only when that digest matches *and* its outputs check out (a store that verifies its shards, a student
+whose ``kava.json`` says it finished). The run's resolved config is written to ``<out>/<name>/config.yaml``.
 """
 
 from __future__ import annotations
@@ -22,19 +22,40 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from kava.core.errors import ConfigError, KavaError
+from kava.core.errors import KavaError
+from kava.core.log import log_stderr
+from kava.core.rows import ReasoningRow
+from kava.distill.checkpoint import step_checkpoints, student_at
+from kava.distill.config import DistillConfig
+from kava.distill.evaluate import EvalConfig, EvalResult, evaluate, reference_nll, run_eval
+from kava.distill.trainer import run_distill
+from kava.extract.recipe import run_extract
+from kava.extract.templates import load_template
+from kava.extract.vocab import train_bpe_tokenizer
+from kava.kvstore import KVStore
 
 from . import splits
-from .config import (RunConfig, TeacherSpec, VariantSpec, digest, stage_distill_config, stage_extract_config,
-                     tune_points)
+from .config import (
+    RunConfig,
+    TeacherSpec,
+    VariantSpec,
+    check_force,
+    digest,
+    stage_distill_config,
+    stage_extract_config,
+    tune_points,
+)
+from .report import write_report
 
-STAGES = ("data", "teachers", "extract", "tune", "distill", "eval", "report")
 Log = Callable[[str], None]
 
 
@@ -47,16 +68,9 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check_force(force: tuple[str, ...]) -> None:
-    bad = [s for s in force if s not in STAGES]
-    if bad:
-        raise ConfigError(f"--force: expected stages from {', '.join(STAGES)}. Got {', '.join(bad)} instead.")
-
 
 class Runner:
     def __init__(self, cfg: RunConfig, *, force: tuple[str, ...] = (), log: Log | None = None) -> None:
-        from kava.core.log import log_stderr
-
         check_force(force)
         self.cfg, self.force, self.log = cfg, set(force), log or log_stderr
         self.root = cfg.root
@@ -119,8 +133,6 @@ class Runner:
     # -- the stages ---------------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -145,8 +157,6 @@ class Runner:
         def work() -> dict[str, Any]:
             record = splits.make_splits(d, self.root)
             if trains_tokenizer:
-                from kava.extract.vocab import train_bpe_tokenizer
-
                 rows = splits.load_split(self.root, "student-train")
                 train_bpe_tokenizer(_texts(rows), where / "student-tokenizer", vocab_size=self.cfg.student.vocab_size)
             return {"splits": record["splits"]}
@@ -190,10 +200,6 @@ class Runner:
         where = Path(self.cfg.out) / ".cache" / "teachers" / key
 
         def work() -> dict[str, Any]:
-            from kava.distill.config import DistillConfig
-            from kava.distill.trainer import run_distill
-            from kava.extract.vocab import train_bpe_tokenizer
-
             rows = splits.check_split(self.root, "teacher-train", stage=f"teacher {spec.name}")
             if where.exists():
                 shutil.rmtree(where)  # a half-trained teacher from a killed run: train it again
@@ -214,8 +220,6 @@ class Runner:
         return {**record, "model": str(where / "model"), "trained": True, "digest": digest([key, record.get("made")])}
 
     def extract(self, teachers: dict[str, dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
-        from kava.kvstore import KVStore
-
         path = self.root / "kv.zarr"
         want = data["splits"]["student-train"]["sample_ids_hash"]
         records = {}
@@ -226,8 +230,6 @@ class Runner:
             where = self.root / "stages" / "extract" / spec.name
 
             def work(spec: TeacherSpec = spec) -> dict[str, Any]:
-                from kava.extract.recipe import run_extract
-
                 splits.check_split(self.root, "student-train", stage=f"extract {spec.name}")
                 resume = False
                 if path.exists():
@@ -304,8 +306,6 @@ class Runner:
         ``tune`` passes its own folder, steps and ``score``, the validation split's record: the student is then
         scored on those rows (accuracy and reference NLL) as part of the unit.
         """
-        from kava.kvstore import KVStore
-
         where = where or self.root / "students" / variant.name / f"seed-{seed}"
         cfg = stage_distill_config(self.cfg, variant, seed=seed, store=store["path"], out=str(where))
         if steps is not None:
@@ -313,8 +313,6 @@ class Runner:
         key = digest({"config": cfg.to_dict(), "store": store["digest"], **({"score": score} if score else {})})
 
         def work() -> dict[str, Any]:
-            from kava.distill.trainer import run_distill
-
             splits.check_split(self.root, "student-train", stage=f"distill {variant.name}",
                                sample_ids_hash=KVStore.open(store["path"]).manifest.dataset.sample_ids_hash)
             resume = self.resumable and (where / "checkpoints").is_dir()
@@ -350,8 +348,6 @@ class Runner:
 
     def _score(self, model: Path, role: str) -> dict[str, Any]:
         """Accuracy and reference NLL of ``model`` on a split other than eval (the validation rows)."""
-        from kava.distill.evaluate import EvalConfig, run_eval
-
         splits.check_split(self.root, role, stage=f"score {model.name} on {role}")
         e = self.cfg.eval
         config = EvalConfig.from_dict(dict(
@@ -379,8 +375,6 @@ class Runner:
             key = digest({"model": model_key, "eval": e.__dict__, "split": data["splits"]["eval"], "items": 2})
 
             def work(model: str = model, label: str = label, where: Path = where) -> dict[str, Any]:
-                from kava.distill.evaluate import EvalConfig, run_eval
-
                 splits.check_split(self.root, "eval", stage=f"eval {label}")
                 where.mkdir(parents=True, exist_ok=True)
                 config = EvalConfig.from_dict(dict(
@@ -400,15 +394,9 @@ class Runner:
                                     check=lambda where=where: (where / "items.jsonl").is_file())
         return out
 
-    def _checkpoint_curve(self, student: Path, final: Any) -> list[dict[str, float]]:
+    def _checkpoint_curve(self, student: Path, final: EvalResult) -> list[dict[str, float]]:
         """Accuracy and reference NLL on the first ``eval.checkpoint_rows`` eval rows at every kept checkpoint,
         ending with the final student (its items from the full eval, the same rows)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from kava.distill.checkpoint import step_checkpoints, student_at
-        from kava.distill.evaluate import evaluate, reference_nll
-        from kava.extract.templates import load_template
-
         n, e = self.cfg.eval.checkpoint_rows, self.cfg.eval
         if n <= 0:
             return []
@@ -432,8 +420,6 @@ class Runner:
 
     def report(self, data: dict[str, Any], teachers: dict[str, Any], store: dict[str, Any],
                students: dict[tuple[str, int], dict[str, Any]], evals: dict[str, dict[str, Any]]) -> None:
-        from .report import write_report
-
         t0 = time.perf_counter()
         self.log("[report] writing")
         write_report(self.cfg, self.root, data=data, teachers=teachers, store=store, students=students,
@@ -445,7 +431,7 @@ class Runner:
         """Stage logs are kept short: the runner prints one line per unit of work."""
 
 
-def _texts(rows: Any) -> list[str]:
+def _texts(rows: Iterable[ReasoningRow]) -> list[str]:
     """The text a run's BPE tokenizers are trained on: each problem as the split files hold it."""
     return [f"{r.question}\n{splits.gsm8k_answer(r)}" for r in rows]
 

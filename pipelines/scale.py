@@ -13,7 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kava.core.config import as_int, parse_list
+from kava.core.data import DataSource
 from kava.core.errors import ConfigError
+from kava.core.models import load_fast_tokenizer
+from kava.extract.estimate import bytes_per_token
+from kava.extract.teachers import PRESETS
+from kava.extract.templates import load_template
+from kava.kvstore import KVStore
+from kava.kvstore.manifest import KV_DTYPES, proportional_layer_map
 
 from .config import RunConfig
 
@@ -29,10 +37,12 @@ COMPRESSION_MEASURED = (1.26, 1.5)
 
 def geometry(model_id: str) -> tuple[tuple[int, int, int, int], str]:
     """``(layers, heads, kv_heads, head_dim)`` of a model and where it came from (the local config or the table)."""
+    # `kava doctor` imports this module (KNOWN_GEOMETRY, stored_layers) and must run, and say so, where torch or
+    # transformers is missing: what needs them is imported where it is used.
     try:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # noqa: PLC0415 - `kava doctor` runs without it
 
-        from kava.extract.capture import attention_geometry
+        from kava.extract.capture import attention_geometry  # noqa: PLC0415 - torch: `kava doctor` runs without it
 
         return attention_geometry(AutoConfig.from_pretrained(model_id, local_files_only=True)), "local config"
     except (OSError, ValueError):
@@ -45,19 +55,15 @@ def geometry(model_id: str) -> tuple[tuple[int, int, int, int], str]:
 def stored_layers(extract: dict[str, Any], teacher_layers: int, student_layers: int) -> tuple[int, int]:
     """``(K/V layers, Q layers)`` a teacher's ``extract:`` options store, as extraction picks them (for ``cka``, an
     upper bound: top-k layers may coincide)."""
-    from kava.kvstore.manifest import proportional_layer_map
-
     layer_map = str(extract.get("layer_map", "proportional"))
     if layer_map == "proportional":
         kv = len(proportional_layer_map(teacher_layers, student_layers).teacher_layers)
     elif layer_map == "cka":
         kv = min(teacher_layers, student_layers * int(extract.get("cka_top_k", 2)))
     else:
-        from kava.extract.layer_map import parse_layer_map
+        from kava.extract.layer_map import parse_layer_map  # noqa: PLC0415 - torch: `kava doctor` runs without it
 
         kv = len(parse_layer_map(layer_map, teacher_layers, student_layers).teacher_layers)
-    from kava.core.config import as_int, parse_list
-
     q_spec = parse_list(extract.get("q_layers"), as_int, "q_layers", "layer numbers", [])  # '0,5' or [0, 5]
     q = (len(q_spec) if q_spec else kv) if extract.get("with_q") else 0
     return kv, q
@@ -67,13 +73,7 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
          limit: int | None = None, tokens_per_s: float = 5000.0, step_seconds: float = 0.5,
          store: str | None = None) -> dict[str, Any]:
     """The numbers of ``format_plan``; ``tokens_per_s`` and ``step_seconds`` are assumptions the caller states."""
-    from kava.core.data import DataSource
-    from kava.core.models import load_fast_tokenizer
-    from kava.extract.estimate import bytes_per_token
-    from kava.extract.grid import build_grid
-    from kava.extract.teachers import PRESETS
-    from kava.extract.templates import load_template
-    from kava.kvstore.manifest import KV_DTYPES, proportional_layer_map
+    from kava.extract.grid import build_grid  # noqa: PLC0415 - torch: `kava doctor` runs without it
 
     d = cfg.data
     teachers = [t for t in cfg.teachers if t.model is not None]
@@ -132,8 +132,6 @@ def plan(cfg: RunConfig, *, student_tokenizer: str | None = None, data_files: st
 
 def measure_read(path: str | Path) -> dict[str, Any]:
     """Logical K/V (and Q) bytes per second streamed from ``path`` by ``iter_shards``, on this machine."""
-    from kava.kvstore import KVStore
-
     store = KVStore.open(path)
     t0, logical = time.perf_counter(), 0
     for shard in store.iter_shards():
@@ -157,9 +155,10 @@ def format_plan(p: dict[str, Any]) -> str:
                   f"{'layers':<28}{'dtype':<10}{'K+V raw':>12}{'K+V+Q raw':>12}{'K+V at 1.26x':>14}"]
         for s in t["sizes"]:
             label = f"{s['layers']} ({s['n_layers']})"
+            lossless = s["kv_dtype"] in ("float16", "bfloat16", "float32")
+            compressed = gib(s["kv_bytes"] / COMPRESSION_MEASURED[0]) if lossless else "–"
             lines.append(f"{label:<28}{s['kv_dtype']:<10}{gib(s['kv_bytes']):>12}"
-                         f"{gib(s['kv_q_bytes']):>12}"
-                         f"{gib(s['kv_bytes'] / COMPRESSION_MEASURED[0]) if s['kv_dtype'] in ('float16', 'bfloat16', 'float32') else '–':>14}")
+                         f"{gib(s['kv_q_bytes']):>12}{compressed:>14}")
         st = t["step"]
         lines += ["", f"this config {gib(t['store_bytes'])} raw ({st['dtype']}, K/V on {st['layers']} layers, Q on "
                   f"{st['q_layers']})",

@@ -29,16 +29,17 @@ import dataclasses
 import re
 import shlex
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal
 
+from kava.core.config import config_fields, config_to_dict
 from kava.core.errors import ConfigError
+from kava.distill.config import DistillConfig
+from kava.extract.config import ExtractConfig
 
-if TYPE_CHECKING:  # pragma: no cover - type hints only
-    from kava.distill.config import DistillConfig
-    from kava.extract.config import ExtractConfig
-
-    from .config import RunConfig
+from . import splits
+from .config import RunConfig, stage_distill_config, stage_extract_config
 
 NOT_FLAGS = ("command", "extra")
 """Config fields with no flag: the command line is recorded by the command itself; ``extra`` is free-form."""
@@ -121,7 +122,7 @@ class SlurmOptions:
 # Flags from a config
 
 
-def config_flags(cfg: Any, *, omit: Sequence[str] = ()) -> list[str]:
+def config_flags(cfg: ExtractConfig | DistillConfig, *, omit: Sequence[str] = ()) -> list[str]:
     """The command-line arguments that rebuild ``cfg`` (a stage config dataclass) through its click command.
 
     Required options always, others only where they differ from their default (a group's options included, flat,
@@ -130,8 +131,6 @@ def config_flags(cfg: Any, *, omit: Sequence[str] = ()) -> list[str]:
     ``repr`` so they read back exactly. Raises ConfigError for a value no flag can express (a None over a non-None
     default, free-form ``extra`` details).
     """
-    from kava.core.config import config_fields, config_to_dict
-
     values = config_to_dict(cfg)
     args: list[str] = []
     problems: list[str] = []
@@ -284,7 +283,8 @@ def render_verify(cfg: ExtractConfig, slurm: SlurmOptions, *, notes: Sequence[st
     if cfg.name is not None:
         name = cfg.name
     else:
-        from kava.extract.recipe import default_teacher_name  # the name extraction gives the teacher
+        # The name extraction gives the teacher; the recipe module loads torch, which rendering a script never needs.
+        from kava.extract.recipe import default_teacher_name  # noqa: PLC0415 - keeps `kava slurm` free of torch
 
         name = default_teacher_name(cfg)
     head = _sbatch_lines(slurm, job_name=f"{slurm.job_name}-verify", gpus=0)
@@ -380,8 +380,6 @@ def render_from_run_config(run: RunConfig, slurm: SlurmOptions, *, stage: Litera
     the headers and in the data-stage hint. Expected CLI: ``kava slurm run CONFIG --stage extract|distill [--jobs 8]
     [Slurm options] --out-dir DIR`` writing ``DIR/<name>.sbatch``.
     """
-    from .config import stage_distill_config, stage_extract_config
-
     where = f"kava run config {config}" if config else f"kava run experiment {run.name}"
     scripts: list[tuple[str, str]] = []
     if stage == "extract":
@@ -390,8 +388,6 @@ def render_from_run_config(run: RunConfig, slurm: SlurmOptions, *, stage: Litera
             raise ConfigError(f"Teachers {', '.join(trained)} are trained by `kava run` (train:), so they have no "
                               "model to extract until it has run; extract them with `kava run`, or give them a "
                               "pretrained model:.")
-        from . import splits
-
         data = str(splits.split_path(run.root, "student-train"))
         hint = (f"python -c 'import sys; from kava.pipelines.config import load_config; from kava.pipelines.runner "
                 f"import Runner; Runner(load_config(sys.argv[1])).data()' {shlex.quote(config or 'CONFIG')}")

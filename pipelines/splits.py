@@ -2,10 +2,10 @@
 
 ``teacher-train`` trains the teachers made here, ``student-train`` is what the store is extracted over and the
 students learn from, ``validation`` (only with ``data.validation_size``) is carved from the student share for
-``tune:`` and is neither trained on nor stored, ``eval`` is a separate split no model ever trains on. Each is a GSM8K-form JSONL file under
-``<run>/data/``; ``splits.json`` records each one's row count, its sample-id hash (the hash a store's manifest
-records for the rows it was cut from) and a hash of its questions. A stage loads its file, recomputes the hash and
-refuses to run on anything else.
+``tune:`` and is neither trained on nor stored, and ``eval`` is a separate split no model ever trains on. Each is a
+GSM8K-form JSONL file under ``<run>/data/``; ``splits.json`` records each one's row count, its sample-id hash (the
+hash a store's manifest records for the rows it was cut from) and a hash of its questions. A stage loads its file,
+recomputes the hash and refuses to run on anything else.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kava.core.data import load_rows
 from kava.core.errors import DatasetError
+from kava.core.rows import ReasoningRow, RowSet
+from kava.core.synthetic import difficulty_details
+from kava.kvstore import sample_ids_hash
 
 if TYPE_CHECKING:  # pragma: no cover - config.py imports this module: its types only, for annotations
     from .config import DataSpec
@@ -30,14 +34,12 @@ def split_path(root: Path, role: str) -> Path:
     return root / "data" / f"{role}.jsonl"
 
 
-def load_split(root: Path, role: str) -> Any:
+def load_split(root: Path, role: str) -> RowSet:
     """The rows of one split file, as every stage reads them."""
-    from kava.core.data import load_rows
-
     return load_rows(str(split_path(root, role)), split=FILE_SPLIT[role])
 
 
-def gsm8k_answer(row: Any) -> str:
+def gsm8k_answer(row: ReasoningRow) -> str:
     """A row's answer field in GSM8K form: the reasoning lines, then ``#### <answer>``."""
     return f"{row.reasoning}\n#### {row.answer}"
 
@@ -49,9 +51,7 @@ def _question_hash(questions: list[str]) -> str:
     return h.hexdigest()
 
 
-def describe(rows: Any) -> dict[str, Any]:
-    from kava.kvstore import sample_ids_hash
-
+def describe(rows: RowSet) -> dict[str, Any]:
     return {"rows": len(rows), "sample_ids_hash": sample_ids_hash([r.sample_id for r in rows]),
             "questions_hash": _question_hash([r.question for r in rows])}
 
@@ -62,9 +62,6 @@ def make_splits(spec: DataSpec, root: Path) -> dict[str, Any]:
     With ``teacher_fraction`` 0 (every teacher pretrained) the whole pool trains students and there is no
     teacher-train split: no file, and none in the record.
     """
-    from kava.core.data import load_rows
-    from kava.core.synthetic import difficulty_details
-
     pool = list(load_rows(spec.dataset, split=spec.pool_split, limit=spec.pool_size, seed=spec.seed,
                           data_files=spec.data_files, difficulty=spec.difficulty))
     evals = list(load_rows(spec.dataset if spec.eval_files is None or spec.dataset != "gsm8k" else "gsm8k",
@@ -122,7 +119,7 @@ def recorded(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_split(root: Path, role: str, *, stage: str, sample_ids_hash: str | None = None) -> Any:
+def check_split(root: Path, role: str, *, stage: str, sample_ids_hash: str | None = None) -> RowSet:
     """Load ``role``'s rows and refuse if they (or a store's recorded hash) are not the recorded split."""
     want = recorded(root)["splits"][role]
     rows = load_split(root, role)
