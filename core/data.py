@@ -24,12 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from kava.core.errors import ConfigError, DatasetError
 
-from .rows import (ANSWER_MARK, ReasoningRow, RowProblem, RowSet, make_sample_id, parse_gsm8k_answer, row_problems,
-                   strip_calculator_notes)
-from .synthetic import (SYNTHETIC_DEFAULT_SIZE, Difficulty, difficulty_details, difficulty_problems,
-                        synthetic_rows)
+from .rows import (
+    ANSWER_MARK,
+    ReasoningRow,
+    RowProblem,
+    RowSet,
+    make_sample_id,
+    parse_gsm8k_answer,
+    row_problems,
+    strip_calculator_notes,
+)
+from .synthetic import SYNTHETIC_DEFAULT_SIZE, Difficulty, difficulty_details, difficulty_problems, synthetic_rows
 
 
 def _as_text(value: Any) -> str:
@@ -85,8 +94,6 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 def _file_fields(path: Path) -> list[str]:
     """The field names of a JSONL file's first record or a Parquet file's schema."""
     if path.suffix in _PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
         return list(pq.read_schema(path).names)
     for record in _jsonl_records(path):
         return list(record)
@@ -140,8 +147,6 @@ def _records(path: Path, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
             "Name the right ones with --question-field / --answer-field."
         )
     if path.suffix in _PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
         yield from pq.read_table(path, columns=list(fields)).to_pylist()
     else:
         yield from _jsonl_records(path)
@@ -255,7 +260,7 @@ def gsm8k_rows(
 
 
 def _hub_gsm8k_records(split: str, limit: int | None) -> list[dict[str, Any]]:
-    import datasets  # heavy (~0.6 s); only the hub path needs it
+    import datasets  # noqa: PLC0415 - the hub path only; ~1 s to import
 
     try:
         dataset = datasets.load_dataset(GSM8K_HUB_ID, GSM8K_CONFIG, split=split)

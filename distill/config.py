@@ -20,8 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kava.core.config import (as_float, as_int, as_name, config_from_dict, config_to_dict, flat_options, format_list,
-                              parse_list)
+from kava.core.config import (
+    as_float,
+    as_int,
+    as_name,
+    config_from_dict,
+    config_to_dict,
+    flat_options,
+    format_list,
+    parse_list,
+)
 from kava.core.data import DataSource
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES

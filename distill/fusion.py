@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kava.distill.losses import weighted_mean
 from kava.core.errors import ConfigError, ShapeError
+from kava.distill.losses import weighted_mean
 
 FUSION_KINDS = ("fixed", "similarity", "learnable")
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kava.core.errors import ConfigError, IncompleteError, KavaError, SchemaError
 from kava.kvstore import KVStore
+
 from .batch import Batch, TeacherBatch, Window, collate, pad_token_id, read_window
 from .plan import BatchPlan, EpochPlan, check_layout, plan_epoch
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from kava.distill.projectors import head_share_matrix
 from kava.core.errors import ConfigError, ShapeError
+from kava.distill.projectors import head_share_matrix
 
 # Score given to masked (future or padded) keys before the softmax: exp() of it is exactly 0 in float32, yet it
 # stays finite after the max is subtracted, unlike -inf (NaN on all-masked rows) or finfo.min (overflows to -inf).

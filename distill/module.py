@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_model
 from torch import nn
 
+from kava.core.errors import ConfigError
 from kava.extract.capture import attention_capture, attention_geometry, rotary_module
 from kava.extract.rope import rope_params
-from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .config import DistillConfig
@@ -188,6 +189,5 @@ class DistillModule(nn.Module):
         """Projector and router weights as safetensors (nothing without a K/V objective)."""
         if self.objective is None:
             return
-        from safetensors.torch import save_model
 
         save_model(self.objective, str(out / "projectors.safetensors"))

@@ -7,10 +7,14 @@ layer map (every student layer has its teacher targets); without a store it is t
 LoRA goes through peft (``--lora-r``): the adapters are injected into the model's own linear layers, so the model
 that runs forward — and whose attention the capture records — is still the transformers model, with the adapters
 inside it.
+
+`kava run` checks its config before anything loads and reads ``PRESETS`` to do it, so torch and transformers are
+imported inside the functions that build a model, and peft (seconds to import) only under ``--lora-r``.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -19,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, SchemaError
+from kava.core.models import load_model, load_tokenizer, resolve_model
+from kava.kvstore.manifest import is_plain_name
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train on a laptop CPU in minutes; GQA on the Qwen2 one, plain MHA on the Llama one.
@@ -55,7 +61,7 @@ class Student:
 
 
 def _preset_config(name: str, tokenizer: Any, num_layers: int | None) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config  # noqa: PLC0415 - keeps config checks light (module docstring)
 
     values = dict(PRESETS[name])
     arch = values.pop("arch")
@@ -75,10 +81,7 @@ def tokenizer_from_files(files: dict[str, bytes]) -> Any:
     Each name must be a plain file name: one that is a path (``/tmp/x``, ``../x``) is refused before anything is
     written, so a store can never write outside the temporary folder.
     """
-    from transformers import AutoTokenizer
-
-    from kava.core.errors import SchemaError
-    from kava.kvstore.manifest import is_plain_name
+    from transformers import AutoTokenizer  # noqa: PLC0415 - keeps config checks light (module docstring)
 
     bad = [name for name in files if not is_plain_name(name)]
     if bad:
@@ -115,8 +118,8 @@ def load_student(
         seed: seeds a preset's random initialisation.
         lora_r: LoRA rank; ``None`` or 0 trains every weight.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 - keeps config checks light (module docstring)
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - keeps config checks light (module docstring)
 
     preset = name.lower() if name.lower() in PRESETS else None
     if preset is not None:
@@ -132,8 +135,6 @@ def load_student(
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         model_tokenizer = tokenizer
     else:
-        from kava.core.models import load_model, load_tokenizer, resolve_model
-
         source = resolve_model(name, role="student", dtype="float32", trust_remote_code=trust_remote_code)
         model_tokenizer = load_tokenizer(source)
         model = load_model(source, trainable=True, attn_implementation="sdpa")
@@ -150,7 +151,7 @@ def load_student(
 
 
 def _with_lora(model: Any, r: int, alpha: float | None, dropout: float, targets: str) -> Any:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - ~7 s to import; only --lora-r needs it
 
     target: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
@@ -179,7 +180,6 @@ def save_student(student: Student, out: Path) -> None:
     if student.lora_r:
         model.save_pretrained(out / "adapter")
         # merge_and_unload changes the training model in place; merge a copy so training state stays intact.
-        import copy
 
         with _quiet_peft():
             model = copy.deepcopy(model).merge_and_unload()

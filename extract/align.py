@@ -20,8 +20,8 @@ zero-width student token gets no teacher weights and coverage 0, and a zero-widt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np

@@ -32,10 +32,13 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kava.core.errors import ConfigError, KavaError, ShapeError
 from kava.extract.rope import RotateHalf, apply_rope, invert_rope, rope_params
 from kava.extract.rope import rotate_half as default_rotate_half
-from kava.core.errors import ConfigError, KavaError, ShapeError
 
 KRope = Literal["pre", "post"]
 
@@ -234,8 +237,6 @@ def _wrapper_for(original: str) -> Callable[..., Any]:
 
 
 def _original_attention(original: str, module: nn.Module) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if original != "eager":
         return ALL_ATTENTION_FUNCTIONS[original]
     # "eager" is not in the interface: each modeling file passes its own eager_attention_forward as the default.
@@ -258,10 +259,6 @@ def _original_attention(original: str, module: nn.Module) -> Callable[..., Any]:
 
 def _ensure_registered(original: str) -> str:
     """Register ``kava_capture_<original>`` (attention + mask) once; return the name. Idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     name = f"{_PREFIX}{original}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _wrapper_for(original))

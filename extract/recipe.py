@@ -20,14 +20,26 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
+from kava.core import models
 from kava.core.errors import ConfigError
 from kava.core.log import Log, log_stderr
+from kava.core.models import describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
 from kava.kvstore import KVStore, LogitSpec, StorageSpec, TeacherSpec, default_storage
 
+from .align import apply, token_spans
+from .calibrate import calibrate_cka
+from .capture import attention_geometry, capture_qkv
 from .config import ExtractConfig
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
+from .layer_map import format_layer_map, parse_layer_map
+from .rope import rope_params
 from .teacher_pass import generate_reasoning, sample_alignment, student_logits, teacher_forward, teacher_texts
+from .teachers import resolve_teacher
+from .templates import load_template
 
 
 @dataclass
@@ -175,12 +187,8 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
 def configure_process(threads: int | None, *, progress: bool) -> None:
     """Torch's intra-op threads and transformers' own progress bars: set once per process, before models load."""
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # its "Loading weights" bars too
 
 
@@ -198,15 +206,9 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
 
     Creates the store (or checks that it holds this grid), chooses the shards to write (complete ones are refused
     without --resume), loads the teacher, computes its layer map and CKA matrices and registers it. ``source`` is
-    ``validate_and_resolve(cfg)``; ``load_model`` turns it into the model (default ``teachers.load_model``; a
+    ``validate_and_resolve(cfg)``; ``load_model`` turns it into the model (default ``kava.core.models.load_model``; a
     worker passes its cache's). Returns the plan, the grid (indexed by store sample) and the loaded teacher.
     """
-    from .capture import attention_geometry
-    from .rope import rope_params
-    from kava.core.models import describe_model, load_fast_tokenizer, load_tokenizer
-    from kava.core.models import load_model as load_teacher_model
-    from .templates import load_template
-
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     name = cfg.name or default_teacher_name(cfg)
 
@@ -224,7 +226,7 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     todo, done = _shards_to_do(cfg, store, name)
 
     # 4. The teacher (only now: a store that refuses this grid or this run fails before minutes of model loading).
-    teacher_model = (load_model or load_teacher_model)(source)
+    teacher_model = (load_model or models.load_model)(source)
 
     # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(teacher_model.config)
@@ -271,10 +273,6 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
     time; a shard becomes visible when its marker is written, so one left unfinished by an error is redone by a
     resumed run. ``bar`` (a tqdm bar, optional) advances per batch.
     """
-    from .align import apply, token_spans
-    from .capture import capture_qkv
-    from .templates import load_template
-
     cfg = plan.cfg
     store = KVStore.open(cfg.store, mode="a")
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
@@ -353,9 +351,6 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
 
 def validate_and_resolve(cfg: ExtractConfig) -> Any:
     """Check the options and resolve the teacher, reporting every problem of both at once."""
-    from .teachers import resolve_teacher
-    from .templates import load_template
-
     problems = []
     try:
         cfg.validate()
@@ -425,15 +420,10 @@ def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> t
 
 def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
     """The layer map, plus CKA matrices computed on a calibration subset (name → (matrix, attributes))."""
-    from .calibrate import calibrate_cka
-    from .layer_map import format_layer_map, parse_layer_map
-
     student_layers = cfg.student_layers or num_layers
     student_model = None
     if cfg.student is not None:
-        from kava.core.models import load_model, resolve_model
-
-        student_model = load_model(resolve_model(cfg.student, role="student"))
+        student_model = models.load_model(resolve_model(cfg.student, role="student"))
         student_layers = student_model.config.num_hidden_layers
     calibration = [s for s in grid if s.status != "skipped"][: cfg.calibration_samples]
     cka = calibrate_cka(teacher_model, teacher_tok, student_model, calibration, batch_size=cfg.batch_size) \
@@ -448,8 +438,6 @@ def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
 
 def progress_bar(total: int, enabled: bool) -> Any:
     """The extraction's tqdm bar on stderr, counting samples."""
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="sample", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                 desc="extract")
 

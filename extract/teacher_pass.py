@@ -9,10 +9,15 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from kava.core.padding import left_pad
 
+from .align import Alignment, align_tokens, remap_spans, token_spans
 from .grid import GridSample
+from .logits import NO_TARGET, boundary_rows, topk_logprobs
+from .templates import format_row, segment_ids
+from .warp import time_warp
 
 
 def teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
@@ -22,8 +27,6 @@ def teacher_texts(batch: list[GridSample], template: Any, teacher_template: Any
     Under the student's own template that is the grid text. Under another template the row is formatted anew and
     cut where the student's text was cut (the same position inside the same piece).
     """
-    from .templates import format_row
-
     if teacher_template.format == template.format:
         return [s.text for s in batch], [s.seg_spans for s in batch]
     texts, pieces = [], []
@@ -64,10 +67,6 @@ def teacher_forward(model, encoded, layers, q_layers, k_rope, device, capture_qk
     With ``logit_top_k`` the whole LM runs and each sample keeps only its top-k log-probabilities: the ``[B, T, V]``
     logits are reduced one row at a time and dropped before this returns.
     """
-    import torch
-
-    from .logits import topk_logprobs
-
     lengths = [len(ids) for ids, _ in encoded]
     out: list[TeacherRows] = [None] * len(encoded)  # type: ignore[list-item]
     live = [i for i, n in enumerate(lengths) if n > 0]
@@ -110,9 +109,6 @@ def student_logits(sample: GridSample, t_spans: np.ndarray, piece: dict[str, tup
     piece by piece under another template. A teacher that read its own generated text read another text than the
     student's, so no token takes a row (every id ``NO_TARGET``).
     """
-    from .align import remap_spans
-    from .logits import NO_TARGET, boundary_rows
-
     ids, logp = (np.asarray(x) for x in top)
     n, k = len(sample.input_ids), ids.shape[1]
     if generated:
@@ -132,10 +128,6 @@ def generate_reasoning(model, tok, texts: list[str], pieces: list[dict[str, tupl
               device) -> list[str]:
     """The teacher writes its own reasoning and answer, greedily, after each sample's prompt: one batched
     ``generate`` with the prompts left-padded (a decoder continues from the last position of every row)."""
-    import torch
-
-    from .align import token_spans
-
     prompts = [text[: piece["reasoning"][0]] if text else "" for text, piece in zip(texts, pieces)]
     live = [i for i, prompt in enumerate(prompts) if prompt]
     out = [""] * len(texts)
@@ -158,8 +150,6 @@ def sample_alignment(sample: GridSample, t_ids: np.ndarray, t_spans: np.ndarray,
                hard: bool, special_ids: np.ndarray) -> Any:
     """How a sample's teacher rows ``[T_t]`` map onto its student tokens ``[T_s]`` (an ``Alignment``), or None
     when they are the same tokens."""
-    from .align import Alignment, align_tokens, remap_spans
-
     if generated:  # the teacher read its own text: resample segment by segment
         al = _warp_alignment(sample, text, piece, t_spans, t_ids, special_ids)
     elif same_text and same_tokenizer and np.array_equal(t_ids, sample.input_ids[: len(t_ids)]):
@@ -185,9 +175,6 @@ def _warp_alignment(sample: GridSample, teacher_text: str, pieces: dict[str, tup
     reasoning and answer, and segment ids follow the grid's own rule (``segment_ids``), so equal prompts give equal
     prompt segments and the prompt maps one to one.
     """
-    from .templates import segment_ids
-    from .warp import time_warp
-
     generated = pieces["reasoning"][0]
     answer_at = teacher_text.find("####", generated)
     seg_spans = {"prompt": pieces["prompt"]}

@@ -157,7 +157,7 @@ def decode_torch(stored: torch.Tensor, scale: torch.Tensor | None, dtype: str, o
     16-bit integer bits), or int8 codes. scale: ``[...]`` float16 for int8, else None. Returns ``out_dtype``
     values equal to what :func:`decode` gives for the same arrays (int8 is dequantized in float32 first, as there).
     """
-    import torch  # kvstore itself does not need torch
+    import torch  # noqa: PLC0415 - kvstore itself never needs torch; only the trainer's decode does
 
     if dtype == "bfloat16":
         x = stored if stored.dtype == torch.bfloat16 else stored.view(torch.bfloat16)
@@ -312,7 +312,7 @@ def dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                      per_channel: bool, group: int, first_row: int = 0) -> torch.Tensor:
     """:func:`dequantize_np` for torch tensors on any device (same shapes, same float32 result; two roundings,
     no fused multiply-add). codes: int8 or uint8 tensors; scale/zero: float16 tensors (zero None for int8)."""
-    import torch
+    import torch  # noqa: PLC0415 - kvstore itself never needs torch; only the trainer's decode does
 
     if dtype == "int8":
         return decode_torch(codes, scale, "int8", torch.float32)

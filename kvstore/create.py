@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,8 +24,9 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 
-from . import zarr_io, codecs, layout
 from kava.core.errors import ConfigError, StoreError
+
+from . import codecs, layout, zarr_io
 from .integrity import sample_ids_problem
 from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec, is_plain_name, seal
 from .store import KVStore
@@ -244,8 +246,6 @@ def _check_same_grid(store: KVStore, other: StoreManifest) -> None:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("kava")
     except Exception:  # noqa: BLE001 - running from a source tree without metadata
         return "0+unknown"

@@ -24,7 +24,7 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
     bits and int8/int4/int2 codes back into float32; without it you get the stored values (int4/int2: packed codes
     ``[tokens, layers, heads, head_dim * bits / 8]`` uint8). All shards must be complete.
     """
-    import dask.array as da
+    import dask.array as da  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
 
     spec = store.teacher(teacher)
     missing = store.missing_shards(teacher)
@@ -58,8 +58,8 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
 
 def to_xarray(store: KVStore, teacher: str) -> Any:
     """A teacher as an ``xarray.Dataset`` (dask-backed) with the grid's input and segment ids as coordinates."""
-    import dask.array as da
-    import xarray as xr
+    import dask.array as da  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
+    import xarray as xr  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
 
     spec = store.teacher(teacher)
     data: dict[str, tuple[tuple[str, ...], Any]] = {
