@@ -8,8 +8,9 @@ it is safe in scripts, servers and tests whatever backend is active. :func:`draw
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np

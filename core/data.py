@@ -6,7 +6,8 @@ records ``RowSet.problems`` next to what it writes.
 
 Sources:
 
-- ``synthetic_rows`` (in ``synthetic.py``): seeded GSM8K-shaped arithmetic word problems (the embedded default run needs no download).
+- ``synthetic_rows`` (in ``synthetic.py``): seeded GSM8K-shaped arithmetic word problems (the embedded default run
+  needs no download).
 - ``gsm8k_rows``: GSM8K from local JSONL/Parquet files, or the hub dataset ``openai/gsm8k`` when it is cached.
 - ``file_rows``: any JSONL or Parquet file, with the field names given.
 - ``load_rows``: dispatches on ``"synthetic"`` | ``"gsm8k"`` | a path, as the CLI's ``--dataset`` does.

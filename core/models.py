@@ -29,9 +29,10 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 from .hub import hub_offline, uncached_problem
@@ -170,7 +171,8 @@ def resolve_model(
         if revision is not None:
             problems.append(f"--revision applies to hub ids only. Got --revision {revision} with local path {key}.")
     elif _looks_like_path(key):
-        problems.append(f"{role.capitalize()} path {key!r} does not exist or is not a directory. Expected a model directory.")
+        problems.append(f"{role.capitalize()} path {key!r} does not exist or is not a directory. "
+                        "Expected a model directory.")
     elif _HUB_ID.match(key):
         is_hub = True
     else:
@@ -357,8 +359,8 @@ def _load_error(source: ModelSource, what: str, error: Exception) -> ConfigError
     """Turn a transformers loading error into a ConfigError that names the model and the fix."""
     if "trust_remote_code" in str(error) or "custom code" in str(error):
         return ConfigError(
-            f"{source.role.capitalize()} {source.model_id} ships its own modelling code, which KaVa runs only when asked. "
-            f"Review that code, then pass --trust-remote-code."
+            f"{source.role.capitalize()} {source.model_id} ships its own modelling code, which KaVa runs only when "
+            "asked. Review that code, then pass --trust-remote-code."
         )
     hint = " Expected a tokenizer.json next to the model." if what == "tokenizer" else ""
     return ConfigError(f"Could not load the {what} of {source.role} {source.model_id}: {error}{hint}")

@@ -23,9 +23,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -160,7 +160,7 @@ def wrap(module: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
                                    find_unused_parameters=False, **{flag: False})
 
 
-def backward_sync(model: nn.Module, *, sync: bool) -> ContextManager[Any]:
+def backward_sync(model: nn.Module, *, sync: bool) -> AbstractContextManager[Any]:
     """Around a micro-batch's forward and backward: DDP all-reduces the gradients only when ``sync`` (the step's
     last micro-batch); before that they accumulate locally. A plain module: nothing."""
     if sync:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,7 +278,8 @@ class KVStream(IterableDataset):
 
 @dataclass
 class WorkerFailure:
-    """A KavaError raised in a loader worker (a corrupted chunk, an unfinished shard), sent to the trainer as an item."""
+    """A KavaError raised in a loader worker (a corrupted chunk, an unfinished shard), sent to the trainer as an
+    item."""
 
     error: KavaError
 

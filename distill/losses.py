@@ -347,8 +347,8 @@ def _grouped(q: torch.Tensor, kv_heads: int, start: int, stop: int) -> torch.Ten
 
 def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, bias: torch.Tensor) -> torch.Tensor:
     """``[B, Hq, n, stop]`` causal scores ``q·k`` (``q`` already scaled) of queries ``start:stop`` over keys
-    ``:stop``; keys after their query get ``MASKED_SCORE`` added (``bias``: ``_future_bias``). Only the diagonal ``n × n``
-    square needs the mask: keys before ``start`` are visible from every query of the block."""
+    ``:stop``; keys after their query get ``MASKED_SCORE`` added (``bias``: ``_future_bias``). Only the diagonal
+    ``n × n`` square needs the mask: keys before ``start`` are visible from every query of the block."""
     batch, heads, _, _ = q.shape
     kv_heads, n = k.shape[1], stop - start
     scores = torch.matmul(_grouped(q, kv_heads, start, stop), k[:, :, :stop].transpose(-1, -2))  # [B, Hk, G·n, stop]

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -269,7 +269,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
                          teachers=list(state.data.teacher_names))
 
 
-def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: ContextManager[Any]) -> StepStats | None:
+def optimizer_step(state: TrainingState, batches: Iterator[Batch],
+                   autocast: contextlib.AbstractContextManager[Any]) -> StepStats | None:
     """Accumulate ``--grad-accum`` micro-batches, check that every logged term is finite, clip, step; advance
     ``state.step`` and ``state.tokens``. None when the data ran out before the step's first micro-batch (--epochs).
 
@@ -428,7 +429,7 @@ def _nan_error(term: str, value: float, step: int, samples: list[int] | None, pa
     )
 
 
-def _autocast(cfg: DistillConfig, device: torch.device) -> ContextManager[Any]:
+def _autocast(cfg: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast with ``--precision bf16`` (or ``auto`` on CUDA); otherwise a context that does nothing."""
     bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
     if not bf16:

@@ -8,7 +8,8 @@ named, because biased CKA is inflated when rows are few and dimensions many.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -363,8 +363,8 @@ def bytes_per_token(array: str, layers: int, heads: int, head_dim: int, dtype: s
                     group_channels: int = 0) -> float:
     """Stored bytes per token of one array, scales and zeros included (per-channel groups amortised over G)."""
     total = 0.0
-    for shape, dt, dims in stored_arrays(array, group_tokens or 1, layers, heads, head_dim, dtype,
-                                         group_tokens=group_tokens, group_channels=group_channels).values():
+    for shape, dt, _ in stored_arrays(array, group_tokens or 1, layers, heads, head_dim, dtype,
+                                      group_tokens=group_tokens, group_channels=group_channels).values():
         n = float(np.prod(shape)) * dt.itemsize
         total += n / (group_tokens or 1)
     return total

@@ -13,10 +13,11 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -134,7 +135,7 @@ def create_store(
         num_shards=len(shard_starts) - 1,
         grid_fingerprint=grid_hash,
         created_by=created_by,
-        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         kava_version=_version(),
         format_version=FORMAT_VERSION,
     )

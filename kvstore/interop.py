@@ -6,14 +6,16 @@ carry dimension names); the functions here stitch the shards into one array on t
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import codecs, layout
 from kava.core.errors import IncompleteError
+
+from . import codecs, layout
 from .store import KVStore
 
 
@@ -44,9 +46,8 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
             st = spec.storage
             per_channel, group = codecs.group_of(array, st.dtype, st.group_tokens, st.group_channels)
             scale, zero = (da.from_zarr(store.array(f"{key}_{side}")) for side in ("scale", "zero"))
-            x = da.map_blocks(
-                lambda c, s, z: codecs.dequantize_np(c, s, z, st.dtype, per_channel=per_channel, group=group),
-                x, scale, zero, dtype=np.float32, chunks=(*x.chunks[:3], (spec.head_dim,)))
+            dequantize = functools.partial(codecs.dequantize_np, dtype=st.dtype, per_channel=per_channel, group=group)
+            x = da.map_blocks(dequantize, x, scale, zero, dtype=np.float32, chunks=(*x.chunks[:3], (spec.head_dim,)))
         elif decode and spec.storage.dtype == "int8":
             scale = da.from_zarr(store.array(f"{key}_scale"))
             x = x.astype(np.float32) * scale.astype(np.float32)[..., None]

@@ -6,7 +6,8 @@ nothing. Everything runs through the user's path: ``save_pretrained`` → ``kava
 (bitsandbytes nf4, double quantisation, bf16 compute) → ``kava store info`` → ``kava distill --device cuda`` (bf16
 autocast) with the K/V objective and CE-only, each a subprocess. The baseline in the same command is the bare nf4
 teacher's decoder stack (no LM head, as extraction runs it without --logit-top-k) over batches of the extraction's
-mean length, so "extraction loop ÷ bare forward" is the capture, alignment, encoding and write overhead on a GPU. Prints one JSON object. Usage::
+mean length, so "extraction loop ÷ bare forward" is the capture, alignment, encoding and write overhead on a GPU.
+Prints one JSON object. Usage::
 
     KAVA_ASSETS=... python tests/benchmarks/gpu.py [--teacher 7b|1.5b|tiny] [--samples 512] [--steps 30]
 
