@@ -79,9 +79,13 @@ def _make_row(
 
 
 def _collect(name: str, built: Iterable[ReasoningRow | RowProblem]) -> RowSet:
-    rows, problems = [], []
+    rows: list[ReasoningRow] = []
+    problems: list[RowProblem] = []
     for item in built:
-        (rows if isinstance(item, ReasoningRow) else problems).append(item)
+        if isinstance(item, ReasoningRow):
+            rows.append(item)
+        else:
+            problems.append(item)
     return RowSet(name, tuple(rows), tuple(problems))
 
 

@@ -147,7 +147,7 @@ def check_request(store: KVStore, config: LoaderConfig) -> list[int]:
         missing = [layer for layer in req.layers or () if layer not in spec.layers]
         if missing:
             problems.append(
-                f"Expected layers {list(req.layers)} of teacher {req.name!r} to be stored. Got stored layers "
+                f"Expected layers {list(req.layers or ())} of teacher {req.name!r} to be stored. Got stored layers "
                 f"{list(spec.layers)} instead ({missing} missing). Ask for stored layers, or re-extract with those "
                 "layers in the layer map."
             )
@@ -390,6 +390,8 @@ class StreamLoader:
         stream = KVStream(self.config, start=self._position, epochs=self.epochs, shards=self.shards)
         if self.config.num_workers == 0:
             for batch in stream:
+                if isinstance(batch, WorkerFailure):  # only a worker process sends one; as in the loop below
+                    raise batch.error
                 yield self._advance(batch)
             return
         loader = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,

@@ -303,13 +303,14 @@ class TeacherAttention:
                 pk = torch.matmul(p.view(p.shape[0], kv_heads, -1, stop), k[:, :, :stop])  # [B, Hk, G·n, D]
                 cross = (pk * _grouped(q, kv_heads, start, stop)).sum(-1).view_as(lse)
                 return p, cross - lse
-            p = None
+            mixed: torch.Tensor | None = None
             for (q, k), w in zip(pairs, self.weights):
                 term = torch.softmax(_block_scores(q, k, start, stop, bias), dim=-1)
                 if w != 1.0:
                     term.mul_(w)
-                p = term if p is None else p.add_(term)
-            assert p is not None
+                mixed = term if mixed is None else mixed.add_(term)
+            assert mixed is not None
+            p = mixed
             if p.shape[1] != heads:
                 share = head_share_matrix(p.shape[1], heads).to(device=p.device, dtype=dtype)  # [Hs, Ht]
                 p = torch.einsum("sh,bhqk->bsqk", share, p).contiguous()
@@ -377,6 +378,7 @@ class _BlockwiseAttentionKL(torch.autograd.Function):
         for start in range(0, steps, block):
             stop = min(start + block, steps)
             p, neg_entropy = teacher.block_probs(start, stop, heads, dtype, bias, entropy=True)  # [B, Hs, n, stop]
+            assert neg_entropy is not None  # asked for with entropy=True
             s = _block_scores(qs, k, start, stop, bias)  # [B, Hs, n, stop]
             # Σ_keys p·s = qs·(p @ K): one matmul instead of a pass over [n, T] (p is exactly 0 on masked keys, so
             # their MASKED_SCORE adds nothing either way).

@@ -93,6 +93,9 @@ class DistillModule(nn.Module):
     captured on the way, CE on its logits, the K/V objective on the captured tensors and logit distillation against
     the ``logit_teachers``' stored top-k."""
 
+    term_scales: torch.Tensor  # buffers, registered under --balance gradnorm only
+    scales_set: torch.Tensor
+
     def __init__(self, student: Student, objective: KVObjective | None, cfg: DistillConfig, *,
                  logit_teachers: Sequence[LogitTeacher] = ()) -> None:
         super().__init__()
@@ -124,7 +127,8 @@ class DistillModule(nn.Module):
         objective's logs)."""
         batch = batch.decoded()  # teacher K/V/Q arrive as stored (fp16, bf16, int8 + scales): floats on this device
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        kv = logs = None
+        kv: torch.Tensor | None = None
+        logs: dict[str, torch.Tensor] = {}
         if self.objective is None:
             logits = self.student(**inputs).logits
         else:

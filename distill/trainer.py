@@ -336,7 +336,7 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch],
     return StepStats(terms=sums, tokens=tokens, grad_norm=float(grad_norm), seconds=seconds, wait=wait)
 
 
-def _balance_terms(state: TrainingState, loss: Any) -> Any:
+def _balance_terms(state: TrainingState, loss: torch.Tensor) -> torch.Tensor:
     """On a step's first micro-batch: fix --balance gradnorm's scales (first step only; the loss is summed again
     with them) and, every --grad-shares-every steps, measure each term's gradient norm and share on the student
     into ``state.measured`` (``balance/*``, ``grad_norm/*``, ``grad_share/*`` in the step's metrics line).
