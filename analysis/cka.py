@@ -23,15 +23,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 
+from kava.core.errors import ConfigError, ShapeError
 from kava.extract.cka import linear_cka, minibatch_cka, unbiased_hsic
 from kava.kvstore import KVStore
-from kava.core.errors import ConfigError, ShapeError
+from kava.kvstore.interop import to_dask, to_xarray
+
+from .heatmap import heatmap
 
 __all__ = [
     "ARRAYS", "ESTIMATORS", "CKAResult", "linear_cka", "linear_cka_reference", "minibatch_cka",
@@ -227,8 +233,6 @@ def _token_index(store: KVStore, teachers: Sequence[str], segments: tuple[str, .
     Tokens with zero weight carry no teacher data (unaligned tokens, quarantined samples: their rows are zeros).
     This is the one ``O(T)`` read: 4 bytes of weight and 1 of segment id per token, 8 per kept index.
     """
-    from kava.kvstore.interop import to_xarray
-
     keep = np.ones(store.num_tokens, dtype=bool)  # [T]
     for name in teachers:
         ds = to_xarray(store, name)
@@ -242,10 +246,6 @@ def _token_index(store: KVStore, teachers: Sequence[str], segments: tuple[str, .
 def _stored(store: KVStore, teacher: str, array: str) -> Any:
     """Lazy dask features ``[T, L, d]`` on the whole token grid, in the stored chunks and dtype (float16 unless
     decoded); ``d = heads * head_dim``, twice that for ``kv``."""
-    import dask.array as da
-
-    from kava.kvstore.interop import to_dask
-
     parts = []
     for name in ARRAYS[array]:
         x = to_dask(store, teacher, name)  # [T, L, H, D]
@@ -395,9 +395,6 @@ def store_cka(
         ConfigError: unknown teacher, array, estimator or segment, a block size too small, or too few tokens.
         IncompleteError: a teacher with unfinished shards.
     """
-    import dask
-    import dask.array as da
-
     kv = store if isinstance(store, KVStore) else KVStore.open(store)
     segs = _segment_list(segments)
     problems = _problems(kv, teacher, vs, array, estimator, block_tokens, segs)
@@ -491,8 +488,6 @@ def run_cka(
     written under temporary names and renamed into place at the end, so ``out`` never holds a half-written one.
     The stem is :func:`output_stem`; the JSON is ``CKAResult.to_dict()`` plus the store and ``elapsed_s``.
     """
-    from .heatmap import heatmap
-
     store = KVStore.open(store_path)
     segs = _segment_list(segments)
     problems = _problems(store, teacher, vs, array, estimator, block_tokens, segs)

@@ -8,10 +8,14 @@ it is safe in scripts, servers and tests whatever backend is active. :func:`draw
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from kava.core.errors import ConfigError, ShapeError
 from kava.kvstore.manifest import TeacherSpec
@@ -66,8 +70,6 @@ def draw_heatmap(
     lo = vmin if vmin is not None else min(0.0, float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else max(1.0, float(finite.max()) if finite.size else 1.0)
 
-    import matplotlib as mpl
-
     cmap = mpl.colormaps["viridis"].with_extremes(bad="0.8")
     image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
     ax.figure.colorbar(image, ax=ax, label=colorbar_label, shrink=0.9)
@@ -87,8 +89,6 @@ def draw_heatmap(
                 ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
                         fontsize=8 if max(rows, cols) > 8 else 9, color="black" if dark else "white")
     if layer_map:
-        from matplotlib.patches import Rectangle
-
         for r, c in layer_map:
             if not (0 <= r < rows and 0 <= c < cols):
                 raise ConfigError(
@@ -117,8 +117,6 @@ def heatmap(
     See :func:`draw_heatmap` for the arguments. The figure grows with the matrix (about 0.45 inch a cell for
     small matrices, capped for large ones).
     """
-    from matplotlib.figure import Figure
-
     m = np.asarray(matrix, dtype=np.float64)
     rows, cols = m.shape if m.ndim == 2 else (1, 1)
     width = min(16.0, max(5.0, 0.45 * cols + 2.5))

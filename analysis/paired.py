@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from kava.analysis.stats import NAN, as_1d, check_level, json_safe, bootstrap_ci, holm, welch_t
+from kava.analysis.stats import NAN, as_1d, bootstrap_ci, check_level, holm, json_safe, welch_t
 from kava.core.errors import ConfigError, ShapeError
 
 __all__ = [

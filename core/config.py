@@ -175,10 +175,10 @@ def flat_options(cls: C) -> C:
     group (``DistillConfig(student="s", out="o", lr=1e-3)``; ``dataclasses.replace(cfg, lr=1e-3)`` too)."""
     own = {f.name for f in fields(cls)}
     groups = {f.name for f in fields(cls) if _group_type(_hints(cls)[f.name])}
-    grouped = [c for c in config_fields(cls) if c.group]
-    for c in grouped:
-        assert c.name not in vars(cls), f"{cls.__name__}.{c.name} hides the option of its {c.group} group"
-        group_of = operator.attrgetter(c.group)  # the config → the group holding the option (dotted: a.b)
+    grouped = [(c, c.group) for c in config_fields(cls) if c.group]
+    for c, group in grouped:
+        assert c.name not in vars(cls), f"{cls.__name__}.{c.name} hides the option of its {group} group"
+        group_of = operator.attrgetter(group)  # the config → the group holding the option (dotted: a.b)
 
         def get(cfg: Any, name: str = c.name, group_of: Callable[[Any], Any] = group_of) -> Any:
             return getattr(group_of(cfg), name)
@@ -186,9 +186,9 @@ def flat_options(cls: C) -> C:
         def put(cfg: Any, value: Any, name: str = c.name, group_of: Callable[[Any], Any] = group_of) -> None:
             setattr(group_of(cfg), name, value)
 
-        setattr(cls, c.name, property(get, put, doc=f"``{c.group}.{c.name}``"))
+        setattr(cls, c.name, property(get, put, doc=f"``{group}.{c.name}``"))
 
-    dataclass_init = cls.__init__
+    dataclass_init = cls.__init__  # type: ignore[misc]
 
     @functools.wraps(dataclass_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -6,7 +6,8 @@ records ``RowSet.problems`` next to what it writes.
 
 Sources:
 
-- ``synthetic_rows`` (in ``synthetic.py``): seeded GSM8K-shaped arithmetic word problems (the embedded default run needs no download).
+- ``synthetic_rows`` (in ``synthetic.py``): seeded GSM8K-shaped arithmetic word problems (the embedded default run
+  needs no download).
 - ``gsm8k_rows``: GSM8K from local JSONL/Parquet files, or the hub dataset ``openai/gsm8k`` when it is cached.
 - ``file_rows``: any JSONL or Parquet file, with the field names given.
 - ``load_rows``: dispatches on ``"synthetic"`` | ``"gsm8k"`` | a path, as the CLI's ``--dataset`` does.
@@ -24,12 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from kava.core.errors import ConfigError, DatasetError
 
-from .rows import (ANSWER_MARK, ReasoningRow, RowProblem, RowSet, make_sample_id, parse_gsm8k_answer, row_problems,
-                   strip_calculator_notes)
-from .synthetic import (SYNTHETIC_DEFAULT_SIZE, Difficulty, difficulty_details, difficulty_problems,
-                        synthetic_rows)
+from .rows import (
+    ANSWER_MARK,
+    ReasoningRow,
+    RowProblem,
+    RowSet,
+    make_sample_id,
+    parse_gsm8k_answer,
+    row_problems,
+    strip_calculator_notes,
+)
+from .synthetic import SYNTHETIC_DEFAULT_SIZE, Difficulty, difficulty_details, difficulty_problems, synthetic_rows
 
 
 def _as_text(value: Any) -> str:
@@ -69,9 +79,13 @@ def _make_row(
 
 
 def _collect(name: str, built: Iterable[ReasoningRow | RowProblem]) -> RowSet:
-    rows, problems = [], []
+    rows: list[ReasoningRow] = []
+    problems: list[RowProblem] = []
     for item in built:
-        (rows if isinstance(item, ReasoningRow) else problems).append(item)
+        if isinstance(item, ReasoningRow):
+            rows.append(item)
+        else:
+            problems.append(item)
     return RowSet(name, tuple(rows), tuple(problems))
 
 
@@ -85,8 +99,6 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 def _file_fields(path: Path) -> list[str]:
     """The field names of a JSONL file's first record or a Parquet file's schema."""
     if path.suffix in _PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
         return list(pq.read_schema(path).names)
     for record in _jsonl_records(path):
         return list(record)
@@ -140,8 +152,6 @@ def _records(path: Path, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
             "Name the right ones with --question-field / --answer-field."
         )
     if path.suffix in _PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
         yield from pq.read_table(path, columns=list(fields)).to_pylist()
     else:
         yield from _jsonl_records(path)
@@ -255,7 +265,7 @@ def gsm8k_rows(
 
 
 def _hub_gsm8k_records(split: str, limit: int | None) -> list[dict[str, Any]]:
-    import datasets  # heavy (~0.6 s); only the hub path needs it
+    import datasets  # noqa: PLC0415 - the hub path only; ~1 s to import
 
     try:
         dataset = datasets.load_dataset(GSM8K_HUB_ID, GSM8K_CONFIG, split=split)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import constants
+
 
 def hub_offline() -> bool:
     """Offline by huggingface_hub's setting (read at its import) or by the environment now."""
-    from huggingface_hub import constants
-
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -24,8 +24,6 @@ def hub_cache_dir() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
     return Path(constants.HF_HUB_CACHE)
 
 
@@ -35,7 +33,8 @@ def uncached_problem(model_id: str, revision: str | None, *, role: str = "Teache
     A plain file-system lookup (milliseconds): transformers would otherwise fail only after its own retries.
     ``role`` starts the message (``"Teacher"``, ``"Student"``).
     """
-    from huggingface_hub import constants, try_to_load_from_cache
+    # file_download pulls in the HTTP client (~0.15 s): only a lookup pays for it, not `kava --help`.
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - see the line above
 
     cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
     if isinstance(cached, str):

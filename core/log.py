@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 Log = Callable[[str], None]
 """What a stage recipe logs through: called with one line (no trailing newline)."""

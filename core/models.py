@@ -12,8 +12,9 @@ anything heavy happens:
    character offsets) and ``AutoModelForCausalLM``, bitsandbytes nf4 or int8 when asked.
 3. ``describe_model(model, source)`` → a JSON-ready dict for the store's manifest.
 
-transformers, torch and bitsandbytes are imported inside the functions that need them: config validation must stay
-instant, and bitsandbytes alone costs ~1.5 s to import.
+transformers, torch and bitsandbytes are imported inside the functions that need them: config validation (and
+``kava extract --list-teachers``, through the teacher presets) must stay instant, and bitsandbytes alone costs
+~1.5 s to import.
 
 bitsandbytes 0.50 runs nf4 and int8 on CPU too (through accelerate), so the quantized path is the same on a laptop
 and on a GPU. On CPU its int8 matmul casts activations to float16 (and logs a warning per call unless the model is
@@ -25,11 +26,13 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import logging
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 from .hub import hub_offline, uncached_problem
@@ -168,7 +171,8 @@ def resolve_model(
         if revision is not None:
             problems.append(f"--revision applies to hub ids only. Got --revision {revision} with local path {key}.")
     elif _looks_like_path(key):
-        problems.append(f"{role.capitalize()} path {key!r} does not exist or is not a directory. Expected a model directory.")
+        problems.append(f"{role.capitalize()} path {key!r} does not exist or is not a directory. "
+                        "Expected a model directory.")
     elif _HUB_ID.match(key):
         is_hub = True
     else:
@@ -240,7 +244,7 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     Raises:
         ConfigError: a slow-only tokenizer, remote code needed without the flag, or files that cannot be found.
     """
-    import transformers
+    import transformers  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.model_id, **_common_kwargs(source))
@@ -266,8 +270,8 @@ def load_model(source: ModelSource, *, trainable: bool = False,
         ConfigError: CUDA requested but unavailable, remote code needed without the flag, or files that cannot be
             found (wrapping the underlying error).
     """
-    import torch
-    import transformers
+    import torch  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
+    import transformers  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
 
     if source.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(_no_cuda_message(source.device))
@@ -302,7 +306,7 @@ def load_pretrained(source: ModelSource) -> tuple[PreTrainedModel, PreTrainedTok
 
 def load_fast_tokenizer(name: str, *, flag: str = "--student-tokenizer") -> PreTrainedTokenizerBase:
     """A fast tokenizer from a directory or a cached hub id, named in errors by the ``flag`` that asked for it."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
 
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=hub_offline())
@@ -355,8 +359,8 @@ def _load_error(source: ModelSource, what: str, error: Exception) -> ConfigError
     """Turn a transformers loading error into a ConfigError that names the model and the fix."""
     if "trust_remote_code" in str(error) or "custom code" in str(error):
         return ConfigError(
-            f"{source.role.capitalize()} {source.model_id} ships its own modelling code, which KaVa runs only when asked. "
-            f"Review that code, then pass --trust-remote-code."
+            f"{source.role.capitalize()} {source.model_id} ships its own modelling code, which KaVa runs only when "
+            "asked. Review that code, then pass --trust-remote-code."
         )
     hint = " Expected a tokenizer.json next to the model." if what == "tokenizer" else ""
     return ConfigError(f"Could not load the {what} of {source.role} {source.model_id}: {error}{hint}")
@@ -366,8 +370,8 @@ def _quantization_config(source: ModelSource) -> Any:
     """A ``BitsAndBytesConfig`` for nf4/int8, or None. Imports bitsandbytes only here."""
     if source.quantization == "none":
         return None
-    import torch
-    from transformers import BitsAndBytesConfig
+    import torch  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
 
     import_bitsandbytes()
     if source.quantization == "nf4":
@@ -388,8 +392,6 @@ def import_bitsandbytes() -> None:
     ``-W error`` (as in our tests) that exception is swallowed by bitsandbytes, which then silently keeps the
     uncompiled kernels. The warning is torch's internal business, so it is ignored here, for this import only.
     """
-    import logging
-
     # On CPU it also logs that an optional faster 4-bit kernel package ("kernels") is missing, at every import:
     # a speed notice, not a problem, so that one logger is quieted while importing.
     cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -400,7 +402,7 @@ def import_bitsandbytes() -> None:
             warnings.filterwarnings(
                 "ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning
             )
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401, PLC0415 - quantized loads only; 1.5 s to import
     except ImportError as e:
         raise ConfigError("Quantized teachers need bitsandbytes. Run `pip install bitsandbytes`.") from e
     finally:
@@ -427,7 +429,7 @@ def _parse_device(device: str | None, problems: list[str]) -> str | None:
     if name == "cuda":
         name = "cuda:0"
     if name.startswith("cuda"):
-        import torch
+        import torch  # noqa: PLC0415 - heavy; loaded with a model only (module docstring)
 
         if not torch.cuda.is_available():
             problems.append(_no_cuda_message(name))

@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Rows
 

@@ -277,6 +277,8 @@ def _synthetic_problem(rng: random.Random, d: Difficulty) -> tuple[str, list[str
             lines += [_GROUPS_R[0].format(**fill), _GROUPS_R[1].format(**fill)]
             value, steps = r, steps + 2
             continue
+        questions: tuple[str, ...]  # the operation's question sentences and reasoning lines
+        reasons: tuple[str, ...]
         if op == "+":
             n = rng.randint(*ranges["+"])
             r, questions, reasons = value + n, _ADD_Q, _ADD_R

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -68,8 +68,8 @@ class TeacherBatch:
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TeacherBatch:
         """A copy with ``fn`` applied to every tensor (None stays None)."""
         names = ("k", "v", "align_weight", "q", "logit_ids", "logit_logp", "k_scale", "v_scale", "q_scale")
-        return dataclasses.replace(self, **{n: None if getattr(self, n) is None else fn(getattr(self, n))
-                                            for n in names})
+        changes: dict[str, Any] = {n: None if getattr(self, n) is None else fn(getattr(self, n)) for n in names}
+        return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherBatch:
         """Every tensor on ``device``, still in the stored dtype."""
@@ -81,14 +81,16 @@ class TeacherBatch:
 
     def decoded(self, dtype: torch.dtype = torch.float32) -> TeacherBatch:
         """K/V/Q as ``dtype`` (contiguous), decoded where they are (call it after moving the batch to its device)."""
-        if self.stored is None:
+        stored = self.stored
+        if stored is None:
             return self
 
-        def dec(x: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else codecs.decode_torch(x, scale, self.stored, dtype).contiguous()
+        def dec(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+            return codecs.decode_torch(x, scale, stored, dtype).contiguous()
 
         return dataclasses.replace(self, k=dec(self.k, self.k_scale), v=dec(self.v, self.v_scale),
-                                   q=dec(self.q, self.q_scale), stored=None, k_scale=None, v_scale=None, q_scale=None)
+                                   q=None if self.q is None else dec(self.q, self.q_scale), stored=None, k_scale=None,
+                                   v_scale=None, q_scale=None)
 
 
 @dataclass

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, load_model, save_model
+from transformers import AutoModelForCausalLM
 
 from kava.core.errors import CheckpointError, ConfigError, short_repr
 
@@ -60,9 +63,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 def student_at(out: Path, checkpoint: Path) -> PreTrainedModel:
     """The student saved in ``out`` (its config and architecture) with the weights of ``checkpoint``, in eval mode:
     what a learning curve of task accuracy evaluates."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(out)
     saved = load_file(str(checkpoint / "weights.safetensors"))
     own = {k[len("student."):]: v for k, v in saved.items() if k.startswith("student.")}  # heads are not the student's
@@ -98,8 +98,6 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.O
     Under DDP rank 0 writes it for the job: ``world_size`` ranks, whose RNG states (:func:`rng_state`, in rank
     order) are ``rank_rng``; without them this process's own are saved.
     """
-    from safetensors.torch import save_model
-
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / (tag or f"step-{step:06d}")
@@ -153,8 +151,6 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
                     world_size: int = 1, rank: int = 0) -> dict[str, Any]:
     """Restore ``path`` into the run's objects; refuse when the run's config, usable shards or number of processes
     differ. The returned ``rng`` is rank ``rank``'s."""
-    from safetensors.torch import load_model
-
     check_world_size(path, world_size)
     meta = json.loads((path / "state.json").read_text())
     changed = cfg.resume_differences(meta["config"])
@@ -179,8 +175,6 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
 def load_state(path: Path) -> dict[str, Any]:
     """``state.pt`` read with ``weights_only=True``: tensors and plain containers only. A file holding anything else
     (a pickle that would run code) is refused in one line, naming the file."""
-    import pickle
-
     try:
         state = torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:

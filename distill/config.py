@@ -20,8 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kava.core.config import (as_float, as_int, as_name, config_from_dict, config_to_dict, flat_options, format_list,
-                              parse_list)
+from kava.core.config import (
+    as_float,
+    as_int,
+    as_name,
+    config_from_dict,
+    config_to_dict,
+    flat_options,
+    format_list,
+    parse_list,
+)
 from kava.core.data import DataSource
 from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
@@ -341,88 +349,91 @@ class DistillConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = [*self.reads._parse_problems, *self.teacher_fusion._parse_problems,
-                        *self.objective._parse_problems, *self.data.problems()]
+        # Options are read through their groups (``tr.lr`` is ``self.lr``), so a type checker sees each one's type.
+        o, tr, tf = self.objective, self.trainer, self.teacher_fusion
+        p: list[str] = [*self.reads._parse_problems, *tf._parse_problems, *o._parse_problems, *self.data.problems()]
 
         def choice(flag: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
                 p.append(f"{flag}: expected one of {', '.join(options)}. Got {value!r} instead.")
 
-        choice("--loss", self.loss, LOSSES)
-        choice("--fusion", self.fusion, FUSIONS)
-        choice("--projector", self.projector, PROJECTORS)
-        choice("--project", self.project, ("student", "teacher"))
-        choice("--ce-on", self.ce_on, ("completion", "all"))
-        choice("--logit-divergence", self.logit_divergence, DIVERGENCES)
-        choice("--balance", self.balance, ("none", "gradnorm"))
-        choice("--precision", self.precision, ("auto", "bf16", "fp32"))
-        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
-                                 ("--buffer-shards", self.buffer_shards, 1), ("--workers", self.workers, 0),
-                                 ("--checkpoint-every", self.checkpoint_every, 0), ("--log-every", self.log_every, 1),
-                                 ("--keep-checkpoints", self.keep_checkpoints, 1), ("--max-length", self.max_length, 2),
-                                 ("--router-hidden", self.router_hidden, 1),
-                                 ("--grad-shares-every", self.grad_shares_every, 0)):
+        choice("--loss", o.loss, LOSSES)
+        choice("--fusion", tf.fusion, FUSIONS)
+        choice("--projector", o.projector, PROJECTORS)
+        choice("--project", o.project, ("student", "teacher"))
+        choice("--ce-on", o.ce_on, ("completion", "all"))
+        choice("--logit-divergence", o.logits.logit_divergence, DIVERGENCES)
+        choice("--balance", o.balance, ("none", "gradnorm"))
+        choice("--precision", tr.precision, ("auto", "bf16", "fp32"))
+        for flag, value, low in (("--batch-size", tr.batch_size, 1), ("--grad-accum", tr.grad_accum, 1),
+                                 ("--buffer-shards", tr.buffer_shards, 1), ("--workers", tr.workers, 0),
+                                 ("--checkpoint-every", tr.checkpoint_every, 0),
+                                 ("--log-every", self.report.log_every, 1),
+                                 ("--keep-checkpoints", tr.keep_checkpoints, 1),
+                                 ("--max-length", self.fine_tune.max_length, 2),
+                                 ("--router-hidden", tf.router_hidden, 1),
+                                 ("--grad-shares-every", self.report.grad_shares_every, 0)):
             if not isinstance(value, int) or value < low:
                 p.append(f"{flag}: expected an integer >= {low}. Got {value!r} instead.")
-        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs),
-                            ("--max-tokens", self.max_tokens), ("--threads", self.threads), ("--layers", self.layers),
-                            ("--lora-r", self.lora_r)):
-            if value is not None and (not isinstance(value, int) or value < (0 if flag == "--lora-r" else 1)):
-                p.append(f"{flag}: expected a positive integer. Got {value!r} instead.")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            p.append(f"--warmup-steps: expected an integer >= 0. Got {self.warmup_steps!r} instead.")
-        if self.steps is not None and self.epochs is not None:
+        for flag, count in (("--steps", tr.steps), ("--epochs", tr.epochs), ("--max-tokens", tr.max_tokens),
+                            ("--threads", self.threads), ("--layers", self.fine_tune.layers),
+                            ("--lora-r", self.lora.lora_r)):
+            if count is not None and (not isinstance(count, int) or count < (0 if flag == "--lora-r" else 1)):
+                p.append(f"{flag}: expected a positive integer. Got {count!r} instead.")
+        if tr.warmup_steps is not None and tr.warmup_steps < 0:
+            p.append(f"--warmup-steps: expected an integer >= 0. Got {tr.warmup_steps!r} instead.")
+        if tr.steps is not None and tr.epochs is not None:
             p.append("Can't set both --steps and --epochs. Choose one.")
-        for flag, value in (("--alpha-k", self.alpha_k), ("--alpha-v", self.alpha_v),
-                            ("--alpha-attn", self.alpha_attn), ("--kv-weight", self.kv_weight),
-                            ("--ce-weight", self.ce_weight), ("--logit-weight", self.logit_weight),
-                            ("--weight-decay", self.weight_decay),
-                            ("--max-grad-norm", self.max_grad_norm)):
-            if not isinstance(value, (int, float)) or value < 0:
-                p.append(f"{flag}: expected a number >= 0. Got {value!r} instead.")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            p.append(f"--lr: expected a positive number. Got {self.lr!r} instead.")
-        if not 0 <= self.min_lr_ratio <= 1:
-            p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {self.min_lr_ratio!r} instead.")
-        if not isinstance(self.logit_temperature, (int, float)) or not self.logit_temperature > 0:
-            p.append(f"--logit-temperature: expected a positive number. Got {self.logit_temperature!r} instead.")
-        if not isinstance(self.logit_skew, (int, float)) or not 0 < self.logit_skew < 1:
-            p.append(f"--logit-skew: expected a number in (0, 1). Got {self.logit_skew!r} instead.")
-        if self.fusion_temperature <= 0:
-            p.append(f"--fusion-temperature: expected a positive number. Got {self.fusion_temperature!r} instead.")
-        if self.ce_weight == 0 and not self.uses_kv and not self.uses_logits:
+        for flag, number in (("--alpha-k", o.alpha_k), ("--alpha-v", o.alpha_v),
+                             ("--alpha-attn", o.alpha_attn), ("--kv-weight", o.kv_weight),
+                             ("--ce-weight", o.ce_weight), ("--logit-weight", o.logits.logit_weight),
+                             ("--weight-decay", tr.weight_decay),
+                             ("--max-grad-norm", tr.max_grad_norm)):
+            if not isinstance(number, (int, float)) or number < 0:
+                p.append(f"{flag}: expected a number >= 0. Got {number!r} instead.")
+        if not isinstance(tr.lr, (int, float)) or tr.lr <= 0:
+            p.append(f"--lr: expected a positive number. Got {tr.lr!r} instead.")
+        if not 0 <= tr.min_lr_ratio <= 1:
+            p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {tr.min_lr_ratio!r} instead.")
+        if not isinstance(o.logits.logit_temperature, (int, float)) or not o.logits.logit_temperature > 0:
+            p.append(f"--logit-temperature: expected a positive number. Got {o.logits.logit_temperature!r} instead.")
+        if not isinstance(o.logits.logit_skew, (int, float)) or not 0 < o.logits.logit_skew < 1:
+            p.append(f"--logit-skew: expected a number in (0, 1). Got {o.logits.logit_skew!r} instead.")
+        if tf.fusion_temperature <= 0:
+            p.append(f"--fusion-temperature: expected a positive number. Got {tf.fusion_temperature!r} instead.")
+        if o.ce_weight == 0 and not self.uses_kv and not self.uses_logits:
             p.append("Nothing to train: --ce-weight is 0 and there is no K/V or logit term (no --store, or "
                      "--kv-weight and --logit-weight 0). Set --ce-weight or give a --store.")
-        if self.store is None and isinstance(self.logit_weight, (int, float)) and self.logit_weight > 0:
+        if self.store is None and isinstance(o.logits.logit_weight, (int, float)) and o.logits.logit_weight > 0:
             p.append("--logit-weight needs --store (the teachers' top-k logits are stored there).")
-        if self.fusion_weights is not None:
-            weights = self.fusion_weights
-            if self.fusion != "fixed":
+        if tf.fusion_weights is not None:
+            weights = tf.fusion_weights
+            if tf.fusion != "fixed":
                 p.append("--fusion-weights needs --fusion fixed.")
             elif any(w < 0 for w in weights) or not any(w > 0 for w in weights):
                 p.append(f"--fusion-weights: expected non-negative weights, one positive. Got {weights} instead.")
-            elif self.teachers is not None and len(weights) != len(self.teachers):
-                p.append(f"--fusion-weights: expected one weight per teacher ({len(self.teachers)}). "
+            elif self.reads.teachers is not None and len(weights) != len(self.reads.teachers):
+                p.append(f"--fusion-weights: expected one weight per teacher ({len(self.reads.teachers)}). "
                          f"Got {len(weights)} instead.")
-        if self.kv_layers is not None:
-            layers = self.kv_layers
+        if self.reads.kv_layers is not None:
+            layers = self.reads.kv_layers
             if not layers or any(x < 0 for x in layers) or len(set(layers)) != len(layers):
                 p.append(f"--kv-layers: expected distinct layer indices >= 0. Got {format_list(layers)!r} instead.")
-        if self.attn_layers is not None:
-            attn = self.attn_layers
+        if self.reads.attn_layers is not None:
+            attn = self.reads.attn_layers
             if not attn or len(set(attn)) != len(attn) or any(x < 0 for x in attn):
                 p.append(f"--attn-layers: expected distinct layer indices >= 0. Got {format_list(attn)!r} instead.")
-            elif self.kv_layers is not None and not set(attn) <= set(self.kv_layers):
+            elif self.reads.kv_layers is not None and not set(attn) <= set(self.reads.kv_layers):
                 p.append(f"--attn-layers {format_list(attn)}: expected a subset of --kv-layers "
-                         f"{format_list(self.kv_layers)}.")
-            if self.loss != "structural":
+                         f"{format_list(self.reads.kv_layers)}.")
+            if o.loss != "structural":
                 p.append("--attn-layers needs --loss structural (the only loss with an attention term).")
-        if self.store is None and (self.teachers is not None or self.kv_layers is not None):
+        if self.store is None and (self.reads.teachers is not None or self.reads.kv_layers is not None):
             p.append("--teachers and --kv-layers need --store (they pick what to read from it).")
-        if self.store is not None and self.tokenizer is not None:
+        if self.store is not None and self.fine_tune.tokenizer is not None:
             p.append("Can't set both --store and --tokenizer (the store fixes the student's tokenizer). Choose one.")
-        if self.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
-            p.append(f"--device: expected cpu or cuda[:N]. Got {self.device!r} instead.")
+        if tr.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", tr.device):
+            p.append(f"--device: expected cpu or cuda[:N]. Got {tr.device!r} instead.")
         if not self.out:
             p.append("--out: expected a directory path. Got nothing.")
         if p:

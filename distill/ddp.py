@@ -16,21 +16,23 @@ the collectives the trainer calls and :func:`launch`, which starts a run under t
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kava.core.errors import ConfigError
-
-if TYPE_CHECKING:  # torch is imported where it is used: `launch` runs in a process that never needs it
-    import torch
-    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,6 @@ def rank_device(device: torch.device, ranks: Ranks, flag: str | None) -> torch.d
 
     ``flag`` is the ``--device`` the user gave (None when unset), named in the errors.
     """
-    import torch
-
     if not ranks.distributed or device.type != "cuda":
         return device
     if device.index is not None:
@@ -100,8 +100,6 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     if not ranks.distributed:
         yield
         return
-    import torch
-    import torch.distributed as dist
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -118,8 +116,6 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
 def barrier(ranks: Ranks) -> None:
     """Wait until every rank gets here (one process: return at once)."""
     if ranks.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -139,7 +135,6 @@ def gather(value: Any, ranks: Ranks) -> list[Any]:
     """``value`` of every rank, in rank order (picklable objects; one process: ``[value]``)."""
     if not ranks.distributed:
         return [value]
-    import torch.distributed as dist
 
     out: list[Any] = [None] * ranks.world_size
     dist.all_gather_object(out, value)
@@ -156,9 +151,6 @@ def wrap(module: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
     """
     if not ranks.distributed:
         return module
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
 
     # Newer torch names the per-forward buffer sync forward_sync_buffers (and warns on broadcast_buffers); both
     # sync the buffers once, at construction.
@@ -168,12 +160,11 @@ def wrap(module: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
                                    find_unused_parameters=False, **{flag: False})
 
 
-def backward_sync(model: nn.Module, *, sync: bool) -> ContextManager[Any]:
+def backward_sync(model: nn.Module, *, sync: bool) -> AbstractContextManager[Any]:
     """Around a micro-batch's forward and backward: DDP all-reduces the gradients only when ``sync`` (the step's
     last micro-batch); before that they accumulate locally. A plain module: nothing."""
     if sync:
         return nullcontext()
-    from torch.nn.parallel import DistributedDataParallel
 
     return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
 
@@ -183,8 +174,6 @@ def reduce_step(terms: dict[str, float], tokens: int, device: torch.device, rank
     """One all_reduce per step: each logged term averaged over ranks, the tokens summed."""
     if not ranks.distributed:
         return terms, tokens
-    import torch
-    import torch.distributed as dist
 
     # [len(terms) + 1] float64: exact for token counts up to 2^53.
     stacked = torch.tensor([*terms.values(), float(tokens)], dtype=torch.float64, device=device)

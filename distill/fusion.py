@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kava.distill.losses import weighted_mean
 from kava.core.errors import ConfigError, ShapeError
+from kava.distill.losses import weighted_mean
 
 FUSION_KINDS = ("fixed", "similarity", "learnable")
 
@@ -138,9 +138,10 @@ class LearnedRouter(nn.Module):
                 raise ConfigError(f"Expected {name} to be a positive integer. Got {value!r} instead. Pass {name} >= 1.")
         self.num_teachers = num_teachers
         self.feature_dim = feature_dim
-        self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_teachers))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        hidden_layer, out_layer = nn.Linear(feature_dim, hidden), nn.Linear(hidden, num_teachers)  # in this order
+        self.mlp = nn.Sequential(hidden_layer, nn.GELU(), out_layer)
+        nn.init.zeros_(out_layer.weight)
+        nn.init.zeros_(out_layer.bias)
 
     def forward(self, similarity: torch.Tensor, features: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         """``similarity`` ``[B, T, N]`` (unused), ``features`` ``[B, T, F]``, ``available`` -> ``[B, T, N]``."""

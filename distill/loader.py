@@ -23,9 +23,10 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kava.core.errors import ConfigError, IncompleteError, KavaError, SchemaError
 from kava.kvstore import KVStore
+
 from .batch import Batch, TeacherBatch, Window, collate, pad_token_id, read_window
 from .plan import BatchPlan, EpochPlan, check_layout, plan_epoch
 
@@ -145,7 +147,7 @@ def check_request(store: KVStore, config: LoaderConfig) -> list[int]:
         missing = [layer for layer in req.layers or () if layer not in spec.layers]
         if missing:
             problems.append(
-                f"Expected layers {list(req.layers)} of teacher {req.name!r} to be stored. Got stored layers "
+                f"Expected layers {list(req.layers or ())} of teacher {req.name!r} to be stored. Got stored layers "
                 f"{list(spec.layers)} instead ({missing} missing). Ask for stored layers, or re-extract with those "
                 "layers in the layer map."
             )
@@ -276,7 +278,8 @@ class KVStream(IterableDataset):
 
 @dataclass
 class WorkerFailure:
-    """A KavaError raised in a loader worker (a corrupted chunk, an unfinished shard), sent to the trainer as an item."""
+    """A KavaError raised in a loader worker (a corrupted chunk, an unfinished shard), sent to the trainer as an
+    item."""
 
     error: KavaError
 
@@ -387,6 +390,8 @@ class StreamLoader:
         stream = KVStream(self.config, start=self._position, epochs=self.epochs, shards=self.shards)
         if self.config.num_workers == 0:
             for batch in stream:
+                if isinstance(batch, WorkerFailure):  # only a worker process sends one; as in the loop below
+                    raise batch.error
                 yield self._advance(batch)
             return
         loader = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,

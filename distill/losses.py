@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from kava.distill.projectors import head_share_matrix
 from kava.core.errors import ConfigError, ShapeError
+from kava.distill.projectors import head_share_matrix
 
 # Score given to masked (future or padded) keys before the softmax: exp() of it is exactly 0 in float32, yet it
 # stays finite after the max is subtracted, unlike -inf (NaN on all-masked rows) or finfo.min (overflows to -inf).
@@ -303,13 +303,14 @@ class TeacherAttention:
                 pk = torch.matmul(p.view(p.shape[0], kv_heads, -1, stop), k[:, :, :stop])  # [B, Hk, G·n, D]
                 cross = (pk * _grouped(q, kv_heads, start, stop)).sum(-1).view_as(lse)
                 return p, cross - lse
-            p = None
+            mixed: torch.Tensor | None = None
             for (q, k), w in zip(pairs, self.weights):
                 term = torch.softmax(_block_scores(q, k, start, stop, bias), dim=-1)
                 if w != 1.0:
                     term.mul_(w)
-                p = term if p is None else p.add_(term)
-            assert p is not None
+                mixed = term if mixed is None else mixed.add_(term)
+            assert mixed is not None
+            p = mixed
             if p.shape[1] != heads:
                 share = head_share_matrix(p.shape[1], heads).to(device=p.device, dtype=dtype)  # [Hs, Ht]
                 p = torch.einsum("sh,bhqk->bsqk", share, p).contiguous()
@@ -347,8 +348,8 @@ def _grouped(q: torch.Tensor, kv_heads: int, start: int, stop: int) -> torch.Ten
 
 def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, bias: torch.Tensor) -> torch.Tensor:
     """``[B, Hq, n, stop]`` causal scores ``q·k`` (``q`` already scaled) of queries ``start:stop`` over keys
-    ``:stop``; keys after their query get ``MASKED_SCORE`` added (``bias``: ``_future_bias``). Only the diagonal ``n × n``
-    square needs the mask: keys before ``start`` are visible from every query of the block."""
+    ``:stop``; keys after their query get ``MASKED_SCORE`` added (``bias``: ``_future_bias``). Only the diagonal
+    ``n × n`` square needs the mask: keys before ``start`` are visible from every query of the block."""
     batch, heads, _, _ = q.shape
     kv_heads, n = k.shape[1], stop - start
     scores = torch.matmul(_grouped(q, kv_heads, start, stop), k[:, :, :stop].transpose(-1, -2))  # [B, Hk, G·n, stop]
@@ -377,6 +378,7 @@ class _BlockwiseAttentionKL(torch.autograd.Function):
         for start in range(0, steps, block):
             stop = min(start + block, steps)
             p, neg_entropy = teacher.block_probs(start, stop, heads, dtype, bias, entropy=True)  # [B, Hs, n, stop]
+            assert neg_entropy is not None  # asked for with entropy=True
             s = _block_scores(qs, k, start, stop, bias)  # [B, Hs, n, stop]
             # Σ_keys p·s = qs·(p @ K): one matmul instead of a pass over [n, T] (p is exactly 0 on masked keys, so
             # their MASKED_SCORE adds nothing either way).

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_model
 from torch import nn
 
+from kava.core.errors import ConfigError
 from kava.extract.capture import attention_capture, attention_geometry, rotary_module
 from kava.extract.rope import rope_params
-from kava.core.errors import ConfigError
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 from .config import DistillConfig
@@ -92,6 +93,9 @@ class DistillModule(nn.Module):
     captured on the way, CE on its logits, the K/V objective on the captured tensors and logit distillation against
     the ``logit_teachers``' stored top-k."""
 
+    term_scales: torch.Tensor  # buffers, registered under --balance gradnorm only
+    scales_set: torch.Tensor
+
     def __init__(self, student: Student, objective: KVObjective | None, cfg: DistillConfig, *,
                  logit_teachers: Sequence[LogitTeacher] = ()) -> None:
         super().__init__()
@@ -123,7 +127,8 @@ class DistillModule(nn.Module):
         objective's logs)."""
         batch = batch.decoded()  # teacher K/V/Q arrive as stored (fp16, bf16, int8 + scales): floats on this device
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        kv = logs = None
+        kv: torch.Tensor | None = None
+        logs: dict[str, torch.Tensor] = {}
         if self.objective is None:
             logits = self.student(**inputs).logits
         else:
@@ -188,6 +193,5 @@ class DistillModule(nn.Module):
         """Projector and router weights as safetensors (nothing without a K/V objective)."""
         if self.objective is None:
             return
-        from safetensors.torch import save_model
 
         save_model(self.objective, str(out / "projectors.safetensors"))

@@ -110,6 +110,8 @@ class KVObjective(nn.Module):
         fusion: how the teachers combine (``--fusion`` and its mode's option).
     """
 
+    segment_weights: torch.Tensor  # buffer [num segments]
+
     def __init__(self, plans: Sequence[TeacherPlan], student_geometry: tuple[int, int, int], kv_layers: Sequence[int],
                  objective: ObjectiveOptions, fusion: FusionOptions) -> None:
         super().__init__()
@@ -151,7 +153,7 @@ class KVObjective(nn.Module):
     def forward(self, student: StudentKV, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The fused K/V loss (a scalar in the graph) and detached per-term logs (scalars)."""
         per_teacher: list[dict[str, torch.Tensor]] = []
-        target_var = []
+        target_var: list[torch.Tensor] = []
         for plan in self.plans:
             tb = batch.teachers[plan.name]
             terms = self._teacher_terms(plan, tb, student, target_var)
@@ -212,6 +214,7 @@ class KVObjective(nn.Module):
             k_sum = lk if k_sum is None else k_sum + lk
             v_sum = lv if v_sum is None else v_sum + lv
             cos_sum = ck if cos_sum is None else cos_sum + ck
+        assert k_sum is not None and v_sum is not None and cos_sum is not None  # kv_layers is never empty
         n = len(self.kv_layers)
         out["k"], out["v"] = k_sum / n, v_sum / n
         out["similarity"] = cos_sum / n

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import yaml
+
 from kava.core.errors import ConfigError
 
+from .checkpoint import check_world_size, latest_checkpoint
 from .config import DistillConfig
 
 if TYPE_CHECKING:
@@ -31,8 +34,6 @@ def check_out(cfg: DistillConfig, out: Path, world_size: int) -> Path | None:
     has nothing to continue from and nothing to lose: it starts from step 0, with ``--resume`` or without, so
     ``--resume`` means "continue if there is anything to continue". A finished run is never overwritten.
     """
-    from .checkpoint import check_world_size, latest_checkpoint
-
     found = latest_checkpoint(out) if out.is_dir() else None
     if found is not None:
         if not cfg.resume:
@@ -55,7 +56,7 @@ def started_run(out: Path) -> bool:
 def check_tensorboard() -> None:
     """Refuse --tensorboard without the tensorboard package, before anything loads."""
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard  # noqa: F401, PLC0415 - optional extra (--tensorboard)
     except ImportError as e:
         raise ConfigError("--tensorboard needs the tensorboard package. Install it (pip install tensorboard) "
                           "or drop --tensorboard.") from e
@@ -73,7 +74,7 @@ class MetricSinks:
     def open(cls, out: Path, *, main: bool, tensorboard: bool) -> MetricSinks:
         writer = None
         if tensorboard and main:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional extra (--tensorboard)
 
             writer = SummaryWriter(str(out / "tb"))
         return cls(jsonl=(out / "metrics.jsonl").open("a") if main else None, tensorboard=writer)
@@ -108,8 +109,6 @@ def progress_line(m: dict[str, float], total: int) -> str:
 
 def write_config(cfg: DistillConfig, out: Path) -> None:
     """``config.yaml``: the run's resolved config."""
-    import yaml
-
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     (out / "config.yaml").write_text(text)
 

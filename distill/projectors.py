@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -231,7 +232,8 @@ class KVProjectors(nn.Module):
                 f"Expected one of the projected layers {list(self.layers)}. Got layer {layer!r} instead. "
                 "Build KVProjectors with every student layer you distil into."
             )
-        return self.projectors[which][str(layer)](x)
+        by_layer = cast(nn.ModuleDict, self.projectors[which])
+        return by_layer[str(layer)](x)
 
     def num_parameters(self) -> int:
         """Total number of parameters of all K and V projectors."""

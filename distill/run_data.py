@@ -12,14 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kava.extract.capture import attention_geometry
-from kava.kvstore import KVStore
 from kava.core.errors import ConfigError, SchemaError
+from kava.core.models import load_fast_tokenizer, load_tokenizer, resolve_model
+from kava.extract.capture import attention_geometry
+from kava.extract.grid import create_grid_store, tokenizer_fingerprint
+from kava.extract.templates import load_template
+from kava.kvstore import KVStore
 from kava.kvstore.manifest import TeacherSpec
 
 from .config import DistillConfig
 from .loader import LoaderConfig, TeacherRequest
 from .objective import TeacherPlan
+from .student import PRESETS, tokenizer_from_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,8 +76,6 @@ class RunData:
 
     def check_student(self, student: Student) -> None:
         """Refuse a student whose tokenizer or depth doesn't match the store."""
-        from kava.extract.grid import tokenizer_fingerprint
-
         problems = []
         want = self.store.manifest.student_tokenizer
         if student.preset is None and tokenizer_fingerprint(student.tokenizer) != want.fingerprint:
@@ -94,8 +96,6 @@ class RunData:
 
 def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> RunData:
     """Open the store (or build a grid-only one from --dataset) and plan what each teacher contributes."""
-    from .student import PRESETS, tokenizer_from_files
-
     preset = cfg.student.lower() in PRESETS
     path = str(out / "grid.zarr") if cfg.store is None else cfg.store
     if cfg.store is None:
@@ -191,12 +191,6 @@ def _teacher_plan(spec: TeacherSpec, kv_layers: tuple[int, ...], attn_layers: tu
 def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tuple[KVStore, PreTrainedTokenizerBase]:
     """CE-only without a store: tokenize --dataset into ``<out>/grid.zarr`` once (reused on resume); return the
     store and the tokenizer it was cut with."""
-    from kava.extract.grid import create_grid_store
-    from kava.core.models import load_fast_tokenizer, load_tokenizer, resolve_model
-    from kava.extract.templates import load_template
-
-    from .student import PRESETS
-
     path = out / "grid.zarr"
     preset = cfg.student.lower() in PRESETS
     if preset and cfg.fine_tune.tokenizer is None:

@@ -7,19 +7,29 @@ layer map (every student layer has its teacher targets); without a store it is t
 LoRA goes through peft (``--lora-r``): the adapters are injected into the model's own linear layers, so the model
 that runs forward — and whose attention the capture records — is still the transformers model, with the adapters
 inside it.
+
+`kava run` checks its config before anything loads and reads ``PRESETS`` to do it, so torch and transformers are
+imported inside the functions that build a model, and peft (seconds to import) only under ``--lora-r``.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, SchemaError
+from kava.core.models import load_model, load_tokenizer, resolve_model
+from kava.kvstore.manifest import is_plain_name
+
+if TYPE_CHECKING:  # types only: peft and transformers load with a model (module docstring)
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train on a laptop CPU in minutes; GQA on the Qwen2 one, plain MHA on the Llama one.
@@ -36,15 +46,15 @@ class Student:
     """A loaded student. ``model`` is what the optimiser trains (a peft model under LoRA); ``inner`` is the
     transformers model inside it, which runs forward and is captured."""
 
-    model: Any
-    inner: Any
-    tokenizer: Any
+    model: PreTrainedModel | PeftModel
+    inner: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
     preset: str | None
     lora_r: int | None
 
     @property
-    def config(self) -> Any:
+    def config(self) -> PretrainedConfig:
         return self.inner.config
 
     def trainable_parameters(self) -> int:
@@ -54,8 +64,8 @@ class Student:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _preset_config(name: str, tokenizer: Any, num_layers: int | None) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+def _preset_config(name: str, tokenizer: PreTrainedTokenizerBase, num_layers: int | None) -> PretrainedConfig:
+    from transformers import LlamaConfig, Qwen2Config  # noqa: PLC0415 - keeps config checks light (module docstring)
 
     values = dict(PRESETS[name])
     arch = values.pop("arch")
@@ -69,16 +79,13 @@ def _preset_config(name: str, tokenizer: Any, num_layers: int | None) -> Any:
     )
 
 
-def tokenizer_from_files(files: dict[str, bytes]) -> Any:
+def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
     """A tokenizer rebuilt from the files a store keeps under ``student_tokenizer/``.
 
     Each name must be a plain file name: one that is a path (``/tmp/x``, ``../x``) is refused before anything is
     written, so a store can never write outside the temporary folder.
     """
-    from transformers import AutoTokenizer
-
-    from kava.core.errors import SchemaError
-    from kava.kvstore.manifest import is_plain_name
+    from transformers import AutoTokenizer  # noqa: PLC0415 - keeps config checks light (module docstring)
 
     bad = [name for name in files if not is_plain_name(name)]
     if bad:
@@ -96,7 +103,7 @@ def tokenizer_from_files(files: dict[str, bytes]) -> Any:
 def load_student(
     name: str,
     *,
-    tokenizer: Any | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     num_layers: int | None = None,
     seed: int = 0,
     lora_r: int | None = None,
@@ -115,8 +122,8 @@ def load_student(
         seed: seeds a preset's random initialisation.
         lora_r: LoRA rank; ``None`` or 0 trains every weight.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 - keeps config checks light (module docstring)
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - keeps config checks light (module docstring)
 
     preset = name.lower() if name.lower() in PRESETS else None
     if preset is not None:
@@ -132,29 +139,30 @@ def load_student(
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         model_tokenizer = tokenizer
     else:
-        from kava.core.models import load_model, load_tokenizer, resolve_model
-
         source = resolve_model(name, role="student", dtype="float32", trust_remote_code=trust_remote_code)
         model_tokenizer = load_tokenizer(source)
         model = load_model(source, trainable=True, attn_implementation="sdpa")
     if model_tokenizer.pad_token_id is None:
         # Padding positions are masked everywhere; any id works, eos is the usual choice.
         model_tokenizer.pad_token = model_tokenizer.eos_token
-    inner = model
+    inner: PreTrainedModel = model
+    trained: PreTrainedModel | PeftModel = model
     if lora_r:
-        model = _with_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
-        inner = model.get_base_model()
-    model.train()
-    return Student(model=model, inner=inner, tokenizer=model_tokenizer, name=name, preset=preset,
+        trained = _with_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
+        inner = cast("PreTrainedModel", trained.get_base_model())
+    trained.train()
+    return Student(model=trained, inner=inner, tokenizer=model_tokenizer, name=name, preset=preset,
                    lora_r=lora_r or None)
 
 
-def _with_lora(model: Any, r: int, alpha: float | None, dropout: float, targets: str) -> Any:
-    from peft import LoraConfig, get_peft_model
+def _with_lora(model: PreTrainedModel, r: int, alpha: float | None, dropout: float, targets: str) -> PeftModel:
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - ~7 s to import; only --lora-r needs it
 
-    target: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                        target_modules=target, task_type="CAUSAL_LM")
+    target: str | list[str] = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")
+                                                                        if t.strip()]
+    # peft annotates lora_alpha as int; it is only a scale (alpha / r), and a float one works.
+    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r,  # type: ignore[arg-type]
+                        lora_dropout=dropout, target_modules=target, task_type="CAUSAL_LM")
     try:
         with _quiet_peft():
             return get_peft_model(model, config)
@@ -177,11 +185,9 @@ def save_student(student: Student, out: Path) -> None:
     into its base weights first (its adapters alone are kept under ``out/adapter``)."""
     model = student.model
     if student.lora_r:
-        model.save_pretrained(out / "adapter")
+        model.save_pretrained(str(out / "adapter"))
         # merge_and_unload changes the training model in place; merge a copy so training state stays intact.
-        import copy
-
         with _quiet_peft():
-            model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out)
+            model = copy.deepcopy(cast("PeftModel", model)).merge_and_unload()
+    model.save_pretrained(str(out))
     student.tokenizer.save_pretrained(out)

@@ -24,30 +24,40 @@ metrics, checkpoints and outputs (:mod:`.ddp`). One process runs exactly the loo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import Any
 
-from kava.core.log import Log, log_stderr, quiet
+import torch
+from torch import nn
+
 from kava.core.errors import ConfigError, KavaError
+from kava.core.log import Log, log_stderr, quiet
 
+from . import ddp
+from .balance import balance_scales, grad_shares, term_grad_norms
+from .batch import Batch
+from .checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    rng_state,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .config import DistillConfig
 from .ddp import Ranks
-from .outputs import (MetricSinks, check_out, check_tensorboard, progress_line, started_run, write_config,
-                      write_manifest)
-
-if TYPE_CHECKING:  # torch and the modules that import it load when a run starts, not with `kava --help`
-    import torch
-    from torch import nn
-
-    from .loader import Batch, StreamLoader
-    from .module import DistillModule
-    from .run_data import RunData
-    from .student import Student
+from .loader import StreamLoader
+from .module import DistillModule, build_objective
+from .optim import make_optimizer, make_schedule
+from .outputs import MetricSinks, check_out, check_tensorboard, progress_line, started_run, write_config, write_manifest
+from .run_data import RunData, resolve_data
+from .student import Student, load_student, save_student
 
 
 class TrainingError(KavaError):
@@ -118,10 +128,6 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same config and trains with DDP on its own
     shards; rank 0 alone writes and logs (see :mod:`.ddp`). Every rank returns the run's result (times its own).
     """
-    import torch
-
-    from . import ddp
-
     started = time.perf_counter()
     # 1. The config, the process layout and the output directory, checked by every rank before any rank writes.
     cfg.validate()
@@ -144,16 +150,6 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
 def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch.device, ranks: Ranks,
           log: Log) -> TrainingState:
     """Steps 2-6 of the recipe on one rank: everything the loop needs, restored from ``resume_from`` when given."""
-    import torch
-
-    from . import ddp
-    from .checkpoint import load_checkpoint, remove_partial_checkpoints, truncate_metrics
-    from .loader import StreamLoader
-    from .module import DistillModule, build_objective
-    from .optim import make_optimizer, make_schedule
-    from .run_data import resolve_data
-    from .student import load_student
-
     # 2-3. Data, teachers and the student. Rank 0 goes first: without --store it tokenizes --dataset into
     # <out>/grid.zarr, and a hub student lands in the cache; the other ranks then read both.
     with ddp.main_first(ranks):
@@ -236,9 +232,6 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
 
 def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started: float) -> DistillResult:
     """Steps 7-8 of the recipe on one rank: the loop, then the outputs (written by rank 0)."""
-    from . import ddp
-    from .student import save_student
-
     cfg = state.cfg
     # 7. The loop.
     batches = iter(state.loader)
@@ -276,7 +269,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
                          teachers=list(state.data.teacher_names))
 
 
-def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: ContextManager[Any]) -> StepStats | None:
+def optimizer_step(state: TrainingState, batches: Iterator[Batch],
+                   autocast: contextlib.AbstractContextManager[Any]) -> StepStats | None:
     """Accumulate ``--grad-accum`` micro-batches, check that every logged term is finite, clip, step; advance
     ``state.step`` and ``state.tokens``. None when the data ran out before the step's first micro-batch (--epochs).
 
@@ -285,10 +279,6 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
     would leave the others waiting in the gradients' all-reduce: every rank finishes its backwards, the terms are
     averaged over ranks, and a non-finite mean stops every rank together, before the optimizer moves.
     """
-    import torch
-
-    from . import ddp
-
     cfg, ranks = state.cfg, state.ranks
     t0 = time.perf_counter()
     wait = 0.0
@@ -346,7 +336,7 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch], autocast: Con
     return StepStats(terms=sums, tokens=tokens, grad_norm=float(grad_norm), seconds=seconds, wait=wait)
 
 
-def _balance_terms(state: TrainingState, loss: Any) -> Any:
+def _balance_terms(state: TrainingState, loss: torch.Tensor) -> torch.Tensor:
     """On a step's first micro-batch: fix --balance gradnorm's scales (first step only; the loss is summed again
     with them) and, every --grad-shares-every steps, measure each term's gradient norm and share on the student
     into ``state.measured`` (``balance/*``, ``grad_norm/*``, ``grad_share/*`` in the step's metrics line).
@@ -354,8 +344,6 @@ def _balance_terms(state: TrainingState, loss: Any) -> Any:
     Both take gradients of the terms on the graph the forward built (``kava.distill.balance``), before the real
     backward. Under DDP they are skipped: the norms would be one rank's, and balance scales must agree on every rank.
     """
-    from .balance import balance_scales, grad_shares, term_grad_norms
-
     module, cfg = state.module, state.cfg
     every = cfg.report.grad_shares_every
     measure = every > 0 and (state.step + 1) % every == 0
@@ -392,9 +380,6 @@ def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Lo
 def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
     """Checkpoint the state after ``state.step`` steps (``step-N``, or ``tag``). Every rank hands rank 0 its RNG
     state; rank 0 writes; the others wait until the checkpoint is whole."""
-    from . import ddp
-    from .checkpoint import checkpoint_dir, rng_state, save_checkpoint
-
     ranks = state.ranks
     rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
     path = checkpoint_dir(state.out) / (tag or f"step-{state.step:06d}")
@@ -415,8 +400,6 @@ fewer steps than the stride; rank 0 (and a single process) with ``seed + 2 + ste
 
 def _check_same_shards(loader: StreamLoader, data: RunData, ranks: Ranks) -> None:
     """Under DDP: refuse ranks that planned with different usable shards (an extraction still finishing some)."""
-    from . import ddp
-
     seen = ddp.gather(list(loader.shards), ranks)
     if any(s != seen[0] for s in seen):
         raise ConfigError(
@@ -446,12 +429,8 @@ def _nan_error(term: str, value: float, step: int, samples: list[int] | None, pa
     )
 
 
-def _autocast(cfg: DistillConfig, device: torch.device) -> ContextManager[Any]:
+def _autocast(cfg: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast with ``--precision bf16`` (or ``auto`` on CUDA); otherwise a context that does nothing."""
-    import contextlib
-
-    import torch
-
     bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
     if not bf16:
         return contextlib.nullcontext()

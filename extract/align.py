@@ -20,14 +20,18 @@ zero-width student token gets no teacher weights and coverage 0, and a zero-widt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from kava.core.errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Alignment", "align_dense_reference", "align_tokens", "apply", "token_spans"]
 
@@ -41,7 +45,8 @@ ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 # Spans from a tokenizer
 
 
-def token_spans(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def token_spans(tokenizer: PreTrainedTokenizerBase, text: str, *, add_special_tokens: bool = True
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize ``text`` and return each token's character span, normalised to compare across tokenizers.
 
     Args:
@@ -230,7 +235,7 @@ class Alignment:
         return Alignment(indptr, indices, weights, self.coverage, self.num_teacher_tokens)
 
 
-def _check_spans(spans: Any, name: str) -> np.ndarray:
+def _check_spans(spans: npt.ArrayLike, name: str) -> np.ndarray:
     """``spans`` as int64 ``[T, 2]`` with ``0 <= start <= end``; a ShapeError when it is not ``[T, 2]`` integers, a
     ConfigError when a span is not ``0 <= start <= end``."""
     arr = np.asarray(spans)

@@ -8,9 +8,11 @@ named, because biased CKA is inflated when rows are few and dimensions many.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 from .align import align_tokens, apply, token_spans
 from .capture import attention_geometry, capture_qkv
@@ -24,8 +26,6 @@ def _features(model: Any, tokenizer: Any, samples: Sequence[GridSample], *, stud
               batch_size: int) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
     """Per sample, per layer: ``[T_kept, 2·H·D]`` float64 features on the student's tokens; and per sample the
     ``[T_s]`` mask of student tokens kept (teacher rows: those some teacher token covers; student rows: all)."""
-    import torch
-
     num_layers = attention_geometry(model.config)[0]
     device = next(model.parameters()).device
     out: list[list[np.ndarray]] = []

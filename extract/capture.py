@@ -28,14 +28,20 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kava.core.errors import ConfigError, KavaError, ShapeError
 from kava.extract.rope import RotateHalf, apply_rope, invert_rope, rope_params
 from kava.extract.rope import rotate_half as default_rotate_half
-from kava.core.errors import ConfigError, KavaError, ShapeError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 KRope = Literal["pre", "post"]
 
@@ -49,7 +55,7 @@ _PREFIX = "kava_capture_"
 _ACTIVE: contextvars.ContextVar[CaptureRecorder | None] = contextvars.ContextVar("kava_capture_recorder", default=None)
 
 
-def attention_geometry(config: Any) -> tuple[int, int, int, int]:
+def attention_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
     """Return ``(num_layers, num_heads, num_kv_heads, head_dim)`` of a decoder config.
 
     Handles GPT-2 (``n_layer``, ``n_head``, ``n_embd``; no KV-head count, so ``num_kv_heads == num_heads``) and
@@ -234,8 +240,6 @@ def _wrapper_for(original: str) -> Callable[..., Any]:
 
 
 def _original_attention(original: str, module: nn.Module) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if original != "eager":
         return ALL_ATTENTION_FUNCTIONS[original]
     # "eager" is not in the interface: each modeling file passes its own eager_attention_forward as the default.
@@ -258,10 +262,6 @@ def _original_attention(original: str, module: nn.Module) -> Callable[..., Any]:
 
 def _ensure_registered(original: str) -> str:
     """Register ``kava_capture_<original>`` (attention + mask) once; return the name. Idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     name = f"{_PREFIX}{original}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _wrapper_for(original))
@@ -293,7 +293,7 @@ def _check_layers(name: str, layers: Sequence[int], num_layers: int) -> frozense
 
 @contextmanager
 def attention_capture(
-    model: nn.Module,
+    model: PreTrainedModel,
     *,
     layers: Sequence[int] | None = None,
     with_q: bool | Sequence[int] = False,
@@ -424,7 +424,7 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
 
 
 def capture_qkv(
-    model: nn.Module,
+    model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,

@@ -24,7 +24,8 @@ A result is NaN where CKA is undefined: a layer whose features are constant over
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -232,8 +233,8 @@ class CKAAccumulator:
 
     - ``"biased"`` keeps shifted, uncentred moments: per-layer sums ``[d]``, the cross products of all
       of ``a``'s features with all of ``b``'s (``[D_a, D_b]`` with ``D = sum_l d_l``: 28 x 512 by 24 x 128 in
-      float64 is 352 MB, twice that while :meth:`matrix` runs) and each layer's own ``[d_l, d_l]``. The result equals :func:`linear_cka` on all
-      rows concatenated (up to rounding), however the rows were batched.
+      float64 is 352 MB, twice that while :meth:`matrix` runs) and each layer's own ``[d_l, d_l]``. The result
+      equals :func:`linear_cka` on all rows concatenated (up to rounding), however the rows were batched.
     - ``"unbiased"`` keeps ``[L_a, L_b]`` sums of per-batch ``HSIC_1`` terms plus the ``[L_a]``, ``[L_b]``
       self terms; each update builds ``[L, n, n]`` Gram matrices, so keep minibatches to a few thousand rows.
       The result equals :func:`minibatch_cka` over the same batches.

@@ -11,12 +11,20 @@ import time
 from typing import Any
 
 import numpy as np
+from numcodecs import Blosc
 
+from kava.core.models import load_fast_tokenizer, load_model, load_tokenizer
 from kava.kvstore import codecs
-from kava.kvstore.manifest import KV_DTYPES
+from kava.kvstore.manifest import KV_DTYPES, proportional_layer_map
 
+from .align import token_spans
+from .capture import attention_geometry, capture_qkv
 from .config import ExtractConfig
-
+from .grid import build_grid
+from .layer_map import parse_layer_map
+from .recipe import validate_and_resolve
+from .teacher_pass import teacher_forward, teacher_texts
+from .templates import load_template
 
 LOSSY_NOTE = {"int8": "no (~0.5%)", "int4": "no (cos >= 0.995)", "int2": "no (cos 0.90-0.99)"}
 """How far each lossy dtype's decoded K/V are from the teacher's (measured in tests/benchmarks/codecs.py)."""
@@ -35,8 +43,6 @@ def bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str, array: s
 
 def _compressed_ratio(sample: np.ndarray, dtype: str) -> float:
     """Uncompressed / compressed bytes of ``sample`` [T, L, H, D] under the default codec."""
-    from numcodecs import Blosc
-
     conf = codecs.DEFAULT_COMPRESSOR["configuration"]
     parts = codecs.encode_arrays(sample, "k", dtype, group_tokens=codecs.DEFAULT_GROUP_TOKENS,
                                  group_channels=codecs.group_channels_for(sample.shape[-1]))
@@ -50,18 +56,6 @@ def _compressed_ratio(sample: np.ndarray, dtype: str) -> float:
 
 def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     """Predicted sizes and time for ``cfg``; runs the teacher on ``timed_samples`` samples only."""
-    from kava.kvstore.manifest import proportional_layer_map
-
-    from .align import token_spans
-    from .grid import build_grid
-    from .capture import attention_geometry, capture_qkv
-    from .layer_map import parse_layer_map
-    from kava.core.models import load_fast_tokenizer, load_model, load_tokenizer
-
-    from .recipe import validate_and_resolve
-    from .teacher_pass import teacher_forward, teacher_texts
-    from .templates import load_template
-
     source = validate_and_resolve(cfg)
     rows = cfg.data.load()
     teacher_tok = load_tokenizer(source)

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from kava.core.errors import ConfigError
+from kava.core.rows import ReasoningRow, RowSet
+from kava.kvstore import DatasetSpec, create_store
 from kava.kvstore.manifest import TokenizerSpec
 
 from .align import token_spans
-from kava.core.rows import ReasoningRow, RowSet
 from .templates import PromptTemplate, format_row, segment_ids, truncate_at_segment
 
 
@@ -147,12 +148,8 @@ def create_grid_store(
     Extraction calls this before its first teacher; distillation without ``--store`` calls it to train on the same
     kind of batches (grid only, no teachers), so the CE-only baseline goes through the same loader.
     """
-    from kava.kvstore import DatasetSpec, create_store
-
     grid = build_grid(rows, tokenizer, template, max_length=max_length, on_too_long=on_too_long)
     if not grid:
-        from kava.core.errors import ConfigError
-
         raise ConfigError(f"Dataset {dataset}:{split} has no rows. Check --dataset, --split and --limit.")
     tok_spec, tok_files = tokenizer_spec(tokenizer, tokenizer_name)
     store = create_store(

@@ -14,14 +14,10 @@ Everything takes and returns arrays; the recipe owns devices and I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+import torch
 
 from kava.core.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover - torch is imported by the callers that have tensors
-    import torch
 
 NO_TARGET = -1
 """``boundary_rows`` entry of a student token whose end no teacher token shares."""
@@ -38,8 +34,6 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         ``(ids, logp)``: int64 ``[..., k]`` and float32 ``[..., k]``, most likely first. ``1 - exp(logp).sum(-1)``
         is the mass of every other token (the tail the losses keep as one bucket).
     """
-    import torch
-
     if not 1 <= k <= logits.shape[-1]:
         raise ConfigError(f"Expected --logit-top-k between 1 and the vocabulary size {logits.shape[-1]}. "
                           f"Got {k} instead.")

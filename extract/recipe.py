@@ -15,19 +15,40 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
+from kava.core import models
 from kava.core.errors import ConfigError
 from kava.core.log import Log, log_stderr
-from kava.kvstore import KVStore, LogitSpec, StorageSpec, TeacherSpec, default_storage
+from kava.core.models import ModelSource, describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
+from kava.kvstore import KVStore, LayerMap, LogitSpec, ShardWriter, StorageSpec, TeacherSpec, default_storage
 
+from .align import apply, token_spans
+from .calibrate import calibrate_cka
+from .capture import attention_geometry, capture_qkv
 from .config import ExtractConfig
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
-from .teacher_pass import generate_reasoning, sample_alignment, student_logits, teacher_forward, teacher_texts
+from .layer_map import format_layer_map, parse_layer_map
+from .rope import rope_params
+from .teacher_pass import (
+    TeacherRows,
+    generate_reasoning,
+    sample_alignment,
+    student_logits,
+    teacher_forward,
+    teacher_texts,
+)
+from .teachers import resolve_teacher
+from .templates import load_template
 
 
 @dataclass
@@ -102,8 +123,8 @@ def default_teacher_name(cfg: ExtractConfig) -> str:
 class LoadedTeacher(NamedTuple):
     """A teacher ready to run: its model (eval mode, on its device) and its fast tokenizer."""
 
-    model: Any
-    tokenizer: Any
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
 
 
 @dataclass
@@ -114,8 +135,8 @@ class ExtractPlan:
     """
 
     cfg: ExtractConfig
-    source: Any
-    """The resolved teacher (``TeacherSource``): what a worker loads, and the key of its cache."""
+    source: ModelSource
+    """The resolved teacher: what a worker loads, and the key of its cache."""
     name: str
     """The teacher's name inside the store."""
     store: str
@@ -175,12 +196,8 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
 def configure_process(threads: int | None, *, progress: bool) -> None:
     """Torch's intra-op threads and transformers' own progress bars: set once per process, before models load."""
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # its "Loading weights" bars too
 
 
@@ -191,22 +208,16 @@ def summary_line(result: ExtractResult) -> str:
             f"{result.truncated} truncated, {result.skipped} skipped")
 
 
-def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
-                    load_model: Callable[[Any], Any] | None = None
+def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_stderr,
+                    load_model: Callable[[ModelSource], PreTrainedModel] | None = None
                     ) -> tuple[ExtractPlan, list[GridSample], LoadedTeacher]:
     """Everything before the first shard: data, student grid, store, teacher, layer map and the teacher's spec.
 
     Creates the store (or checks that it holds this grid), chooses the shards to write (complete ones are refused
     without --resume), loads the teacher, computes its layer map and CKA matrices and registers it. ``source`` is
-    ``validate_and_resolve(cfg)``; ``load_model`` turns it into the model (default ``teachers.load_model``; a
+    ``validate_and_resolve(cfg)``; ``load_model`` turns it into the model (default ``kava.core.models.load_model``; a
     worker passes its cache's). Returns the plan, the grid (indexed by store sample) and the loaded teacher.
     """
-    from .capture import attention_geometry
-    from .rope import rope_params
-    from kava.core.models import describe_model, load_fast_tokenizer, load_tokenizer
-    from kava.core.models import load_model as load_teacher_model
-    from .templates import load_template
-
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     name = cfg.name or default_teacher_name(cfg)
 
@@ -224,7 +235,7 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
     todo, done = _shards_to_do(cfg, store, name)
 
     # 4. The teacher (only now: a store that refuses this grid or this run fails before minutes of model loading).
-    teacher_model = (load_model or load_teacher_model)(source)
+    teacher_model = (load_model or models.load_model)(source)
 
     # 5. Geometry, layer map (CKA on a calibration subset), and the teacher's spec.
     num_layers, num_heads, kv_heads, head_dim = attention_geometry(teacher_model.config)
@@ -264,17 +275,13 @@ def prepare_extract(cfg: ExtractConfig, source: Any, *, log: Log = log_stderr,
 
 
 def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tuple[int, Sequence[GridSample]]],
-                 result: ExtractResult, *, bar: Any = None) -> None:
+                 result: ExtractResult, *, bar: tqdm | None = None) -> None:
     """Write ``shards`` (each with its grid samples, in store order), adding to ``result``'s counters.
 
     The forward pass runs on this thread, alignment and writing on a background thread, one shard writer at a
     time; a shard becomes visible when its marker is written, so one left unfinished by an error is redone by a
     resumed run. ``bar`` (a tqdm bar, optional) advances per batch.
     """
-    from .align import apply, token_spans
-    from .capture import capture_qkv
-    from .templates import load_template
-
     cfg = plan.cfg
     store = KVStore.open(cfg.store, mode="a")
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
@@ -286,10 +293,12 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
     device = next(teacher_model.parameters()).device
     writer = BackgroundWriter()
     loop_started = time.perf_counter()
-    open_writers: dict[int, Any] = {}  # touched only on the writer thread
+    open_writers: dict[int, ShardWriter] = {}  # touched only on the writer thread
     for shard, samples in shards:
-        writer.submit(lambda shard=shard: open_writers.__setitem__(
-            shard, store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)))
+        def open_writer(shard: int = shard) -> None:  # runs later, on the writer thread: binds this shard
+            open_writers[shard] = store.shard_writer(name, shard, nonfinite=cfg.on_nonfinite)
+
+        writer.submit(open_writer)
         for b in range(0, len(samples), cfg.batch_size):
             batch = samples[b : b + cfg.batch_size]
             texts, pieces = teacher_texts(batch, template, teacher_template)
@@ -302,8 +311,10 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                                        logit_top_k=cfg.logit_top_k)
             result.forward_seconds += time.perf_counter() - t0
 
-            def write(batch=batch, encoded=encoded, captured=captured, texts=texts, pieces=pieces,
-                      shard=shard) -> None:
+            # Runs later, on the writer thread: binds this batch's values.
+            def write(batch: Sequence[GridSample] = batch, encoded: list[tuple[np.ndarray, np.ndarray]] = encoded,
+                      captured: list[TeacherRows] = captured, texts: list[str] = texts,
+                      pieces: list[dict[str, tuple[int, int]]] = pieces, shard: int = shard) -> None:
                 w = open_writers[shard]
                 for sample, (t_ids, t_spans), kv, text, piece in zip(batch, encoded, captured, texts, pieces):
                     if not len(sample.input_ids):  # a skipped sample: nothing on the grid
@@ -336,7 +347,7 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                 rate = result.student_tokens / max(1e-9, time.perf_counter() - loop_started)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
 
-        def finish(shard=shard) -> None:
+        def finish(shard: int = shard) -> None:
             marker = open_writers.pop(shard).close()
             result.shards_written.append(shard)
             result.quarantined += len(marker["quarantined"])
@@ -351,12 +362,9 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
 # Pieces of the recipe
 
 
-def validate_and_resolve(cfg: ExtractConfig) -> Any:
+def validate_and_resolve(cfg: ExtractConfig) -> ModelSource:
     """Check the options and resolve the teacher, reporting every problem of both at once."""
-    from .teachers import resolve_teacher
-    from .templates import load_template
-
-    problems = []
+    problems: list[str] = []
     try:
         cfg.validate()
     except ConfigError as e:
@@ -367,7 +375,7 @@ def validate_and_resolve(cfg: ExtractConfig) -> Any:
                 load_template(value)
             except ConfigError as e:
                 problems.append(f"{flag}: {e}")
-    source = None
+    source: ModelSource | None = None
     try:
         source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit and not cfg.load_in_8bit,
                                  load_in_8bit=cfg.load_in_8bit and not cfg.load_in_4bit, dtype=cfg.dtype,
@@ -376,6 +384,7 @@ def validate_and_resolve(cfg: ExtractConfig) -> Any:
         problems.append(str(e))
     if problems:
         raise ConfigError("\n".join(problems))
+    assert source is not None  # resolved, or its problem was raised above
     return source
 
 
@@ -394,7 +403,8 @@ def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[i
     return [s for s in todo if s not in done], sorted(done)
 
 
-def _logit_spec(cfg: ExtractConfig, teacher_model: Any, teacher_tok: Any) -> LogitSpec | None:
+def _logit_spec(cfg: ExtractConfig, teacher_model: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase
+                ) -> LogitSpec | None:
     """What the teacher's stored top-k means: how many, over which vocabulary, of which tokenizer."""
     if not cfg.logit_top_k:
         return None
@@ -423,17 +433,14 @@ def _q_layers(cfg: ExtractConfig, layers: tuple[int, ...], num_layers: int) -> t
     return chosen
 
 
-def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
+def _layer_map(cfg: ExtractConfig, teacher_model: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
+               grid: Sequence[GridSample], num_layers: int, log: Log
+               ) -> tuple[LayerMap, dict[str, tuple[np.ndarray, dict[str, Any]]]]:
     """The layer map, plus CKA matrices computed on a calibration subset (name → (matrix, attributes))."""
-    from .calibrate import calibrate_cka
-    from .layer_map import format_layer_map, parse_layer_map
-
     student_layers = cfg.student_layers or num_layers
     student_model = None
     if cfg.student is not None:
-        from kava.core.models import load_model, resolve_model
-
-        student_model = load_model(resolve_model(cfg.student, role="student"))
+        student_model = models.load_model(resolve_model(cfg.student, role="student"))
         student_layers = student_model.config.num_hidden_layers
     calibration = [s for s in grid if s.status != "skipped"][: cfg.calibration_samples]
     cka = calibrate_cka(teacher_model, teacher_tok, student_model, calibration, batch_size=cfg.batch_size) \
@@ -446,10 +453,8 @@ def _layer_map(cfg, teacher_model, teacher_tok, grid, num_layers, log):
     return layer_map, cka
 
 
-def progress_bar(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool) -> tqdm:
     """The extraction's tqdm bar on stderr, counting samples."""
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="sample", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                 desc="extract")
 

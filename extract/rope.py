@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from kava.core.errors import ConfigError, ShapeError
 
@@ -235,9 +237,6 @@ def cos_sin(
 
 def _library_inv_freq(params: dict[str, Any], position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[R/2]`` and attention factor of a non-default RoPE, from transformers itself."""
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     rope_type = params["type"]
     if rope_type == "dynamic":
         raise ConfigError(

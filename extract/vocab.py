@@ -14,8 +14,11 @@ text gives only its bytes' tokens, so a prompt encoded for generation never ends
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from kava.core.errors import ConfigError
 
@@ -31,9 +34,6 @@ def train_bpe_tokenizer(texts: Iterable[str], out: str | Path, *, vocab_size: in
     with ``AutoTokenizer.from_pretrained(out)`` gives a fast tokenizer whose ``bos_token``, ``eos_token``, ``pad_token``
     and ``unk_token`` are ``<s>``, ``</s>``, ``<pad>`` and ``<unk>`` (see the module docstring for who appends EOS).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < 256 + len(SPECIALS):
         raise ConfigError(f"Expected tokenizer vocab_size >= {256 + len(SPECIALS)} (the 256 bytes and "
                           f"{len(SPECIALS)} specials). Got {vocab_size} instead.")

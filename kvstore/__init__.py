@@ -15,6 +15,10 @@ from kava.core.errors import (
     SchemaError,
     StoreError,
 )
+
+from .create import create_store, plan_shards, sample_ids_hash
+from .integrity import UnsealedStoreWarning
+from .interop import summary, to_dask, to_xarray
 from .manifest import (
     FORMAT_VERSION,
     SEGMENT_NAMES,
@@ -27,19 +31,16 @@ from .manifest import (
     TokenizerSpec,
     proportional_layer_map,
 )
-from .create import create_store, plan_shards, sample_ids_hash
-from .integrity import UnsealedStoreWarning
 from .read import PendingReads, ReadPlan, Rows, ShardSpan, StoredArray, TeacherKV, TeacherRead
 from .store import KVStore, default_storage
-from .writer import ShardSlot, ShardWriter
 from .verify import Problem, VerifyReport, verify_store
-from .interop import summary, to_dask, to_xarray
+from .writer import ShardSlot, ShardWriter
 
 __all__ = [
-    "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "create_store", "ConfigError", "DatasetSpec", "FormatVersionError",
-    "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError", "PendingReads", "ReadPlan",
-    "Rows", "SampleError", "SchemaError", "ShardSlot", "ShardSpan", "ShardWriter", "StorageSpec", "StoreError",
-    "StoreManifest", "StoredArray", "TeacherKV", "TeacherRead", "TeacherSpec", "TokenizerSpec", "UnsealedStoreWarning",
-    "default_storage", "plan_shards", "proportional_layer_map", "sample_ids_hash", "Problem", "VerifyReport",
-    "verify_store", "summary", "to_dask", "to_xarray",
+    "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "create_store", "ConfigError", "DatasetSpec",
+    "FormatVersionError", "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError",
+    "PendingReads", "ReadPlan", "Rows", "SampleError", "SchemaError", "ShardSlot", "ShardSpan", "ShardWriter",
+    "StorageSpec", "StoreError", "StoreManifest", "StoredArray", "TeacherKV", "TeacherRead", "TeacherSpec",
+    "TokenizerSpec", "UnsealedStoreWarning", "default_storage", "plan_shards", "proportional_layer_map",
+    "sample_ids_hash", "Problem", "VerifyReport", "verify_store", "summary", "to_dask", "to_xarray",
 ]

@@ -157,7 +157,7 @@ def decode_torch(stored: torch.Tensor, scale: torch.Tensor | None, dtype: str, o
     16-bit integer bits), or int8 codes. scale: ``[...]`` float16 for int8, else None. Returns ``out_dtype``
     values equal to what :func:`decode` gives for the same arrays (int8 is dequantized in float32 first, as there).
     """
-    import torch  # kvstore itself does not need torch
+    import torch  # noqa: PLC0415 - kvstore itself never needs torch; only the trainer's decode does
 
     if dtype == "bfloat16":
         x = stored if stored.dtype == torch.bfloat16 else stored.view(torch.bfloat16)
@@ -312,7 +312,7 @@ def dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                      per_channel: bool, group: int, first_row: int = 0) -> torch.Tensor:
     """:func:`dequantize_np` for torch tensors on any device (same shapes, same float32 result; two roundings,
     no fused multiply-add). codes: int8 or uint8 tensors; scale/zero: float16 tensors (zero None for int8)."""
-    import torch
+    import torch  # noqa: PLC0415 - kvstore itself never needs torch; only the trainer's decode does
 
     if dtype == "int8":
         return decode_torch(codes, scale, "int8", torch.float32)
@@ -363,8 +363,8 @@ def bytes_per_token(array: str, layers: int, heads: int, head_dim: int, dtype: s
                     group_channels: int = 0) -> float:
     """Stored bytes per token of one array, scales and zeros included (per-channel groups amortised over G)."""
     total = 0.0
-    for shape, dt, dims in stored_arrays(array, group_tokens or 1, layers, heads, head_dim, dtype,
-                                         group_tokens=group_tokens, group_channels=group_channels).values():
+    for shape, dt, _ in stored_arrays(array, group_tokens or 1, layers, heads, head_dim, dtype,
+                                      group_tokens=group_tokens, group_channels=group_channels).values():
         n = float(np.prod(shape)) * dt.itemsize
         total += n / (group_tokens or 1)
     return total

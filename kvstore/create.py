@@ -13,9 +13,11 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +25,9 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 
-from . import zarr_io, codecs, layout
 from kava.core.errors import ConfigError, StoreError
+
+from . import codecs, layout, zarr_io
 from .integrity import sample_ids_problem
 from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec, is_plain_name, seal
 from .store import KVStore
@@ -132,7 +135,7 @@ def create_store(
         num_shards=len(shard_starts) - 1,
         grid_fingerprint=grid_hash,
         created_by=created_by,
-        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         kava_version=_version(),
         format_version=FORMAT_VERSION,
     )
@@ -244,8 +247,6 @@ def _check_same_grid(store: KVStore, other: StoreManifest) -> None:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("kava")
     except Exception:  # noqa: BLE001 - running from a source tree without metadata
         return "0+unknown"

@@ -11,7 +11,6 @@ from kava.core.errors import ChecksumError
 
 from . import layout
 
-
 MAX_SAMPLE_ID = 1000
 """The longest sample id (characters) a store may hold; ids are names in messages, never paths."""
 

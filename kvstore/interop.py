@@ -6,14 +6,16 @@ carry dimension names); the functions here stitch the shards into one array on t
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import codecs, layout
 from kava.core.errors import IncompleteError
+
+from . import codecs, layout
 from .store import KVStore
 
 
@@ -24,7 +26,7 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
     bits and int8/int4/int2 codes back into float32; without it you get the stored values (int4/int2: packed codes
     ``[tokens, layers, heads, head_dim * bits / 8]`` uint8). All shards must be complete.
     """
-    import dask.array as da
+    import dask.array as da  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
 
     spec = store.teacher(teacher)
     missing = store.missing_shards(teacher)
@@ -44,9 +46,8 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
             st = spec.storage
             per_channel, group = codecs.group_of(array, st.dtype, st.group_tokens, st.group_channels)
             scale, zero = (da.from_zarr(store.array(f"{key}_{side}")) for side in ("scale", "zero"))
-            x = da.map_blocks(
-                lambda c, s, z: codecs.dequantize_np(c, s, z, st.dtype, per_channel=per_channel, group=group),
-                x, scale, zero, dtype=np.float32, chunks=(*x.chunks[:3], (spec.head_dim,)))
+            dequantize = functools.partial(codecs.dequantize_np, dtype=st.dtype, per_channel=per_channel, group=group)
+            x = da.map_blocks(dequantize, x, scale, zero, dtype=np.float32, chunks=(*x.chunks[:3], (spec.head_dim,)))
         elif decode and spec.storage.dtype == "int8":
             scale = da.from_zarr(store.array(f"{key}_scale"))
             x = x.astype(np.float32) * scale.astype(np.float32)[..., None]
@@ -58,8 +59,8 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
 
 def to_xarray(store: KVStore, teacher: str) -> Any:
     """A teacher as an ``xarray.Dataset`` (dask-backed) with the grid's input and segment ids as coordinates."""
-    import dask.array as da
-    import xarray as xr
+    import dask.array as da  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
+    import xarray as xr  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
 
     spec = store.teacher(teacher)
     data: dict[str, tuple[tuple[str, ...], Any]] = {

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import zarr  # noqa: F401 - zarr.Array in annotations
 
-from . import zarr_io, codecs, layout
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
+
+from . import codecs, layout, zarr_io
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -156,7 +158,8 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
 
         arrays[name] = _check_chunks(store, report, key, describe, hasher)
     # A missing or bad chunk of either was reported above; a partial hash would say nothing more.
-    if not any(p.where in ("grid/offsets", "grid/input_ids") for p in problems) and m.grid_fingerprint and grid_hash.hexdigest() != m.grid_fingerprint:
+    hashed_whole = not any(p.where in ("grid/offsets", "grid/input_ids") for p in problems)
+    if hashed_whole and m.grid_fingerprint and grid_hash.hexdigest() != m.grid_fingerprint:
         problems.append(Problem("grid", f"expected the grid fingerprint in the manifest "
                                         f"({m.grid_fingerprint[:12]}...). Got {grid_hash.hexdigest()[:12]}... from "
                                         "grid/offsets and grid/input_ids instead: the grid or the manifest was "
@@ -253,8 +256,13 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
             if arr.shape != shape or arr.dtype != dtype:
                 problems.append(Problem(key, f"expected shape {shape} {dtype}. Got {arr.shape} {arr.dtype}."))
                 continue
-            rows = ((lambda a, b: f"shard {shard}, " + grid_rows(t0 + a, t0 + b)) if array != "sample_status"
-                    else (lambda a, b: f"shard {shard}, samples {samples.start + a}-{samples.start + b - 1}"))
+            # Chunk rows a..b as the shard's samples or grid rows (this shard's values bound as defaults).
+            if array == "sample_status":
+                def rows(a: int, b: int, shard: int = shard, first: int = samples.start) -> str:
+                    return f"shard {shard}, samples {first + a}-{first + b - 1}"
+            else:
+                def rows(a: int, b: int, shard: int = shard, first: int = t0) -> str:
+                    return f"shard {shard}, " + grid_rows(first + a, first + b)
             data = _check_chunks(store, report, key, rows)
             if array == "logit_ids" and data is not None and spec.logits is not None and data.size and (
                     data.min() < -1 or data.max() >= spec.logits.vocab_size):

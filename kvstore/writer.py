@@ -11,15 +11,17 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
 
-from . import zarr_io, codecs, layout
 from kava.core.errors import IncompleteError, SampleError, StoreError
+
+from . import codecs, layout, zarr_io
 from .manifest import TeacherSpec
 
 NONFINITE_POLICIES = ("error", "quarantine")
@@ -337,7 +339,7 @@ class ShardWriter:
             "bytes_logical": int(self._bytes_logical),
             **({"quantization": {name: {"cos_sum": [round(float(c), 6) for c in cos], "rows": [int(r) for r in n]}
                                  for name, (cos, n) in self._quality.items()}} if self._quality else {}),
-            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "written_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "writer": f"{socket.gethostname()}:{os.getpid()}",
         }
         # The marker is the last write: an atomic replacement of the shard group's zarr.json.

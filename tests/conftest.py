@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from helpers import OFFLINE, IntegrationGuard, asset_path
 
 pytest_plugins = ["pytester"]  # test_tiers.py runs the integration guard on tests it writes

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, SentencePieceBackend
 
-from kava.extract.align import Alignment, align_dense_reference, align_tokens, apply, token_spans
 from kava.core.errors import ConfigError, KavaError, ShapeError
+from kava.extract.align import Alignment, align_dense_reference, align_tokens, apply, token_spans
 
 TOKENIZERS = ["tokenizers/gpt2", "tokenizers/qwen2", "tokenizers/llama2", "models/stories260K_hf_derived"]
 DENSE_EVERY = 10  # the dense O(T_s * T_t) comparison runs on every 10th GSM8K item to keep the file fast

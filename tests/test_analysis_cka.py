@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from helpers import ENV, KAVA, asset_path
+
 from kava.analysis.cka import (
     CKAResult,
     linear_cka,
@@ -33,10 +33,10 @@ from kava.analysis.cka import (
     unbiased_hsic_reference,
 )
 from kava.analysis.heatmap import heatmap, layer_map_matrix, layer_map_pairs
+from kava.core.errors import ConfigError, ShapeError
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.kvstore import KVStore, default_storage
-from kava.core.errors import ConfigError, ShapeError
 
 STORIES = "models/stories260K_hf_derived"
 TEACHER = "stories260K_hf_derived"

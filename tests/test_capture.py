@@ -16,9 +16,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from kava.core.errors import ConfigError, KavaError, ShapeError
 from kava.extract.capture import QKVCapture, attention_capture, attention_geometry, capture_qkv
 from kava.extract.rope import apply_rope, invert_rope, rope_params
-from kava.core.errors import ConfigError, KavaError, ShapeError
 
 SEED = 0
 VOCAB = 128

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kava.extract.cka import CKAAccumulator, linear_cka, minibatch_cka, unbiased_hsic
 from kava.core.errors import ConfigError, ShapeError
+from kava.extract.cka import CKAAccumulator, linear_cka, minibatch_cka, unbiased_hsic
 
 
 def _naive_linear_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import ENV, KAVA
+
 from kava.kvstore import DatasetSpec, LayerMap, TeacherSpec, TokenizerSpec, create_store, default_storage
 
 pytestmark = pytest.mark.integration  # every test runs `kava` in a subprocess

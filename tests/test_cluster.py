@@ -18,18 +18,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import ENV, KAVA
-from kava.extract.config import ExtractConfig
-from kava.extract.recipe import ExtractResult, run_extract, summary_line
-from kava.kvstore import KVStore, verify_store
-from kava.core.errors import ConfigError
-from kava.pipelines.cluster import render_slurm_cluster_kwargs, run_extract_cluster, worker_threads
-from kava.pipelines.cluster_config import ClusterConfig
-from kava.pipelines.options import build_configs
+
 # The comparison test_extract applies to its killed-and-resumed and two-job stores: every array with its chunks and
 # attributes, the index, and the shard markers' counts.
 from test_extract import assert_same_store
+
+from kava.core.errors import ConfigError
+from kava.extract.config import ExtractConfig
+from kava.extract.recipe import ExtractResult, run_extract, summary_line
+from kava.kvstore import KVStore, verify_store
+from kava.pipelines.cluster import render_slurm_cluster_kwargs, run_extract_cluster, worker_threads
+from kava.pipelines.cluster_config import ClusterConfig
+from kava.pipelines.options import build_configs
 
 STORIES_NAME = "stories260K_hf_derived"
 OPTIONS = {"limit": 40, "shard_tokens": 1024, "batch_size": 4, "progress": False, "calibration_samples": 4}

@@ -6,6 +6,7 @@ simulating an older reader.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-
 from helpers import asset_path
+
 from kava.core.errors import ConfigError, FormatVersionError, SampleError, SchemaError, StoreError
 from kava.distill.loader import LoaderConfig, StreamLoader, TeacherRequest
 from kava.extract.config import ExtractConfig
@@ -104,6 +105,10 @@ def test_asymmetric_beats_symmetric_on_skewed_groups():
         assert errs[0] < errs[1]
 
 
+def _tensor_on(device: str, a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4", "int2"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_numpy_and_torch_dequantize_agree_bit_for_bit(dtype, per_channel):
@@ -122,7 +127,7 @@ def test_numpy_and_torch_dequantize_agree_bit_for_bit(dtype, per_channel):
     want = codecs.dequantize_np(codes, scale, zero, dtype, per_channel=per_channel, group=group, first_row=first)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        t = functools.partial(_tensor_on, device)
         got = codecs.dequantize_torch(t(codes), t(scale), t(zero), dtype, per_channel=per_channel, group=group,
                                       first_row=first)
         assert got.dtype == torch.float32 and got.shape == want.shape

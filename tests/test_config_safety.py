@@ -7,13 +7,14 @@ import subprocess
 
 import pytest
 import yaml
-
 from helpers import ENV, KAVA
+
 from kava.core.errors import ConfigError
 from kava.pipelines.config import MAX_CONFIG_BYTES, configs_dir, load_config, parse_config
 
-BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(6)] + ["name: *g", "seeds: *g"])
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"]
+                 + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(6)]
+                 + ["name: *g", "seeds: *g"])
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path):

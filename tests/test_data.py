@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kava.core.data import file_rows, gsm8k_rows, load_rows
-from kava.core.errors import DatasetError
+from kava.core.errors import ConfigError, DatasetError, KavaError
 from kava.core.rows import (
     ReasoningRow,
     RowSet,
@@ -24,7 +24,6 @@ from kava.core.rows import (
     strip_calculator_notes,
 )
 from kava.core.synthetic import synthetic_rows
-from kava.kvstore import sample_ids_hash
 from kava.extract.templates import (
     SEGMENT_ANSWER,
     SEGMENT_NAMES,
@@ -38,7 +37,7 @@ from kava.extract.templates import (
     segment_ids,
     truncate_at_segment,
 )
-from kava.core.errors import ConfigError, KavaError
+from kava.kvstore import sample_ids_hash
 
 NOTE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

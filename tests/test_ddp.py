@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from helpers import ENV, KAVA, asset_path, sigkill_when
+
+from kava.core.errors import ConfigError
 from kava.distill.config import DistillConfig
 from kava.distill.ddp import launch
 from kava.distill.trainer import run_distill
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
-from kava.core.errors import ConfigError
 
 pytestmark = pytest.mark.integration  # every test runs torchrun (or reads what its ranks wrote)
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
@@ -212,7 +212,8 @@ def test_kava_distill_nproc_launches_the_same_run_and_prints_once(ddp_run, store
     """`kava distill --nproc 2` is the plain torchrun form: the same losses, one JSON summary on stdout."""
     whole, _ = ddp_run
     out = tmp_path / "nproc"
-    proc = subprocess.run([*KAVA, "distill", *flags(store, out), "--nproc", "2", "--json"], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run([*KAVA, "distill", *flags(store, out), "--nproc", "2", "--json"], capture_output=True,
+                          text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)  # one JSON document: the other rank printed nothing
     assert summary["steps"] == 4

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from helpers import ENV, KAVA, asset_path, sigkill_when
+
+from kava.core.errors import ConfigError, SchemaError
 from kava.distill.config import DistillConfig
 from kava.distill.loader import LoaderConfig, StreamLoader, TeacherRequest
 from kava.distill.trainer import TrainingError, run_distill
@@ -29,7 +30,6 @@ from kava.extract.capture import capture_qkv
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 from kava.kvstore import KVStore
-from kava.core.errors import ConfigError, SchemaError
 from kava.pipelines.cli import main
 
 STORIES = "models/stories260K_hf_derived"

@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from kava.pipelines.config import configs_dir
 from kava.core.hub import hub_cache_dir
+from kava.pipelines.config import configs_dir
 from kava.pipelines.doctor import DoctorReport, run_doctor
 
 REAL_SCALE = str(configs_dir() / "gsm8k-qwen7b4bit-to-qwen0.5b.yaml")

@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+from kava.core.data import load_rows
+from kava.core.errors import ConfigError
+from kava.core.rows import ReasoningRow, parse_gsm8k_answer
 from kava.distill.evaluate import (
     EvalConfig,
     answers_match,
@@ -18,9 +21,6 @@ from kava.distill.evaluate import (
     resolve_template,
     run_eval,
 )
-from kava.core.data import load_rows
-from kava.core.errors import ConfigError
-from kava.core.rows import ReasoningRow, parse_gsm8k_answer
 from kava.extract.templates import TEMPLATES, format_row
 
 STORIES = "models/stories260K_hf_derived"
@@ -471,7 +471,7 @@ def test_the_stop_check_decodes_lines_not_the_whole_continuation(assets):
         stop = AnswerStop(Counting(), width, len(seqs), terminator)
         for step in range(1, steps + 1):
             stop(ids[:, : width + step], None)
-        for r, seq in enumerate(seqs):
+        for r in range(len(seqs)):
             padded = ids[r, width:].tolist()
             naive = next((k for k in range(1, steps + 1)
                           if answer_pattern(terminator, ended=False).search(tok.decode(padded[:k]))), None)

@@ -32,8 +32,8 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-
 from helpers import ENV, KAVA, asset_path, sigkill_when  # asset_path: the `assets` lookup, for module-scoped fixtures
+
 from kava.core.synthetic import synthetic_rows
 from kava.extract.align import align_tokens, apply, token_spans
 from kava.extract.capture import capture_qkv
@@ -418,7 +418,7 @@ def test_two_shard_jobs_at_once_make_the_single_run_store(tmp_path, stories, ref
             if job.poll() is None:
                 job.kill()
                 job.wait()
-    for job, (out, err) in zip(jobs, outs):
+    for job, (_, err) in zip(jobs, outs):
         assert job.returncode == 0, err
     written = [json.loads(out)["shards_written"] for out, _ in outs]
     shards = KVStore.open(path).num_shards
@@ -432,7 +432,8 @@ def test_two_shard_jobs_at_once_make_the_single_run_store(tmp_path, stories, ref
 
 
 @pytest.mark.integration
-def test_teachers_and_dual_prompts_share_a_store_but_another_student_template_is_another_grid(tmp_path, stories, tiny_llama):
+def test_teachers_and_dual_prompts_share_a_store_but_another_student_template_is_another_grid(
+        tmp_path, stories, tiny_llama):
     path = tmp_path / "kv.zarr"
     options = dict(limit=8, shard_tokens=512, **QUIET)
     extract(stories, path, **options)
@@ -490,7 +491,8 @@ def test_store_for_another_grid_is_refused_naming_the_difference(ref_store, stor
     assert f"student tokenizer {str(stories)!r}" in other_tok.stderr and f"vs {gpt2!r}" in other_tok.stderr
     assert "Use a new --store path, or the same student tokenizer, split and template" in other_tok.stderr
     assert "--student-tokenizer" in other_tok.stderr
-    assert "student template or max length" not in other_tok.stderr  # the tokenizer explains the other tokens; nothing else
+    # The tokenizer explains the other tokens; nothing else.
+    assert "student template or max length" not in other_tok.stderr
 
     fewer = cli(*base, *flags(**{**REF, "limit": 99}))
     assert fewer.exit_code == 1
@@ -577,7 +579,7 @@ def test_bad_rows_are_skipped_and_a_nan_sample_is_quarantined(tmp_path, nan_llam
     (quarantined,) = [q for s in store.complete_shards(teacher) for q in store.shard_marker(teacher, s)["quarantined"]]
     assert quarantined["sample_id"] == "bad/train/000005" and "non-finite" in quarantined["reason"]
     # The CKA calibration ran over the same samples; the non-finite one must not turn every entry into NaN.
-    for name, (matrix, attrs) in store.cka(teacher).items():
+    for name, (matrix, _) in store.cka(teacher).items():
         assert np.isfinite(matrix).all(), name
 
     info = kava("store", "info", str(path), "--json")

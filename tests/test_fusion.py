@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from kava.core.errors import ConfigError, ShapeError
 from kava.distill.fusion import (
     FixedFusion,
     LearnedRouter,
@@ -15,7 +16,6 @@ from kava.distill.fusion import (
     masked_softmax,
     router_entropy,
 )
-from kava.core.errors import ConfigError, ShapeError
 
 B, T, N, F = 2, 4, 3, 5
 

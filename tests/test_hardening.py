@@ -12,14 +12,14 @@ import json
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-
 from helpers import ENV, KAVA, sigkill_when
+
 from kava.core.data import file_rows
 from kava.core.errors import CheckpointError, ConfigError, DatasetError
 from kava.distill.checkpoint import load_state

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kava.extract.layer_map import cka_top_k, explicit, format_layer_map, parse_layer_map, proportional
 from kava.core.errors import ConfigError, ShapeError
+from kava.extract.layer_map import cka_top_k, explicit, format_layer_map, parse_layer_map, proportional
 from kava.kvstore.manifest import LayerMap
 
 

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import asset_path  # the `assets` fixture's lookup, for module-scoped fixtures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import asset_path  # the `assets` fixture's lookup, for module-scoped fixtures
+from kava.core.synthetic import synthetic_rows
+from kava.distill import batch as batch_module
 from kava.distill.loader import (
     Batch,
     KVStream,
@@ -30,8 +32,6 @@ from kava.distill.loader import (
     check_request,
     plan_epoch,
 )
-from kava.core.synthetic import synthetic_rows
-from kava.distill import batch as batch_module
 from kava.distill.plan import check_layout
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract

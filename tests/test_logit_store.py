@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from helpers import asset_path
+
 from kava.core.errors import ConfigError, SchemaError
 from kava.core.synthetic import synthetic_rows
 from kava.distill.config import DistillConfig
@@ -39,7 +39,8 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 def extract(teacher: Path | str, store: Path, **options: Any):
     opts = {"limit": 12, "shard_tokens": 1024, "batch_size": 4, "progress": False, "calibration_samples": 0,
             "logit_top_k": TOP_K, **options}
-    return run_extract(ExtractConfig.from_dict(dict(teacher=str(teacher), store=str(store), **opts)), log=lambda _: None)
+    cfg = ExtractConfig.from_dict(dict(teacher=str(teacher), store=str(store), **opts))
+    return run_extract(cfg, log=lambda _: None)
 
 
 def distill(out: Path, **options: Any):
@@ -194,7 +195,7 @@ def test_writer_refuses_bad_logits(tmp_path):
     zeros = np.zeros(kv_shape, np.float32)
     with pytest.raises(SampleError, match=r"stores its top-2 logits; pass logits=\(ids, logp\)"):
         w.add(zeros, zeros)
-    with pytest.raises(SampleError, match=r"logit ids: expected shape \(%d, 2\) \[tokens, top_k\]. Got" % n):
+    with pytest.raises(SampleError, match=rf"logit ids: expected shape \({n}, 2\) \[tokens, top_k\]. Got"):
         w.add(zeros, zeros, logits=(np.zeros((n, 3), np.int64), np.zeros((n, 3), np.float32)))
     bad = np.zeros((n, 2), np.int64)
     bad[0] = [3, 10]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from kava.core.errors import ConfigError, ShapeError
 from kava.distill.losses import (
     attention_kl,
     attention_log_probs,
@@ -16,7 +17,6 @@ from kava.distill.losses import (
     weighted_mean,
 )
 from kava.distill.projectors import head_share_matrix
-from kava.core.errors import ConfigError, ShapeError
 
 F64 = torch.float64
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import asset_path
+
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import run_distill
 from kava.extract.config import ExtractConfig

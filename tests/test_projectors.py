@@ -7,6 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
+from kava.core.errors import ConfigError, ShapeError
 from kava.distill.projectors import (
     FlatProjector,
     KVProjectors,
@@ -15,7 +16,6 @@ from kava.distill.projectors import (
     count_parameters,
     head_share_matrix,
 )
-from kava.core.errors import ConfigError, ShapeError
 
 HEAD_PAIRS = [(4, 2), (3, 2), (2, 3), (5, 3), (1, 4), (7, 7), (2, 4)]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from kava.extract.rope import apply_rope, cos_sin, invert_rope, rope_params
 from kava.core.errors import ConfigError, ShapeError
+from kava.extract.rope import apply_rope, cos_sin, invert_rope, rope_params
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32}
 

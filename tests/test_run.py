@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from helpers import ENV, KAVA, sigkill_when
-from kava.kvstore import KVStore
+
 from kava.core.errors import ConfigError, DatasetError
+from kava.kvstore import KVStore
 from kava.pipelines import splits
 from kava.pipelines.config import load_config, parse_config, shipped_configs
 from kava.pipelines.runner import Runner
@@ -365,7 +365,8 @@ def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
     ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
     assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 5 seeds)" in ok.stderr
     assert load_config("ablation") == load_config(Path(__file__).parents[1] / "pipelines" / "configs" / "ablation.yaml")
-    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*shipped configs: ablation, alignment, codecs, default"):
+    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*"
+                                          "shipped configs: ablation, alignment, codecs, default"):
         load_config(tmp_path / "nope.yaml")
 
 

@@ -6,8 +6,8 @@ import json
 import subprocess
 
 import pytest
-
 from helpers import ENV, KAVA
+
 from kava.core.errors import ConfigError
 from kava.pipelines.config import load_config
 from kava.pipelines.scale import KNOWN_GEOMETRY, geometry, plan

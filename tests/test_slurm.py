@@ -18,13 +18,19 @@ from pathlib import Path
 import click
 import pytest
 
+from kava.core.errors import ConfigError
 from kava.distill.config import DistillConfig
 from kava.extract.config import ExtractConfig
-from kava.core.errors import ConfigError
 from kava.pipelines.config import configs_dir, load_config, stage_distill_config, stage_extract_config
 from kava.pipelines.options import build_config
-from kava.pipelines.slurm import (SlurmOptions, config_flags, render_distill, render_extract, render_from_run_config,
-                                  render_verify)
+from kava.pipelines.slurm import (
+    SlurmOptions,
+    config_flags,
+    render_distill,
+    render_extract,
+    render_from_run_config,
+    render_verify,
+)
 
 REAL_SCALE = configs_dir() / "gsm8k-qwen7b4bit-to-qwen0.5b.yaml"
 STUBS = {

@@ -38,8 +38,8 @@ from kava.kvstore import (
     summary,
     to_dask,
     verify_store,
+    zarr_io,
 )
-from kava.kvstore import zarr_io
 
 # --------------------------------------------------------------------------------------------------------------
 # A small store: 7 samples on a 50-token vocabulary, sample 2 skipped (zero tokens), three shards of ~15 tokens.
@@ -692,8 +692,8 @@ def test_default_storage_plans_big_chunks():
 
 
 def test_storage_spec_parses():
-    with pytest.raises(SchemaError, match="storage.dtype: expected one of float16, bfloat16, float32, int8, int4, int2. "
-                                          "Got 'float8' instead"):
+    with pytest.raises(SchemaError, match="storage.dtype: expected one of float16, bfloat16, float32, int8, int4, "
+                                          "int2. Got 'float8' instead"):
         StorageSpec(dtype="float8")
     with pytest.raises(SchemaError, match="storage.chunk_tokens: expected an integer >= 1"):
         StorageSpec(chunk_tokens=0)

@@ -126,7 +126,7 @@ def test_round_trip(case):
     if spec.has_q:
         geometry["q"] = (len(spec.q_layers), spec.num_heads)
     data = []
-    for i, n in enumerate(lengths):
+    for n in lengths:
         d = {a: random_values(rng, (n, nl, nh, spec.head_dim), case["magnitude"]) for a, (nl, nh) in geometry.items()}
         d["align_weight"] = rng.uniform(0, 1, n).astype(np.float32)
         data.append(d)

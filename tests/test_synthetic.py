@@ -9,18 +9,19 @@ import re
 from fractions import Fraction
 
 import pytest
+
 from kava.core.data import load_rows
 from kava.core.errors import ConfigError, StoreError
-from kava.distill.config import DistillConfig
-from kava.distill.evaluate import EvalConfig, run_eval
-from kava.extract.config import ExtractConfig
-from kava.extract.recipe import run_extract
 from kava.core.synthetic import (
     DIFFICULTY_PRESETS,
     OPERATIONS,
     Difficulty,
     synthetic_rows,
 )
+from kava.distill.config import DistillConfig
+from kava.distill.evaluate import EvalConfig, run_eval
+from kava.extract.config import ExtractConfig
+from kava.extract.recipe import run_extract
 from kava.kvstore import KVStore
 from kava.pipelines.config import DataSpec, parse_config
 from kava.pipelines.splits import make_splits
@@ -256,7 +257,8 @@ def test_configs_check_the_difficulty_with_the_flag_the_user_typed(tmp_path):
              r"Got dataset 'gsm8k' instead\. Drop --difficulty\.$")
     with pytest.raises(ConfigError, match=wrong):
         ExtractConfig.from_dict(dict(teacher="t", store="s", dataset="gsm8k", difficulty="easy")).validate()
-    ExtractConfig.from_dict(dict(teacher="t", store="s", dataset="gsm8k")).validate()  # the default is no setting at all
+    # The default is no setting at all.
+    ExtractConfig.from_dict(dict(teacher="t", store="s", dataset="gsm8k")).validate()
     run = {"teachers": [{"name": "t", "model": "m"}], "variants": [{"name": "ce"}], "baseline": "ce",
            "data": {"teacher_fraction": 0, "difficulty": "steps=9-1"}}
     with pytest.raises(ConfigError, match=r"config: data\.difficulty: Expected difficulty steps as LO-HI"):

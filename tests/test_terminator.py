@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kava.core.data import RowSet, load_rows
+from kava.core.errors import ConfigError
 from kava.core.synthetic import synthetic_rows
 from kava.extract.align import align_dense_reference, token_spans
 from kava.extract.grid import build_grid
@@ -20,7 +21,6 @@ from kava.extract.templates import (
     segment_ids,
 )
 from kava.extract.vocab import EOS, SPECIALS, train_bpe_tokenizer
-from kava.core.errors import ConfigError
 
 REAL = ["tokenizers/gpt2", "tokenizers/qwen2", "tokenizers/llama2"]
 

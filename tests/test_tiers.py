@@ -7,7 +7,6 @@ tests start real processes (``true``, a spawned Python), so this module is itsel
 from __future__ import annotations
 
 import pytest
-
 from helpers import IntegrationGuard
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from kava.core.errors import ConfigError, ShapeError
 from kava.extract.align import Alignment, apply
 from kava.extract.warp import SPECIAL_SEGMENT, time_warp
-from kava.core.errors import ConfigError, ShapeError
 
 P, R, A, S = 0, 1, 2, 3  # prompt, reasoning, answer, special
 

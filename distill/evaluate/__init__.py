@@ -11,6 +11,9 @@ Evaluation is a stage of its own, in modules by concern:
 Only a terminated answer is credited (``extract_answer``): ``#### 12`` that runs on (``#### 122-92=``) or is cut by
 --max-new-tokens scores nothing. Models learn to stop because every sample they are trained on ends with the
 template's terminator and the tokenizer's EOS (``kava.extract.templates``, ``kava.extract.grid``).
+
+``kava --help`` imports this package (for ``EvalConfig``), so torch, transformers (and the modules that import them)
+and tqdm are imported inside the functions that run a model.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def reference_nll_items(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow]
     Returns:
         ``[N]`` :class:`ItemNLL`, in the rows' order.
     """
-    import torch
+    import torch  # noqa: PLC0415 - heavy (package docstring)
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

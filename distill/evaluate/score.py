@@ -87,7 +87,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template:
         The summary with ``items`` (``[N]``, in the rows' order). ``dataset`` is the rows' name when they are a
         ``RowSet``; ``split`` and ``out`` are left for the caller.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - light, but kept off `kava --help` (package docstring)
 
     name, rows = getattr(rows, "name", ""), list(rows)
     prompts = [prompt_text(row, template) for row in rows]

@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 
 from kava.core.config import config_from_dict, config_to_dict
 from kava.core.data import DataSource
+from kava.core.errors import ConfigError, DatasetError
+from kava.core.models import load_model, load_tokenizer, resolve_model
 from kava.core.synthetic import SYNTHETIC_SPLITS, Difficulty
 from kava.extract.templates import TEMPLATES, PromptTemplate, load_template
-from kava.core.errors import ConfigError, DatasetError
 
 from .nll import reference_nll_items
 from .score import EvalItem, EvalResult, evaluate
@@ -159,9 +160,7 @@ def _write_jsonl_atomic(path: Path, items: Sequence[EvalItem]) -> None:
 
 def run_eval(config: EvalConfig) -> EvalResult:
     """Evaluate ``config.model`` on its split, write the items' JSONL, and return the summary."""
-    import torch
-
-    from kava.core.models import load_model, load_tokenizer, resolve_model
+    import torch  # noqa: PLC0415 - heavy (package docstring)
 
     # 1. Everything that can be checked without loading a model, all at once.
     config.validate()
@@ -170,7 +169,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if not config.progress:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 - heavy (package docstring)
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars too
 
@@ -192,7 +191,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
                       max_new_tokens=config.max_new_tokens, progress=config.progress)
     nll: dict[str, Any] = {}
     if config.nll:  # per item into the JSONL, so a report can pair items across models and pick its unit
-        from kava.extract.grid import tokenizer_fingerprint  # here, not at the top: it imports torch
+        from kava.extract.grid import tokenizer_fingerprint  # noqa: PLC0415 - heavy (package docstring)
 
         scored = reference_nll_items(model, tokenizer, rows, template, batch_size=config.batch_size)
         result.items[:] = [replace(item, nll_nats=s.nats, nll_tokens=s.tokens, nll_chars=s.chars, nll_bytes=s.bytes)

@@ -25,8 +25,8 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
         "dense_tokens_per_s": round(subset_tokens / dense_seconds),
         "sparse_subset_tokens_per_s": round(subset_tokens / sparse_subset_seconds),
         "speedup_vs_dense": round(dense_seconds / sparse_subset_seconds, 2),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

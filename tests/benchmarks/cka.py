@@ -24,8 +24,9 @@ import platform
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -113,10 +114,16 @@ def main() -> None:
         }
         for estimator in ("biased", "unbiased"):
             store_cka(store, TEACHER, array=args.array, estimator=estimator, block_tokens=args.block_tokens)  # warm
-            ooc, ooc_s, ooc_mb = measure(lambda: store_cka(store, TEACHER, array=args.array, estimator=estimator,
-                                                           block_tokens=args.block_tokens).matrix, args.repeats)
-            mem, mem_s, mem_mb = measure(lambda: in_memory(path, args.array, estimator, args.block_tokens),
-                                         args.repeats)
+            # Each measured call binds this estimator (as a default), not the loop variable.
+            def out_of_core(estimator: str = estimator) -> Any:
+                return store_cka(store, TEACHER, array=args.array, estimator=estimator,
+                                 block_tokens=args.block_tokens).matrix
+
+            def all_in_memory(estimator: str = estimator) -> Any:
+                return in_memory(path, args.array, estimator, args.block_tokens)
+
+            ooc, ooc_s, ooc_mb = measure(out_of_core, args.repeats)
+            mem, mem_s, mem_mb = measure(all_in_memory, args.repeats)
             report[estimator] = {
                 "out_of_core": {"seconds": round(ooc_s, 3), "peak_mib": round(ooc_mb, 2)},
                 "in_memory": {"seconds": round(mem_s, 3), "peak_mib": round(mem_mb, 2)},

@@ -191,7 +191,8 @@ def seven_b(tokens: int) -> dict:
             logical += sum(p.nbytes for p in parts.values())
             disk += blosc_bytes(parts)
             cos[a] = layer_cos(x, y)
-        out[d] = {"logical_vs_fp16": round(ref_logical / logical, 3), "disk_vs_fp16_logical": round(ref_logical / disk, 3),
+        out[d] = {"logical_vs_fp16": round(ref_logical / logical, 3),
+                  "disk_vs_fp16_logical": round(ref_logical / disk, 3),
                   "disk_vs_fp16_disk": round(ref_disk / disk, 3), "cos_to_fp16": cos}
     return {"teacher": "random Llama, 7B attention geometry (4 KV heads x 128, 28 query heads), 2 layers",
             "tokens": int(len(k)), "codecs": out, "alternatives": alternatives(k, v, q)}

@@ -88,7 +88,8 @@ def main() -> None:
         print(json.dumps({
             "benchmark": "extract",
             "date": dt.date.today().isoformat(),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads()},
             "teacher": {"arch": "llama", "params": params, "layers": args.layers, "hidden": args.hidden},
             "samples": args.samples, "tokens": tokens, "batch_size": args.batch_size,
             "bare_forward_s": round(bare, 3),

@@ -120,7 +120,14 @@ def main() -> None:
     assets = Path(os.environ["KAVA_ASSETS"])
 
     from kava.kvstore import (
-        DatasetSpec, KVStore, LayerMap, TeacherSpec, TokenizerSpec, create_store, default_storage, summary,
+        DatasetSpec,
+        KVStore,
+        LayerMap,
+        TeacherSpec,
+        TokenizerSpec,
+        create_store,
+        default_storage,
+        summary,
     )
 
     ids, ks, vs = capture(assets, args.samples)
@@ -185,7 +192,7 @@ def main() -> None:
                     np.load(raw / f"v{s}.npy")
                 results[f"np_load_{mode}"].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                for rows in reader.iter_shards(dtype=np.float16):
+                for _ in reader.iter_shards(dtype=np.float16):
                     pass
                 results[f"store_read_{mode}"].append(time.perf_counter() - t)
                 keys = [path / f"teachers/stories260K/shards/{s:06d}/{a}" for s in range(len(shards)) for a in "kv"]
