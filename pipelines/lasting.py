@@ -64,8 +64,9 @@ def budget_section(cfg: RunConfig, curves: Curves, figures: Path, root: Path) ->
     if not budgets:
         return [], {}
     variants = [v.name for v in cfg.variants]
-    at = {b: {metric: {v: {s: p[metric] for s, curve in curves[v].items() for p in curve if p["step"] == b}
-                       for v in variants} for metric in ("accuracy", "nll")} for b in budgets}
+    # budget → variant → seed → accuracy at that checkpoint
+    at = {b: {v: {s: p["accuracy"] for s, curve in curves[v].items() for p in curve if p["step"] == b}
+              for v in variants} for b in budgets}
     rows = cfg.eval.checkpoint_rows
     lines = ["## Budgets: does the effect last?", "",
              f"Each student kept its checkpoints at {', '.join(map(str, budgets))} steps; each is scored on the first "
@@ -77,7 +78,7 @@ def budget_section(cfg: RunConfig, curves: Curves, figures: Path, root: Path) ->
              "|" + "---|" * (1 + 2 * len(variants) - 1)]
     out: dict[str, Any] = {"budgets": {}, "compute_ratio": []}
     for b in budgets:
-        complete = {v: x for v, x in at[b]["accuracy"].items() if len(x) == len(cfg.seeds)}
+        complete = {v: x for v, x in at[b].items() if len(x) == len(cfg.seeds)}
         if cfg.baseline not in complete:
             lines.append(f"| {b} | (not every seed has a checkpoint here) |")
             continue

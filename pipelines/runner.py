@@ -346,16 +346,19 @@ class Runner:
                           check=lambda: _finished_student(where, cfg.steps),
                           adopt=adopt if score is None else None)
 
+    def _eval_config(self, model: str, role: str, out: Path) -> EvalConfig:
+        """`kava eval`'s settings for ``model`` on the split file of ``role``, with the run's eval options."""
+        e = self.cfg.eval
+        return EvalConfig.from_dict(dict(
+            model=model, dataset=str(splits.split_path(self.root, role)), split=splits.FILE_SPLIT[role],
+            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, out=str(out),
+            device=self.cfg.device, threads=self.cfg.threads, progress=False, nll=True,
+        ))
+
     def _score(self, model: Path, role: str) -> dict[str, Any]:
         """Accuracy and reference NLL of ``model`` on a split other than eval (the validation rows)."""
         splits.check_split(self.root, role, stage=f"score {model.name} on {role}")
-        e = self.cfg.eval
-        config = EvalConfig.from_dict(dict(
-            model=str(model), dataset=str(splits.split_path(self.root, role)), split=splits.FILE_SPLIT[role],
-            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, out=str(model / f"{role}-items.jsonl"),
-            device=self.cfg.device, threads=self.cfg.threads, progress=False, nll=True,
-        ))
-        result = run_eval(config)
+        result = run_eval(self._eval_config(str(model), role, model / f"{role}-items.jsonl"))
         return {"accuracy": result.accuracy, "nll": result.reference_nll, "n": result.n,
                 "nll_per_char": result.reference_nll_per_char}
 
@@ -377,11 +380,7 @@ class Runner:
             def work(model: str = model, label: str = label, where: Path = where) -> dict[str, Any]:
                 splits.check_split(self.root, "eval", stage=f"eval {label}")
                 where.mkdir(parents=True, exist_ok=True)
-                config = EvalConfig.from_dict(dict(
-                    model=model, dataset=str(splits.split_path(self.root, "eval")), split=splits.FILE_SPLIT["eval"],
-                    batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, out=str(where / "items.jsonl"),
-                    device=self.cfg.device, threads=self.cfg.threads, progress=False, nll=True,
-                ))
+                config = self._eval_config(model, "eval", where / "items.jsonl")
                 result = run_eval(config)
                 curve = [] if label.startswith("teacher ") else self._checkpoint_curve(Path(model), result)
                 return {"model": model, "accuracy": result.accuracy, "nll": result.reference_nll, "n": result.n,
