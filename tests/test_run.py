@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -168,8 +169,12 @@ def test_variants_train_at_equal_compute_on_the_recorded_student_split(run):
 @pytest.mark.integration
 def test_splits_are_disjoint_and_hashed(run):
     root, _ = run
+    recorded = splits.recorded(root)["splits"]
+    # The default tunes nothing, so no validation split is carved or recorded.
+    assert list(recorded) == ["teacher-train", "student-train", "eval"]
+    assert not splits.split_path(root, "validation").exists()
     questions = {role: {json.loads(line)["question"] for line in splits.split_path(root, role).read_text().splitlines()}
-                 for role in splits.ROLES}
+                 for role in recorded}
     assert [len(q) for q in questions.values()] == [24, 24, 6]
     assert not questions["teacher-train"] & questions["student-train"]
     assert not (questions["teacher-train"] | questions["student-train"]) & questions["eval"]
@@ -365,8 +370,10 @@ def test_check_accepts_the_embedded_default_and_names_a_missing_file(tmp_path):
     ok = subprocess.run([*KAVA, "run", "--check"], capture_output=True, text=True, env=ENV, timeout=60)
     assert ok.returncode == 0 and "embedded default: ok (1 teachers, 2 variants x 5 seeds)" in ok.stderr
     assert load_config("ablation") == load_config(Path(__file__).parents[1] / "pipelines" / "configs" / "ablation.yaml")
-    with pytest.raises(ConfigError, match="does not exist. Pass a YAML file.*"
-                                          "shipped configs: ablation, alignment, codecs, default"):
+    shipped = sorted(f.stem for f in (Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
+    assert {"ablation", "default", "convergence-quick"} <= set(shipped)
+    with pytest.raises(ConfigError, match=re.escape(f"does not exist. Pass a YAML file, or none for the embedded "
+                                                    f"default (shipped configs: {', '.join(shipped)})")):
         load_config(tmp_path / "nope.yaml")
 
 
