@@ -408,6 +408,23 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
         click.echo(f"report: {result.report}", err=True)
 
 
+@main.command("compare", short_help="Finished runs side by side by the students' data size (table and figure).")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder for compare.md and figures/accuracy-by-data.png.")
+def compare(runs: tuple[str, ...], out: str) -> None:
+    """Put finished `kava run` folders (RUNS: runs/NAME ...) side by side by the size of the students' training
+    split: each run's accuracy per variant, its paired Δ against the baseline, and accuracy against data size
+    with seed bands. Nothing is retrained; the numbers are the runs' own report.json."""
+    from .compare import compare_runs  # noqa: PLC0415 - matplotlib, as `kava run`'s report
+
+    try:
+        path = compare_runs([Path(r) for r in runs], Path(out))
+    except KavaError as e:
+        fail(str(e))
+    click.echo(f"comparison: {path}", err=True)
+
+
 @main.command("cka", short_help="Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.")
 @click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="The store directory.")
 @click.option("--teacher", required=True, help="The teacher whose layers are compared.")

@@ -24,11 +24,11 @@ Curves = dict[str, dict[int, list[dict[str, float]]]]
 """variant → seed → the checkpoint curve the runner recorded (``{"step", "accuracy", "nll"}`` per point)."""
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def _p(x: float) -> str:
+def fmt_p(x: float) -> str:
     if x is None or math.isnan(x):
         return "–"
     return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
@@ -53,7 +53,7 @@ def tune_section(root: Path) -> tuple[list[str], dict[str, Any] | None]:
     for t in tune["trials"]:
         mark = " **(chosen)**" if t["point"] == tune["chosen"] else ""
         lines.append("| " + " | ".join(str(t["point"][k]) for k in keys)
-                     + f" | {_pct(t['accuracy'])}{mark} | {t['nll_per_char']:.4f} |")
+                     + f" | {pct(t['accuracy'])}{mark} | {t['nll_per_char']:.4f} |")
     return lines + [""], tune
 
 
@@ -83,9 +83,9 @@ def budget_section(cfg: RunConfig, curves: Curves, figures: Path, root: Path) ->
             lines.append(f"| {b} | (not every seed has a checkpoint here) |")
             continue
         cmp = {c.variant: c for c in compare_paired(complete, cfg.baseline)}
-        cells = [f"{_pct(cmp[v].mean)} ± {_pct(cmp[v].std)}" if v in cmp else "–" for v in variants]
+        cells = [f"{pct(cmp[v].mean)} ± {pct(cmp[v].std)}" if v in cmp else "–" for v in variants]
         deltas = [f"{100 * cmp[v].diff:+.1f} [{100 * cmp[v].diff_ci[0]:+.1f}, {100 * cmp[v].diff_ci[1]:+.1f}] "
-                  f"({_p(cmp[v].p_holm)})" if v in cmp else "–" for v in variants if v != cfg.baseline]
+                  f"({fmt_p(cmp[v].p_holm)})" if v in cmp else "–" for v in variants if v != cfg.baseline]
         lines.append(f"| {b} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
         out["budgets"][str(b)] = {v: c.to_dict() for v, c in cmp.items()}
     lines.append("")

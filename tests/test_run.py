@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -420,3 +421,34 @@ def test_an_experiment_whose_teachers_are_all_pretrained_runs(tmp_path, assets):
     assert not splits.split_path(root, "teacher-train").exists()
     assert list(KVStore.open(root / "kv.zarr").teachers) == ["stories"]
     assert (root / "report.md").is_file() and "stories" in (root / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_compare_puts_runs_side_by_side_by_data_size_with_their_own_numbers(run, tmp_path):
+    root, _ = run
+    report = json.loads((root / "report.json").read_text())
+    # A second "data size": the same run copied, its student split recorded as 4x larger and one student's
+    # accuracy changed, so the row order and the figure's points come from the files, not from the run order.
+    bigger = tmp_path / "tiny-x4"
+    shutil.copytree(root, bigger, ignore=shutil.ignore_patterns("*.safetensors", "kv.zarr", "checkpoints"))
+    big = json.loads((bigger / "report.json").read_text())
+    big["splits"]["student-train"]["rows"] *= 4
+    (bigger / "report.json").write_text(json.dumps(big))
+    stage = bigger / "eval" / "kv-seed-1" / "stage.json"
+    (stage.write_text(json.dumps({**json.loads(stage.read_text()), "accuracy": 0.5})))
+
+    proc = subprocess.run([*KAVA, "compare", str(bigger), str(root), "--out", str(tmp_path / "cmp")],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines() if line.startswith("| `")]
+    rows = report["splits"]["student-train"]["rows"]
+    assert [line.split(" | ")[:2] for line in table] == [["| `tiny`", str(rows)], ["| `tiny-x4`", str(4 * rows)]]
+    kv = next(e for e in report["accuracy"] if e["variant"] == "kv")
+    assert f"{100 * kv['mean']:.1f} ± {100 * kv['std']:.1f}" in table[0]
+    assert f"{100 * kv['diff']:+.1f} [{100 * kv['diff_ci'][0]:+.1f}, {100 * kv['diff_ci'][1]:+.1f}]" in table[0]
+    assert (tmp_path / "cmp" / "figures" / "accuracy-by-data.png").read_bytes()[:4] == b"\x89PNG"
+
+    missing = subprocess.run([*KAVA, "compare", str(tmp_path / "nope"), "--out", str(tmp_path / "cmp2")],
+                             capture_output=True, text=True, env=ENV, timeout=60)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "nope: no report.json. Pass the folder of a finished `kava run`" in missing.stderr
