@@ -380,8 +380,8 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     With no CONFIG it runs the embedded default (offline, minutes on a laptop CPU): a teacher trained here on
     synthetic arithmetic, a smaller student with another tokenizer, CE-only vs CE + K/V at equal compute over five
     seeds, and a report with significance tests. A rerun reuses every finished stage; --force redoes one.
-    CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation, codecs,
-    gsm8k-qwen7b4bit-to-qwen0.5b.
+    CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation, alignment, codecs,
+    convergence-quick (and the longer convergence-*), gsm8k-qwen7b4bit-to-qwen0.5b.
     """
     from .config import check_force, load_config  # noqa: PLC0415 - the run config pulls every stage config (zarr)
 
