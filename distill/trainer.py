@@ -2,8 +2,9 @@
 
 Order of construction, and why:
 
-1. the config, checked whole, with the process layout and ``--out`` (a fresh directory, or the run to resume):
-   nothing loads before every flag is known to be sound;
+1. the config, checked whole, with the process layout and ``--out`` (a fresh directory, or the run to resume),
+   whose writer lock this run holds to the end (:mod:`kava.core.locks`): nothing loads before every flag is known
+   to be sound, and no second run writes the same ``--out``;
 2. the store and the teachers' plans (refusing a store without the asked-for teachers or layers, listing what it
    has), because the student preset's layer count and the loader's reads follow from them;
 3. the student, checked against the store's tokenizer and layer map;
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from kava.core.errors import ConfigError, KavaError
+from kava.core.locks import writer_lock
 from kava.core.log import Log, log_stderr, quiet
 
 from . import ddp
@@ -133,18 +135,26 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     cfg.validate()
     ranks = ddp.ranks_from_env()
     out = Path(cfg.out)
-    resume_from = check_out(cfg, out, ranks.world_size)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory. Choose another --out.")
     if cfg.report.tensorboard:
         check_tensorboard()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.trainer.device}: CUDA is not available here. Use --device cpu.")
-    device = ddp.rank_device(device, ranks, cfg.trainer.device)
-    with ddp.process_group(ranks, device):  # one process: no group
-        state = setup(cfg, out, resume_from, device, ranks, log if ranks.main else quiet)
-        return train(state, log if ranks.main else quiet, resumed_from=resume_from, started=started)
+    # One writer per --out: rank 0 holds <out>/.kava.lock until the run ends (the kernel drops it if the process
+    # dies), taken before the output is checked so that two runs can't both find it free.
+    with contextlib.ExitStack() as held:
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(writer_lock(out, fix="choose another --out"))
+        resume_from = check_out(cfg, out, ranks.world_size)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        device = torch.device(cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.trainer.device}: CUDA is not available here. Use --device cpu.")
+        device = ddp.rank_device(device, ranks, cfg.trainer.device)
+        with ddp.process_group(ranks, device):  # one process: no group
+            state = setup(cfg, out, resume_from, device, ranks, log if ranks.main else quiet)
+            return train(state, log if ranks.main else quiet, resumed_from=resume_from, started=started)
 
 
 def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch.device, ranks: Ranks,
