@@ -15,6 +15,7 @@ store, still before training.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -389,11 +390,11 @@ class DistillConfig:
                              ("--ce-weight", o.ce_weight), ("--logit-weight", o.logits.logit_weight),
                              ("--weight-decay", tr.weight_decay),
                              ("--max-grad-norm", tr.max_grad_norm)):
-            if not isinstance(number, (int, float)) or number < 0:
-                p.append(f"{flag}: expected a number >= 0. Got {number!r} instead.")
-        if not isinstance(tr.lr, (int, float)) or tr.lr <= 0:
-            p.append(f"--lr: expected a positive number. Got {tr.lr!r} instead.")
-        if not 0 <= tr.min_lr_ratio <= 1:
+            if not isinstance(number, (int, float)) or not math.isfinite(number) or number < 0:
+                p.append(f"{flag}: expected a finite number >= 0. Got {number!r} instead.")
+        if not isinstance(tr.lr, (int, float)) or not math.isfinite(tr.lr) or tr.lr <= 0:
+            p.append(f"--lr: expected a finite positive number. Got {tr.lr!r} instead.")
+        if not isinstance(tr.min_lr_ratio, (int, float)) or not 0 <= tr.min_lr_ratio <= 1:
             p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {tr.min_lr_ratio!r} instead.")
         if not isinstance(o.logits.logit_temperature, (int, float)) or not o.logits.logit_temperature > 0:
             p.append(f"--logit-temperature: expected a positive number. Got {o.logits.logit_temperature!r} instead.")

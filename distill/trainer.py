@@ -13,7 +13,8 @@ Order of construction, and why:
 6. a checkpoint, when resuming (after everything it restores into exists), then the RNG, then DDP around the module;
 7. the loop: :func:`optimizer_step` (micro-batches with accumulation, the non-finite check), :func:`log_step` (one
    metrics line), and every N steps :func:`write_checkpoint`;
-8. the outputs: the student, its heads and ``kava.json``.
+8. the outputs: the student, its heads and ``kava.json``. Neither a step checkpoint nor the outputs are written from
+   non-finite weights (:func:`check_finite_weights`).
 
 Steps 2-6 are :func:`setup`, which returns the :class:`TrainingState` the loop reads and advances. With no store, or
 a K/V weight of 0, the same loop is plain fine-tuning: the CE-only baseline.
@@ -46,6 +47,7 @@ from .balance import balance_scales, grad_shares, term_grad_norms
 from .batch import Batch
 from .checkpoint import (
     checkpoint_dir,
+    latest_checkpoint,
     load_checkpoint,
     remove_partial_checkpoints,
     rng_state,
@@ -63,7 +65,8 @@ from .student import Student, load_student, save_student
 
 
 class TrainingError(KavaError):
-    """Training cannot go on (a non-finite loss); a checkpoint was written first."""
+    """Training cannot go on: a non-finite loss (the state before the step is checkpointed first) or non-finite
+    weights (nothing more is written; the checkpoints before stay)."""
 
 
 @dataclass
@@ -266,7 +269,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
             close()  # stops the loader's worker processes now rather than at garbage collection
         sinks.close()
 
-    # 8. Outputs, written by rank 0; the other ranks return once they are whole.
+    # 8. Outputs, written by rank 0; the other ranks return once they are whole. Never a broken model.
+    check_finite_weights(state)
     if state.ranks.main:
         save_student(state.student, state.out)
         state.module.save_heads(state.out)
@@ -389,8 +393,11 @@ def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Lo
 
 def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
     """Checkpoint the state after ``state.step`` steps (``step-N``, or ``tag``). Every rank hands rank 0 its RNG
-    state; rank 0 writes; the others wait until the checkpoint is whole."""
+    state; rank 0 writes; the others wait until the checkpoint is whole. A ``step-N`` checkpoint of non-finite
+    weights is refused (:func:`check_finite_weights`)."""
     ranks = state.ranks
+    if tag is None:  # a resumable checkpoint; a nan-step-N one keeps the state as it was, for a look
+        check_finite_weights(state)  # every rank: DDP keeps their weights equal, so they stop together
     rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
     path = checkpoint_dir(state.out) / (tag or f"step-{state.step:06d}")
     if ranks.main:
@@ -401,6 +408,23 @@ def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
                                rank_rng=rank_rng)
     ddp.barrier(ranks)
     return path
+
+
+def check_finite_weights(state: TrainingState) -> None:
+    """Refuse to write a model with a NaN or infinite weight (a learning rate far too high gets there in one step
+    with every logged loss still finite): stop with :class:`TrainingError` naming the step, and keep the
+    checkpoints already written."""
+    params = list(state.module.named_parameters())
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).tolist()  # one device sync
+    bad = [name for (name, _), ok in zip(params, finite) if not ok]
+    if not bad:
+        return
+    last = latest_checkpoint(state.out)
+    kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
+    raise TrainingError(
+        f"The model's weights are not finite after step {state.step} ({len(bad)} tensors, first {bad[0]}). "
+        f"Stopped without writing them; {kept}. Lower --lr and start a new run with another --out."
+    )
 
 
 _RANK_SEED_STRIDE = 1_000_003

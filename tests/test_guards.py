@@ -1,5 +1,5 @@
-"""One writer per output: a second process writing the same `kava distill --out` or the same store stops at once
-with one line naming the first, and a lock left by a killed run never blocks `--resume`.
+"""A store and a run that can't be talked out of their checks: one writer per output, and no run that ends with a
+broken model.
 
 Where the user would meet the case on the command line the test runs the real `kava` in a subprocess; the rest
 call the function the command calls and check the same message.
@@ -8,6 +8,7 @@ call the function the command calls and check the same message.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -17,10 +18,10 @@ from pathlib import Path
 import pytest
 from helpers import ENV, KAVA, sigkill_when
 
-from kava.core.errors import BusyError
+from kava.core.errors import BusyError, ConfigError
 from kava.core.locks import LOCK_NAME, writer_lock
 from kava.distill.config import DistillConfig
-from kava.distill.trainer import run_distill
+from kava.distill.trainer import TrainingError, run_distill
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
 
@@ -139,3 +140,31 @@ def test_shard_jobs_share_a_store_but_not_a_slice_and_an_unsharded_run_waits_for
     # Slice 1 was written while nothing held slice 1; slice 0 is written now that its job is gone.
     done = run_extract(ExtractConfig.from_dict(extract_options(stories, path, shard="0/2")), log=lambda _: None)
     assert done.shards_written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. A run that ends with a broken model
+
+
+def test_weights_gone_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, store):
+    out = tmp_path / "run"
+    # lr 0 on step 1 (warmup), then 1e30: every loss logged is finite, the weights after step 2 are not.
+    cfg = DistillConfig(store=str(store), student="tiny-llama", out=str(out), steps=3, batch_size=4, lr=1e30,
+                        checkpoint_every=1, progress=False)
+    with pytest.raises(TrainingError, match=r"weights are not finite after step 2 .*Stopped without writing them; "
+                                            r"the last good checkpoint is .*step-000001\. Lower --lr"):
+        run_distill(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    assert not (out / "kava.json").exists() and not (out / "model.safetensors").exists()
+
+    # Two steps, checkpointed only at the end: the one checkpoint would be broken, so there is none.
+    cfg = DistillConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "once"), "steps": 2, "checkpoint_every": 0})
+    with pytest.raises(TrainingError, match=r"after step 2 .*no checkpoint was written before it"):
+        run_distill(cfg)
+    assert not (tmp_path / "once" / "checkpoints").exists() and not (tmp_path / "once" / "kava.json").exists()
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf, 0.0])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(lr):
+    with pytest.raises(ConfigError, match=rf"^--lr: expected a finite positive number\. Got {lr} instead\.$"):
+        DistillConfig(student="tiny-llama", out="o", lr=lr).validate()
