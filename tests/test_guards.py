@@ -1,5 +1,6 @@
-"""A store and a run that can't be talked out of their checks: one writer per output, and no run that ends with a
-broken model.
+"""A store and a run that can't be talked out of their checks: one writer per output, no run that ends with a broken
+model, and one line instead of a traceback for inputs built to break the readers (huge integers, deep nesting,
+duplicate keys, seeds and options out of range, paths of the wrong kind).
 
 Where the user would meet the case on the command line the test runs the real `kava` in a subprocess; the rest
 call the function the command calls and check the same message.
@@ -16,14 +17,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ENV, KAVA, sigkill_when
 
-from kava.core.errors import BusyError, ConfigError
+from kava.core.data import file_rows, load_rows
+from kava.core.errors import BusyError, ConfigError, DatasetError
 from kava.core.locks import LOCK_NAME, writer_lock
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import TrainingError, run_distill
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
+from kava.pipelines.config import configs_dir, load_config
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
@@ -168,3 +172,118 @@ def test_weights_gone_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(
 def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(lr):
     with pytest.raises(ConfigError, match=rf"^--lr: expected a finite positive number\. Got {lr} instead\.$"):
         DistillConfig(student="tiny-llama", out="o", lr=lr).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. One line instead of a traceback
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--lr", "nan"], "--lr: expected a finite positive number. Got nan"),
+    (["--lr", "inf"], "--lr: expected a finite positive number. Got inf"),
+    (["--seed", "99999999999999999999999"], "--seed: expected an integer in [0, 2**32 - 1]"),
+    (["--grad-accum", "1000000000"], "--grad-accum: expected at most 4,096 micro-batches per step"),
+], ids=["lr-nan", "lr-inf", "seed", "grad-accum"])
+def test_distill_options_out_of_range_are_one_line(tmp_path, store, extra, words):
+    line = one_error_line(kava(*distill_args(store, tmp_path / "run", *extra)))
+    assert words in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_an_out_that_is_a_file_is_one_line(tmp_path, store):
+    (tmp_path / "taken").write_text("a file")
+    line = one_error_line(kava(*distill_args(store, tmp_path / "taken")))
+    assert "--out" in line and "taken is a file, not a directory. Choose another --out." in line
+
+
+@pytest.mark.integration
+def test_a_directory_given_to_data_files_is_named_a_directory(tmp_path, stories):
+    (tmp_path / "splits").mkdir()
+    line = one_error_line(kava("extract", "--teacher", str(stories), "--store", str(tmp_path / "kv.zarr"),
+                               "--dataset", "gsm8k", "--data-files", str(tmp_path / "splits"), "--no-progress"))
+    assert "splits', which is a directory. Name the files in it." in line
+    with pytest.raises(ConfigError, match=r"which is a directory"):
+        load_rows("gsm8k", split="test", data_files=str(tmp_path / "splits"))
+
+
+def test_jsonl_with_a_huge_integer_or_deep_nesting_is_one_line_naming_the_line(tmp_path):
+    good = json.dumps({"question": "What is 1+1?", "answer": "1+1=2\n#### 2"})
+    huge, deep = tmp_path / "huge.jsonl", tmp_path / "deep.jsonl"
+    huge.write_text(good + "\n" + '{"question": "q", "answer": ' + "9" * 100_000 + "}\n")
+    deep.write_text(good + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DatasetError, match=r"huge\.jsonl\. Got an integer too long to read on line 2\. Fix or remove"):
+        file_rows(huge)
+    with pytest.raises(DatasetError, match=r"deep\.jsonl\. Got nesting too deep to read on line 2\. Fix or remove"):
+        file_rows(deep)
+
+
+def test_a_number_in_the_answer_field_is_the_answer_not_a_skipped_row(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(3))
+                    + json.dumps({"question": "Half of 5?", "answer": 2.5}) + "\n")
+    rows = file_rows(path)
+    assert not rows.problems
+    assert [(r.answer, r.reasoning) for r in rows.rows] == [("1", ""), ("2", ""), ("3", ""), ("2.5", "")]
+
+
+def default_config() -> dict:
+    return yaml.safe_load((configs_dir() / "default.yaml").read_text())
+
+
+@pytest.mark.parametrize(("seeds", "words"), [
+    ([-1], r"seeds: expected integers in \[0, 2\*\*32 - 1\]\. Got \[-1\]"),
+    ([42, 10**22], r"seeds: expected integers in \[0, 2\*\*32 - 1\]\. Got \[10000000000000000000000\]"),
+], ids=["negative", "23-digits"])
+def test_run_check_refuses_seeds_the_run_would_reject(tmp_path, seeds, words):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**default_config(), "seeds": seeds}))
+    with pytest.raises(ConfigError, match=words):
+        load_config(path)
+
+
+@pytest.mark.integration
+def test_run_check_on_the_command_line_refuses_a_bad_seed_and_a_duplicate_key(tmp_path):
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text(yaml.safe_dump({**default_config(), "seeds": [99999999999999999999999]}))
+    assert "seeds: expected integers in [0, 2**32 - 1]" in one_error_line(kava("run", str(seeds), "--check"))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text((configs_dir() / "default.yaml").read_text() + "name: other\n")
+    line = one_error_line(kava("run", str(twice), "--check"))
+    assert "twice.yaml: not valid YAML at line" in line and "found the key 'name' twice" in line
+
+
+def test_a_duplicate_key_is_refused_in_a_run_config_and_a_command_config(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: one\nseeds: [1]\nname: two\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: not valid YAML at line 3, column 1: found the key 'name' "
+                                          r"twice in one mapping; give each key once\."):
+        load_config(path)
+    command = tmp_path / "distill.yaml"
+    command.write_text("lr: 0.001\nsteps: 3\nlr: 1\n")
+    proc = kava_config(command)
+    assert "found the key 'lr' twice" in proc
+
+
+def kava_config(path: Path) -> str:
+    """The error ``kava distill --config path`` stops with, from the function its callback calls."""
+    from kava.pipelines.options import build_config
+
+    with pytest.raises(ConfigError) as caught:
+        build_config(DistillConfig, {"student": "tiny-llama", "out": "o"}, str(path))
+    return str(caught.value)
+
+
+def test_a_run_config_with_a_huge_integer_or_deep_nesting_is_one_line(tmp_path):
+    steps = tmp_path / "steps.yaml"
+    steps.write_text((configs_dir() / "default.yaml").read_text().replace("  steps: 150", "  steps: " + "9" * 5000))
+    with pytest.raises(ConfigError, match=r"steps\.yaml: not valid YAML at line \d+, column \d+: found an integer of "
+                                          r"5,000 digits; configs take integers of at most 30\."):
+        load_config(steps)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: not valid YAML at line 1, column \d+: found lists or mappings "
+                                          r"nested more than 32 deep\."):
+        load_config(deep)
+    assert "nested more than 32 deep" in kava_config(deep)
