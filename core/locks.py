@@ -1,9 +1,10 @@
-"""One writer per output: an advisory lock file inside the folder a command writes.
+"""One writer per output: an advisory lock file for the folder a command writes.
 
-``kava distill --out D`` holds ``D/.kava.lock`` for the whole run, and ``kava extract`` the store's for the whole
-extraction. The lock is ``fcntl.flock`` on that file, so the kernel drops it when its process ends in any way
-(a SIGKILL too): a lock file left behind by a killed run never blocks ``--resume``. The file records the holder's
-host and pid, for the message a second writer gets.
+``kava distill --out D`` holds ``D/.kava.lock`` for the whole run, and ``kava extract`` the store's, which sits
+beside the store (``.kv.zarr.lock`` for ``kv.zarr``: a store's folder holds only what its format names, and zarr
+warns about anything else), for the whole extraction. The lock is ``fcntl.flock`` on that file, so the kernel drops
+it when its process ends in any way (a SIGKILL too): a lock file left behind by a killed run never blocks
+``--resume``. The file records the holder's host and pid, for the message a second writer gets.
 
 Shard jobs of one extraction (``--shard i/n``) write one store at once on purpose: each holds the store's lock
 shared and its own slice's exclusively, so two jobs of one slice, or a job and an unsharded extraction, are refused.
@@ -25,20 +26,25 @@ from .errors import BusyError
 LOCK_NAME = ".kava.lock"
 
 
-@contextlib.contextmanager
-def writer_lock(folder: Path, *, fix: str, name: str = LOCK_NAME, shared: bool = False) -> Iterator[Path]:
-    """Hold ``folder/name`` for the block: exclusively, or ``shared`` with other shared holders.
+def beside(output: Path, suffix: str = "") -> Path:
+    """The lock file beside ``output`` (a store): ``.<name>.lock<suffix>`` in its parent folder."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock{suffix}"
 
-    Raises :class:`BusyError` at once (no waiting) when another process holds it, naming that process's host and
-    pid and saying what to do (``fix``, e.g. "choose another --out").
+
+@contextlib.contextmanager
+def writer_lock(path: Path, *, output: Path, fix: str, shared: bool = False) -> Iterator[Path]:
+    """Hold the lock file ``path`` of ``output`` for the block: exclusively, or ``shared`` with other shared holders.
+
+    Raises :class:`BusyError` at once (no waiting) when another process holds it, naming ``output``, that
+    process's host and pid, and what to do (``fix``, e.g. "choose another --out").
     """
-    path = Path(folder) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (close-on-exec)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BusyError(f"{folder} is being written by {_holder(fd, path)}. Wait for it to finish, or "
+            raise BusyError(f"{output} is being written by {_holder(fd, path)}. Wait for it to finish, or "
                             f"{fix}.") from None
         if not shared:  # shared holders leave the file alone: several write it at once
             os.ftruncate(fd, 0)

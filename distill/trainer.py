@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from kava.core.errors import ConfigError, KavaError
-from kava.core.locks import writer_lock
+from kava.core.locks import LOCK_NAME, writer_lock
 from kava.core.log import Log, log_stderr, quiet
 
 from . import ddp
@@ -147,7 +147,7 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     with contextlib.ExitStack() as held:
         if ranks.main:
             out.mkdir(parents=True, exist_ok=True)
-            held.enter_context(writer_lock(out, fix="choose another --out"))
+            held.enter_context(writer_lock(out / LOCK_NAME, output=out, fix="choose another --out"))
         resume_from = check_out(cfg, out, ranks.world_size)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from kava.core import models
 from kava.core.errors import ConfigError
-from kava.core.locks import LOCK_NAME, writer_lock
+from kava.core.locks import beside, writer_lock
 from kava.core.log import Log, log_stderr
 from kava.core.models import ModelSource, describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
 from kava.kvstore import KVStore, LayerMap, LogitSpec, ShardWriter, StorageSpec, TeacherSpec, default_storage
@@ -399,19 +399,21 @@ def validate_and_resolve(cfg: ExtractConfig) -> ModelSource:
 
 
 def hold_writer_lock(cfg: ExtractConfig, hold: contextlib.ExitStack) -> None:
-    """One writer per store (:mod:`kava.core.locks`): an extraction holds the store's lock, a shard job
-    (``--shard i/n``) holds it shared with the other jobs and its own slice's exclusively. A store that is not a
-    local directory is not locked."""
-    folder = Path(cfg.store)
-    if not folder.is_dir():
+    """One writer per store (:mod:`kava.core.locks`), its lock file beside it: an extraction holds the store's
+    lock, a shard job (``--shard i/n``) holds it shared with the other jobs and its own slice's exclusively. A store
+    that is not a local directory is not locked."""
+    store = Path(cfg.store)
+    if not store.is_dir():
         return
     fix = "write another --store"
     if cfg.shard_slice is None:
-        hold.enter_context(writer_lock(folder, fix=fix))
+        hold.enter_context(writer_lock(beside(store), output=store, fix=fix))
         return
     i, n = cfg.shard_slice
-    hold.enter_context(writer_lock(folder, fix=f"{fix}, or run only shard jobs (--shard i/n) on it", shared=True))
-    hold.enter_context(writer_lock(folder, name=f"{LOCK_NAME}.shard-{i}-of-{n}", fix="give this job another --shard"))
+    hold.enter_context(writer_lock(beside(store), output=store, shared=True,
+                                   fix=f"{fix}, or run only shard jobs (--shard i/n) on it"))
+    hold.enter_context(writer_lock(beside(store, f".shard-{i}-of-{n}"), output=store,
+                                   fix="give this job another --shard"))
 
 
 def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[int], list[int]]:

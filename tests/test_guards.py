@@ -22,7 +22,7 @@ from helpers import ENV, KAVA, sigkill_when
 
 from kava.core.data import file_rows, load_rows
 from kava.core.errors import BusyError, ConfigError, DatasetError
-from kava.core.locks import LOCK_NAME, writer_lock
+from kava.core.locks import LOCK_NAME, beside, writer_lock
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import TrainingError, run_distill
 from kava.extract.config import ExtractConfig
@@ -112,7 +112,7 @@ def test_a_lock_left_by_a_killed_distill_does_not_block_resume(tmp_path, store):
 def test_distill_is_refused_while_another_process_holds_the_out(tmp_path, store):
     out = tmp_path / "run"
     out.mkdir()
-    with writer_lock(out, fix="choose another --out"):  # this process plays the first run
+    with writer_lock(out / LOCK_NAME, output=out, fix="x"):  # this process plays the first run
         with pytest.raises(BusyError, match=rf"run is being written by process {os.getpid()} on host .*Wait for it "
                                             r"to finish, or choose another --out\."):
             run_distill(DistillConfig(store=str(store), student="tiny-llama", out=str(out), steps=2, batch_size=4,
@@ -124,7 +124,7 @@ def test_distill_is_refused_while_another_process_holds_the_out(tmp_path, store)
 def test_a_second_extract_into_the_same_store_is_one_line(tmp_path, stories):
     path = tmp_path / "kv.zarr"
     run_extract(ExtractConfig.from_dict(extract_options(stories, path, name="a")), log=lambda _: None)
-    with writer_lock(path, fix="write another --store"):  # this process plays an extraction still running
+    with writer_lock(beside(path), output=path, fix="x"):  # this process plays an extraction still running
         proc = kava("extract", "--teacher", str(stories), "--store", str(path), "--name", "b", "--limit", "24",
                     "--shard-tokens", "1024", "--calibration-samples", "0", "--no-progress")
     line = one_error_line(proc)
@@ -134,7 +134,8 @@ def test_a_second_extract_into_the_same_store_is_one_line(tmp_path, stories):
 def test_shard_jobs_share_a_store_but_not_a_slice_and_an_unsharded_run_waits_for_them(tmp_path, stories):
     path = tmp_path / "kv.zarr"
     run_extract(ExtractConfig.from_dict(extract_options(stories, path, shard="1/2")), log=lambda _: None)
-    with writer_lock(path, shared=True, fix="x"), writer_lock(path, name=f"{LOCK_NAME}.shard-0-of-2", fix="x"):
+    with writer_lock(beside(path), output=path, shared=True, fix="x"), \
+            writer_lock(beside(path, ".shard-0-of-2"), output=path, fix="x"):
         # This process plays shard job 0/2 still running: the job of slice 0 again, or an unsharded run, is refused.
         with pytest.raises(BusyError, match=r"being written by process .*give this job another --shard"):
             run_extract(ExtractConfig.from_dict(extract_options(stories, path, shard="0/2")), log=lambda _: None)
