@@ -59,9 +59,12 @@ def _make_row(
 ) -> ReasoningRow | RowProblem:
     """Build a row from raw fields; a RowProblem instead when it can't be used.
 
-    With ``reasoning=None`` the answer field is parsed GSM8K-style (lines, then ``#### <answer>``); otherwise the two
-    fields are taken as they are.
+    With ``reasoning=None`` the answer field is parsed GSM8K-style (lines, then ``#### <answer>``), unless it is a
+    number (JSON ``42``), which is the answer itself with no reasoning; otherwise the two fields are taken as they
+    are.
     """
+    if reasoning is None and isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        reasoning = ""  # a bare number ({"answer": 42}) is the final answer, without reasoning
     question, answer = _as_text(question).strip(), _as_text(answer)
     if reasoning is None:
         parsed = parse_gsm8k_answer(answer)
@@ -126,6 +129,12 @@ def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
                 raise DatasetError(
                     f"Expected one JSON object per line in {path}. Got invalid JSON on line {line_number} ({e})."
                 ) from e
+            except (ValueError, RecursionError) as e:  # an integer past Python's 4,300 digits; nesting past the stack
+                found = "nesting too deep to read" if isinstance(e, RecursionError) else "an integer too long to read"
+                raise DatasetError(
+                    f"Expected one JSON object per line in {path}. Got {found} on line {line_number}. Fix or remove "
+                    "that line."
+                ) from None
             if not isinstance(record, dict):
                 raise DatasetError(
                     f"Expected one JSON object per line in {path}. Got a {type(record).__name__} on line {line_number}."
@@ -136,6 +145,9 @@ def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
 def _records(path: Path, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
     """The records of a JSONL or Parquet file; raises ConfigError listing the file's fields when one is missing."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Expected a JSONL or Parquet file. Got {str(path)!r}, which is a directory. Name the "
+                          "files in it.")
     if not path.is_file():
         raise ConfigError(f"Expected a JSONL or Parquet file. Got {str(path)!r}, which does not exist.")
     if path.suffix not in _JSONL_SUFFIXES + _PARQUET_SUFFIXES:

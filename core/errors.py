@@ -72,6 +72,10 @@ class IncompleteError(StoreError):
     """A shard, teacher or store was not finished (no completion marker)."""
 
 
+class BusyError(KavaError):
+    """Another process is writing the same output (it holds the output's writer lock)."""
+
+
 class CheckpointError(KavaError):
     """A distillation checkpoint can't be read back, or holds something other than what `kava distill` writes."""
 

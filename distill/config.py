@@ -15,6 +15,7 @@ store, still before training.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from kava.core.config import (
     parse_list,
 )
 from kava.core.data import DataSource
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, short_repr
 from kava.kvstore.manifest import SEGMENT_NAMES
 
 LOSSES = ("mse", "mercator", "structural")
@@ -40,6 +41,11 @@ PROJECTORS = ("structured", "flat")
 DIVERGENCES = ("auto", "forward-kl", "reverse-kl", "skew-kl", "jsd", "tvd")
 """--logit-divergence choices (``kava.distill.logit_kd.logit_divergence`` computes each)."""
 _WEIGHT = re.compile(r"^\s*([a-z]+)\s*=\s*([0-9.eE+-]+)\s*$")
+
+MAX_GRAD_ACCUM = 4096
+"""--grad-accum's bound: more micro-batches per step is a mistyped number (raise --batch-size instead)."""
+MAX_SEED = 2**32 - 1
+"""--seed's bound: what every generator it seeds accepts (numpy's is the narrowest)."""
 
 RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard"})
 """Fields a resumed run may change; any other difference would change the loss sequence, so it is refused."""
@@ -365,6 +371,11 @@ class DistillConfig:
         choice("--logit-divergence", o.logits.logit_divergence, DIVERGENCES)
         choice("--balance", o.balance, ("none", "gradnorm"))
         choice("--precision", tr.precision, ("auto", "bf16", "fp32"))
+        if isinstance(tr.grad_accum, int) and tr.grad_accum > MAX_GRAD_ACCUM:
+            p.append(f"--grad-accum: expected at most {MAX_GRAD_ACCUM:,} micro-batches per step. Got "
+                     f"{short_repr(tr.grad_accum)} instead. Raise --batch-size instead.")
+        if not isinstance(tr.seed, int) or not 0 <= tr.seed <= MAX_SEED:
+            p.append(f"--seed: expected an integer in [0, 2**32 - 1]. Got {short_repr(tr.seed)} instead.")
         for flag, value, low in (("--batch-size", tr.batch_size, 1), ("--grad-accum", tr.grad_accum, 1),
                                  ("--buffer-shards", tr.buffer_shards, 1), ("--workers", tr.workers, 0),
                                  ("--checkpoint-every", tr.checkpoint_every, 0),
@@ -389,11 +400,11 @@ class DistillConfig:
                              ("--ce-weight", o.ce_weight), ("--logit-weight", o.logits.logit_weight),
                              ("--weight-decay", tr.weight_decay),
                              ("--max-grad-norm", tr.max_grad_norm)):
-            if not isinstance(number, (int, float)) or number < 0:
-                p.append(f"{flag}: expected a number >= 0. Got {number!r} instead.")
-        if not isinstance(tr.lr, (int, float)) or tr.lr <= 0:
-            p.append(f"--lr: expected a positive number. Got {tr.lr!r} instead.")
-        if not 0 <= tr.min_lr_ratio <= 1:
+            if not isinstance(number, (int, float)) or not math.isfinite(number) or number < 0:
+                p.append(f"{flag}: expected a finite number >= 0. Got {number!r} instead.")
+        if not isinstance(tr.lr, (int, float)) or not math.isfinite(tr.lr) or tr.lr <= 0:
+            p.append(f"--lr: expected a finite positive number. Got {tr.lr!r} instead.")
+        if not isinstance(tr.min_lr_ratio, (int, float)) or not 0 <= tr.min_lr_ratio <= 1:
             p.append(f"--min-lr-ratio: expected a number in [0, 1]. Got {tr.min_lr_ratio!r} instead.")
         if not isinstance(o.logits.logit_temperature, (int, float)) or not o.logits.logit_temperature > 0:
             p.append(f"--logit-temperature: expected a positive number. Got {o.logits.logit_temperature!r} instead.")

@@ -2,8 +2,9 @@
 
 Order of construction, and why:
 
-1. the config, checked whole, with the process layout and ``--out`` (a fresh directory, or the run to resume):
-   nothing loads before every flag is known to be sound;
+1. the config, checked whole, with the process layout and ``--out`` (a fresh directory, or the run to resume),
+   whose writer lock this run holds to the end (:mod:`kava.core.locks`): nothing loads before every flag is known
+   to be sound, and no second run writes the same ``--out``;
 2. the store and the teachers' plans (refusing a store without the asked-for teachers or layers, listing what it
    has), because the student preset's layer count and the loader's reads follow from them;
 3. the student, checked against the store's tokenizer and layer map;
@@ -12,7 +13,8 @@ Order of construction, and why:
 6. a checkpoint, when resuming (after everything it restores into exists), then the RNG, then DDP around the module;
 7. the loop: :func:`optimizer_step` (micro-batches with accumulation, the non-finite check), :func:`log_step` (one
    metrics line), and every N steps :func:`write_checkpoint`;
-8. the outputs: the student, its heads and ``kava.json``.
+8. the outputs: the student, its heads and ``kava.json``. Neither a step checkpoint nor the outputs are written from
+   non-finite weights (:func:`check_finite_weights`).
 
 Steps 2-6 are :func:`setup`, which returns the :class:`TrainingState` the loop reads and advances. With no store, or
 a K/V weight of 0, the same loop is plain fine-tuning: the CE-only baseline.
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from kava.core.errors import ConfigError, KavaError
+from kava.core.locks import LOCK_NAME, writer_lock
 from kava.core.log import Log, log_stderr, quiet
 
 from . import ddp
@@ -44,6 +47,7 @@ from .balance import balance_scales, grad_shares, term_grad_norms
 from .batch import Batch
 from .checkpoint import (
     checkpoint_dir,
+    latest_checkpoint,
     load_checkpoint,
     remove_partial_checkpoints,
     rng_state,
@@ -61,7 +65,8 @@ from .student import Student, load_student, save_student
 
 
 class TrainingError(KavaError):
-    """Training cannot go on (a non-finite loss); a checkpoint was written first."""
+    """Training cannot go on: a non-finite loss (the state before the step is checkpointed first) or non-finite
+    weights (nothing more is written; the checkpoints before stay)."""
 
 
 @dataclass
@@ -133,18 +138,26 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     cfg.validate()
     ranks = ddp.ranks_from_env()
     out = Path(cfg.out)
-    resume_from = check_out(cfg, out, ranks.world_size)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory. Choose another --out.")
     if cfg.report.tensorboard:
         check_tensorboard()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.trainer.device}: CUDA is not available here. Use --device cpu.")
-    device = ddp.rank_device(device, ranks, cfg.trainer.device)
-    with ddp.process_group(ranks, device):  # one process: no group
-        state = setup(cfg, out, resume_from, device, ranks, log if ranks.main else quiet)
-        return train(state, log if ranks.main else quiet, resumed_from=resume_from, started=started)
+    # One writer per --out: rank 0 holds <out>/.kava.lock until the run ends (the kernel drops it if the process
+    # dies), taken before the output is checked so that two runs can't both find it free.
+    with contextlib.ExitStack() as held:
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(writer_lock(out / LOCK_NAME, output=out, fix="choose another --out"))
+        resume_from = check_out(cfg, out, ranks.world_size)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        device = torch.device(cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.trainer.device}: CUDA is not available here. Use --device cpu.")
+        device = ddp.rank_device(device, ranks, cfg.trainer.device)
+        with ddp.process_group(ranks, device):  # one process: no group
+            state = setup(cfg, out, resume_from, device, ranks, log if ranks.main else quiet)
+            return train(state, log if ranks.main else quiet, resumed_from=resume_from, started=started)
 
 
 def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch.device, ranks: Ranks,
@@ -256,7 +269,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
             close()  # stops the loader's worker processes now rather than at garbage collection
         sinks.close()
 
-    # 8. Outputs, written by rank 0; the other ranks return once they are whole.
+    # 8. Outputs, written by rank 0; the other ranks return once they are whole. Never a broken model.
+    check_finite_weights(state)
     if state.ranks.main:
         save_student(state.student, state.out)
         state.module.save_heads(state.out)
@@ -379,8 +393,11 @@ def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Lo
 
 def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
     """Checkpoint the state after ``state.step`` steps (``step-N``, or ``tag``). Every rank hands rank 0 its RNG
-    state; rank 0 writes; the others wait until the checkpoint is whole."""
+    state; rank 0 writes; the others wait until the checkpoint is whole. A ``step-N`` checkpoint of non-finite
+    weights is refused (:func:`check_finite_weights`)."""
     ranks = state.ranks
+    if tag is None:  # a resumable checkpoint; a nan-step-N one keeps the state as it was, for a look
+        check_finite_weights(state)  # every rank: DDP keeps their weights equal, so they stop together
     rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
     path = checkpoint_dir(state.out) / (tag or f"step-{state.step:06d}")
     if ranks.main:
@@ -391,6 +408,23 @@ def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
                                rank_rng=rank_rng)
     ddp.barrier(ranks)
     return path
+
+
+def check_finite_weights(state: TrainingState) -> None:
+    """Refuse to write a model with a NaN or infinite weight (a learning rate far too high gets there in one step
+    with every logged loss still finite): stop with :class:`TrainingError` naming the step, and keep the
+    checkpoints already written."""
+    params = list(state.module.named_parameters())
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).tolist()  # one device sync
+    bad = [name for (name, _), ok in zip(params, finite) if not ok]
+    if not bad:
+        return
+    last = latest_checkpoint(state.out)
+    kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
+    raise TrainingError(
+        f"The model's weights are not finite after step {state.step} ({len(bad)} tensors, first {bad[0]}). "
+        f"Stopped without writing them; {kept}. Lower --lr and start a new run with another --out."
+    )
 
 
 _RANK_SEED_STRIDE = 1_000_003

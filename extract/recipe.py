@@ -1,16 +1,20 @@
 """The extraction recipe: one teacher, one pass over the data, its K/V aligned onto the student grid.
 
-Reads top to bottom: resolve and validate → data and student grid → store → teacher → layer map (with CKA on a
-calibration subset) → teacher spec → the loop over shards (forward pass on this thread, alignment and writing on a
-background thread) → summary. Components it calls take tensors and return tensors; I/O and logging live here.
+Reads top to bottom: resolve and validate → data and student grid → store (and its writer lock) → teacher → layer
+map (with CKA on a calibration subset) → teacher spec → the loop over shards (forward pass on this thread, alignment
+and writing on a background thread) → summary. Components it calls take tensors and return tensors; I/O and logging
+live here.
 
 ``run_extract`` is the single process: ``prepare_extract`` (everything up to the teacher's spec) and then
-``write_shards`` over this job's shards. A scale-out driver runs the same two pieces as tasks: the preparation once,
-and ``write_shards`` for one shard at a time on workers that keep their teacher loaded.
+``write_shards`` over this job's shards, holding the store's writer lock from the moment the store exists (a shard
+job shares it with the other jobs: :func:`hold_writer_lock`). A scale-out driver runs the same two pieces as tasks:
+the preparation once, and ``write_shards`` for one shard at a time on workers that keep their teacher loaded; it
+takes no lock, as it coordinates its workers itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
@@ -28,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from kava.core import models
 from kava.core.errors import ConfigError
+from kava.core.locks import beside, writer_lock
 from kava.core.log import Log, log_stderr
 from kava.core.models import ModelSource, describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
 from kava.kvstore import KVStore, LayerMap, LogitSpec, ShardWriter, StorageSpec, TeacherSpec, default_storage
@@ -177,17 +182,18 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
     source = validate_and_resolve(cfg)
     configure_process(cfg.threads, progress=cfg.progress)
 
-    # 2-6. Data, grid, store, teacher, layer map and the teacher's spec.
-    plan, grid, teacher = prepare_extract(cfg, source, log=log)
+    with contextlib.ExitStack() as held:  # the store's writer lock, from when the store exists to the end
+        # 2-6. Data, grid, store, teacher, layer map and the teacher's spec.
+        plan, grid, teacher = prepare_extract(cfg, source, log=log, hold=held)
 
-    # 7. The loop over this job's shards.
-    result = plan.new_result()
-    bar = progress_bar(plan.samples_to_write, cfg.progress)
-    try:
-        write_shards(plan, teacher, [(s, [grid[i] for i in plan.shard_samples(s)]) for s in plan.todo], result,
-                     bar=bar)
-    finally:
-        bar.close()
+        # 7. The loop over this job's shards.
+        result = plan.new_result()
+        bar = progress_bar(plan.samples_to_write, cfg.progress)
+        try:
+            write_shards(plan, teacher, [(s, [grid[i] for i in plan.shard_samples(s)]) for s in plan.todo], result,
+                         bar=bar)
+        finally:
+            bar.close()
     result.seconds = time.perf_counter() - started
     log(summary_line(result))
     return result
@@ -209,14 +215,16 @@ def summary_line(result: ExtractResult) -> str:
 
 
 def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_stderr,
-                    load_model: Callable[[ModelSource], PreTrainedModel] | None = None
+                    load_model: Callable[[ModelSource], PreTrainedModel] | None = None,
+                    hold: contextlib.ExitStack | None = None
                     ) -> tuple[ExtractPlan, list[GridSample], LoadedTeacher]:
     """Everything before the first shard: data, student grid, store, teacher, layer map and the teacher's spec.
 
     Creates the store (or checks that it holds this grid), chooses the shards to write (complete ones are refused
     without --resume), loads the teacher, computes its layer map and CKA matrices and registers it. ``source`` is
     ``validate_and_resolve(cfg)``; ``load_model`` turns it into the model (default ``kava.core.models.load_model``; a
-    worker passes its cache's). Returns the plan, the grid (indexed by store sample) and the loaded teacher.
+    worker passes its cache's). With ``hold``, the store's writer lock (:func:`hold_writer_lock`) is taken into it
+    as soon as the store exists. Returns the plan, the grid (indexed by store sample) and the loaded teacher.
     """
     template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     name = cfg.name or default_teacher_name(cfg)
@@ -231,6 +239,8 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
         dataset=cfg.data.dataset, split=cfg.data.split, max_length=cfg.max_length, on_too_long=cfg.on_too_long,
         shard_tokens=cfg.shard_tokens, command=cfg.command, details=cfg.data.details(),
     )
+    if hold is not None:
+        hold_writer_lock(cfg, hold)
 
     todo, done = _shards_to_do(cfg, store, name)
 
@@ -386,6 +396,24 @@ def validate_and_resolve(cfg: ExtractConfig) -> ModelSource:
         raise ConfigError("\n".join(problems))
     assert source is not None  # resolved, or its problem was raised above
     return source
+
+
+def hold_writer_lock(cfg: ExtractConfig, hold: contextlib.ExitStack) -> None:
+    """One writer per store (:mod:`kava.core.locks`), its lock file beside it: an extraction holds the store's
+    lock, a shard job (``--shard i/n``) holds it shared with the other jobs and its own slice's exclusively. A store
+    that is not a local directory is not locked."""
+    store = Path(cfg.store)
+    if not store.is_dir():
+        return
+    fix = "write another --store"
+    if cfg.shard_slice is None:
+        hold.enter_context(writer_lock(beside(store), output=store, fix=fix))
+        return
+    i, n = cfg.shard_slice
+    hold.enter_context(writer_lock(beside(store), output=store, shared=True,
+                                   fix=f"{fix}, or run only shard jobs (--shard i/n) on it"))
+    hold.enter_context(writer_lock(beside(store, f".shard-{i}-of-{n}"), output=store,
+                                   fix="give this job another --shard"))
 
 
 def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[int], list[int]]:

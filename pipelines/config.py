@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kava.core.config import config_fields, option_names
 from kava.core.errors import ConfigError, short_repr
+from kava.core.safe_yaml import load_yaml
 from kava.core.synthetic import difficulty_problems
-from kava.distill.config import DistillConfig
+from kava.distill.config import MAX_SEED, DistillConfig
 from kava.distill.student import PRESETS as STUDENT_PRESETS
 from kava.extract.config import ExtractConfig
 from kava.kvstore.manifest import is_teacher_name
@@ -320,33 +319,12 @@ def load_config(path: str | Path | None) -> RunConfig:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}. "
                           "Pass the experiment's YAML file.")
-    try:
-        data = yaml.load(path.read_text(), Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader without aliases
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem[:300]}.") from e
+    data = load_yaml(path.read_text(), path)
     return parse_config(data, source=str(path))
 
 
 MAX_CONFIG_BYTES = 1 << 20
 """A config is a page of YAML; anything larger is not one."""
-
-
-def _no_alias_loader() -> type[yaml.SafeLoader]:
-    class NoAliasLoader(yaml.SafeLoader):
-        """YAML's safe loader, refusing aliases (``*x``): a kilobyte of nested aliases expands to gigabytes."""
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(
-                    None, None, f"found the alias *{event.anchor}; configs may not use YAML aliases: write the "
-                    "value out", event.start_mark)
-            return super().compose_node(parent, index)
-
-    return NoAliasLoader
 
 
 def configs_dir() -> Path:
@@ -377,7 +355,10 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
     for kind, names in (("teachers", [t.name for t in cfg.teachers]), ("variants", [v.name for v in cfg.variants])):
         p += [f"{kind}: expected {rule}. Got {short_repr(n)} instead." for n in names if not is_teacher_name(n)]
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        p.append(f"seeds: expected distinct integers, at least one. Got {cfg.seeds!r} instead.")
+        p.append(f"seeds: expected distinct integers, at least one. Got {short_repr(cfg.seeds)} instead.")
+    bad_seeds = [s for s in cfg.seeds if not isinstance(s, int) or not 0 <= s <= MAX_SEED]
+    if bad_seeds:  # the rule of `kava distill --seed`, which each student is trained with
+        p.append(f"seeds: expected integers in [0, 2**32 - 1]. Got {short_repr(bad_seeds)} instead.")
     if d.dataset not in ("synthetic", "gsm8k") and not Path(d.dataset).is_file():
         p.append(f"data.dataset: expected synthetic, gsm8k or an existing JSONL/Parquet file. Got {d.dataset!r}.")
     trained = [t.name for t in cfg.teachers if t.train is not None]
@@ -486,6 +467,8 @@ def tune_problems(cfg: RunConfig, distill_fields: set[str]) -> list[str]:
             p.append(f"tune.grid.{key}: expected a non-empty list of values. Got {values!r} instead.")
     if t.metric not in ("accuracy", "nll"):
         p.append(f"tune.metric: expected accuracy or nll. Got {t.metric!r} instead.")
+    if t.seed is not None and not 0 <= t.seed <= MAX_SEED:
+        p.append(f"tune.seed: expected an integer in [0, 2**32 - 1]. Got {short_repr(t.seed)} instead.")
     if cfg.data.validation_size < 1:
         p.append("data.validation_size: tune: needs validation rows carved from the student share; set it (e.g. "
                  "100). The eval split is never used to choose a setting.")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import yaml
 
 from kava.core.config import canonical_names, config_fields, config_from_dict, option_names
 from kava.core.errors import ConfigError
+from kava.core.safe_yaml import load_yaml
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
 def _read_yaml(config_file: str | None) -> dict[str, Any]:
     if not config_file:
         return {}
-    loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+    loaded = load_yaml(Path(config_file).read_text(), f"--config {config_file}") or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {config_file}: expected a mapping of option names. Got {type(loaded).__name__}.")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}

@@ -347,7 +347,7 @@ def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError, match=r"Found 6 problems") as e:
         cfg.validate()
     for fragment in ("--loss: expected one of mse, mercator, structural", "Can't set both --steps and --epochs",
-                     "--segment-weights: expected name=weight", "--kv-layers", "--lr: expected a positive",
+                     "--segment-weights: expected name=weight", "--kv-layers", "--lr: expected a finite positive",
                      "--teachers and --kv-layers need --store"):
         assert fragment in str(e.value)
 

@@ -1,0 +1,70 @@
+"""One writer per output: an advisory lock file for the folder a command writes.
+
+``kava distill --out D`` holds ``D/.kava.lock`` for the whole run, and ``kava extract`` the store's, which sits
+beside the store (``.kv.zarr.lock`` for ``kv.zarr``: a store's folder holds only what its format names, and zarr
+warns about anything else), for the whole extraction. The lock is ``fcntl.flock`` on that file, so the kernel drops
+it when its process ends in any way (a SIGKILL too): a lock file left behind by a killed run never blocks
+``--resume``. The file records the holder's host and pid, for the message a second writer gets.
+
+Shard jobs of one extraction (``--shard i/n``) write one store at once on purpose: each holds the store's lock
+shared and its own slice's exclusively, so two jobs of one slice, or a job and an unsharded extraction, are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import BusyError
+
+LOCK_NAME = ".kava.lock"
+
+
+def beside(output: Path, suffix: str = "") -> Path:
+    """The lock file beside ``output`` (a store): ``.<name>.lock<suffix>`` in its parent folder."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock{suffix}"
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, *, output: Path, fix: str, shared: bool = False) -> Iterator[Path]:
+    """Hold the lock file ``path`` of ``output`` for the block: exclusively, or ``shared`` with other shared holders.
+
+    Raises :class:`BusyError` at once (no waiting) when another process holds it, naming ``output``, that
+    process's host and pid, and what to do (``fix``, e.g. "choose another --out").
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (close-on-exec)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"{output} is being written by {_holder(fd, path)}. Wait for it to finish, or "
+                            f"{fix}.") from None
+        if not shared:  # shared holders leave the file alone: several write it at once
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a process opening it)
+
+
+def _holder(fd: int, path: Path) -> str:
+    """Who holds ``path``: the host and pid it records, or the shard jobs holding it shared."""
+    try:  # only shared holders when a shared lock is granted: shard jobs, which record nothing here
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "shard jobs (--shard i/n) of an extraction"
+    except BlockingIOError:
+        pass
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"process {int(info['pid'])} on host {str(info['host'])[:100]} (since {str(info['since'])[:40]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
