@@ -317,7 +317,7 @@ def test_refusals_name_the_fix(tmp_path, stories):
         distill(tmp_path / "o", student="tiny-qwen2", store=str(no_logits), kv_weight=0, logit_weight=1.0, steps=1)
     with pytest.raises(ConfigError, match="--logit-weight needs --store"):
         DistillConfig(student="tiny-qwen2", out="o", logit_weight=1.0).validate()
-    with pytest.raises(ConfigError, match="--logit-weight: expected a number >= 0. Got -1"):
+    with pytest.raises(ConfigError, match="--logit-weight: expected a finite number >= 0. Got -1"):
         DistillConfig(student="tiny-qwen2", out="o", store="s", logit_weight=-1).validate()
     with pytest.raises(ConfigError, match="--logit-top-k: expected an integer >= 0. Got -2"):
         ExtractConfig(teacher="t", store="s", logit_top_k=-2).validate()
