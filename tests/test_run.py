@@ -435,7 +435,7 @@ def test_compare_puts_runs_side_by_side_by_data_size_with_their_own_numbers(run,
     big["splits"]["student-train"]["rows"] *= 4
     (bigger / "report.json").write_text(json.dumps(big))
     stage = bigger / "eval" / "kv-seed-1" / "stage.json"
-    (stage.write_text(json.dumps({**json.loads(stage.read_text()), "accuracy": 0.5})))
+    stage.write_text(json.dumps({**json.loads(stage.read_text()), "accuracy": 0.5}))
 
     proc = subprocess.run([*KAVA, "compare", str(bigger), str(root), "--out", str(tmp_path / "cmp")],
                           capture_output=True, text=True, env=ENV, timeout=120)
