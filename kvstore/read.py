@@ -6,12 +6,15 @@ Three layers, each built on the one before:
 - :class:`ArrayReader` reads rows ``[a, b)`` of one array (and a selection of its axis 1, the layers) from the chunk
   files (:mod:`.fastread`) where that path applies, else through zarr. It can start the reads and hand back what to
   wait for (:class:`PendingReads`), and read into a buffer the caller gives. A missing chunk is an error, never zeros;
-  a bad checksum is a ChecksumError that names what was being read.
+  a bad checksum is a ChecksumError that names what was being read. Before its first read of an array it checks the
+  array's ``zarr.json`` against what the caller expects (:mod:`.rules`: a codec chain ending in crc32c, and the shape,
+  dtype and chunks the teacher spec implies).
 - :func:`plan_read` turns a :class:`TeacherRead` (a teacher, its layers, with or without K/V, Q and logits) into
   the stored arrays to read with their dtypes and row shapes (:class:`ReadPlan`), and refuses what the teacher
   does not store.
 - :func:`start_reads` starts every read of a plan for the rows of one or several shards (:class:`ShardSpan`),
-  one shard after another, into caller-given buffers in the stored dtype; :func:`read_teacher` reads one shard's
+  one shard after another, into caller-given buffers in the stored dtype, and the value rules of :mod:`.rules` on
+  what they read (every array but K/V/Q themselves); :func:`read_teacher` reads one shard's
   rows and decodes K/V/Q to floats (:class:`TeacherKV`).
 
 Nothing here checks completion markers or knows the token grid: :class:`~kava.kvstore.KVStore` does both and calls
@@ -144,7 +147,7 @@ class ArrayReader:
     def metadata(self, key: str) -> Any:
         """The array's ``zarr.json``, parsed (read once), or None where there is none."""
         if key not in self._docs:
-            raw = zarr_io.get_bytes(self.store, f"{key}/zarr.json")
+            raw = zarr_io.get_file(self.store, f"{key}/zarr.json")
             try:
                 self._docs[key] = None if raw is None else json.loads(raw)
             except ValueError as e:
