@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import crc32c
 import numpy as np
@@ -76,14 +76,15 @@ class ArrayInfo:
         return self.path / ("c" + self.separator + self.separator.join(map(str, coords)))
 
 
-def array_info(store: Store, key: str) -> ArrayInfo | None:
+def array_info(store: Store, key: str, doc: Any = None) -> ArrayInfo | None:
     """The fast path's view of array ``key``, or None when it can't read it (not a directory store, or metadata
-    it does not know: then zarr reads the array)."""
+    it does not know: then zarr reads the array). ``doc``: its ``zarr.json``, parsed, where the caller has read it."""
     if not isinstance(store, LocalStore):
         return None
     path = Path(store.root) / key
     try:
-        doc = json.loads((path / "zarr.json").read_bytes())
+        if doc is None:
+            doc = json.loads((path / "zarr.json").read_bytes())
         codecs = [c["name"] for c in doc["codecs"]]
         bytes_conf = doc["codecs"][0].get("configuration", {})
         grid, encoding = doc["chunk_grid"], doc["chunk_key_encoding"]

@@ -6,12 +6,15 @@ Three layers, each built on the one before:
 - :class:`ArrayReader` reads rows ``[a, b)`` of one array (and a selection of its axis 1, the layers) from the chunk
   files (:mod:`.fastread`) where that path applies, else through zarr. It can start the reads and hand back what to
   wait for (:class:`PendingReads`), and read into a buffer the caller gives. A missing chunk is an error, never zeros;
-  a bad checksum is a ChecksumError that names what was being read.
+  a bad checksum is a ChecksumError that names what was being read. Before its first read of an array it checks the
+  array's ``zarr.json`` against what the caller expects (:mod:`.rules`: a codec chain ending in crc32c, and the shape,
+  dtype and chunks the teacher spec implies).
 - :func:`plan_read` turns a :class:`TeacherRead` (a teacher, its layers, with or without K/V, Q and logits) into
   the stored arrays to read with their dtypes and row shapes (:class:`ReadPlan`), and refuses what the teacher
   does not store.
 - :func:`start_reads` starts every read of a plan for the rows of one or several shards (:class:`ShardSpan`),
-  one shard after another, into caller-given buffers in the stored dtype; :func:`read_teacher` reads one shard's
+  one shard after another, into caller-given buffers in the stored dtype, and the value rules of :mod:`.rules` on
+  what they read (every array but K/V/Q themselves); :func:`read_teacher` reads one shard's
   rows and decodes K/V/Q to floats (:class:`TeacherKV`).
 
 Nothing here checks completion markers or knows the token grid: :class:`~kava.kvstore.KVStore` does both and calls
@@ -20,10 +23,12 @@ in here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -32,9 +37,10 @@ from zarr.abc.store import Store
 
 from kava.core.errors import ConfigError, SchemaError
 
-from . import codecs, fastread, layout, zarr_io
+from . import codecs, fastread, layout, rules, zarr_io
 from .fastread import LayerSelection
 from .manifest import TeacherSpec
+from .rules import ANY_ARRAY, ArrayLayout
 
 ALL = slice(None)
 """Every position of axis 1."""
@@ -84,23 +90,35 @@ class Rows:
 
 class PendingReads:
     """Chunk reads started and not yet waited for (the futures of :func:`fastread.submit`), each with what it
-    reads, so that a failure names it."""
+    reads, so that a failure names it; and the value rules to apply to what they read once it is there."""
 
     def __init__(self, where: str) -> None:
         self.where = where
         """The store, as messages name it."""
         self._futures: list[tuple[str, Future[None]]] = []
+        self._checks: list[tuple[str, str, Callable[[], str | None]]] = []
 
     def add(self, what: str, futures: Iterable[Future[None]]) -> None:
         """Remember ``futures``, each reading part of ``what`` (e.g. ``teacher 'A' shard 3 array 'k'``)."""
         self._futures.extend((what, future) for future in futures)
 
+    def check(self, what: str, fix: str, rule: Callable[[], str | None]) -> None:
+        """Apply ``rule`` (a phrase for what is wrong, or None) once the reads are done; a problem is a
+        SchemaError naming the store, ``what`` was read, and ``fix``."""
+        self._checks.append((what, fix, rule))
+
     def wait(self) -> None:
-        """Wait for every read; the first failure is raised (a ChecksumError naming what was being read)."""
+        """Wait for every read, then apply the rules; the first failure is raised (a ChecksumError naming what was
+        being read, or a SchemaError naming the rule it breaks)."""
         for what, future in self._futures:
             with zarr_io.reading(f"{self.where}: {what}"):
                 future.result()
         self._futures.clear()
+        checks, self._checks = self._checks, []
+        for what, fix, rule in checks:
+            problem = rule()
+            if problem is not None:
+                raise SchemaError(f"{self.where}: {what}: {problem}. {fix}")
 
 
 class ArrayReader:
@@ -115,6 +133,8 @@ class ArrayReader:
         self.where = zarr_io.describe(store)
         self._arrays: dict[str, zarr.Array] = {}
         self._infos: dict[str, fastread.ArrayInfo | None] = {}  # None: zarr reads that array
+        self._docs: dict[str, Any] = {}  # zarr.json of each array, parsed (None: there is none)
+        self._checked: set[str] = set()  # arrays whose metadata met the rules
         self._chunks: dict[tuple[str, int], np.ndarray] = {}  # decoded chunks of 1-D arrays, see cached_rows
 
     def array(self, key: str) -> zarr.Array:
@@ -124,38 +144,66 @@ class ArrayReader:
             arr = self._arrays[key] = zarr_io.open_array(self.store, key)
         return arr
 
+    def metadata(self, key: str) -> Any:
+        """The array's ``zarr.json``, parsed (read once), or None where there is none."""
+        if key not in self._docs:
+            raw = zarr_io.get_file(self.store, f"{key}/zarr.json")
+            try:
+                self._docs[key] = None if raw is None else json.loads(raw)
+            except ValueError as e:
+                raise SchemaError(f"{self.where}: the metadata of array {key!r} (its zarr.json) is unreadable or "
+                                  f"corrupted: {e}. {rules.metadata_fix(key)}") from e
+        return self._docs[key]
+
     def info(self, key: str) -> fastread.ArrayInfo | None:
         """The fast path's view of ``key`` (its ``zarr.json``, read once), or None where zarr reads it."""
         if key not in self._infos:
-            self._infos[key] = fastread.array_info(self.store, key)
+            self._infos[key] = fastread.array_info(self.store, key, self.metadata(key))
         return self._infos[key]
+
+    def check(self, key: str, expect: ArrayLayout = ANY_ARRAY, *, what: str | None = None,
+              fix: str | None = None) -> None:
+        """A SchemaError unless ``key``'s ``zarr.json`` is what ``expect`` says (shape, dtype, chunks, a codec chain
+        ending with crc32c: :func:`rules.metadata_problem`); checked once per array. ``what`` and ``fix`` for the
+        message."""
+        if key in self._checked:
+            return
+        doc = self.metadata(key)
+        if doc is None:
+            zarr_io.open_array(self.store, key)  # raises the error that names a missing array
+        problem = rules.metadata_problem(doc, expect)
+        if problem is not None:
+            self.array(key)  # a document zarr can't parse is named unreadable, as zarr would
+            raise SchemaError(f"{self.where}: {what or key}: {key}/zarr.json: {problem}. "
+                              f"{fix or rules.metadata_fix(key)}")
+        self._checked.add(key)
 
     def forget(self, key: str) -> None:
         """Drop what is remembered of ``key``'s metadata: it is about to be rewritten."""
         self._arrays.pop(key, None)
         self._infos.pop(key, None)
+        self._docs.pop(key, None)
+        self._checked.discard(key)
 
     def start(self, key: str, rows: tuple[int, int], layers: LayerSelection = ALL, *, pending: PendingReads,
-              what: str, out: np.ndarray | None = None, expect_rows: int | None = None) -> np.ndarray:
+              what: str, out: np.ndarray | None = None, expect: ArrayLayout = ANY_ARRAY,
+              fix: str | None = None) -> np.ndarray:
         """Start reading ``array[a:b, layers]`` (``layers`` ignored for a 1-D array) in the stored dtype.
 
         Returns the array the rows land in (``out`` when given: C-contiguous, the result's shape), complete once
         ``pending`` is waited for; reads through zarr are done before this returns. ``what`` names the read in a
-        failure. ``expect_rows``: the array's whole length; another length is a SchemaError.
+        failure. The array's metadata must be what ``expect`` says (:meth:`check`; ``fix`` for the message).
         """
         a, b = rows
+        self.check(key, expect, what=what, fix=fix)
         with zarr_io.reading(f"{self.where}: {what}"):
             info = self.info(key)
-            if info is not None and (expect_rows is None or info.shape[0] == expect_rows) \
-                    and (out is None or out.dtype == info.dtype):
+            if info is not None and (out is None or out.dtype == info.dtype):
                 started = fastread.submit(info, key, (a, b), layers, out=out)
                 if started is not None:
                     pending.add(what, started[1])
                     return started[0]
             arr = self.array(key)
-            if expect_rows is not None and arr.shape[0] != expect_rows:
-                raise SchemaError(f"{self.where}: {key}: expected {expect_rows} rows. Got {arr.shape[0]} instead. "
-                                  "Run `kava store verify` for a full report; re-extract what it names.")
             # zarr reads a missing chunk as its fill value (zeros): look for the chunks first.
             zarr_io.require_chunks(self.store, key, arr, (a, b), where=self.where)
             if arr.ndim == 1:
@@ -169,39 +217,43 @@ class ArrayReader:
             out[...] = got
             return out
 
-    def read(self, key: str, rows: tuple[int, int], layers: LayerSelection = ALL, *, what: str | None = None
-             ) -> np.ndarray:
+    def read(self, key: str, rows: tuple[int, int], layers: LayerSelection = ALL, *, what: str | None = None,
+             expect: ArrayLayout = ANY_ARRAY) -> np.ndarray:
         """``array[a:b, layers]`` in the stored dtype, read now (:meth:`start`, then wait)."""
         pending = PendingReads(self.where)
-        out = self.start(key, rows, layers, pending=pending, what=what or key)
+        out = self.start(key, rows, layers, pending=pending, what=what or key, expect=expect)
         pending.wait()
         return out
 
-    def read_slice(self, key: str, selection: slice = ALL, *, what: str | None = None) -> np.ndarray:
+    def read_slice(self, key: str, selection: slice = ALL, *, what: str | None = None,
+                   expect: ArrayLayout = ANY_ARRAY) -> np.ndarray:
         """``array[selection]`` of a whole array (a grid array, a CKA matrix, a tokenizer file), ``selection`` a
-        step-1 slice of the first axis; other axes are read whole."""
+        step-1 slice of the first axis; other axes are read whole. Its metadata must be what ``expect`` says."""
         if selection.step not in (None, 1):
             raise ConfigError(f"Expected a step-1 slice. Got {selection!r} for {key} instead.")
+        self.check(key, expect, what=what)
         info = self.info(key)  # its shape, without the cost of opening the array through zarr
         if info is not None and len(info.shape) == 1:
             a, b, _ = selection.indices(info.shape[0])
-            return self.read(key, (a, max(a, b)), what=what)
+            return self.read(key, (a, max(a, b)), what=what, expect=expect)
         with zarr_io.reading(f"{self.where}: {what or key}"):
             arr = self.array(key)  # a CKA matrix (rewritten in place, so never through the cached fast path)
             a, b, _ = selection.indices(arr.shape[0])
             zarr_io.require_chunks(self.store, key, arr, (a, max(a, b)), where=self.where)
             return np.asarray(arr[selection])
 
-    def cached_rows(self, key: str, a: int, b: int) -> np.ndarray:
+    def cached_rows(self, key: str, a: int, b: int, *, expect: ArrayLayout = ANY_ARRAY) -> np.ndarray:
         """Rows ``[a, b)`` of a 1-D array, through a small cache of its decoded chunks: a grid chunk holds 1M
-        tokens, and streaming reads the same chunk for many shards in a row."""
+        tokens, and streaming reads the same chunk for many shards in a row. Its metadata must be what ``expect``
+        says."""
+        self.check(key, expect)
         arr = self.array(key)
         size = arr.chunks[0]
         parts = []
         for c in range(a // size, (b - 1) // size + 1) if b > a else ():
             chunk = self._chunks.get((key, c))
             if chunk is None:
-                chunk = self.read_slice(key, slice(c * size, min((c + 1) * size, arr.shape[0])))
+                chunk = self.read_slice(key, slice(c * size, min((c + 1) * size, arr.shape[0])), expect=expect)
                 if len(self._chunks) >= 4:
                     self._chunks.pop(next(iter(self._chunks)))
                 self._chunks[(key, c)] = chunk
@@ -383,17 +435,31 @@ def start_reads(reader: ArrayReader, plan: ReadPlan, spans: Sequence[ShardSpan],
     if set(into) != set(plan.arrays):
         raise ValueError(f"Expected buffers for {sorted(plan.arrays)}. Got {sorted(into)} instead.")
     pending = PendingReads(reader.where)
+    spec = plan.spec
+    layouts = {span.shard: rules.shard_layouts(spec, span.num_tokens, span.num_samples) for span in spans}
     for array in plan.arrays:  # the plan's order: the order reads are queued in
         out, part, at = into[array], plan.arrays[array], 0
         for span in spans:
             a, b = plan.rows(array, span)
             key = layout.shard_array_key(plan.name, span.shard, array)
             what = f"teacher {plan.name!r} shard {span.shard} array {array!r} ({span.describe()})"
-            reader.start(key, (a, b), part.layers, pending=pending, what=what, out=out[at : at + b - a],
-                         expect_rows=plan.num_rows(array, span))
+            got = reader.start(key, (a, b), part.layers, pending=pending, what=what, out=out[at : at + b - a],
+                               expect=layouts[span.shard][array], fix=rules.metadata_fix(key, plan.name, span.shard))
+            if array not in plan.values:  # K/V/Q themselves are left to `kava store verify` (a pass over them all)
+                pending.check(what, rules.shard_fix(plan.name, span.shard),
+                              partial(rules.array_rule(array, spec), got))
             at += b - a
         if at != len(out):
             raise ValueError(f"Expected {at} rows of {array!r} in its buffer. Got {len(out)} instead.")
+    if codecs.is_lowbit(plan.stored):
+        for value in plan.values:  # each group's largest value must decode to a finite float16
+            scale, zero, at = into[f"{value}_scale"], into[f"{value}_zero"], 0
+            for span in spans:
+                a, b = plan.rows(f"{value}_scale", span)
+                what = f"teacher {plan.name!r} shard {span.shard} arrays '{value}_scale', '{value}_zero'"
+                pending.check(what, rules.shard_fix(plan.name, span.shard), partial(
+                    rules.lowbit_pair_problem, scale[at : at + b - a], zero[at : at + b - a], plan.stored))
+                at += b - a
     return pending
 
 

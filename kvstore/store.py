@@ -32,7 +32,7 @@ from kava.core.errors import (
     StoreError,
 )
 
-from . import codecs, layout, zarr_io
+from . import codecs, layout, rules, zarr_io
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -155,17 +155,35 @@ class KVStore:
     @cached_property
     def offsets(self) -> np.ndarray:
         """``[N+1]`` int64: sample ``i`` is rows ``offsets[i]:offsets[i+1]`` of the flat token axis."""
-        return self._reader.read_slice(layout.grid_key("offsets"))
+        return self._grid_checked("offsets", self._grid_rows("offsets"))
 
     @cached_property
     def shard_starts(self) -> np.ndarray:
         """``[S+1]`` int64: shard ``s`` holds samples ``shard_starts[s]:shard_starts[s+1]``."""
-        return self._reader.read_slice(layout.grid_key("shard_starts"))
+        return self._grid_checked("shard_starts", self._grid_rows("shard_starts"))
+
+    @cached_property
+    def _grid_layouts(self) -> dict[str, rules.ArrayLayout]:
+        return rules.grid_layouts(self.manifest)
+
+    def _grid_rows(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Rows ``[a, b)`` of ``grid/<name>`` (all of them when None); its metadata as the manifest says."""
+        key, expect = layout.grid_key(name), self._grid_layouts[name]
+        if rows is None:
+            return self._reader.read_slice(key, expect=expect)
+        return self._grid_checked(name, self._reader.cached_rows(key, *rows, expect=expect))
+
+    def _grid_checked(self, name: str, data: np.ndarray) -> np.ndarray:
+        """``data`` (rows of ``grid/<name>``), once it meets the grid's rules (:func:`rules.grid_problem`)."""
+        problem = rules.grid_problem(name, data, self.manifest)
+        if problem is not None:
+            raise SchemaError(f"{self.where}: {layout.grid_key(name)}: {problem}. {rules.GRID_FIX}")
+        return data
 
     @cached_property
     def sample_status(self) -> np.ndarray:
         """``[N]`` uint8 grid status: index into ``layout.SAMPLE_STATUS`` (ok, truncated, skipped)."""
-        return self._reader.read_slice(layout.grid_key("sample_status"))
+        return self._grid_checked("sample_status", self._grid_rows("sample_status"))
 
     def index_table(self) -> pa.Table:
         """The per-sample index (``index.parquet``) with its page checksums verified."""
@@ -249,11 +267,15 @@ class KVStore:
         return out
 
     def teacher(self, name: str) -> TeacherSpec:
-        """The spec of teacher ``name``, checked against its digest."""
+        """The spec of teacher ``name``, checked against its digest and the store's format version."""
         spec, raw = self.teacher_document(name)
-        problem = digest_problem(raw, required=self.manifest.format_version >= SEALED_SINCE)
+        version = self.manifest.format_version
+        problem = digest_problem(raw, required=version >= SEALED_SINCE)
         if problem is not None:
             raise digest_error(self.where, teacher_doc(name), problem, teacher_fix(name))
+        problem = rules.version_problem(version, spec)
+        if problem is not None:
+            raise SchemaError(f"{self.where}: teacher {name!r}: {problem}. {rules.VERSION_FIX}")
         return spec
 
     def teacher_document(self, name: str) -> tuple[TeacherSpec, dict[str, Any]]:
@@ -462,8 +484,8 @@ class KVStore:
             sample_indices=np.arange(samples.start, samples.stop),
             sample_ids=self.sample_ids[samples.start : samples.stop],
             offsets=self.offsets[samples.start : samples.stop + 1] - a,
-            input_ids=self._reader.cached_rows(layout.grid_key("input_ids"), a, b),
-            segment_ids=self._reader.cached_rows(layout.grid_key("segment_ids"), a, b),
+            input_ids=self._grid_rows("input_ids", (a, b)),
+            segment_ids=self._grid_rows("segment_ids", (a, b)),
             shard=shard,
         )
         if teachers is None:
@@ -486,14 +508,21 @@ class KVStore:
         return self._specs.get(name) or self._specs.setdefault(name, self.teacher(name))
 
     def _require_complete(self, teacher: str, shard: int) -> None:
-        """An IncompleteError unless ``teacher`` has finished ``shard`` (its completion marker is written)."""
-        if self.shard_marker(teacher, shard) is None:
-            samples = self.shard_samples(shard)
+        """An IncompleteError unless ``teacher`` has finished ``shard`` (its completion marker is written); a
+        SchemaError when the marker's ranges are not the shard's on the grid."""
+        marker = self.shard_marker(teacher, shard)
+        samples = self.shard_samples(shard)
+        if marker is None:
             raise IncompleteError(
                 f"{self.where}: teacher {teacher!r} has not finished shard {shard} (samples {samples.start}-"
                 f"{samples.stop - 1}). Finish the extraction with `kava extract --resume`, or read complete_shards() "
                 "only."
             )
+        problem = rules.marker_problem(marker, samples, self.shard_tokens(shard))
+        if problem is not None:
+            raise SchemaError(f"{self.where}: teacher {teacher!r} shard {shard} completion marker "
+                              f"({layout.shard_key(teacher, shard)}/zarr.json): {problem}. "
+                              f"{rules.shard_fix(teacher, shard)}")
 
     def read_plan(self, request: TeacherRead) -> ReadPlan:
         """The stored arrays ``request`` reads, with their dtypes and row shapes; a SchemaError for layers, queries

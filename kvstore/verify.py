@@ -1,12 +1,15 @@
-"""`kava store verify`: schema, completeness and every chunk's checksum, with problems named precisely."""
+"""`kava store verify`: schema, completeness, every chunk's checksum, and the rules of :mod:`.rules` (array metadata
+against the spec, format version, value ranges) over the whole store, with problems named precisely."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -14,7 +17,7 @@ import zarr  # noqa: F401 - zarr.Array in annotations
 
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
 
-from . import codecs, layout, zarr_io
+from . import codecs, layout, rules, zarr_io
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -25,7 +28,7 @@ from .integrity import (
     teacher_fix,
     unsealed_note,
 )
-from .manifest import SEALED_SINCE, TeacherSpec, digest_problem
+from .manifest import SEALED_SINCE, StoreManifest, TeacherSpec, digest_problem
 from .store import KVStore
 
 
@@ -72,11 +75,31 @@ def _chunk_coords(arr: zarr.Array) -> Sequence[tuple[int, ...]]:
     return list(itertools.product(*(range(g) for g in grid)))
 
 
+def _grid_rule(name: str, manifest: StoreManifest, block: np.ndarray) -> str | None:
+    return rules.grid_problem(name, block, manifest)
+
+
+def _metadata_problem(store: KVStore, key: str, expect: rules.ArrayLayout) -> str | None:
+    """What in ``key``'s ``zarr.json`` breaks :func:`rules.metadata_problem` (None when it is missing: opening
+    the array reports that)."""
+    raw = zarr_io.get_bytes(store.zarr_store, f"{key}/zarr.json")
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        return f"unreadable array metadata: {e}"
+    return rules.metadata_problem(doc, expect)
+
+
 def _check_chunks(
     store: KVStore, report: VerifyReport, key: str, describe_rows: Callable[[int, int], str],
-    hasher: Any = None,
+    hasher: Any = None, *, expect: rules.ArrayLayout = rules.ANY_ARRAY, fix: str | None = None,
+    rule: Callable[[np.ndarray], str | None] | None = None, rule_fix: str = "",
 ) -> np.ndarray | None:
-    """Decode every chunk of an array (checking its crc32c); report missing or corrupted ones.
+    """Decode every chunk of an array (checking its crc32c); report missing or corrupted ones, metadata that is not
+    what ``expect`` says (then no chunk is decoded: without crc32c the chain can't be trusted), and the first chunk
+    whose values break ``rule`` (a phrase, or None).
 
     ``hasher`` (a hashlib object) is fed each chunk's bytes in order (1-D arrays: the array's bytes).
     Returns the whole array when it is small and sound (for further checks), else None.
@@ -87,7 +110,11 @@ def _check_chunks(
     except (SchemaError, ValueError) as e:
         report.problems.append(Problem(key, f"unreadable array metadata: {e}"))
         return None
-    bad = False
+    problem = _metadata_problem(store, key, expect)
+    if problem is not None:
+        report.problems.append(Problem(key, f"{key}/zarr.json: {problem}. {fix or rules.metadata_fix(key)}"))
+        return None
+    bad = broken = False
     for coords in _chunk_coords(arr):
         chunk_key = f"{key}/{arr.metadata.encode_chunk_key(coords)}"
         rows = (coords[0] * arr.chunks[0], min((coords[0] + 1) * arr.chunks[0], arr.shape[0]))
@@ -112,7 +139,11 @@ def _check_chunks(
         report.bytes_checked += block.nbytes
         if hasher is not None and not bad:
             hasher.update(np.ascontiguousarray(block).tobytes())
-    if bad or arr.nbytes > (64 << 20):
+        problem = None if rule is None or broken else rule(block)
+        if problem is not None:  # one per array: the first chunk that breaks it
+            report.problems.append(Problem(key, f"{problem} (chunk {coords}, {describe_rows(*rows)}). {rule_fix}"))
+            broken = True
+    if bad or broken or arr.nbytes > (64 << 20):
         return None
     return np.asarray(arr[...])
 
@@ -149,6 +180,7 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     # The grid: every chunk, then its invariants.
     arrays = {}
     grid_hash = hashlib.sha256()  # offsets then input_ids, as create_store computed grid_fingerprint
+    grid_layouts = rules.grid_layouts(m)
     for name in layout.GRID_ARRAYS:
         key = layout.grid_key(name)
         hasher = grid_hash if name in ("offsets", "input_ids") else None
@@ -156,7 +188,11 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
         def describe(a: int, b: int, n: str = name) -> str:
             return f"{n} rows {a}-{b - 1}"
 
-        arrays[name] = _check_chunks(store, report, key, describe, hasher)
+        # Ids and codes chunk by chunk (any rows of them obey the rule); offsets and shard starts whole, below.
+        rule = None if name in ("offsets", "shard_starts") else partial(_grid_rule, name, m)
+        arrays[name] = _check_chunks(store, report, key, describe, hasher,
+                                     expect=grid_layouts[name], rule=rule,
+                                     rule_fix=rules.GRID_FIX)
     # A missing or bad chunk of either was reported above; a partial hash would say nothing more.
     hashed_whole = not any(p.where in ("grid/offsets", "grid/input_ids") for p in problems)
     if hashed_whole and m.grid_fingerprint and grid_hash.hexdigest() != m.grid_fingerprint:
@@ -164,23 +200,13 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
                                         f"({m.grid_fingerprint[:12]}...). Got {grid_hash.hexdigest()[:12]}... from "
                                         "grid/offsets and grid/input_ids instead: the grid or the manifest was "
                                         "changed. Extract again into a new --store path."))
-    expected = {"offsets": (m.num_samples + 1,), "input_ids": (m.num_tokens,), "segment_ids": (m.num_tokens,),
-                "sample_status": (m.num_samples,), "shard_starts": (m.num_shards + 1,)}
-    for name, shape in expected.items():
+    for name in ("offsets", "shard_starts"):
         got = arrays[name]
-        if got is not None and got.shape != shape:
-            problems.append(Problem(layout.grid_key(name), f"expected shape {shape}. Got {got.shape}."))
+        problem = None if got is None else rules.grid_problem(name, got, m)
+        if problem is not None:
+            problems.append(Problem(layout.grid_key(name), f"{problem}. {rules.GRID_FIX}"))
             arrays[name] = None
     off, starts = arrays["offsets"], arrays["shard_starts"]
-    if off is not None and (off[0] != 0 or off[-1] != m.num_tokens or np.any(np.diff(off) < 0)):
-        problems.append(Problem("grid/offsets", f"expected non-decreasing offsets from 0 to {m.num_tokens}."))
-        off = None
-    if starts is not None and (starts[0] != 0 or starts[-1] != m.num_samples or np.any(np.diff(starts) <= 0)
-                               and m.num_samples):
-        problems.append(Problem("grid/shard_starts", f"expected increasing shard starts from 0 to {m.num_samples}."))
-        starts = None
-    if arrays["segment_ids"] is not None and m.num_tokens and arrays["segment_ids"].max() >= len(m.segment_names):
-        problems.append(Problem("grid/segment_ids", f"expected ids below {len(m.segment_names)}."))
     try:
         table = store.index_table()
         bad_ids = sample_ids_problem(table.column("sample_id"))
@@ -209,6 +235,9 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
         if problem is not None:
             message = digest_error(store.where, teacher_doc(name), problem, teacher_fix(name)).args[0]
             problems.append(Problem(layout.teacher_key(name), message))
+        problem = rules.version_problem(m.format_version, spec)
+        if problem is not None:
+            problems.append(Problem(layout.teacher_key(name), f"{problem}. {rules.VERSION_FIX}"))
         _verify_teacher(store, report, spec, grid_rows)
     return report
 
@@ -227,34 +256,15 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                 "Finish it with `kava extract --resume`."))
             continue
         complete += 1
-        if marker.get("samples") != [samples.start, samples.stop] or marker.get("tokens") != [t0, t1]:
-            problems.append(Problem(skey, f"marker ranges {marker.get('samples')}/{marker.get('tokens')} disagree "
-                                          f"with the grid ([{samples.start}, {samples.stop}]/[{t0}, {t1}])."))
+        problem = rules.marker_problem(marker, samples, (t0, t1))
+        if problem is not None:
+            problems.append(Problem(skey, f"completion marker: {problem}. {rules.shard_fix(spec.name, shard)}"))
             continue
-        n = t1 - t0
-        st = spec.storage
-        shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        for name, nl, nh in (("k", len(spec.layers), spec.kv_heads), ("v", len(spec.layers), spec.kv_heads),
-                             ("q", len(spec.q_layers), spec.num_heads))[: 3 if spec.has_q else 2]:
-            for part, (shape, dtype, _) in codecs.stored_arrays(name, n, nl, nh, spec.head_dim, st.dtype,
-                                                                group_tokens=st.group_tokens,
-                                                                group_channels=st.group_channels).items():
-                shapes[part] = (shape, dtype)
-        shapes["align_weight"] = ((n,), np.dtype(np.float32))
-        shapes["sample_status"] = ((len(samples),), np.dtype(np.uint8))
-        if spec.logits is not None:
-            shapes["logit_ids"] = ((n, spec.logits.top_k), np.dtype(np.int32))
-            shapes["logit_logp"] = ((n, spec.logits.top_k), np.dtype(np.float16))
-        for array, (shape, dtype) in shapes.items():
+        lowbit: dict[str, np.ndarray] = {}  # the scale and zero arrays of int4/int2, for the rule on their pairs
+        for array, expect in rules.shard_layouts(spec, t1 - t0, len(samples)).items():
             key = f"{skey}/{array}"
-            try:
-                arr = zarr_io.open_array(store.zarr_store, key)
-            except SchemaError as e:
-                missing = not zarr_io.exists(store.zarr_store, f"{key}/zarr.json")
-                problems.append(Problem(key, "missing array" if missing else f"unreadable array metadata: {e}"))
-                continue
-            if arr.shape != shape or arr.dtype != dtype:
-                problems.append(Problem(key, f"expected shape {shape} {dtype}. Got {arr.shape} {arr.dtype}."))
+            if not zarr_io.exists(store.zarr_store, f"{key}/zarr.json"):
+                problems.append(Problem(key, "missing array"))
                 continue
             # Chunk rows a..b as the shard's samples or grid rows (this shard's values bound as defaults).
             if array == "sample_status":
@@ -263,11 +273,19 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
             else:
                 def rows(a: int, b: int, shard: int = shard, first: int = t0) -> str:
                     return f"shard {shard}, " + grid_rows(first + a, first + b)
-            data = _check_chunks(store, report, key, rows)
-            if array == "logit_ids" and data is not None and spec.logits is not None and data.size and (
-                    data.min() < -1 or data.max() >= spec.logits.vocab_size):
-                problems.append(Problem(key, f"expected ids in [0, {spec.logits.vocab_size}) or -1 (no target). "
-                                             f"Got {int(data.min())}..{int(data.max())}."))
+            data = _check_chunks(store, report, key, rows, expect=expect,
+                                 fix=rules.metadata_fix(key, spec.name, shard),
+                                 rule=rules.array_rule(array, spec, with_values=True),
+                                 rule_fix=rules.shard_fix(spec.name, shard))
+            if data is not None and codecs.is_lowbit(spec.storage.dtype) and array.endswith(("_scale", "_zero")):
+                lowbit[array] = data
+        for value in ("k", "v", "q"):
+            if f"{value}_scale" in lowbit and f"{value}_zero" in lowbit:
+                problem = rules.lowbit_pair_problem(lowbit[f"{value}_scale"], lowbit[f"{value}_zero"],
+                                                    spec.storage.dtype)
+                if problem is not None:
+                    problems.append(Problem(f"{skey}/{value}_scale", f"with {value}_zero: {problem}. "
+                                                                     f"{rules.shard_fix(spec.name, shard)}"))
     report.shards_complete[spec.name] = complete
     for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")

@@ -9,10 +9,14 @@ caught, bad inputs that get one clear line. Prints one JSON object.
   verify`` must fail naming a crc32c mismatch, and reading that shard must raise ``ChecksumError``.
 - **bad inputs**: each command below must exit with status 1 and print exactly one ``error:`` line (or, for a
   malformed command line, click's usage error: status 2 and one ``Error:`` line), and no traceback.
+- **store rules**: a store edited with every checksum and digest left valid (an array's ``zarr.json`` changed, a
+  manifest or spec re-sealed, chunks rewritten through zarr): ``kava store verify`` must fail naming the array (or
+  document), and ``kava distill`` must stop with one ``error:`` line before its first step, writing no metrics.
 
 The teacher is the real stories260K from ``$KAVA_ASSETS`` over seeded synthetic problems. Usage::
 
-    KAVA_ASSETS=... python tests/benchmarks/robustness.py [--kills 6] [--flips 12] [--parts bad,extract,distill,flip]
+    KAVA_ASSETS=... python tests/benchmarks/robustness.py [--kills 6] [--flips 12] \
+        [--parts bad,extract,distill,flip,rules]
 """
 
 from __future__ import annotations
@@ -245,6 +249,150 @@ def bad_inputs(work: Path, teacher: Path, store: Path, student: Path) -> dict[st
             "code_ran": (files / "ran").exists()}
 
 
+def _json_edit(doc: Path, change: Any) -> None:
+    meta = json.loads(doc.read_text())
+    change(meta)
+    doc.write_text(json.dumps(meta, indent=2))
+
+
+def _resealed(doc: Path, attr: str, change: Any) -> None:
+    """Edit ``attributes[attr]`` of a zarr.json and seal it again: its digest stays valid."""
+    from kava.kvstore.manifest import seal
+
+    def edit(meta: dict) -> None:
+        change(meta["attributes"][attr])
+        meta["attributes"][attr] = seal(meta["attributes"][attr])
+
+    _json_edit(doc, edit)
+
+
+def _rewritten(array: Path, index: Any, value: Any) -> None:
+    """Set ``array[index] = value`` through zarr, which writes the chunk with a fresh, valid crc32c."""
+    import zarr
+
+    arr = zarr.open_array(array, mode="r+")
+    data = arr[...]
+    data[index] = value
+    arr[...] = data
+
+
+def _no_crc(array: Path) -> None:
+    """Remove the crc32c codec from an array's zarr.json and flip a byte of its first chunk."""
+    _json_edit(array / "zarr.json", lambda m: m.update(codecs=[c for c in m["codecs"] if c["name"] != "crc32c"]))
+    chunk = next(p for p in sorted((array / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+
+
+def store_rules(work: Path, teacher: Path) -> dict[str, Any]:
+    """Edits that keep every checksum and digest valid; each must be caught by `verify` and stop `distill` in one
+    line before it trains. One store: 'f16' (float16, top-4 logits) and 'q4' (int4), stories260K."""
+    base = work / "rules.zarr"
+    for name, extra in (("f16", ["--logit-top-k", "4"]), ("q4", ["--kv-dtype", "int4"])):
+        assert kava(*extract_args(teacher, base), "--name", name, *extra).returncode == 0
+    f16, q4 = "teachers/f16/shards/000000", "teachers/q4/shards/000000"
+
+    def drop_digests(root: Path) -> None:
+        _json_edit(root / "zarr.json", lambda m: (m["attributes"]["kava"].pop("digest"),
+                                                  m["attributes"]["kava"].update(format_version=1)))
+        for spec in root.glob("teachers/*/zarr.json"):
+            _json_edit(spec, lambda m: m["attributes"]["kava_teacher"].pop("digest"))
+
+    def every(name: str, edit: Any) -> Any:
+        """``edit`` applied to each of teacher ``name``'s shard folders: a short run reads only some shards."""
+        return lambda root: [edit(d) for d in sorted((root / f"teachers/{name}/shards").iterdir()) if d.is_dir()]
+
+    def set_in(name: str, array: str, index: Any, value: Any) -> Any:
+        return every(name, lambda d: _rewritten(d / array, index, value))
+
+    def meta_of(name: str, array: str, change: Any) -> Any:
+        return every(name, lambda d: _json_edit(d / array / "zarr.json", change))
+
+    def spec_of(name: str, change: Any) -> Any:
+        return lambda r: _resealed(r / f"teachers/{name}/zarr.json", "kava_teacher", change)
+
+    def halve_chunks(m: dict) -> None:
+        m["chunk_grid"]["configuration"].update(chunk_shape=[max(1, m["shape"][0] // 2)])
+
+    def to_int8(t: dict) -> None:
+        t["storage"].update(dtype="int8")
+        t["storage"].pop("group_tokens"), t["storage"].pop("group_channels")
+
+    nan, inf = float("nan"), float("inf")
+    # name → (teacher distill reads, the array or document verify must name, the edit)
+    cases: dict[str, tuple[str, str, Any]] = {
+        "metadata: crc32c removed from k, a byte flipped": (
+            "f16", f"{f16}/k", every("f16", lambda d: _no_crc(d / "k"))),
+        "metadata: crc32c removed from int4 v_scale, a byte flipped": (
+            "q4", f"{q4}/v_scale", every("q4", lambda d: _no_crc(d / "v_scale"))),
+        "metadata: crc32c removed from grid/input_ids": ("f16", "grid/input_ids",
+                                                         lambda r: _no_crc(r / "grid/input_ids")),
+        "metadata: k claims big-endian bytes": ("f16", f"{f16}/k", meta_of(
+            "f16", "k", lambda m: m["codecs"][0].update(configuration={"endian": "big"}))),
+        "metadata: align_weight chunk shape halved": ("f16", f"{f16}/align_weight",
+                                                      meta_of("f16", "align_weight", halve_chunks)),
+        "version: manifest re-sealed as version 2 over int4": ("q4", "teachers/q4", lambda r: _resealed(
+            r / "zarr.json", "kava", lambda m: m.update(format_version=2))),
+        "version: version 1, digests deleted, over int4": ("q4", "teachers/q4", drop_digests),
+        "value: logit id 1,000,000": ("f16", f"{f16}/logit_ids", set_in("f16", "logit_ids", (5, 0), 1_000_000)),
+        "value: logit id -7": ("f16", f"{f16}/logit_ids", set_in("f16", "logit_ids", (5, 0), -7)),
+        "value: logit logp +5": ("f16", f"{f16}/logit_logp", set_in("f16", "logit_logp", (5, 0), 5)),
+        "value: align_weight NaN": ("f16", f"{f16}/align_weight", set_in("f16", "align_weight", 5, nan)),
+        "value: align_weight -1e30": ("f16", f"{f16}/align_weight", set_in("f16", "align_weight", 5, -1e30)),
+        "value: sample_status 7": ("f16", f"{f16}/sample_status", set_in("f16", "sample_status", 1, 7)),
+        "value: marker token range past the grid": ("f16", f16, every("f16", lambda d: _json_edit(
+            d / "zarr.json", lambda m: m["attributes"]["kava_shard"]["tokens"].__setitem__(1, 10**6)))),
+        "value: int4 k_scale NaN": ("q4", f"{q4}/k_scale", set_in("q4", "k_scale", (0, 0, 0, 0), nan)),
+        "value: int4 k_scale Inf": ("q4", f"{q4}/k_scale", set_in("q4", "k_scale", (0, 0, 0, 0), inf)),
+        "value: int4 k_scale 60000": ("q4", f"{q4}/k_scale", set_in("q4", "k_scale", (0, 0, 0, 0), 60000)),
+        "value: int4 v_zero NaN": ("q4", f"{q4}/v_zero", set_in("q4", "v_zero", (3, 0, 0, 0), nan)),
+        "value: int4 v_zero Inf": ("q4", f"{q4}/v_zero", set_in("q4", "v_zero", (3, 0, 0, 0), inf)),
+        "value: int4 v_zero 60000": ("q4", f"{q4}/v_zero", set_in("q4", "v_zero", (3, 0, 0, 0), 60000)),
+        "value: grid input id 1e6": ("f16", "grid/input_ids",
+                                     lambda r: _rewritten(r / "grid/input_ids", slice(3, None, 97), 1_000_000)),
+        "value: grid offset 1e6": ("f16", "grid/offsets", lambda r: _rewritten(r / "grid/offsets", 2, 1_000_000)),
+        "geometry: int4 group_channels halved": ("q4", f"{q4}/v_scale", spec_of(
+            "q4", lambda t: t["storage"].update(group_channels=t["storage"]["group_channels"] // 2))),
+        "geometry: int4 spec says int2": ("q4", f"{q4}/k", spec_of("q4", lambda t: t["storage"].update(dtype="int2"))),
+        "geometry: int4 spec says int8": ("q4", f"{q4}/k", spec_of("q4", to_int8)),
+        "geometry: logits.top_k 4 -> 3": ("f16", f"{f16}/logit_ids",
+                                          spec_of("f16", lambda t: t["logits"].update(top_k=3))),
+    }
+
+    def distill(store: Path, out: Path, name: str) -> subprocess.CompletedProcess:
+        return kava(*distill_args(store, out, steps=2, checkpoint_every=2), "--teachers", name,
+                    *(["--logit-weight", "1"] if name == "f16" else []))
+
+    # The control: both teachers of the unedited store verify and train, so a refusal below is the edit's.
+    controls = [kava("store", "verify", str(base)).returncode == 0]
+    controls += [distill(base, work / f"rules-control-{name}", name).returncode == 0 for name in ("f16", "q4")]
+    outcomes = {}
+    for i, (case, (name, where, edit)) in enumerate(cases.items()):
+        copy = work / f"rules-{i}.zarr"
+        shutil.copytree(base, copy)
+        edit(copy)
+        check = kava("store", "verify", str(copy))
+        problems = [line for line in check.stdout.splitlines() if line.startswith("PROBLEM ")]
+        caught = check.returncode == 1 and any(line.startswith(f"PROBLEM {where}") for line in problems)
+        out = work / f"rules-run-{i}"
+        proc = distill(copy, out, name)
+        trained = (out / "metrics.jsonl").exists() and bool((out / "metrics.jsonl").read_text().strip())
+        error = next((line for line in proc.stderr.splitlines() if line.startswith("error:")), "")
+        # The refusal must be the rule's: it names the array, document or marker the edit broke.
+        names_it = where.rsplit("/", 1)[-1] in error
+        outcomes[case] = {"verify": caught, "distill_one_line": one_line_error(proc) and names_it and not trained,
+                          "trained": trained, "error": error[:300]}
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return {"controls_sound_and_trained": all(controls), "tried": len(outcomes),
+            "caught_by_verify": sum(o["verify"] for o in outcomes.values()),
+            "refused_by_distill_in_one_line": sum(o["distill_one_line"] for o in outcomes.values()),
+            "trained_on": [c for c, o in outcomes.items() if o["trained"]],
+            "missed": [c for c, o in outcomes.items() if not (o["verify"] and o["distill_one_line"])],
+            "cases": outcomes}
+
+
 class _RunsCode:
     """Pickles to a call of ``Path.touch``: loading it with ``weights_only=False`` would create the file."""
 
@@ -259,7 +407,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=6, help="SIGKILLed runs of each stage")
     ap.add_argument("--flips", type=int, default=12, help="flipped bytes")
-    ap.add_argument("--parts", default="bad,extract,distill,flip")
+    ap.add_argument("--parts", default="bad,extract,distill,flip,rules")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not os.environ.get("KAVA_ASSETS"):
@@ -271,7 +419,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = work / "kv.zarr"
-        assert kava(*extract_args(teacher, store)).returncode == 0
+        if parts & {"bad", "extract", "distill", "flip"}:
+            assert kava(*extract_args(teacher, store)).returncode == 0
         if "bad" in parts:
             student = work / "student"
             assert kava(*distill_args(store, student, steps=1)).returncode == 0
@@ -282,6 +431,8 @@ def main() -> None:
             result["distill_kills"] = distill_kills(work, store, args.kills, rng)
         if "flip" in parts:
             result["flipped_bytes"] = flipped_bytes(work, store, args.flips, rng)
+        if "rules" in parts:
+            result["store_rules"] = store_rules(work, teacher)
     print(json.dumps(result, indent=2))
 
 
