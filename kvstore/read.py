@@ -447,7 +447,7 @@ def start_reads(reader: ArrayReader, plan: ReadPlan, spans: Sequence[ShardSpan],
                                expect=layouts[span.shard][array], fix=rules.metadata_fix(key, plan.name, span.shard))
             if array not in plan.values:  # K/V/Q themselves are left to `kava store verify` (a pass over them all)
                 pending.check(what, rules.shard_fix(plan.name, span.shard),
-                              partial(rules.array_rule(array, spec), got))
+                              partial(rules.value_problem, array, got, spec))
             at += b - a
         if at != len(out):
             raise ValueError(f"Expected {at} rows of {array!r} in its buffer. Got {len(out)} instead.")

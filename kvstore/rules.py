@@ -16,7 +16,7 @@ returns a phrase (``"expected X. Got Y instead"``) or None, the caller adding wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,16 +115,9 @@ def metadata_problem(doc: Any, expected: ArrayLayout) -> str | None:
     grid = doc.get("chunk_grid") or {}
     chunks = tuple((grid.get("configuration") or {}).get("chunk_shape") or ())
     if grid.get("name") != "regular" or (expected.chunks is not None and chunks != expected.chunks):
-        return f"expected {grid_text(expected.chunks)}. Got {grid.get('name')} chunks {chunks} instead"
+        want = "regular chunks" if expected.chunks is None else f"regular chunks {expected.chunks}"
+        return f"expected {want}. Got {grid.get('name')} chunks {chunks} instead"
     return None
-
-
-def grid_text(chunks: tuple[int, ...] | None) -> str:
-    return "regular chunks" if chunks is None else f"regular chunks {chunks}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Versions
 
 
 def grid_layouts(manifest: StoreManifest) -> dict[str, ArrayLayout]:
@@ -135,6 +128,10 @@ def grid_layouts(manifest: StoreManifest) -> dict[str, ArrayLayout]:
             "segment_ids": ArrayLayout((m.num_tokens,), np.dtype(np.uint8)),
             "sample_status": ArrayLayout((m.num_samples,), np.dtype(np.uint8)),
             "shard_starts": ArrayLayout((m.num_shards + 1,), np.dtype(np.int64))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Versions
 
 
 def version_problem(version: int, spec: TeacherSpec) -> str | None:
@@ -226,15 +223,6 @@ def value_problem(array: str, data: np.ndarray, spec: TeacherSpec, *, with_value
         if dtype == "bfloat16":  # the bit pattern: an all-ones exponent is Inf or NaN
             return None if not np.any((data & 0x7F80) == 0x7F80) else "expected finite values. Got NaN or Inf instead"
     return None
-
-
-def array_rule(array: str, spec: TeacherSpec, *, with_values: bool = False) -> Callable[[np.ndarray], str | None]:
-    """:func:`value_problem` for ``array`` of ``spec``, as a function of the rows alone."""
-
-    def rule(data: np.ndarray) -> str | None:
-        return value_problem(array, data, spec, with_values=with_values)
-
-    return rule
 
 
 def lowbit_pair_problem(scale: np.ndarray, zero: np.ndarray, dtype: str) -> str | None:

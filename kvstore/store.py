@@ -155,26 +155,23 @@ class KVStore:
     @cached_property
     def offsets(self) -> np.ndarray:
         """``[N+1]`` int64: sample ``i`` is rows ``offsets[i]:offsets[i+1]`` of the flat token axis."""
-        return self._grid_checked("offsets", self._grid_rows("offsets"))
+        return self._grid_rows("offsets")
 
     @cached_property
     def shard_starts(self) -> np.ndarray:
         """``[S+1]`` int64: shard ``s`` holds samples ``shard_starts[s]:shard_starts[s+1]``."""
-        return self._grid_checked("shard_starts", self._grid_rows("shard_starts"))
+        return self._grid_rows("shard_starts")
 
     @cached_property
     def _grid_layouts(self) -> dict[str, rules.ArrayLayout]:
         return rules.grid_layouts(self.manifest)
 
     def _grid_rows(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """Rows ``[a, b)`` of ``grid/<name>`` (all of them when None); its metadata as the manifest says."""
+        """Rows ``[a, b)`` of ``grid/<name>`` (all of them when None), its metadata as the manifest says and its
+        values within the grid's rules (:func:`rules.grid_problem`)."""
         key, expect = layout.grid_key(name), self._grid_layouts[name]
-        if rows is None:
-            return self._reader.read_slice(key, expect=expect)
-        return self._grid_checked(name, self._reader.cached_rows(key, *rows, expect=expect))
-
-    def _grid_checked(self, name: str, data: np.ndarray) -> np.ndarray:
-        """``data`` (rows of ``grid/<name>``), once it meets the grid's rules (:func:`rules.grid_problem`)."""
+        data = (self._reader.read_slice(key, expect=expect) if rows is None
+                else self._reader.cached_rows(key, *rows, expect=expect))
         problem = rules.grid_problem(name, data, self.manifest)
         if problem is not None:
             raise SchemaError(f"{self.where}: {layout.grid_key(name)}: {problem}. {rules.GRID_FIX}")
@@ -183,7 +180,7 @@ class KVStore:
     @cached_property
     def sample_status(self) -> np.ndarray:
         """``[N]`` uint8 grid status: index into ``layout.SAMPLE_STATUS`` (ok, truncated, skipped)."""
-        return self._grid_checked("sample_status", self._grid_rows("sample_status"))
+        return self._grid_rows("sample_status")
 
     def index_table(self) -> pa.Table:
         """The per-sample index (``index.parquet``) with its page checksums verified."""

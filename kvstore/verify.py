@@ -28,7 +28,7 @@ from .integrity import (
     teacher_fix,
     unsealed_note,
 )
-from .manifest import SEALED_SINCE, StoreManifest, TeacherSpec, digest_problem
+from .manifest import SEALED_SINCE, TeacherSpec, digest_problem
 from .store import KVStore
 
 
@@ -73,10 +73,6 @@ class VerifyReport:
 def _chunk_coords(arr: zarr.Array) -> Sequence[tuple[int, ...]]:
     grid = [-(-s // c) if s else 0 for s, c in zip(arr.shape, arr.chunks)]
     return list(itertools.product(*(range(g) for g in grid)))
-
-
-def _grid_rule(name: str, manifest: StoreManifest, block: np.ndarray) -> str | None:
-    return rules.grid_problem(name, block, manifest)
 
 
 def _metadata_problem(store: KVStore, key: str, expect: rules.ArrayLayout) -> str | None:
@@ -189,7 +185,7 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
             return f"{n} rows {a}-{b - 1}"
 
         # Ids and codes chunk by chunk (any rows of them obey the rule); offsets and shard starts whole, below.
-        rule = None if name in ("offsets", "shard_starts") else partial(_grid_rule, name, m)
+        rule = None if name in ("offsets", "shard_starts") else partial(rules.grid_problem, name, manifest=m)
         arrays[name] = _check_chunks(store, report, key, describe, hasher,
                                      expect=grid_layouts[name], rule=rule,
                                      rule_fix=rules.GRID_FIX)
@@ -275,7 +271,7 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                     return f"shard {shard}, " + grid_rows(first + a, first + b)
             data = _check_chunks(store, report, key, rows, expect=expect,
                                  fix=rules.metadata_fix(key, spec.name, shard),
-                                 rule=rules.array_rule(array, spec, with_values=True),
+                                 rule=partial(rules.value_problem, array, spec=spec, with_values=True),
                                  rule_fix=rules.shard_fix(spec.name, shard))
             if data is not None and codecs.is_lowbit(spec.storage.dtype) and array.endswith(("_scale", "_zero")):
                 lowbit[array] = data
