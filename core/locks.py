@@ -7,7 +7,9 @@ it when its process ends in any way (a SIGKILL too): a lock file left behind by 
 ``--resume``. The file records the holder's host and pid, for the message a second writer gets.
 
 Shard jobs of one extraction (``--shard i/n``) write one store at once on purpose: each holds the store's lock
-shared and its own slice's exclusively, so two jobs of one slice, or a job and an unsharded extraction, are refused.
+shared and its own slice's exclusively, so two jobs of one slice, or a job and an unsharded extraction, are refused;
+and its split's (:func:`split_lock`) shared, so that jobs of two splits (``0/2`` and ``0/3`` both write shard 0) are
+refused too.
 """
 
 from __future__ import annotations
@@ -53,6 +55,29 @@ def writer_lock(path: Path, *, output: Path, fix: str, shared: bool = False) -> 
         yield path
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a process opening it)
+
+
+@contextlib.contextmanager
+def split_lock(output: Path, n: int) -> Iterator[Path]:
+    """Hold the lock of split ``n`` of ``output`` (shard jobs ``--shard i/n``) shared for the block, refusing at once
+    while jobs of another split hold theirs: slices of different splits overlap (``0/2`` and ``0/3`` both write
+    shard 0). Each job takes its own split's lock before it looks at the others', so of two jobs of different
+    splits that start together at least one sees the other."""
+    own = beside(output, f".split-{n}")
+    with writer_lock(own, output=output, shared=True, fix="give this job the split the others use") as held:
+        for other in sorted(own.parent.glob(f"{beside(output).name}.split-*")):
+            if other == own:
+                continue
+            fd = os.open(other, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                m = other.name.rpartition("-")[2]
+                raise BusyError(f"{output} is being written by shard jobs of another split (--shard i/{m}). Give "
+                                f"this job that split (--shard i/{m}), or wait for them to finish.") from None
+            finally:
+                os.close(fd)
+        yield held
 
 
 def _holder(fd: int, path: Path) -> str:

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from kava.core import models
 from kava.core.errors import ConfigError
-from kava.core.locks import beside, writer_lock
+from kava.core.locks import beside, split_lock, writer_lock
 from kava.core.log import Log, log_stderr
 from kava.core.models import ModelSource, describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
 from kava.kvstore import KVStore, LayerMap, LogitSpec, ShardWriter, StorageSpec, TeacherSpec, default_storage
@@ -414,6 +414,7 @@ def hold_writer_lock(cfg: ExtractConfig, hold: contextlib.ExitStack) -> None:
                                    fix=f"{fix}, or run only shard jobs (--shard i/n) on it"))
     hold.enter_context(writer_lock(beside(store, f".shard-{i}-of-{n}"), output=store,
                                    fix="give this job another --shard"))
+    hold.enter_context(split_lock(store, n))
 
 
 def _shards_to_do(cfg: ExtractConfig, store: KVStore, name: str) -> tuple[list[int], list[int]]:

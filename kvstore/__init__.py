@@ -17,7 +17,7 @@ from kava.core.errors import (
 )
 
 from .create import create_store, plan_shards, sample_ids_hash
-from .integrity import UnsealedStoreWarning
+from .integrity import UnsealedStoreError
 from .interop import summary, to_dask, to_xarray
 from .manifest import (
     FORMAT_VERSION,
@@ -33,7 +33,7 @@ from .manifest import (
 )
 from .read import PendingReads, ReadPlan, Rows, ShardSpan, StoredArray, TeacherKV, TeacherRead
 from .store import KVStore, default_storage
-from .verify import Problem, VerifyReport, verify_store
+from .verify import Problem, VerifyReport, seal_store, verify_store
 from .writer import ShardSlot, ShardWriter
 
 __all__ = [
@@ -41,6 +41,6 @@ __all__ = [
     "FormatVersionError", "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError",
     "PendingReads", "ReadPlan", "Rows", "SampleError", "SchemaError", "ShardSlot", "ShardSpan", "ShardWriter",
     "StorageSpec", "StoreError", "StoreManifest", "StoredArray", "TeacherKV", "TeacherRead", "TeacherSpec",
-    "TokenizerSpec", "UnsealedStoreWarning", "default_storage", "plan_shards", "proportional_layer_map",
-    "sample_ids_hash", "Problem", "VerifyReport", "verify_store", "summary", "to_dask", "to_xarray",
+    "TokenizerSpec", "UnsealedStoreError", "default_storage", "plan_shards", "proportional_layer_map",
+    "sample_ids_hash", "Problem", "VerifyReport", "seal_store", "verify_store", "summary", "to_dask", "to_xarray",
 ]

@@ -1,13 +1,13 @@
 """Checks of what a store holds beyond its arrays' checksums: its sample ids, and the messages for metadata that no
-longer matches its digest (or, in a format-1 store, carries none). Shared by the store's reader, creation and
-``kava store verify``."""
+longer matches its digest (or, in a format-1 store, carries none: refused until sealed). Shared by the store's
+reader, creation and ``kava store verify``."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kava.core.errors import ChecksumError
+from kava.core.errors import ChecksumError, SchemaError
 
 from . import layout
 
@@ -37,13 +37,15 @@ def sample_ids_problem(ids: pa.ChunkedArray | pa.Array) -> str | None:
     return None
 
 
-class UnsealedStoreWarning(UserWarning):
-    """A store of format version 1, written before metadata carried a digest: edits to it can't be detected."""
+class UnsealedStoreError(SchemaError):
+    """A store of format version 1, written before metadata carried a digest: edits to it can't be detected, so it
+    is refused until ``kava store seal`` has checked every chunk and value and sealed it."""
 
 
 def unsealed_note(where: str) -> str:
-    return (f"{where}: format version 1 store; its manifest and teacher specs carry no digest, so an edit to them "
-            "can't be detected. Re-extract it with this kava to get a sealed (version 2 or later) store.")
+    return (f"{where}: format version 1 store; its manifest (zarr.json) and teacher specs carry no digest, so an "
+            "edit to them can't be detected. Check and seal it with `kava store seal` (a full verify, then digests), "
+            "or re-extract it with this kava")
 
 
 def digest_error(where: str, document: str, problem: str, fix: str) -> ChecksumError:

@@ -95,12 +95,13 @@ class PendingReads:
     def __init__(self, where: str) -> None:
         self.where = where
         """The store, as messages name it."""
-        self._futures: list[tuple[str, Future[None]]] = []
+        self._futures: list[tuple[str, str, Future[str | None]]] = []
         self._checks: list[tuple[str, str, Callable[[], str | None]]] = []
 
-    def add(self, what: str, futures: Iterable[Future[None]]) -> None:
-        """Remember ``futures``, each reading part of ``what`` (e.g. ``teacher 'A' shard 3 array 'k'``)."""
-        self._futures.extend((what, future) for future in futures)
+    def add(self, what: str, futures: Iterable[Future[str | None]], fix: str = "") -> None:
+        """Remember ``futures``, each reading part of ``what`` (e.g. ``teacher 'A' shard 3 array 'k'``); a future's
+        result is what its chunk's value check found (None: nothing, or no check), reported with ``fix``."""
+        self._futures.extend((what, fix, future) for future in futures)
 
     def check(self, what: str, fix: str, rule: Callable[[], str | None]) -> None:
         """Apply ``rule`` (a phrase for what is wrong, or None) once the reads are done; a problem is a
@@ -110,11 +111,13 @@ class PendingReads:
     def wait(self) -> None:
         """Wait for every read, then apply the rules; the first failure is raised (a ChecksumError naming what was
         being read, or a SchemaError naming the rule it breaks)."""
-        for what, future in self._futures:
-            with zarr_io.reading(f"{self.where}: {what}"):
-                future.result()
-        self._futures.clear()
+        futures, self._futures = self._futures, []
         checks, self._checks = self._checks, []
+        for what, fix, future in futures:
+            with zarr_io.reading(f"{self.where}: {what}"):
+                problem = future.result()
+            if problem is not None:
+                raise SchemaError(f"{self.where}: {what}: {problem}. {fix}")
         for what, fix, rule in checks:
             problem = rule()
             if problem is not None:
@@ -187,21 +190,23 @@ class ArrayReader:
 
     def start(self, key: str, rows: tuple[int, int], layers: LayerSelection = ALL, *, pending: PendingReads,
               what: str, out: np.ndarray | None = None, expect: ArrayLayout = ANY_ARRAY,
-              fix: str | None = None) -> np.ndarray:
+              fix: str | None = None, values: fastread.Check | None = None, values_fix: str = "") -> np.ndarray:
         """Start reading ``array[a:b, layers]`` (``layers`` ignored for a 1-D array) in the stored dtype.
 
         Returns the array the rows land in (``out`` when given: C-contiguous, the result's shape), complete once
         ``pending`` is waited for; reads through zarr are done before this returns. ``what`` names the read in a
         failure. The array's metadata must be what ``expect`` says (:meth:`check`; ``fix`` for the message).
+        ``values``, a value rule, is applied to what is read (chunk by chunk as it is decoded, on the fast path);
+        its problem is reported with ``values_fix`` when ``pending`` is waited for.
         """
         a, b = rows
         self.check(key, expect, what=what, fix=fix)
         with zarr_io.reading(f"{self.where}: {what}"):
             info = self.info(key)
             if info is not None and (out is None or out.dtype == info.dtype):
-                started = fastread.submit(info, key, (a, b), layers, out=out)
+                started = fastread.submit(info, key, (a, b), layers, out=out, check=values)
                 if started is not None:
-                    pending.add(what, started[1])
+                    pending.add(what, started[1], values_fix)
                     return started[0]
             arr = self.array(key)
             # zarr reads a missing chunk as its fill value (zeros): look for the chunks first.
@@ -213,8 +218,11 @@ class ArrayReader:
             else:
                 got = arr[a:b, layers]
             if out is None:
-                return np.asarray(got)
-            out[...] = got
+                out = np.asarray(got)
+            else:
+                out[...] = got
+            if values is not None:
+                pending.check(what, values_fix, partial(values, out))
             return out
 
     def read(self, key: str, rows: tuple[int, int], layers: LayerSelection = ALL, *, what: str | None = None,
@@ -443,11 +451,14 @@ def start_reads(reader: ArrayReader, plan: ReadPlan, spans: Sequence[ShardSpan],
             a, b = plan.rows(array, span)
             key = layout.shard_array_key(plan.name, span.shard, array)
             what = f"teacher {plan.name!r} shard {span.shard} array {array!r} ({span.describe()})"
+            fix = rules.shard_fix(plan.name, span.shard)
+            # K/V/Q themselves: finite, checked chunk by chunk as they are decoded (codes: their scales' rules).
+            finite = partial(rules.finite_problem, dtype=plan.stored) if array in plan.values else None
             got = reader.start(key, (a, b), part.layers, pending=pending, what=what, out=out[at : at + b - a],
-                               expect=layouts[span.shard][array], fix=rules.metadata_fix(key, plan.name, span.shard))
-            if array not in plan.values:  # K/V/Q themselves are left to `kava store verify` (a pass over them all)
-                pending.check(what, rules.shard_fix(plan.name, span.shard),
-                              partial(rules.value_problem, array, got, spec))
+                               expect=layouts[span.shard][array], fix=rules.metadata_fix(key, plan.name, span.shard),
+                               values=finite, values_fix=fix)
+            if finite is None:
+                pending.check(what, fix, partial(rules.value_problem, array, got, spec))
             at += b - a
         if at != len(out):
             raise ValueError(f"Expected {at} rows of {array!r} in its buffer. Got {len(out)} instead.")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any, cast
@@ -36,7 +35,7 @@ from . import codecs, layout, rules, zarr_io
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
-    UnsealedStoreWarning,
+    UnsealedStoreError,
     digest_error,
     sample_ids_problem,
     teacher_doc,
@@ -91,7 +90,8 @@ class KVStore:
 
         The manifest is checked against its digest (``check_digest=False`` only for tools that report a mismatch
         themselves, like :func:`kava.kvstore.verify_store`); each teacher spec is checked when it is read. A
-        format-1 store, which has no digests, opens with an :class:`UnsealedStoreWarning`.
+        format-1 store, which has no digests, is refused (:class:`UnsealedStoreError`) until ``kava store seal``
+        has checked and sealed it.
         """
         if mode not in ("r", "a"):
             raise ConfigError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
@@ -115,13 +115,12 @@ class KVStore:
             manifest = StoreManifest.from_dict(raw)
         except SchemaError as e:
             raise SchemaError(f"{where}: bad manifest: {e}") from e
-        sealed = manifest.format_version >= SEALED_SINCE
         if check_digest:
-            problem = digest_problem(raw, required=sealed)
+            if manifest.format_version < SEALED_SINCE:
+                raise UnsealedStoreError(f"{unsealed_note(where)}.")
+            problem = digest_problem(raw, required=True)
             if problem is not None:
                 raise digest_error(where, MANIFEST_DOC, problem, MANIFEST_FIX)
-            if not sealed:
-                warnings.warn(unsealed_note(where), UnsealedStoreWarning, stacklevel=2)
         return cls(store, manifest)
 
     # ---------------------------------------------------------------------------------------------------------

@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
-import zarr  # noqa: F401 - zarr.Array in annotations
+import zarr
 
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
 
@@ -21,14 +20,13 @@ from . import codecs, layout, rules, zarr_io
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
-    UnsealedStoreWarning,
     digest_error,
     sample_ids_problem,
     teacher_doc,
     teacher_fix,
     unsealed_note,
 )
-from .manifest import SEALED_SINCE, TeacherSpec, digest_problem
+from .manifest import SEALED_SINCE, TeacherSpec, digest_problem, seal
 from .store import KVStore
 
 
@@ -51,7 +49,7 @@ class VerifyReport:
     shards_complete: dict[str, int] = field(default_factory=dict)
     shards_expected: int = 0
     warnings: list[str] = field(default_factory=list)
-    """What is not wrong but limits the check (a format-1 store has no metadata digests)."""
+    """What is not wrong but limits the check."""
 
     @property
     def ok(self) -> bool:
@@ -148,9 +146,7 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     """Check a store completely. Raises only when it is not a store at all, or one of a newer format; everything
     else is a Problem (a manifest that does not parse is the one problem reported)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UnsealedStoreWarning)  # reported below instead
-            store = KVStore.open(location, check_digest=False)
+        store = KVStore.open(location, check_digest=False)  # an unsealed store is reported below
     except (NotAStoreError, FormatVersionError):
         raise
     except SchemaError as e:
@@ -161,7 +157,7 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
     problems = report.problems
     sealed = m.format_version >= SEALED_SINCE
     if not sealed:
-        report.warnings.append(unsealed_note(store.where))
+        problems.append(Problem("zarr.json", f"{unsealed_note(store.where)}."))
     raw = zarr_io.group_attributes(store.zarr_store, "")[layout.MANIFEST_ATTR]
     problem = digest_problem(raw, required=sealed)
     if problem is not None:
@@ -285,3 +281,30 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
     report.shards_complete[spec.name] = complete
     for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")
+
+
+def seal_store(location: Any) -> VerifyReport:
+    """Seal a format-1 store (written before metadata carried digests) so that readers accept it: verify it whole,
+    and only when being unsealed is its one problem, write each teacher spec's digest and then the manifest's, as
+    format version 2. Returns the verify report; its problems, when there are any, say why nothing was written.
+    A sealed store is left as it is (its report says so). Killed midway, a rerun finishes: the manifest, which
+    makes the store sealed, is written last."""
+    report = verify_store(location)
+    unsealed = [p for p in report.problems if p.where == "zarr.json" and "format version 1 store" in p.message]
+    if not unsealed:
+        if report.ok:
+            report.warnings.append(f"{report.store}: already sealed (format version 2 or later); nothing to do")
+        return report
+    if len(report.problems) > len(unsealed):
+        report.problems.remove(unsealed[0])
+        return report
+    store = KVStore.open(location, mode="a", check_digest=False)
+    for name in sorted(zarr_io.list_dir(store.zarr_store, "teachers/")):
+        _, raw = store.teacher_document(name)
+        group = zarr.open_group(store.zarr_store, path=layout.teacher_key(name), mode="a")
+        group.attrs[layout.TEACHER_ATTR] = seal(raw)
+    raw = zarr_io.group_attributes(store.zarr_store, "")[layout.MANIFEST_ATTR]
+    zarr.open_group(store.zarr_store, mode="a").attrs[layout.MANIFEST_ATTR] = seal(
+        {**raw, "format_version": SEALED_SINCE})
+    report.problems.clear()
+    return report

@@ -27,6 +27,7 @@ from .options import build_config, build_configs, config_options
 if TYPE_CHECKING:  # annotations only: the stages load inside their commands
     from kava.extract.config import ExtractConfig
     from kava.extract.recipe import ExtractResult
+    from kava.kvstore import VerifyReport
 
 _AFTER_DISK_FULL = {
     "extract": "What was finished is kept: free space, then rerun the same command with --resume to continue.",
@@ -238,8 +239,8 @@ def _eval_command() -> click.Command:
 
     @click.command("eval", short_help="Score a model on a reasoning dataset (greedy generation, accuracy).")
     @config_options(EvalConfig, exclude=("model",))
-    @click.option("--model", "model", help="A directory written by `kava distill`, or any causal LM dir/id. "
-                                           "[required]")
+    @click.option("--model", "--student", "model", help="A directory written by `kava distill` (its --out), or "
+                                                        "any causal LM dir/id. [required]")
     @click.option("--json", "as_json", is_flag=True, help="Print only the result as JSON on stdout.")
     def eval_(as_json: bool, config_file: str | None, **values: Any) -> None:
         """Generate greedily (batched) for each question, extract the answer (#### N, else the last number) and
@@ -348,19 +349,40 @@ def store_verify(path: str, teachers: tuple[str, ...], as_json: bool) -> None:
             emit_json({"store": path, "ok": False, "problems": [{"where": path, "message": str(e)}]})
             sys.exit(1)
         fail(str(e))
+    _print_report(report, as_json)
+    sys.exit(0 if report.ok else 1)
+
+
+def _print_report(report: VerifyReport, as_json: bool, sound: str = "sound") -> None:
+    """A verify report as `kava store verify` prints it: JSON, or one line per problem and a summary line."""
     if as_json:
         emit_json(report.to_dict())
-    else:
-        for p in report.problems:
-            click.echo(f"PROBLEM {p}")
-        for w in report.warnings:
-            click.echo(f"WARNING {w}")
-        status = "sound" if report.ok else f"{len(report.problems)} problem(s)"
-        shards = ", ".join(f"{n}: {c}/{report.shards_expected} shards" for n, c in report.shards_complete.items())
-        click.echo(
-            f"{report.store}: {status}; {report.chunks_checked} chunks ({_size(report.bytes_checked)}) checked"
-            + (f"; {shards}" if shards else "")
-        )
+        return
+    for p in report.problems:
+        click.echo(f"PROBLEM {p}")
+    for w in report.warnings:
+        click.echo(f"WARNING {w}")
+    status = sound if report.ok else f"{len(report.problems)} problem(s)"
+    shards = ", ".join(f"{n}: {c}/{report.shards_expected} shards" for n, c in report.shards_complete.items())
+    click.echo(f"{report.store}: {status}; {report.chunks_checked} chunks ({_size(report.bytes_checked)}) checked"
+               + (f"; {shards}" if shards else ""))
+
+
+@store.command("seal")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def store_seal(path: str, as_json: bool) -> None:
+    """Seal a format-1 store (no metadata digests), which readers refuse: verify it whole, then write its digests.
+    Nothing is written when verify finds another problem. Exit 0 when sealed, 1 when not."""
+    from kava.core.locks import beside, writer_lock  # noqa: PLC0415
+    from kava.kvstore import seal_store  # noqa: PLC0415 - zarr: only the store commands load it
+
+    try:
+        with writer_lock(beside(Path(path)), output=Path(path), fix="wait, then seal it"):
+            report = seal_store(path)
+    except KavaError as e:
+        fail(str(e))
+    _print_report(report, as_json, sound="sealed")
     sys.exit(0 if report.ok else 1)
 
 

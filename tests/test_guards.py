@@ -22,7 +22,7 @@ from helpers import ENV, KAVA, sigkill_when
 
 from kava.core.data import file_rows, load_rows
 from kava.core.errors import BusyError, ConfigError, DatasetError
-from kava.core.locks import LOCK_NAME, beside, writer_lock
+from kava.core.locks import LOCK_NAME, beside, split_lock, writer_lock
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import TrainingError, run_distill
 from kava.extract.config import ExtractConfig
@@ -135,10 +135,15 @@ def test_shard_jobs_share_a_store_but_not_a_slice_and_an_unsharded_run_waits_for
     path = tmp_path / "kv.zarr"
     run_extract(ExtractConfig.from_dict(extract_options(stories, path, shard="1/2")), log=lambda _: None)
     with writer_lock(beside(path), output=path, shared=True, fix="x"), \
-            writer_lock(beside(path, ".shard-0-of-2"), output=path, fix="x"):
-        # This process plays shard job 0/2 still running: the job of slice 0 again, or an unsharded run, is refused.
+            writer_lock(beside(path, ".shard-0-of-2"), output=path, fix="x"), split_lock(path, 2):
+        # This process plays shard job 0/2 still running: the job of slice 0 again, an unsharded run, or a job of
+        # another split (0/3 writes shard 0 as well) is refused.
         with pytest.raises(BusyError, match=r"being written by process .*give this job another --shard"):
             run_extract(ExtractConfig.from_dict(extract_options(stories, path, shard="0/2")), log=lambda _: None)
+        with pytest.raises(BusyError, match=r"kv.zarr is being written by shard jobs of another split \(--shard "
+                                            r"i/2\)\. Give this job that split \(--shard i/2\), or wait for them"):
+            run_extract(ExtractConfig.from_dict(extract_options(stories, path, shard="2/3", resume=True)),
+                        log=lambda _: None)
         with pytest.raises(BusyError, match=r"being written by shard jobs \(--shard i/n\) of an extraction\. Wait "
                                             r"for it to finish, or write another --store"):
             run_extract(ExtractConfig.from_dict(extract_options(stories, path, resume=True)), log=lambda _: None)

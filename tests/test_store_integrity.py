@@ -31,9 +31,10 @@ from kava.kvstore import (
     SchemaError,
     TeacherSpec,
     TokenizerSpec,
-    UnsealedStoreWarning,
+    UnsealedStoreError,
     create_store,
     default_storage,
+    seal_store,
     verify_store,
 )
 from kava.kvstore.manifest import MAX_NAME_BYTES, is_plain_name, seal
@@ -283,17 +284,47 @@ def test_a_version_2_document_without_digest_is_refused(path):
         KVStore.open(path)
 
 
-def test_format_1_store_reads_with_a_warning(path):
-    """A store written before digests: still read, its metadata unchecked, and said so."""
+@pytest.mark.integration
+def test_a_format_1_store_is_refused_until_sealed(path):
+    """A store written before digests: refused (an edit to it can't be detected) until `kava store seal` has
+    verified it whole and written its digests; then it reads as it did."""
+    want = KVStore.open(path).read_shard(0).teachers["A"].k
     edit_attrs(path / "zarr.json", "kava", lambda m: (m.pop("digest"), m.update(format_version=1)))
     edit_attrs(path / "teachers/A/zarr.json", "kava_teacher", lambda t: t.pop("digest"))
-    with pytest.warns(UnsealedStoreWarning, match="format version 1 store; its manifest and teacher specs carry no"):
-        store = KVStore.open(path)
-    assert store.read_shard(0).teachers["A"].k.shape == (21, 2, 1, 4)
+    note = (f"{path}: format version 1 store; its manifest (zarr.json) and teacher specs carry no digest, so an "
+            "edit to them can't be detected. Check and seal it with `kava store seal` (a full verify, then digests), "
+            "or re-extract it with this kava.")
+    with pytest.raises(UnsealedStoreError) as caught:
+        KVStore.open(path)
+    assert str(caught.value) == note
     report = verify_store(path)
-    note = (f"{path}: format version 1 store; its manifest and teacher specs carry no digest, so an edit to them "
-            "can't be detected. Re-extract it with this kava to get a sealed (version 2 or later) store.")
-    assert report.ok and report.warnings == [note]
+    assert [str(p) for p in report.problems] == [f"zarr.json: {note}"]
+
+    proc = subprocess.run([sys.executable, "-m", "kava.pipelines.cli", "store", "seal", str(path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{path}: sealed; ") and "chunks" in proc.stdout
+    store = KVStore.open(path)
+    assert store.manifest.format_version == 2
+    np.testing.assert_array_equal(store.read_shard(0).teachers["A"].k, want)
+    assert verify_store(path).ok
+    again = seal_store(path)
+    assert again.ok and again.warnings == [f"{path}: already sealed (format version 2 or later); nothing to do"]
+
+
+def test_a_format_1_store_with_a_bad_chunk_is_not_sealed(path):
+    edit_attrs(path / "zarr.json", "kava", lambda m: (m.pop("digest"), m.update(format_version=1)))
+    edit_attrs(path / "teachers/A/zarr.json", "kava_teacher", lambda t: t.pop("digest"))
+    chunk = path / "teachers/A/shards/000000/k/c/0/0/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[7] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    before = (path / "zarr.json").read_text()
+    report = seal_store(path)
+    assert [p.where for p in report.problems] == ["teachers/A/shards/000000/k"]
+    assert (path / "zarr.json").read_text() == before
+    with pytest.raises(UnsealedStoreError):
+        KVStore.open(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

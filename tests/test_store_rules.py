@@ -10,7 +10,6 @@ teacher, the array, the shard and the fix.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -31,9 +30,11 @@ from kava.kvstore import (
     SchemaError,
     TeacherSpec,
     TokenizerSpec,
-    UnsealedStoreWarning,
+    UnsealedStoreError,
     create_store,
     default_storage,
+    rules,
+    seal_store,
     verify_store,
 )
 from kava.kvstore.manifest import seal
@@ -167,19 +168,11 @@ def test_a_grid_array_without_crc32c_is_refused(path):
 # 2. Features against the format version
 
 
-@pytest.mark.parametrize("version, digests", [(2, True), (1, False)])
-def test_a_lowbit_teacher_in_a_downgraded_store_is_refused(path, version, digests):
-    if digests:
-        reseal(path / "zarr.json", "kava", lambda m: m.update(format_version=version))
-    else:
-        edit_json(path / "zarr.json", lambda m: (m["attributes"]["kava"].pop("digest"),
-                                                 m["attributes"]["kava"].update(format_version=version)))
-        for name in ("F", "Q"):
-            edit_json(path / f"teachers/{name}/zarr.json", lambda m: m["attributes"]["kava_teacher"].pop("digest"))
-    says = (f"teacher 'Q': expected a store of format version 3 or later for int4 storage. Got version {version} "
-            f"instead: a version-{version} store can't hold it, so its manifest was changed. Restore the original")
-    with pytest.warns(UnsealedStoreWarning) if not digests else contextlib.nullcontext():
-        store = KVStore.open(path)
+def test_a_lowbit_teacher_in_a_downgraded_store_is_refused(path):
+    reseal(path / "zarr.json", "kava", lambda m: m.update(format_version=2))
+    says = ("teacher 'Q': expected a store of format version 3 or later for int4 storage. Got version 2 instead: "
+            "a version-2 store can't hold it, so its manifest was changed. Restore the original")
+    store = KVStore.open(path)
     with pytest.raises(SchemaError, match=says):
         store.teacher("Q")
     with pytest.raises(SchemaError, match=says):
@@ -190,6 +183,25 @@ def test_a_lowbit_teacher_in_a_downgraded_store_is_refused(path, version, digest
     report = verify_store(path)
     assert [p.where for p in report.problems] == ["teachers/Q"] and "format version 3 or later" in str(
         report.problems[0])
+
+
+def test_a_store_downgraded_to_version_1_is_refused_and_not_sealed(path):
+    """Version 1 had no digests: without them, a reader can't tell an edit, so it refuses the store, and sealing
+    refuses a store that holds what version 1 could not."""
+    edit_json(path / "zarr.json", lambda m: (m["attributes"]["kava"].pop("digest"),
+                                             m["attributes"]["kava"].update(format_version=1)))
+    for name in ("F", "Q"):
+        edit_json(path / f"teachers/{name}/zarr.json", lambda m: m["attributes"]["kava_teacher"].pop("digest"))
+    with pytest.raises(UnsealedStoreError, match=r"format version 1 store; .* Check and seal it with `kava store "
+                                                 r"seal` \(a full verify, then digests\), or re-extract it"):
+        KVStore.open(path)
+    before = (path / "zarr.json").read_text()
+    report = seal_store(path)
+    assert [p.where for p in report.problems] == ["teachers/Q"] and "format version 3 or later" in str(
+        report.problems[0])
+    assert (path / "zarr.json").read_text() == before  # nothing sealed
+    with pytest.raises(UnsealedStoreError):
+        KVStore.open(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,11 +252,33 @@ def test_a_lowbit_group_beyond_float16_is_refused(path):
             rf"teacher 'Q' shard 0 arrays 'v_scale', 'v_zero': {says}.*{FIX.format('Q')}")
 
 
-def test_forged_float16_values_are_caught_by_verify(path):
-    """K/V themselves: a pass over every value, which `verify` makes and a read leaves to training's guard."""
-    rewrite(path, "F", "v", _set((6, 1, 0, 3), np.inf))
-    (problem,) = [str(p) for p in verify_store(path).problems]
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_forged_float16_values_are_refused(path, value):
+    """K/V themselves: `verify` passes over every value; a read checks each chunk as it decodes it."""
+    rewrite(path, "F", "v", _set((6, 1, 0, 3), value))
+    (problem,) = refused(path, "F", "v: expected finite values",
+                         rf"teacher 'F' shard 0 array 'v' \(samples 0-4\): expected finite values. Got NaN or Inf "
+                         rf"instead. {FIX.format('F')}")
     assert problem.startswith(f"{SHARD.format('F')}/v: expected finite values. Got NaN or Inf instead (chunk ")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_finite_rule_matches_isfinite(dtype):
+    """The bit-pattern rule against numpy's isfinite, on every float16 bit pattern (and the bfloat16 and float32
+    specials, with their largest finite neighbours)."""
+    if dtype == "float16":
+        values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        stored = values
+    else:
+        specials = np.array([np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, 1.0, 3.3895314e38, -3.3895314e38],
+                            dtype=np.float32)
+        values = specials
+        stored = (specials.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else specials
+    for i in range(len(values)):
+        got = rules.finite_problem(stored[i : i + 1], dtype)
+        assert (got is None) == bool(np.isfinite(values[i])), (dtype, values[i], got)
+    assert rules.finite_problem(np.zeros(0, np.float16), "float16") is None
+    assert rules.finite_problem(np.array([np.inf], np.float32).view(np.uint32).astype(np.int8), "int8") is None
 
 
 def test_a_marker_longer_than_the_grid_is_refused(path):

@@ -8,6 +8,8 @@ one command, page cache warm, best of ``--repeats``:
   bytes the loader has to read, as fast as the store reads them.
 - **loader, one process**: one epoch of ``StreamLoader`` with ``num_workers=0`` (batches padded into
   ``[B, L, H, T, D]``, in the stored dtype; pinned only where CUDA is available).
+- **value check** (``--parts values``): the loader's epoch with the NaN/Inf check of K/V/Q as read and with
+  that rule swapped for a no-op, interleaved: what the check costs the feed rate (target: at most 5%).
 - **loader, 1 and 2 workers**: the same through spawned DataLoader workers, over ``--epochs`` epochs, timed from
   the first batch on (spawning a worker imports torch: seconds that a training run pays once).
 
@@ -128,6 +130,29 @@ def main() -> None:
                 "cpu_s": {"store": round(min(store_cpu), 3), "loader": round(min(loader_cpu), 3),
                           "store_over_loader": round(min(store_cpu) / min(loader_cpu), 3)},
                 "runs_s": {"store": [round(s, 4) for s in store_s], "loader": [round(s, 4) for s in loader_s]},
+            }
+        if "values" in parts:
+            # What checking K/V/Q for NaN/Inf as they are read costs the loader: epochs with the rule and with it
+            # swapped for a no-op, interleaved, in this one process.
+            from kava.kvstore import rules  # noqa: PLC0415
+
+            real = rules.finite_problem
+            loader_epoch()  # warm
+            timed: dict[str, list[float]] = {"checked": [], "unchecked": []}
+            for _ in range(args.repeats):
+                for label, rule in (("checked", real), ("unchecked", lambda data, dtype: None)):
+                    rules.finite_problem = rule
+                    try:
+                        timed[label].append(loader_epoch()[0])
+                    finally:
+                        rules.finite_problem = real
+            report["value_check"] = {
+                "checked_mb_per_s": round(logical / min(timed["checked"]) / 1e6, 1),
+                "unchecked_mb_per_s": round(logical / min(timed["unchecked"]) / 1e6, 1),
+                "checked_vs_unchecked": round(min(timed["unchecked"]) / min(timed["checked"]), 3),
+                "median_of_pairs": round(float(np.median(np.array(timed["unchecked"]) / timed["checked"])), 3),
+                "target": 0.95,
+                "runs_s": {k: [round(x, 4) for x in v] for k, v in timed.items()},
             }
         if "workers" in parts:
             rates = {}
