@@ -6,6 +6,7 @@ answers at once. Every command with ``--json`` prints only JSON on stdout; logs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -378,7 +379,9 @@ def store_seal(path: str, as_json: bool) -> None:
     from kava.kvstore import seal_store  # noqa: PLC0415 - zarr: only the store commands load it
 
     try:
-        with writer_lock(beside(Path(path)), output=Path(path), fix="wait, then seal it"):
+        with contextlib.ExitStack() as hold:
+            if Path(path).is_dir():  # (a lock file beside a path that is no store would be litter)
+                hold.enter_context(writer_lock(beside(Path(path)), output=Path(path), fix="wait, then seal it"))
             report = seal_store(path)
     except KavaError as e:
         fail(str(e))

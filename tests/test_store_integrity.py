@@ -310,6 +310,12 @@ def test_a_format_1_store_is_refused_until_sealed(path):
     assert verify_store(path).ok
     again = seal_store(path)
     assert again.ok and again.warnings == [f"{path}: already sealed (format version 2 or later); nothing to do"]
+    missing = path.parent / "nothing.zarr"  # a path that is no store: one line, and no lock file left beside it
+    proc = subprocess.run([sys.executable, "-m", "kava.pipelines.cli", "store", "seal", str(missing)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: {missing}: no such directory. Check the path, or create a store with `kava extract`.")
+    assert not (path.parent / ".nothing.zarr.lock").exists()
 
 
 def test_a_format_1_store_with_a_bad_chunk_is_not_sealed(path):
