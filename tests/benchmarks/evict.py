@@ -1,11 +1,13 @@
 """Eviction rules for a compressed teacher cache: fidelity and bytes per original token, per rule and budget. Prints
 one JSON object.
 
-The teacher is the real stories260K Llama (``$KAVA_ASSETS``; 5 layers, 4 KV heads x 8, Q on 8 heads) over real
+Two teachers: the real stories260K Llama (``$KAVA_ASSETS``; 5 layers, 4 KV heads x 8, Q on 8 heads) over real
 GSM8K test problems, each as ``Question: ... Answer: <solution> #### N``: the prompt, the reasoning (the solution)
 and the answer (``#### N``). Keys, values and queries are captured after RoPE, as the teacher's cache holds them.
 Each rule keeps ``budget`` of the reasoning tokens per (layer, KV head), prompt and answer whole; the observation
-window is the answer's queries (what R-KV scores importance by).
+window is the answer's queries (what R-KV scores importance by). And a random Llama of a 7B teacher's attention
+geometry (4 KV heads x 128, 28 query heads, 2 layers) over random ids of the same lengths: its bytes are the
+geometry's, its fidelity a random model's.
 
 - **fidelity**: the relative L2 error of the answer queries' attention output when each head reads only its kept
   cache, against the full cache, per layer, averaged over problems (0 = nothing lost).
@@ -24,6 +26,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,37 +37,18 @@ BYTES_PER_VALUE = {"float16": 2.0, "int8": 1.0 + 2 / 8, "int4": 0.5 + 4 / 32}
 channels here; int4: an fp16 scale and zero per 32 values, the codecs' default groups)."""
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=256)
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not os.environ.get("KAVA_ASSETS"):
-        raise SystemExit("Set KAVA_ASSETS to the shared assets folder (the stories260K model, GSM8K).")
+def measure(model, problems: list[list[list[int]]]) -> dict:
+    """Fidelity per rule and budget, kept shares and bytes per original token for ``model`` over ``problems``
+    (each ``[prompt ids, reasoning ids, answer ids]``)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kava.extract import evict
     from kava.extract.capture import capture_qkv
 
-    assets = Path(os.environ["KAVA_ASSETS"])
-    stories = assets / "models" / "stories260K_hf_derived"
-    model = AutoModelForCausalLM.from_pretrained(stories).eval()
-    tok = AutoTokenizer.from_pretrained(stories)
-    rows = [json.loads(line) for line in (assets / "gsm8k" / "test.jsonl").read_text().splitlines()[: args.samples]]
-
     t0 = time.perf_counter()
     errors: dict[str, dict[float, list[list[float]]]] = {r: {b: [] for b in BUDGETS} for r in RULES}
     kept_share: dict[float, list[float]] = {b: [] for b in BUDGETS}
-    for row in rows:
-        solution, _, final = row["answer"].rpartition("####")
-        parts = [f"Question: {row['question']}\nAnswer: ", solution, f"#### {final.strip()}"]
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in parts]
-        room = args.max_length - len(ids[0]) - len(ids[2])
-        if room < 8:
-            continue
-        ids[1] = ids[1][:room]
+    for ids in problems:
         seq = torch.tensor([sum(ids, [])])
         t = seq.shape[1]
         segment = torch.zeros(t, dtype=torch.bool)
@@ -82,7 +66,6 @@ def main() -> None:
                     kept = evict.keep(rule, k, segment, budget, queries=q, query_at=query_at, scale=scale)
                     per_layer.append(float(evict.fidelity(k, v, q, query_at, kept, scale=scale).mean()))
                 errors[rule][budget].append(per_layer)
-
     cfg = model.config
     layers, heads, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
 
@@ -91,12 +74,9 @@ def main() -> None:
         positions = 2 * layers * heads if share < 1 else 0
         return share * (values + positions)
 
-    report = {
-        "benchmark": "evict",
-        "date": dt.date.today().isoformat(),
-        "teacher": "stories260K_hf_derived",
-        "problems": len(kept_share[1.0]),
-        "max_length": args.max_length,
+    return {
+        "problems": len(problems),
+        "geometry": {"layers": layers, "kv_heads": heads, "head_dim": dim},
         "seconds": round(time.perf_counter() - t0, 1),
         "fidelity_relative_l2": {
             rule: {str(b): {"mean": round(sum(map(sum, e)) / sum(map(len, e)), 4),
@@ -107,8 +87,48 @@ def main() -> None:
         "bytes_per_original_token": {
             dtype: {str(b): round(per_token(dtype, sum(s) / len(s)), 1) for b, s in kept_share.items()}
             for dtype in BYTES_PER_VALUE},
-        "float16_full_bytes_per_token": per_token("float16", 1.0),
+        "float16_whole_bytes_per_token": per_token("float16", 1.0),
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not os.environ.get("KAVA_ASSETS"):
+        raise SystemExit("Set KAVA_ASSETS to the shared assets folder (the stories260K model, GSM8K).")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    assets = Path(os.environ["KAVA_ASSETS"])
+    stories = assets / "models" / "stories260K_hf_derived"
+    model = AutoModelForCausalLM.from_pretrained(stories).eval()
+    tok = AutoTokenizer.from_pretrained(stories)
+    rows = [json.loads(line) for line in (assets / "gsm8k" / "test.jsonl").read_text().splitlines()[: args.samples]]
+    problems = []
+    for row in rows:
+        solution, _, final = row["answer"].rpartition("####")
+        parts = [f"Question: {row['question']}\nAnswer: ", solution, f"#### {final.strip()}"]
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in parts]
+        room = args.max_length - len(ids[0]) - len(ids[2])
+        if room >= 8:
+            problems.append([ids[0], ids[1][:room], ids[2]])
+    report = {"benchmark": "evict", "date": dt.date.today().isoformat(), "max_length": args.max_length,
+              "stories260k": measure(model, problems)}
+
+    # A random Llama with a 7B teacher's attention geometry (4 KV heads x 128, 28 query heads; 2 layers), loaded
+    # through from_pretrained, over random ids shaped like the GSM8K inputs above. Its attention is a random
+    # model's: the fidelity figures say little about a trained 7B; the bytes are the geometry's.
+    g = torch.Generator().manual_seed(0)
+    config = LlamaConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=2,
+                         intermediate_size=1024, vocab_size=1000, max_position_embeddings=4096)
+    with tempfile.TemporaryDirectory() as tmp:
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        big = AutoModelForCausalLM.from_pretrained(tmp).eval()
+    shaped = [[torch.randint(3, 1000, (len(part),), generator=g).tolist() for part in ids] for ids in problems[:16]]
+    report["7b_shaped"] = measure(big, shaped)
     print(json.dumps(report, indent=2))
 
 
