@@ -147,3 +147,16 @@ def test_fidelity_on_the_real_stories260k(stories):
             errors[rule].append(float(evict.fidelity(k, v, q, query_at, kept, scale=scale).mean()))
     assert max(errors["all"]) < 1e-5
     assert sum(errors["attention"]) < sum(errors["random"]), errors
+
+
+@pytest.mark.parametrize("rule", evict.RULES)
+@pytest.mark.parametrize("width", [0, 1, 2])
+def test_short_segments_keep_what_there_is(rule, width):
+    keys, _, queries, query_at, segment = sample()
+    segment[:] = False
+    segment[5 : 5 + width] = True
+    kept = evict.keep(rule, keys, segment, 0.5, queries=queries, query_at=query_at)
+    outside = [p for p in range(40) if not 5 <= p < 5 + width]
+    assert kept.shape == (2, len(outside) + evict.keep_count(width, 0.5))
+    for row in kept.tolist():
+        assert row == sorted(set(row)) and set(outside) <= set(row)
