@@ -252,6 +252,8 @@ def _eval_command() -> click.Command:
         else:
             click.echo(f"accuracy {result.accuracy:.4f} ({result.correct}/{result.n}) on {result.dataset}:"
                        f"{result.split}; items in {result.out}")
+        if note := result.truncation_note():
+            click.echo(f"Warning: {note}", err=True)
 
     return eval_
 

@@ -54,7 +54,27 @@ def tune_section(root: Path) -> tuple[list[str], dict[str, Any] | None]:
         mark = " **(chosen)**" if t["point"] == tune["chosen"] else ""
         lines.append("| " + " | ".join(str(t["point"][k]) for k in keys)
                      + f" | {pct(t['accuracy'])}{mark} | {t['nll_per_char']:.4f} |")
+    if tune["metric"] == "accuracy" and (note := _noise_note(tune)):
+        lines += ["", note]
     return lines + [""], tune
+
+
+def _noise_note(tune: dict[str, Any]) -> str | None:
+    """A warning when the chosen trial's validation accuracy leads the next best by less than two standard errors
+    of the difference of two proportions (``sqrt(2 p (1 - p) / n)`` at their mean ``p``): a choice by noise."""
+    trials = sorted(tune["trials"], key=lambda t: t["accuracy"], reverse=True)
+    if len(trials) < 2:
+        return None
+    best = next(t for t in trials if t["point"] == tune["chosen"])
+    runner_up = next(t for t in trials if t is not best)
+    n = best["n"]
+    p = (best["accuracy"] + runner_up["accuracy"]) / 2
+    se = math.sqrt(2 * p * (1 - p) / n) if n else math.inf
+    if best["accuracy"] - runner_up["accuracy"] >= 2 * se:
+        return None
+    return (f"**The choice is within sampling noise:** the chosen point got {round(best['accuracy'] * n)} of {n} "
+            f"validation rows right, the next best {round(runner_up['accuracy'] * n)}, less than two standard errors "
+            "apart. `tune.metric: nll`, more validation rows or longer tuning students choose more reliably.")
 
 
 def budget_section(cfg: RunConfig, curves: Curves, figures: Path, root: Path) -> tuple[list[str], dict[str, Any]]:

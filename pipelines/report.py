@@ -29,6 +29,7 @@ from kava.analysis.paired import (
 )
 from kava.analysis.stats import format_mean_ci
 from kava.core.errors import ConfigError
+from kava.distill.evaluate.score import truncation_note
 from kava.kvstore import KVStore
 from kava.kvstore import summary as store_summary
 
@@ -113,7 +114,9 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `kava run` from `config.yaml` (next to this file). "
               f"Every number below comes from this run's outputs. Seeds: {cfg.seeds}; baseline: `{cfg.baseline}`.",
               ""]
-    lines += ["## Result", ""] + teacher_lines(cfg, teacher_evals, data) + [""]
+    lines += ["## Result", ""] + teacher_lines(cfg, teacher_evals, data)
+    lines += truncation_lines(cfg, {f"teacher `{n}`": [_items(e)] for n, e in teacher_evals.items()}
+                              | {f"`{v}`": [items[v, s] for s in cfg.seeds] for v in variants}) + [""]
     lines += _verdicts(acc_cmp, nll_cmp, mcnemar, unit, cfg, teacher_evals) + [""]
     lines += _accuracy_section(cfg, data, acc_cmp, mcnemar, teacher_evals, format_mean_ci)
     lines += [f"![accuracy]({figs['accuracy'].relative_to(root)})", ""]
@@ -248,6 +251,21 @@ def teacher_lines(cfg: RunConfig, teacher_evals: dict[str, dict[str, Any]], data
             line += (": below the floor, it knows too little of the task for a student to learn it from it, so the "
                      f"comparisons below **cannot show a transfer** from `{name}`.")
         out.append(line + ("" if e["accuracy"] < TEACHER_FLOOR else "."))
+    return out
+
+
+def truncation_lines(cfg: RunConfig, items: dict[str, list[dict[str, dict[str, Any]]]]) -> list[str]:
+    """A warning for each model (its seeds pooled) whose generations were too often cut off at
+    ``eval.max_new_tokens``: those items count as wrong, so its accuracy measures the budget."""
+    out = []
+    for who, runs in items.items():
+        every = [item for run in runs for item in run.values()]
+        longest = max((i["nll_tokens"] for i in every if i.get("nll_tokens") is not None), default=None)
+        note = truncation_note(sum(i.get("stop") == "budget" for i in every), len(every), cfg.eval.max_new_tokens,
+                               longest, option="`eval.max_new_tokens` and run again: `kava run` redoes the evaluations "
+                                               "and the tuning they score")
+        if note:
+            out.append(f"- **Cut short: {who}.** {note}")
     return out
 
 

@@ -310,7 +310,9 @@ class Runner:
         cfg = stage_distill_config(self.cfg, variant, seed=seed, store=store["path"], out=str(where))
         if steps is not None:
             cfg.trainer.steps = steps
-        key = digest({"config": cfg.to_dict(), "store": store["digest"], **({"score": score} if score else {})})
+        # A tuning trial's record holds its validation score, so the eval settings that score it are part of its key.
+        scoring = {"score": score, "max_new_tokens": self.cfg.eval.max_new_tokens} if score else {}
+        key = digest({"config": cfg.to_dict(), "store": store["digest"], **scoring})
 
         def work() -> dict[str, Any]:
             splits.check_split(self.root, "student-train", stage=f"distill {variant.name}",
@@ -387,6 +389,7 @@ class Runner:
                         "nll_per_char": result.reference_nll_per_char, "nll_per_byte": result.reference_nll_per_byte,
                         "nll_tokenizer": result.nll_tokenizer, "items": config.out,
                         "correct": result.correct, "generated_tokens": result.generated_tokens, "curve": curve,
+                        "budget_stops": result.budget_stops, "longest_reference": result.longest_reference,
                         "settings": config.to_dict()}
 
             out[label] = self._unit(where, "eval", f"eval {label}", key, work,

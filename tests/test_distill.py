@@ -206,6 +206,10 @@ def test_cli_outputs_load_back(tmp_path, store):
     assert report["n"] == 3 and report["template"] == "plain" and 0 <= report["accuracy"] <= 1
     items = [json.loads(line) for line in Path(report["out"]).read_text().splitlines()]
     assert [i["sample_id"] for i in items] == [f"synthetic/test/{i:06d}" for i in range(3)]
+    # Generations cut off at the 8-token budget are counted, and more than 5% of them earn a warning naming the fix.
+    cut = sum(i["stop"] == "budget" for i in items)
+    assert report["budget_stops"] == cut and report["max_new_tokens"] == 8
+    assert ("stopped at the 8-token budget" in scored.stderr and "Raise --max-new-tokens" in scored.stderr) == (cut > 0)
 
 
 @pytest.mark.integration

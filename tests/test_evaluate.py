@@ -20,6 +20,7 @@ from kava.distill.evaluate import (
     prompt_text,
     resolve_template,
     run_eval,
+    truncation_note,
 )
 from kava.extract.templates import TEMPLATES, format_row
 
@@ -425,8 +426,21 @@ def test_eos_right_after_the_number_is_credited_but_the_budget_is_not(assets):
     ended = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=10).items[0]
     assert (ended.generated, ended.stop, ended.generated_tokens, ended.correct) == ("#### 12", "eos", 3, True)
     # The same text cut by --max-new-tokens before the EOS: "#### 12" might have gone on "3".
-    cut = evaluate(model, tok, _rows("12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=2).items[0]
+    result = evaluate(model, tok, _rows("12", "12"), TEMPLATES["plain"], batch_size=1, max_new_tokens=2)
+    cut = result.items[0]
     assert (cut.generated, cut.stop, cut.generated_tokens, cut.predicted) == ("#### 12", "budget", 2, None)
+    assert (result.budget_stops, result.max_new_tokens) == (2, 2)
+    assert "2 of 2 generations (100%) stopped at the 2-token budget" in result.truncation_note()
+
+
+def test_truncation_note_warns_above_five_percent_and_names_the_fix():
+    assert truncation_note(5, 100, 64) is None  # 5% is tolerated: a model that rambles on a few problems
+    assert truncation_note(0, 0, 64) is None
+    note = truncation_note(6, 100, 64, 121, option="`eval.max_new_tokens`")
+    assert note == ("6 of 100 generations (6%) stopped at the 64-token budget before an answer and count as wrong "
+                    "(the longest reference solution is 121 tokens): the accuracy measures the budget as much as the "
+                    "model. Raise `eval.max_new_tokens`.")
+    assert truncation_note(200, 300, 64).endswith("Raise --max-new-tokens.")
 
 
 def test_chat_stops_on_the_im_end_token(assets):

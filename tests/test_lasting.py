@@ -109,6 +109,16 @@ def test_tune_and_grad_share_sections(tmp_path):
     lines, tune = tune_section(tmp_path)
     text = "\n".join(lines)
     assert "**logit_weight = 1.0**" in text and "| 1.0 | 20.0 **(chosen)** | 0.4000 |" in text
+    # A tie by accuracy (broken by NLL) is a choice by noise, and the report says so.
+    assert "**The choice is within sampling noise:** the chosen point got 20 of 100 validation rows right, the " \
+           "next best 20" in text
+    # 3 of 100 against 1 is still noise (2 standard errors: 4.0 points); 30 against 10 is not.
+    for low, high, noisy in ((0.01, 0.03, True), (0.10, 0.30, False)):
+        trials[0]["accuracy"], trials[1]["accuracy"] = low, high
+        (tmp_path / "tune.json").write_text(json.dumps({
+            "variant": "logit", "apply_to": ["logit"], "metric": "accuracy", "seed": 42, "steps": 300,
+            "validation_rows": 100, "chosen": {"logit_weight": 1.0}, "trials": trials}))
+        assert ("within sampling noise" in "\n".join(tune_section(tmp_path)[0])) == noisy
     runs = {"ce": [[{"step": 1, "grad_share/ce": 1.0}]],
             "kv": [[{"step": 25, "grad_share/ce": 0.2, "grad_share/kv": 0.8}],
                    [{"step": 25, "grad_share/ce": 0.4, "grad_share/kv": 0.6}, {"step": 26}]]}

@@ -138,6 +138,13 @@ def test_run_writes_every_artifact_and_the_report_numbers_come_from_the_run(run)
     assert f"| teacher `t` | – | {100 * teacher_acc:.1f} |" in text
     assert f"- **Teacher `t`: {100 * teacher_acc:.1f}% on the eval split**" in text
     assert teacher_acc < 0.3  # four steps teach it nothing: the verdict must say so
+    # Twelve new tokens cut most of its generations short; the report says so, with the option to raise.
+    teacher_items = [json.loads(line) for line in
+                     (root / "eval" / "teacher-t" / "items.jsonl").read_text().splitlines()]
+    cut = sum(i["stop"] == "budget" for i in teacher_items)
+    assert evals["eval teacher t"]["budget_stops"] == cut
+    assert (f"- **Cut short: teacher `t`.** {cut} of 6 generations" in text) == (cut > 0.05 * 6)
+    assert cut == 0 or "Raise `eval.max_new_tokens` and run again" in text
     verdict = next(line for line in text.splitlines() if line.startswith("- **`kv`"))
     assert "paired t-test over 2 seeds" in verdict and "this comparison cannot show a transfer" in verdict
     assert "NLL (nats/char)" in text and "McNemar per seed" in text

@@ -21,11 +21,12 @@ from __future__ import annotations
 from .answers import answer_pattern, answers_match, cut_after_answer, extract_answer
 from .generate import STOPS, AnswerStop, eos_ids, generate_batched, generate_with_stops, prompt_text
 from .nll import ItemNLL, reference_nll, reference_nll_items
-from .score import EvalItem, EvalResult, evaluate
+from .score import TRUNCATION_LIMIT, EvalItem, EvalResult, evaluate, truncation_note
 from .stage import EvalConfig, resolve_template, run_eval
 
 __all__ = [
-    "STOPS", "AnswerStop", "EvalConfig", "EvalItem", "EvalResult", "ItemNLL", "answer_pattern", "answers_match",
-    "cut_after_answer", "eos_ids", "evaluate", "extract_answer", "generate_batched", "generate_with_stops",
-    "prompt_text", "reference_nll", "reference_nll_items", "resolve_template", "run_eval",
+    "STOPS", "TRUNCATION_LIMIT", "AnswerStop", "EvalConfig", "EvalItem", "EvalResult", "ItemNLL", "answer_pattern",
+    "answers_match", "cut_after_answer", "eos_ids", "evaluate", "extract_answer", "generate_batched",
+    "generate_with_stops", "prompt_text", "reference_nll", "reference_nll_items", "resolve_template", "run_eval",
+    "truncation_note",
 ]

@@ -64,11 +64,38 @@ class EvalResult:
     """With --nll: the same nats per UTF-8 byte of the scored text."""
     nll_tokenizer: str | None = None
     """With --nll: sha256 fingerprint of the tokenizer whose tokens ``reference_nll`` counts."""
+    max_new_tokens: int = 0
+    """The generation budget each item had."""
+    budget_stops: int = 0
+    """Items cut off at ``max_new_tokens`` before an answer (counted wrong; ``truncation_note`` warns when many)."""
+    longest_reference: int | None = None
+    """With --nll: tokens of the longest reference reasoning and answer, a floor for ``max_new_tokens``."""
     items: list[EvalItem] = field(default_factory=list, repr=False)
+
+    def truncation_note(self) -> str | None:
+        """``truncation_note`` of this result."""
+        return truncation_note(self.budget_stops, self.n, self.max_new_tokens, self.longest_reference)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as JSON-ready values (what ``kava eval --json`` prints); the items are in the JSONL."""
         return {k: v for k, v in asdict(self).items() if k != "items"}
+
+
+TRUNCATION_LIMIT = 0.05
+"""Above this share of generations cut off at the budget, accuracy counts the budget more than the model."""
+
+
+def truncation_note(budget_stops: int, n: int, max_new_tokens: int, longest_reference: int | None = None, *,
+                    option: str = "--max-new-tokens") -> str | None:
+    """A warning when more than ``TRUNCATION_LIMIT`` of ``n`` generations stopped at the ``max_new_tokens`` budget
+    before an answer (they count as wrong), naming ``option`` as the fix; None otherwise."""
+    if n <= 0 or budget_stops <= TRUNCATION_LIMIT * n:
+        return None
+    longest = (f" (the longest reference solution is {longest_reference} tokens)"
+               if longest_reference is not None else "")
+    return (f"{budget_stops} of {n} generations ({100 * budget_stops / n:.0f}%) stopped at the {max_new_tokens}-token "
+            f"budget before an answer and count as wrong{longest}: the accuracy measures the budget as much as the "
+            f"model. Raise {option}.")
 
 
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template: PromptTemplate, *, batch_size: int,
@@ -124,5 +151,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template:
         seconds=seconds,
         generated_tokens=total_tokens,
         tokens_per_second=total_tokens / seconds if seconds > 0 else 0.0,
+        max_new_tokens=max_new_tokens,
+        budget_stops=sum(item.stop == "budget" for item in items),
         items=items,
     )

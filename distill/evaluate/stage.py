@@ -201,7 +201,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
         nll = {"reference_nll": nats / per["tokens"] if per["tokens"] else float("nan"),
                "reference_nll_per_char": nats / per["chars"] if per["chars"] else float("nan"),
                "reference_nll_per_byte": nats / per["bytes"] if per["bytes"] else float("nan"),
-               "nll_tokenizer": tokenizer_fingerprint(tokenizer)}
+               "nll_tokenizer": tokenizer_fingerprint(tokenizer),
+               "longest_reference": max((s.tokens for s in scored), default=None)}
     _write_jsonl_atomic(out, result.items)
     return replace(result, dataset=config.data.dataset, split=config.data.split, model=config.model, out=str(out),
                    **nll)
