@@ -198,6 +198,13 @@ def _problems(
                 f"Expected {flag} to name a teacher of the store {store.where}: one of {names}. Got {name!r} "
                 "instead. Extract it first with `kava extract`, or pick one of those."
             )
+        elif name is not None and (ev := store.teacher(name).eviction) is not None:
+            problems.append(
+                f"Expected {flag} to name a teacher that keeps every row. Got {name!r} instead, which keeps a "
+                f"{ev.rule} choice of its {', '.join(ev.segments)} rows (budget {ev.budget}): each layer keeps other "
+                "tokens, so its layers' rows do not pair. Its CKA matrices from extraction, over the full cache, "
+                "are in the store (`kava store info`); or extract it again without --kv-budget."
+            )
     if array not in ARRAYS:
         problems.append(f"Expected --array to be one of {list(ARRAYS)}. Got {array!r} instead.")
     if estimator not in ESTIMATORS:

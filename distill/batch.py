@@ -64,10 +64,13 @@ class TeacherBatch:
     """``[B, L, Hkv, T]`` float16 int8 scales (None unless ``stored == "int8"``)."""
     v_scale: torch.Tensor | None = None
     q_scale: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    """A compressed teacher's ``[B, L, Hkv, T]`` bool: True where the teacher kept the row (``k``/``v`` are zeros
+    elsewhere); None for a teacher that keeps every row."""
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TeacherBatch:
         """A copy with ``fn`` applied to every tensor (None stays None)."""
-        names = ("k", "v", "align_weight", "q", "logit_ids", "logit_logp", "k_scale", "v_scale", "q_scale")
+        names = ("k", "v", "align_weight", "q", "logit_ids", "logit_logp", "k_scale", "v_scale", "q_scale", "kept")
         changes: dict[str, Any] = {n: None if getattr(self, n) is None else fn(getattr(self, n)) for n in names}
         return dataclasses.replace(self, **changes)
 
@@ -166,6 +169,8 @@ class WindowTeacher:
     logit_ids: np.ndarray | None = None
     """``[Tw + 1, k]`` int64, -1 on quarantined samples."""
     logit_logp: np.ndarray | None = None
+    kept: np.ndarray | None = None
+    """A compressed teacher's ``[Tw + 1, L, H]`` bool, True where a row was kept (the pad row: False)."""
 
 
 @dataclass
@@ -219,16 +224,27 @@ def _read_teacher(store: KVStore, read: TeacherRead, spans: Sequence[ShardSpan],
     teacher = WindowTeacher(stored=plan.stored, k=np.zeros((total + 1, 0, heads, d), value_dtype),
                             v=np.zeros((total + 1, 0, heads, d), value_dtype), align_weight=np.empty(0, np.float32),
                             layers=plan.layers, q_layers=plan.q_layers)
-    if codecs.is_lowbit(plan.stored) and plan.values:
+    evicts = plan.spec.eviction is not None and bool(plan.values)
+    if evicts or (codecs.is_lowbit(plan.stored) and plan.values):
         # int4/int2 keys and queries share a scale per channel over a group of a shard's rows, which a batch cuts
         # across; the window dequantizes them once on the host, to float16, and batches carry float16 from there.
+        # A compressed teacher's kept rows go back to their tokens here too (zeros elsewhere), with their mask.
         teacher.stored = "float16"
         values = {a: np.zeros((total + 1, *plan.arrays[a].inner[:2], d), np.float16) for a in plan.values}
+        if evicts:
+            teacher.kept = np.zeros((total + 1, *plan.arrays["k"].inner[:2]), bool)
         at = 0
         for span in spans:
             rows = store.read_teacher(dataclasses.replace(read, with_logits=False), span, dtype=np.float16)
+            kv = rows
+            if evicts:
+                offsets = store.offsets[span.first_sample : span.first_sample + span.num_samples + 1]
+                k, v, mask = kv.dense(offsets)
+                kv = dataclasses.replace(kv, k=k, v=v)
+                assert teacher.kept is not None
+                teacher.kept[at : at + span.num_tokens] = mask
             for array, out in values.items():
-                out[at : at + span.num_tokens] = getattr(rows, array)
+                out[at : at + span.num_tokens] = getattr(kv, array)
             at += span.num_tokens
         plan = store.read_plan(dataclasses.replace(read, with_kv=False, with_q=False))  # what is left to read
     else:
@@ -254,6 +270,8 @@ def _read_teacher(store: KVStore, read: TeacherRead, spans: Sequence[ShardSpan],
                                                     + 1]) for span in spans])
     bad = np.append(np.repeat(status != 0, lengths), True)  # [total + 1]; the pad row has no target either
     teacher.align_weight[bad] = 0
+    if teacher.kept is not None:
+        teacher.kept[bad] = False
     if read.with_logits:
         ids, logp = layout.LOGIT_ARRAYS
         teacher.logit_ids, teacher.logit_logp = buffers[ids].astype(np.int64), buffers[logp].astype(np.float32)
@@ -287,7 +305,7 @@ def collate(plan: BatchPlan, window: Window, offsets: np.ndarray, shard_starts: 
     # Every source array, gathered at `index` into [B, T, ...]; then the buffer that holds them all.
     sources = [window.input_ids, window.segment_ids]
     for w in window.teachers.values():
-        sources += [x for x in (w.k, w.v, w.q, w.align_weight, w.logit_ids, w.logit_logp) if x is not None]
+        sources += [x for x in (w.k, w.v, w.q, w.align_weight, w.logit_ids, w.logit_logp, w.kept) if x is not None]
         sources += list(w.scales.values())
     sizes = [B * T * (x.nbytes // max(len(x), 1)) for x in sources] + [samples.nbytes, B * T * 8]
     starts = np.concatenate([[0], np.cumsum([-(-n // 64) * 64 for n in sizes])])  # 64-byte aligned
@@ -321,6 +339,7 @@ def collate(plan: BatchPlan, window: Window, offsets: np.ndarray, shard_starts: 
             logit_ids=None if w.logit_ids is None else gathered[id(w.logit_ids)],
             logit_logp=None if w.logit_logp is None else gathered[id(w.logit_logp)],
             stored=w.stored, **{f"{a}_scale": heads_first(x) for a, x in w.scales.items()},
+            kept=None if w.kept is None else heads_first(w.kept),
         )
     return Batch(
         epoch=plan.epoch, index=plan.index, sample_indices=sample_indices, input_ids=gathered[id(window.input_ids)],

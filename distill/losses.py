@@ -75,6 +75,20 @@ def per_token_cosine(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8
     return cos.mean(dim=1)
 
 
+def per_head_terms(pred: torch.Tensor, target: torch.Tensor, loss: str, eps: float = 1e-8
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, cosine)`` per (batch, head, token), ``[B, H, T]`` each, for a compressed teacher whose heads kept
+    different tokens: ``loss`` is ``mse`` (mean over channels of the squared error) or ``mercator`` (``1 - cosine``);
+    the cosine is floored as in :func:`per_token_cosine`. Averaged over heads they are the per-token terms."""
+    _check_same(pred, target)
+    p, t = _accumulate(pred), _accumulate(target)
+    floor = eps * eps
+    cos = (p * t).sum(-1) / (p.pow(2).sum(-1).clamp_min(floor).sqrt() * t.pow(2).sum(-1).clamp_min(floor).sqrt())
+    if loss == "mse":
+        return (p - t).pow(2).mean(dim=-1), cos
+    return 1.0 - cos, cos
+
+
 def per_token_mercator(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Direction loss ``1 - per_token_cosine``: 0 when every head points the same way, blind to magnitude.
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kava.core.errors import ConfigError
 from kava.extract.rope import apply_rope, cos_sin
 from kava.kvstore.manifest import TeacherSpec
 
@@ -25,6 +26,7 @@ from .fusion import build_fusion, router_entropy
 from .losses import (
     TeacherAttention,
     attention_kl_blockwise,
+    per_head_terms,
     per_token_cosine,
     per_token_mercator,
     per_token_mse,
@@ -88,6 +90,17 @@ class StudentKV:
         return self._pre[layer]
 
 
+def _kept_in_all(kept: torch.Tensor, layers: tuple[int, ...], pairs: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """A compressed teacher's mask of the layer map's mix: kept in every layer it mixes, ``[B, L, H, T]`` →
+    ``[B, H, T]`` (a mix with an evicted row would be part of a target)."""
+    out = None
+    for layer, _ in pairs:
+        term = kept[:, layers.index(layer)]
+        out = term if out is None else out & term
+    assert out is not None
+    return out
+
+
 def _mix(stack: torch.Tensor, layers: tuple[int, ...], pairs: Sequence[tuple[int, float]]) -> torch.Tensor:
     """``Σ w · stack[:, layers.index(l)]`` for the layer map's pairs: ``[B, L, H, T, D]`` → ``[B, H, T, D]``."""
     out = None
@@ -121,6 +134,13 @@ class KVObjective(nn.Module):
         self.alpha_k, self.alpha_v = objective.alpha_k, objective.alpha_v
         self.alpha_attn = objective.alpha_attn if objective.loss == "structural" else 0.0
         _, s_kv, s_dim = student_geometry
+        compressed = [p.name for p in self.plans if p.spec.eviction is not None]
+        if compressed and self.project != "student":
+            raise ConfigError(
+                f"--project {self.project}: teacher(s) {compressed} keep other rows in each head (a compressed "
+                "store), and a projector onto the student's heads would mix kept rows with evicted ones. Use "
+                "--project student."
+            )
         self.projectors = nn.ModuleDict()
         for plan in self.plans:
             t = plan.spec
@@ -159,8 +179,10 @@ class KVObjective(nn.Module):
             terms = self._teacher_terms(plan, tb, student, target_var)
             per_teacher.append(terms)
 
-        # Fusion over teachers, per token. available: [B, T, N]; weights: [B, T, N].
-        align = torch.stack([batch.teachers[p.name].align_weight for p in self.plans], dim=-1)
+        # Fusion over teachers, per token. available: [B, T, N]; weights: [B, T, N]. A compressed teacher has
+        # nothing to say about a token none of its heads kept.
+        align = torch.stack([batch.teachers[p.name].align_weight * t.get("kept", 1.0)
+                             for p, t in zip(self.plans, per_teacher)], dim=-1)
         similarity = torch.stack([t["similarity"] for t in per_teacher], dim=-1)
         last = self.kv_layers[-1]
         features = student.key(last, "pre").mean(dim=1)  # [B, T, D_s]: the student's own view of each token
@@ -188,21 +210,21 @@ class KVObjective(nn.Module):
 
     def _teacher_terms(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV,
                        target_var: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-token ``[B, T]`` terms of one teacher, averaged over the aligned layers."""
+        """Per-token ``[B, T]`` terms of one teacher, averaged over the aligned layers (and their heads).
+
+        A compressed teacher (``tb.kept``) kept other rows in each layer and head: its terms are the mean over the
+        (layer, head) entries it kept at each token, ``Σ m·ℓ / Σ m`` with ``m`` ``[B, H, T]`` per layer (kept in
+        every layer the map mixes), and ``kept`` says which tokens have any (the others weigh nothing). Where it
+        kept everything this is the dense mean over layers and heads.
+        """
+        if tb.kept is not None:
+            return self._kept_terms(plan, tb, student, target_var)
         per_token = per_token_mse if self.loss == "mse" else per_token_mercator
-        proj = self.projectors[plan.name]
         out: dict[str, torch.Tensor] = {}
         k_sum = v_sum = cos_sum = None
         mask = tb.align_weight > 0  # [B, T]
         for layer in self.kv_layers:
-            pairs = plan.sources[layer]
-            t_k = _mix(tb.k, tb.layers, pairs)  # [B, H_t, T, D_t]
-            t_v = _mix(tb.v, tb.layers, pairs)
-            s_k, s_v = student.key(layer, plan.spec.k_rope), student.values[layer]
-            if self.project == "student":
-                pred_k, pred_v, tgt_k, tgt_v = proj("k", layer, s_k), proj("v", layer, s_v), t_k, t_v
-            else:
-                pred_k, pred_v, tgt_k, tgt_v = s_k, s_v, proj("k", layer, t_k), proj("v", layer, t_v)
+            pred_k, pred_v, tgt_k, tgt_v = self._targets(plan, tb, student, layer)
             lk, lv = per_token(pred_k, tgt_k), per_token(pred_v, tgt_v)
             with torch.no_grad():
                 if self.loss == "mse":
@@ -222,6 +244,44 @@ class KVObjective(nn.Module):
         if self.alpha_attn > 0:
             out["attn"] = self._attention_term(plan, tb, student)
             out["total"] = out["total"] + self.alpha_attn * out["attn"]
+        return out
+
+    def _targets(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV, layer: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pred_k, pred_v, target_k, target_v)`` of one aligned layer, each ``[B, H, T, D]`` in one space."""
+        proj, pairs = self.projectors[plan.name], plan.sources[layer]
+        t_k, t_v = _mix(tb.k, tb.layers, pairs), _mix(tb.v, tb.layers, pairs)  # [B, H_t, T, D_t]
+        s_k, s_v = student.key(layer, plan.spec.k_rope), student.values[layer]
+        if self.project == "student":
+            return proj("k", layer, s_k), proj("v", layer, s_v), t_k, t_v
+        return s_k, s_v, proj("k", layer, t_k), proj("v", layer, t_v)
+
+    def _kept_terms(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV,
+                    target_var: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`_teacher_terms` of a compressed teacher: each (token, layer, head) it kept weighs the same."""
+        assert tb.kept is not None
+        out: dict[str, torch.Tensor] = {}
+        k_num = v_num = cos_num = den = None
+        for layer in self.kv_layers:
+            pred_k, pred_v, tgt_k, tgt_v = self._targets(plan, tb, student, layer)
+            m = _kept_in_all(tb.kept, tb.layers, plan.sources[layer]).to(pred_k.dtype)  # [B, H, T]
+            lk, ck = per_head_terms(pred_k, tgt_k, self.loss)
+            lv, cv = per_head_terms(pred_v, tgt_v, self.loss)
+            heads = m.sum(1)  # [B, T] kept heads at each token
+            with torch.no_grad():
+                out[f"cos_k/{layer}"] = (ck * m).sum(1) / heads.clamp_min(1)
+                out[f"cos_v/{layer}"] = (cv * m).sum(1) / heads.clamp_min(1)
+                target_var.append(_token_variance(tgt_k, (tb.align_weight > 0) & (heads > 0)))
+            k_layer, v_layer, c_layer = (lk * m).sum(1), (lv * m).sum(1), (ck.detach() * m).sum(1)
+            k_num = k_layer if k_num is None else k_num + k_layer
+            v_num = v_layer if v_num is None else v_num + v_layer
+            cos_num = c_layer if cos_num is None else cos_num + c_layer
+            den = heads if den is None else den + heads
+        assert k_num is not None and v_num is not None and cos_num is not None and den is not None
+        count = den.clamp_min(1)
+        out["k"], out["v"], out["similarity"] = k_num / count, v_num / count, cos_num / count
+        out["kept"] = (den > 0).to(k_num.dtype)
+        out["total"] = self.alpha_k * out["k"] + self.alpha_v * out["v"]
         return out
 
     def _attention_term(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV) -> torch.Tensor:

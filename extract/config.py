@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from kava.core.config import as_int, config_from_dict, config_to_dict, flat_options, parse_list
 from kava.core.data import DataSource
 from kava.core.errors import ConfigError
-from kava.kvstore.manifest import KV_DTYPES, check_teacher_name
+from kava.kvstore.manifest import EVICTION_RULES, KV_DTYPES, SEGMENT_NAMES, EvictionSpec, check_teacher_name
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
@@ -122,6 +122,61 @@ class WriteOptions:
 
 
 @dataclass
+class EvictionOptions:
+    """A compressed teacher: keep only some rows of a segment per layer and KV head (format version 4)."""
+
+    kv_budget: str | None = None
+    """Rows kept of each sample's --evict-segments rows, per layer and KV head: a fraction ('0.1': 10%, rounded up)
+    or a count ('64'); the rest of the sample is kept whole. Default: keep every row."""
+    evict: str = "r-kv"
+    """With --kv-budget, which rows: r-kv (attention from the answer plus novelty, as the KaVa paper), attention
+    (H2O/SnapKV), streaming (the first 4 and the most recent), or random (the control)."""
+    evict_segments: list[str] | None = None
+    """Segments the budget applies to, e.g. 'reasoning' (default) or 'reasoning,answer'."""
+
+    def __post_init__(self) -> None:
+        self._parse_problems: list[str] = []
+        self.evict_segments = parse_list(self.evict_segments, str, "--evict-segments", "comma-separated segment names",
+                                         self._parse_problems)
+
+    def _budget(self) -> int | float | None:
+        """--kv-budget as a count (digits only) or a fraction; None when it is neither."""
+        text = str(self.kv_budget).strip()
+        try:
+            budget: int | float = int(text) if re.fullmatch(r"\d+", text) else float(text)
+        except ValueError:
+            return None
+        ok = (isinstance(budget, int) and budget >= 1) or (isinstance(budget, float) and 0 < budget <= 1)
+        return budget if ok else None
+
+    def problems(self) -> list[str]:
+        """Every problem with these options, in the flags' spelling."""
+        p = list(self._parse_problems)
+        if self.kv_budget is None:
+            return p
+        if self._budget() is None:
+            p.append(f"--kv-budget: expected a fraction in (0, 1] ('0.1') or a count >= 1 ('64'). Got "
+                     f"{self.kv_budget!r} instead.")
+        if self.evict not in EVICTION_RULES:
+            p.append(f"--evict: expected one of {', '.join(EVICTION_RULES)}. Got {self.evict!r} instead.")
+        segments = self.evict_segments or ["reasoning"]
+        if any(s not in SEGMENT_NAMES for s in segments) or len(set(segments)) != len(segments):
+            p.append(f"--evict-segments: expected distinct names of {', '.join(SEGMENT_NAMES)}. Got "
+                     f"{','.join(segments)!r} instead.")
+        return p
+
+    def eviction(self) -> EvictionSpec | None:
+        """The store's record of these options (None without --kv-budget); a ConfigError naming every bad flag."""
+        if self.kv_budget is None:
+            return None
+        if problems := self.problems():
+            raise ConfigError.from_problems(problems)
+        budget = self._budget()
+        assert budget is not None  # problems() refused anything else
+        return EvictionSpec(rule=self.evict, budget=budget, segments=tuple(self.evict_segments or ("reasoning",)))
+
+
+@dataclass
 class GenerationOptions:
     """With --teacher-generates: the teacher writes the text it is extracted on."""
 
@@ -158,6 +213,8 @@ class ExtractConfig:
     """Layers and tokens: --layer-map, --cka-top-k, --calibration-samples, --alignment."""
     writing: WriteOptions = field(default_factory=WriteOptions)
     """--kv-dtype, --compress, --max-length, --on-too-long, --on-nonfinite, --batch-size, --shard-tokens."""
+    evicting: EvictionOptions = field(default_factory=EvictionOptions)
+    """A compressed teacher: --kv-budget, --evict, --evict-segments."""
     resume: bool = False
     """Keep complete shards of this teacher and redo the rest."""
     shard: str | None = None
@@ -198,7 +255,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
-        p: list[str] = list(self.capture._parse_problems)
+        p: list[str] = list(self.capture._parse_problems) + self.evicting.problems()
         if self.load_in_4bit and self.load_in_8bit:
             p.append("Can't set both --load-in-4bit and --load-in-8bit. Choose one.")
         if self.kv_dtype not in KV_DTYPES:
@@ -235,6 +292,8 @@ class ExtractConfig:
             p.append("--layer-map cka needs --student (CKA compares teacher and student layers).")
         if self.q_layers is not None and not self.with_q:
             p.append("--q-layers needs --with-q.")
+        if self.kv_budget is not None and self.with_q:
+            p.append("--kv-budget with --with-q: a compressed teacher stores no queries yet. Drop one of them.")
         if self.shard is not None:
             m = _SHARD.match(self.shard)
             if not m or not int(m.group(2)) >= 1 or not 0 <= int(m.group(1)) < int(m.group(2)):

@@ -28,12 +28,16 @@ loses: the relative L2 error of the window's attention output when it reads only
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 
 from kava.core.errors import ConfigError
+from kava.kvstore.eviction import keep_count
+from kava.kvstore.manifest import EvictionSpec
+
+from .rope import apply_rope, cos_sin
 
 Rule = Literal["r-kv", "attention", "streaming", "random"]
 RULES: tuple[Rule, ...] = ("r-kv", "attention", "streaming", "random")
@@ -44,16 +48,6 @@ POOL = 5
 """The attention rule's smoothing along time, in tokens (SnapKV's average-pool kernel)."""
 SINKS = 4
 """The streaming rule's sink tokens at the start of the segment (StreamingLLM keeps 4)."""
-
-
-def keep_count(n: int, budget: float) -> int:
-    """How many of a segment's ``n`` tokens a budget keeps: an ``int`` budget is a count (at most ``n``), a
-    ``float`` in (0, 1] a share of ``n`` rounded up (``1`` keeps one token, ``1.0`` all of them)."""
-    count = isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1
-    share = isinstance(budget, float) and 0 < budget <= 1
-    if not (count or share):
-        raise ConfigError(f"--kv-budget: expected a count >= 1 or a fraction in (0, 1]. Got {budget!r} instead.")
-    return min(n, int(budget)) if count else min(n, math.ceil(n * budget - 1e-9))
 
 
 def window_attention(keys: torch.Tensor, queries: torch.Tensor, query_at: torch.Tensor, *,
@@ -140,3 +134,59 @@ def fidelity(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, qu
     only = visible[None] & mask.repeat_interleave(group, 0)[:, None, :]  # [Hq, W, T]
     part = logits.masked_fill(~only, float("-inf")).softmax(-1).nan_to_num(0.0) @ v  # no kept key: output 0
     return (part - full).flatten(1).norm(dim=-1) / full.flatten(1).norm(dim=-1).clamp_min(1e-12)
+
+
+WINDOW_FALLBACK = 8
+"""Without answer tokens (a truncated sample), the observation window is the sample's last this many tokens."""
+SEGMENT_ANSWER = 2
+"""The grid's segment id of the answer (``SEGMENT_NAMES``)."""
+
+
+class EvictedSample(NamedTuple):
+    """One sample's kept rows, as a compressed teacher stores them."""
+
+    kept: torch.Tensor
+    """``[M, L, H]`` int64: the token position of each kept row, per stored layer and KV head, in time order."""
+    k: torch.Tensor
+    """``[M, L, H, D]`` the kept keys (as stored: pre- or post-RoPE)."""
+    v: torch.Tensor
+    fidelity: torch.Tensor
+    """``[L]``: per stored layer, the relative L2 error of the observation window's attention output when it reads
+    only the kept rows (:func:`fidelity`), averaged over query heads."""
+
+
+def evict_sample(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, segment_ids: torch.Tensor,
+                 eviction: EvictionSpec, *, rope: dict[str, Any] | None, k_rope: str, sample: int) -> EvictedSample:
+    """Choose one sample's kept rows under ``eviction`` from its rows on the student grid.
+
+    ``k``, ``v`` ``[T, L, H, D]`` and ``q`` ``[T, L, Hq, D]`` are the teacher's keys, values and queries of the
+    stored layers on the student's tokens (aligned: with the teacher's own tokenizer they are its rows); keys and
+    queries are rotated to the grid positions with the teacher's RoPE when they are stored pre-RoPE, so the scores
+    are the attention the teacher's cache would give there. The observation window is the answer's tokens (else the
+    last ``WINDOW_FALLBACK``). ``sample`` (the store index) seeds the ``random`` rule, so each sample draws its own.
+    """
+    t, layers, heads, d = k.shape
+    segment = torch.isin(segment_ids, torch.as_tensor(eviction.segment_ids))  # [T]
+    window = (segment_ids == SEGMENT_ANSWER).nonzero().flatten()
+    if not len(window):
+        window = torch.arange(max(0, t - WINDOW_FALLBACK), t)
+    keys, queries = k.float().permute(1, 2, 0, 3), q.float().permute(1, 2, 0, 3)  # [L, H, T, D], [L, Hq, T, D]
+    if k_rope == "pre" and rope is not None and t:
+        cos, sin = cos_sin(rope, torch.arange(t))
+        keys, queries = apply_rope(keys, cos, sin), apply_rope(queries, cos, sin)
+    kept, errors = [], []
+    for layer in range(layers):
+        q_window = queries[layer][:, window]  # [Hq, W, D]
+        chosen = keep(cast(Rule, eviction.rule), keys[layer], segment, eviction.budget, queries=q_window,
+                      query_at=window, seed=eviction.seed * 1_000_003 + sample, r_kv_lambda=eviction.r_kv_lambda,
+                      pool=eviction.pool, sinks=eviction.sinks)  # [H, M]
+        kept.append(chosen)
+        if len(window) and t:
+            errors.append(fidelity(keys[layer], v[:, layer].float().transpose(0, 1), q_window, window, chosen).mean())
+        else:
+            errors.append(torch.zeros(()))
+    positions = torch.stack(kept, dim=0).permute(2, 0, 1)  # [M, L, H]
+    layer_ix = torch.arange(layers)[None, :, None]
+    head_ix = torch.arange(heads)[None, None, :]
+    return EvictedSample(positions, k[positions, layer_ix, head_ix], v[positions, layer_ix, head_ix],
+                         torch.stack(errors))

@@ -35,12 +35,22 @@ from kava.core.errors import ConfigError
 from kava.core.locks import beside, split_lock, writer_lock
 from kava.core.log import Log, log_stderr
 from kava.core.models import ModelSource, describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
-from kava.kvstore import KVStore, LayerMap, LogitSpec, ShardWriter, StorageSpec, TeacherSpec, default_storage
+from kava.kvstore import (
+    EvictionSpec,
+    KVStore,
+    LayerMap,
+    LogitSpec,
+    ShardWriter,
+    StorageSpec,
+    TeacherSpec,
+    default_storage,
+)
 
 from .align import apply, token_spans
 from .calibrate import calibrate_cka
 from .capture import attention_geometry, capture_qkv
 from .config import ExtractConfig
+from .evict import evict_sample
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
 from .layer_map import format_layer_map, parse_layer_map
 from .rope import rope_params
@@ -161,6 +171,8 @@ class ExtractPlan:
     """The teacher's tokenizer is the student's (with the same text, rows need no alignment)."""
     truncated: int
     skipped: int
+    eviction: EvictionSpec | None = None
+    """A compressed teacher's rule and budget (``--kv-budget``); None keeps every row."""
 
     def shard_samples(self, shard: int) -> range:
         return range(self.shard_starts[shard], self.shard_starts[shard + 1])
@@ -266,7 +278,7 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
         created_by=cfg.command,
         details={"prompt_template": teacher_template.name, "template_sha256": teacher_template.sha256,
                  "teacher_generates": cfg.teacher_generates, **cfg.extra},
-        logits=_logit_spec(cfg, teacher_model, teacher_tok),
+        logits=_logit_spec(cfg, teacher_model, teacher_tok), eviction=cfg.evicting.eviction(),
     ))
     for matrix_name, (matrix, attrs) in cka.items():
         store.write_cka(name, matrix_name, matrix, **attrs)
@@ -277,6 +289,7 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
         shard_starts=tuple(int(s) for s in store.shard_starts), layers=layers, q_layers=q_layers,
         num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, same_tokenizer=same_tokenizer,
         truncated=sum(s.status == "truncated" for s in grid), skipped=sum(s.status == "skipped" for s in grid),
+        eviction=cfg.evicting.eviction(),
     )
     log(f"kava extract: teacher {name!r} ({source.model_id}, {source.quantization}) → {store.where}: "
         f"{len(todo)} shard(s) to write, {len(done)} kept; layers {list(layers)}, K {cfg.k_rope}-RoPE, "
@@ -301,6 +314,9 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
     teacher_model, teacher_tok = teacher
     special_ids = np.asarray(sorted(teacher_tok.all_special_ids), dtype=np.int64)
     device = next(teacher_model.parameters()).device
+    # A compressed teacher scores its rows with the queries of the stored layers (captured, not stored).
+    evicting, rope = plan.eviction, rope_params(teacher_model.config)
+    capture_q = layers if evicting is not None else q_layers
     writer = BackgroundWriter()
     loop_started = time.perf_counter()
     open_writers: dict[int, ShardWriter] = {}  # touched only on the writer thread
@@ -317,7 +333,7 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
             encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
                        for t in texts]
             t0 = time.perf_counter()
-            captured = teacher_forward(teacher_model, encoded, layers, q_layers, cfg.k_rope, device, capture_qkv,
+            captured = teacher_forward(teacher_model, encoded, layers, capture_q, cfg.k_rope, device, capture_qkv,
                                        logit_top_k=cfg.logit_top_k)
             result.forward_seconds += time.perf_counter() - t0
 
@@ -334,7 +350,8 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                               q=np.zeros((0, len(q_layers), num_heads, head_dim), np.float32) if q_layers
                               else None,
                               logits=(np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32)) if top_k
-                              else None)
+                              else None,
+                              kept=np.zeros(shape[:3], np.int32) if evicting is not None else None)
                         continue
                     k, v, q, top = kv
                     # Each student token's top-k from the teacher token ending where it ends (-1 rows: none does).
@@ -343,11 +360,16 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                     al = sample_alignment(sample, t_ids, t_spans, text, piece, generated=cfg.teacher_generates,
                                     same_text=same_text, same_tokenizer=plan.same_tokenizer,
                                     hard=cfg.alignment == "hard", special_ids=special_ids)
-                    if al is None:  # the teacher's own tokens: every row is an exact target
-                        w.add(k, v, q=q, align_weight=np.ones(len(sample.input_ids), np.float32), logits=logits)
+                    weight = np.ones(len(sample.input_ids), np.float32) if al is None else al.coverage
+                    if al is not None:  # onto the student's tokens
+                        k, v, q = apply(al, k), apply(al, v), None if q is None else apply(al, q)
+                    if evicting is not None:  # only the kept rows, chosen from this very pass
+                        assert q is not None  # captured at the stored layers for the scores
+                        ev = evict_sample(k, v, q, torch.as_tensor(sample.segment_ids), evicting, rope=rope,
+                                          k_rope=cfg.k_rope, sample=w.next_sample)
+                        w.add(ev.k, ev.v, align_weight=weight, logits=logits, kept=ev.kept, fidelity=ev.fidelity)
                     else:
-                        w.add(apply(al, k), apply(al, v), q=None if q is None else apply(al, q),
-                              align_weight=al.coverage, logits=logits)
+                        w.add(k, v, q=q, align_weight=weight, logits=logits)
             writer.submit(write)
             result.samples += len(batch)
             result.student_tokens += sum(len(s.input_ids) for s in batch)

@@ -23,6 +23,7 @@ from .manifest import (
     FORMAT_VERSION,
     SEGMENT_NAMES,
     DatasetSpec,
+    EvictionSpec,
     LayerMap,
     LogitSpec,
     StorageSpec,
@@ -38,7 +39,8 @@ from .writer import ShardSlot, ShardWriter
 
 __all__ = [
     "FORMAT_VERSION", "SEGMENT_NAMES", "ChecksumError", "create_store", "ConfigError", "DatasetSpec",
-    "FormatVersionError", "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec", "NotAStoreError",
+    "EvictionSpec", "FormatVersionError", "IncompleteError", "KVStore", "KavaError", "LayerMap", "LogitSpec",
+    "NotAStoreError",
     "PendingReads", "ReadPlan", "Rows", "SampleError", "SchemaError", "ShardSlot", "ShardSpan", "ShardWriter",
     "StorageSpec", "StoreError", "StoreManifest", "StoredArray", "TeacherKV", "TeacherRead", "TeacherSpec",
     "TokenizerSpec", "UnsealedStoreError", "default_storage", "plan_shards", "proportional_layer_map",

@@ -339,14 +339,16 @@ def group_of(array: str, dtype: str, group_tokens: int, group_channels: int) -> 
 
 
 def stored_arrays(array: str, rows: int, layers: int, heads: int, head_dim: int, dtype: str, *,
-                  group_tokens: int = 0, group_channels: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype,
-                                                                                       tuple[str, ...]]]:
+                  group_tokens: int = 0, group_channels: int = 0, slots: bool = False
+                  ) -> dict[str, tuple[tuple[int, ...], np.dtype, tuple[str, ...]]]:
     """The zarr arrays that hold one ``[rows, layers, heads, head_dim]`` array in ``dtype``: name → (shape,
-    dtype, dimension names). Names are ``array`` plus ``_scale`` / ``_zero`` for the quantised dtypes."""
-    base = ("token", "q_layer", "q_head") if array == "q" else ("token", "layer", "kv_head")
+    dtype, dimension names). Names are ``array`` plus ``_scale`` / ``_zero`` for the quantised dtypes. ``slots``:
+    the rows are a compressed teacher's kept rows (dimension ``slot``, groups ``slot_group``), not tokens."""
+    row = "slot" if slots else "token"
+    base = (row, "q_layer", "q_head") if array == "q" else (row, "layer", "kv_head")
     if is_lowbit(dtype):
         per_channel, g = group_of(array, dtype, group_tokens, group_channels)
-        side = ((-(-rows // g), layers, heads, head_dim), ("token_group", *base[1:], "head_dim")) if per_channel \
+        side = ((-(-rows // g), layers, heads, head_dim), (f"{row}_group", *base[1:], "head_dim")) if per_channel \
             else ((rows, layers, heads, head_dim // g), (*base, "channel_group"))
         packed = (rows, layers, heads, head_dim * LOWBIT_BITS[dtype] // 8)
         return {array: (packed, np.dtype(np.uint8), (*base, "packed_head_dim")),

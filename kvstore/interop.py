@@ -25,6 +25,9 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
     Concatenates every shard along the token axis (aligned with ``grid/input_ids``). ``decode`` turns bfloat16
     bits and int8/int4/int2 codes back into float32; without it you get the stored values (int4/int2: packed codes
     ``[tokens, layers, heads, head_dim * bits / 8]`` uint8). All shards must be complete.
+
+    A compressed teacher's ``k``/``v`` are on its slot axis instead (its kept rows, ``[slots, layers, heads,
+    head_dim]``), and ``array="kept"`` gives their positions ``[slots, layers, heads]`` (see FORMAT.md).
     """
     import dask.array as da  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
 
@@ -40,7 +43,9 @@ def to_dask(store: KVStore, teacher: str, array: str = "k", *, decode: bool = Tr
         key = layout.shard_array_key(teacher, shard, array)
         arr = store.array(key)
         x = da.from_zarr(arr)
-        if decode and codecs.is_lowbit(spec.storage.dtype):
+        if array == layout.KEPT_ARRAY:  # positions, not values
+            pass
+        elif decode and codecs.is_lowbit(spec.storage.dtype):
             # Scale/zero chunks hold chunk_tokens / G groups (keys, queries) or chunk_tokens rows (values): block i
             # of the codes lines up with block i of each, so every block dequantizes on its own.
             st = spec.storage
@@ -63,10 +68,13 @@ def to_xarray(store: KVStore, teacher: str) -> Any:
     import xarray as xr  # noqa: PLC0415 - dask/xarray take ~1.5 s and kvstore loads with `kava --help`
 
     spec = store.teacher(teacher)
+    rows = "token" if spec.eviction is None else "slot"  # a compressed teacher's K/V hold its kept rows
     data: dict[str, tuple[tuple[str, ...], Any]] = {
-        "k": (("token", "layer", "kv_head", "head_dim"), to_dask(store, teacher, "k")),
-        "v": (("token", "layer", "kv_head", "head_dim"), to_dask(store, teacher, "v")),
+        "k": ((rows, "layer", "kv_head", "head_dim"), to_dask(store, teacher, "k")),
+        "v": ((rows, "layer", "kv_head", "head_dim"), to_dask(store, teacher, "v")),
     }
+    if spec.eviction is not None:
+        data["kept"] = (("slot", "layer", "kv_head"), to_dask(store, teacher, layout.KEPT_ARRAY))
     if spec.has_q:
         data["q"] = (("token", "q_layer", "q_head", "head_dim"), to_dask(store, teacher, "q"))
     weights = da.concatenate(
@@ -80,7 +88,13 @@ def to_xarray(store: KVStore, teacher: str) -> Any:
     }
     if spec.has_q:
         coords["q_layer"] = list(spec.q_layers)
-    return xr.Dataset(data, coords=coords, attrs={"teacher": teacher, "k_rope": spec.k_rope})
+    if spec.eviction is not None:  # each slot's sample: the kept positions are counted from its first token
+        offsets = store.slot_offsets(teacher)
+        assert offsets is not None
+        coords["slot_sample"] = (("slot",), np.repeat(np.arange(store.num_samples), np.diff(offsets)))
+    return xr.Dataset(data, coords=coords, attrs={"teacher": teacher, "k_rope": spec.k_rope,
+                                                  **({"eviction": str(spec.eviction.to_dict())}
+                                                     if spec.eviction is not None else {})})
 
 
 def _disk_bytes(store: KVStore, prefix: str) -> int | None:
@@ -106,6 +120,24 @@ def _quantization_cosine(markers: list[dict[str, Any]]) -> dict[str, list[float]
         return None
     return {name: [round(float(c / n), 5) if n else 1.0 for c, n in zip(cos, rows)]
             for name, (cos, rows) in total.items()}
+
+
+def _eviction(store: KVStore, name: str, markers: list[dict[str, Any]], tokens: int) -> dict[str, Any] | None:
+    """A compressed teacher's rule, the share of its complete shards' rows it kept, and the fidelity the writer
+    measured: per stored layer, the mean relative error of the answer's attention output reading only the kept
+    rows."""
+    spec = store.teacher(name)
+    if spec.eviction is None:
+        return None
+    slots = sum(mk.get("slots", 0) for mk in markers)
+    err = np.zeros(len(spec.layers))
+    samples = 0
+    for mk in markers:
+        ev = mk.get("eviction", {})
+        err += np.asarray(ev.get("err_sum", np.zeros(len(spec.layers))), dtype=np.float64)
+        samples += ev.get("samples", 0)
+    return {**spec.eviction.to_dict(), "kept_fraction": slots / tokens if tokens else None,
+            "fidelity_error": [round(float(e / samples), 5) for e in err] if samples else None}
 
 
 def summary(store: KVStore) -> dict[str, Any]:
@@ -140,8 +172,10 @@ def summary(store: KVStore) -> dict[str, Any]:
             "bytes_float16": tokens * 2 * spec.head_dim * (2 * len(spec.layers) * spec.kv_heads
                                                            + len(spec.q_layers) * spec.num_heads),
             "quantization_cosine": _quantization_cosine(markers),
-            # Logical bytes per student token of the complete shards: K/V, Q and the top-k logits together.
+            # Logical bytes per student token of the complete shards: K/V, Q and the top-k logits together (for a
+            # compressed teacher, per original token: its kept rows' bytes over every token of the grid).
             "bytes_per_token": sum(mk.get("bytes_logical", 0) for mk in markers) / tokens if tokens else None,
+            "eviction": _eviction(store, name, markers, tokens),
             "logits": None if spec.logits is None else {
                 **spec.logits.to_dict(), "bytes_per_token": spec.logits.top_k * (4 + 2)},  # int32 id + fp16 logp
         }

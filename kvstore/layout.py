@@ -35,6 +35,9 @@ LOGIT_ARRAYS = ("logit_ids", "logit_logp")
 LOGIT_NO_TARGET = -1
 """``logit_ids`` of a student token with no teacher target (every entry of its row)."""
 
+KEPT_ARRAY = "kept"
+"""A compressed teacher's shard array: int32 ``[K_s, L, H]``, the token position each K/V slot holds."""
+
 SHARD_DIGITS = 6
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 from kava.core.errors import ConfigError, FormatVersionError, SchemaError, short_repr
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """The store format this code writes and the newest it reads."""
+EVICTION_SINCE = 4
+"""The first format version whose teachers may keep only some rows of a segment (``TeacherSpec.eviction``)."""
 LOWBIT_SINCE = 3
 """The first format version whose teachers may use the packed int4/int2 storage dtypes."""
 SEALED_SINCE = 2
@@ -35,6 +37,8 @@ LOWBIT_DTYPES = ("int4", "int2")
 """Storage dtypes packed below a byte per value (format version 3 on)."""
 K_ROPE = ("pre", "post")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+EVICTION_RULES = ("r-kv", "attention", "streaming", "random")
+"""How a compressed teacher chose the rows it kept (``kava.extract.evict``)."""
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
 
@@ -443,6 +447,67 @@ class LogitSpec:
         )
 
 
+def parse_budget(value: Any, where: str) -> int | float:
+    """A kept-row budget: an int count >= 1, or a float fraction in (0, 1] (``1.0`` keeps every row)."""
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    share = isinstance(value, float) and 0 < value <= 1
+    _expect(count or share, "a count >= 1 or a fraction in (0, 1]", value, where)
+    return value
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    """A compressed teacher (format version 4): per sample, layer and KV head it keeps every row outside
+    ``segments`` and ``keep_count(S, budget)`` of the ``S`` rows inside them, chosen by ``rule``; K and V then hold
+    only the kept rows, on a *slot* axis, and ``kept`` their positions (see FORMAT.md, "Compressed teachers")."""
+
+    rule: str
+    budget: int | float
+    """Rows kept of a sample's segment rows: a count (int), or a fraction of them rounded up (float)."""
+    segments: tuple[str, ...] = ("reasoning",)
+    """The segments (``SEGMENT_NAMES``) the budget applies to; every other row is kept."""
+    seed: int = 0
+    """The ``random`` rule's seed."""
+    r_kv_lambda: float = 0.1
+    pool: int = 5
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        parse_str(self.rule, "eviction.rule", choices=EVICTION_RULES)
+        parse_budget(self.budget, "eviction.budget")
+        _expect(bool(self.segments) and all(s in SEGMENT_NAMES for s in self.segments)
+                and len(set(self.segments)) == len(self.segments), f"distinct segments of {list(SEGMENT_NAMES)}",
+                list(self.segments), "eviction.segments")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["segments"] = list(self.segments)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "eviction") -> EvictionSpec:
+        d = parse_dict(d, where)
+        lam = d.get("r_kv_lambda", 0.1)
+        _expect(isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1, "a number in [0, 1]",
+                lam, f"{where}.r_kv_lambda")
+        segments = d.get("segments", ["reasoning"])
+        _expect(isinstance(segments, list), "a list of segment names", segments, f"{where}.segments")
+        return cls(
+            rule=parse_str(d.get("rule"), f"{where}.rule", choices=EVICTION_RULES),
+            budget=parse_budget(d.get("budget"), f"{where}.budget"),
+            segments=tuple(parse_str(s, f"{where}.segments", choices=SEGMENT_NAMES) for s in segments),
+            seed=parse_int(d.get("seed", 0), f"{where}.seed", minimum=0),
+            r_kv_lambda=float(lam),
+            pool=parse_int(d.get("pool", 5), f"{where}.pool", minimum=1),
+            sinks=parse_int(d.get("sinks", 4), f"{where}.sinks", minimum=0),
+        )
+
+    @property
+    def segment_ids(self) -> tuple[int, ...]:
+        """The grid's ids (``grid/segment_ids``) of ``segments``."""
+        return tuple(SEGMENT_NAMES.index(s) for s in self.segments)
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
     """Everything distillation needs to know about one teacher's arrays; written in ``teachers/<name>/``.
@@ -474,9 +539,16 @@ class TeacherSpec:
     details: dict[str, Any] = field(default_factory=dict)
     logits: LogitSpec | None = None
     """The teacher's stored top-k log-probabilities per student token; None when not stored."""
+    eviction: EvictionSpec | None = None
+    """A compressed teacher: which rows its K/V keep (format version 4); None keeps every row."""
 
     def __post_init__(self) -> None:
         check_teacher_name(self.name)
+        if self.eviction is not None and self.q_layers:
+            raise SchemaError(
+                f"q_layers: a compressed teacher (eviction) stores no queries. Got {list(self.q_layers)} instead. "
+                "Extract it without --with-q, or without --kv-budget."
+            )
         if self.k_rope not in K_ROPE:
             raise SchemaError(f"k_rope: expected one of pre, post. Got {self.k_rope!r} instead.")
         for what, layers in (("layers", self.layers), ("q_layers", self.q_layers)):
@@ -526,6 +598,7 @@ class TeacherSpec:
             "details": self.details,
             # Written only when stored: a teacher without logits keeps the spec it always had.
             **({"logits": self.logits.to_dict()} if self.logits is not None else {}),
+            **({"eviction": self.eviction.to_dict()} if self.eviction is not None else {}),
         }
 
     @classmethod
@@ -551,6 +624,7 @@ class TeacherSpec:
             created_by=parse_str(d.get("created_by", ""), f"{w}.created_by"),
             details=parse_dict(d.get("details", {}), f"{w}.details"),
             logits=None if d.get("logits") is None else LogitSpec.from_dict(d["logits"], f"{w}.logits"),
+            eviction=None if d.get("eviction") is None else EvictionSpec.from_dict(d["eviction"], f"{w}.eviction"),
         )
 
 

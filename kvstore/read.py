@@ -23,6 +23,7 @@ in here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +64,31 @@ class TeacherKV:
     q_layers: tuple[int, ...] = ()
     logit_ids: np.ndarray | None = None
     logit_logp: np.ndarray | None = None
+    kept: np.ndarray | None = None
+    """A compressed teacher's: ``k``/``v`` hold only kept rows, ``[M, L, H, D]``, and ``kept`` ``[M, L, H]`` int32 the
+    position of each among its sample's tokens; None for a dense teacher (``k``/``v`` are on the tokens)."""
+    slot_offsets: np.ndarray | None = None
+    """A compressed teacher's ``[n+1]``: sample ``i``'s kept rows are ``slot_offsets[i]:slot_offsets[i+1]``."""
+
+    def dense(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(k, v, mask)`` on the tokens (``offsets`` ``[n+1]``, the samples' rows): ``k``/``v`` ``[T, L, H, D]``
+        with zeros where a row was evicted, ``mask`` ``[T, L, H]`` bool, True where kept. A dense teacher's rows
+        are returned as they are, with a mask of all True."""
+        if self.kept is None:
+            return self.k, self.v, np.ones(self.k.shape[:3], dtype=bool)
+        assert self.slot_offsets is not None
+        t = int(offsets[-1] - offsets[0])
+        k = np.zeros((t, *self.k.shape[1:]), self.k.dtype)
+        v = np.zeros((t, *self.v.shape[1:]), self.v.dtype)
+        mask = np.zeros((t, *self.kept.shape[1:]), bool)
+        # Each slot's token row on this axis: its sample's first row plus its position.
+        first = np.repeat(offsets[:-1] - offsets[0], np.diff(self.slot_offsets))  # [M]
+        rows = first[:, None, None] + self.kept  # [M, L, H]
+        layer, head = np.indices(self.kept.shape[1:])
+        k[rows, layer, head] = self.k
+        v[rows, layer, head] = self.v
+        mask[rows, layer, head] = True
+        return k, v, mask
 
 
 @dataclass
@@ -302,6 +328,17 @@ class ShardSpan:
     num_samples: int
     tokens: tuple[int, int]
     samples: tuple[int, int]
+    num_slots: int | None = None
+    """A compressed teacher's: every K/V row (slot) of the shard; None for a dense teacher."""
+    slots: tuple[int, int] = (0, 0)
+    """A compressed teacher's: the K/V rows ``[a, b)`` of ``samples``."""
+
+    def with_slots(self, slot_offsets: np.ndarray) -> ShardSpan:
+        """This span on a compressed teacher's slot axis: ``slot_offsets`` ``[num_samples + 1]``, the shard's
+        samples' K/V rows, from 0."""
+        a, b = self.samples
+        return dataclasses.replace(self, num_slots=int(slot_offsets[-1]),
+                                   slots=(int(slot_offsets[a]), int(slot_offsets[b])))
 
     @classmethod
     def of(cls, shard: int, whole: range, offsets: np.ndarray, samples: range | None = None) -> ShardSpan:
@@ -328,8 +365,8 @@ class StoredArray:
     ``align_weight``."""
     layers: LayerSelection = field(default_factory=lambda: ALL)  # slices are unhashable before Python 3.12
     """Positions read on axis 1 (:data:`ALL` for arrays without layers)."""
-    per: Literal["token", "sample"] = "token"
-    """Whether a row is a token or a sample of the shard."""
+    per: Literal["token", "sample", "slot"] = "token"
+    """Whether a row is a token, a sample or (a compressed teacher's K/V) a kept row of the shard."""
     side_of: str | None = None
     """For an int8/int4/int2 scale or zero array, the value array it belongs to (its rows follow from that one's,
     :func:`codecs.side_rows`)."""
@@ -365,14 +402,18 @@ class ReadPlan:
         part = self.arrays[array]
         if part.per == "sample":
             return span.samples
+        if part.per == "slot" and span.num_slots is None:
+            raise ValueError(f"Teacher {self.name!r} keeps only some rows: read it with a span on its slots "
+                             "(ShardSpan.with_slots).")
         if part.side_of is not None:
-            return codecs.side_rows(part.side_of, self.stored, *span.tokens, self.spec.storage.group_tokens)
-        return span.tokens
+            rows = span.slots if part.per == "slot" else span.tokens
+            return codecs.side_rows(part.side_of, self.stored, *rows, self.spec.storage.group_tokens)
+        return span.slots if part.per == "slot" else span.tokens
 
     def num_rows(self, array: str, span: ShardSpan) -> int:
         """The whole length of ``array`` in ``span``'s shard."""
-        whole = ShardSpan(span.shard, span.first_sample, span.num_tokens, span.num_samples, (0, span.num_tokens),
-                          (0, span.num_samples))
+        whole = dataclasses.replace(span, tokens=(0, span.num_tokens), samples=(0, span.num_samples),
+                                    slots=(0, span.num_slots or 0))
         return self.rows(array, whole)[1]
 
     def total_rows(self, array: str, spans: Sequence[ShardSpan]) -> int:
@@ -418,12 +459,16 @@ def plan_read(where: str, spec: TeacherSpec, request: TeacherRead) -> ReadPlan:
         raise SchemaError(f"{where}: teacher {spec.name!r} has no stored logits. Re-extract it with --logit-top-k K.")
 
     arrays = {"align_weight": StoredArray(np.dtype(np.float32), ())}
+    per: Literal["token", "slot"] = "slot" if spec.eviction is not None else "token"
     for array, lsel, n_layers, heads in wanted:
         # The value array and its scale (and zero) arrays: names, dtypes and row shapes as the writer made them.
         for name, (shape, dtype, _) in codecs.stored_arrays(
                 array, 1, n_layers, heads, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
                 group_channels=st.group_channels).items():
-            arrays[name] = StoredArray(dtype, tuple(shape[1:]), lsel, side_of=None if name == array else array)
+            arrays[name] = StoredArray(dtype, tuple(shape[1:]), lsel, per=per,
+                                       side_of=None if name == array else array)
+    if spec.eviction is not None and request.with_kv:
+        arrays[layout.KEPT_ARRAY] = StoredArray(np.dtype(np.int32), (len(kept), spec.kv_heads), sel, per="slot")
     if request.with_logits and spec.logits is not None:
         ids, logp = layout.LOGIT_ARRAYS
         arrays[ids] = StoredArray(np.dtype(np.int32), (spec.logits.top_k,))
@@ -444,7 +489,8 @@ def start_reads(reader: ArrayReader, plan: ReadPlan, spans: Sequence[ShardSpan],
         raise ValueError(f"Expected buffers for {sorted(plan.arrays)}. Got {sorted(into)} instead.")
     pending = PendingReads(reader.where)
     spec = plan.spec
-    layouts = {span.shard: rules.shard_layouts(spec, span.num_tokens, span.num_samples) for span in spans}
+    layouts = {span.shard: rules.shard_layouts(spec, span.num_tokens, span.num_samples, span.num_slots)
+               for span in spans}
     for array in plan.arrays:  # the plan's order: the order reads are queued in
         out, part, at = into[array], plan.arrays[array], 0
         for span in spans:
@@ -481,7 +527,8 @@ def read_teacher(reader: ArrayReader, plan: ReadPlan, span: ShardSpan, dtype: np
             for array, part in plan.arrays.items()}
     start_reads(reader, plan, [span], into).wait()
     out_dtype = np.dtype(dtype)
-    st, a = plan.spec.storage, span.tokens[0]
+    st = plan.spec.storage
+    a = span.slots[0] if plan.spec.eviction is not None else span.tokens[0]  # the K/V rows' first
 
     def values(array: str) -> np.ndarray:
         parts = {name: x for name, x in into.items() if name == array or plan.arrays[name].side_of == array}
@@ -491,8 +538,10 @@ def read_teacher(reader: ArrayReader, plan: ReadPlan, span: ShardSpan, dtype: np
     if "k" in plan.values:
         k, v = values("k"), values("v")
     else:  # zero layers: nothing of K/V is read
-        k = v = np.zeros((span.tokens[1] - a, 0, plan.spec.kv_heads, plan.spec.head_dim), dtype=out_dtype)
-    kv = TeacherKV(k=k, v=v, align_weight=into["align_weight"], status=into["sample_status"], layers=plan.layers)
+        k = v = np.zeros((span.tokens[1] - span.tokens[0], 0, plan.spec.kv_heads, plan.spec.head_dim),
+                         dtype=out_dtype)
+    kv = TeacherKV(k=k, v=v, align_weight=into["align_weight"], status=into["sample_status"], layers=plan.layers,
+                   kept=into.get(layout.KEPT_ARRAY))
     if "q" in plan.values:
         kv.q, kv.q_layers = values("q"), plan.q_layers
     ids, logp = layout.LOGIT_ARRAYS

@@ -25,7 +25,7 @@ import numpy as np
 from kava.core.errors import short_repr
 
 from . import codecs, layout
-from .manifest import LOWBIT_DTYPES, LOWBIT_SINCE, StoreManifest, TeacherSpec
+from .manifest import EVICTION_SINCE, LOWBIT_DTYPES, LOWBIT_SINCE, StoreManifest, TeacherSpec
 
 FP16_MAX = 65504.0
 """The largest finite float16: the low-bit dtypes decode into float16 in a training window."""
@@ -56,21 +56,31 @@ def _written_chunks(chunks: tuple[int, ...], shape: tuple[int, ...]) -> tuple[in
     return tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
 
 
-def shard_layouts(spec: TeacherSpec, num_tokens: int, num_samples: int) -> dict[str, ArrayLayout]:
+def shard_layouts(spec: TeacherSpec, num_tokens: int, num_samples: int, num_slots: int | None = None
+                  ) -> dict[str, ArrayLayout]:
     """Every array of one complete shard of ``spec`` (``num_tokens`` rows, ``num_samples`` samples), by name, as the
-    writer creates it: K/V/Q and their scale/zero arrays, ``align_weight``, ``sample_status`` and the logits."""
+    writer creates it: K/V/Q and their scale/zero arrays, ``align_weight``, ``sample_status`` and the logits; for a
+    compressed teacher K/V have ``num_slots`` rows and ``kept`` is there too."""
     st = spec.storage
+    evicts = spec.eviction is not None
+    if evicts and num_slots is None:
+        raise ValueError(f"Teacher {spec.name!r} keeps only some rows: pass num_slots.")
+    rows_kv = num_slots if evicts and num_slots is not None else num_tokens
     geometry = {"k": (len(spec.layers), spec.kv_heads), "v": (len(spec.layers), spec.kv_heads)}
     if spec.has_q:
         geometry["q"] = (len(spec.q_layers), spec.num_heads)
     out: dict[str, ArrayLayout] = {}
     for name, (nl, nh) in geometry.items():
         for part, (shape, dtype, dims) in codecs.stored_arrays(
-                name, num_tokens, nl, nh, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
-                group_channels=st.group_channels).items():
-            rows = st.chunk_tokens // st.group_tokens if dims[0] == "token_group" else st.chunk_tokens
+                name, rows_kv, nl, nh, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
+                group_channels=st.group_channels, slots=evicts).items():
+            rows = st.chunk_tokens // st.group_tokens if dims[0].endswith("_group") else st.chunk_tokens
             chunks = _written_chunks((rows, min(st.chunk_layers, nl), *shape[2:]), shape)
             out[part] = ArrayLayout(shape, dtype, chunks, bool(st.compressor))
+    if evicts:
+        shape = (rows_kv, len(spec.layers), spec.kv_heads)
+        out[layout.KEPT_ARRAY] = ArrayLayout(shape, np.dtype(np.int32),
+                                             _written_chunks((st.chunk_tokens, *shape[1:]), shape), True)
     columns: dict[str, tuple[tuple[int, ...], np.dtype]] = {
         "align_weight": ((num_tokens,), np.dtype(np.float32)), "sample_status": ((num_samples,), np.dtype(np.uint8))}
     if spec.logits is not None:
@@ -138,10 +148,14 @@ def version_problem(version: int, spec: TeacherSpec) -> str | None:
     """Whether teacher ``spec`` uses something its store's format ``version`` did not have, as a phrase.
 
     Version 2 added the digests (a version-2 document without one is refused where it is read); version 3 the
-    low-bit dtypes. Logits and everything else a spec can say were there in version 1."""
+    low-bit dtypes; version 4 compressed teachers (eviction). Logits and everything else a spec can say were there
+    in version 1."""
     if spec.storage.dtype in LOWBIT_DTYPES and version < LOWBIT_SINCE:
         return (f"expected a store of format version {LOWBIT_SINCE} or later for {spec.storage.dtype} storage. Got "
                 f"version {version} instead: a version-{version} store can't hold it, so its manifest was changed")
+    if spec.eviction is not None and version < EVICTION_SINCE:
+        return (f"expected a store of format version {EVICTION_SINCE} or later for a compressed teacher (eviction). "
+                f"Got version {version} instead: a version-{version} store can't hold it, so its manifest was changed")
     return None
 
 
@@ -192,6 +206,8 @@ def value_problem(array: str, data: np.ndarray, spec: TeacherSpec, *, with_value
     dtype = spec.storage.dtype
     if array == "align_weight":
         return _bounded(data, 0.0, 1.0, "finite weights in [0, 1]")
+    if array == layout.KEPT_ARRAY:  # the positions' order and coverage are checked per sample (eviction.kept_problem)
+        return None if int(np.min(data)) >= 0 else f"expected kept positions >= 0. Got {int(np.min(data))} instead"
     if array == "sample_status":
         top = int(np.max(data))
         return None if top < len(layout.TEACHER_STATUS) else (
@@ -256,11 +272,16 @@ def lowbit_pair_problem(scale: np.ndarray, zero: np.ndarray, dtype: str) -> str 
         f"(max {FP16_MAX:g}). Got {_got(peak, peak)} instead")
 
 
-def marker_problem(marker: Mapping[str, Any], samples: range, tokens: tuple[int, int]) -> str | None:
-    """A completion marker's sample and token ranges against the shard's on the grid."""
+def marker_problem(marker: Mapping[str, Any], samples: range, tokens: tuple[int, int], slots: int | None = None
+                   ) -> str | None:
+    """A completion marker's sample and token ranges against the shard's on the grid, and a compressed teacher's
+    kept-row count (``slots``) against what its eviction keeps of them."""
     want = ([samples.start, samples.stop], [tokens[0], tokens[1]])
     got = (marker.get("samples"), marker.get("tokens"))
     if got == want:
+        if slots is not None and marker.get("slots") != slots:
+            return (f"expected {slots} kept rows (slots), as the teacher's eviction keeps of the grid. Got "
+                    f"{short_repr(marker.get('slots'), 40)} instead")
         return None
     return (f"expected the marker's sample and token ranges {want[0]}/{want[1]} of the grid. Got "
             f"{short_repr(got[0], 40)}/{short_repr(got[1], 40)} instead")

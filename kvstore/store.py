@@ -32,6 +32,7 @@ from kava.core.errors import (
 )
 
 from . import codecs, layout, rules, zarr_io
+from .eviction import in_segments, kept_problem, slot_counts
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -43,6 +44,7 @@ from .integrity import (
     unsealed_note,
 )
 from .manifest import (
+    EVICTION_SINCE,
     LOWBIT_DTYPES,
     LOWBIT_SINCE,
     SEALED_SINCE,
@@ -79,6 +81,7 @@ class KVStore:
         self._reader = ArrayReader(store)  # every array read goes through it (see read.py)
         self._specs: dict[str, TeacherSpec] = {}  # teacher specs read by K/V reads, once per handle
         self._all_teachers: list[str] | None = None
+        self._slot_offsets: dict[str, np.ndarray] = {}  # compressed teachers' slot offsets, once per handle
         self._markers: dict[tuple[str, int], dict[str, Any]] = {}  # complete shards seen by a read-only handle
 
     # ---------------------------------------------------------------------------------------------------------
@@ -330,6 +333,12 @@ class KVStore:
                 f"storage (older readers can't decode it). Got version {self.manifest.format_version} instead. "
                 "Extract into a new store, or use --kv-dtype int8."
             )
+        if spec.eviction is not None and self.manifest.format_version < EVICTION_SINCE:
+            raise StoreError(
+                f"{self.where}: expected a store of format version {EVICTION_SINCE} or later for a compressed teacher "
+                f"(older readers can't read it). Got version {self.manifest.format_version} instead. Extract into a "
+                "new store, or without --kv-budget."
+            )
         if not zarr_io.exists(self._store, f"{key}/zarr.json"):
             # One exclusive write of the group with its spec: when the jobs of a job array register the same
             # teacher at once, one of them wins and the others compare against its spec below.
@@ -339,7 +348,7 @@ class KVStore:
             zarr_io.create_group_once(self._store, f"{key}/cka", {})
         existing = self.teacher(spec.name)
         fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map",
-                 "logits")
+                 "logits", "eviction")
         diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
         if diff:
             raise StoreError(
@@ -389,10 +398,11 @@ class KVStore:
         self._check_writable()
         spec = self.teacher(teacher)
         samples = self.shard_samples(shard)
-        slot = ShardSlot(zarr_store=self._store, where=self.where, shard=shard, samples=samples,
-                         tokens=self.shard_tokens(shard),
+        tokens = self.shard_tokens(shard)
+        slot = ShardSlot(zarr_store=self._store, where=self.where, shard=shard, samples=samples, tokens=tokens,
                          lengths=np.diff(self.offsets[samples.start : samples.stop + 1]),
-                         sample_id=self.sample_id, complete=self.shard_marker(spec.name, shard) is not None)
+                         sample_id=self.sample_id, complete=self.shard_marker(spec.name, shard) is not None,
+                         segment_ids=None if spec.eviction is None else self._grid_rows("segment_ids", tokens))
         return ShardWriter(slot, spec, nonfinite=nonfinite)
 
     def _check_writable(self) -> None:
@@ -514,11 +524,32 @@ class KVStore:
                 f"{samples.stop - 1}). Finish the extraction with `kava extract --resume`, or read complete_shards() "
                 "only."
             )
-        problem = rules.marker_problem(marker, samples, self.shard_tokens(shard))
+        offsets = self.slot_offsets(teacher)
+        slots = None if offsets is None else int(offsets[samples.stop] - offsets[samples.start])
+        problem = rules.marker_problem(marker, samples, self.shard_tokens(shard), slots)
         if problem is not None:
             raise SchemaError(f"{self.where}: teacher {teacher!r} shard {shard} completion marker "
                               f"({layout.shard_key(teacher, shard)}/zarr.json): {problem}. "
                               f"{rules.shard_fix(teacher, shard)}")
+
+    def slot_offsets(self, teacher: str) -> np.ndarray | None:
+        """A compressed teacher's ``[N+1]`` offsets on its slot axis, over the whole store (sample ``i`` keeps
+        ``slot_offsets[i+1] - slot_offsets[i]`` rows); None for a teacher that keeps every row."""
+        spec = self._spec(teacher)
+        if spec.eviction is None:
+            return None
+        if teacher not in self._slot_offsets:
+            counts = slot_counts(spec.eviction, self._grid_rows("segment_ids"), self.offsets)
+            self._slot_offsets[teacher] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return self._slot_offsets[teacher]
+
+    def teacher_span(self, teacher: str, span: ShardSpan) -> ShardSpan:
+        """``span`` as ``teacher``'s arrays hold it: with its kept rows (slots) for a compressed teacher."""
+        offsets = self.slot_offsets(teacher)
+        if offsets is None or span.num_slots is not None:
+            return span
+        first = span.first_sample
+        return span.with_slots(offsets[first : first + span.num_samples + 1] - offsets[first])
 
     def read_plan(self, request: TeacherRead) -> ReadPlan:
         """The stored arrays ``request`` reads, with their dtypes and row shapes; a SchemaError for layers, queries
@@ -532,13 +563,34 @@ class KVStore:
         IncompleteError for a shard the teacher has not finished. What a loader gathering shards calls."""
         for span in spans:
             self._require_complete(plan.name, span.shard)
-        return start_reads(self._reader, plan, spans, into)
+        return start_reads(self._reader, plan, [self.teacher_span(plan.name, span) for span in spans], into)
 
     def read_teacher(self, request: TeacherRead, span: ShardSpan, *, dtype: npt.DTypeLike = np.float32) -> TeacherKV:
         """One teacher's rows of ``span``, K/V/Q decoded to ``dtype`` (see :func:`kava.kvstore.read.read_teacher`)."""
         spec = self._spec(request.name)
         self._require_complete(request.name, span.shard)
-        return read_teacher(self._reader, plan_read(self.where, spec, request), span, dtype)
+        span = self.teacher_span(request.name, span)
+        kv = read_teacher(self._reader, plan_read(self.where, spec, request), span, dtype)
+        if kv.kept is not None and spec.eviction is not None:
+            kv.slot_offsets = np.asarray(self.slot_offsets(request.name))[
+                span.first_sample + span.samples[0] : span.first_sample + span.samples[1] + 1]
+            kv.slot_offsets = kv.slot_offsets - kv.slot_offsets[0]
+            self._check_kept(spec, span, kv)
+        return kv
+
+    def _check_kept(self, spec: TeacherSpec, span: ShardSpan, kv: TeacherKV) -> None:
+        """Each read sample's kept positions against the rule (:func:`kava.kvstore.eviction.kept_problem`)."""
+        assert spec.eviction is not None and kv.kept is not None and kv.slot_offsets is not None
+        first = span.first_sample + span.samples[0]
+        offsets = self.offsets[first : first + len(kv.slot_offsets)]
+        segments = self._grid_rows("segment_ids", (int(offsets[0]), int(offsets[-1])))
+        outside = ~in_segments(segments, spec.eviction)
+        for i in range(len(kv.slot_offsets) - 1):
+            a, b = int(offsets[i] - offsets[0]), int(offsets[i + 1] - offsets[0])
+            problem = kept_problem(kv.kept[kv.slot_offsets[i] : kv.slot_offsets[i + 1]], b - a, outside[a:b])
+            if problem is not None:
+                raise SchemaError(f"{self.where}: teacher {spec.name!r} shard {span.shard} array 'kept' (sample "
+                                  f"{first + i}): {problem}. {rules.shard_fix(spec.name, span.shard)}")
 
 
 def default_storage(layers: int, kv_heads: int, head_dim: int, dtype: str = "float16", *,

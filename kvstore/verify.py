@@ -17,6 +17,7 @@ import zarr
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
 
 from . import codecs, layout, rules, zarr_io
+from .eviction import in_segments, kept_problem, slot_counts
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -237,6 +238,11 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
 def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, grid_rows) -> None:
     problems = report.problems
     complete = 0
+    slot_offsets = segments = None
+    if spec.eviction is not None:  # a compressed teacher: its K/V rows are each sample's kept rows
+        segments = store._grid_rows("segment_ids")
+        counts = slot_counts(spec.eviction, segments, store.offsets)
+        slot_offsets = np.concatenate([[0], np.cumsum(counts)])
     for shard in range(store.num_shards):
         samples = store.shard_samples(shard)
         t0, t1 = store.shard_tokens(shard)
@@ -248,12 +254,14 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                 "Finish it with `kava extract --resume`."))
             continue
         complete += 1
-        problem = rules.marker_problem(marker, samples, (t0, t1))
+        slots = None if slot_offsets is None else int(slot_offsets[samples.stop] - slot_offsets[samples.start])
+        problem = rules.marker_problem(marker, samples, (t0, t1), slots)
         if problem is not None:
             problems.append(Problem(skey, f"completion marker: {problem}. {rules.shard_fix(spec.name, shard)}"))
             continue
         lowbit: dict[str, np.ndarray] = {}  # the scale and zero arrays of int4/int2, for the rule on their pairs
-        for array, expect in rules.shard_layouts(spec, t1 - t0, len(samples)).items():
+        kept = None
+        for array, expect in rules.shard_layouts(spec, t1 - t0, len(samples), slots).items():
             key = f"{skey}/{array}"
             if not zarr_io.exists(store.zarr_store, f"{key}/zarr.json"):
                 problems.append(Problem(key, "missing array"))
@@ -262,6 +270,9 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
             if array == "sample_status":
                 def rows(a: int, b: int, shard: int = shard, first: int = samples.start) -> str:
                     return f"shard {shard}, samples {first + a}-{first + b - 1}"
+            elif slots is not None and (array == layout.KEPT_ARRAY or array.partition("_")[0] in ("k", "v")):
+                def rows(a: int, b: int, shard: int = shard, first: int = 0) -> str:  # a compressed teacher's slots
+                    return f"shard {shard}, kept rows {first + a}-{first + b - 1}"
             else:
                 def rows(a: int, b: int, shard: int = shard, first: int = t0) -> str:
                     return f"shard {shard}, " + grid_rows(first + a, first + b)
@@ -271,6 +282,10 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                                  rule_fix=rules.shard_fix(spec.name, shard))
             if data is not None and codecs.is_lowbit(spec.storage.dtype) and array.endswith(("_scale", "_zero")):
                 lowbit[array] = data
+            if array == layout.KEPT_ARRAY:
+                kept = data
+        if kept is not None and spec.eviction is not None and slot_offsets is not None and segments is not None:
+            _verify_kept(store, report, spec, shard, kept, slot_offsets, segments)
         for value in ("k", "v", "q"):
             if f"{value}_scale" in lowbit and f"{value}_zero" in lowbit:
                 problem = rules.lowbit_pair_problem(lowbit[f"{value}_scale"], lowbit[f"{value}_zero"],
@@ -281,6 +296,23 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
     report.shards_complete[spec.name] = complete
     for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")
+
+
+def _verify_kept(store: KVStore, report: VerifyReport, spec: TeacherSpec, shard: int, kept: np.ndarray,
+                 slot_offsets: np.ndarray, segments: np.ndarray) -> None:
+    """Each sample's kept positions against the rule (:func:`kava.kvstore.eviction.kept_problem`)."""
+    assert spec.eviction is not None
+    samples, offsets = store.shard_samples(shard), store.offsets
+    base = int(slot_offsets[samples.start])
+    outside = ~in_segments(segments, spec.eviction)
+    for i in samples:
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        rows = kept[int(slot_offsets[i]) - base : int(slot_offsets[i + 1]) - base]
+        problem = kept_problem(rows, b - a, outside[a:b])
+        if problem is not None:
+            report.problems.append(Problem(f"{layout.shard_key(spec.name, shard)}/{layout.KEPT_ARRAY}",
+                                           f"sample {i}: {problem}. {rules.shard_fix(spec.name, shard)}"))
+            return
 
 
 def seal_store(location: Any) -> VerifyReport:

@@ -21,7 +21,7 @@ from zarr.abc.store import Store
 
 from kava.core.errors import IncompleteError, SampleError, StoreError
 
-from . import codecs, layout, zarr_io
+from . import codecs, eviction, layout, zarr_io
 from .manifest import TeacherSpec
 
 NONFINITE_POLICIES = ("error", "quarantine")
@@ -46,6 +46,8 @@ class ShardSlot:
     """The id of the store's sample ``i`` (for messages and quarantine records)."""
     complete: bool
     """Whether the teacher's shard already has its completion marker."""
+    segment_ids: np.ndarray | None = None
+    """``[T_s]`` the shard's grid segment ids: a compressed teacher's kept rows follow from them."""
 
 
 class _Block:
@@ -81,9 +83,23 @@ class ShardWriter:
         self._samples = slot.samples
         self._lengths = slot.lengths
         self.num_tokens = slot.tokens[1] - slot.tokens[0]
+        # A compressed teacher's K/V rows are its slots: the kept rows of each sample (kava.kvstore.eviction).
+        self._evict = spec.eviction
+        if self._evict is not None:
+            if slot.segment_ids is None:
+                raise StoreError(f"Teacher {spec.name!r} keeps only some rows (eviction); its shard writer needs the "
+                                 "grid's segment ids.")
+            starts = np.concatenate([[0], np.cumsum(self._lengths)])
+            self._slots = eviction.slot_counts(self._evict, slot.segment_ids, starts)
+            self._outside = ~eviction.in_segments(slot.segment_ids, self._evict)
+        else:
+            self._slots = self._lengths
+        self.num_rows = int(self._slots.sum())
+        """Rows of the K/V(/Q) arrays: the shard's tokens, or a compressed teacher's slots."""
         self._next = 0  # position in the shard of the next sample
-        self._row = 0  # rows handed to add() so far
-        self._flushed = 0  # rows written to zarr so far
+        self._row = 0  # K/V rows handed to add() so far
+        self._token = 0  # tokens handed to add() so far (per-token arrays: align_weight, logits)
+        self._flushed = 0  # K/V rows written to zarr so far
         self._closed = False
         self.quarantined: list[dict[str, Any]] = []
         self._align = np.zeros(self.num_tokens, dtype=np.float32)
@@ -93,6 +109,10 @@ class ShardWriter:
         top_k = spec.logits.top_k if spec.logits is not None else 0
         self._logit_ids = np.full((self.num_tokens, top_k), layout.LOGIT_NO_TARGET, dtype=np.int32)
         self._logit_logp = np.zeros((self.num_tokens, top_k), dtype=np.float16)
+        layers, heads = len(spec.layers), spec.kv_heads
+        self._kept = np.zeros((self.num_rows, layers, heads), np.int32) if self._evict is not None else None
+        self._evict_err = np.zeros(layers)  # per stored layer: the sum over samples of their fidelity error
+        self._evict_samples = 0
 
         zstore = slot.zarr_store
         self._key = layout.shard_key(spec.name, shard)
@@ -118,9 +138,9 @@ class ShardWriter:
             attrs = {layout.DTYPE_ATTR: st.dtype} if st.dtype == "bfloat16" else {}
             arrays = {}
             for part, (shape, dtype, dims) in codecs.stored_arrays(
-                    name, self.num_tokens, nl, nh, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
-                    group_channels=st.group_channels).items():
-                rows = st.chunk_tokens // st.group_tokens if dims[0] == "token_group" else st.chunk_tokens
+                    name, self.num_rows, nl, nh, spec.head_dim, st.dtype, group_tokens=st.group_tokens,
+                    group_channels=st.group_channels, slots=self._evict is not None).items():
+                rows = st.chunk_tokens // st.group_tokens if dims[0].endswith("_group") else st.chunk_tokens
                 arrays[part] = zarr_io.create_array(
                     own, f"{base}{part}", shape=shape, chunks=(rows, min(st.chunk_layers, nl), *shape[2:]),
                     dtype=dtype, dims=dims, compressor=st.compressor, attributes=attrs if part == name else {},
@@ -144,7 +164,7 @@ class ShardWriter:
         return self._samples.start + self._next
 
     def add(self, k: Any, v: Any, *, q: Any = None, align_weight: Any = None, logits: tuple[Any, Any] | None = None,
-            sample: int | None = None) -> None:
+            kept: Any = None, fidelity: Any = None, sample: int | None = None) -> None:
         """Append the next sample of the shard.
 
         k, v: ``[T_i, len(layers), kv_heads, head_dim]``; q: ``[T_i, len(q_layers), num_heads, head_dim]`` when
@@ -152,6 +172,11 @@ class ShardWriter:
         dtype (bf16 included). logits: ``(ids, logp)`` when the teacher stores them, each ``[T_i, top_k]``: integer
         ids in ``[0, vocab_size)`` and log-probabilities sorted largest first, or a row of ids all -1 (no target;
         its logp is ignored). ``sample`` (optional) is checked against the expected store index.
+
+        A compressed teacher (``spec.eviction``) passes only its kept rows: k, v ``[M_i, L, H, D]`` with ``M_i`` the
+        sample's slots, ``kept`` ``[M_i, L, H]`` their positions among the sample's ``T_i`` tokens (the rule of
+        :func:`kava.kvstore.eviction.kept_problem`), and optionally ``fidelity`` ``[L]``, the relative error of the
+        answer's attention output when it reads only the kept rows, per stored layer (averaged into the marker).
         """
         if self._closed:
             raise StoreError("This shard writer is closed.")
@@ -164,7 +189,9 @@ class ShardWriter:
         if sample is not None and sample != index:
             raise SampleError(f"Expected sample {index} next in shard {self.shard}. Got sample {sample} instead.")
         n = int(self._lengths[self._next])
+        m = int(self._slots[self._next])  # K/V rows: n, or a compressed teacher's slots
         spec = self.spec
+        positions = self._check_kept(index, n, m, kept, fidelity)
         arrays = {"k": k, "v": v}
         if spec.has_q:
             if q is None:
@@ -179,11 +206,12 @@ class ShardWriter:
         for name, x in arrays.items():
             x = codecs.to_numpy(x)
             nl, nh = (len(spec.q_layers), spec.num_heads) if name == "q" else (len(spec.layers), spec.kv_heads)
-            expected = (n, nl, nh, spec.head_dim)
+            expected = (m, nl, nh, spec.head_dim)
             if x.shape != expected:
+                rows = "kept rows" if self._evict is not None else "tokens"
                 raise SampleError(
                     f"Sample {index} ({self.slot.sample_id(index)!r}), {name}: expected shape {expected} "
-                    f"[tokens, layers, heads, head_dim]. Got {tuple(x.shape)} instead."
+                    f"[{rows}, layers, heads, head_dim]. Got {tuple(x.shape)} instead."
                 )
             if not np.issubdtype(x.dtype, np.floating):
                 raise SampleError(
@@ -217,14 +245,21 @@ class ShardWriter:
                        if problem.startswith("non-finite") else "")
                 )
 
-        self._align[self._row : self._row + n] = weight
+        t = self._token
+        self._align[t : t + n] = weight
         if top is not None:
             ids, logp = top
             live = ids[:, 0] >= 0
-            self._logit_ids[self._row : self._row + n] = np.where(live[:, None], ids, layout.LOGIT_NO_TARGET)
+            self._logit_ids[t : t + n] = np.where(live[:, None], ids, layout.LOGIT_NO_TARGET)
             # fp16 keeps ~3 significant digits of a log-probability; below -65504 a probability is 0 anyway.
-            self._logit_logp[self._row : self._row + n] = np.where(live[:, None], np.clip(logp, -65504.0, 0.0), 0.0)
+            self._logit_logp[t : t + n] = np.where(live[:, None], np.clip(logp, -65504.0, 0.0), 0.0)
         self._bytes_logical += n * self._logit_ids.shape[1] * (4 + 2)
+        if self._kept is not None and positions is not None:
+            self._kept[self._row : self._row + m] = positions
+            self._bytes_logical += positions.size * 4
+            if fidelity is not None and self._status[self._next] == 0:
+                self._evict_err += np.asarray(codecs.to_numpy(fidelity), dtype=np.float64).reshape(-1)
+                self._evict_samples += 1
         lowbit = codecs.is_lowbit(spec.storage.dtype)
         # int4/int2 are encoded when their block is flushed; the others now, sample by sample.
         encoded = {name: (x, None) if lowbit else codecs.encode(x, spec.storage.dtype) for name, x in values.items()}
@@ -235,9 +270,9 @@ class ShardWriter:
                 self._add_quality(name, values[name], codecs.decode(stored, scale, "int8", np.float32))
         # Copy rows into the pending block, writing each block out as soon as it fills.
         done = 0
-        while done < n:
+        while done < m:
             pos = (self._row + done) - self._flushed  # row inside the pending block
-            take = min(n - done, self._rows - pos)
+            take = min(m - done, self._rows - pos)
             for name, (stored, scale) in encoded.items():
                 block = self._blocks[name]
                 block.values[pos : pos + take] = stored[done : done + take]
@@ -246,8 +281,34 @@ class ShardWriter:
             done += take
             if pos + take == self._rows:
                 self._flush(self._rows)
-        self._row += n
+        self._row += m
+        self._token += n
         self._next += 1
+
+    def _check_kept(self, index: int, n: int, m: int, kept: Any, fidelity: Any) -> np.ndarray | None:
+        """A compressed teacher's kept positions ``[m, L, H]`` (int32), checked; None for a dense teacher."""
+        spec = self.spec
+        if self._evict is None:
+            if kept is not None or fidelity is not None:
+                raise SampleError(f"Teacher {spec.name!r} keeps every row (no eviction); kept= was given.")
+            return None
+        if kept is None:
+            raise SampleError(f"Teacher {spec.name!r} keeps only some rows ({self._evict.rule}, budget "
+                              f"{self._evict.budget}); pass kept= with the kept rows' positions.")
+        positions = np.asarray(codecs.to_numpy(kept))
+        expected = (m, len(spec.layers), spec.kv_heads)
+        if positions.shape != expected or not np.issubdtype(positions.dtype, np.integer):
+            raise SampleError(f"Sample {index} ({self.slot.sample_id(index)!r}), kept: expected integer positions of "
+                              f"shape {expected} [kept rows, layers, heads]. Got {positions.dtype} "
+                              f"{tuple(positions.shape)} instead.")
+        t = self._token
+        problem = eviction.kept_problem(positions, n, self._outside[t : t + n])
+        if problem is not None:
+            raise SampleError(f"Sample {index} ({self.slot.sample_id(index)!r}), kept: {problem}.")
+        if fidelity is not None and np.asarray(codecs.to_numpy(fidelity)).shape != (len(spec.layers),):
+            raise SampleError(f"Sample {index}, fidelity: expected one value per stored layer "
+                              f"({len(spec.layers)}).")
+        return positions.astype(np.int32)
 
     def _check_logits(self, index: int, n: int, logits: tuple[Any, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
         """``(ids int64 [n, k], logp float32 [n, k])`` checked against the spec, or None for a teacher without them."""
@@ -322,6 +383,13 @@ class ShardWriter:
                 self._own, f"{self._base}{name}", shape=data.shape, chunks=(max(1, data.size),), dtype=data.dtype,
                 dims=(dim,), compressor=codecs.DEFAULT_COMPRESSOR,
             )[...] = data
+        if self._kept is not None:  # chunked like the K/V rows, so one sample's read touches one or two chunks
+            layers = self._kept.shape[1]
+            zarr_io.create_array(
+                self._own, f"{self._base}{layout.KEPT_ARRAY}", shape=self._kept.shape,
+                chunks=(self._rows, layers, self._kept.shape[2]), dtype=np.int32, dims=("slot", "layer", "kv_head"),
+                compressor=codecs.DEFAULT_COMPRESSOR,
+            )[...] = self._kept
         if self.spec.logits is not None:
             tops: tuple[np.ndarray, np.ndarray] = (self._logit_ids, self._logit_logp)
             for name, top in zip(layout.LOGIT_ARRAYS, tops):
@@ -335,6 +403,9 @@ class ShardWriter:
             "shard": self.shard,
             "samples": [self._samples.start, self._samples.stop],
             "tokens": list(self.slot.tokens),
+            **({"slots": self.num_rows, "eviction": {
+                "err_sum": [round(float(e), 6) for e in self._evict_err], "samples": self._evict_samples}}
+               if self._evict is not None else {}),
             "quarantined": self.quarantined,
             "bytes_logical": int(self._bytes_logical),
             **({"quantization": {name: {"cos_sum": [round(float(c), 6) for c in cos], "rows": [int(r) for r in n]}

@@ -327,7 +327,15 @@ def format_info(info: dict[str, Any]) -> str:
             f"top {logits['top_k']} of {logits['vocab_size']} (tokenizer {logits['tokenizer_fingerprint'][:12]}),"
             f" {logits['bytes_per_token']} B per token" if logits else "not stored"))
         if t.get("bytes_per_token") is not None:
-            lines.append(f"  per token {t['bytes_per_token']:,.0f} B logical (K/V, Q and logits)")
+            lines.append(f"  per token {t['bytes_per_token']:,.0f} B logical (K/V, Q and logits)"
+                         + (" per original token" if t.get("eviction") else ""))
+        if ev := t.get("eviction"):  # a compressed teacher: what it kept, and what that lost
+            kept = "n/a" if ev["kept_fraction"] is None else f"{100 * ev['kept_fraction']:.1f}%"
+            lines.append(f"  evicted   {ev['rule']}, budget {ev['budget']} of the {', '.join(ev['segments'])} rows: "
+                         f"{kept} of all rows kept")
+            if ev.get("fidelity_error"):
+                lines.append("  fidelity  " + " ".join(f"{e:.4f}" for e in ev["fidelity_error"])
+                             + "  (per stored layer: relative error of the answer's attention output)")
         if t.get("quantization_cosine"):  # a lossy dtype: its size against float16 and its measured fidelity
             smaller = t["bytes_float16"] / max(t["bytes_on_disk"] or t["bytes_logical"], 1)
             lines.append(f"  vs fp16   K/V/Q as float16 would be {_size(t['bytes_float16'])}: "
