@@ -4,6 +4,7 @@ Prompts are the formatted training text up to where the reasoning starts, so the
 tokens it saw in training (``prompt_text``). Generation stops a row at EOS (or the template's terminator token,
 chat's ``<|im_end|>``) or once it has written a terminated answer (``AnswerStop``): ``#### <number>`` followed by a
 newline or the template's terminator; the returned text is cut after that terminator (``cut_after_answer``).
+With a ``CacheBound`` (``kava eval --cache``) the same greedy loop and stops run over a bounded cache (``cache``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kava.core.rows import ReasoningRow
 from kava.extract.templates import PromptTemplate, format_row
 
 from .answers import answer_pattern, cut_after_answer
+from .cache import CacheBound, check_model, generate_bounded
 
 
 def prompt_text(row: ReasoningRow, template: PromptTemplate) -> str:
@@ -95,7 +97,8 @@ or it used up --max-new-tokens."""
 
 
 def generate_with_stops(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, max_new_tokens: int,
-              terminator: str = "", on_batch: Any = None) -> list[tuple[str, int, str]]:
+              terminator: str = "", on_batch: Any = None,
+              cache: CacheBound | None = None) -> list[tuple[str, int, str]]:
     """``(continuation text, tokens generated, stop)`` per prompt, in the prompts' order (``stop`` in ``STOPS``);
     see ``generate_batched``."""
     import torch  # noqa: PLC0415 - heavy (package docstring)
@@ -104,6 +107,8 @@ def generate_with_stops(model: Any, tokenizer: Any, prompts: list[str], *, batch
     from kava.core.padding import left_pad  # noqa: PLC0415 - heavy (package docstring)
 
     eos = eos_ids(model, tokenizer)
+    if cache is not None:
+        check_model(model)  # before any generation: a refused model fails at once
     if not eos:
         raise ConfigError("Expected the tokenizer or the model's generation config to name an EOS token. Got none "
                           "instead. Set eos_token in the model directory's tokenizer_config.json.")
@@ -125,8 +130,13 @@ def generate_with_stops(model: Any, tokenizer: Any, prompts: list[str], *, batch
         width = ids.shape[1]
         stop = AnswerStop(tokenizer, width, len(batch), terminator)
         with torch.no_grad():
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))
+            if cache is None:
+                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))
+            else:  # the same greedy loop and stops, over a bounded cache (see .cache)
+                generated = generate_bounded(model, ids.to(device), mask.to(device), bound=cache,
+                                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_ids=ends,
+                                             stopping=stop)
         new = generated[:, width:].tolist()  # (B, <= max_new_tokens); finished rows are padded on
         for row, i in enumerate(batch):
             tokens = new[row]
@@ -153,7 +163,7 @@ def generate_with_stops(model: Any, tokenizer: Any, prompts: list[str], *, batch
 
 
 def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, max_new_tokens: int,
-                     terminator: str = "") -> list[str]:
+                     terminator: str = "", cache: CacheBound | None = None) -> list[str]:
     """Greedy continuations of ``prompts``, batched, in the prompts' order.
 
     Prompts are sorted by token length into batches of ``batch_size`` and left-padded (pad = EOS when the tokenizer
@@ -170,9 +180,11 @@ def generate_batched(model: Any, tokenizer: Any, prompts: list[str], *, batch_si
         batch_size: prompts per ``generate`` call.
         max_new_tokens: the most tokens generated per prompt.
         terminator: the template's ``PromptTemplate.terminator``.
+        cache: attention reads only this bounded cache (``generate_bounded``); default: the model's full cache.
 
     Returns:
         ``[N]`` generated continuations (the prompt not included).
     """
     return [text for text, _, _ in generate_with_stops(model, tokenizer, prompts, batch_size=batch_size,
-                                                        max_new_tokens=max_new_tokens, terminator=terminator)]
+                                                        max_new_tokens=max_new_tokens, terminator=terminator,
+                                                        cache=cache)]

@@ -14,6 +14,7 @@ from kava.core.rows import ReasoningRow
 from kava.extract.templates import PromptTemplate
 
 from .answers import answers_match, extract_answer
+from .cache import CacheBound
 from .generate import generate_with_stops, prompt_text
 
 
@@ -70,6 +71,8 @@ class EvalResult:
     """Items cut off at ``max_new_tokens`` before an answer (counted wrong; ``truncation_note`` warns when many)."""
     longest_reference: int | None = None
     """With --nll: tokens of the longest reference reasoning and answer, a floor for ``max_new_tokens``."""
+    cache: str | None = None
+    """With --cache: the bounded cache generation read (``sinks=S,window=W``); None: the model's full cache."""
     items: list[EvalItem] = field(default_factory=list, repr=False)
 
     def truncation_note(self) -> str | None:
@@ -99,7 +102,7 @@ def truncation_note(budget_stops: int, n: int, max_new_tokens: int, longest_refe
 
 
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template: PromptTemplate, *, batch_size: int,
-             max_new_tokens: int, progress: bool = False) -> EvalResult:
+             max_new_tokens: int, progress: bool = False, cache: CacheBound | None = None) -> EvalResult:
     """Generate an answer for every row and score it against the row's answer.
 
     Args:
@@ -109,6 +112,8 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template:
         template: the template the model was trained with (``prompt_text`` builds each prompt from it).
         batch_size, max_new_tokens: as in ``generate_batched``.
         progress: show a progress bar (samples, tokens/s) on stderr.
+        cache: generate with attention reading only this bounded cache (``cache.generate_bounded``); default: the
+            model's full cache.
 
     Returns:
         The summary with ``items`` (``[N]``, in the rows' order). ``dataset`` is the rows' name when they are a
@@ -130,7 +135,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template:
 
         generated = generate_with_stops(model, tokenizer, prompts, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, terminator=template.terminator,
-                                        on_batch=on_batch)
+                                        on_batch=on_batch, cache=cache)
     seconds = time.perf_counter() - started
     items = []
     for row, prompt, (text, tokens, stop) in zip(rows, prompts, generated):
@@ -153,5 +158,6 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[ReasoningRow], template:
         tokens_per_second=total_tokens / seconds if seconds > 0 else 0.0,
         max_new_tokens=max_new_tokens,
         budget_stops=sum(item.stop == "budget" for item in items),
+        cache=None if cache is None else str(cache),
         items=items,
     )

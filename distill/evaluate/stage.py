@@ -25,6 +25,7 @@ from kava.core.models import load_model, load_tokenizer, resolve_model
 from kava.core.synthetic import SYNTHETIC_SPLITS, Difficulty
 from kava.extract.templates import TEMPLATES, PromptTemplate, load_template
 
+from .cache import CacheBound
 from .nll import reference_nll_items
 from .score import EvalItem, EvalResult, evaluate
 
@@ -59,6 +60,9 @@ class EvalConfig:
     nll: bool = False
     """Also score each row's reference reasoning and answer: negative log-likelihood per item in the JSONL (nats,
     tokens, characters, bytes) and per token, character and byte overall."""
+    cache: str | None = None
+    """sinks=S,window=W: generate with attention reading only each row's first S and latest W tokens (StreamingLLM);
+    --nll still uses the full cache."""
 
     ALIASES: ClassVar[dict[str, str]] = {"seed": "data_seed"}
     """Old spellings still accepted (flag and YAML key): ``--seed`` was the synthetic dataset's seed."""
@@ -118,6 +122,11 @@ class EvalConfig:
                 p.append(f"{flag}: expected a positive integer. Got {value!r} instead.")
         if self.device is not None and not _DEVICE.match(self.device):
             p.append(f"--device: expected cpu, cuda, cuda:N or mps. Got {self.device!r} instead.")
+        if self.cache is not None:
+            try:
+                CacheBound.parse(self.cache)
+            except ConfigError as e:
+                p.append(str(e))
         if p:
             raise ConfigError.from_problems(p)
 
@@ -187,10 +196,11 @@ def run_eval(config: EvalConfig) -> EvalResult:
     model = load_model(source).to(config.device or "cpu").eval()
 
     # 4. Generate and score, then write every item.
+    cache = None if config.cache is None else CacheBound.parse(config.cache)
     result = evaluate(model, tokenizer, rows, template, batch_size=config.batch_size,
-                      max_new_tokens=config.max_new_tokens, progress=config.progress)
+                      max_new_tokens=config.max_new_tokens, progress=config.progress, cache=cache)
     nll: dict[str, Any] = {}
-    if config.nll:  # per item into the JSONL, so a report can pair items across models and pick its unit
+    if config.nll:  # per item into the JSONL, so a report can pair items across models and pick its unit; full cache
         from kava.extract.grid import tokenizer_fingerprint  # noqa: PLC0415 - heavy (package docstring)
 
         scored = reference_nll_items(model, tokenizer, rows, template, batch_size=config.batch_size)
