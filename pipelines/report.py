@@ -412,6 +412,12 @@ def _cka_section(kv: KVStore, figures: Path) -> tuple[list[str], dict[str, Any]]
     lines = ["## Layers: CKA and the layer map", ""]
     out: dict[str, Any] = {}
     for name, spec in kv.teachers.items():
+        if spec.eviction is not None:  # each layer kept other rows: they do not pair (FORMAT.md)
+            ev = spec.eviction
+            lines += [f"### `{name}`", "", f"A compressed teacher ({ev.rule}, budget {ev.budget} of its "
+                      f"{', '.join(ev.segments)} rows): each layer kept other rows, so its layers' CKA over the store "
+                      "is not defined; see the teacher it was extracted from.", ""]
+            continue
         t0 = time.perf_counter()
         result = store_cka(kv, name, array="k", estimator="biased")
         seconds = time.perf_counter() - t0
@@ -444,11 +450,19 @@ def _store_section(kv: KVStore) -> list[str]:
     s = store_summary(kv)
     lines = ["## The store", "", f"`{Path(kv.where).name}`: {s['samples']} samples, {s['tokens']} student "
              f"tokens in {s['shards']} shards, {_mib(s['bytes_on_disk'])} on disk.", "",
-             "| teacher | layers | KV heads × dim | dtype | codec | logical | on disk | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| teacher | layers | KV heads × dim | dtype | codec | logical | on disk | ratio | rows kept | "
+             "fidelity error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in s["teachers"].items():
         ratio = t["bytes_logical"] / t["bytes_on_disk"] if t.get("bytes_on_disk") else float("nan")
+        ev = t.get("eviction")
+        kept = "all" if ev is None or ev["kept_fraction"] is None else f"{100 * ev['kept_fraction']:.1f}%"
+        error = "–" if ev is None or not ev["fidelity_error"] else \
+            f"{sum(ev['fidelity_error']) / len(ev['fidelity_error']):.3f}"
         lines.append(f"| `{name}` | {len(t['layers'])} of {t['num_layers']} | {t['kv_heads']} × {t['head_dim']} | "
                      f"{t['dtype']} | {t['compressor']} | {_mib(t['bytes_logical'])} | {_mib(t['bytes_on_disk'])} | "
-                     f"{ratio:.2f}× |")
+                     f"{ratio:.2f}× | {kept} | {error} |")
+    lines += ["", "A compressed teacher keeps a share of each sample's rows per layer and KV head (`kava extract "
+              "--kv-budget`); its fidelity error is the relative error of the answer's attention output reading only "
+              "the kept rows, measured at extraction, mean over layers."] if any(
+        t.get("eviction") for t in s["teachers"].values()) else []
     return lines + [""]
