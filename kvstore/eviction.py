@@ -63,3 +63,24 @@ def kept_problem(kept: np.ndarray, length: int, outside: np.ndarray) -> str | No
         if not hit[must].all():
             return "expected every row outside the eviction's segments among the kept positions"
     return None
+
+
+def slot_offsets(eviction: EvictionSpec, segment_ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``[N+1]`` int64 offsets of samples ``offsets`` ``[N+1]`` on the teacher's slot axis, from 0."""
+    return np.concatenate([[0], np.cumsum(slot_counts(eviction, segment_ids, offsets))]).astype(np.int64)
+
+
+def samples_problem(eviction: EvictionSpec, kept: np.ndarray, slots: np.ndarray, offsets: np.ndarray,
+                    segment_ids: np.ndarray) -> tuple[int, str] | None:
+    """The first of a run of samples whose kept positions break the rule (:func:`kept_problem`), as ``(i, phrase)``
+    with ``i`` counted from the run's first; None when all keep it. ``kept`` ``[K, L, H]`` holds the run's slots,
+    ``slots`` ``[n+1]`` their offsets in it, ``offsets`` ``[n+1]`` the samples' rows on the grid and ``segment_ids``
+    the grid's segment ids of those rows."""
+    outside = ~in_segments(segment_ids, eviction)
+    base = int(offsets[0])
+    for i in range(len(slots) - 1):
+        a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
+        problem = kept_problem(kept[int(slots[i]) : int(slots[i + 1])], b - a, outside[a:b])
+        if problem is not None:
+            return i, problem
+    return None

@@ -32,7 +32,7 @@ from kava.core.errors import (
 )
 
 from . import codecs, layout, rules, zarr_io
-from .eviction import in_segments, kept_problem, slot_counts
+from .eviction import samples_problem, slot_offsets
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -539,8 +539,7 @@ class KVStore:
         if spec.eviction is None:
             return None
         if teacher not in self._slot_offsets:
-            counts = slot_counts(spec.eviction, self._grid_rows("segment_ids"), self.offsets)
-            self._slot_offsets[teacher] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self._slot_offsets[teacher] = slot_offsets(spec.eviction, self._grid_rows("segment_ids"), self.offsets)
         return self._slot_offsets[teacher]
 
     def teacher_span(self, teacher: str, span: ShardSpan) -> ShardSpan:
@@ -583,14 +582,12 @@ class KVStore:
         assert spec.eviction is not None and kv.kept is not None and kv.slot_offsets is not None
         first = span.first_sample + span.samples[0]
         offsets = self.offsets[first : first + len(kv.slot_offsets)]
-        segments = self._grid_rows("segment_ids", (int(offsets[0]), int(offsets[-1])))
-        outside = ~in_segments(segments, spec.eviction)
-        for i in range(len(kv.slot_offsets) - 1):
-            a, b = int(offsets[i] - offsets[0]), int(offsets[i + 1] - offsets[0])
-            problem = kept_problem(kv.kept[kv.slot_offsets[i] : kv.slot_offsets[i + 1]], b - a, outside[a:b])
-            if problem is not None:
-                raise SchemaError(f"{self.where}: teacher {spec.name!r} shard {span.shard} array 'kept' (sample "
-                                  f"{first + i}): {problem}. {rules.shard_fix(spec.name, span.shard)}")
+        found = samples_problem(spec.eviction, kv.kept, kv.slot_offsets, offsets,
+                                self._grid_rows("segment_ids", (int(offsets[0]), int(offsets[-1]))))
+        if found is not None:
+            i, problem = found
+            raise SchemaError(f"{self.where}: teacher {spec.name!r} shard {span.shard} array 'kept' (sample "
+                              f"{first + i}): {problem}. {rules.shard_fix(spec.name, span.shard)}")
 
 
 def default_storage(layers: int, kv_heads: int, head_dim: int, dtype: str = "float16", *,

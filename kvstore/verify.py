@@ -17,7 +17,7 @@ import zarr
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
 
 from . import codecs, layout, rules, zarr_io
-from .eviction import in_segments, kept_problem, slot_counts
+from .eviction import samples_problem, slot_offsets
 from .integrity import (
     MANIFEST_DOC,
     MANIFEST_FIX,
@@ -238,11 +238,10 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
 def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, grid_rows) -> None:
     problems = report.problems
     complete = 0
-    slot_offsets = segments = None
+    slots_at = segments = None
     if spec.eviction is not None:  # a compressed teacher: its K/V rows are each sample's kept rows
         segments = store._grid_rows("segment_ids")
-        counts = slot_counts(spec.eviction, segments, store.offsets)
-        slot_offsets = np.concatenate([[0], np.cumsum(counts)])
+        slots_at = slot_offsets(spec.eviction, segments, store.offsets)
     for shard in range(store.num_shards):
         samples = store.shard_samples(shard)
         t0, t1 = store.shard_tokens(shard)
@@ -254,7 +253,7 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                 "Finish it with `kava extract --resume`."))
             continue
         complete += 1
-        slots = None if slot_offsets is None else int(slot_offsets[samples.stop] - slot_offsets[samples.start])
+        slots = None if slots_at is None else int(slots_at[samples.stop] - slots_at[samples.start])
         problem = rules.marker_problem(marker, samples, (t0, t1), slots)
         if problem is not None:
             problems.append(Problem(skey, f"completion marker: {problem}. {rules.shard_fix(spec.name, shard)}"))
@@ -284,8 +283,13 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
                 lowbit[array] = data
             if array == layout.KEPT_ARRAY:
                 kept = data
-        if kept is not None and spec.eviction is not None and slot_offsets is not None and segments is not None:
-            _verify_kept(store, report, spec, shard, kept, slot_offsets, segments)
+        if kept is not None and spec.eviction is not None and slots_at is not None and segments is not None:
+            at, tokens_at = store.shard_samples(shard), store.offsets[samples.start : samples.stop + 1]
+            found = samples_problem(spec.eviction, kept, slots_at[at.start : at.stop + 1] - slots_at[at.start],
+                                    tokens_at, segments[tokens_at[0] : tokens_at[-1]])
+            if found is not None:
+                problems.append(Problem(f"{skey}/{layout.KEPT_ARRAY}", f"sample {at.start + found[0]}: {found[1]}. "
+                                                                     f"{rules.shard_fix(spec.name, shard)}"))
         for value in ("k", "v", "q"):
             if f"{value}_scale" in lowbit and f"{value}_zero" in lowbit:
                 problem = rules.lowbit_pair_problem(lowbit[f"{value}_scale"], lowbit[f"{value}_zero"],
@@ -296,23 +300,6 @@ def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, gri
     report.shards_complete[spec.name] = complete
     for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")
-
-
-def _verify_kept(store: KVStore, report: VerifyReport, spec: TeacherSpec, shard: int, kept: np.ndarray,
-                 slot_offsets: np.ndarray, segments: np.ndarray) -> None:
-    """Each sample's kept positions against the rule (:func:`kava.kvstore.eviction.kept_problem`)."""
-    assert spec.eviction is not None
-    samples, offsets = store.shard_samples(shard), store.offsets
-    base = int(slot_offsets[samples.start])
-    outside = ~in_segments(segments, spec.eviction)
-    for i in samples:
-        a, b = int(offsets[i]), int(offsets[i + 1])
-        rows = kept[int(slot_offsets[i]) - base : int(slot_offsets[i + 1]) - base]
-        problem = kept_problem(rows, b - a, outside[a:b])
-        if problem is not None:
-            report.problems.append(Problem(f"{layout.shard_key(spec.name, shard)}/{layout.KEPT_ARRAY}",
-                                           f"sample {i}: {problem}. {rules.shard_fix(spec.name, shard)}"))
-            return
 
 
 def seal_store(location: Any) -> VerifyReport:
