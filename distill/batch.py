@@ -240,7 +240,7 @@ def _read_teacher(store: KVStore, read: TeacherRead, spans: Sequence[ShardSpan],
             if evicts:
                 offsets = store.offsets[span.first_sample : span.first_sample + span.num_samples + 1]
                 k, v, mask = kv.dense(offsets)
-                kv = dataclasses.replace(kv, k=k, v=v)
+                kv = dataclasses.replace(kv, k=k, v=v, q=kv.dense_q(offsets))
                 assert teacher.kept is not None
                 teacher.kept[at : at + span.num_tokens] = mask
             for array, out in values.items():

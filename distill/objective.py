@@ -23,6 +23,7 @@ from kava.kvstore.manifest import TeacherSpec
 
 from .config import FusionOptions, ObjectiveOptions
 from .fusion import build_fusion, router_entropy
+from .kept_attention import attention_kl_kept
 from .losses import (
     TeacherAttention,
     attention_kl_blockwise,
@@ -282,7 +283,37 @@ class KVObjective(nn.Module):
         out["k"], out["v"], out["similarity"] = k_num / count, v_num / count, cos_num / count
         out["kept"] = (den > 0).to(k_num.dtype)
         out["total"] = self.alpha_k * out["k"] + self.alpha_v * out["v"]
+        if self.alpha_attn > 0:
+            out["attn"] = self._kept_attention_term(plan, tb, student)
+            out["total"] = out["total"] + self.alpha_attn * out["attn"]
         return out
+
+    def _kept_attention_term(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV) -> torch.Tensor:
+        """:meth:`_attention_term` of a compressed teacher: per query token ``[B, T]``, the mean over (aligned layer,
+        student head) pairs whose query the teacher kept of KL(its attention renormalised over its kept keys ‖ the
+        student's over the same keys) (``kava.distill.kept_attention``)."""
+        assert tb.q is not None and tb.kept is not None
+        cs = cos_sin(plan.spec.rope, torch.arange(tb.k.shape[-2], device=tb.k.device)) \
+            if plan.spec.rope is not None and plan.spec.k_rope == "pre" else None
+        total = heads = None
+        for layer in self.kv_layers:
+            pairs = plan.attn_sources.get(layer) or ()
+            if not pairs:
+                continue
+            queries, keys, kept = [], [], []
+            for t_layer, _ in pairs:
+                q, k = tb.q[:, tb.q_layers.index(t_layer)], tb.k[:, tb.layers.index(t_layer)]
+                if cs is not None:
+                    q, k = apply_rope(q, *cs), apply_rope(k, *cs)
+                queries.append(q)
+                keys.append(k)
+                kept.append(tb.kept[:, tb.layers.index(t_layer)])
+            kl, n = attention_kl_kept(queries, keys, kept, [w for _, w in pairs], queries[0].shape[-1] ** -0.5,
+                                      student.queries[layer], student.keys[layer], student.lengths,
+                                      student.scaling[layer])
+            total, heads = (kl, n) if total is None or heads is None else (total + kl, heads + n)
+        assert total is not None and heads is not None
+        return total / heads.clamp_min(1)
 
     def _attention_term(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV) -> torch.Tensor:
         """KL(teacher attention ‖ student attention) per query token ``[B, T]``, averaged over aligned layers.

@@ -170,12 +170,6 @@ def _teacher_plan(spec: TeacherSpec, kv_layers: tuple[int, ...], attn_layers: tu
     sources = {s: tuple(spec.layer_map.sources[s]) for s in kv_layers}
     attn: dict[int, tuple[tuple[int, float], ...]] = {}
     if attn_layers:
-        if spec.eviction is not None:
-            raise SchemaError(
-                f"{store.where}: teacher {spec.name!r} keeps only some rows ({spec.eviction.rule}, budget "
-                f"{spec.eviction.budget}) and stores no queries, and the structural loss's attention term needs them. "
-                "Set --alpha-attn 0 (or --loss mercator)."
-            )
         if not spec.has_q:
             raise SchemaError(
                 f"{store.where}: teacher {spec.name!r} has no stored queries, and the structural loss's attention "

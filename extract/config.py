@@ -292,8 +292,6 @@ class ExtractConfig:
             p.append("--layer-map cka needs --student (CKA compares teacher and student layers).")
         if self.q_layers is not None and not self.with_q:
             p.append("--q-layers needs --with-q.")
-        if self.kv_budget is not None and self.with_q:
-            p.append("--kv-budget with --with-q: a compressed teacher stores no queries yet. Drop one of them.")
         if self.shard is not None:
             m = _SHARD.match(self.shard)
             if not m or not int(m.group(2)) >= 1 or not 0 <= int(m.group(1)) < int(m.group(2)):

@@ -150,13 +150,17 @@ class EvictedSample(NamedTuple):
     k: torch.Tensor
     """``[M, L, H, D]`` the kept keys (as stored: pre- or post-RoPE)."""
     v: torch.Tensor
+    q: torch.Tensor | None
+    """``[M, Lq, Hq, D]`` the kept queries of the asked layers (query head ``h`` on the rows its KV head
+    ``h // (Hq / H)`` kept), or None."""
     fidelity: torch.Tensor
     """``[L]``: per stored layer, the relative L2 error of the observation window's attention output when it reads
     only the kept rows (:func:`fidelity`), averaged over query heads."""
 
 
 def evict_sample(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, segment_ids: torch.Tensor,
-                 eviction: EvictionSpec, *, rope: dict[str, Any] | None, k_rope: str, sample: int) -> EvictedSample:
+                 eviction: EvictionSpec, *, rope: dict[str, Any] | None, k_rope: str, sample: int,
+                 q_layers: tuple[int, ...] = ()) -> EvictedSample:
     """Choose one sample's kept rows under ``eviction`` from its rows on the student grid.
 
     ``k``, ``v`` ``[T, L, H, D]`` and ``q`` ``[T, L, Hq, D]`` are the teacher's keys, values and queries of the
@@ -164,6 +168,7 @@ def evict_sample(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, segment_ids:
     queries are rotated to the grid positions with the teacher's RoPE when they are stored pre-RoPE, so the scores
     are the attention the teacher's cache would give there. The observation window is the answer's tokens (else the
     last ``WINDOW_FALLBACK``). ``sample`` (the store index) seeds the ``random`` rule, so each sample draws its own.
+    ``q_layers`` (indices into the stored layers) are the layers whose kept queries are returned, as captured.
     """
     t, layers, heads, d = k.shape
     segment = torch.isin(segment_ids, torch.as_tensor(eviction.segment_ids))  # [T]
@@ -188,5 +193,11 @@ def evict_sample(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, segment_ids:
     positions = torch.stack(kept, dim=0).permute(2, 0, 1)  # [M, L, H]
     layer_ix = torch.arange(layers)[None, :, None]
     head_ix = torch.arange(heads)[None, None, :]
-    return EvictedSample(positions, k[positions, layer_ix, head_ix], v[positions, layer_ix, head_ix],
+    kept_q = None
+    if q_layers:
+        group = q.shape[2] // heads
+        rows = positions[:, list(q_layers)].repeat_interleave(group, dim=2)  # [M, Lq, Hq]
+        kept_q = q[:, list(q_layers)][rows, torch.arange(len(q_layers))[None, :, None],
+                                      torch.arange(q.shape[2])[None, None, :]]
+    return EvictedSample(positions, k[positions, layer_ix, head_ix], v[positions, layer_ix, head_ix], kept_q,
                          torch.stack(errors))

@@ -314,7 +314,7 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
     teacher_model, teacher_tok = teacher
     special_ids = np.asarray(sorted(teacher_tok.all_special_ids), dtype=np.int64)
     device = next(teacher_model.parameters()).device
-    # A compressed teacher scores its rows with the queries of the stored layers (captured, not stored).
+    # A compressed teacher scores its rows with the queries of every stored layer (stored only on --q-layers).
     evicting, rope = plan.eviction, rope_params(teacher_model.config)
     capture_q = layers if evicting is not None else q_layers
     writer = BackgroundWriter()
@@ -366,8 +366,10 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                     if evicting is not None:  # only the kept rows, chosen from this very pass
                         assert q is not None  # captured at the stored layers for the scores
                         ev = evict_sample(k, v, q, torch.as_tensor(sample.segment_ids), evicting, rope=rope,
-                                          k_rope=cfg.k_rope, sample=w.next_sample)
-                        w.add(ev.k, ev.v, align_weight=weight, logits=logits, kept=ev.kept, fidelity=ev.fidelity)
+                                          k_rope=cfg.k_rope, sample=w.next_sample,
+                                          q_layers=tuple(layers.index(layer) for layer in q_layers))
+                        w.add(ev.k, ev.v, q=ev.q, align_weight=weight, logits=logits, kept=ev.kept,
+                              fidelity=ev.fidelity)
                     else:
                         w.add(k, v, q=q, align_weight=weight, logits=logits)
             writer.submit(write)

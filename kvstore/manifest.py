@@ -16,8 +16,10 @@ from typing import Any
 
 from kava.core.errors import ConfigError, FormatVersionError, SchemaError, short_repr
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """The store format this code writes and the newest it reads."""
+EVICTED_Q_SINCE = 5
+"""The first format version whose compressed teachers may store queries (on their kept rows)."""
 EVICTION_SINCE = 4
 """The first format version whose teachers may keep only some rows of a segment (``TeacherSpec.eviction``)."""
 LOWBIT_SINCE = 3
@@ -544,10 +546,11 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         check_teacher_name(self.name)
-        if self.eviction is not None and self.q_layers:
+        if self.eviction is not None and not set(self.q_layers) <= set(self.layers):
             raise SchemaError(
-                f"q_layers: a compressed teacher (eviction) stores no queries. Got {list(self.q_layers)} instead. "
-                "Extract it without --with-q, or without --kv-budget."
+                f"q_layers: a compressed teacher (eviction) stores queries only on its K/V layers {list(self.layers)} "
+                f"(the rows it kept there). Got {list(self.q_layers)} instead. Pass --q-layers within --layers, or "
+                "extract without --kv-budget."
             )
         if self.k_rope not in K_ROPE:
             raise SchemaError(f"k_rope: expected one of pre, post. Got {self.k_rope!r} instead.")

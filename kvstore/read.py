@@ -76,19 +76,37 @@ class TeacherKV:
         are returned as they are, with a mask of all True."""
         if self.kept is None:
             return self.k, self.v, np.ones(self.k.shape[:3], dtype=bool)
-        assert self.slot_offsets is not None
         t = int(offsets[-1] - offsets[0])
+        rows, layer, head = self._token_rows(offsets)
         k = np.zeros((t, *self.k.shape[1:]), self.k.dtype)
         v = np.zeros((t, *self.v.shape[1:]), self.v.dtype)
         mask = np.zeros((t, *self.kept.shape[1:]), bool)
-        # Each slot's token row on this axis: its sample's first row plus its position.
-        first = np.repeat(offsets[:-1] - offsets[0], np.diff(self.slot_offsets))  # [M]
-        rows = first[:, None, None] + self.kept  # [M, L, H]
-        layer, head = np.indices(self.kept.shape[1:])
         k[rows, layer, head] = self.k
         v[rows, layer, head] = self.v
         mask[rows, layer, head] = True
         return k, v, mask
+
+    def dense_q(self, offsets: np.ndarray) -> np.ndarray | None:
+        """``q`` on the tokens, ``[T, Lq, Hq, D]``: a compressed teacher's query rows (kept where the row of their
+        KV head, ``h // (Hq / H)``, was kept in that layer) put back, zeros elsewhere; a dense teacher's as read."""
+        if self.kept is None or self.q is None:
+            return self.q
+        rows, _, _ = self._token_rows(offsets)  # [M, L, H]
+        group = self.q.shape[2] // self.kept.shape[2]
+        rows = rows[:, [self.layers.index(layer) for layer in self.q_layers]].repeat(group, axis=2)  # [M, Lq, Hq]
+        layer, head = np.indices(rows.shape[1:])
+        q = np.zeros((int(offsets[-1] - offsets[0]), *self.q.shape[1:]), self.q.dtype)
+        q[rows, layer, head] = self.q
+        return q
+
+    def _token_rows(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each slot's row on the tokens of ``offsets`` ``[M, L, H]`` (its sample's first row plus its position),
+        with the layer and head index grids ``[L, H]`` that go with it."""
+        assert self.kept is not None and self.slot_offsets is not None
+        first = np.repeat(offsets[:-1] - offsets[0], np.diff(self.slot_offsets))  # [M]
+        grid = np.indices(self.kept.shape[1:])  # [2, L, H]: the layer and head of each entry
+        rows: np.ndarray = first[:, None, None] + self.kept
+        return rows, grid[0], grid[1]
 
 
 @dataclass
@@ -453,7 +471,17 @@ def plan_read(where: str, spec: TeacherSpec, request: TeacherRead) -> ReadPlan:
     if request.with_q:
         if not spec.has_q:
             raise SchemaError(f"{where}: teacher {spec.name!r} has no stored queries. Re-extract it with --with-q.")
-        qsel, q_kept = layer_positions(where, spec.name, None, spec.q_layers, "Q")
+        q_layers = None
+        if spec.eviction is not None:  # slot rows mean something only beside their `kept`: read it for these layers
+            q_layers = [layer for layer in spec.q_layers if layer in kept]
+            if not request.with_kv or not q_layers:
+                raise SchemaError(
+                    f"{where}: teacher {spec.name!r} keeps only some rows, and its queries (layers "
+                    f"{list(spec.q_layers)}) are read with the kept positions of their K/V layers. Read K/V "
+                    "(with_kv=True) of layers that include some of them; asked for "
+                    f"{list(kept) if request.with_kv else []}."
+                )
+        qsel, q_kept = layer_positions(where, spec.name, q_layers, spec.q_layers, "Q")
         wanted.append(("q", qsel, len(q_kept), spec.num_heads))
     if request.with_logits and spec.logits is None:
         raise SchemaError(f"{where}: teacher {spec.name!r} has no stored logits. Re-extract it with --logit-top-k K.")

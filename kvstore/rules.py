@@ -25,7 +25,7 @@ import numpy as np
 from kava.core.errors import short_repr
 
 from . import codecs, layout
-from .manifest import EVICTION_SINCE, LOWBIT_DTYPES, LOWBIT_SINCE, StoreManifest, TeacherSpec
+from .manifest import EVICTED_Q_SINCE, EVICTION_SINCE, LOWBIT_DTYPES, LOWBIT_SINCE, StoreManifest, TeacherSpec
 
 FP16_MAX = 65504.0
 """The largest finite float16: the low-bit dtypes decode into float16 in a training window."""
@@ -148,13 +148,16 @@ def version_problem(version: int, spec: TeacherSpec) -> str | None:
     """Whether teacher ``spec`` uses something its store's format ``version`` did not have, as a phrase.
 
     Version 2 added the digests (a version-2 document without one is refused where it is read); version 3 the
-    low-bit dtypes; version 4 compressed teachers (eviction). Logits and everything else a spec can say were there
-    in version 1."""
+    low-bit dtypes; version 4 compressed teachers (eviction); version 5 their queries. Logits and everything else
+    a spec can say were there in version 1."""
     if spec.storage.dtype in LOWBIT_DTYPES and version < LOWBIT_SINCE:
         return (f"expected a store of format version {LOWBIT_SINCE} or later for {spec.storage.dtype} storage. Got "
                 f"version {version} instead: a version-{version} store can't hold it, so its manifest was changed")
     if spec.eviction is not None and version < EVICTION_SINCE:
         return (f"expected a store of format version {EVICTION_SINCE} or later for a compressed teacher (eviction). "
+                f"Got version {version} instead: a version-{version} store can't hold it, so its manifest was changed")
+    if spec.eviction is not None and spec.q_layers and version < EVICTED_Q_SINCE:
+        return (f"expected a store of format version {EVICTED_Q_SINCE} or later for a compressed teacher with queries. "
                 f"Got version {version} instead: a version-{version} store can't hold it, so its manifest was changed")
     return None
 

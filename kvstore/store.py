@@ -44,6 +44,7 @@ from .integrity import (
     unsealed_note,
 )
 from .manifest import (
+    EVICTED_Q_SINCE,
     EVICTION_SINCE,
     LOWBIT_DTYPES,
     LOWBIT_SINCE,
@@ -338,6 +339,12 @@ class KVStore:
                 f"{self.where}: expected a store of format version {EVICTION_SINCE} or later for a compressed teacher "
                 f"(older readers can't read it). Got version {self.manifest.format_version} instead. Extract into a "
                 "new store, or without --kv-budget."
+            )
+        if spec.eviction is not None and spec.q_layers and self.manifest.format_version < EVICTED_Q_SINCE:
+            raise StoreError(
+                f"{self.where}: expected a store of format version {EVICTED_Q_SINCE} or later for a compressed teacher "
+                f"with queries (older readers can't read them). Got version {self.manifest.format_version} instead. "
+                "Extract into a new store, or without --with-q."
             )
         if not zarr_io.exists(self._store, f"{key}/zarr.json"):
             # One exclusive write of the group with its spec: when the jobs of a job array register the same

@@ -264,6 +264,8 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         return {str(k).replace("-", "_"): v for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads `kv_budget: 0.25` or `shard: 64` as numbers; the option takes their text
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         problems.append(f"{where}: expected {tp.__name__}. Got {value!r} instead.")
     return value

@@ -91,7 +91,7 @@ def test_store_info_json_prints_only_json(store_path):
     out = kava("store", "info", str(store_path), "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)  # nothing else on stdout
-    assert info["format_version"] == 4
+    assert info["format_version"] == 5
     assert info["samples"] == 6 and info["tokens"] == 36
     assert info["samples_by_status"] == {"ok": 4, "truncated": 1, "skipped": 1}
     t = info["teachers"]["t1"]
@@ -104,7 +104,7 @@ def test_store_info_json_prints_only_json(store_path):
 def test_store_info_human(store_path):
     out = kava("store", "info", str(store_path))
     assert out.returncode == 0
-    assert "format v4" in out.stdout and "teacher     t1" in out.stdout and "complete" in out.stdout
+    assert "format v5" in out.stdout and "teacher     t1" in out.stdout and "complete" in out.stdout
 
 
 def test_store_verify_sound_and_corrupted(store_path, tmp_path):

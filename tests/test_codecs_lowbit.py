@@ -194,7 +194,7 @@ def test_real_lowbit_store_reads_back_within_half_a_step_of_float16(lowbit_store
     store = KVStore.open(lowbit_store)
     spec = store.teacher(dtype)
     assert (spec.storage.dtype, spec.storage.group_tokens, spec.storage.group_channels) == (dtype, 64, 8)
-    assert spec.storage.chunk_tokens % 64 == 0 and store.manifest.format_version == 4
+    assert spec.storage.chunk_tokens % 64 == 0 and store.manifest.format_version == 5
     G = spec.storage.group_tokens
     cos = {a: [] for a in "kvq"}
     for shard in range(store.num_shards):
@@ -304,13 +304,13 @@ def test_an_older_reader_refuses_a_newer_store_and_old_stores_take_no_lowbit_tea
     path = tmp_path / "kv.zarr"
     options = dict(teacher=str(stories), store=str(path), limit=4, **QUIET)
     run_extract(ExtractConfig.from_dict(dict(options, name="fp16")), log=lambda _: None)
-    assert KVStore.open(path).manifest.format_version == manifest.FORMAT_VERSION == 4
+    assert KVStore.open(path).manifest.format_version == manifest.FORMAT_VERSION == 5
     # This version reads it, float16 teacher and all.
     assert KVStore.open(path).read_sample(0).teachers["fp16"].k.shape[1:] == (5, 4, 8)
 
     # A reader of version 2 (what this kava was before int4/int2) refuses it up front and says what to do.
     monkeypatch.setattr(manifest, "FORMAT_VERSION", 2)
-    with pytest.raises(FormatVersionError, match="format version 4; this kava reads up to 2. Upgrade kava"):
+    with pytest.raises(FormatVersionError, match="format version 5; this kava reads up to 2. Upgrade kava"):
         KVStore.open(path)
     monkeypatch.undo()
 
@@ -322,8 +322,8 @@ def test_an_older_reader_refuses_a_newer_store_and_old_stores_take_no_lowbit_tea
                                          "Got version 2 instead. Extract into a new store"):
         run_extract(ExtractConfig.from_dict(dict(options, name="q4", kv_dtype="int4")), log=lambda _: None)
     # And a store from a newer kava than this one is refused the same way.
-    _set_root_version(path, 5)
-    with pytest.raises(FormatVersionError, match="format version 5; this kava reads up to 4"):
+    _set_root_version(path, 6)
+    with pytest.raises(FormatVersionError, match="format version 6; this kava reads up to 5"):
         KVStore.open(path)
 
 

@@ -66,3 +66,15 @@ def test_check_refuses_a_variant_named_with_an_absolute_path_and_writes_nothing(
         assert "Traceback" not in proc.stderr
     assert (tmp_path / "victim" / "seed-42" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "runs").exists()
+
+
+def test_numbers_in_yaml_for_text_options_are_taken_as_their_text():
+    """`kv_budget: 0.25` (YAML reads a float) means the flag's '0.25', not a type error; a bool stays an error."""
+    cfg = yaml.safe_load((configs_dir() / "compression.yaml").read_text())
+    cfg["teachers"][1]["extract"]["kv_budget"] = 0.25
+    cfg["teachers"][2]["extract"]["kv_budget"] = 64
+    run = parse_config(cfg)
+    assert [run.teacher(cfg["teachers"][i]["name"]).extract["kv_budget"] for i in (1, 2)] == ["0.25", "64"]
+    cfg["teachers"][2]["extract"]["kv_budget"] = True
+    with pytest.raises(ConfigError, match=r"kv_budget: expected str. Got True instead"):
+        parse_config(cfg)

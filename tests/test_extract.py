@@ -252,7 +252,7 @@ def test_store_verify_and_info_json_of_an_extraction(ref_store):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)  # stdout holds the JSON document and nothing else
     store = KVStore.open(ref_store)
-    assert (info["format_version"], info["samples"], info["tokens"]) == (4, 100, store.num_tokens)
+    assert (info["format_version"], info["samples"], info["tokens"]) == (5, 100, store.num_tokens)
     t = info["teachers"][STORIES_NAME]
     assert (t["layers"], t["kv_heads"], t["head_dim"], t["k_rope"], t["has_q"], t["dtype"]) == (
         [0, 1, 2, 3, 4], 4, 8, "pre", False, "float16")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import ENV, KAVA, asset_path
 
-from kava.core.errors import ConfigError
+from kava.core.errors import ConfigError, SchemaError
 from kava.extract import evict
 from kava.extract.config import ExtractConfig
 from kava.extract.recipe import run_extract
@@ -27,8 +27,9 @@ ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """One store: the dense teacher with its queries (float32, so that its rows are the very values the compressed
-    teachers chose from), compressed teachers at 25% (r-kv and random), one at 100%, and the dense teacher as
-    float16 (what the 100% one stores)."""
+    teachers chose from), compressed teachers at 25% (r-kv and random, and r-kv storing the queries of layers 2
+    and 4), one at 100% with its queries, and the dense teacher as float16 with its queries (what the 100% one
+    stores)."""
     stories = asset_path("models/stories260K_hf_derived")
     path = tmp_path_factory.mktemp("evict") / "kv.zarr"
     common = dict(teacher=str(stories), store=str(path), limit=12, difficulty="default", shard_tokens=600, **QUIET)
@@ -37,9 +38,11 @@ def stores(tmp_path_factory):
     for rule in ("r-kv", "random"):
         run_extract(ExtractConfig.from_dict(dict(common, name=rule, kv_budget="0.25", evict=rule)),
                     log=lambda _: None)
-    run_extract(ExtractConfig.from_dict(dict(common, name="all", kv_budget="1.0", evict="attention")),
+    run_extract(ExtractConfig.from_dict(dict(common, name="r-kv-q", kv_budget="0.25", evict="r-kv", with_q=True,
+                                             q_layers="2,4")), log=lambda _: None)
+    run_extract(ExtractConfig.from_dict(dict(common, name="all", kv_budget="1.0", evict="attention", with_q=True)),
                 log=lambda _: None)
-    run_extract(ExtractConfig.from_dict(dict(common, name="dense16")), log=lambda _: None)
+    run_extract(ExtractConfig.from_dict(dict(common, name="dense16", with_q=True)), log=lambda _: None)
     return path
 
 
@@ -80,6 +83,27 @@ def test_kept_rows_are_the_dense_rows_the_rule_chooses(stores, rule):
         assert len(kv.kept) == len(seg) - (seg == 1).sum() + int(np.ceil((seg == 1).sum() * 0.25))
 
 
+def test_a_compressed_teacher_stores_the_queries_of_its_kept_rows(stores):
+    store = KVStore.open(stores)
+    spec = store.teacher("r-kv-q")
+    assert spec.q_layers == (2, 4) and store.manifest.format_version == 5
+    group = spec.num_heads // spec.kv_heads
+    for i in range(store.num_samples):
+        dense = store.read_sample(i, teachers=["dense"], with_q=True).teachers["dense"]
+        kv = store.read_sample(i, teachers=["r-kv-q"], with_q=True).teachers["r-kv-q"]
+        np.testing.assert_array_equal(kv.kept, store.read_sample(i, teachers=["r-kv"]).teachers["r-kv"].kept)
+        offsets = np.array([0, len(dense.k)])
+        q, (_, _, mask) = kv.dense_q(offsets), kv.dense(offsets)
+        # Query head h of layer 2 (4) on the rows its KV head h // group kept there, the dense teacher's query.
+        q_mask = mask[:, [spec.layers.index(2), spec.layers.index(4)]].repeat(group, axis=2)  # [T, 2, Hq]
+        dense_q_layers = store.teacher("dense").q_layers
+        want = dense.q[:, [dense_q_layers.index(2), dense_q_layers.index(4)]]
+        np.testing.assert_array_equal(q, np.where(q_mask[..., None], want.astype(np.float16).astype(np.float32), 0))
+    with pytest.raises(SchemaError, match=r"queries \(layers \[2, 4\]\) are read with the kept positions.*asked "
+                                          r"for \[0, 1\]"):
+        store.read_sample(0, teachers=["r-kv-q"], layers=[0, 1], with_q=True)
+
+
 def test_budget_one_is_the_dense_teacher_and_the_store_verifies(stores):
     store = KVStore.open(stores)
     for shard in range(store.num_shards):
@@ -111,15 +135,15 @@ def test_cli_extract_info_and_wrong_flags(tmp_path):
     store = tmp_path / "kv.zarr"
     base = [*KAVA, "extract", "--teacher", str(stories), "--store", str(store), "--limit", "4", "--no-progress",
             "--calibration-samples", "0"]
-    wrong = subprocess.run([*base, "--kv-budget", "2.5", "--evict", "h2o", "--with-q"], capture_output=True, text=True,
-                           env=ENV, timeout=300)
+    wrong = subprocess.run([*base, "--kv-budget", "2.5", "--evict", "h2o"], capture_output=True, text=True, env=ENV,
+                           timeout=300)
     assert wrong.returncode != 0 and not store.exists()
     assert "--kv-budget: expected a fraction in (0, 1] ('0.1') or a count >= 1 ('64'). Got '2.5' instead." \
            in wrong.stderr
     assert "--evict: expected one of r-kv, attention, streaming, random. Got 'h2o' instead." in wrong.stderr
-    assert "--kv-budget with --with-q: a compressed teacher stores no queries yet" in wrong.stderr
-    ok = subprocess.run([*base, "--kv-budget", "8", "--evict", "streaming"], capture_output=True, text=True, env=ENV,
-                        timeout=300)
+    assert "Found 2 problems" in wrong.stderr
+    ok = subprocess.run([*base, "--kv-budget", "8", "--evict", "streaming", "--with-q"], capture_output=True, text=True,
+                        env=ENV, timeout=300)
     assert ok.returncode == 0, ok.stderr
     info = subprocess.run([*KAVA, "store", "info", str(store)], capture_output=True, text=True, env=ENV, timeout=120)
     assert "evicted   streaming, budget 8 of the reasoning rows:" in info.stdout and "fidelity  " in info.stdout
@@ -193,6 +217,23 @@ def test_compressed_teachers_refuse_what_needs_the_rows_they_dropped(stores, tmp
         distill(stores, tmp_path / "p", "r-kv", project="teacher")
     from kava.core.errors import SchemaError
 
-    with pytest.raises(SchemaError, match=r"teacher 'r-kv' keeps only some rows \(r-kv, budget 0.25\) and stores no "
-                                          r"queries.*--alpha-attn 0"):
+    with pytest.raises(SchemaError, match=r"teacher 'r-kv' has no stored queries.*Re-extract it with --with-q"):
         distill(stores, tmp_path / "s", "r-kv", loss="structural")
+
+
+def test_budget_one_matches_the_dense_attention_term(stores, tmp_path):
+    """With every row kept the attention over the kept keys is the dense attention term: the same losses."""
+    dense = distill(stores, tmp_path / "dense", "dense16", loss="structural")
+    full = distill(stores, tmp_path / "all", "all", loss="structural")
+    for a, b in zip(dense, full):
+        for key in ("loss/attn", "loss/k", "loss/kv", "loss/ce"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert dense[0]["loss/attn"] > 0.01
+
+
+def test_a_quarter_of_the_reasoning_with_queries_trains_the_attention_term(stores, tmp_path):
+    dense = distill(stores, tmp_path / "dense", "dense16", loss="structural")
+    kept = distill(stores, tmp_path / "rkvq", "r-kv-q", loss="structural")
+    assert kept[0]["loss/attn"] != pytest.approx(dense[0]["loss/attn"], rel=1e-3)
+    assert all(math.isfinite(m["loss/attn"]) and m["loss/attn"] >= 0 for m in kept)
+    assert kept[-1]["loss/kv"] < kept[0]["loss/kv"]

@@ -449,3 +449,81 @@ def test_attention_kl_blockwise_rejects_bad_inputs():
     with pytest.raises(ShapeError, match="Expected every teacher layer's q and k in one layout"):
         TeacherAttention([torch.randn(2, 4, 6, 4), torch.randn(2, 2, 6, 4)], [torch.randn(2, 2, 6, 4)] * 2,
                          [0.5, 0.5], 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The attention term of a compressed teacher: over the keys it kept
+
+
+def naive_kept_attention(queries, keys, kept, weights, t_scaling, q, k, lengths, scaling):
+    """Loop by loop: per (batch, student head, query) the teacher heads it mixes, each one's attention renormalised
+    over the keys it kept, the union of those keys as the student's support, and the KL there."""
+    batch, s_heads, steps, _ = q.shape
+    t_heads = queries[0].shape[1]
+    share = head_share_matrix(t_heads, s_heads).double() if t_heads != s_heads else torch.eye(t_heads, dtype=F64)
+    kl_sum, heads = torch.zeros(batch, steps, dtype=F64), torch.zeros(batch, steps, dtype=F64)
+    for b in range(batch):
+        for hs in range(s_heads):
+            for t in range(int(lengths[b])):
+                mixed = [(layer, ht, share[hs, ht].item()) for layer in range(len(queries)) for ht in range(t_heads)
+                         if share[hs, ht] > 0]
+                group = [t_heads // keys[layer].shape[1] for layer in range(len(queries))]
+                if not all(kept[layer][b, ht // group[layer], t] for layer, ht, _ in mixed):
+                    continue
+                p = torch.zeros(steps, dtype=F64)
+                support = torch.zeros(steps, dtype=torch.bool)
+                for layer, ht, share_w in mixed:
+                    visible = kept[layer][b, ht // group[layer], : t + 1]
+                    scores = torch.stack([queries[layer][b, ht, t].double() @ keys[layer][b, ht // group[layer], s]
+                                          .double() * t_scaling for s in range(t + 1)])
+                    probs = torch.zeros(t + 1, dtype=F64)
+                    probs[visible] = torch.softmax(scores[visible], 0)
+                    p[: t + 1] += weights[layer] * share_w * probs
+                    support[: t + 1] |= visible
+                s_kv = hs // (s_heads // k.shape[1])
+                s_scores = torch.stack([q[b, hs, t].double() @ k[b, s_kv, s].double() * scaling for s in range(steps)])
+                s_logp = torch.full((steps,), -math.inf, dtype=F64)
+                s_logp[support] = torch.log_softmax(s_scores[support], 0)
+                nz = p > 0
+                kl_sum[b, t] += (p[nz] * (p[nz].log() - s_logp[nz])).sum()
+                heads[b, t] += 1
+    return kl_sum, heads
+
+
+@pytest.mark.parametrize(("t_heads", "t_kv", "s_heads", "s_kv", "layers"), [(4, 2, 4, 2, 1), (8, 4, 4, 2, 2),
+                                                                           (2, 1, 4, 4, 1), (3, 3, 2, 1, 1)])
+def test_attention_over_kept_keys_matches_the_loop_reference(t_heads, t_kv, s_heads, s_kv, layers):
+    from kava.distill.kept_attention import attention_kl_kept
+
+    torch.manual_seed(2)
+    steps, lengths = 9, torch.tensor([9, 6, 0])
+    queries = [torch.randn(3, t_heads, steps, 4, dtype=F64) for _ in range(layers)]
+    keys = [torch.randn(3, t_kv, steps, 4, dtype=F64) for _ in range(layers)]
+    kept = [torch.rand(3, t_kv, steps) < 0.6 for _ in range(layers)]
+    for mask in kept:
+        mask[:, :, 0] = True  # a sink, as prompts are kept
+    weights = [1.0] if layers == 1 else [0.4, 0.6]
+    q = torch.randn(3, s_heads, steps, 5, dtype=F64, requires_grad=True)
+    k = torch.randn(3, s_kv, steps, 5, dtype=F64, requires_grad=True)
+    kl_sum, heads = attention_kl_kept(queries, keys, kept, weights, 0.5, q, k, lengths, 0.4)
+    want_sum, want_heads = naive_kept_attention(queries, keys, kept, weights, 0.5, q.detach(), k.detach(), lengths,
+                                                0.4)
+    torch.testing.assert_close(heads, want_heads)
+    torch.testing.assert_close(kl_sum, want_sum, rtol=1e-9, atol=1e-12)
+    assert heads.sum() > 0 and (heads[2] == 0).all() and (heads[1, 6:] == 0).all()  # padding never counts
+    assert torch.autograd.gradcheck(lambda q, k: attention_kl_kept(queries, keys, kept, weights, 0.5, q, k, lengths,
+                                                                   0.4)[0], (q, k))
+
+
+def test_attention_over_kept_keys_with_everything_kept_is_the_dense_term():
+    from kava.distill.kept_attention import attention_kl_kept
+
+    torch.manual_seed(3)
+    lengths = torch.tensor([7, 4])
+    queries, keys = [torch.randn(2, 8, 7, 4), torch.randn(2, 8, 7, 4)], [torch.randn(2, 4, 7, 4)] * 2
+    kept = [torch.ones(2, 4, 7, dtype=torch.bool)] * 2
+    q, k = torch.randn(2, 4, 7, 6), torch.randn(2, 2, 7, 6)
+    kl_sum, heads = attention_kl_kept(queries, keys, kept, [0.3, 0.7], 0.5, q, k, lengths, 0.4)
+    dense = dense_attention_term(queries, keys, [0.3, 0.7], 0.5, q, k, lengths, 0.4)
+    torch.testing.assert_close(kl_sum / heads.clamp_min(1), dense, rtol=1e-5, atol=1e-6)
+    assert (heads[0] == 4).all() and (heads[1, :4] == 4).all() and (heads[1, 4:] == 0).all()

@@ -377,8 +377,8 @@ def test_newer_format_version(tmp_path):
     create(path)
     root = zarr.open_group(path, mode="a")
     manifest = root.attrs["kava"]
-    root.attrs["kava"] = {**manifest, "format_version": 5}
-    with pytest.raises(FormatVersionError, match="format version 5; this kava reads up to 4. Upgrade kava"):
+    root.attrs["kava"] = {**manifest, "format_version": 6}
+    with pytest.raises(FormatVersionError, match="format version 6; this kava reads up to 5. Upgrade kava"):
         KVStore.open(path)
     with pytest.raises(FormatVersionError, match="Upgrade"):
         verify_store(path)

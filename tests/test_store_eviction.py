@@ -3,6 +3,7 @@ sample and by shard, the dense view, verify, and the rules a writer and a reader
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -219,11 +220,19 @@ def test_writer_refuses_kept_positions_that_break_the_rule(tmp_path):
     np.testing.assert_array_equal(KVStore.open(tmp_path / "kv.zarr").read_sample(0).teachers["half"].kept, kept)
 
 
-def test_a_compressed_teacher_stores_no_queries_and_needs_version_4(tmp_path):
-    with pytest.raises(SchemaError, match="a compressed teacher .eviction. stores no queries"):
+def test_a_compressed_teacher_stores_queries_on_its_layers_and_needs_version_4_or_5(tmp_path):
+    with pytest.raises(SchemaError, match=r"a compressed teacher .eviction. stores queries only on its K/V layers "
+                                          r"\[0, 2\].*Got \[1\] instead"):
         TeacherSpec(name="q", model={}, num_layers=3, layers=(0, 2), num_heads=4, kv_heads=2, head_dim=8,
-                    layer_map=LayerMap("proportional", (((0, 1.0),), ((2, 1.0),))), q_layers=(2,),
+                    layer_map=LayerMap("proportional", (((0, 1.0),), ((2, 1.0),))), q_layers=(1,),
                     eviction=EvictionSpec(rule="random", budget=0.5))
+    with_q = TeacherSpec(name="q", model={}, num_layers=3, layers=(0, 2), num_heads=4, kv_heads=2, head_dim=8,
+                         layer_map=LayerMap("proportional", (((0, 1.0),), ((2, 1.0),))), q_layers=(2,),
+                         eviction=EvictionSpec(rule="random", budget=0.5))
+    from kava.kvstore.rules import version_problem
+
+    assert version_problem(5, with_q) is None and version_problem(4, dataclasses.replace(with_q, q_layers=())) is None
+    assert "format version 5 or later for a compressed teacher with queries" in version_problem(4, with_q)
     with pytest.raises(SchemaError, match=r"eviction.budget: expected a count >= 1 or a fraction in \(0, 1\]. "
                                           "Got 1.5 instead"):
         EvictionSpec.from_dict({"rule": "random", "budget": 1.5})

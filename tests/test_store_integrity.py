@@ -216,7 +216,7 @@ def test_distill_from_a_store_naming_an_absolute_tokenizer_file_writes_nothing(t
 
 def test_sealed_store_round_trips(path):
     raw = json.loads((path / "zarr.json").read_text())["attributes"]["kava"]
-    assert raw["format_version"] == 4 and set(raw["digest"]) == set(raw) - {"digest"}
+    assert raw["format_version"] == 5 and set(raw["digest"]) == set(raw) - {"digest"}
     report = verify_store(path)
     assert report.ok and not report.warnings, report.problems
 
