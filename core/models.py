@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 from .hub import hub_offline, uncached_problem
+from .placement import adopt_offload_folder, parse_device_map, parse_max_memory, placement_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only (torch/transformers are slow to import)
     import torch
@@ -106,6 +107,11 @@ class ModelSource:
     """True when ``model_id`` is a local directory."""
     role: str = "teacher"
     """What the model is to the run (``"teacher"``, ``"student"``): names it in messages."""
+    device_map: str | None = None
+    """accelerate's placement over several devices (``auto``, ``balanced``, ... or JSON; ``kava.core.placement``);
+    None puts the whole model on ``device``."""
+    max_memory: str | None = None
+    """With ``device_map``: the most each device may hold (``0=70GiB,cpu=200GiB``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -134,6 +140,8 @@ def resolve_model(
     device: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> ModelSource:
     """Resolve a preset name, a local model directory or a hub id into a ``ModelSource``, checking every option.
 
@@ -152,6 +160,12 @@ def resolve_model(
         problems.append("Can't set both --load-in-4bit and --load-in-8bit. Choose one.")
     dtype_name = _parse_dtype(dtype, problems)
     device_name = _parse_device(device, problems)
+    device_map = parse_device_map(device_map, problems)
+    max_memory = parse_max_memory(max_memory, problems)
+    if device_map is not None and device is not None:
+        problems.append("Can't set both --device and --device-map: the map places every layer. Choose one.")
+    if max_memory is not None and device_map is None:
+        problems.append("--max-memory needs --device-map (e.g. --device-map auto): it bounds what the map places.")
 
     key = str(name_or_path).strip()
     preset = (presets or {}).get(key.lower())
@@ -210,6 +224,8 @@ def resolve_model(
         trust_remote_code=bool(trust_remote_code),
         is_local=is_local,
         role=role,
+        device_map=device_map,
+        max_memory=max_memory,
     )
 
 
@@ -276,7 +292,7 @@ def load_model(source: ModelSource, *, trainable: bool = False,
     if source.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(_no_cuda_message(source.device))
     quantization_config = _quantization_config(source)
-    placement: dict[str, Any] = {} if trainable else {"device_map": {"": source.device}}
+    placement = {} if trainable else placement_kwargs(source.device, source.device_map, source.max_memory)
     if attn_implementation is not None:
         placement["attn_implementation"] = attn_implementation
     try:
@@ -289,7 +305,9 @@ def load_model(source: ModelSource, *, trainable: bool = False,
             **_common_kwargs(source),
         )
     except (OSError, ValueError) as e:
+        adopt_offload_folder(None, placement)
         raise _load_error(source, "model", e) from e
+    adopt_offload_folder(model, placement)
     if trainable:
         return model
     model.eval()

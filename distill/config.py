@@ -47,6 +47,8 @@ MAX_GRAD_ACCUM = 4096
 MAX_SEED = 2**32 - 1
 """--seed's bound: what every generator it seeds accepts (numpy's is the narrowest)."""
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+"""Student attention kernels whose Q/K/V the training capture reads (``kava.extract.capture``)."""
 RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard"})
 """Fields a resumed run may change; any other difference would change the loss sequence, so it is refused."""
 
@@ -310,6 +312,9 @@ class DistillConfig:
     """CPU threads for torch (default: torch's choice)."""
     trust_remote_code: bool = False
     """Allow modelling code shipped with the student checkpoint."""
+    attn_implementation: str = "sdpa"
+    """The student's attention: sdpa (torch's fused kernels; flash kernels on a CUDA GPU in bf16/fp16) or eager
+    (the model's own matmuls and softmax)."""
     command: str = ""
     """The command line, recorded with the outputs."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -371,6 +376,12 @@ class DistillConfig:
         choice("--logit-divergence", o.logits.logit_divergence, DIVERGENCES)
         choice("--balance", o.balance, ("none", "gradnorm"))
         choice("--precision", tr.precision, ("auto", "bf16", "fp32"))
+        if self.attn_implementation.startswith("flash_attention"):
+            p.append(f"--attn-implementation {self.attn_implementation}: the student's Q/K/V are read by wrapping its "
+                     "attention function, and the models branch on flash attention's name (padding-free paths), so "
+                     "it can't be wrapped. Use sdpa: on a CUDA GPU in bf16/fp16 torch runs it with flash kernels.")
+        else:
+            choice("--attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if isinstance(tr.grad_accum, int) and tr.grad_accum > MAX_GRAD_ACCUM:
             p.append(f"--grad-accum: expected at most {MAX_GRAD_ACCUM:,} micro-batches per step. Got "
                      f"{short_repr(tr.grad_accum)} instead. Raise --batch-size instead.")

@@ -97,14 +97,27 @@ class MetricSinks:
             self.tensorboard.close()
 
 
-def progress_line(m: dict[str, float], total: int) -> str:
-    """The log's line for one step: the loss terms, the lr, throughput and the share of time spent waiting for data."""
+def progress_line(m: dict[str, float], total: int, *, eta_s: float | None = None) -> str:
+    """The log's line for one step: the loss terms, the lr, throughput, the share of time spent waiting for data and,
+    given ``eta_s``, the time left."""
     parts = [f"step {m['step']}/{total}", f"loss {m.get('loss/total', float('nan')):.4f}"]
     for key in ("loss/ce", "loss/kv", "loss/k", "loss/v", "loss/attn"):
         if key in m:
             parts.append(f"{key.split('/')[1]} {m[key]:.4f}")
     parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:.0f} tok/s", f"wait {100 * m['data_wait_frac']:.1f}%"]
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
     return "  ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: a duration at the precision a person reads it."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def write_config(cfg: DistillConfig, out: Path) -> None:

@@ -111,8 +111,9 @@ def load_student(
     lora_dropout: float = 0.0,
     lora_targets: str = "all-linear",
     trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> Student:
-    """Load or build the student, in training mode on CPU (the trainer moves it), on sdpa attention.
+    """Load or build the student, in training mode on CPU (the trainer moves it), on ``attn_implementation``.
 
     Args:
         name: a preset (``tiny-qwen2``, ``tiny-llama``), a local model directory, or a hub id.
@@ -133,15 +134,15 @@ def load_student(
                 "tokenizer is used) or --tokenizer NAME_OR_PATH."
             )
         config = _preset_config(preset, tokenizer, num_layers)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
         model_tokenizer = tokenizer
     else:
         source = resolve_model(name, role="student", dtype="float32", trust_remote_code=trust_remote_code)
         model_tokenizer = load_tokenizer(source)
-        model = load_model(source, trainable=True, attn_implementation="sdpa")
+        model = load_model(source, trainable=True, attn_implementation=attn_implementation)
     if model_tokenizer.pad_token_id is None:
         # Padding positions are masked everywhere; any id works, eos is the usual choice.
         model_tokenizer.pad_token = model_tokenizer.eos_token

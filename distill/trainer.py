@@ -30,6 +30,7 @@ import contextlib
 import math
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ from .optim import make_optimizer, make_schedule
 from .outputs import MetricSinks, check_out, check_tensorboard, progress_line, started_run, write_config, write_manifest
 from .run_data import RunData, resolve_data
 from .student import Student, load_student, save_student
+
+ETA_STEPS = 50
+"""Steps whose mean time estimates the time left on the progress line."""
 
 
 class TrainingError(KavaError):
@@ -111,6 +115,8 @@ class TrainingState:
     tokens: int = 0
     measured: dict[str, float] = field(default_factory=dict)
     """Gradient norms, shares and balance scales measured during the step, for its metrics line."""
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=ETA_STEPS))
+    """Seconds of this process's last steps, for the progress line's time left."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,8 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
         lora = cfg.lora
         student = load_student(cfg.student, tokenizer=data.tokenizer, num_layers=data.student_layers,
                                seed=cfg.trainer.seed, lora_r=lora.lora_r, lora_alpha=lora.lora_alpha,
-                               lora_targets=lora.lora_targets, trust_remote_code=cfg.trust_remote_code)
+                               lora_targets=lora.lora_targets, trust_remote_code=cfg.trust_remote_code,
+                               attn_implementation=cfg.attn_implementation)
     data.check_student(student)
 
     # 4. The loader: every rank of a DDP job reads its own shards, and as many batches as every other rank. Building
@@ -386,8 +393,11 @@ def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Lo
               **state.measured}
     state.measured.clear()
     sinks.write(record)
+    state.recent.append(stats.seconds)
     if state.cfg.report.progress and (state.step % state.cfg.report.log_every == 0 or state.step in (1, state.total)):
-        log(progress_line(record, state.total))
+        # Time left from the mean of the recent steps: the first steps (compilation, page cache) weigh less soon.
+        eta = (state.total - state.step) * sum(state.recent) / len(state.recent)
+        log(progress_line(record, state.total, eta_s=eta))
     return record
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kava.core.placement import input_device
+
 from .align import align_tokens, apply, token_spans
 from .capture import attention_geometry, capture_qkv
 from .cka import CKAAccumulator
@@ -27,7 +29,7 @@ def _features(model: Any, tokenizer: Any, samples: Sequence[GridSample], *, stud
     """Per sample, per layer: ``[T_kept, 2·H·D]`` float64 features on the student's tokens; and per sample the
     ``[T_s]`` mask of student tokens kept (teacher rows: those some teacher token covers; student rows: all)."""
     num_layers = attention_geometry(model.config)[0]
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[list[np.ndarray]] = []
     kept: list[np.ndarray] = []
     for b in range(0, len(samples), batch_size):

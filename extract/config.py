@@ -60,6 +60,11 @@ class TeacherLoading:
     """Teacher compute dtype (float32, bfloat16, float16, auto)."""
     device: str | None = None
     """cpu (default) or cuda[:N]."""
+    device_map: str | None = None
+    """Spread the teacher's layers over devices: auto, balanced, balanced_low_0, sequential (GPUs, then CPU, then
+    disk) or a JSON object of module names to devices; the store is the same as on one device."""
+    max_memory: str | None = None
+    """With --device-map: the most each device may hold, e.g. '0=70GiB,1=70GiB,cpu=200GiB'."""
     revision: str | None = None
     """Hub revision of the teacher."""
     trust_remote_code: bool = False

@@ -35,6 +35,7 @@ from kava.core.errors import ConfigError
 from kava.core.locks import beside, split_lock, writer_lock
 from kava.core.log import Log, log_stderr
 from kava.core.models import ModelSource, describe_model, load_fast_tokenizer, load_tokenizer, resolve_model
+from kava.core.placement import input_device
 from kava.kvstore import (
     EvictionSpec,
     KVStore,
@@ -313,7 +314,7 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
     num_heads, kv_heads, head_dim = plan.num_heads, plan.kv_heads, plan.head_dim
     teacher_model, teacher_tok = teacher
     special_ids = np.asarray(sorted(teacher_tok.all_special_ids), dtype=np.int64)
-    device = next(teacher_model.parameters()).device
+    device = input_device(teacher_model)
     # A compressed teacher scores its rows with the queries of every stored layer (stored only on --q-layers).
     evicting, rope = plan.eviction, rope_params(teacher_model.config)
     capture_q = layers if evicting is not None else q_layers
@@ -413,7 +414,8 @@ def validate_and_resolve(cfg: ExtractConfig) -> ModelSource:
     try:
         source = resolve_teacher(cfg.teacher, load_in_4bit=cfg.load_in_4bit and not cfg.load_in_8bit,
                                  load_in_8bit=cfg.load_in_8bit and not cfg.load_in_4bit, dtype=cfg.dtype,
-                                 device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                                 device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                 device_map=cfg.device_map, max_memory=cfg.max_memory)
     except ConfigError as e:
         problems.append(str(e))
     if problems:

@@ -376,3 +376,33 @@ def test_loader_reads_only_the_layers_the_run_maps(tmp_path, store):
     assert request == TeacherRequest(TEACHER, layers=(1, 3), with_q=False)
     batch = next(iter(StreamLoader(LoaderConfig(store=str(store), teachers=(request,), batch_size=2))))
     assert batch.teachers[TEACHER].k.shape[1] == 2
+
+
+def test_progress_line_says_the_time_left(tmp_path, store):
+    from kava.distill.config import DistillConfig
+    from kava.distill.outputs import format_duration
+
+    assert [format_duration(s) for s in (0, 41.6, 185, 7620, -3)] == ["0s", "42s", "3m05s", "2h07m", "0s"]
+    lines: list[str] = []
+    run_distill(DistillConfig.from_dict(dict(out=str(tmp_path / "run"), store=str(store), student="tiny-llama",
+                                             **{**FAST, "steps": 3, "progress": True, "log_every": 1})),
+                log=lines.append)
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(" eta " in line for line in steps) and steps[-1].endswith("eta 0s")
+
+
+def test_attention_implementation_of_the_student(tmp_path, store):
+    """eager and sdpa are the same attention: the same first losses; flash attention is refused with the reason."""
+    sdpa = distill(tmp_path / "sdpa", store=str(store), student="tiny-llama", steps=2, loss="structural")
+    eager = distill(tmp_path / "eager", store=str(store), student="tiny-llama", steps=2, loss="structural",
+                    attn_implementation="eager")
+    assert sdpa.final["loss/total"] > 0
+    for key in ("loss/ce", "loss/kv", "loss/attn"):
+        assert metrics(tmp_path / "eager")[0][key] == pytest.approx(metrics(tmp_path / "sdpa")[0][key], rel=1e-4)
+    assert eager.steps == 2
+    with pytest.raises(ConfigError, match=r"--attn-implementation flash_attention_2: the student's Q/K/V are read by "
+                                          r"wrapping its attention function.*Use sdpa"):
+        distill(tmp_path / "flash", store=str(store), student="tiny-llama", attn_implementation="flash_attention_2")
+    with pytest.raises(ConfigError, match=r"--attn-implementation: expected one of sdpa, eager. Got 'fast' instead"):
+        distill(tmp_path / "fast", store=str(store), student="tiny-llama", attn_implementation="fast")
