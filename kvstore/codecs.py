@@ -286,8 +286,9 @@ def quantize_lowbit(x: np.ndarray, bits: int, *, per_channel: bool, group: int,
 
 
 def dequantize_np(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, dtype: str, *, per_channel: bool,
-                  group: int, first_row: int = 0) -> np.ndarray:
-    """Stored codes → float32 ``[T, L, H, D]``, numpy. The reference for :func:`dequantize_torch`.
+                  group: int, first_row: int = 0, out_dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+    """Stored codes → ``[T, L, H, D]`` float32 values (rounded once to ``out_dtype`` when that is another dtype),
+    numpy. The reference for :func:`dequantize_torch`.
 
     int8: codes ``[T, L, H, D]`` int8, scale ``[T, L, H]``, zero None. int4/int2: packed codes ``[T, L, H, P]``
     uint8; per channel, scale/zero ``[ceil((first_row + T) / G) - first_row // G, L, H, D]`` are the groups of
@@ -295,17 +296,57 @@ def dequantize_np(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     per token, ``[T, L, H, D/G]``.
     """
     if dtype == "int8":
-        return dequantize_int8(codes, scale)
+        return dequantize_int8(codes, scale).astype(out_dtype, copy=False)
     assert zero is not None, "int4/int2 codes decode with their zero array"
-    c = unpack_bits(codes, LOWBIT_BITS[dtype]).astype(np.float32)
+    bits = LOWBIT_BITS[dtype]
+    per, t, inner = 8 // bits, codes.shape[0], codes.shape[1:-1]
+    d = codes.shape[-1] * per
+    out = np.empty((t, *inner, d), out_dtype)
+    if t == 0:
+        return out
     s, z = scale.astype(np.float32), zero.astype(np.float32)
-    if per_channel:
-        skip = first_row % group
-        s = np.repeat(s, group, axis=0)[skip : skip + c.shape[0]]
-        z = np.repeat(z, group, axis=0)[skip : skip + c.shape[0]]
-    else:
-        s, z = np.repeat(s, group, axis=-1), np.repeat(z, group, axis=-1)
-    return c * s + z
+    # Rows are decoded a block of whole scale groups at a time, in a float32 scratch small enough to stay in cache:
+    # codes unpacked into it, times the scale, plus the zero (broadcast over each group, never repeated to full
+    # size), then copied out in ``out_dtype``. At a 7B teacher's geometry this is 4x (float32) and 2.5-3.4x
+    # (float16) faster than repeating the scales to full size and making one pass of the whole array per step
+    # (docs/performance.md). Per channel a scale row covers G rows and the first group starts ``first_row % G``
+    # rows before the codes; the scratch rows outside the codes are zeros, so no garbage goes through the arithmetic.
+    span = group if per_channel else 1  # rows a scale row covers
+    skip = first_row % group if per_channel else 0
+    scale_rows = -(-(skip + t) // span)
+    step = max(1, _DECODE_BLOCK_BYTES // max(1, span * int(np.prod(inner)) * d * 4))  # scale rows per block
+    scratch = np.empty((min(step, scale_rows) * span, *inner, d), np.float32)
+    unpacked = np.empty((len(scratch), *codes.shape[1:]), np.uint8)
+    for j in range(0, scale_rows, step):
+        j1 = min(j + step, scale_rows)
+        va, vb = j * span, j1 * span  # the block's rows, counted from the first group's start
+        lo, hi = max(va, skip), min(vb, skip + t)
+        x = scratch[: vb - va]
+        x[: lo - va], x[hi - va :] = 0, 0
+        rows = x[lo - va : hi - va].reshape(hi - lo, *codes.shape[1:], per)
+        _unpack_into(codes[lo - skip : hi - skip], bits, rows, unpacked[: hi - lo])
+        if per_channel:  # [groups, G, L, H, D] × [groups, 1, L, H, D]
+            g, sj, zj = x.reshape(j1 - j, span, *inner, d), s[j:j1, None], z[j:j1, None]
+        else:  # [T, L, H, D/C, C] × [T, L, H, D/C, 1]
+            g, sj, zj = x.reshape(vb - va, *inner, d // group, group), s[j:j1, ..., None], z[j:j1, ..., None]
+        np.multiply(g, sj, out=g)  # two roundings, as the format says: the product, then the sum
+        np.add(g, zj, out=g)
+        out[lo - skip : hi - skip] = x[lo - va : hi - va]
+    return out
+
+
+_DECODE_BLOCK_BYTES = 1 << 20
+"""The float32 scratch :func:`dequantize_np` decodes in (at least one scale group): well inside a core's L2."""
+
+
+def _unpack_into(packed: np.ndarray, bits: int, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Packed uint8 ``[..., P]`` → their codes into ``out`` ``[..., P, 8 // bits]`` (any float dtype), first code
+    lowest, through ``scratch`` (uint8, the shape of ``packed``)."""
+    mask = np.uint8((1 << bits) - 1)
+    for i in range(8 // bits):
+        np.right_shift(packed, np.uint8(i * bits), out=scratch)
+        np.bitwise_and(scratch, mask, out=scratch)
+        out[..., i] = scratch
 
 
 def dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, *,
@@ -400,9 +441,8 @@ def decode_arrays(parts: Mapping[str, np.ndarray], array: str, dtype: str, out_d
     must start at group ``first_row // group_tokens``. Returns ``out_dtype`` ``[T, L, H, D]``."""
     if is_lowbit(dtype):
         per_channel, g = group_of(array, dtype, group_tokens, group_channels)
-        x = dequantize_np(parts[array], parts[f"{array}_scale"], parts[f"{array}_zero"], dtype,
-                          per_channel=per_channel, group=g, first_row=first_row)
-        return x.astype(out_dtype, copy=False)
+        return dequantize_np(parts[array], parts[f"{array}_scale"], parts[f"{array}_zero"], dtype,
+                             per_channel=per_channel, group=g, first_row=first_row, out_dtype=out_dtype)
     return decode(parts[array], parts.get(f"{array}_scale"), dtype, np.dtype(out_dtype))
 
 
