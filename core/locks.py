@@ -10,6 +10,10 @@ Shard jobs of one extraction (``--shard i/n``) write one store at once on purpos
 shared and its own slice's exclusively, so two jobs of one slice, or a job and an unsharded extraction, are refused;
 and its split's (:func:`split_lock`) shared, so that jobs of two splits (``0/2`` and ``0/3`` both write shard 0) are
 refused too.
+
+A store on object storage (an ``s3://`` URL) has no file to lock and is not locked: nothing would release a lock
+object its holder left when killed. The rule there, one extraction per teacher at a time, and what still holds
+without the lock are in docs/scale-out.md ("Object storage").
 """
 
 from __future__ import annotations

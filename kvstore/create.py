@@ -2,7 +2,9 @@
 
 The grid (input ids, segment ids, offsets, shard plan), the per-sample index and the student tokenizer's files are
 written first and the root manifest last. A directory store is built under a hidden sibling name and renamed into
-place, so of several jobs creating the same store at once exactly one wins and the others open and check it.
+place, so of several jobs creating the same store at once exactly one wins and the others open and check it. A store
+on object storage (a URL), which has no rename, is built in place, the manifest last: a creation interrupted there
+leaves a root group without a manifest, which readers refuse and the next creation builds over.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
@@ -24,13 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
+from zarr.storage import FsspecStore
 
 from kava.core.errors import ConfigError, StoreError
 
-from . import codecs, layout, zarr_io
+from . import codecs, layout, remote, zarr_io
 from .integrity import sample_ids_problem
 from .manifest import FORMAT_VERSION, SEGMENT_NAMES, DatasetSpec, StoreManifest, TokenizerSpec, is_plain_name, seal
 from .store import KVStore
+from .verify import verify_store
 
 GRID_CHUNK = 1 << 20
 """Rows per chunk of the 1-D grid arrays (4 MiB of int32 input ids)."""
@@ -141,10 +145,16 @@ def create_store(
     )
 
     store = zarr_io.as_zarr_store(location, read_only=False)
-    if zarr_io.exists(store, "zarr.json"):
+    where = zarr_io.describe(store)
+    if isinstance(store, FsspecStore):
+        remote.probe(store, must_exist=False)  # a missing bucket, denied access or no network: one error
+        remote.note_unlocked(where)
+    # A directory's creation is renamed into place, so a root zarr.json there is a finished store; one built in
+    # place (object storage, a Store object) may also be an interrupted creation, which is built over below.
+    if zarr_io.exists(store, "zarr.json") and (zarr_io.is_local(location) or not _interrupted_creation(store)):
         return _open_same_grid(location if not isinstance(location, Store) else store, manifest, exist_ok)
     final: Path | None = None
-    if not isinstance(location, Store):
+    if not isinstance(location, Store) and zarr_io.is_local(location):
         # A directory is built under a private name beside it and renamed into place: of two jobs of an array
         # creating the same store at once exactly one rename wins, and no job opens a half-written grid (the
         # root zarr.json appears with the first grid array, long before the manifest).
@@ -192,7 +202,10 @@ def create_store(
         zarr.open_group(store, mode="a").attrs.put({layout.MANIFEST_ATTR: seal(manifest.to_dict())})
 
     try:
-        build(store)
+        # Without a rename (object storage, a Store object) the store is built in place, the manifest last: an
+        # interrupted creation holds a root group without it, which the next creation builds over.
+        with remote.translated(where):
+            build(store)
     except BaseException:
         # A failed build (a full disk, an interrupt) leaves nothing behind: the private directory is removed.
         if final is not None:
@@ -210,6 +223,17 @@ def create_store(
             return _open_same_grid(final, manifest, exist_ok)  # another job created it first
         store = zarr_io.as_zarr_store(final, read_only=False)
     return KVStore(store, manifest)
+
+
+def _interrupted_creation(store: Store) -> bool:
+    """Whether the root group has no manifest and holds only what a creation writes before it: a creation built in
+    place (not renamed into place) and interrupted, which may be built again over. Anything else is left alone."""
+    try:
+        attrs = zarr_io.group_attributes(store, "")
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return False
+    made = {layout.GRID, layout.TOKENIZER, layout.INDEX_FILE}
+    return layout.MANIFEST_ATTR not in attrs and set(zarr_io.list_dir(store, "")) <= made
 
 
 def _open_same_grid(location: Any, manifest: StoreManifest, exist_ok: bool) -> KVStore:
@@ -252,3 +276,31 @@ def _version() -> str:
         return "0+unknown"
 
 
+def copy_store(source: str | os.PathLike | Store, destination: str | os.PathLike | Store, *,
+               concurrency: int = remote.COPY_CONCURRENCY, verify: bool = True,
+               progress: Callable[[int], None] | None = None) -> remote.CopyReport:
+    """Copy the store at ``source`` to ``destination`` (a path or a URL, either way), object by object.
+
+    Each chunk's crc32c is checked as it is read (a corrupted source is not copied), the root ``zarr.json`` (with
+    the manifest) is written last, ``concurrency`` objects in flight, ``progress`` called with each object's size
+    once it is written; with ``verify`` the destination is then verified whole
+    (:func:`kava.kvstore.verify_store`); a destination that fails loses its root ``zarr.json`` again, so it is never
+    an openable store. A destination holding a store is refused. A copy killed part way is resumed by running it
+    again: objects already there with the source's size are kept (and verified with the rest).
+    """
+    src = KVStore.open(source)  # the manifest's digest is checked before anything is copied
+    dst = zarr_io.as_zarr_store(destination, read_only=False)
+    where = zarr_io.describe(dst)
+    if isinstance(dst, FsspecStore):
+        remote.probe(dst, must_exist=False)
+    report = remote.CopyReport(source=src.where, destination=where)
+    with remote.translated(f"{src.where} -> {where}"):
+        keys, report.objects_kept = remote.copy_plan(src.zarr_store, dst, where=where)
+        remote.copy_objects(src.zarr_store, dst, keys, report, concurrency=concurrency, progress=progress)
+    if verify:
+        checked = verify_store(dst.with_read_only(True))
+        if not checked.ok:
+            zarr_io.delete_key(dst, "zarr.json")
+            raise StoreError(f"{where}: the copy fails verification: {checked.problems[0]} "
+                             f"({len(checked.problems)} problem(s)). Delete it and copy again.")
+    return report

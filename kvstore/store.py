@@ -2,8 +2,9 @@
 
 A store is a zarr v3 hierarchy (see FORMAT.md). The student token grid (input ids, segment ids, offsets, shard
 plan) is written once, at creation; each teacher then fills its own shards, each shard a zarr group whose
-completion marker (an attribute) is written last. Any zarr Store works as a backend: a path gives a LocalStore,
-``zarr.storage.MemoryStore()`` gives an in-memory store for tests and notebooks.
+completion marker (an attribute) is written last. Any zarr Store works as a backend: a path gives a LocalStore, a URL
+(``s3://bucket/kv.zarr``, see :mod:`.remote`) an FsspecStore, ``zarr.storage.MemoryStore()`` an in-memory store for
+tests and notebooks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any, cast
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 from zarr.errors import ContainsArrayError
+from zarr.storage import FsspecStore
 
 from kava.core.errors import (
     ConfigError,
@@ -31,7 +34,7 @@ from kava.core.errors import (
     StoreError,
 )
 
-from . import codecs, layout, rules, zarr_io
+from . import codecs, layout, remote, rules, zarr_io
 from .eviction import samples_problem, slot_offsets
 from .integrity import (
     MANIFEST_DOC,
@@ -101,10 +104,15 @@ class KVStore:
             raise ConfigError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
         store = zarr_io.as_zarr_store(location, read_only=mode == "r")
         where = zarr_io.describe(store)
-        if not isinstance(location, Store) and not os.path.isdir(location):
+        if isinstance(store, FsspecStore):
+            remote.probe(store, must_exist=True)  # a missing bucket, denied access or no network: one error
+            if mode == "a":
+                remote.note_unlocked(where)
+        elif not isinstance(location, Store) and not os.path.isdir(location):
             raise NotAStoreError(f"{where}: no such directory. Check the path, or create a store with `kava extract`.")
         try:
-            attrs = zarr.open_group(store, mode="r").attrs.asdict()
+            with remote.translated(where):
+                attrs = zarr.open_group(store, mode="r").attrs.asdict()
         except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
             raise NotAStoreError(
                 f"{where}: not a KaVa store (no zarr group here). Check the path, or create one with `kava extract`."
@@ -480,14 +488,29 @@ class KVStore:
         """A whole shard: the unit of streaming. Options as :meth:`read_sample`."""
         return self._read_rows(shard, self.shard_samples(shard), teachers, layers, with_q, dtype, with_logits, with_kv)
 
-    def iter_shards(self, shards: Sequence[int] | None = None, *, prefetch: int = 1, **kwargs: Any) -> Iterator[Rows]:
+    def iter_shards(self, shards: Sequence[int] | None = None, *, prefetch: int | None = None,
+                    **kwargs: Any) -> Iterator[Rows]:
         """Stream shards in the given order (default: all, in order). Keyword arguments as :meth:`read_shard`.
 
-        ``prefetch`` shards are read ahead on a background thread while the caller works on the current one (the
-        reads wait on the disk and decompress with the GIL released); 0 reads each shard only when asked.
+        ``prefetch`` shards are read ahead while the caller works on the current one; 0 reads each shard only when
+        asked. On a local disk (default 1) they are read on one background thread (the reads wait on the disk and
+        decompress with the GIL released). On object storage (default :data:`remote.READ_AHEAD`) each is read on
+        its own thread, so that their requests are in flight together: a shard's reads there are a chain of round
+        trips (metadata, then chunks), which one thread would wait on one after another.
         """
         order = list(range(self.num_shards) if shards is None else shards)
-        yield from prefetched(lambda s: self.read_shard(s, **kwargs), order, prefetch)
+        if not isinstance(self._store, FsspecStore):
+            yield from prefetched(lambda s: self.read_shard(s, **kwargs), order, 1 if prefetch is None else prefetch)
+            return
+        handles = threading.local()  # a handle per thread: a handle's caches are not shared between threads
+
+        def read(shard: int) -> Rows:
+            handle = getattr(handles, "store", None)
+            if handle is None:
+                handle = handles.store = KVStore(self._store, self.manifest)
+            return handle.read_shard(shard, **kwargs)
+
+        yield from remote.read_ahead(read, order, remote.READ_AHEAD if prefetch is None else prefetch)
 
     def _read_rows(self, shard: int, samples: range, teachers: Sequence[str] | None, layers: Sequence[int] | None,
                    with_q: bool, dtype: npt.DTypeLike, with_logits: bool, with_kv: bool) -> Rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -17,30 +19,49 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
-from kava.core.errors import ChecksumError, SchemaError
+from kava.core.errors import ChecksumError, KavaError, SchemaError
+
+from . import remote
 
 
 def as_zarr_store(location: str | os.PathLike | Store, *, read_only: bool) -> Store:
-    """A path becomes a LocalStore; a zarr Store (e.g. ``MemoryStore()``) is used as it is."""
+    """A path becomes a LocalStore, a URL (``s3://bucket/kv.zarr``: :mod:`.remote`) an FsspecStore; a zarr Store
+    (e.g. ``MemoryStore()``) is used as it is."""
     if isinstance(location, Store):
         return location.with_read_only(read_only) if location.read_only != read_only else location
+    if remote.is_url(location):
+        return remote.open_url(str(location), read_only=read_only)
     return LocalStore(Path(location), read_only=read_only)
 
 
+def is_local(location: str | os.PathLike | Store) -> bool:
+    """Whether ``location`` is a directory path (or a LocalStore), where file locks and renames work."""
+    return isinstance(location, LocalStore) or not (isinstance(location, Store) or remote.is_url(location))
+
+
 def describe(store: Store) -> str:
-    """How to name a store in messages: its path, or ``<memory store>``."""
+    """How to name a store in messages: its path, its URL, or ``<memory store>``."""
     if isinstance(store, LocalStore):
         return str(store.root)
     if isinstance(store, MemoryStore):
         return "<memory store>"
+    if isinstance(store, FsspecStore):
+        return remote.describe(store)
     return repr(store)
+
+
+def on(store: Store) -> contextlib.AbstractContextManager[None]:
+    """Around a request to ``store``: on object storage, a failure of the credentials or the network becomes one
+    StoreError naming the store and the fix (:func:`remote.translated`); elsewhere nothing changes."""
+    return remote.translated(describe(store)) if isinstance(store, FsspecStore) else contextlib.nullcontext()
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:
     """The raw bytes stored at ``key`` (a metadata document, ``index.parquet``), or None when there are none."""
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    with on(store):
+        buf = sync(store.get(key, prototype=default_buffer_prototype()))
     return None if buf is None else buf.to_bytes()
 
 
@@ -56,12 +77,14 @@ def get_file(store: Store, key: str) -> bytes | None:
 
 
 def set_bytes(store: Store, key: str, data: bytes) -> None:
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    with on(store):
+        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
 def exists(store: Store, key: str) -> bool:
     """Whether ``key`` (e.g. a chunk, ``<array>/c/0/0``) is stored."""
-    return bool(sync(store.exists(key)))
+    with on(store):
+        return bool(sync(store.exists(key)))
 
 
 def create_group_once(store: Store, key: str, attributes: dict[str, Any]) -> None:
@@ -81,11 +104,18 @@ def create_group_once(store: Store, key: str, attributes: dict[str, Any]) -> Non
 
 def group_attributes(store: Store, path: str) -> dict[str, Any]:
     """The attributes of the group at ``path`` (``""`` for the root), as stored."""
-    return zarr.open_group(store, path=path, mode="r").attrs.asdict()
+    with on(store):
+        return zarr.open_group(store, path=path, mode="r").attrs.asdict()
+
+
+def delete_key(store: Store, key: str) -> None:
+    with on(store):
+        sync(store.delete(key))
 
 
 def delete_prefix(store: Store, prefix: str) -> None:
-    sync(store.delete_dir(prefix))
+    with on(store):
+        sync(store.delete_dir(prefix))
 
 
 def list_dir(store: Store, prefix: str) -> list[str]:
@@ -95,7 +125,8 @@ def list_dir(store: Store, prefix: str) -> list[str]:
     async def collect() -> list[str]:
         return [k async for k in store.list_dir(prefix) if k != "zarr.json" and not k.endswith(".partial")]
 
-    return sync(collect())
+    with on(store):
+        return sync(collect())
 
 
 def substore(store: Store, prefix: str) -> tuple[Store, str]:
@@ -114,7 +145,8 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
     async def collect() -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
-    return sync(collect())
+    with on(store):
+        return sync(collect())
 
 
 def codecs_for(compressor: dict[str, Any], itemsize: int) -> list[Any]:
@@ -166,7 +198,10 @@ def open_array(store: Store, key: str) -> zarr.Array:
     """The zarr array at ``key`` (read-only in a read-only store); a SchemaError naming the fix when it is missing
     or its ``zarr.json`` is unreadable."""
     try:
-        return zarr.open_array(store, path=key, mode="r" if store.read_only else "r+")
+        with on(store):
+            # zarr_format=3: a store is Zarr v3 throughout, and zarr would otherwise also look for v2's documents
+            # (two more requests per array, each a round trip on object storage).
+            return zarr.open_array(store, path=key, mode="r" if store.read_only else "r+", zarr_format=3)
     except (FileNotFoundError, KeyError) as e:
         raise SchemaError(
             f"{describe(store)}: expected an array at {key!r}. It is missing. "
@@ -194,9 +229,24 @@ def require_chunks(store: Store, key: str, arr: zarr.Array, rows: tuple[int, int
         return
     per_axis = [range(a // arr.chunks[0], (b - 1) // arr.chunks[0] + 1)]
     per_axis += [range(-(-s // c)) for s, c in zip(arr.shape[1:], arr.chunks[1:])]
-    for coords in itertools.product(*per_axis):
-        if not exists(store, f"{key}/{arr.metadata.encode_chunk_key(coords)}"):
+    every = list(itertools.product(*per_axis))
+    if isinstance(store, LocalStore):
+        found = [exists(store, f"{key}/{arr.metadata.encode_chunk_key(coords)}") for coords in every]
+    else:  # an object store answers after a round trip: ask for every chunk at once
+        found = exists_many(store, [f"{key}/{arr.metadata.encode_chunk_key(coords)}" for coords in every])
+    for coords, there in zip(every, found):
+        if not there:
             raise missing_chunk_error(where, key, tuple(coords))
+
+
+def exists_many(store: Store, keys: list[str]) -> list[bool]:
+    """:func:`exists` for each of ``keys``, the requests in flight at once."""
+
+    async def ask() -> list[bool]:
+        return list(await asyncio.gather(*(store.exists(k) for k in keys)))
+
+    with on(store):
+        return sync(ask())
 
 
 def checksum_error(where: str) -> ChecksumError:
@@ -211,15 +261,21 @@ def checksum_error(where: str) -> ChecksumError:
 @contextmanager
 def reading(where: str) -> Iterator[None]:
     """Name what was being read in a checksum failure: the fast path's ChecksumError (which names the chunk), or
-    zarr's own (a ValueError that says "checksum")."""
+    zarr's own (a ValueError that says "checksum"); and, where ``where`` is a URL, in a remote filesystem's
+    failure (:func:`remote.remote_problem`)."""
     try:
         yield
     except ChecksumError as e:
         raise checksum_error(where) from e
-    except ValueError as e:
-        if "checksum" in str(e).lower():
+    except Exception as e:
+        if isinstance(e, ValueError) and "checksum" in str(e).lower():
             raise checksum_error(where) from e
-        raise
+        # On object storage: denied access, or the network gone after the retries, as one line naming the read.
+        remote_read = remote.is_url(where) and not isinstance(e, KavaError)
+        problem = remote.remote_problem(where, e) if remote_read else None
+        if problem is None:
+            raise
+        raise problem from e
 
 
 def fsync_tree(store: Store, prefix: str) -> None:
