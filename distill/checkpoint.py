@@ -5,6 +5,10 @@ the RNG states (``state.pt``, read back with ``weights_only=True``; under DDP ev
 (step, loader position, tokens seen, the number of processes, the run's config). A checkpoint is written under a
 ``.tmp`` name and renamed into place when whole, so a run killed while writing one leaves the previous checkpoint as
 the latest.
+
+Under ``--parallel fsdp`` no rank holds the whole model: the full weights and optimizer state are gathered to rank 0
+(:func:`kava.distill.fsdp.full_state`) and written in the same files and layout, and on resume rank 0 reads them and
+hands every rank its shards. One format for every layout: a checkpoint of one resumes in the other.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import AutoModelForCausalLM
 
 from kava.core.errors import CheckpointError, ConfigError, short_repr
 
+from . import fsdp
 from .config import DistillConfig
 
 if TYPE_CHECKING:
@@ -92,11 +97,15 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.O
                     schedule: torch.optim.lr_scheduler.LRScheduler, cfg: DistillConfig, *,
                     step: int, position: tuple[int, int], tokens: int, keep: int, shards: list[int],
                     tag: str | None = None, world_size: int = 1,
-                    rank_rng: list[dict[str, Any]] | None = None) -> Path:
+                    rank_rng: list[dict[str, Any]] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint of the state after ``step`` optimizer steps; keep the newest ``keep`` step checkpoints.
 
     Under DDP rank 0 writes it for the job: ``world_size`` ranks, whose RNG states (:func:`rng_state`, in rank
-    order) are ``rank_rng``; without them this process's own are saved.
+    order) are ``rank_rng``; without them this process's own are saved. Under FSDP ``module`` and ``optimizer`` hold
+    this rank's shards only: ``weights`` and ``optimizer_state`` are the full ones gathered to rank 0
+    (:func:`kava.distill.fsdp.full_state`), written instead.
     """
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -106,9 +115,12 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.O
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_model(module, str(tmp / "weights.safetensors"))  # handles tied embeddings (shared storage)
-        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "rng": rank_rng[0] if rank_rng else rng_state()}
+        if weights is not None:
+            save_weights(weights, tmp / "weights.safetensors")
+        else:
+            save_model(module, str(tmp / "weights.safetensors"))  # handles tied embeddings (shared storage)
+        state: dict[str, Any] = {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                                 "schedule": schedule.state_dict(), "rng": rank_rng[0] if rank_rng else rng_state()}
         if rank_rng:
             state["rank_rng"] = rank_rng
         torch.save(state, tmp / "state.pt")
@@ -132,6 +144,22 @@ def save_checkpoint(out: Path, module: torch.nn.Module, optimizer: torch.optim.O
     return final
 
 
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict as ``save_model`` writes a module's: of the names sharing one tensor (tied embeddings) the
+    first in sorted order is kept and the others are recorded in the metadata, so a gathered FSDP state dict gives
+    the file a plain module gives."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in weights.items():
+        groups.setdefault(id(tensor), []).append(name)
+    metadata: dict[str, str] = {}
+    kept = {}
+    for names in groups.values():
+        first, *others = sorted(names)
+        kept[first] = weights[first].contiguous()
+        metadata.update({other: first for other in others})
+    save_file(kept, str(path), metadata=metadata or None)
+
+
 def check_world_size(path: Path, world_size: int) -> None:
     """Refuse to resume ``path`` with another number of processes: the ranks' shards and the saved loader position
     hold only for the number it was written with (checkpoints from before DDP were written by one)."""
@@ -148,9 +176,12 @@ def check_world_size(path: Path, world_size: int) -> None:
 
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     schedule: torch.optim.lr_scheduler.LRScheduler, cfg: DistillConfig, shards: list[int], *,
-                    world_size: int = 1, rank: int = 0) -> dict[str, Any]:
+                    world_size: int = 1, rank: int = 0, sharded: bool = False) -> dict[str, Any]:
     """Restore ``path`` into the run's objects; refuse when the run's config, usable shards or number of processes
-    differ. The returned ``rng`` is rank ``rank``'s."""
+    differ. The returned ``rng`` is rank ``rank``'s.
+
+    ``sharded`` (FSDP): every rank calls it; rank 0 alone reads the weights and the optimizer state and every rank
+    gets its shards of them (:func:`kava.distill.fsdp.load_full_state`)."""
     check_world_size(path, world_size)
     meta = json.loads((path / "state.json").read_text())
     changed = cfg.resume_differences(meta["config"])
@@ -165,11 +196,38 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
             f"{len(shards)}; the data order would change. Resume only after the extraction stops changing the store, "
             "or start a new run with another --out."
         )
-    load_model(module, str(path / "weights.safetensors"))
-    state = load_state(path / "state.pt")
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        state = _load_sharded(path, module, optimizer, rank)
+    else:
+        load_model(module, str(path / "weights.safetensors"))
+        state = load_state(path / "state.pt")
+        optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     return {**meta, "rng": state["rank_rng"][rank] if "rank_rng" in state else state["rng"]}
+
+
+def _load_sharded(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  rank: int) -> dict[str, Any]:
+    """FSDP's half of :func:`load_checkpoint`: rank 0 reads ``path`` (one full copy in CPU memory, not one per rank),
+    every rank takes its shards, and the small rest of ``state.pt`` (schedule, RNG states) goes to every rank.
+    A file rank 0 can't read stops every rank, rather than leaving them waiting in the broadcast."""
+    weights = state = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            weights = load_file(str(path / "weights.safetensors"))
+            state = load_state(path / "state.pt")
+        except (CheckpointError, OSError, RuntimeError) as e:  # safetensors' errors are RuntimeErrors
+            error = e
+    failed = fsdp.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise CheckpointError(f"{path}: rank 0 could not read it ({failed}). Delete it to resume from the "
+                              "checkpoint before, or start a new run.")
+    fsdp.load_full_state(module, optimizer, weights, state["optimizer"] if state is not None else None)
+    rest = fsdp.broadcast_object({k: v for k, v in state.items() if k != "optimizer"} if state is not None else None)
+    return dict(rest)
 
 
 def load_state(path: Path) -> dict[str, Any]:

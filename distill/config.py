@@ -49,8 +49,10 @@ MAX_SEED = 2**32 - 1
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 """Student attention kernels whose Q/K/V the training capture reads (``kava.extract.capture``)."""
-RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard"})
-"""Fields a resumed run may change; any other difference would change the loss sequence, so it is refused."""
+RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard",
+                               "parallel"})
+"""Fields a resumed run may change; any other difference would change the loss sequence, so it is refused. (Like
+--threads, --parallel changes only the order floats are summed in: DDP and FSDP checkpoints share one format.)"""
 
 
 def _segment_weights(value: Any, problems: list[str]) -> dict[str, float] | None:
@@ -117,7 +119,10 @@ class FineTuneOptions:
     """Without --store: how the run tokenizes its own rows (into <out>/grid.zarr) and sizes a preset student."""
 
     student_template: str = "plain"
-    """Without --store: the text template (plain, chat, cot or a file); with one, the store's."""
+    """Without --store: the text template (plain, chat, cot, chat:tokenizer for the tokenizer's own chat template,
+    or a file); with one, the store's."""
+    system_prompt: str | None = None
+    """Without --store, with --student-template chat:tokenizer: the system message (default: the template's own)."""
     tokenizer: str | None = None
     """Without --store, for a preset student: the tokenizer to build it on."""
     layers: int | None = None
@@ -254,6 +259,9 @@ class TrainerOptions:
     """cpu or cuda[:N] (default: cuda when available)."""
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
+    parallel: str = "ddp"
+    """Under torchrun (--nproc): ddp (every rank holds the whole student) or fsdp (parameters, gradients and
+    optimizer state sharded across the ranks, one decoder layer at a time: a student too large for one GPU)."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -295,7 +303,7 @@ class DistillConfig:
     data: DataSource = field(default_factory=DataSource, metadata={"help_prefix": "Without --store"})
     """Without --store: the rows fine-tuned on (tokenized into <out>/grid.zarr)."""
     fine_tune: FineTuneOptions = field(default_factory=FineTuneOptions, metadata={"help_prefix": "Without --store"})
-    """Without --store: --student-template, --tokenizer, --layers, --max-length."""
+    """Without --store: --student-template, --system-prompt, --tokenizer, --layers, --max-length."""
     lora: LoraOptions = field(default_factory=LoraOptions)
     """--lora-r, --lora-alpha, --lora-targets."""
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
@@ -376,6 +384,20 @@ class DistillConfig:
         choice("--logit-divergence", o.logits.logit_divergence, DIVERGENCES)
         choice("--balance", o.balance, ("none", "gradnorm"))
         choice("--precision", tr.precision, ("auto", "bf16", "fp32"))
+        choice("--parallel", tr.parallel, ("ddp", "fsdp"))
+        if tr.parallel == "fsdp":
+            # Each needs the whole student in one process (kava.distill.fsdp): refused before anything loads.
+            if self.lora.lora_r:
+                p.append("Can't use --lora-r with --parallel fsdp: the LoRA student is merged into its base weights "
+                         "at the end, in one process. Drop --lora-r, or use --parallel ddp (LoRA's frozen base "
+                         "weights need no optimizer state, so a larger student fits each GPU).")
+            if o.balance != "none":
+                p.append(f"Can't use --balance {o.balance} with --parallel fsdp: its scales come from gradients on "
+                         "the whole student, which FSDP shards across ranks. Drop --balance, or train in one process.")
+            if self.report.grad_shares_every:
+                p.append("Can't use --grad-shares-every with --parallel fsdp: the shares come from gradients on the "
+                         "whole student, which FSDP shards across ranks. Set --grad-shares-every 0, or measure them "
+                         "in one process.")
         if self.attn_implementation.startswith("flash_attention"):
             p.append(f"--attn-implementation {self.attn_implementation}: the student's Q/K/V are read by wrapping its "
                      "attention function, and the models branch on flash attention's name (padding-free paths), so "
@@ -452,6 +474,10 @@ class DistillConfig:
                 p.append("--attn-layers needs --loss structural (the only loss with an attention term).")
         if self.store is None and (self.reads.teachers is not None or self.reads.kv_layers is not None):
             p.append("--teachers and --kv-layers need --store (they pick what to read from it).")
+        if self.fine_tune.system_prompt is not None and (self.store is not None
+                                                         or self.fine_tune.student_template != "chat:tokenizer"):
+            p.append("--system-prompt is for --student-template chat:tokenizer without --store (a store fixes the "
+                     "student's text). Drop --system-prompt.")
         if self.store is not None and self.fine_tune.tokenizer is not None:
             p.append("Can't set both --store and --tokenizer (the store fixes the student's tokenizer). Choose one.")
         if tr.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", tr.device):

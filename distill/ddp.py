@@ -10,8 +10,10 @@ recipe (:func:`kava.distill.trainer.run_distill`) with the same config:
 - rank 0 alone writes (metrics, TensorBoard, checkpoints, the final model) and logs; the others wait at a barrier
   while it writes.
 
-With ``WORLD_SIZE`` unset or 1 every helper here does nothing and the run is one plain process. This module holds
-the collectives the trainer calls and :func:`launch`, which starts a run under torchrun.
+``--parallel fsdp`` keeps this layout and these collectives, and shards the student across the ranks instead of
+copying it to each (:mod:`.fsdp`). With ``WORLD_SIZE`` unset or 1 every helper here does nothing and the run is one
+plain process. This module holds the collectives the trainer calls and :func:`launch`, which starts a run under
+torchrun.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     (``--nproc N`` is dropped from ``argv`` if it is there, so the flag that asked for the launch can be passed
     along). Each rank reads its own shards, so ``--batch-size`` and ``--grad-accum`` are per rank: the global batch
     is ``nproc x grad_accum x batch_size`` samples. ``--resume`` needs the same number of processes as the run it
-    continues.
+    continues (under either ``--parallel``: DDP and FSDP checkpoints share one format).
 
     Across machines, start torchrun on every node with the same rendezvous (``--out`` and the store on a filesystem
     every node sees; rank 0 writes, every rank reads the checkpoint it resumes from)::

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from kava.core.errors import ConfigError
@@ -189,9 +189,14 @@ class DistillModule(nn.Module):
             self.term_scales[TERMS.index(name)] = value
         self.scales_set.fill_(1.0)
 
-    def save_heads(self, out: Path) -> None:
-        """Projector and router weights as safetensors (nothing without a K/V objective)."""
+    def save_heads(self, out: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Projector and router weights as safetensors (nothing without a K/V objective). ``weights``: this
+        module's full state dict, gathered to rank 0 when the module itself holds shards (FSDP)."""
         if self.objective is None:
             return
-
-        save_model(self.objective, str(out / "projectors.safetensors"))
+        path = out / "projectors.safetensors"
+        if weights is None:
+            save_model(self.objective, str(path))
+        else:
+            save_file({k[len("objective."):]: v.contiguous() for k, v in weights.items() if k.startswith("objective.")},
+                      str(path))

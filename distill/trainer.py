@@ -10,7 +10,8 @@ Order of construction, and why:
 3. the student, checked against the store's tokenizer and layer map;
 4. the loader (its request is checked against the store again, now with shard completeness);
 5. the objective (projectors, fusion), the optimizer over both, the schedule;
-6. a checkpoint, when resuming (after everything it restores into exists), then the RNG, then DDP around the module;
+6. a checkpoint, when resuming (after everything it restores into exists), then the RNG, then DDP around the module
+   (under ``--parallel fsdp`` the module is sharded in step 5 instead, before the optimizer that must hold its shards);
 7. the loop: :func:`optimizer_step` (micro-batches with accumulation, the non-finite check), :func:`log_step` (one
    metrics line), and every N steps :func:`write_checkpoint`;
 8. the outputs: the student, its heads and ``kava.json``. Neither a step checkpoint nor the outputs are written from
@@ -21,7 +22,9 @@ a K/V weight of 0, the same loop is plain fine-tuning: the CE-only baseline.
 
 Under torchrun (``WORLD_SIZE`` > 1) every rank runs this recipe with the same config: it reads its own shards, DDP
 averages the gradients, the logged terms are averaged over ranks and the tokens summed, and rank 0 alone writes the
-metrics, checkpoints and outputs (:mod:`.ddp`). One process runs exactly the loop above.
+metrics, checkpoints and outputs (:mod:`.ddp`). With ``--parallel fsdp`` the ranks hold shards of the student
+instead of copies (:mod:`.fsdp`): the loop is the same, and the writes gather the full state to rank 0 first. One
+process runs exactly the loop above.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from kava.core.errors import ConfigError, KavaError
 from kava.core.locks import LOCK_NAME, writer_lock
 from kava.core.log import Log, log_stderr, quiet
 
-from . import ddp
+from . import ddp, fsdp
 from .balance import balance_scales, grad_shares, term_grad_norms
 from .batch import Batch
 from .checkpoint import (
@@ -104,13 +107,16 @@ class TrainingState:
     module: DistillModule
     """What the optimizer, clipping and checkpoints see."""
     model: nn.Module
-    """What runs forward and backward: DDP around ``module`` under torchrun, ``module`` itself otherwise."""
+    """What runs forward and backward: DDP around ``module`` under torchrun, ``module`` itself otherwise (and
+    under FSDP, where ``module`` is sharded in place)."""
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     loader: StreamLoader
     total: int
     """Optimizer steps the run takes (fewer when --epochs runs out of data first)."""
     params: dict[str, int]
+    sharded: bool = False
+    """FSDP (``--parallel fsdp`` under torchrun): ``module``'s parameters are this rank's shards (DTensors)."""
     step: int = 0
     tokens: int = 0
     measured: dict[str, float] = field(default_factory=dict)
@@ -192,10 +198,19 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     # draws the same weights (and DDP broadcasts rank 0's anyway).
     torch.manual_seed(cfg.trainer.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
-    module = DistillModule(student, objective, cfg, logit_teachers=data.logit_teachers).to(device)
+    module = DistillModule(student, objective, cfg, logit_teachers=data.logit_teachers)
     if module.balance and ranks.distributed:
         raise ConfigError("--balance gradnorm runs on one process: its scales would differ between ranks. Drop "
                           "--balance or train without --nproc/torchrun.")
+    # FSDP shards the module before the optimizer is built (it must hold the shards, not the full tensors) and
+    # moves it to the device one unit at a time; otherwise the whole module goes there now.
+    sharded = cfg.trainer.parallel == "fsdp" and ranks.distributed
+    if cfg.trainer.parallel == "fsdp" and not sharded:
+        log("--parallel fsdp in one process: nothing to shard across, so the whole student trains here")
+    if sharded:
+        fsdp.shard(module, student.inner, device, ranks, bf16=_bf16(cfg, device))
+    else:
+        module = module.to(device)
     optimizer = make_optimizer(module, cfg)
     if cfg.trainer.steps is not None:
         total = cfg.trainer.steps
@@ -212,7 +227,7 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     step, tokens, saved = 0, 0, None
     if resume_from is not None:
         saved = load_checkpoint(resume_from, module, optimizer, schedule, cfg, list(loader.shards),
-                                world_size=ranks.world_size, rank=ranks.rank)
+                                world_size=ranks.world_size, rank=ranks.rank, sharded=sharded)
         step, position, tokens = saved["step"], tuple(saved["position"]), saved["tokens"]
         loader.seek(position)
         if ranks.main:
@@ -236,18 +251,18 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     # DDP wraps the module after the restore, so the ranks start from the checkpoint.
-    model = ddp.wrap(module, device, ranks)
+    model = module if sharded else ddp.wrap(module, device, ranks)
 
     log(f"student {cfg.student}: {params['student_trainable']:,} trainable of {params['student_total']:,} parameters"
         + "".join(f"; {k} {v:,}" for k, v in params.items() if k.startswith(("projector", "router")) and v))
     log(f"training {total} steps of {cfg.trainer.grad_accum} x {cfg.trainer.batch_size} samples on {device}"
-        + (f" x {ranks.world_size} ranks" if ranks.distributed else "")
+        + (f" x {ranks.world_size} ranks" + (" (FSDP)" if sharded else "") if ranks.distributed else "")
         + (f", K/V from {', '.join(data.teacher_names)} ({cfg.objective.loss}, layers {list(data.kv_layers)})"
            if objective is not None else ", cross-entropy only" if not data.logit_teachers else "")
         + (f", logits from {', '.join(t.name for t in data.logit_teachers)}" if data.logit_teachers else ""))
     return TrainingState(cfg=cfg, out=out, ranks=ranks, device=device, data=data, student=student, module=module,
                          model=model, optimizer=optimizer, schedule=schedule, loader=loader, total=total,
-                         params=params, step=step, tokens=tokens)
+                         params=params, sharded=sharded, step=step, tokens=tokens)
 
 
 def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started: float) -> DistillResult:
@@ -278,9 +293,13 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
 
     # 8. Outputs, written by rank 0; the other ranks return once they are whole. Never a broken model.
     check_finite_weights(state)
+    weights = fsdp.full_model_state(state.module) if state.sharded else None  # every rank: a collective
     if state.ranks.main:
-        save_student(state.student, state.out)
-        state.module.save_heads(state.out)
+        if weights is not None:
+            fsdp.save_student(state.student, state.out, weights)
+        else:
+            save_student(state.student, state.out)
+        state.module.save_heads(state.out, weights)
         write_manifest(cfg, state.out, state.data, state.step, state.tokens, last, state.params)
     ddp.barrier(state.ranks)
     return DistillResult(out=str(state.out), steps=state.step, tokens=state.tokens,
@@ -344,10 +363,11 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch],
         if bad:
             path = write_checkpoint(state, tag=f"nan-step-{state.step + 1}")
             raise _nan_error(bad[0], sums[bad[0]], state.step, bad_samples, path)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in state.module.parameters() if p.requires_grad],
-        cfg.trainer.max_grad_norm if cfg.trainer.max_grad_norm > 0 else float("inf"),
-    )
+    trained = [p for p in state.module.parameters() if p.requires_grad]
+    max_norm = cfg.trainer.max_grad_norm if cfg.trainer.max_grad_norm > 0 else float("inf")
+    # Under FSDP each rank holds shards of the gradient: the norm is the whole gradient's, all-reduced.
+    grad_norm = (fsdp.clip_grad_norm_(trained, max_norm) if state.sharded
+                 else torch.nn.utils.clip_grad_norm_(trained, max_norm))
     state.optimizer.step()
     state.schedule.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -387,7 +407,7 @@ def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Lo
     """Write the step's metrics line (``metrics.jsonl``, TensorBoard) and, every --log-every steps, the progress
     line; return the line."""
     epoch, _ = state.loader.position
-    record = {"step": state.step, "epoch": epoch, "lr": state.schedule.get_last_lr()[0], **stats.terms,
+    record = {"step": state.step, "epoch": epoch, "lr": float(state.schedule.get_last_lr()[0]), **stats.terms,
               "grad_norm": stats.grad_norm, "tokens": stats.tokens, "tokens_per_s": stats.tokens / stats.seconds,
               "step_s": stats.seconds, "data_wait_s": stats.wait, "data_wait_frac": stats.wait / stats.seconds,
               **state.measured}
@@ -407,15 +427,17 @@ def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
     weights is refused (:func:`check_finite_weights`)."""
     ranks = state.ranks
     if tag is None:  # a resumable checkpoint; a nan-step-N one keeps the state as it was, for a look
-        check_finite_weights(state)  # every rank: DDP keeps their weights equal, so they stop together
+        check_finite_weights(state)  # every rank: DDP keeps their weights equal (FSDP reduces the check): all stop
     rank_rng = ddp.gather(rng_state(), ranks) if ranks.distributed else None
+    # FSDP: every rank sends its shards; rank 0 gets the full weights and optimizer state (on CPU) to write.
+    weights, optimizer_state = fsdp.full_state(state.module, state.optimizer) if state.sharded else (None, None)
     path = checkpoint_dir(state.out) / (tag or f"step-{state.step:06d}")
     if ranks.main:
         path = save_checkpoint(state.out, state.module, state.optimizer, state.schedule, state.cfg, step=state.step,
                                position=state.loader.position, tokens=state.tokens,
                                keep=state.cfg.trainer.keep_checkpoints,
                                shards=list(state.loader.shards), tag=tag, world_size=ranks.world_size,
-                               rank_rng=rank_rng)
+                               rank_rng=rank_rng, weights=weights, optimizer_state=optimizer_state)
     ddp.barrier(ranks)
     return path
 
@@ -423,9 +445,9 @@ def write_checkpoint(state: TrainingState, *, tag: str | None = None) -> Path:
 def check_finite_weights(state: TrainingState) -> None:
     """Refuse to write a model with a NaN or infinite weight (a learning rate far too high gets there in one step
     with every logged loss still finite): stop with :class:`TrainingError` naming the step, and keep the
-    checkpoints already written."""
+    checkpoints already written. Under FSDP each rank checks its shards and the flags are reduced over ranks."""
     params = list(state.module.named_parameters())
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).tolist()  # one device sync
+    finite = fsdp.finite_flags([p for _, p in params], state.sharded)  # one device sync
     bad = [name for (name, _), ok in zip(params, finite) if not ok]
     if not bad:
         return
@@ -473,9 +495,17 @@ def _nan_error(term: str, value: float, step: int, samples: list[int] | None, pa
     )
 
 
+def _bf16(cfg: DistillConfig, device: torch.device) -> bool:
+    """Whether the run computes in bf16: ``--precision bf16``, or ``auto`` on CUDA."""
+    return cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast with ``--precision bf16`` (or ``auto`` on CUDA); otherwise a context that does nothing."""
-    bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
-    if not bf16:
+    """bf16 autocast with ``--precision bf16`` (or ``auto`` on CUDA); otherwise a context that does nothing.
+
+    Under FSDP with bf16 on CUDA the student's gathered parameters are bf16 already; autocast stays on so that the
+    ops it keeps in fp32 (softmax, norms, losses) still run in fp32, and so that fp32 inputs (the decoded teacher
+    K/V) meet bf16 weights in the projectors."""
+    if not _bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
