@@ -1,5 +1,6 @@
 """One reasoning sample as every stage sees it: question, reasoning lines and answer; a dataset split of them
-with the rows skipped and why; their ids and fingerprints; GSM8K's answer form.
+with the rows skipped and why; their ids and fingerprints; GSM8K's answer form, and the rules that find an answer
+in a text (``AnswerFormat``: ``#### N``, LaTeX ``\\boxed{...}``, a regular expression).
 
 Every source (``data.py`` for files and the hub, ``synthetic.py`` for generated problems) builds these, and the
 stages that format, tokenize and evaluate rows read them; this module imports neither source.
@@ -11,6 +12,9 @@ import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from kava.core.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Rows
@@ -87,6 +91,100 @@ def parse_gsm8k_answer(text: str) -> tuple[str, str] | None:
             answer = lines[i].lstrip()[len(ANSWER_MARK) :].strip()
             return "\n".join(lines[:i]).strip(), answer
     return None
+
+
+BOXED = "\\boxed{"
+"""What starts a LaTeX boxed answer: ``\\boxed{42}``."""
+
+
+def parse_boxed_answer(text: str) -> tuple[str, str] | None:
+    """Split a solution with a LaTeX ``\\boxed{...}`` answer into (reasoning, answer); None when it has none.
+
+    The answer is the contents of the last ``\\boxed{...}``, nested braces included (``\\boxed{\\frac{1}{2}}`` →
+    ``\\frac{1}{2}``; an escaped ``\\{`` or ``\\}`` does not count), stripped; None when its braces never close.
+    The reasoning is the whole text, stripped: the boxed expression stays where the solution wrote it.
+    """
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(BOXED)
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2  # an escaped character (\{, \}, \\): never a brace of the box
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return text.strip(), text[start + len(BOXED) : i].strip()
+        i += 1
+    return None
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How a row's final answer is found in its text (``--answer-format``).
+
+    - ``gsm8k``: the reasoning lines, then ``#### <answer>`` (:func:`parse_gsm8k_answer`).
+    - ``boxed``: the last LaTeX ``\\boxed{...}`` (:func:`parse_boxed_answer`); the reasoning is the whole text.
+    - ``regex:PATTERN``: the last match of PATTERN (Python ``re``, exactly one capturing group): the answer is the
+      group, the reasoning the text before the match.
+    """
+
+    spec: str = "gsm8k"
+
+    def __post_init__(self) -> None:
+        problems = answer_format_problems(self.spec)
+        if problems:
+            raise ConfigError(problems[0])
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        return re.compile(self.spec[len("regex:"):]) if self.spec.startswith("regex:") else None
+
+    def split(self, text: str) -> tuple[str, str] | None:
+        """(reasoning, answer) of a text holding both, both stripped; None when the answer is not found."""
+        if self.spec == "gsm8k":
+            return parse_gsm8k_answer(text)
+        if self.spec == "boxed":
+            return parse_boxed_answer(text)
+        assert self.pattern is not None  # a regex: the only other kind __post_init__ lets through
+        matches = list(self.pattern.finditer(text))
+        if not matches:
+            return None
+        last = matches[-1]
+        return text[: last.start()].strip(), (last.group(1) or "").strip()
+
+    def answer(self, text: str) -> str | None:
+        """The answer in a field that holds only the answer: as it is for gsm8k, else what the rule finds."""
+        if self.spec == "gsm8k":
+            return text.strip()
+        found = self.split(text)
+        return None if found is None else found[1]
+
+    def missing(self) -> str:
+        """Why a row has no answer under this format (a ``RowProblem`` reason)."""
+        if self.spec == "gsm8k":
+            return f"the answer has no '{ANSWER_MARK} <answer>' line"
+        if self.spec == "boxed":
+            return "the answer has no closed \\boxed{...}"
+        return f"no match of --answer-format {self.spec}"
+
+
+def answer_format_problems(spec: Any, flag: str = "--answer-format") -> list[str]:
+    """What is wrong with an ``--answer-format`` value (empty when nothing is)."""
+    if spec in ("gsm8k", "boxed"):
+        return []
+    if not isinstance(spec, str) or not spec.startswith("regex:"):
+        return [f"{flag}: expected gsm8k, boxed or regex:PATTERN. Got {spec!r} instead."]
+    try:
+        groups = re.compile(spec[len("regex:"):]).groups
+    except re.error as e:
+        return [f"{flag}: expected a Python regular expression after 'regex:'. Got '{spec[6:]}', which does not "
+                f"compile ({e})."]
+    if groups != 1:
+        return [f"{flag}: expected a regular expression with exactly one capturing group, the answer "
+                f"(e.g. 'regex:answer is (\\S+)'). Got {groups} groups in '{spec[6:]}'."]
+    return []
 
 
 def gsm8k_answer_text(row: ReasoningRow) -> str:

@@ -49,7 +49,9 @@ class RunData:
     path: str
     tokenizer: PreTrainedTokenizerBase | None
     """The tokenizer a preset student is built on (the grid's); None for a pretrained student, which brings its own."""
-    template: str
+    template: str | dict[str, str]
+    """The grid's template as ``kava.json`` records it: a name, or ``{"name", "format"}`` when the name alone does
+    not give it back (``kava.extract.templates.template_record``)."""
     plans: list[TeacherPlan]
     kv_layers: tuple[int, ...]
     student_layers: int | None
@@ -106,7 +108,10 @@ def resolve_data(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> R
             tokenizer = tokenizer_from_files(store.tokenizer_files())
     # A preset is built on the grid's tokenizer; a pretrained student brings its own (checked against the grid).
     tokenizer = tokenizer if preset else None
-    template = str(store.manifest.dataset.details.get("student_template", "plain"))
+    details = store.manifest.dataset.details
+    template: str | dict[str, str] = str(details.get("student_template", "plain"))
+    if "student_template_format" in details:  # a file or chat:tokenizer template: its text, recorded by the grid
+        template = {"name": template, "format": str(details["student_template_format"])}
     if not cfg.uses_kv and not cfg.uses_logits:
         return RunData(store, path, tokenizer, template, [], (), _ce_depth(cfg, store))
 
@@ -201,7 +206,10 @@ def _grid_store(cfg: DistillConfig, out: Path, log: Callable[[str], None]) -> tu
     else:
         tokenizer = load_tokenizer(resolve_model(tok_name, role="student", trust_remote_code=cfg.trust_remote_code))
     d = cfg.data
-    store, grid = create_grid_store(path, d.load(), tokenizer, load_template(cfg.fine_tune.student_template),
+    f = cfg.fine_tune
+    template = load_template(f.student_template, tokenizer=tokenizer, system_prompt=f.system_prompt,
+                             flag="--student-template", who=f"the tokenizer ({tok_name})")
+    store, grid = create_grid_store(path, d.load(), tokenizer, template,
                                     tokenizer_name=tok_name, dataset=d.dataset, split=d.split,
                                     max_length=cfg.fine_tune.max_length,
                                     on_too_long="truncate", shard_tokens=32768, command=cfg.command,

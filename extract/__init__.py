@@ -8,6 +8,7 @@
 - ``align``, ``warp``  teacher tokens onto student tokens (character IoU), segment-wise time warping
 - ``layer_map``, ``cka``, ``calibrate``  which teacher layers each student layer learns from
 - ``teacher_pass``  one batch through the teacher; ``estimate`` store size and time before a run
+- ``evict``, ``prefill``  compressed teachers: the eviction rules, and chunk-by-chunk passes under a bounded cache
 - ``config``        ``ExtractConfig``, the options of `kava extract`
 
 Distillation reuses ``capture``, ``rope`` and ``grid`` on purpose; nothing here trains a model.

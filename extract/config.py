@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from kava.core.config import as_int, config_from_dict, config_to_dict, flat_options, parse_list
 from kava.core.data import DataSource
 from kava.core.errors import ConfigError
+from kava.extract.templates import TOKENIZER_CHAT, PromptTemplate, is_tokenizer_template, load_template
 from kava.kvstore.manifest import EVICTION_RULES, KV_DTYPES, SEGMENT_NAMES, EvictionSpec, check_teacher_name
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
@@ -35,11 +36,14 @@ class GridOptions:
     """The student's side: the text and tokenizer every teacher lines up with, and the layers it maps onto."""
 
     student_template: str = "plain"
-    """Template of the student's text (plain, chat, cot or a file): the grid every teacher lines up with, fixed when
-    the store is created."""
+    """Template of the student's text (plain, chat, cot, chat:tokenizer for the student tokenizer's own chat
+    template, or a file): the grid every teacher lines up with, fixed when the store is created."""
     prompt_template: str | None = None
-    """Template the teacher reads (default: the student's). The same model under another template is another
-    teacher ("dual prompt"); its rows are mapped onto the student's text piece by piece."""
+    """Template the teacher reads (default: the student's; chat:tokenizer is the teacher tokenizer's chat template).
+    The same model under another template is another teacher ("dual prompt"); its rows are mapped onto the
+    student's text piece by piece."""
+    system_prompt: str | None = None
+    """System message for the chat:tokenizer templates (student's and teacher's); default: the chat template's own."""
     student_tokenizer: str | None = None
     """Tokenizer of the student (name or path); default: the teacher's own."""
     student: str | None = None
@@ -138,6 +142,10 @@ class EvictionOptions:
     (H2O/SnapKV), streaming (the first 4 and the most recent), or random (the control)."""
     evict_segments: list[str] | None = None
     """Segments the budget applies to, e.g. 'reasoning' (default) or 'reasoning,answer'."""
+    prefill_chunk: int | None = None
+    """With --kv-budget as a count M: run the teacher over each sample this many tokens at a time, every layer's cache
+    cut to M rows of --evict-segments after each chunk, so samples longer than one forward pass fits extract in
+    bounded memory (one sample at a time). Default: one full pass per batch."""
 
     def __post_init__(self) -> None:
         self._parse_problems: list[str] = []
@@ -156,7 +164,7 @@ class EvictionOptions:
 
     def problems(self) -> list[str]:
         """Every problem with these options, in the flags' spelling."""
-        p = list(self._parse_problems)
+        p = list(self._parse_problems) + self._prefill_problems()
         if self.kv_budget is None:
             return p
         if self._budget() is None:
@@ -168,6 +176,24 @@ class EvictionOptions:
         if any(s not in SEGMENT_NAMES for s in segments) or len(set(segments)) != len(segments):
             p.append(f"--evict-segments: expected distinct names of {', '.join(SEGMENT_NAMES)}. Got "
                      f"{','.join(segments)!r} instead.")
+        return p
+
+    def _prefill_problems(self) -> list[str]:
+        chunk = self.prefill_chunk
+        if chunk is None:
+            return []
+        p = []
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            p.append(f"--prefill-chunk: expected an integer >= 1 (tokens per forward pass). Got {chunk!r} instead.")
+        if self.kv_budget is None:
+            p.append("--prefill-chunk needs --kv-budget as a count of rows ('--kv-budget 512'): the cache is cut to "
+                     "that many rows after each chunk. Add --kv-budget, or drop --prefill-chunk.")
+        elif isinstance(self._budget(), float):
+            p.append(f"--prefill-chunk needs --kv-budget as a count of rows ('512'), not a fraction: a share of a "
+                     f"sample's rows is unknown until its last chunk. Got {self.kv_budget!r} instead.")
+        if "special" in (self.evict_segments or ()):
+            p.append("--prefill-chunk with --evict-segments special: the end-of-sequence token the grid appends is "
+                     "read by no teacher, so a chunked pass cannot score it. Evict prompt, reasoning or answer rows.")
         return p
 
     def eviction(self) -> EvictionSpec | None:
@@ -219,7 +245,7 @@ class ExtractConfig:
     writing: WriteOptions = field(default_factory=WriteOptions)
     """--kv-dtype, --compress, --max-length, --on-too-long, --on-nonfinite, --batch-size, --shard-tokens."""
     evicting: EvictionOptions = field(default_factory=EvictionOptions)
-    """A compressed teacher: --kv-budget, --evict, --evict-segments."""
+    """A compressed teacher: --kv-budget, --evict, --evict-segments, --prefill-chunk."""
     resume: bool = False
     """Keep complete shards of this teacher and redo the rest."""
     shard: str | None = None
@@ -249,6 +275,22 @@ class ExtractConfig:
     @property
     def teacher_template(self) -> str:
         return self.prompt_template or self.student_template
+
+    def resolve_templates(self, student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[PromptTemplate,
+                                                                                        PromptTemplate]:
+        """(the student's template, the teacher's): by name or file, a ``chat:tokenizer`` one from the student's
+        or the teacher's tokenizer respectively, with --system-prompt."""
+        def resolve(name: str, tokenizer: Any, flag: str, who: str) -> PromptTemplate:
+            chat = is_tokenizer_template(name)
+            return load_template(name, tokenizer=tokenizer, system_prompt=self.system_prompt if chat else None,
+                                 flag=flag, who=who)
+
+        student = resolve(self.student_template, student_tokenizer, "--student-template",
+                          f"the student tokenizer ({self.student_tokenizer or self.teacher})")
+        if self.prompt_template is None:
+            return student, student
+        return student, resolve(self.prompt_template, teacher_tokenizer, "--prompt-template",
+                                f"the teacher's tokenizer ({self.teacher})")
 
     @property
     def shard_slice(self) -> tuple[int, int] | None:
@@ -295,8 +337,17 @@ class ExtractConfig:
             p.append("--layer-map cka needs CKA: --calibration-samples must be at least 4.")
         if self.layer_map == "cka" and self.student is None:
             p.append("--layer-map cka needs --student (CKA compares teacher and student layers).")
+        if self.prefill_chunk is not None and self.teacher_generates:
+            p.append("Can't set both --prefill-chunk and --teacher-generates (a generated text is time-warped onto the "
+                     "student's, which rows kept chunk by chunk cannot follow exactly). Choose one.")
+        if self.prefill_chunk is not None and self.prompt_template not in (None, self.student_template):
+            p.append("--prefill-chunk needs the teacher to read the student's own text: drop --prompt-template (rows "
+                     "kept chunk by chunk are the teacher's own tokens, with no alignment onto another text).")
         if self.q_layers is not None and not self.with_q:
             p.append("--q-layers needs --with-q.")
+        if self.system_prompt is not None and TOKENIZER_CHAT not in (self.student_template, self.prompt_template):
+            p.append(f"--system-prompt is for the {TOKENIZER_CHAT} templates: set --student-template or "
+                     f"--prompt-template {TOKENIZER_CHAT}, or drop --system-prompt.")
         if self.shard is not None:
             m = _SHARD.match(self.shard)
             if not m or not int(m.group(2)) >= 1 or not 0 <= int(m.group(1)) < int(m.group(2)):

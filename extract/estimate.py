@@ -8,6 +8,7 @@ batches through the real model, whose K/V are encoded with each storage choice.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,8 @@ from numcodecs import Blosc
 
 from kava.core.models import load_fast_tokenizer, load_model, load_tokenizer
 from kava.kvstore import codecs
-from kava.kvstore.manifest import KV_DTYPES, proportional_layer_map
+from kava.kvstore.eviction import slot_counts
+from kava.kvstore.manifest import KV_DTYPES, EvictionSpec, proportional_layer_map
 
 from .align import token_spans
 from .capture import attention_geometry, capture_qkv
@@ -24,7 +26,6 @@ from .grid import build_grid
 from .layer_map import parse_layer_map
 from .recipe import validate_and_resolve
 from .teacher_pass import teacher_forward, teacher_texts
-from .templates import load_template
 
 LOSSY_NOTE = {"int8": "no (~0.5%)", "int4": "no (cos >= 0.995)", "int2": "no (cos 0.90-0.99)"}
 """How far each lossy dtype's decoded K/V are from the teacher's (measured in tests/benchmarks/codecs.py)."""
@@ -39,6 +40,37 @@ def bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str, array: s
                                       group_channels=codecs.group_channels_for(head_dim))
     values = layers * heads * head_dim * codecs.storage_numpy_dtype(dtype).itemsize
     return values + (layers * heads * 2 if dtype == "int8" else 0)  # + the fp16 scale per (layer, head)
+
+
+KEPT_POSITION_BYTES = 4
+"""A compressed teacher's ``kept`` array: one int32 position per kept (token, layer, KV head) (FORMAT.md)."""
+
+
+def kept_share(segment_ids: Sequence[np.ndarray], budget: int | float | None,
+               segments: Sequence[str] = ("reasoning",)) -> float:
+    """The share of all K/V rows a compressed teacher keeps over samples with these ``[T_i]`` segment ids: every
+    row outside ``segments`` and ``keep_count(S_i, budget)`` of each sample's ``S_i`` rows inside them, as the
+    store counts its slots (:func:`kava.kvstore.eviction.slot_counts`). ``budget`` None: a whole teacher (1.0)."""
+    lengths = np.array([len(s) for s in segment_ids], dtype=np.int64)
+    if budget is None or not lengths.sum():
+        return 1.0
+    # The rule does not change how many rows are kept; "random" stands in for any.
+    spec = EvictionSpec(rule="random", budget=budget, segments=tuple(segments))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return float(slot_counts(spec, np.concatenate(segment_ids), offsets).sum() / lengths.sum())
+
+
+def evicted_bytes_per_token(layers: int, heads: int, head_dim: int, dtype: str, share: float | None, *,
+                            q_layers: int = 0, q_heads: int = 0) -> float:
+    """Stored K+V (and Q on ``q_layers`` × ``q_heads``) bytes per *original* token of a teacher that keeps
+    ``share`` of its rows, scales and zeros included (:func:`bytes_per_token`), plus the int32 position of each
+    kept (row, layer, KV head). ``share`` None: a whole teacher, which stores no positions. A compressed teacher's
+    queries sit on its kept rows too (``[K_s, Lq, Hq, D]``)."""
+    kv = bytes_per_token(layers, heads, head_dim, dtype, "k") + bytes_per_token(layers, heads, head_dim, dtype, "v")
+    q = bytes_per_token(q_layers, q_heads, head_dim, dtype, "q") if q_layers else 0.0
+    if share is None:
+        return kv + q
+    return share * (kv + q + layers * heads * KEPT_POSITION_BYTES)
 
 
 def _compressed_ratio(sample: np.ndarray, dtype: str) -> float:
@@ -60,7 +92,7 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     rows = cfg.data.load()
     teacher_tok = load_tokenizer(source)
     student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
-    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
+    template, teacher_template = cfg.resolve_templates(student_tok, teacher_tok)
     grid = build_grid(rows, student_tok, template, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
     texts = teacher_texts(grid, template, teacher_template)[0]
     student_tokens = int(sum(len(s.input_ids) for s in grid))
@@ -92,11 +124,14 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
     sample = np.concatenate(k_rows) if k_rows else np.zeros((0, len(layers), kv_heads, head_dim), np.float32)
 
     logit_bytes = cfg.logit_top_k * (4 + 2)  # per token: an int32 id and a float16 log-probability for each of k
+    # A compressed teacher (--kv-budget) stores the kept rows of its segments, counted from the grid's segment ids.
+    eviction = cfg.evicting.eviction()
+    share = None if eviction is None else kept_share([s.segment_ids for s in grid], eviction.budget,
+                                                     eviction.segments)
     choices = []
     for dtype in KV_DTYPES:
-        per_token = bytes_per_token(stored, kv_heads, head_dim, dtype, "k") + \
-            bytes_per_token(stored, kv_heads, head_dim, dtype, "v") + \
-            bytes_per_token(q_layers, num_heads, head_dim, dtype, "q") + logit_bytes
+        per_token = evicted_bytes_per_token(stored, kv_heads, head_dim, dtype, share, q_layers=q_layers,
+                                            q_heads=num_heads) + logit_bytes
         logical = per_token * student_tokens
         ratio = _compressed_ratio(sample, dtype) if len(sample) else 1.0
         choices.append({"kv_dtype": dtype, "bytes_per_token": per_token, "logical_bytes": int(logical),
@@ -113,6 +148,8 @@ def estimate(cfg: ExtractConfig, *, timed_samples: int = 16) -> dict[str, Any]:
                      "head_dim": head_dim, "q_layers": q_layers},
         "storage": choices,
         "logits": {"top_k": cfg.logit_top_k, "bytes_per_token": logit_bytes} if cfg.logit_top_k else None,
+        "eviction": None if eviction is None else {"budget": eviction.budget, "segments": list(eviction.segments),
+                                                   "kept_share": share},
         "timed": {"samples": len(live), "teacher_tokens": timed_tokens, "seconds": round(seconds, 3),
                   "tokens_per_s": round(tokens_per_s, 1), "device": str(next(model.parameters()).device)},
         "predicted_seconds": round(teacher_tokens / tokens_per_s, 1) if tokens_per_s > 0 else None,
@@ -140,6 +177,11 @@ def format_estimate(e: dict[str, Any]) -> str:
         lines.append(f"{c['kv_dtype']:<10}{size(c['bytes_per_token']):>12}{size(c['logical_bytes']):>12}"
                      f"{c['compressed_ratio']:>11.2f}x{size(c['bytes_on_disk_zstd']):>12}  "
                      f"{'yes' if c['lossless'] else LOSSY_NOTE.get(c['kv_dtype'], 'no')}")
+    if e.get("eviction"):
+        ev = e["eviction"]
+        lines.append(f"(a compressed teacher: budget {ev['budget']} of {', '.join(ev['segments'])} keeps "
+                     f"{ev['kept_share']:.1%} of the rows; per token counts its int32 positions, "
+                     f"{KEPT_POSITION_BYTES} B per kept row, layer and KV head)")
     if e.get("logits"):
         lines.append(f"(per token includes the top-{e['logits']['top_k']} logits: {e['logits']['bytes_per_token']} B, "
                      "stored as is)")

@@ -28,7 +28,7 @@ from kava.kvstore import DatasetSpec, create_store
 from kava.kvstore.manifest import TokenizerSpec
 
 from .align import token_spans
-from .templates import PromptTemplate, format_row, segment_ids, truncate_at_segment
+from .templates import PromptTemplate, format_row, segment_ids, template_record, truncate_at_segment
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,14 @@ def build_grid(
     return out
 
 
+def _template_format(template: PromptTemplate) -> dict[str, str]:
+    """``{"student_template_format": ...}`` for a template its name alone does not give back (a file, or a
+    ``chat:tokenizer`` one rendered from the tokenizer), so a reader rebuilds it exactly; ``{}`` for a registered one
+    (stores have always recorded those by name)."""
+    record = template_record(template)
+    return {} if isinstance(record, str) else {"student_template_format": template.format}
+
+
 def create_grid_store(
     path: Any,
     rows: RowSet,
@@ -163,6 +171,7 @@ def create_grid_store(
         tokenizer_files=tok_files,
         dataset=DatasetSpec(dataset, split, rows.fingerprint, details={
             **(details or {}), "student_template": template.name, "template_sha256": template.sha256,
+            **_template_format(template),
             "max_length": max_length, "on_too_long": on_too_long, "row_problems": len(rows.problems)}),
         shard_tokens=shard_tokens,
         created_by=command,

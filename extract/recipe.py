@@ -54,6 +54,7 @@ from .config import ExtractConfig
 from .evict import evict_sample
 from .grid import GridSample, create_grid_store, tokenizer_fingerprint
 from .layer_map import format_layer_map, parse_layer_map
+from .prefill import Prefilled, prefill_forward
 from .rope import rope_params
 from .teacher_pass import (
     TeacherRows,
@@ -64,7 +65,7 @@ from .teacher_pass import (
     teacher_texts,
 )
 from .teachers import resolve_teacher
-from .templates import load_template
+from .templates import PromptTemplate, check_template_name, load_template
 
 
 @dataclass
@@ -174,6 +175,9 @@ class ExtractPlan:
     skipped: int
     eviction: EvictionSpec | None = None
     """A compressed teacher's rule and budget (``--kv-budget``); None keeps every row."""
+    templates: tuple[PromptTemplate, PromptTemplate] | None = None
+    """(the student's, the teacher's) templates as resolved when their tokenizers were loaded (a chat:tokenizer
+    template is the tokenizer's own); None resolves them by name."""
 
     def shard_samples(self, shard: int) -> range:
         return range(self.shard_starts[shard], self.shard_starts[shard + 1])
@@ -239,13 +243,17 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
     worker passes its cache's). With ``hold``, the store's writer lock (:func:`hold_writer_lock`) is taken into it
     as soon as the store exists. Returns the plan, the grid (indexed by store sample) and the loaded teacher.
     """
-    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
     name = cfg.name or default_teacher_name(cfg)
 
     # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
     rows = cfg.data.load()
     teacher_tok = load_tokenizer(source)
     student_tok = teacher_tok if cfg.student_tokenizer is None else load_fast_tokenizer(cfg.student_tokenizer)
+    template, teacher_template = cfg.resolve_templates(student_tok, teacher_tok)
+    if cfg.prefill_chunk is not None and tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(teacher_tok):
+        raise ConfigError(f"--prefill-chunk needs the teacher's own tokenizer as the student's: --student-tokenizer "
+                          f"{cfg.student_tokenizer} differs (rows kept chunk by chunk are the teacher's own tokens, "
+                          "with no alignment onto others). Drop --student-tokenizer, or --prefill-chunk.")
     # 3. The grid and the store (created by the first extraction, checked by every later one).
     store, grid = create_grid_store(
         cfg.store, rows, student_tok, template, tokenizer_name=cfg.student_tokenizer or source.model_id,
@@ -278,7 +286,8 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
         rope=rope_params(teacher_model.config), q_layers=q_layers, alignment=alignment, storage=storage,
         created_by=cfg.command,
         details={"prompt_template": teacher_template.name, "template_sha256": teacher_template.sha256,
-                 "teacher_generates": cfg.teacher_generates, **cfg.extra},
+                 "teacher_generates": cfg.teacher_generates,
+                 **({"prefill_chunk": cfg.prefill_chunk} if cfg.prefill_chunk is not None else {}), **cfg.extra},
         logits=_logit_spec(cfg, teacher_model, teacher_tok), eviction=cfg.evicting.eviction(),
     ))
     for matrix_name, (matrix, attrs) in cka.items():
@@ -290,7 +299,7 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
         shard_starts=tuple(int(s) for s in store.shard_starts), layers=layers, q_layers=q_layers,
         num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, same_tokenizer=same_tokenizer,
         truncated=sum(s.status == "truncated" for s in grid), skipped=sum(s.status == "skipped" for s in grid),
-        eviction=cfg.evicting.eviction(),
+        eviction=cfg.evicting.eviction(), templates=(template, teacher_template),
     )
     log(f"kava extract: teacher {name!r} ({source.model_id}, {source.quantization}) → {store.where}: "
         f"{len(todo)} shard(s) to write, {len(done)} kept; layers {list(layers)}, K {cfg.k_rope}-RoPE, "
@@ -308,7 +317,8 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
     """
     cfg = plan.cfg
     store = KVStore.open(cfg.store, mode="a")
-    template, teacher_template = load_template(cfg.student_template), load_template(cfg.teacher_template)
+    template, teacher_template = plan.templates or (load_template(cfg.student_template),
+                                                    load_template(cfg.teacher_template))
     same_text = teacher_template.format == template.format
     name, layers, q_layers = plan.name, plan.layers, plan.q_layers
     num_heads, kv_heads, head_dim = plan.num_heads, plan.kv_heads, plan.head_dim
@@ -334,13 +344,21 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
             encoded = [token_spans(teacher_tok, t) if t else (np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
                        for t in texts]
             t0 = time.perf_counter()
-            captured = teacher_forward(teacher_model, encoded, layers, capture_q, cfg.k_rope, device, capture_qkv,
-                                       logit_top_k=cfg.logit_top_k)
+            captured: Sequence[TeacherRows | Prefilled | None]
+            if cfg.prefill_chunk is None:
+                captured = teacher_forward(teacher_model, encoded, layers, capture_q, cfg.k_rope, device, capture_qkv,
+                                           logit_top_k=cfg.logit_top_k)
+            else:  # one sample at a time, chunk by chunk, its cache cut to the budget after each chunk
+                assert evicting is not None  # --prefill-chunk needs --kv-budget
+                captured = prefill_forward(teacher_model, encoded, [s.input_ids for s in batch],
+                                           [s.segment_ids for s in batch], evicting, chunk=cfg.prefill_chunk,
+                                           layers=layers, q_layers=q_layers, k_rope=cfg.k_rope,
+                                           first_sample=plan.shard_starts[shard] + b, logit_top_k=cfg.logit_top_k)
             result.forward_seconds += time.perf_counter() - t0
 
             # Runs later, on the writer thread: binds this batch's values.
             def write(batch: Sequence[GridSample] = batch, encoded: list[tuple[np.ndarray, np.ndarray]] = encoded,
-                      captured: list[TeacherRows] = captured, texts: list[str] = texts,
+                      captured: Sequence[TeacherRows | Prefilled | None] = captured, texts: list[str] = texts,
                       pieces: list[dict[str, tuple[int, int]]] = pieces, shard: int = shard) -> None:
                 w = open_writers[shard]
                 for sample, (t_ids, t_spans), kv, text, piece in zip(batch, encoded, captured, texts, pieces):
@@ -354,7 +372,8 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                               else None,
                               kept=np.zeros(shape[:3], np.int32) if evicting is not None else None)
                         continue
-                    k, v, q, top = kv
+                    assert kv is not None  # the sample has tokens
+                    top = kv.logits
                     # Each student token's top-k from the teacher token ending where it ends (-1 rows: none does).
                     logits = None if top is None else student_logits(
                         sample, t_spans, piece, top, generated=cfg.teacher_generates, same_text=same_text)
@@ -362,6 +381,12 @@ def write_shards(plan: ExtractPlan, teacher: LoadedTeacher, shards: Sequence[tup
                                     same_text=same_text, same_tokenizer=plan.same_tokenizer,
                                     hard=cfg.alignment == "hard", special_ids=special_ids)
                     weight = np.ones(len(sample.input_ids), np.float32) if al is None else al.coverage
+                    if isinstance(kv, Prefilled):  # --prefill-chunk: the rows its cache kept, the teacher's tokens
+                        ev = kv.on_grid(sample.segment_ids, evicting)
+                        w.add(ev.k, ev.v, q=ev.q, align_weight=weight, logits=logits, kept=ev.kept,
+                              fidelity=ev.fidelity)
+                        continue
+                    k, v, q = kv.k, kv.v, kv.q
                     if al is not None:  # onto the student's tokens
                         k, v, q = apply(al, k), apply(al, v), None if q is None else apply(al, q)
                     if evicting is not None:  # only the kept rows, chosen from this very pass
@@ -407,7 +432,7 @@ def validate_and_resolve(cfg: ExtractConfig) -> ModelSource:
     for flag, value in (("--student-template", cfg.student_template), ("--prompt-template", cfg.prompt_template)):
         if value is not None:
             try:
-                load_template(value)
+                check_template_name(value, flag=flag)
             except ConfigError as e:
                 problems.append(f"{flag}: {e}")
     source: ModelSource | None = None

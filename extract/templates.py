@@ -1,7 +1,9 @@
 """Prompt templates, formatted text with exact character spans, and per-token segment ids.
 
 A row becomes one text through a :class:`PromptTemplate` (``format_row``), which records where the question
-("prompt"), the reasoning and the answer lie in it. ``segment_ids`` maps those character spans onto any tokenizer's
+("prompt"), the reasoning and the answer lie in it. A template is registered (``plain``, ``chat``, ``cot``), read
+from a file, or ``chat:tokenizer``: a tokenizer's own chat template rendered into the same form
+(``from_chat_template``). ``segment_ids`` maps those character spans onto any tokenizer's
 tokens (from ``return_offsets_mapping=True``); ``truncate_at_segment`` finds where a too-long sample can be cut.
 
 Segment rule (``segment_ids``):
@@ -31,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -107,15 +110,154 @@ end it with a terminator (``PromptTemplate.terminator``: ``"\\n"``, or chat's ``
 write and ``kava eval`` stops on."""
 
 
-def load_template(name_or_path: str | Path) -> PromptTemplate:
-    """A registered template by name (``"plain"``, ``"chat"``, ``"cot"``), or one read from a file path."""
+TOKENIZER_CHAT = "chat:tokenizer"
+"""The template name that takes the tokenizer's own chat template (``chat_template``): see :func:`from_chat_template`.
+Unlike the other names it needs the tokenizer (and optionally a system prompt) to become a :class:`PromptTemplate`."""
+
+ASSISTANT_CONTENT = "{reasoning}\n#### {answer}"
+"""What a chat template's assistant turn holds: the reasoning lines, then GSM8K's answer line, as every template
+writes it (so one parser reads every teacher's output)."""
+
+# Stand-ins for the contents while rendering a chat template: letters and digits only, which no template escapes,
+# trims or splits, so each is found again in the rendered text.
+_QUESTION_SENTINEL = "kavaQuestion7f3a9c"
+_ASSISTANT_SENTINEL = "kavaAssistant7f3a9c"
+_SYSTEM_SENTINEL = "kavaSystem7f3a9c"
+# A row the rendered template is checked with: inner newlines, braces, markup, an ampersand and calculator notes,
+# the characters a template could escape or rewrite (rows never have leading or trailing whitespace).
+_PROBE = ReasoningRow("probe", 'Tom has 3 {apples} & <b>"2"</b> pears.\n  How many?', "3 + 2 = <<3+2=5>>5\nSo 5", "5")
+
+
+def is_tokenizer_template(name: str | Path | None) -> bool:
+    """True for the name that takes the tokenizer's own chat template (:data:`TOKENIZER_CHAT`)."""
+    return isinstance(name, str) and name == TOKENIZER_CHAT
+
+
+def from_chat_template(tokenizer: Any, *, system_prompt: str | None = None, flag: str = "--student-template",
+                       who: str = "the tokenizer") -> PromptTemplate:
+    """The tokenizer's chat template as a :class:`PromptTemplate` named ``chat:tokenizer``, with exact pieces.
+
+    The template is rendered through ``tokenizer.apply_chat_template`` with stand-in contents: an optional system
+    turn (``system_prompt``), a user turn holding the question and an assistant turn holding
+    :data:`ASSISTANT_CONTENT`. The stand-ins are found in the rendered text and replaced by the placeholders, so
+    every character the template adds (role markers, a default system prompt, the generation prompt where the
+    assistant's answer starts, the end-of-turn marker after it) is template glue, and segment ids stay exact. A BOS
+    token the template writes as text is dropped when the tokenizer adds it itself (it would be there twice).
+
+    Checked before it is returned: the generation prompt (rendered with ``add_generation_prompt=True``) is where the
+    assistant's turn starts, the system prompt appears, and a probe row with newlines, braces and markup formats
+    exactly as the tokenizer renders it (a template that escapes, trims or rewrites contents is refused).
+
+    Raises:
+        ConfigError: naming ``flag`` and the fix, when the tokenizer has no chat template or any check fails.
+    """
+    fix = "Use plain, cot, chat or a template file instead, or a tokenizer that ships a chat template."
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{flag} {TOKENIZER_CHAT}: expected {who} to have a chat template (tokenizer_config.json's "
+                          f"'chat_template', or chat_template.jinja). Got none. {fix}")
+
+    def render(question: str, content: str | None, system: str | None) -> str:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": question}]
+        if content is not None:
+            messages.append({"role": "assistant", "content": content})
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=content is None)
+        except Exception as e:  # jinja's TemplateError (e.g. "System role not supported"), or the template's own
+            raise ConfigError(f"{flag} {TOKENIZER_CHAT}: {who}'s chat template failed to render a "
+                              f"{'system, ' if system is not None else ''}user and assistant turn "
+                              f"({type(e).__name__}: {e}). {fix}") from e
+        return str(text)
+
+    system = None if system_prompt is None else _SYSTEM_SENTINEL
+    prompt = render(_QUESTION_SENTINEL, None, system)
+    full = render(_QUESTION_SENTINEL, _ASSISTANT_SENTINEL, system)
+    counts = {"question": full.count(_QUESTION_SENTINEL), "assistant answer": full.count(_ASSISTANT_SENTINEL)}
+    if system is not None:
+        counts["system prompt"] = full.count(_SYSTEM_SENTINEL)
+    if any(c != 1 for c in counts.values()):
+        raise ConfigError(f"{flag} {TOKENIZER_CHAT}: expected {who}'s chat template to write each message once. Got "
+                          f"counts {counts} instead (a template that drops or repeats a turn has no exact pieces). "
+                          f"{fix}")
+    if not full.startswith(prompt) or full.index(_ASSISTANT_SENTINEL) < len(prompt):
+        raise ConfigError(f"{flag} {TOKENIZER_CHAT}: expected the generation prompt {prompt[-40:]!r} to start the "
+                          f"assistant's turn. Got a conversation that begins otherwise: {full[:len(prompt) + 20]!r}. "
+                          f"{fix}")
+    fmt = full.replace(_QUESTION_SENTINEL, "{question}").replace(_ASSISTANT_SENTINEL, ASSISTANT_CONTENT)
+    if system_prompt is not None:
+        fmt = fmt.replace(_SYSTEM_SENTINEL, system_prompt)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and fmt.startswith(bos) and _adds_bos(tokenizer):
+        fmt = fmt[len(bos):]  # the tokenizer adds it when it encodes the text
+    try:
+        template = PromptTemplate(TOKENIZER_CHAT, fmt)
+    except ConfigError as e:  # the system prompt or the template's own text holds a placeholder
+        raise ConfigError(f"{flag} {TOKENIZER_CHAT}: {e} Remove {{question}}, {{reasoning}} and {{answer}} from "
+                          "--system-prompt.") from e
+    # The probe: the same row through the template and through the tokenizer must be the same text.
+    want = render(_PROBE.question, f"{_PROBE.reasoning}\n#### {_PROBE.answer}", system_prompt)
+    if bos and want.startswith(bos) and not fmt.startswith(bos):
+        want = want[len(bos):]
+    got = format_row(_PROBE, template).text
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ConfigError(f"{flag} {TOKENIZER_CHAT}: expected {who}'s chat template to keep message text as it is. "
+                          f"It changes it (at character {at}: {want[max(0, at - 20):at + 20]!r} where the contents "
+                          f"give {got[max(0, at - 20):at + 20]!r}). Write the format as a template file instead.")
+    return template
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding a text puts the BOS token first by itself."""
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def load_template(name_or_path: str | Path, *, tokenizer: Any = None, system_prompt: str | None = None,
+                  flag: str = "--template", who: str = "the tokenizer") -> PromptTemplate:
+    """A registered template by name (``"plain"``, ``"chat"``, ``"cot"``), one read from a file path, or
+    ``"chat:tokenizer"``: ``tokenizer``'s own chat template (:func:`from_chat_template`, with ``system_prompt``).
+
+    ``system_prompt`` is for ``chat:tokenizer`` only; ``flag`` and ``who`` name the option and the tokenizer in
+    errors.
+    """
+    if is_tokenizer_template(name_or_path):
+        if tokenizer is None:
+            raise ConfigError(f"{flag} {TOKENIZER_CHAT} needs the tokenizer whose chat template it takes. Got none: "
+                              "pass the tokenizer (the template is resolved once it is loaded).")
+        return from_chat_template(tokenizer, system_prompt=system_prompt, flag=flag, who=who)
+    if system_prompt is not None:
+        raise ConfigError(f"--system-prompt is for {flag} {TOKENIZER_CHAT}. Got {flag} {str(name_or_path)!r}: "
+                          "drop --system-prompt, or write the system text into a template file.")
     if isinstance(name_or_path, str) and name_or_path in TEMPLATES:
         return TEMPLATES[name_or_path]
     if Path(name_or_path).is_file():
         return PromptTemplate.from_file(name_or_path)
     raise ConfigError(
-        f"Expected --template to be one of {sorted(TEMPLATES)} or a template file. Got {str(name_or_path)!r} instead."
+        f"Expected {flag} to be one of {sorted(TEMPLATES)}, {TOKENIZER_CHAT} or a template file. "
+        f"Got {str(name_or_path)!r} instead."
     )
+
+
+def check_template_name(name_or_path: str | Path, *, flag: str = "--template") -> None:
+    """Raise ConfigError unless ``name_or_path`` names a template (without needing a tokenizer): a registered
+    name, ``chat:tokenizer`` or an existing template file whose format is valid."""
+    if not is_tokenizer_template(name_or_path):
+        load_template(name_or_path, flag=flag)
+
+
+def template_record(template: PromptTemplate) -> str | dict[str, str]:
+    """How a manifest records ``template``: its name when the name alone gives it back (a registered template), else
+    ``{"name", "format"}``; :func:`template_from_record` reads either."""
+    return template.name if TEMPLATES.get(template.name) == template else {"name": template.name,
+                                                                            "format": template.format}
+
+
+def template_from_record(record: str | Mapping[str, str]) -> PromptTemplate:
+    """The template a manifest recorded with :func:`template_record` (a name or a file path, or name and format)."""
+    if isinstance(record, Mapping):
+        return PromptTemplate(str(record["name"]), str(record["format"]))
+    return load_template(record)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from kava.core.synthetic import difficulty_problems
 from kava.distill.config import MAX_SEED, DistillConfig
 from kava.distill.student import PRESETS as STUDENT_PRESETS
 from kava.extract.config import ExtractConfig
+from kava.extract.templates import TOKENIZER_CHAT, check_template_name
 from kava.kvstore.manifest import is_teacher_name
 
 from . import splits
@@ -77,11 +79,24 @@ class TeacherTrainSpec:
     layers: int | None = None
     """Its depth (None: the preset's)."""
     vocab_size: int = 512
-    """Its byte-level BPE, trained on the teacher split."""
+    """Its byte-level BPE, trained on the teacher split (unless tokenizer is set)."""
     steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
     seed: int = 0
+    tokenizer: str | None = None
+    """An existing tokenizer (a directory or hub id; $KAVA_ASSETS/... names the shared assets) instead of a BPE
+    trained here: e.g. one with a chat template, for template chat:tokenizer."""
+    template: str = "plain"
+    """The template it is trained on: plain, chat, cot, chat:tokenizer (its tokenizer's chat template) or a file."""
+    system_prompt: str | None = None
+    """With template chat:tokenizer: the system message (default: the chat template's own)."""
+
+    def key(self) -> dict[str, Any]:
+        """What its cache key digests: every setting, without the tokenizer options left at their defaults (so a
+        teacher cached before they existed keeps its key)."""
+        new = {"tokenizer": None, "template": "plain", "system_prompt": None}
+        return {k: v for k, v in self.__dict__.items() if k not in new or v != new[k]}
 
 
 @dataclass
@@ -299,6 +314,8 @@ def parse_config(data: Any, *, source: str = "config") -> RunConfig:
     """A RunConfig from a YAML mapping; raises one ConfigError with every problem (types and meaning)."""
     problems: list[str] = []
     cfg = _build(RunConfig, data if data is not None else {}, "", problems)
+    if not problems:
+        _expand_paths(cfg)
     try:
         problems += semantic_problems(cfg)
     except (TypeError, AttributeError, ValueError):  # a required value is missing or mistyped: already reported
@@ -307,6 +324,24 @@ def parse_config(data: Any, *, source: str = "config") -> RunConfig:
     if problems:
         raise ConfigError.from_problems([f"{source}: {p}" for p in problems])
     return cfg
+
+
+def _expand_paths(cfg: RunConfig) -> None:
+    """``$VAR`` and ``${VAR}`` in the config's paths (dataset files, tokenizers, models) from the environment, so a
+    config names the shared assets as ``$KAVA_ASSETS/gsm8k/train.jsonl``; an unset variable is left as written
+    (the path then does not exist, and the stage that reads it says so)."""
+    def expand(value: str | None) -> str | None:
+        return None if value is None else os.path.expandvars(value)
+
+    d = cfg.data
+    d.dataset = expand(d.dataset) or d.dataset
+    d.data_files, d.eval_files = expand(d.data_files), expand(d.eval_files)
+    cfg.student.model = expand(cfg.student.model) or cfg.student.model
+    cfg.student.tokenizer = expand(cfg.student.tokenizer)
+    for t in cfg.teachers:
+        t.model = expand(t.model)
+        if t.train is not None:
+            t.train.tokenizer = expand(t.train.tokenizer)
 
 
 def load_config(path: str | Path | None) -> RunConfig:
@@ -397,6 +432,8 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
             p.append(f"{w}.extract: {key!r} is set by the runner; remove it.")
         if t.train is not None and t.train.steps < 1:
             p.append(f"{w}.train.steps: expected a positive integer. Got {t.train.steps}.")
+        if t.train is not None:
+            p += _train_template_problems(t.train, f"{w}.train")
         who = {"student_layers": cfg.student.layers} if cfg.student.is_preset else {"student": cfg.student.model}
         try:  # the known options, by extraction's own rules
             ExtractConfig.from_dict({"teacher": "t", "store": "s", **who,
@@ -442,6 +479,23 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
                 stage_distill_config(cfg, v, seed=0, store="s", out="o").validate()
             except ConfigError as e:
                 p.append(f"{w}: {e}")
+    return p
+
+
+def _train_template_problems(t: TeacherTrainSpec, where: str) -> list[str]:
+    """What is wrong with a trained teacher's template options."""
+    p: list[str] = []
+    chat = t.template == TOKENIZER_CHAT
+    if chat and t.tokenizer is None:
+        p.append(f"{where}.template: {TOKENIZER_CHAT} needs {where}.tokenizer, one with a chat template (a BPE "
+                 "trained here has none).")
+    if not chat:
+        try:
+            check_template_name(t.template, flag=f"{where}.template")
+        except ConfigError as e:
+            p.append(str(e))
+    if t.system_prompt is not None and not chat:
+        p.append(f"{where}.system_prompt is for template {TOKENIZER_CHAT}. Got template {t.template!r}: drop it.")
     return p
 
 

@@ -33,13 +33,14 @@ from transformers.utils import logging as hf_logging
 
 from kava.core.errors import KavaError
 from kava.core.log import log_stderr
+from kava.core.models import load_fast_tokenizer
 from kava.core.rows import ReasoningRow
 from kava.distill.checkpoint import step_checkpoints, student_at
 from kava.distill.config import DistillConfig
 from kava.distill.evaluate import EvalConfig, EvalResult, evaluate, reference_nll, run_eval
 from kava.distill.trainer import run_distill
 from kava.extract.recipe import run_extract
-from kava.extract.templates import load_template
+from kava.extract.templates import template_from_record
 from kava.extract.vocab import train_bpe_tokenizer
 from kava.kvstore import KVStore
 
@@ -195,7 +196,7 @@ class Runner:
             return {"model": spec.model, "trained": False, "digest": digest(spec.model)}
         t = spec.train
         split_hash = data["splits"]["teacher-train"]["questions_hash"]
-        key = digest({"train": t.__dict__, "split": split_hash, "device": self.cfg.device,
+        key = digest({"train": t.key(), "split": split_hash, "device": self.cfg.device,
                       "max_length": self.cfg.train.max_length})
         where = Path(self.cfg.out) / ".cache" / "teachers" / key
 
@@ -203,9 +204,14 @@ class Runner:
             rows = splits.check_split(self.root, "teacher-train", stage=f"teacher {spec.name}")
             if where.exists():
                 shutil.rmtree(where)  # a half-trained teacher from a killed run: train it again
-            tok = train_bpe_tokenizer(_texts(rows), where / "tokenizer", vocab_size=t.vocab_size)
+            if t.tokenizer is None:
+                tok = train_bpe_tokenizer(_texts(rows), where / "tokenizer", vocab_size=t.vocab_size)
+            else:  # a given tokenizer (e.g. one with a chat template), copied where a trained one would be
+                tok = where / "tokenizer"
+                load_fast_tokenizer(t.tokenizer, flag=f"teachers[{spec.name}].train.tokenizer").save_pretrained(tok)
             config = DistillConfig.from_dict(dict(
-                student=t.preset, out=str(where / "model"), tokenizer=str(tok),
+                student=t.preset, out=str(where / "model"), tokenizer=str(tok), student_template=t.template,
+                system_prompt=t.system_prompt,
                 dataset=str(splits.split_path(self.root, "teacher-train")), split=splits.FILE_SPLIT["teacher-train"],
                 steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed, checkpoint_every=0, progress=False,
                 device=self.cfg.device, threads=self.cfg.threads, warmup_steps=max(1, t.steps // 10),
@@ -405,7 +411,7 @@ class Runner:
         rows = list(splits.load_split(self.root, "eval"))[:n]
         tokenizer = AutoTokenizer.from_pretrained(student)
         made = json.loads((student / "kava.json").read_text())
-        template, steps = load_template(made["template"]), made["steps"]
+        template, steps = template_from_record(made["template"]), made["steps"]
         curve = []
         for step, path in step_checkpoints(student):
             if step >= steps or (e.budgets and step not in e.budgets):

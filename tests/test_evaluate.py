@@ -263,8 +263,8 @@ def test_config_reports_every_problem_at_once(tmp_path):
                                           r"--split: expected one of train, validation, test.*--template.*"
                                           r"--batch-size.*--max-new-tokens.*--limit.*--threads.*--device"):
         config.validate()
-    with pytest.raises(ConfigError, match=r"^--dataset: expected synthetic, gsm8k or a JSONL/Parquet file\. "
-                                          r"Got 'nowhere\.csv' instead\.$"):
+    with pytest.raises(ConfigError, match=r"^--dataset: expected synthetic, gsm8k, a JSONL/Parquet file, a folder "
+                                          r"or a datasets id \(owner/name\)\. Got 'nowhere\.csv' instead\.$"):
         EvalConfig.from_dict(dict(model="m", dataset="nowhere.csv")).validate()
     EvalConfig(model="m").validate()
 
