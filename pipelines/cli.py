@@ -258,7 +258,28 @@ def _eval_command() -> click.Command:
     return eval_
 
 
-_Main.lazy.update(extract=_extract_command, estimate=_estimate_command, distill=_distill_command, eval=_eval_command)
+def _latent_command() -> click.Command:
+    from kava.distill.latent.config import LatentConfig  # noqa: PLC0415 - only once the command is built
+
+    @click.command("latent", short_help="Train a latent-reasoning student from its own compressed CoT cache (KaVa).")
+    @config_options(LatentConfig)
+    @click.option("--json", "as_json", is_flag=True, help="Print only the run's summary as JSON on stdout.")
+    def latent(as_json: bool, config_file: str | None, **values: Any) -> None:
+        """One model in two modes: teacher mode reads question, CoT and answer; student mode reads the question,
+        --latent M continuous tokens refined by --jacobi T iterations, then the answer. The student is trained on
+        the answer, the CoT, CODI's hidden-state term and the K/V of its latents against the teacher mode's CoT
+        cache compressed by R-KV to M rows; --mode cot / direct train the CoT and no-CoT baselines."""
+        result = run_stage(LatentConfig, values, config_file, "kava.distill.latent.train:train_latent")
+        if as_json:
+            emit_json(result.to_dict())
+        else:
+            click.echo(f"wrote {result.out} after {result.steps} steps ({result.seconds:.0f} s)", err=True)
+
+    return latent
+
+
+_Main.lazy.update(extract=_extract_command, estimate=_estimate_command, distill=_distill_command, eval=_eval_command,
+                  latent=_latent_command)
 
 
 
@@ -397,6 +418,32 @@ def store_seal(path: str, as_json: bool) -> None:
         fail(str(e))
     _print_report(report, as_json, sound="sealed")
     sys.exit(0 if report.ok else 1)
+
+
+@store.command("cp")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def store_cp(source: str, destination: str, as_json: bool) -> None:
+    """Copy the store at SOURCE to DESTINATION, each a path or a URL (s3://bucket/kv.zarr), either way.
+
+    Every chunk's crc32c is checked as it is read and the copy is verified whole at the end (the manifest goes
+    last). A destination holding a store is refused; run a killed copy again to resume it."""
+    from tqdm import tqdm  # noqa: PLC0415 - only this command shows a bar
+
+    from kava.kvstore.create import copy_store  # noqa: PLC0415 - zarr: only the store commands load it
+
+    try:
+        with tqdm(unit="B", unit_scale=True, desc="copy", disable=None, file=sys.stderr) as bar:
+            report = copy_store(source, destination, progress=bar.update)
+    except KavaError as e:
+        fail(str(e))
+    if as_json:
+        emit_json(dataclasses.asdict(report))
+        return
+    click.echo(f"{report.destination}: copied {report.objects_copied} objects ({_size(report.bytes_copied)}) from "
+               f"{report.source}" + (f", kept {report.objects_kept} from an interrupted copy" if report.objects_kept
+                                      else "") + f"; {report.chunks_checked} chunks checked; verified sound")
 
 
 @main.command("run", short_help="Run a whole experiment from a YAML config (default: the embedded one).")

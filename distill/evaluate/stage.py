@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kava.core.config import config_from_dict, config_to_dict
-from kava.core.data import DataSource
+from kava.core.data import DataSource, is_hub_id
 from kava.core.errors import ConfigError, DatasetError
 from kava.core.models import load_model, load_tokenizer, resolve_model
 from kava.core.synthetic import SYNTHETIC_SPLITS, Difficulty
+from kava.distill.latent.config import is_latent_checkpoint
 from kava.extract.templates import TEMPLATES, PromptTemplate, load_template
 
 from .cache import CacheBound
@@ -98,8 +99,9 @@ class EvalConfig:
         p: list[str] = []
         if not self.model:
             p.append("--model: expected a model directory or hub id. Got nothing.")
-        if d.dataset not in _NAMED_DATASETS and not Path(d.dataset).is_file():
-            p.append(f"--dataset: expected synthetic, gsm8k or a JSONL/Parquet file. Got {d.dataset!r} instead.")
+        if d.dataset not in _NAMED_DATASETS and not Path(d.dataset).exists() and not is_hub_id(d.dataset):
+            p.append(f"--dataset: expected synthetic, gsm8k, a JSONL/Parquet file, a folder or a datasets id "
+                     f"(owner/name). Got {d.dataset!r} instead.")
         if d.data_files is not None:
             if d.dataset not in ("gsm8k", "openai/gsm8k"):
                 p.append(f"--data-files is for --dataset gsm8k. Got --dataset {d.dataset!r} instead. "
@@ -187,6 +189,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if not len(rows):
         raise DatasetError(f"Expected at least one usable row in {rows.name}. Got none ({len(rows.problems)} "
                            "skipped). Check --dataset, --split and --data-files.")
+
+    # A student written by `kava latent` thinks in latent tokens before it answers: it has its own scorer.
+    if is_latent_checkpoint(config.model):
+        from kava.distill.latent.evaluate import run_latent_eval  # noqa: PLC0415 - heavy (package docstring)
+
+        return run_latent_eval(config, rows)
 
     # 3. Tokenizer and model, from the same directory (a distilled student is saved with its tokenizer), through the
     # loader every stage uses: the offline check, and modelling code shipped with the model runs only with
