@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .losses import MASKED_SCORE, attention_bias
+from .losses import MASKED_SCORE, _allowed_keys
 from .projectors import head_share_matrix
 
 
@@ -51,7 +51,7 @@ def attention_kl_kept(t_queries: Sequence[torch.Tensor], t_keys: Sequence[torch.
     """
     batch, s_heads, steps, _ = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
-    causal = attention_bias(lengths, steps, device=q.device, dtype=dtype) == 0  # [B, 1, T, T] visible keys
+    causal = _allowed_keys(lengths, steps, q.device)[:, None]  # [B, 1, T, T] visible keys (s <= t < length)
     t_heads = t_queries[0].shape[1]
     share = head_share_matrix(t_heads, s_heads).to(q.device) if t_heads != s_heads else None  # [Hs, Ht]
     p = None

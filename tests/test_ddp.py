@@ -57,7 +57,11 @@ def metrics(out: Path) -> list[dict[str, float]]:
 def store(tmp_path_factory) -> Path:
     """stories260K over 24 synthetic problems with Q, identity layer map (5 student layers), 7 shards: 4 and 3 per
     rank."""
-    path = tmp_path_factory.mktemp("ddp") / "kv.zarr"
+    return extract_store(tmp_path_factory.mktemp("ddp") / "kv.zarr")
+
+
+def extract_store(path: Path) -> Path:
+    """The store of :func:`store` at ``path`` (test_fsdp trains on the same one)."""
     run_extract(ExtractConfig.from_dict(dict(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(path),
                                              limit=24, shard_tokens=768, batch_size=8, progress=False,
                                              calibration_samples=0, with_q=True)),

@@ -21,15 +21,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ENV, asset_path
+from helpers import ENV
 from safetensors import safe_open
 from safetensors.torch import load_file, save_model
-from test_ddp import RUN, TERMS, TORCHRUN, flags, metrics, reference_steps
+from test_ddp import RUN, TERMS, TORCHRUN, extract_store, flags, metrics, reference_steps
 
 from kava.core.errors import ConfigError
 from kava.distill.config import DistillConfig
-from kava.extract.config import ExtractConfig
-from kava.extract.recipe import run_extract
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
@@ -47,12 +45,7 @@ def fsdp_run_command(store: Path, out: Path, *extra: str) -> list[str]:
 def store(tmp_path_factory) -> Path:
     """test_ddp's store: stories260K over 24 synthetic problems with Q, 5 student layers, 7 shards (4 and 3 per
     rank)."""
-    path = tmp_path_factory.mktemp("fsdp") / "kv.zarr"
-    run_extract(ExtractConfig.from_dict(dict(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(path),
-                                             limit=24, shard_tokens=768, batch_size=8, progress=False,
-                                             calibration_samples=0, with_q=True)),
-                log=lambda _: None)
-    return path
+    return extract_store(tmp_path_factory.mktemp("fsdp") / "kv.zarr")
 
 
 @pytest.fixture(scope="module")
