@@ -44,6 +44,8 @@ class LatentConfig:
     """Training rows."""
     eval_size: int = 200
     """Rows evaluated after training (0: none)."""
+    eval_split: str = "test"
+    """--dataset chain: the split evaluated, test or validation (settings are chosen on validation, never test)."""
     data_seed: int = 0
     """Seed of the generated rows."""
     mode: str = "latent"
@@ -57,7 +59,15 @@ class LatentConfig:
     shift: bool = False
     """Latent i takes latent i-1's projected state (PCCoT's code) instead of its own."""
     teacher: str = "self"
-    """self: the student's own teacher mode, its CoT cache compressed by R-KV on the fly; store: a compressed store."""
+    """self: the student's own teacher mode, its CoT cache compressed by R-KV on the fly; store: a CoT teacher's
+    compressed store (--store), its K/V extracted once with --evict r-kv --kv-budget M."""
+    store: str | None = None
+    """The store of --teacher store: made by `kava extract` from the rows --export-rows writes."""
+    store_teacher: str | None = None
+    """The teacher of --store to read (default: its only one)."""
+    export_rows: str | None = None
+    """Write the training rows (train.jsonl) and their template (template.txt) to this folder for `kava extract`,
+    then exit without training."""
     cot_weight: float = 1.0
     """Weight of teacher mode's CoT and answer cross-entropy."""
     codi_weight: float = 10.0
@@ -117,6 +127,7 @@ class LatentConfig:
             ("--codi-loss", self.codi_loss, _DISTANCES),
             ("--kv-loss", self.kv_loss, _DISTANCES),
             ("--kv-rope", self.kv_rope, ("pre", "post")),
+            ("--eval-split", self.eval_split, ("test", "validation")),
         )
         for flag, value, allowed in choices:
             if value not in allowed:
@@ -148,11 +159,19 @@ class LatentConfig:
             p.append(f"--lr: expected a number > 0. Got {self.lr!r} instead.")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             p.append(f"--threads: expected a positive integer. Got {self.threads!r} instead.")
-        if self.teacher == "store":
-            p.append(
-                "--teacher store: not available yet; distillation from a compressed store needs the store's "
-                "kept reasoning rows in the latent trainer. Use --teacher self."
-            )
+        if self.teacher == "store" and self.export_rows is None:
+            if not self.store:
+                p.append("--teacher store: expected --store (a store extracted with --evict r-kv --kv-budget M). "
+                         "Got none.")
+            if self.mode != "latent":
+                p.append(f"--teacher store: only --mode latent has a K/V term. Got --mode {self.mode}.")
+            if self.kv_weight == 0:
+                p.append("--teacher store: the store feeds only the K/V term, and --kv-weight is 0. Raise it.")
+        elif self.store is not None or self.store_teacher is not None:
+            p.append("--store and --store-teacher are for --teacher store. Got --teacher self. Drop them or pass "
+                     "--teacher store.")
+        if self.dataset == "gsm8k" and self.eval_split != "test":
+            p.append("--eval-split: for --dataset chain. Got --dataset gsm8k: pass the rows to score as --eval-files.")
         if self.dataset == "gsm8k":
             for flag, path in (("--data-files", self.data_files), ("--eval-files", self.eval_files)):
                 if path is not None and not Path(path).is_file():

@@ -8,6 +8,9 @@ attention as the teacher computed it. Keys are compared before RoPE by default (
 CoT rows and the student's latents sit at different positions, and a comparison of rotated keys would compare
 rotations, not content.
 
+With ``store_kv`` (``--teacher store``, see ``offline``) the K/V term's targets are a CoT teacher's rows read from a
+compressed store instead; teacher mode still gives the CoT cross-entropy and CODI's hidden states.
+
 ``mode`` picks the run: ``latent`` (the KaVa objective), ``cot`` (teacher mode's cross-entropy alone: CoT SFT) or
 ``direct`` (the same on batches without the CoT: no-CoT SFT).
 """
@@ -15,7 +18,7 @@ rotations, not content.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -117,16 +120,26 @@ def student_keys(reasoner: LatentReasoner, keys: torch.Tensor, positions: torch.
 
 
 def latent_loss(
-    reasoner: LatentReasoner, batch: LatentBatch, weights: Weights, mode: Mode = "latent"
+    reasoner: LatentReasoner,
+    batch: LatentBatch,
+    weights: Weights,
+    mode: Mode = "latent",
+    store_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The step's total loss and each term's value (``loss/answer``, ``loss/cot``, ``loss/codi``, ``loss/kv``)."""
+    """The step's total loss and each term's value (``loss/answer``, ``loss/cot``, ``loss/codi``, ``loss/kv``).
+
+    ``store_kv``: the batch's K/V targets from a store, ``[L, B, H, M, D]`` keys and values and ``[B, M]`` valid
+    slots (``StoreTargets.batch``), in place of teacher mode's compressed CoT rows."""
     model = reasoner.model
     if mode != "latent":
         out = model(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask, use_cache=False)
         ce = sequence_ce(out.logits, batch.teacher_labels)
         return ce, {"loss/cot" if mode == "cot" else "loss/answer": float(ce.detach()), "loss": float(ce.detach())}
     needs_teacher = weights.cot > 0 or weights.codi > 0 or weights.kv > 0
-    teacher = teacher_targets(model, batch, budget=reasoner.latents, weights=weights) if needs_teacher else None
+    own = replace(weights, kv=0.0) if store_kv is not None else weights  # the store gives the K/V targets
+    teacher = teacher_targets(model, batch, budget=reasoner.latents, weights=own) if needs_teacher else None
+    if teacher is not None and store_kv is not None:
+        teacher.keys, teacher.values, teacher.valid = store_kv
     student = reasoner(batch.question_ids, batch.question_mask, batch.answer_ids, batch.answer_mask)
     total = answer_ce(student.logits, batch.answer_ids, batch.answer_mask)
     terms = {"loss/answer": float(total.detach())}

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from kava.core.errors import ConfigError
+from kava.core.locks import LOCK_NAME, writer_lock
 from kava.core.models import load_fast_tokenizer
 
 from .checkpoint import save_latent
@@ -34,6 +35,7 @@ from .data import Encoder, LatentRow, chain_rows, gsm8k_rows
 from .evaluate import LatentEval, evaluate_latent
 from .model import LatentReasoner, ProjectionKind
 from .objective import Mode, Weights, latent_loss
+from .offline import export_rows, load_store_targets
 
 
 @dataclass
@@ -55,7 +57,7 @@ def load_rows(cfg: LatentConfig) -> tuple[list[LatentRow], list[LatentRow]]:
     if cfg.dataset == "chain":
         return (
             chain_rows(cfg.train_size, steps=cfg.chain_steps, seed=cfg.data_seed, split="train"),
-            chain_rows(cfg.eval_size, steps=cfg.chain_steps, seed=cfg.data_seed, split="test"),
+            chain_rows(cfg.eval_size, steps=cfg.chain_steps, seed=cfg.data_seed, split=cfg.eval_split),
         )
     assert cfg.data_files is not None  # validate() requires it
     train = gsm8k_rows(cfg.data_files, limit=cfg.train_size, split="train")
@@ -83,9 +85,6 @@ def _log(cfg: LatentConfig, message: str) -> None:
 
 def train_latent(cfg: LatentConfig) -> LatentResult:
     """Train, save and (with --eval-size) evaluate; see the module docstring."""
-    from kava.distill.optim import make_schedule  # noqa: PLC0415 - heavy (torch) only when a run starts
-    from kava.distill.student import load_student  # noqa: PLC0415 - heavy (transformers)
-
     # 1. Everything that can be checked without a model.
     cfg.validate()
     out = Path(cfg.out)
@@ -96,6 +95,20 @@ def train_latent(cfg: LatentConfig) -> LatentResult:
 
     # 2. Rows before the model: a bad dataset fails in milliseconds.
     train_rows, eval_rows = load_rows(cfg)
+    if cfg.export_rows is not None:  # the offline teacher's first step: the rows for `kava extract`, no training
+        data, template = export_rows(train_rows, cfg.export_rows)
+        _log(cfg, f"wrote {len(train_rows)} rows to {data} and their template to {template}")
+        return LatentResult(out=str(data.parent), steps=0, seconds=0.0, last={})
+
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out / LOCK_NAME, output=out, fix="choose another --out"):  # one run per --out at a time
+        return _train(cfg, out, mode, weights, train_rows, eval_rows)
+
+
+def _train(cfg: LatentConfig, out: Path, mode: Mode, weights: Weights, train_rows: list[LatentRow],
+           eval_rows: list[LatentRow]) -> LatentResult:
+    from kava.distill.optim import make_schedule  # noqa: PLC0415 - heavy (torch) only when a run starts
+    from kava.distill.student import load_student  # noqa: PLC0415 - heavy (transformers)
 
     # 3. The student on the rows' tokenizer, then the latent weights (seeded after it, see the module docstring).
     tokenizer = load_fast_tokenizer(cfg.tokenizer, flag="--tokenizer") if cfg.tokenizer else None
@@ -110,6 +123,19 @@ def train_latent(cfg: LatentConfig) -> LatentResult:
     )
     reasoner.train()
     encoder = Encoder(student.tokenizer)
+    targets = None
+    if cfg.teacher == "store":
+        assert cfg.store is not None  # validate() requires it
+        targets = load_store_targets(
+            cfg.store,
+            train_rows,
+            model_config=student.inner.config,
+            tokenizer=student.tokenizer,
+            budget=cfg.latent,
+            kv_rope=cfg.kv_rope,
+            teacher=cfg.store_teacher,
+            log=lambda line: _log(cfg, line),
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
@@ -135,7 +161,8 @@ def train_latent(cfg: LatentConfig) -> LatentResult:
                 permutation = torch.randperm(len(train_rows), generator=order)
             picked = permutation[slot * cfg.batch_size : (slot + 1) * cfg.batch_size].tolist()
             batch = encoder.batch([train_rows[i] for i in picked], with_cot=mode != "direct")
-            loss, terms = latent_loss(reasoner, batch, weights, mode)
+            store_kv = targets.batch(picked) if targets is not None else None
+            loss, terms = latent_loss(reasoner, batch, weights, mode, store_kv)
             if not math.isfinite(terms["loss"]):
                 raise ConfigError(f"Expected a finite loss. Got {terms} at step {step}. Lower --lr or the weights.")
             optimizer.zero_grad(set_to_none=True)
