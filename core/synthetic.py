@@ -362,3 +362,81 @@ def synthetic_rows(
         )
 
     return RowSet(f"{d.dataset_name}/{split}", tuple(build(i) for i in range(n)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task families: several difficulties mixed in one split, each row tagged with the one it was drawn from
+
+_FAMILY_NAME = re.compile(r"^[A-Za-z0-9_+]{1,40}$")
+FAMILY_EXAMPLE = "{add: 'steps=1-2,ops=+', sub: 'steps=1-2,ops=-,start=10-19'}"
+
+
+def family_problems(flag: str, families: object, dataset: str, difficulty: str) -> list[str]:
+    """A config's problems with its task families (``flag`` as the user wrote it): not a mapping of names to
+    difficulties, a bad name or difficulty, two families of one difficulty, or set beside a difficulty or for data
+    that is not synthetic."""
+    if not families:
+        return []
+    if not isinstance(families, dict):
+        return [f"{flag}: expected a mapping of family names to difficulties, such as {FAMILY_EXAMPLE}. Got "
+                f"{families!r} instead."]
+    p: list[str] = []
+    if dataset != "synthetic":
+        p.append(f"{flag}: expected the synthetic dataset (families are generated problems). Got dataset {dataset!r} "
+                 f"instead. Drop {flag}.")
+    try:
+        both = Difficulty.parse(difficulty) != DIFFICULTY_PRESETS["default"]
+    except ConfigError:  # reported by difficulty_problems
+        both = True
+    if both:
+        p.append(f"Can't set both {flag} and data.difficulty (each family has its own). Choose one.")
+    seen: dict[Difficulty, str] = {}
+    for name, spec in families.items():
+        if not isinstance(name, str) or not _FAMILY_NAME.match(name):
+            p.append(f"{flag}: expected family names of letters, digits, '_' and '+' (at most 40). Got {name!r} "
+                     "instead.")
+        try:
+            d = Difficulty.parse(str(spec))
+        except ConfigError as e:
+            p.append(f"{flag}.{name}: {e}")
+            continue
+        if d in seen:
+            p.append(f"{flag}: families {seen[d]!r} and {name!r} have the same difficulty ({d}). Give each family "
+                     "its own.")
+        seen[d] = str(name)
+    return p
+
+
+def family_rows(n: int, *, seed: int = 0, split: str = "train",
+                families: dict[str, str | Difficulty]) -> tuple[RowSet, list[str]]:
+    """``n`` rows mixing ``families`` (name → difficulty) equally, and each row's family.
+
+    The families take turns (row ``i`` is family ``i % K``'s next row; the first ``n % K`` families get one row
+    more), so any prefix of the rows mixes them evenly too. Each family's rows are :func:`synthetic_rows` of its
+    difficulty, so their ids (``synthetic-<tag>/<split>/<index>``) never collide. Two families that draw the same
+    question are refused: the question's family would be ambiguous.
+    """
+    if not families:
+        raise ConfigError(f"Expected at least one family, such as {FAMILY_EXAMPLE}. Got none.")
+    names = list(families)
+    k = len(names)
+    counts = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    drawn = {name: synthetic_rows(c, seed=seed, split=split, difficulty=families[name])
+             for name, c in zip(names, counts)}
+    rows: list[ReasoningRow] = []
+    tags: list[str] = []
+    owner: dict[str, str] = {}
+    for i in range(max(counts, default=0)):
+        for name in names:
+            if i < len(drawn[name]):
+                row = drawn[name][i]
+                if owner.get(row.question, name) != name:
+                    raise ConfigError(
+                        f"Families {owner[row.question]!r} and {name!r} both drew the question "
+                        f"{row.question[:60]!r}...: its family is ambiguous. Give the families operations that "
+                        "don't overlap (e.g. ops=+ and ops=-)."
+                    )
+                owner[row.question] = name
+                rows.append(row)
+                tags.append(name)
+    return RowSet(f"synthetic-families/{split}", tuple(rows)), tags

@@ -9,6 +9,9 @@ Every router has the same signature, ``forward(similarity, features, available) 
 * ``weights`` ``[B, T, N]``: non-negative, summing to 1 over the available teachers of each token, 0 for unavailable
   teachers and all 0 on tokens with no teacher at all.
 
+``rl`` and ``oracle`` route whole samples instead (one teacher for every token of a sample): they are in
+:mod:`.routing`, built here by :func:`build_fusion`, and the objective calls them with per-sample inputs.
+
 Routing is never trained through its inputs: ``similarity`` and ``features`` are detached, so the distillation
 loss cannot lower itself by moving the student towards whichever teacher is easiest to match.
 """
@@ -23,8 +26,10 @@ from torch import nn
 
 from kava.core.errors import ConfigError, ShapeError
 from kava.distill.losses import weighted_mean
+from kava.distill.routing import ROUTING_KINDS, OracleRouter, PolicyRouter
 
 FUSION_KINDS = ("fixed", "similarity", "learnable")
+"""The per-token fusions; ``build_fusion`` also builds the per-sample routers of ``ROUTING_KINDS``."""
 
 # Logit for unavailable teachers; finite so that a token with no teacher gives 0/1 = 0 rather than NaN.
 _UNAVAILABLE_LOGIT = -1e9
@@ -186,11 +191,14 @@ def build_fusion(
     temperature: float = 0.1,
     feature_dim: int | None = None,
     hidden: int = 64,
+    num_families: int = 0,
+    baseline_decay: float = 0.9,
 ) -> nn.Module:
-    """Build the router named by ``kind`` (``"fixed"``, ``"similarity"`` or ``"learnable"``).
+    """Build the router named by ``kind`` (``"fixed"``, ``"similarity"``, ``"learnable"``, ``"rl"`` or
+    ``"oracle"``).
 
     ``weights`` (fixed; default uniform) must have ``num_teachers`` entries; ``feature_dim`` is required for
-    ``"learnable"``.
+    ``"learnable"`` and ``"rl"``; ``num_families`` > 0 shows the rl policy the family tag.
     """
     if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
         raise ConfigError(
@@ -214,6 +222,13 @@ def build_fusion(
                 "Pass the student's hidden size as feature_dim."
             )
         return LearnedRouter(num_teachers, feature_dim, hidden)
+    if kind == "rl":
+        if feature_dim is None:
+            raise ConfigError("Expected feature_dim for --fusion rl. Got None instead. Pass the student's head dim.")
+        return PolicyRouter(num_teachers, feature_dim, num_families, baseline_decay)
+    if kind == "oracle":
+        return OracleRouter()
     raise ConfigError(
-        f"Expected --fusion to be one of {', '.join(FUSION_KINDS)}. Got {kind!r} instead. Choose one of those."
+        f"Expected --fusion to be one of {', '.join(FUSION_KINDS)}. Got {kind!r} instead. Choose one of those, or a "
+        f"per-sample router: {', '.join(ROUTING_KINDS)}."
     )

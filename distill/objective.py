@@ -34,6 +34,7 @@ from .losses import (
     weighted_mean,
 )
 from .projectors import KVProjectors
+from .routing import OracleRouter, PolicyRouter, SampleFamilies, family_routes, pool_features
 
 if TYPE_CHECKING:
     from kava.extract.capture import Rotation
@@ -112,6 +113,16 @@ def _mix(stack: torch.Tensor, layers: tuple[int, ...], pairs: Sequence[tuple[int
     return out
 
 
+@dataclass
+class RouteDecision:
+    """What ``--fusion rl`` chose for one micro-batch, kept for the policy's update after the step (detached)."""
+
+    pooled: torch.Tensor  # [B, F] the features the policy read
+    family: torch.Tensor | None  # [B] long, when the policy reads the family tag
+    actions: torch.Tensor  # [B] long, -1 for a sample with no teacher
+    allowed: torch.Tensor  # [B, N] bool
+
+
 class KVObjective(nn.Module):
     """Projectors, fusion and the K/V loss terms for a run. ``forward(student, batch)`` → ``(loss, terms)``.
 
@@ -152,9 +163,44 @@ class KVObjective(nn.Module):
                                                       share_dim=objective.share_dim_proj)
         self.fusion = build_fusion(fusion.fusion, len(self.plans), weights=fusion.fusion_weights,
                                    temperature=fusion.fusion_temperature, feature_dim=s_dim,
-                                   hidden=fusion.router_hidden)
+                                   hidden=fusion.router_hidden, baseline_decay=fusion.rl_baseline)
+        # Per-sample routing (rl, oracle) and the per-family logs read each sample's family: set by attach_families.
+        self.families: SampleFamilies | None = None
+        self.rl_family = fusion.rl_family
+        self.family_teacher_map = fusion.family_teacher_map
+        self.decisions: list[RouteDecision] = []
+        """``--fusion rl``'s choices of the micro-batches since the last policy update (training only)."""
         self.register_buffer("segment_weights", torch.tensor(objective.segment_weight_list, dtype=torch.float32),
                              persistent=False)
+
+    def attach_families(self, families: SampleFamilies) -> None:
+        """Read each sample's family from ``families`` (indexed by the batch's ``sample_indices``): the oracle routes
+        by it, the rl policy reads it with ``--rl-family``, and the logs count each family's samples per teacher.
+        Call before the optimizer is built: with ``--rl-family`` it adds the policy's per-family logits."""
+        self.families = families
+        self.register_buffer("family_of_sample", families.of_sample.clone(), persistent=False)
+        if isinstance(self.fusion, OracleRouter):
+            targets = families.teacher_targets([p.name for p in self.plans], self.family_teacher_map,
+                                               flag="--family-teachers")
+            self.register_buffer("family_teacher", targets, persistent=False)
+        if isinstance(self.fusion, PolicyRouter) and self.rl_family:
+            self.fusion.family = nn.Embedding(len(families.names), len(self.plans))
+            nn.init.zeros_(self.fusion.family.weight)
+
+    def _route_samples(self, features: torch.Tensor, available: torch.Tensor, batch: Batch,
+                       family: torch.Tensor | None) -> torch.Tensor:
+        """Weights ``[B, T, N]`` of the per-sample routers (oracle, rl) from per-token features ``[B, T, F]``."""
+        if isinstance(self.fusion, OracleRouter):
+            if family is None:
+                raise ConfigError("--fusion oracle needs each sample's family: give --sample-families.")
+            target = torch.where(family >= 0, self.family_teacher[family.clamp(min=0)], torch.full_like(family, -1))
+            return self.fusion(available, target)
+        pooled = pool_features(features.detach().float(), batch.attention_mask.bool())  # [B, F]
+        shown = family if self.rl_family else None
+        weights, actions, allowed = self.fusion(available, pooled, shown)
+        if self.training:
+            self.decisions.append(RouteDecision(pooled, shown, actions, allowed))
+        return weights
 
     @property
     def attn_layers(self) -> tuple[int, ...]:
@@ -187,7 +233,11 @@ class KVObjective(nn.Module):
         similarity = torch.stack([t["similarity"] for t in per_teacher], dim=-1)
         last = self.kv_layers[-1]
         features = student.key(last, "pre").mean(dim=1)  # [B, T, D_s]: the student's own view of each token
-        weights = self.fusion(similarity, features, align > 0)
+        family = self.family_of_sample[batch.sample_indices] if self.families is not None else None  # [B]
+        if isinstance(self.fusion, (OracleRouter, PolicyRouter)):
+            weights = self._route_samples(features, align > 0, batch, family)
+        else:
+            weights = self.fusion(similarity, features, align > 0)
         token_w = self.token_weight(batch.segment_ids) * (weights * align).sum(-1)  # [B, T]
 
         def fused(key: str) -> torch.Tensor:
@@ -207,6 +257,13 @@ class KVObjective(nn.Module):
                 for i, plan in enumerate(self.plans):
                     logs[f"router/{plan.name}"] = weighted_mean(weights[..., i], mask.float())
                 logs["router/entropy"] = router_entropy(weights, mask)
+                if self.families is not None and family is not None:
+                    # Samples of each family sent to each teacher (fractional for soft weights): their ratio over
+                    # steps is the share the report plots; sums stay right when a family is absent from a batch.
+                    routes = family_routes(weights, mask, family, len(self.families.names))  # [K, N]
+                    for k, fam in enumerate(self.families.names):
+                        for i, plan in enumerate(self.plans):
+                            logs[f"route/{fam}/{plan.name}"] = routes[k, i]
         return loss, logs
 
     def _teacher_terms(self, plan: TeacherPlan, tb: TeacherBatch, student: StudentKV,

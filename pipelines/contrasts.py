@@ -91,3 +91,41 @@ def _points(x: float) -> str:
 
 def _p(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:.3g}"
+
+
+def family_contrasts(contrasts: list[str], acc: Mapping[str, Mapping[str, Mapping[int, float]]], *,
+                     alpha: float) -> tuple[list[str], list[dict]]:
+    """The contrasts again on each task family's items: one paired t-test by seed per (contrast, family), Holm
+    across all of them (every contrast × every family is one more chance of a false positive).
+
+    ``acc``: family → variant → seed → accuracy on that family's eval items.
+    """
+    from kava.analysis.paired import match_seeds, paired_t  # noqa: PLC0415 - as in contrasts_section
+    from kava.analysis.stats import holm  # noqa: PLC0415
+
+    if not contrasts or not acc:
+        return [], []
+    rows = []
+    for text in contrasts:
+        a, b = parse_contrast(text)
+        for family, scores in acc.items():
+            _, acc_a, acc_b = match_seeds(scores[a], scores[b], name=a, baseline_name=b)
+            rows.append({"contrast": f"{a}{SEPARATOR}{b}", "a": a, "b": b, "family": family,
+                         "accuracy": asdict(paired_t(acc_a, acc_b))})
+    for r, adjusted in zip(rows, holm([r["accuracy"]["p"] for r in rows])):
+        r["accuracy"]["p_holm"] = adjusted
+        r["accuracy"]["significant"] = bool(adjusted < alpha)
+    families = list(acc)
+    lines = ["### Contrasts per family", "",
+             f"Δ accuracy (points, first − second) on each family's eval items, paired by seed; p (Holm across all "
+             f"{len(rows)} tests), **bold** where significant at α = {alpha}.", "",
+             "| contrast | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for text in dict.fromkeys(r["contrast"] for r in rows):
+        cells = []
+        for r in (r for r in rows if r["contrast"] == text):
+            ac = r["accuracy"]
+            cell = f"{_points(ac['diff'])} [{_points(ac['ci'][0])}, {_points(ac['ci'][1])}], p {_p(ac['p_holm'])}"
+            cells.append(f"**{cell}**" if ac["significant"] else cell)
+        a, b = parse_contrast(text)
+        lines.append(f"| `{a}` vs `{b}` | " + " | ".join(cells) + " |")
+    return lines + [""], rows

@@ -33,8 +33,10 @@ from kava.distill.evaluate.score import truncation_note
 from kava.kvstore import KVStore
 from kava.kvstore import summary as store_summary
 
+from . import splits
 from .config import RunConfig
 from .contrasts import contrasts_section
+from .families import families_section, routing_section
 from .lasting import budget_section, grad_share_section, tune_section
 
 Cell = Callable[[PairedComparison], str]
@@ -125,6 +127,14 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
     contrast_lines, contrast_json = contrasts_section(
         cfg.contrasts, cfg.seeds, acc, nll, unit, lambda a, b: _mcnemar(items, a, cfg, other=b), alpha=ALPHA)
     lines += contrast_lines
+    family_json: dict[str, Any] = {}
+    if cfg.data.families:  # accuracy per task family, the contrasts per family, the routers' decisions
+        family_lines, family_json = families_section(
+            cfg, splits.families_of(root, "eval"), {n: _items(e) for n, e in teacher_evals.items()}, items,
+            alpha=ALPHA)
+        routing_lines, routing_json = routing_section(cfg, runs, students, figures)
+        lines += family_lines + routing_lines
+        family_json["routing"] = routing_json
     tune_lines, tune_json = tune_section(root)
     lines += tune_lines
     budget_curves = {v: {s: evals[f"{v} seed {s}"].get("curve") or [] for s in cfg.seeds} for v in variants}
@@ -163,7 +173,8 @@ def write_report(cfg: RunConfig, root: Path, *, data: dict[str, Any], teachers: 
                            for (v, s), r in students.items()},
                "checkpoints": curves, "splits": data["splits"], "cka": cka_json, "timings": timings,
                **({"tune": tune_json} if tune_json else {}), **({"budgets": budget_json} if budget_json else {}),
-               **({"grad_shares": share_json} if share_json else {})}
+               **({"grad_shares": share_json} if share_json else {}),
+               **({"families": family_json} if family_json else {})}
     (root / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     return root / "report.md"
 
