@@ -275,9 +275,12 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 
 def load_model(source: ModelSource, *, trainable: bool = False,
-               attn_implementation: str | None = None) -> PreTrainedModel:
+               attn_implementation: str | None = None, head: str = "causal-lm") -> PreTrainedModel:
     """The model on ``source.device``: in eval mode with gradients off (a teacher, a model under evaluation), or,
     with ``trainable``, as loaded (a student: the trainer moves it and sets its mode).
+
+    ``head``: ``"causal-lm"`` (default) loads ``AutoModelForCausalLM``; ``"base"`` loads ``AutoModel``, the body
+    without a head, for encoder and encoder-decoder teachers (whose K/V need no LM head).
 
     nf4 uses bitsandbytes 4-bit with double quantization and ``source.dtype`` as the compute dtype; int8 uses
     LLM.int8. Both run on CPU as well as CUDA. Remote code runs only when ``source.trust_remote_code`` is set.
@@ -296,7 +299,8 @@ def load_model(source: ModelSource, *, trainable: bool = False,
     if attn_implementation is not None:
         placement["attn_implementation"] = attn_implementation
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        auto = transformers.AutoModel if head == "base" else transformers.AutoModelForCausalLM
+        model = auto.from_pretrained(
             source.model_id,
             dtype=source.dtype if source.dtype == "auto" else getattr(torch, source.dtype),
             quantization_config=quantization_config,

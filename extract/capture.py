@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -52,7 +52,15 @@ _PREFIX = "kava_capture_"
 
 # The recorder of the capture now running in this thread/task; None outside a capture, so a model left on the
 # wrapper by a crash still runs correctly (it only stops recording).
-_ACTIVE: contextvars.ContextVar[CaptureRecorder | None] = contextvars.ContextVar("kava_capture_recorder", default=None)
+_ACTIVE: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("kava_capture_recorder", default=None)
+
+
+class Recorder(Protocol):
+    """What the registered wrapper hands each attention call to: :class:`CaptureRecorder` for a decoder, the parts
+    recorder of :mod:`kava.extract.parts` for encoders and encoder-decoders."""
+
+    def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None) -> None: ...
 
 
 def attention_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
@@ -339,7 +347,31 @@ def attention_capture(
         raise ConfigError(
             "Expected the model in eval mode (no dropout) for capture. Got training mode. Call model.eval() first."
         )
-    previous = config._attn_implementation
+    check_wrappable(model)
+
+    has_rope = rope_params(config) is not None
+    rotary = rotary_module(model) if has_rope else None
+    record_rotation = has_rope and (k_rope == "pre" or with_rotation)
+    if record_rotation and rotary is None:
+        raise ConfigError(
+            f"Expected {type(model).__name__} to expose its rotary module as `rotary_emb` for pre-RoPE capture "
+            "(or with_rotation). Got none. Capture with k_rope='post' (and no rotation) for this architecture."
+        )
+
+    recorder = CaptureRecorder(layers=kept, q_layers=q_layers, k_rope=k_rope, has_rope=has_rope)
+    handle = rotary.register_forward_hook(recorder.on_rotary) if record_rotation and rotary is not None else None
+    try:
+        with recording(model, recorder):
+            yield recorder
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def check_wrappable(model: PreTrainedModel) -> None:
+    """Raise unless ``model`` can be switched to the capture wrapper: on sdpa or eager, through the interface, and
+    not inside another capture."""
+    previous = model.config._attn_implementation
     if previous is not None and previous.startswith(_PREFIX):
         raise KavaError(
             f"Expected no capture already running on this model. Its attention is {previous!r}. "
@@ -354,22 +386,19 @@ def attention_capture(
         raise ConfigError(
             f"Expected {type(model).__name__} to route attention through transformers' AttentionInterface. "
             "It does not, so its Q/K/V cannot be captured. Use an architecture ported to the attention interface "
-            "(Llama, Qwen2/3, Mistral, GPT-2, ...) or a newer transformers release."
+            "(Llama, Qwen2/3, Mistral, GPT-2, BERT, T5, BART, ...) or a newer transformers release."
         )
 
-    has_rope = rope_params(config) is not None
-    rotary = rotary_module(model) if has_rope else None
-    record_rotation = has_rope and (k_rope == "pre" or with_rotation)
-    if record_rotation and rotary is None:
-        raise ConfigError(
-            f"Expected {type(model).__name__} to expose its rotary module as `rotary_emb` for pre-RoPE capture "
-            "(or with_rotation). Got none. Capture with k_rope='post' (and no rotation) for this architecture."
-        )
 
-    recorder = CaptureRecorder(layers=kept, q_layers=q_layers, k_rope=k_rope, has_rope=has_rope)
+@contextmanager
+def recording(model: PreTrainedModel, recorder: Recorder) -> Iterator[None]:
+    """Run the block with ``model``'s attention switched to the capture wrapper and ``recorder`` receiving every
+    attention call; switch back on exit, also when the block raises. The one mechanism under every capture."""
+    check_wrappable(model)
+    config = model.config
+    previous = config._attn_implementation
     name = _ensure_registered(previous)
     # Switch order matters for cleanup: each step is undone in the finally block only once it has happened.
-    handle = rotary.register_forward_hook(recorder.on_rotary) if record_rotation and rotary is not None else None
     token = _ACTIVE.set(recorder)
     switched = False
     try:
@@ -381,13 +410,11 @@ def attention_capture(
                 f"{config._attn_implementation!r} instead. {type(model).__name__} does not let its attention "
                 "implementation change at run time; it cannot be captured."
             )
-        yield recorder
+        yield
     finally:
         if switched:
             model.set_attn_implementation(previous)
         _ACTIVE.reset(token)
-        if handle is not None:
-            handle.remove()
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from kava.kvstore import (
     StorageSpec,
     TeacherSpec,
     default_storage,
+    remote,
 )
 
 from .align import apply, token_spans
@@ -197,9 +198,15 @@ def run_extract(cfg: ExtractConfig, *, log: Log = log_stderr) -> ExtractResult:
     started = time.perf_counter()
     # 1. Everything that can be checked without loading a model, all at once.
     source = validate_and_resolve(cfg)
+    from .parts_recipe import run_extract_parts, source_family  # noqa: PLC0415 - it builds on this module
+
+    if source_family(source) != "decoder":  # encoders and encoder-decoders: one store teacher per attention part
+        return run_extract_parts(cfg, source, log=log, started=started)
     configure_process(cfg.threads, progress=cfg.progress)
 
     with contextlib.ExitStack() as held:  # the store's writer lock, from when the store exists to the end
+        # On object storage: a write that fails for good (network, credentials) is one line naming the object.
+        held.enter_context(remote.writing(cfg.store, then=remote.RESUME_FIX))
         # 2-6. Data, grid, store, teacher, layer map and the teacher's spec.
         plan, grid, teacher = prepare_extract(cfg, source, log=log, hold=held)
 
@@ -244,6 +251,12 @@ def prepare_extract(cfg: ExtractConfig, source: ModelSource, *, log: Log = log_s
     as soon as the store exists. Returns the plan, the grid (indexed by store sample) and the loaded teacher.
     """
     name = cfg.name or default_teacher_name(cfg)
+    from .parts_recipe import source_family  # noqa: PLC0415 - it builds on this module
+
+    if source_family(source) != "decoder":
+        raise ConfigError(f"--teacher {cfg.teacher}: an encoder or encoder-decoder is extracted in one process "
+                          "(run_extract: one store teacher per attention part), not shard by shard. Run kava extract "
+                          "without the scale-out driver.")
 
     # 2. Data and the student grid. The tokenizer comes first: the grid depends on it, not on the teacher.
     rows = cfg.data.load()
@@ -452,7 +465,9 @@ def validate_and_resolve(cfg: ExtractConfig) -> ModelSource:
 def hold_writer_lock(cfg: ExtractConfig, hold: contextlib.ExitStack) -> None:
     """One writer per store (:mod:`kava.core.locks`), its lock file beside it: an extraction holds the store's
     lock, a shard job (``--shard i/n``) holds it shared with the other jobs and its own slice's exclusively. A store
-    that is not a local directory is not locked."""
+    that is not a local directory (a URL: object storage has no file locks) is not locked."""
+    if remote.is_url(cfg.store):
+        return
     store = Path(cfg.store)
     if not store.is_dir():
         return

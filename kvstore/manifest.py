@@ -38,6 +38,13 @@ KV_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4", "int2")
 LOWBIT_DTYPES = ("int4", "int2")
 """Storage dtypes packed below a byte per value (format version 3 on)."""
 K_ROPE = ("pre", "post")
+ATTENTION_KINDS = ("causal", "bidirectional", "cross")
+"""How a teacher's queries saw its keys: a decoder's (or an encoder-decoder's decoder's) causal self-attention, an
+encoder's bidirectional self-attention, or a decoder's cross-attention over encoder states."""
+POSITIONS = ("rope", "absolute", "relative-bias", "none")
+"""Where a teacher's positions entered its attention: rotary K/Q (``rope``), learned or sinusoidal embeddings added
+to the input (``absolute``), a bias on the attention scores (``relative-bias``, T5), or nowhere (``none``:
+cross-attention, whose keys are encoder states)."""
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 EVICTION_RULES = ("r-kv", "attention", "streaming", "random")
 """How a compressed teacher chose the rows it kept (``kava.extract.evict``)."""
@@ -543,9 +550,32 @@ class TeacherSpec:
     """The teacher's stored top-k log-probabilities per student token; None when not stored."""
     eviction: EvictionSpec | None = None
     """A compressed teacher: which rows its K/V keep (format version 4); None keeps every row."""
+    attention: str = "causal"
+    """``causal``, ``bidirectional`` or ``cross`` (:data:`ATTENTION_KINDS`); absent from a spec: ``causal``."""
+    positions: str | None = None
+    """``rope``, ``absolute``, ``relative-bias`` or ``none`` (:data:`POSITIONS`); None (absent from a spec) reads as
+    ``rope`` when ``rope`` is set, else ``absolute``: what every teacher was before the field existed."""
+    part_of: str | None = None
+    """The model an encoder-decoder part came from, shared by its parts (``t5.enc``, ``t5.dec``, ``t5.cross``);
+    None for a whole model."""
 
     def __post_init__(self) -> None:
         check_teacher_name(self.name)
+        if self.positions is None:
+            object.__setattr__(self, "positions", "rope" if self.rope is not None else "absolute")
+        if self.attention not in ATTENTION_KINDS:
+            raise SchemaError(f"attention: expected one of {', '.join(ATTENTION_KINDS)}. Got {self.attention!r} "
+                              "instead.")
+        if self.positions not in POSITIONS:
+            raise SchemaError(f"positions: expected one of {', '.join(POSITIONS)}. Got {self.positions!r} instead.")
+        if (self.positions == "rope") != (self.rope is not None):
+            raise SchemaError(
+                f"positions: expected 'rope' exactly when the spec has rope parameters. Got positions "
+                f"{self.positions!r} with rope {'set' if self.rope is not None else 'null'} instead."
+            )
+        if self.attention == "cross" and self.part_of is None:
+            raise SchemaError("part_of: expected the encoder-decoder a cross-attention teacher belongs to. Got none "
+                              "instead.")
         if self.eviction is not None and not set(self.q_layers) <= set(self.layers):
             raise SchemaError(
                 f"q_layers: a compressed teacher (eviction) stores queries only on its K/V layers {list(self.layers)} "
@@ -602,6 +632,12 @@ class TeacherSpec:
             # Written only when stored: a teacher without logits keeps the spec it always had.
             **({"logits": self.logits.to_dict()} if self.logits is not None else {}),
             **({"eviction": self.eviction.to_dict()} if self.eviction is not None else {}),
+            # Written only where they differ from what a spec without them reads as (a decoder), so every decoder
+            # teacher keeps the spec, and digests, it always had.
+            **({"attention": self.attention} if self.attention != "causal" else {}),
+            **({"positions": self.positions} if self.positions != ("rope" if self.rope is not None else "absolute")
+               else {}),
+            **({"part_of": self.part_of} if self.part_of is not None else {}),
         }
 
     @classmethod
@@ -628,6 +664,10 @@ class TeacherSpec:
             details=parse_dict(d.get("details", {}), f"{w}.details"),
             logits=None if d.get("logits") is None else LogitSpec.from_dict(d["logits"], f"{w}.logits"),
             eviction=None if d.get("eviction") is None else EvictionSpec.from_dict(d["eviction"], f"{w}.eviction"),
+            attention=parse_str(d.get("attention", "causal"), f"{w}.attention", choices=ATTENTION_KINDS),
+            positions=None if d.get("positions") is None else parse_str(d["positions"], f"{w}.positions",
+                                                                         choices=POSITIONS),
+            part_of=None if d.get("part_of") is None else parse_teacher_name(d["part_of"], f"{w}.part_of"),
         )
 
 
