@@ -1,9 +1,9 @@
 """What a distillation run writes into ``--out`` besides its checkpoints and the student.
 
-``config.yaml`` (the resolved config, at the start of a fresh run), ``metrics.jsonl`` (one line per optimizer step,
-and TensorBoard event files in ``tb/`` with ``--tensorboard``), ``kava.json`` (what `kava eval` and a reader need
-to know about the student, at the end); the progress line the log shows; and the check that ``--out`` may be
-written at all (a fresh directory, or ``--resume`` of the run in it).
+``config.yaml`` (the resolved config, at the start of a fresh run), ``metrics.jsonl`` (one line per optimizer step;
+with ``--tracker``, the same metrics in wandb, MLflow or TensorBoard: :mod:`.trackers`), ``kava.json`` (what
+`kava eval` and a reader need to know about the student, at the end); the progress line the log shows; and the check
+that ``--out`` may be written at all (a fresh directory, or ``--resume`` of the run in it).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from kava.core.errors import ConfigError
 
 from .checkpoint import check_world_size, latest_checkpoint
 from .config import DistillConfig
+from .trackers import TrackerRun, TrackerSet
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
-
     from .run_data import RunData
 
 
@@ -53,48 +52,39 @@ def started_run(out: Path) -> bool:
     return out.is_dir() and any((out / name).exists() for name in ("metrics.jsonl", "config.yaml", "checkpoints"))
 
 
-def check_tensorboard() -> None:
-    """Refuse --tensorboard without the tensorboard package, before anything loads."""
-    try:
-        import tensorboard  # noqa: F401, PLC0415 - optional extra (--tensorboard)
-    except ImportError as e:
-        raise ConfigError("--tensorboard needs the tensorboard package. Install it (pip install tensorboard) "
-                          "or drop --tensorboard.") from e
-
-
 @dataclass
 class MetricSinks:
-    """Where each step's metrics go: ``metrics.jsonl`` (appended to) and, with --tensorboard, ``tb/``. Both None on
-    ranks other than 0, which write nothing."""
+    """Where each step's metrics go: ``metrics.jsonl`` (appended to) and the --tracker trackers. Ranks other than 0
+    have neither: they log nothing."""
 
     jsonl: TextIO | None
-    tensorboard: SummaryWriter | None
+    trackers: TrackerSet
 
     @classmethod
-    def open(cls, out: Path, *, main: bool, tensorboard: bool) -> MetricSinks:
-        writer = None
-        if tensorboard and main:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional extra (--tensorboard)
-
-            writer = SummaryWriter(str(out / "tb"))
-        return cls(jsonl=(out / "metrics.jsonl").open("a") if main else None, tensorboard=writer)
+    def open(cls, cfg: DistillConfig, out: Path, *, main: bool, step: int = 0,
+             store_digest: str | None = None) -> MetricSinks:
+        """Open ``metrics.jsonl`` and start the trackers (rank 0 only). ``step`` > 0: the run resumes there, and the
+        trackers continue their runs; each gets the resolved config and ``store_digest``
+        (:meth:`kava.kvstore.KVStore.digest`, as ``kava.json`` records it) as its parameters."""
+        if not main:
+            return cls(jsonl=None, trackers=TrackerSet([]))
+        name = cfg.report.tracker_name or out.resolve().name
+        trackers = TrackerSet.open(cfg.report.trackers, TrackerRun(out, cfg.report.tracker_project, name, step))
+        trackers.start({**cfg.to_dict(), "store_digest": store_digest})
+        return cls(jsonl=(out / "metrics.jsonl").open("a"), trackers=trackers)
 
     def write(self, record: dict[str, float]) -> None:
-        """One metrics line, flushed (a killed run keeps every step it logged)."""
+        """One metrics line, flushed (a killed run keeps every step it logged), then the same to each tracker."""
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
-        if self.tensorboard is not None:
-            step = int(record["step"])
-            for k, v in record.items():
-                if k != "step":
-                    self.tensorboard.add_scalar(k, v, step)
+        if self.trackers:
+            self.trackers.log({k: v for k, v in record.items() if k != "step"}, int(record["step"]))
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.trackers.finish()
 
 
 def progress_line(m: dict[str, float], total: int, *, eta_s: float | None = None) -> str:
@@ -133,6 +123,7 @@ def write_manifest(cfg: DistillConfig, out: Path, data: RunData, steps: int, tok
         "student": cfg.student,
         "template": data.template,
         "store": cfg.store,
+        "store_digest": data.store.digest(),  # kvstore.store.metadata_digest: names the store wherever it is copied
         "teachers": list(data.teacher_names),
         "kv_layers": list(data.kv_layers),
         "logit_teachers": [t.name for t in data.logit_teachers],

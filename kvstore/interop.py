@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zarr.storage import FsspecStore
 
 from kava.core.errors import IncompleteError
 
-from . import codecs, layout
+from . import codecs, layout, remote
 from .store import KVStore
 
 
@@ -98,6 +99,9 @@ def to_xarray(store: KVStore, teacher: str) -> Any:
 
 
 def _disk_bytes(store: KVStore, prefix: str) -> int | None:
+    """Bytes stored under ``prefix``: files on disk, or objects in the bucket for a store on object storage."""
+    if isinstance(store.zarr_store, FsspecStore):
+        return remote.stored_bytes(store.zarr_store, prefix)
     root = getattr(store.zarr_store, "root", None)
     if root is None:
         return None
@@ -157,6 +161,9 @@ def summary(store: KVStore) -> dict[str, Any]:
             "num_heads": spec.num_heads,
             "head_dim": spec.head_dim,
             "k_rope": spec.k_rope,
+            "attention": spec.attention,
+            "positions": spec.positions,
+            "part_of": spec.part_of,
             "has_q": spec.has_q,
             "q_layers": list(spec.q_layers),
             "dtype": spec.storage.dtype,

@@ -16,10 +16,10 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import crc32c
 import fsspec
@@ -42,8 +42,13 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 """Seconds to wait for a response once connected, per attempt."""
 MAX_ATTEMPTS = 5
-"""Attempts per S3 request (botocore's "standard" retry mode: exponential backoff with jitter) unless the
-environment sets ``AWS_MAX_ATTEMPTS``."""
+"""Attempts per S3 request (botocore's "standard" retry mode: exponential backoff with jitter, up to 20 s a wait)
+unless the environment sets ``AWS_MAX_ATTEMPTS``. A refused connection gives up after 1 + 2 + 4 + 8 s of waits
+at most (half that on average); a request that times out waits ``CONNECT_TIMEOUT_S`` or ``READ_TIMEOUT_S`` more
+per attempt."""
+S3FS_ATTEMPTS = 2
+"""Attempts s3fs makes itself around botocore's (default 5): it retries what botocore can't see, such as a response
+body cut short. Each of its attempts runs botocore's retries again, so the attempts per request multiply: 2 x 5."""
 READ_AHEAD = 2
 """Shards :meth:`KVStore.iter_shards` reads ahead on object storage, each on its own thread. With 20 ms a request,
 2 fed 1.6x as fast as 1 and 4 1.9x (docs/scale-out.md), but every shard ahead is held decoded in memory (a
@@ -51,7 +56,12 @@ READ_AHEAD = 2
 COPY_CONCURRENCY = 16
 """Objects in flight at once in :func:`copy_store`: object stores answer each request after a round trip, so a
 copy one object at a time waits on latency, not bandwidth."""
+VERIFY_CONCURRENCY = 16
+"""Shards `kava store verify` checks at once on object storage, each on its own thread (a shard's check is a chain
+of round trips: marker, array metadata, chunk existence, chunks)."""
 
+RESUME_FIX = "run the same command again with --resume (the shards completed before are kept)"
+"""What to do once the network is back, after an extraction's write failed."""
 CREDENTIALS_FIX = ("Check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                    "AWS_PROFILE) or ~/.aws/credentials, and that they may read and write this bucket")
 
@@ -111,7 +121,11 @@ def open_url(url: str, *, read_only: bool) -> FsspecStore:
     """``url`` as a zarr store (checked by :func:`check_url`); nothing is read yet (see :func:`probe`)."""
     check_url(url)
     protocol = urlsplit(url).scheme.lower()
-    return FsspecStore.from_url(url.rstrip("/"), storage_options=storage_options(protocol), read_only=read_only)
+    store = FsspecStore.from_url(url.rstrip("/"), storage_options=storage_options(protocol), read_only=read_only)
+    if protocol in S3_PROTOCOLS:
+        # Not an s3fs constructor option: set on the (cached, shared) filesystem, which only these options make.
+        store.fs.retries = S3FS_ATTEMPTS
+    return store
 
 
 def describe(store: FsspecStore) -> str:
@@ -148,16 +162,33 @@ def probe(store: FsspecStore, *, must_exist: bool) -> bool:
     return False
 
 
+def stored_bytes(store: FsspecStore, prefix: str = "") -> int:
+    """Bytes of every object under ``prefix`` (the whole store when empty), from one listing with sizes (paged by
+    the filesystem), not one request per object."""
+    root = store.path.rstrip("/")
+    path = f"{root}/{prefix.strip('/')}".rstrip("/")
+    with translated(describe(store)):
+        found = sync(store.fs._find(path, detail=True))
+    return sum(int(info.get("size") or 0) for name, info in found.items()
+               if info.get("type") != "directory" and name.startswith(f"{path}/"))
+
+
 _NOTED: set[str] = set()
+_NOTES = [True]  # a list, not a global statement: False in a dask worker, whose driver gave the note
 
 
 def note_unlocked(where: str) -> None:
     """Say once per process that a store on object storage is written without a writer lock."""
-    if where in _NOTED:
+    if where in _NOTED or not _NOTES[0]:
         return
     _NOTED.add(where)
     log_stderr(f"note: {where} is on object storage, which has no file locks: run one writer per teacher on it "
                "(shard jobs --shard i/n write disjoint shards and may run together). See docs/scale-out.md.")
+
+
+def silence_notes() -> None:
+    """No :func:`note_unlocked` lines from this process (a dask worker: the driver says it once for all)."""
+    _NOTES[0] = False
 
 
 def _protocols(fs: Any) -> set[str]:
@@ -165,41 +196,76 @@ def _protocols(fs: Any) -> set[str]:
     return {str(n) for n in names}
 
 
+class RemoteStoreError(StoreError):
+    """A request to object storage failed for good: denied access, no credentials, or the network still gone
+    after the retries. Raised where it happened: a dask worker names itself in front of it."""
+
+
 @contextmanager
-def translated(where: str) -> Iterator[None]:
-    """Turn what a remote filesystem raises into one-line KaVa errors naming ``where`` and the fix: denied access
-    (bad or missing credentials) and a network failure after the retries. Other errors pass through."""
+def translated(where: str, *, then: str | None = None) -> Iterator[None]:
+    """Turn what a remote filesystem raises into one-line KaVa errors naming ``where``, the object and the fix:
+    denied access (bad or missing credentials) and a network failure after the retries. Other errors pass through.
+    ``then`` replaces the network failure's last sentence (what to run once the network is back)."""
     try:
         yield
     except (StoreError, ConfigError):
         raise
     except Exception as e:
-        problem = remote_problem(where, e)
+        problem = remote_problem(where, e, then=then)
         if problem is None:
             raise
         raise problem from e
 
 
-def remote_problem(where: str, error: BaseException) -> StoreError | None:
+def writing(location: object, *, then: str | None = None) -> AbstractContextManager[None]:
+    """:func:`translated` around the writes of a store at ``location`` when it is a URL; nothing for a path."""
+    return translated(redact(location), then=then) if isinstance(location, str) and is_url(location) \
+        else nullcontext()
+
+
+def remote_problem(where: str, error: BaseException, *, then: str | None = None) -> StoreError | None:
     """The StoreError that explains ``error`` (raised by a remote filesystem), or None when it is something else.
     ``where`` starts with the store's URL; for S3 the fix names the AWS settings."""
     chain = _causes(error)
-    s3 = urlsplit(where.split(" ", 1)[0]).scheme.lower() in S3_PROTOCOLS
+    url = where.split(" ", 1)[0].rstrip(":")  # "s3://bucket/kv.zarr: what was read" names the store first
+    s3 = urlsplit(url).scheme.lower() in S3_PROTOCOLS
     credentials = CREDENTIALS_FIX if s3 else "Check the filesystem's credentials and that they may use this store"
+    obj = _object_named(url, chain)
+    at = f" for {obj}" if obj else ""
     if any(isinstance(e, PermissionError) for e in chain):
-        return StoreError(f"{where}: access denied ({_first_line(error)}). {credentials}.")
+        return RemoteStoreError(f"{where}: access denied{at} ({_first_line(error)}). {credentials}.")
     names = {type(e).__name__ for e in chain}
     if (any(isinstance(e, ConnectionError | TimeoutError) for e in chain)
             or any(n.endswith(_NETWORK_ERRORS) for n in names)):
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint") if s3 else "the store"
         settings = "the network and AWS_ENDPOINT_URL" if s3 else "the network"
         retried = ", after retries with backoff" if s3 else ""
-        return StoreError(
-            f"{where}: can't reach {endpoint} ({_first_line(error)}){retried}. Check {settings}, then run the "
-            "command again (an extraction with --resume)."
+        fix = then or "run the command again (an extraction with --resume)"
+        return RemoteStoreError(
+            f"{where}: can't reach {endpoint}{at}{retried} ({_first_line(error)}). Check {settings}, then {fix}."
         )
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
-        return StoreError(f"{where}: no credentials found ({_first_line(error)}). {credentials}.")
+        return RemoteStoreError(f"{where}: no credentials found ({_first_line(error)}). {credentials}.")
+    return None
+
+
+def _object_named(url: str, chain: list[BaseException]) -> str | None:
+    """The key, inside the store at ``url``, of the request that failed, when an error of ``chain`` names its
+    address (botocore's network errors carry ``endpoint_url``, path-style or virtual-host-style)."""
+    parts = urlsplit(url)
+    root = f"{parts.netloc}{parts.path}".strip("/")  # bucket/prefix/kv.zarr
+    below_bucket = root.partition("/")[2]
+    for e in chain:
+        kwargs = getattr(e, "kwargs", None)
+        address = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None
+        if not isinstance(address, str):
+            continue
+        path = unquote(urlsplit(address).path).strip("/")
+        for prefix in (root, below_bucket):
+            if prefix and path.startswith(f"{prefix}/"):
+                return path[len(prefix) + 1 :]
+        if path in (root, below_bucket):
+            return "the store's root"
     return None
 
 

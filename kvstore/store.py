@@ -9,6 +9,7 @@ tests and notebooks.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -73,6 +74,15 @@ from .read import (
     start_reads,
 )
 from .writer import ShardSlot, ShardWriter
+
+
+def metadata_digest(manifest: Mapping[str, Any], teachers: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sha256 naming a store's metadata, from its raw manifest and teacher specs (as their groups' attributes hold
+    them): over the per-field digests each was sealed with. It changes with the grid, the dataset, the tokenizer and
+    any teacher's spec (a teacher added too), and every copy of one store shares it; chunks carry their own crc32c."""
+    doc = {"manifest": manifest.get("digest"),
+           "teachers": {name: spec.get("digest") for name, spec in sorted(teachers.items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class KVStore:
@@ -286,6 +296,11 @@ class KVStore:
             raise SchemaError(f"{self.where}: teacher {name!r}: {problem}. {rules.VERSION_FIX}")
         return spec
 
+    def digest(self) -> str:
+        """:func:`metadata_digest` of this store: what `kava.json`, the trackers and the Hub's cards name it by."""
+        manifest = zarr_io.group_attributes(self._store, "")[layout.MANIFEST_ATTR]
+        return metadata_digest(manifest, {name: self.teacher_document(name)[1] for name in self.teachers})
+
     def teacher_document(self, name: str) -> tuple[TeacherSpec, dict[str, Any]]:
         """The parsed spec and the document it was parsed from, its digest not checked (for tools that report
         a mismatch themselves, like :func:`kava.kvstore.verify_store`); readers use :meth:`teacher`."""
@@ -363,7 +378,7 @@ class KVStore:
             zarr_io.create_group_once(self._store, f"{key}/cka", {})
         existing = self.teacher(spec.name)
         fixed = ("layers", "q_layers", "kv_heads", "head_dim", "num_heads", "k_rope", "storage", "layer_map",
-                 "logits", "eviction")
+                 "logits", "eviction", "attention", "positions", "part_of")
         diff = [f for f in fixed if getattr(existing, f) != getattr(spec, f)]
         if diff:
             raise StoreError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.storage import FsspecStore
 
 from kava.core.errors import ChecksumError, FormatVersionError, KavaError, NotAStoreError, SchemaError
 
-from . import codecs, layout, rules, zarr_io
+from . import codecs, layout, remote, rules, zarr_io
 from .eviction import samples_problem, slot_offsets
 from .integrity import (
     MANIFEST_DOC,
@@ -74,10 +76,10 @@ def _chunk_coords(arr: zarr.Array) -> Sequence[tuple[int, ...]]:
     return list(itertools.product(*(range(g) for g in grid)))
 
 
-def _metadata_problem(store: KVStore, key: str, expect: rules.ArrayLayout) -> str | None:
-    """What in ``key``'s ``zarr.json`` breaks :func:`rules.metadata_problem` (None when it is missing: opening
-    the array reports that)."""
-    raw = zarr_io.get_bytes(store.zarr_store, f"{key}/zarr.json")
+def _metadata_problem(store: KVStore, key: str, expect: rules.ArrayLayout, raw: bytes | None = None) -> str | None:
+    """What in ``key``'s ``zarr.json`` (``raw``, read here when not given) breaks :func:`rules.metadata_problem`
+    (None when it is missing: opening the array reports that)."""
+    raw = raw if raw is not None else zarr_io.get_bytes(store.zarr_store, f"{key}/zarr.json")
     if raw is None:
         return None
     try:
@@ -90,11 +92,12 @@ def _metadata_problem(store: KVStore, key: str, expect: rules.ArrayLayout) -> st
 def _check_chunks(
     store: KVStore, report: VerifyReport, key: str, describe_rows: Callable[[int, int], str],
     hasher: Any = None, *, expect: rules.ArrayLayout = rules.ANY_ARRAY, fix: str | None = None,
-    rule: Callable[[np.ndarray], str | None] | None = None, rule_fix: str = "",
+    rule: Callable[[np.ndarray], str | None] | None = None, rule_fix: str = "", metadata: bytes | None = None,
 ) -> np.ndarray | None:
     """Decode every chunk of an array (checking its crc32c); report missing or corrupted ones, metadata that is not
     what ``expect`` says (then no chunk is decoded: without crc32c the chain can't be trusted), and the first chunk
-    whose values break ``rule`` (a phrase, or None).
+    whose values break ``rule`` (a phrase, or None). ``metadata``: the array's ``zarr.json`` when the caller has
+    read it already (on object storage each read is a round trip).
 
     ``hasher`` (a hashlib object) is fed each chunk's bytes in order (1-D arrays: the array's bytes).
     Returns the whole array when it is small and sound (for further checks), else None.
@@ -105,15 +108,18 @@ def _check_chunks(
     except (SchemaError, ValueError) as e:
         report.problems.append(Problem(key, f"unreadable array metadata: {e}"))
         return None
-    problem = _metadata_problem(store, key, expect)
+    problem = _metadata_problem(store, key, expect, metadata)
     if problem is not None:
         report.problems.append(Problem(key, f"{key}/zarr.json: {problem}. {fix or rules.metadata_fix(key)}"))
         return None
     bad = broken = False
-    for coords in _chunk_coords(arr):
-        chunk_key = f"{key}/{arr.metadata.encode_chunk_key(coords)}"
+    every = _chunk_coords(arr)
+    keys = [f"{key}/{arr.metadata.encode_chunk_key(coords)}" for coords in every]
+    # On object storage every chunk's existence is asked at once: one round trip rather than one per chunk.
+    present = zarr_io.exists_many(zstore, keys) if isinstance(zstore, FsspecStore) else None
+    for i, (coords, chunk_key) in enumerate(zip(every, keys)):
         rows = (coords[0] * arr.chunks[0], min((coords[0] + 1) * arr.chunks[0], arr.shape[0]))
-        if not zarr_io.exists(zstore, chunk_key):
+        if not (present[i] if present is not None else zarr_io.exists(zstore, chunk_key)):
             report.problems.append(Problem(key, f"chunk {coords} is missing ({describe_rows(*rows)})"))
             bad = True
             continue
@@ -236,70 +242,94 @@ def verify_store(location: Any, *, teachers: Sequence[str] | None = None) -> Ver
 
 
 def _verify_teacher(store: KVStore, report: VerifyReport, spec: TeacherSpec, grid_rows) -> None:
-    problems = report.problems
-    complete = 0
     slots_at = segments = None
     if spec.eviction is not None:  # a compressed teacher: its K/V rows are each sample's kept rows
         segments = store._grid_rows("segment_ids")
         slots_at = slot_offsets(spec.eviction, segments, store.offsets)
-    for shard in range(store.num_shards):
-        samples = store.shard_samples(shard)
-        t0, t1 = store.shard_tokens(shard)
-        skey = layout.shard_key(spec.name, shard)
-        marker = store.shard_marker(spec.name, shard)
-        if marker is None:
-            problems.append(Problem(
-                skey, f"incomplete: no completion marker (samples {samples.start}-{samples.stop - 1}). "
-                "Finish it with `kava extract --resume`."))
-            continue
-        complete += 1
-        slots = None if slots_at is None else int(slots_at[samples.stop] - slots_at[samples.start])
-        problem = rules.marker_problem(marker, samples, (t0, t1), slots)
-        if problem is not None:
-            problems.append(Problem(skey, f"completion marker: {problem}. {rules.shard_fix(spec.name, shard)}"))
-            continue
-        lowbit: dict[str, np.ndarray] = {}  # the scale and zero arrays of int4/int2, for the rule on their pairs
-        kept = None
-        for array, expect in rules.shard_layouts(spec, t1 - t0, len(samples), slots).items():
-            key = f"{skey}/{array}"
-            if not zarr_io.exists(store.zarr_store, f"{key}/zarr.json"):
-                problems.append(Problem(key, "missing array"))
-                continue
-            # Chunk rows a..b as the shard's samples or grid rows (this shard's values bound as defaults).
-            if array == "sample_status":
-                def rows(a: int, b: int, shard: int = shard, first: int = samples.start) -> str:
-                    return f"shard {shard}, samples {first + a}-{first + b - 1}"
-            elif slots is not None and (array == layout.KEPT_ARRAY or array.partition("_")[0] in ("k", "v")):
-                def rows(a: int, b: int, shard: int = shard, first: int = 0) -> str:  # a compressed teacher's slots
-                    return f"shard {shard}, kept rows {first + a}-{first + b - 1}"
-            else:
-                def rows(a: int, b: int, shard: int = shard, first: int = t0) -> str:
-                    return f"shard {shard}, " + grid_rows(first + a, first + b)
-            data = _check_chunks(store, report, key, rows, expect=expect,
-                                 fix=rules.metadata_fix(key, spec.name, shard),
-                                 rule=partial(rules.value_problem, array, spec=spec, with_values=True),
-                                 rule_fix=rules.shard_fix(spec.name, shard))
-            if data is not None and codecs.is_lowbit(spec.storage.dtype) and array.endswith(("_scale", "_zero")):
-                lowbit[array] = data
-            if array == layout.KEPT_ARRAY:
-                kept = data
-        if kept is not None and spec.eviction is not None and slots_at is not None and segments is not None:
-            at, tokens_at = store.shard_samples(shard), store.offsets[samples.start : samples.stop + 1]
-            found = samples_problem(spec.eviction, kept, slots_at[at.start : at.stop + 1] - slots_at[at.start],
-                                    tokens_at, segments[tokens_at[0] : tokens_at[-1]])
-            if found is not None:
-                problems.append(Problem(f"{skey}/{layout.KEPT_ARRAY}", f"sample {at.start + found[0]}: {found[1]}. "
-                                                                     f"{rules.shard_fix(spec.name, shard)}"))
-        for value in ("k", "v", "q"):
-            if f"{value}_scale" in lowbit and f"{value}_zero" in lowbit:
-                problem = rules.lowbit_pair_problem(lowbit[f"{value}_scale"], lowbit[f"{value}_zero"],
-                                                    spec.storage.dtype)
-                if problem is not None:
-                    problems.append(Problem(f"{skey}/{value}_scale", f"with {value}_zero: {problem}. "
-                                                                     f"{rules.shard_fix(spec.name, shard)}"))
+    # On object storage a shard's check is a chain of round trips: several shards are checked at once, each on its
+    # own thread with its own handle (a handle's caches are not shared between threads); reported in shard order.
+    remote_store = isinstance(store.zarr_store, FsspecStore)
+    handles = threading.local()
+
+    def check(shard: int) -> tuple[VerifyReport, bool]:
+        handle = store
+        if remote_store:
+            handle = getattr(handles, "store", None) or KVStore(store.zarr_store, store.manifest)
+            handles.store = handle
+        part = VerifyReport(store=report.store)
+        return part, _verify_shard(handle, part, spec, shard, grid_rows, slots_at, segments)
+
+    complete = 0
+    ahead = remote.VERIFY_CONCURRENCY if remote_store else 0
+    for part, done in remote.read_ahead(check, range(store.num_shards), ahead):
+        report.problems += part.problems
+        report.chunks_checked += part.chunks_checked
+        report.bytes_checked += part.bytes_checked
+        complete += done
     report.shards_complete[spec.name] = complete
     for name in zarr_io.list_dir(store.zarr_store, f"{layout.teacher_key(spec.name)}/cka/"):
         _check_chunks(store, report, layout.cka_key(spec.name, name), lambda a, b: f"rows {a}-{b - 1}")
+
+
+def _verify_shard(store: KVStore, report: VerifyReport, spec: TeacherSpec, shard: int, grid_rows,
+                  slots_at: np.ndarray | None, segments: np.ndarray | None) -> bool:
+    """Check one shard of ``spec``'s into ``report``; whether it is complete (has its completion marker)."""
+    problems = report.problems
+    samples = store.shard_samples(shard)
+    t0, t1 = store.shard_tokens(shard)
+    skey = layout.shard_key(spec.name, shard)
+    marker = store.shard_marker(spec.name, shard)
+    if marker is None:
+        problems.append(Problem(
+            skey, f"incomplete: no completion marker (samples {samples.start}-{samples.stop - 1}). "
+            "Finish it with `kava extract --resume`."))
+        return False
+    slots = None if slots_at is None else int(slots_at[samples.stop] - slots_at[samples.start])
+    problem = rules.marker_problem(marker, samples, (t0, t1), slots)
+    if problem is not None:
+        problems.append(Problem(skey, f"completion marker: {problem}. {rules.shard_fix(spec.name, shard)}"))
+        return True
+    lowbit: dict[str, np.ndarray] = {}  # the scale and zero arrays of int4/int2, for the rule on their pairs
+    kept = None
+    for array, expect in rules.shard_layouts(spec, t1 - t0, len(samples), slots).items():
+        key = f"{skey}/{array}"
+        metadata = zarr_io.get_bytes(store.zarr_store, f"{key}/zarr.json")
+        if metadata is None:
+            problems.append(Problem(key, "missing array"))
+            continue
+        # Chunk rows a..b as the shard's samples or grid rows (this shard's values bound as defaults).
+        if array == "sample_status":
+            def rows(a: int, b: int, shard: int = shard, first: int = samples.start) -> str:
+                return f"shard {shard}, samples {first + a}-{first + b - 1}"
+        elif slots is not None and (array == layout.KEPT_ARRAY or array.partition("_")[0] in ("k", "v")):
+            def rows(a: int, b: int, shard: int = shard, first: int = 0) -> str:  # a compressed teacher's slots
+                return f"shard {shard}, kept rows {first + a}-{first + b - 1}"
+        else:
+            def rows(a: int, b: int, shard: int = shard, first: int = t0) -> str:
+                return f"shard {shard}, " + grid_rows(first + a, first + b)
+        data = _check_chunks(store, report, key, rows, expect=expect,
+                             fix=rules.metadata_fix(key, spec.name, shard),
+                             rule=partial(rules.value_problem, array, spec=spec, with_values=True),
+                             rule_fix=rules.shard_fix(spec.name, shard), metadata=metadata)
+        if data is not None and codecs.is_lowbit(spec.storage.dtype) and array.endswith(("_scale", "_zero")):
+            lowbit[array] = data
+        if array == layout.KEPT_ARRAY:
+            kept = data
+    if kept is not None and spec.eviction is not None and slots_at is not None and segments is not None:
+        at, tokens_at = store.shard_samples(shard), store.offsets[samples.start : samples.stop + 1]
+        found = samples_problem(spec.eviction, kept, slots_at[at.start : at.stop + 1] - slots_at[at.start],
+                                tokens_at, segments[tokens_at[0] : tokens_at[-1]])
+        if found is not None:
+            problems.append(Problem(f"{skey}/{layout.KEPT_ARRAY}", f"sample {at.start + found[0]}: {found[1]}. "
+                                                                 f"{rules.shard_fix(spec.name, shard)}"))
+    for value in ("k", "v", "q"):
+        if f"{value}_scale" in lowbit and f"{value}_zero" in lowbit:
+            problem = rules.lowbit_pair_problem(lowbit[f"{value}_scale"], lowbit[f"{value}_zero"],
+                                                spec.storage.dtype)
+            if problem is not None:
+                problems.append(Problem(f"{skey}/{value}_scale", f"with {value}_zero: {problem}. "
+                                                                 f"{rules.shard_fix(spec.name, shard)}"))
+    return True
 
 
 def seal_store(location: Any) -> VerifyReport:

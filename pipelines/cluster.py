@@ -38,7 +38,7 @@ from kava.extract.recipe import (
     validate_and_resolve,
     write_shards,
 )
-from kava.kvstore import KVStore
+from kava.kvstore import KVStore, remote
 
 from .cluster_config import ClusterConfig
 
@@ -62,6 +62,7 @@ class TeacherCache(WorkerPlugin):
         self._teachers: dict[ModelSource, LoadedTeacher] = {}
         self._lock = threading.Lock()
         configure_process(self.threads, progress=False)  # the driver's bar is the only one
+        remote.silence_notes()  # and the driver's the one note that a store on object storage has no lock
 
     def teardown(self, worker: Worker) -> None:
         self._teachers.clear()
@@ -108,6 +109,8 @@ def run_extract_cluster(cfg: ExtractConfig, cluster: ClusterConfig, *, log: Log 
     if problems:
         raise ConfigError.from_problems(problems)
     source = _resolve_for_workers(cfg, cluster)
+    if remote.is_url(cfg.store):
+        _check_bucket(cfg.store, cluster)
     client, close = _connect(cluster, log)
     try:
         return _extract(client, cfg, cluster, source, log, started, on_shard)
@@ -149,6 +152,17 @@ def _resolve_for_workers(cfg: ExtractConfig, cluster: ClusterConfig) -> ModelSou
     return replace(source, device="cuda:0" if device == "cuda" else device)  # the worker's load_model checks it
 
 
+def _check_bucket(url: str, cluster: ClusterConfig) -> None:
+    """A store on object storage, before any worker starts: the bucket, the credentials and the network, asked here
+    once (one error line rather than one per worker) where the workers inherit this process's environment (a local
+    cluster, SLURM jobs); a running cluster's workers have their own, and report a problem themselves. Gives the
+    note that the store is written without a lock, once for all workers."""
+    store = remote.open_url(url, read_only=True)
+    if cluster.scheduler is None:
+        remote.probe(store, must_exist=False)
+    remote.note_unlocked(remote.describe(store))
+
+
 def worker_threads(cfg: ExtractConfig, cluster: ClusterConfig) -> int | None:
     """Torch threads per worker: --threads, else the worker's share of its machine's cores (never more)."""
     if cfg.threads is not None:
@@ -172,6 +186,8 @@ def _connect(cfg: ClusterConfig, log: Log) -> tuple[Client, Callable[[], None]]:
         def release() -> None:
             try:  # the workers stay up for others: free the teacher's memory on them
                 client.unregister_worker_plugin(PLUGIN)
+            except OSError:  # a worker lost meanwhile (its connection closed) holds nothing more
+                pass
             finally:
                 client.close()
 
@@ -298,9 +314,10 @@ def _prepare_task(cfg: ExtractConfig, source: ModelSource
     lines: list[str] = []
     cache = _cache()
     try:
-        plan, grid, _ = prepare_extract(cfg, source, log=lines.append, load_model=lambda s: cache.get(s).model)
+        with remote.writing(cfg.store, then=remote.RESUME_FIX):
+            plan, grid, _ = prepare_extract(cfg, source, log=lines.append, load_model=lambda s: cache.get(s).model)
     except KavaError as e:
-        return _Failed(e)
+        return _Failed(_on_worker(e))
     return plan, {s: [grid[i] for i in plan.shard_samples(s)] for s in plan.todo}, lines
 
 
@@ -308,17 +325,27 @@ def shard_task(plan: ExtractPlan, shard: int, samples: list[GridSample]) -> Extr
     """Write one whole shard with this worker's teacher; returns its counters."""
     part = ExtractResult(store=plan.store, teacher=plan.name)
     try:
-        marker = KVStore.open(plan.cfg.store).shard_marker(plan.name, shard)
-        if marker is not None:
-            # An earlier run of this task wrote the marker, but its worker died before the result reached the
-            # scheduler. The shard is complete; its teacher tokens are not recorded in the marker.
-            part.shards_written = [shard]
-            part.samples = marker["samples"][1] - marker["samples"][0]
-            part.student_tokens = marker["tokens"][1] - marker["tokens"][0]
-            part.quarantined = len(marker["quarantined"])
-            part.bytes_logical = marker["bytes_logical"]
-            return part
-        write_shards(plan, _cache().get(plan.source), [(shard, samples)], part)
+        with remote.writing(plan.cfg.store, then=remote.RESUME_FIX):
+            marker = KVStore.open(plan.cfg.store).shard_marker(plan.name, shard)
+            if marker is not None:
+                # An earlier run of this task wrote the marker, but its worker died before the result reached the
+                # scheduler. The shard is complete; its teacher tokens are not recorded in the marker.
+                part.shards_written = [shard]
+                part.samples = marker["samples"][1] - marker["samples"][0]
+                part.student_tokens = marker["tokens"][1] - marker["tokens"][0]
+                part.quarantined = len(marker["quarantined"])
+                part.bytes_logical = marker["bytes_logical"]
+                return part
+            write_shards(plan, _cache().get(plan.source), [(shard, samples)], part)
     except KavaError as e:
-        return _Failed(e)
+        return _Failed(_on_worker(e))
     return part
+
+
+def _on_worker(error: KavaError) -> KavaError:
+    """``error`` as the driver reports it: a failed request to object storage names the worker it failed on, whose
+    own environment holds the credentials and endpoint it used."""
+    if not isinstance(error, remote.RemoteStoreError):
+        return error
+    return remote.RemoteStoreError(f"on dask worker {get_worker().address}: {error} (a worker reads AWS_* from its "
+                                   "own environment: see docs/scale-out.md, \"Object storage\")")

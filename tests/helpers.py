@@ -166,3 +166,14 @@ class IntegrationGuard:
                         f"pytestmark = pytest.mark.integration) so `pytest -m \"not integration\"` stays the fast "
                         f"tier.", pytrace=False)
         return result
+
+
+def stories_store(path: Path) -> Path:
+    """The real stories260K teacher over 24 synthetic problems at ``path``, a few shards: a small real store."""
+    from kava.extract.config import ExtractConfig  # noqa: PLC0415 - zarr and torch, for the tests that use it
+    from kava.extract.recipe import run_extract  # noqa: PLC0415 - as the line above
+
+    run_extract(ExtractConfig.from_dict(dict(teacher=str(asset_path("models/stories260K_hf_derived")), store=str(path),
+                                             limit=24, shard_tokens=1024, batch_size=8, progress=False,
+                                             calibration_samples=0)), log=lambda _: None)
+    return path

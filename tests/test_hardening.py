@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, KAVA, sigkill_when
+from helpers import ENV, KAVA, sigkill_when, stories_store
 
 from kava.core.data import file_rows
 from kava.core.errors import CheckpointError, ConfigError, DatasetError
 from kava.distill.checkpoint import load_state
 from kava.distill.config import DistillConfig
 from kava.distill.trainer import run_distill
-from kava.extract.config import ExtractConfig
-from kava.extract.recipe import run_extract
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
@@ -47,11 +45,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, stories) -> Path:
     """stories260K over 24 synthetic problems, a few shards."""
-    path = tmp_path_factory.mktemp("hardening") / "kv.zarr"
-    run_extract(ExtractConfig.from_dict(dict(teacher=str(stories), store=str(path), limit=24, shard_tokens=1024,
-                                             batch_size=8, progress=False, calibration_samples=0)),
-                log=lambda _: None)
-    return path
+    return stories_store(tmp_path_factory.mktemp("hardening") / "kv.zarr")
 
 
 def distill_args(store: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:

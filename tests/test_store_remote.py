@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import ENV, KAVA, asset_path
+from object_storage import free_port, s3_server
 
 from kava.core.errors import ChecksumError, ConfigError, NotAStoreError, StoreError
-from kava.kvstore import DatasetSpec, KVStore, LayerMap, StorageSpec, TeacherSpec, create_store, remote, verify_store
+from kava.kvstore import (
+    DatasetSpec,
+    KVStore,
+    LayerMap,
+    StorageSpec,
+    TeacherSpec,
+    create_store,
+    remote,
+    summary,
+    verify_store,
+)
 from kava.kvstore.create import copy_store
 from kava.kvstore.manifest import TokenizerSpec
 
@@ -51,6 +60,27 @@ def test_credentials_in_a_url_are_refused_and_never_shown():
         KVStore.open("s3://bucket/kv.zarr?endpoint=x")
     with pytest.raises(ConfigError, match=r"no filesystem for nosuchfs:// URLs"):
         KVStore.open("nosuchfs://bucket/kv.zarr")
+
+
+def test_a_network_failure_names_the_object_and_the_fix():
+    """What botocore raises once its retries are spent, path-style and virtual-host-style, as the one line a write
+    (``remote.writing``) and a read give; a local path is left alone."""
+    from botocore.exceptions import EndpointConnectionError
+
+    for address in ("http://127.0.0.1:9/bucket/runs/kv.zarr/teachers/t/shards/000001/v/c/0/0/0/0",
+                    "https://bucket.s3.amazonaws.com/runs/kv.zarr/teachers/t/shards/000001/v/c/0/0/0/0"):
+        with pytest.raises(remote.RemoteStoreError) as caught, remote.writing("s3://bucket/runs/kv.zarr",
+                                                                               then=remote.RESUME_FIX):
+            raise OSError("the write failed") from EndpointConnectionError(endpoint_url=address)
+        message = str(caught.value)
+        assert message.startswith("s3://bucket/runs/kv.zarr: can't reach ") and "\n" not in message
+        assert " for teachers/t/shards/000001/v/c/0/0/0/0, after retries with backoff (" in message
+        assert message.endswith(f"then {remote.RESUME_FIX}.")
+    read = remote.remote_problem("s3://bucket/runs/kv.zarr: teacher 't' shard 1",
+                                 EndpointConnectionError(endpoint_url="http://h/bucket/runs/kv.zarr/zarr.json"))
+    assert read is not None and " for zarr.json, " in str(read) and "(an extraction with --resume)" in str(read)
+    with pytest.raises(ConnectionError, match="not translated"), remote.writing("runs/kv.zarr"):
+        raise ConnectionError("not translated")
 
 
 def test_chunk_crc_check():
@@ -102,6 +132,8 @@ def test_memory_url_store_round_trip(tmp_path, capsys):
     assert verify_store(url).ok
     report = copy_store(url, tmp_path / "kv.zarr")
     assert report.chunks_checked > 0 and report.objects_kept == 0
+    # `kava store info` counts the bytes stored at a URL as it counts a directory's: the copy's are the same.
+    assert summary(store)["bytes_on_disk"] == summary(KVStore.open(tmp_path / "kv.zarr"))["bytes_on_disk"] > 0
     a, b = KVStore.open(url), KVStore.open(tmp_path / "kv.zarr")
     for s in range(a.num_shards):
         np.testing.assert_array_equal(a.read_shard(s).teachers["t"].k, b.read_shard(s).teachers["t"].k)
@@ -143,57 +175,17 @@ def test_copy_refuses_a_corrupted_source_chunk(tmp_path):
 # s3:// against a real S3 API server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on a free port, with authentication on: its IAM user's keys work, others are refused.
-    Yields the environment that reaches it (to merge into os.environ or a subprocess's); ends the server."""
+    Yields the environment that reaches it (also set in os.environ meanwhile) and a boto3 client; ends the server."""
     pytest.importorskip("moto", reason="moto[server] (the test extra) runs the S3 API server these tests use")
     pytest.importorskip("s3fs", reason="s3fs (the s3 extra) opens s3:// URLs")
-    import boto3
-
-    port = _free_port()
-    root = tmp_path_factory.mktemp("aws")
-    # The first 3 requests are unauthenticated (they make the IAM user); every later one needs its keys.
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**ENV, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("the moto server did not start")
-                time.sleep(0.1)
-        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
-               # nothing from this machine's own AWS config
-               "AWS_CONFIG_FILE": str(root / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "credentials")}
-        iam = boto3.client("iam", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-        iam.create_user(UserName="kava")
-        key = iam.create_access_key(UserName="kava")["AccessKey"]
-        iam.put_user_policy(UserName="kava", PolicyName="all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        env |= {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-        client.create_bucket(Bucket=BUCKET)
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in env.items():
-                mp.setenv(name, value)
-            yield env, client
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with s3_server(tmp_path_factory.mktemp("aws"), BUCKET, env=ENV) as (env, client), \
+            pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        yield env, client
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +216,16 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.integration
 def test_info_and_verify_through_the_cli(s3, bucket_store):
-    env, _ = s3
+    env, client = s3
     info = kava("store", "info", bucket_store, "--json", env=env)
     assert info.returncode == 0, info.stderr
-    summary = json.loads(info.stdout)
-    assert summary["path"] == bucket_store and summary["shards"] == 4 and list(summary["teachers"]) == [TEACHER]
+    shown = json.loads(info.stdout)
+    assert shown["path"] == bucket_store and shown["shards"] == 4 and list(shown["teachers"]) == [TEACHER]
+    # The bytes in the bucket, as for a directory the bytes on disk: the whole store and the teacher's objects.
+    sizes = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="kv.zarr/")["Contents"]}
+    assert shown["bytes_on_disk"] == sum(sizes.values()) > 0
+    assert shown["teachers"][TEACHER]["bytes_on_disk"] == sum(
+        n for key, n in sizes.items() if key.startswith(f"kv.zarr/teachers/{TEACHER}/")) > 0
     verify = kava("store", "verify", bucket_store, env=env)
     assert verify.returncode == 0, verify.stderr
     assert verify.stdout.strip().endswith(f"{TEACHER}: 4/4 shards") and "sound" in verify.stdout
@@ -358,7 +355,7 @@ def test_unreachable_endpoint_is_one_line_within_bounded_time(s3):
     env, _ = s3
     started = time.monotonic()
     line = one_line_error(kava("store", "info", f"s3://{BUCKET}/kv.zarr",
-                               env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+                               env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
                                     "AWS_MAX_ATTEMPTS": "3"}))
     assert "can't reach http://127.0.0.1:" in line and "after retries with backoff" in line
     assert time.monotonic() - started < 30
