@@ -35,8 +35,10 @@ from kava.core.data import DataSource
 from kava.core.errors import ConfigError, short_repr
 from kava.kvstore.manifest import SEGMENT_NAMES
 
+from .trackers import TRACKERS
+
 LOSSES = ("mse", "mercator", "structural")
-FUSIONS = ("fixed", "similarity", "learnable")
+FUSIONS = ("fixed", "similarity", "learnable", "rl", "oracle")
 PROJECTORS = ("structured", "flat")
 DIVERGENCES = ("auto", "forward-kl", "reverse-kl", "skew-kl", "jsd", "tvd")
 """--logit-divergence choices (``kava.distill.logit_kd.logit_divergence`` computes each)."""
@@ -50,7 +52,7 @@ MAX_SEED = 2**32 - 1
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 """Student attention kernels whose Q/K/V the training capture reads (``kava.extract.capture``)."""
 RESUME_MAY_DIFFER = frozenset({"out", "resume", "progress", "threads", "command", "log_every", "tensorboard",
-                               "parallel"})
+                               "parallel", "tracker", "tracker_project", "tracker_name"})
 """Fields a resumed run may change; any other difference would change the loss sequence, so it is refused. (Like
 --threads, --parallel changes only the order floats are summed in: DDP and FSDP checkpoints share one format.)"""
 
@@ -210,18 +212,49 @@ class FusionOptions:
     """How several teachers combine, per token; each mode's own option says which mode it needs."""
 
     fusion: str = "fixed"
-    """How several teachers combine: fixed, similarity (softmax of cosine / temperature) or learnable (router)."""
+    """How several teachers combine: fixed, similarity (softmax of cosine / temperature), learnable (router), rl (a
+    policy picks one teacher per sample, trained by REINFORCE) or oracle (the teacher of the sample's family)."""
     fusion_weights: list[float] | None = None
     """With --fusion fixed: one weight per teacher, e.g. '0.7,0.3' (default equal)."""
     fusion_temperature: float = 0.1
     """With --fusion similarity: softmax temperature."""
     router_hidden: int = 64
     """With --fusion learnable: hidden width of the router MLP."""
+    sample_families: str | None = None
+    """A JSON file of each store sample's task family, {"samples": {sample_id: family}}: --fusion oracle routes by
+    it, --rl-family shows it to the policy, and the metrics log each family's share sent to each teacher."""
+    family_teachers: list[str] | None = None
+    """With --fusion oracle: the teacher of each family, e.g. 'add=t_add,sub=t_sub' (default: the teacher named as
+    the family)."""
+    rl_lr: float = 0.5
+    """With --fusion rl: the policy's learning rate (plain SGD on the REINFORCE loss, after each training step)."""
+    rl_entropy: float = 0.01
+    """With --fusion rl: weight of the entropy bonus that keeps the policy exploring."""
+    rl_baseline: float = 0.9
+    """With --fusion rl: decay of the moving averages of the reward (the baseline) and of its spread, in [0, 1)."""
+    rl_family: bool = False
+    """With --fusion rl: show the policy the sample's family tag (from --sample-families) besides the student's
+    pooled keys."""
 
     def __post_init__(self) -> None:
         self._parse_problems: list[str] = []
         self.fusion_weights = parse_list(self.fusion_weights, as_float, "--fusion-weights", "numbers like '0.7,0.3'",
                                          self._parse_problems)
+        self.family_teachers = parse_list(self.family_teachers, _family_teacher, "--family-teachers",
+                                          "family=teacher pairs like 'add=t_add,sub=t_sub'", self._parse_problems)
+
+    @property
+    def family_teacher_map(self) -> dict[str, str]:
+        """--family-teachers as family → teacher (empty when not given)."""
+        return dict(x.split("=", 1) for x in self.family_teachers or [])  # type: ignore[misc]
+
+
+def _family_teacher(x: Any) -> str:
+    """One ``family=teacher`` pair of --family-teachers, spaces stripped."""
+    family, eq, teacher = as_name(x).partition("=")
+    if not eq or not family.strip() or not teacher.strip():
+        raise ValueError(x)
+    return f"{family.strip()}={teacher.strip()}"
 
 
 @dataclass
@@ -278,9 +311,32 @@ class ReportOptions:
     """Every N steps, log each loss term's share of the gradient norm on the student (grad_share/* in
     metrics.jsonl; one extra backward per term on those steps); 0: never."""
     tensorboard: bool = False
-    """Also write TensorBoard event files under <out>/tb (needs the tensorboard package)."""
+    """Also write TensorBoard event files under <out>/tb: the same as --tracker tensorboard."""
+    tracker: list[str] | None = field(default=None, metadata={"repeatable": True})
+    """Also log the config, every metric and the store's digest to an experiment tracker: wandb, mlflow or
+    tensorboard, repeatable. Offline, under --out, unless the tracker's own environment variables say otherwise
+    (WANDB_MODE, WANDB_DIR, MLFLOW_TRACKING_URI); needs pip install 'kava[trackers]'."""
+    tracker_project: str = "kava"
+    """With --tracker: the wandb project or MLflow experiment."""
+    tracker_name: str | None = None
+    """With --tracker: the tracker run's name (default: --out's folder name)."""
     progress: bool = True
     """Print progress lines on stderr."""
+
+    def __post_init__(self) -> None:
+        self._parse_problems: list[str] = []
+        # A repeated flag gives a list, YAML a list or one name, a rendered command 'wandb,mlflow': all the same.
+        names = [self.tracker] if isinstance(self.tracker, str) else self.tracker
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            names = [part for n in names for part in n.split(",") if part.strip()]
+        self.tracker = parse_list(names, as_name, "--tracker", f"names from {', '.join(TRACKERS)}",
+                                  self._parse_problems)
+
+    @property
+    def trackers(self) -> list[str]:
+        """Every tracker the run logs to, once each: --tracker's, and tensorboard with --tensorboard."""
+        names = list(self.tracker or []) + (["tensorboard"] if self.tensorboard else [])
+        return list(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,7 +371,7 @@ class DistillConfig:
     resume: bool = False
     """Continue the run in --out from its latest checkpoint (a run without one starts from step 0)."""
     report: ReportOptions = field(default_factory=ReportOptions)
-    """--log-every, --tensorboard, --progress."""
+    """--log-every, --tracker, --progress."""
     threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
     trust_remote_code: bool = False
@@ -370,7 +426,8 @@ class DistillConfig:
         """Raise one ConfigError listing every problem, in the flags' spelling."""
         # Options are read through their groups (``tr.lr`` is ``self.lr``), so a type checker sees each one's type.
         o, tr, tf = self.objective, self.trainer, self.teacher_fusion
-        p: list[str] = [*self.reads._parse_problems, *tf._parse_problems, *o._parse_problems, *self.data.problems()]
+        p: list[str] = [*self.reads._parse_problems, *tf._parse_problems, *o._parse_problems, *self.data.problems(),
+                        *self.report._parse_problems]
 
         def choice(flag: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
@@ -385,6 +442,10 @@ class DistillConfig:
         choice("--balance", o.balance, ("none", "gradnorm"))
         choice("--precision", tr.precision, ("auto", "bf16", "fp32"))
         choice("--parallel", tr.parallel, ("ddp", "fsdp"))
+        for name in self.report.tracker or []:
+            choice("--tracker", name, TRACKERS)
+        if not isinstance(self.report.tracker_project, str) or not self.report.tracker_project.strip():
+            p.append(f"--tracker-project: expected a name. Got {self.report.tracker_project!r} instead.")
         if tr.parallel == "fsdp":
             # Each needs the whole student in one process (kava.distill.fsdp): refused before anything loads.
             if self.lora.lora_r:
@@ -445,6 +506,7 @@ class DistillConfig:
             p.append(f"--logit-skew: expected a number in (0, 1). Got {o.logits.logit_skew!r} instead.")
         if tf.fusion_temperature <= 0:
             p.append(f"--fusion-temperature: expected a positive number. Got {tf.fusion_temperature!r} instead.")
+        p += _routing_problems(tf)
         if o.ce_weight == 0 and not self.uses_kv and not self.uses_logits:
             p.append("Nothing to train: --ce-weight is 0 and there is no K/V or logit term (no --store, or "
                      "--kv-weight and --logit-weight 0). Set --ce-weight or give a --store.")
@@ -487,3 +549,27 @@ class DistillConfig:
         if p:
             raise ConfigError.from_problems(p)
 
+
+
+def _routing_problems(tf: FusionOptions) -> list[str]:
+    """What is wrong with the options of --fusion rl and oracle."""
+    p: list[str] = []
+    if tf.fusion == "oracle" and tf.sample_families is None:
+        p.append("--fusion oracle routes by each sample's family: give --sample-families (a JSON file "
+                 "{\"samples\": {sample_id: family}}).")
+    if tf.rl_family and (tf.fusion != "rl" or tf.sample_families is None):
+        p.append("--rl-family needs --fusion rl and --sample-families (the tag it shows the policy).")
+    if tf.family_teachers is not None:
+        families = [x.split("=", 1)[0] for x in tf.family_teachers]
+        if tf.fusion != "oracle":
+            p.append("--family-teachers needs --fusion oracle.")
+        elif len(set(families)) != len(families):
+            p.append(f"--family-teachers: expected each family once. Got {format_list(tf.family_teachers)!r} "
+                     "instead.")
+    if not isinstance(tf.rl_lr, (int, float)) or not math.isfinite(tf.rl_lr) or tf.rl_lr <= 0:
+        p.append(f"--rl-lr: expected a finite positive number. Got {tf.rl_lr!r} instead.")
+    if not isinstance(tf.rl_entropy, (int, float)) or not math.isfinite(tf.rl_entropy) or tf.rl_entropy < 0:
+        p.append(f"--rl-entropy: expected a finite number >= 0. Got {tf.rl_entropy!r} instead.")
+    if not isinstance(tf.rl_baseline, (int, float)) or not 0 <= tf.rl_baseline < 1:
+        p.append(f"--rl-baseline: expected a number in [0, 1). Got {tf.rl_baseline!r} instead.")
+    return p

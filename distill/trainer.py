@@ -63,9 +63,11 @@ from .ddp import Ranks
 from .loader import StreamLoader
 from .module import DistillModule, build_objective
 from .optim import make_optimizer, make_schedule
-from .outputs import MetricSinks, check_out, check_tensorboard, progress_line, started_run, write_config, write_manifest
+from .outputs import MetricSinks, check_out, progress_line, started_run, write_config, write_manifest
+from .routing import PolicyRouter, PolicyTrainer, load_sample_families
 from .run_data import RunData, resolve_data
 from .student import Student, load_student, save_student
+from .trackers import check_trackers
 
 ETA_STEPS = 50
 """Steps whose mean time estimates the time left on the progress line."""
@@ -123,6 +125,8 @@ class TrainingState:
     """Gradient norms, shares and balance scales measured during the step, for its metrics line."""
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=ETA_STEPS))
     """Seconds of this process's last steps, for the progress line's time left."""
+    rl: PolicyTrainer | None = None
+    """``--fusion rl``: the policy's update around each optimizer step (:mod:`.routing`)."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,7 @@ def run_distill(cfg: DistillConfig, *, log: Log = log_stderr) -> DistillResult:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory. Choose another --out.")
-    if cfg.report.tensorboard:
-        check_tensorboard()
+    check_trackers(cfg.report.trackers)  # --tracker, --tensorboard: each one's package, before anything loads
     # One writer per --out: rank 0 holds <out>/.kava.lock until the run ends (the kernel drops it if the process
     # dies), taken before the output is checked so that two runs can't both find it free.
     with contextlib.ExitStack() as held:
@@ -198,6 +201,12 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
     # draws the same weights (and DDP broadcasts rank 0's anyway).
     torch.manual_seed(cfg.trainer.seed + 1)
     objective = build_objective(cfg, data, student) if cfg.uses_kv else None
+    tf = cfg.teacher_fusion
+    if objective is not None and tf.sample_families is not None:  # before the optimizer: rl may add parameters
+        objective.attach_families(load_sample_families(tf.sample_families, data.store.sample_ids))
+    if objective is not None and tf.fusion == "rl" and ranks.distributed:
+        raise ConfigError("--fusion rl updates its policy in one process: each rank would draw and learn its own. "
+                          "Train without --nproc/torchrun, or use another --fusion.")
     module = DistillModule(student, objective, cfg, logit_teachers=data.logit_teachers)
     if module.balance and ranks.distributed:
         raise ConfigError("--balance gradnorm runs on one process: its scales would differ between ranks. Drop "
@@ -252,6 +261,10 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     # DDP wraps the module after the restore, so the ranks start from the checkpoint.
     model = module if sharded else ddp.wrap(module, device, ranks)
+    rl = None
+    if objective is not None and isinstance(module.objective.fusion, PolicyRouter):  # type: ignore[union-attr]
+        rl = PolicyTrainer(module.student, module.objective.fusion, module.objective,  # type: ignore[union-attr]
+                           ce_on=cfg.objective.ce_on, lr=tf.rl_lr, entropy=tf.rl_entropy)
 
     log(f"student {cfg.student}: {params['student_trainable']:,} trainable of {params['student_total']:,} parameters"
         + "".join(f"; {k} {v:,}" for k, v in params.items() if k.startswith(("projector", "router")) and v))
@@ -262,7 +275,7 @@ def setup(cfg: DistillConfig, out: Path, resume_from: Path | None, device: torch
         + (f", logits from {', '.join(t.name for t in data.logit_teachers)}" if data.logit_teachers else ""))
     return TrainingState(cfg=cfg, out=out, ranks=ranks, device=device, data=data, student=student, module=module,
                          model=model, optimizer=optimizer, schedule=schedule, loader=loader, total=total,
-                         params=params, sharded=sharded, step=step, tokens=tokens)
+                         params=params, sharded=sharded, step=step, tokens=tokens, rl=rl)
 
 
 def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started: float) -> DistillResult:
@@ -271,7 +284,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
     # 7. The loop.
     batches = iter(state.loader)
     autocast = _autocast(cfg, state.device)
-    sinks = MetricSinks.open(state.out, main=state.ranks.main, tensorboard=cfg.report.tensorboard)
+    sinks = MetricSinks.open(cfg, state.out, main=state.ranks.main, step=state.step,
+                             store_digest=state.data.store.digest())
     wait_total = step_total = 0.0
     last: dict[str, float] = {}
     try:
@@ -290,6 +304,8 @@ def train(state: TrainingState, log: Log, *, resumed_from: Path | None, started:
         if close is not None:
             close()  # stops the loader's worker processes now rather than at garbage collection
         sinks.close()
+        if state.rl is not None:
+            state.rl.close()
 
     # 8. Outputs, written by rank 0; the other ranks return once they are whole. Never a broken model.
     check_finite_weights(state)
@@ -338,6 +354,8 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch],
         with ddp.backward_sync(state.model, sync=micro == cfg.trainer.grad_accum - 1 or _exhausted(state.loader)):
             with autocast:
                 loss, terms = state.model(batch)
+            if state.rl is not None:
+                state.rl.record(batch)
             if micro == 0:
                 loss = _balance_terms(state, loss)
                 terms["loss/total"] = loss.detach()
@@ -371,6 +389,10 @@ def optimizer_step(state: TrainingState, batches: Iterator[Batch],
     state.optimizer.step()
     state.schedule.step()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.rl is not None:  # the policy learns from what this step did to each sample's loss
+        t_rl = time.perf_counter()
+        state.measured.update(state.rl.update())
+        state.measured["rl/seconds"] = time.perf_counter() - t_rl
     state.step += 1
     state.tokens += tokens
     seconds = time.perf_counter() - t0
@@ -404,8 +426,8 @@ def _balance_terms(state: TrainingState, loss: torch.Tensor) -> torch.Tensor:
 
 
 def log_step(state: TrainingState, stats: StepStats, sinks: MetricSinks, log: Log) -> dict[str, float]:
-    """Write the step's metrics line (``metrics.jsonl``, TensorBoard) and, every --log-every steps, the progress
-    line; return the line."""
+    """Write the step's metrics line (``metrics.jsonl``, the --tracker trackers) and, every --log-every steps, the
+    progress line; return the line."""
     epoch, _ = state.loader.position
     record = {"step": state.step, "epoch": epoch, "lr": float(state.schedule.get_last_lr()[0]), **stats.terms,
               "grad_norm": stats.grad_norm, "tokens": stats.tokens, "tokens_per_s": stats.tokens / stats.seconds,

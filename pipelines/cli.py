@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from kava.core.errors import KavaError, disk_full_message
+from kava.core.log import human_bytes
 
 from .cluster_config import ClusterConfig
 from .options import build_config, build_configs, config_options
@@ -268,11 +269,13 @@ def _latent_command() -> click.Command:
         """One model in two modes: teacher mode reads question, CoT and answer; student mode reads the question,
         --latent M continuous tokens refined by --jacobi T iterations, then the answer. The student is trained on
         the answer, the CoT, CODI's hidden-state term and the K/V of its latents against the teacher mode's CoT
-        cache compressed by R-KV to M rows; --mode cot / direct train the CoT and no-CoT baselines."""
+        cache compressed by R-KV to M rows; --mode cot / direct train the CoT and no-CoT baselines. With
+        --teacher store the K/V targets come from a CoT teacher extracted once (--export-rows, then kava extract
+        --evict r-kv --kv-budget M)."""
         result = run_stage(LatentConfig, values, config_file, "kava.distill.latent.train:train_latent")
         if as_json:
             emit_json(result.to_dict())
-        else:
+        elif result.steps:  # --export-rows trains nothing and has said what it wrote
             click.echo(f"wrote {result.out} after {result.steps} steps ({result.seconds:.0f} s)", err=True)
 
     return latent
@@ -286,7 +289,7 @@ _Main.lazy.update(extract=_extract_command, estimate=_estimate_command, distill=
 
 @main.group()
 def store() -> None:
-    """Inspect and check a KV store."""
+    """Inspect, check, copy and share a KV store."""
 
 
 @store.command("info")
@@ -306,16 +309,6 @@ def store_info(path: str, as_json: bool) -> None:
     click.echo(format_info(info))
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def format_info(info: dict[str, Any]) -> str:
     by = info["samples_by_status"]
     lines = [
@@ -326,7 +319,7 @@ def format_info(info: dict[str, Any]) -> str:
         f" vocab {info['student_tokenizer']['vocab_size']})",
         f"dataset     {info['dataset']['name']}:{info['dataset']['split']}"
         f"  (ids {info['dataset']['sample_ids_hash'][:12]})",
-        f"on disk     {_size(info['bytes_on_disk'])}",
+        f"on disk     {human_bytes(info['bytes_on_disk'])}",
     ]
     if info["created_by"]:
         lines.append(f"created by  {info['created_by']}")
@@ -339,8 +332,10 @@ def format_info(info: dict[str, Any]) -> str:
             f"  layers    {t['layers']} of {t['num_layers']}, map {t['layer_map']}, alignment {t['alignment']}",
             f"  heads     {t['kv_heads']} kv x {t['head_dim']}, K {t['k_rope']}-RoPE,"
             f" Q {'layers ' + str(t['q_layers']) if t['has_q'] else 'not stored'}",
-            f"  storage   {t['dtype']} + {t['compressor']}: {_size(t['bytes_logical'])} logical,"
-            f" {_size(t['bytes_on_disk'])} on disk ({ratio:.2f}x)",
+            f"  attention {t['attention']}, positions {t['positions']}"
+            + (f", part of {t['part_of']}" if t["part_of"] else ""),
+            f"  storage   {t['dtype']} + {t['compressor']}: {human_bytes(t['bytes_logical'])} logical,"
+            f" {human_bytes(t['bytes_on_disk'])} on disk ({ratio:.2f}x)",
             f"  shards    {t['shards_complete']} of {info['shards']} complete, {t['quarantined']} samples quarantined",
         ]
         logits = t.get("logits")
@@ -359,7 +354,7 @@ def format_info(info: dict[str, Any]) -> str:
                              + "  (per stored layer: relative error of the answer's attention output)")
         if t.get("quantization_cosine"):  # a lossy dtype: its size against float16 and its measured fidelity
             smaller = t["bytes_float16"] / max(t["bytes_on_disk"] or t["bytes_logical"], 1)
-            lines.append(f"  vs fp16   K/V/Q as float16 would be {_size(t['bytes_float16'])}: "
+            lines.append(f"  vs fp16   K/V/Q as float16 would be {human_bytes(t['bytes_float16'])}: "
                          f"{smaller:.2f}x smaller on disk")
             lines += [f"  cosine {name}  " + " ".join(f"{c:.5f}" for c in cos)
                       + "  (per stored layer, to the teacher's)" for name, cos in t["quantization_cosine"].items()]
@@ -396,7 +391,7 @@ def _print_report(report: VerifyReport, as_json: bool, sound: str = "sound") -> 
         click.echo(f"WARNING {w}")
     status = sound if report.ok else f"{len(report.problems)} problem(s)"
     shards = ", ".join(f"{n}: {c}/{report.shards_expected} shards" for n, c in report.shards_complete.items())
-    click.echo(f"{report.store}: {status}; {report.chunks_checked} chunks ({_size(report.bytes_checked)}) checked"
+    click.echo(f"{report.store}: {status}; {report.chunks_checked} chunks ({human_bytes(report.bytes_checked)}) checked"
                + (f"; {shards}" if shards else ""))
 
 
@@ -441,9 +436,73 @@ def store_cp(source: str, destination: str, as_json: bool) -> None:
     if as_json:
         emit_json(dataclasses.asdict(report))
         return
-    click.echo(f"{report.destination}: copied {report.objects_copied} objects ({_size(report.bytes_copied)}) from "
-               f"{report.source}" + (f", kept {report.objects_kept} from an interrupted copy" if report.objects_kept
-                                      else "") + f"; {report.chunks_checked} chunks checked; verified sound")
+    kept = f", kept {report.objects_kept} from an interrupted copy" if report.objects_kept else ""
+    click.echo(f"{report.destination}: copied {report.objects_copied} objects ({human_bytes(report.bytes_copied)}) "
+               f"from {report.source}{kept}; {report.chunks_checked} chunks checked; verified sound")
+
+
+def _hub_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--hub-dir and --revision, shared by `kava store push|pull` and `kava push|pull`."""
+    command = click.option("--revision", default="main", show_default=True,
+                           help="The branch pushed to or pulled from (in a --hub-dir: a subfolder of the repo)."
+                           )(command)
+    return click.option("--hub-dir", envvar="KAVA_HUB_DIR", show_envvar=True, type=click.Path(file_okay=False),
+                        help="A local directory standing in for the Hub (DIR/datasets/OWNER/NAME/, "
+                             "DIR/models/OWNER/NAME/). Default: the Hugging Face Hub (HF_ENDPOINT for a private one; "
+                             "token from HF_TOKEN or `hf auth login`).")(command)
+
+
+def _hub_call(function: str, *args: Any, write: bool, hub_dir: str | None, **kwargs: Any) -> Any:
+    """Run ``pipelines.hub.<function>`` against the backend --hub-dir chooses; a KavaError is one ``error:`` line."""
+    from . import hub  # noqa: PLC0415 - huggingface_hub's client and zarr: only these commands load them
+
+    try:
+        return getattr(hub, function)(*args, hub=hub.open_hub(hub_dir, write=write),
+                                      log=lambda m: click.echo(m, err=True), **kwargs)
+    except KavaError as e:
+        fail(str(e))
+
+
+@store.command("push")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.argument("repo_id")
+@_hub_options
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def store_push(path: str, repo_id: str, hub_dir: str | None, revision: str, private: bool, as_json: bool) -> None:
+    """Push the store at PATH to the dataset repo REPO_ID (owner/name), with a dataset card written from its manifest.
+
+    Refused unless it verifies whole and every teacher is complete (`kava store verify`). A store at a URL is
+    copied here first with `kava store cp`. Pull it back with `kava store pull`."""
+    report = _hub_call("push_store", path, repo_id, write=True, hub_dir=hub_dir, revision=revision, private=private)
+    if as_json:
+        emit_json(dataclasses.asdict(report))
+        return
+    click.echo(f"{report.source}: pushed {report.files} files ({human_bytes(report.bytes)}) to dataset repo "
+               f"{report.repo} ({report.revision}) on {report.where}; store digest {report.digest}")
+
+
+@store.command("pull")
+@click.argument("repo_id")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=str))
+@_hub_options
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def store_pull(repo_id: str, dest: str, hub_dir: str | None, revision: str, as_json: bool) -> None:
+    """Download the store in the dataset repo REPO_ID into DEST, then verify it whole (as `kava store verify`).
+
+    DEST must be empty or new; run an interrupted pull again to resume it. A copy that fails verification is not
+    left as an openable store."""
+    report = _hub_call("pull_store", repo_id, dest, write=False, hub_dir=hub_dir, revision=revision)
+    _print_pull(report, as_json)
+
+
+def _print_pull(report: Any, as_json: bool) -> None:
+    if as_json:
+        emit_json(dataclasses.asdict(report))
+        return
+    click.echo(f"{report.dest}: pulled {report.kind} repo {report.repo} ({report.revision}) from {report.where}"
+               + (", resumed" if report.resumed else "") + f": {report.files} files ({human_bytes(report.bytes)}); "
+               f"checked {report.checked}")
 
 
 @main.command("run", short_help="Run a whole experiment from a YAML config (default: the embedded one).")
@@ -463,24 +522,35 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
     synthetic arithmetic, a smaller student with another tokenizer, CE-only vs CE + K/V at equal compute over five
     seeds, and a report with significance tests. A rerun reuses every finished stage; --force redoes one.
     CONFIG is a YAML file or the name of a shipped config: default, multi-teacher, ablation, alignment, codecs,
-    convergence-quick (and the longer convergence-*), gsm8k-qwen7b4bit-to-qwen0.5b.
+    convergence-quick (and the longer convergence-*), gsm8k-qwen7b4bit-to-qwen0.5b, latent (the KaVa paper's
+    latent reasoning: `kind: latent` configs train `kava latent` students).
     """
-    from .config import check_force, load_config  # noqa: PLC0415 - the run config pulls every stage config (zarr)
+    from .config import check_force, config_data, parse_config  # noqa: PLC0415 - every stage config (zarr)
+    from .latent_run import is_latent_config, parse_latent_config  # noqa: PLC0415 - as the line above
 
     try:
-        cfg = load_config(config)
+        data, source = config_data(config)
+        latent = is_latent_config(data)
+        cfg: Any = parse_latent_config(data, source=source) if latent else parse_config(data, source=source)
         check_force(force)
         if out is not None:
             cfg.out = out
         if name is not None:
             cfg.name = name
         if check:
-            click.echo(f"{config or 'embedded default'}: ok ({len(cfg.teachers)} teachers, {len(cfg.variants)} "
+            teachers = ("a CoT teacher" if cfg.needs_teacher else "no teacher") if latent else \
+                f"{len(cfg.teachers)} teachers"
+            click.echo(f"{config or 'embedded default'}: ok ({teachers}, {len(cfg.variants)} "
                        f"variants x {len(cfg.seeds)} seeds)", err=True)
             return
         from .runner import Runner  # noqa: PLC0415 - every stage (torch): `kava run --check` validates without it
 
-        result = Runner(cfg, force=force).run()
+        if latent:
+            from .latent_run import LatentRunner  # noqa: PLC0415 - as the line above
+
+            result = LatentRunner(cfg, force=force).run()
+        else:
+            result = Runner(cfg, force=force).run()
     except KavaError as e:
         fail(str(e))
     if as_json:
@@ -488,6 +558,44 @@ def run(config: str | None, check: bool, force: tuple[str, ...], out: str | None
                    "timings": result.timings})
     else:
         click.echo(f"report: {result.report}", err=True)
+
+
+@main.command("push", short_help="Push a distilled student to a model repo on the Hub, with a model card.")
+@click.argument("student", type=click.Path(file_okay=False, path_type=str))
+@click.argument("repo_id")
+@_hub_options
+@click.option("--results", type=click.Path(dir_okay=False, path_type=str),
+              help="An evaluation for the card: the JSONL `kava eval --out` writes, the summary `kava eval --json` "
+                   "prints, or a `kava run` report.json.")
+@click.option("--store-repo", help="The dataset repo its store was pushed to (`kava store push`): listed in the "
+                                   "card, and read for the store's digest when the store is not on this machine.")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def push(student: str, repo_id: str, hub_dir: str | None, revision: str, results: str | None,
+         store_repo: str | None, private: bool, as_json: bool) -> None:
+    """Push the student in STUDENT (the --out of `kava distill` or `kava latent`) to the model repo REPO_ID: its
+    weights, tokenizer, kava.json (a latent student's latent.json and latent.safetensors), config.yaml and a model
+    card naming its teachers, the store's digest, the objective, steps and final losses. Pull it with `kava pull`
+    (stores: `kava store push|pull`)."""
+    report = _hub_call("push_student", student, repo_id, write=True, hub_dir=hub_dir, revision=revision,
+                       private=private, results=results, store_repo=store_repo)
+    if as_json:
+        emit_json(dataclasses.asdict(report))
+        return
+    click.echo(f"{report.source}: pushed {report.files} files ({human_bytes(report.bytes)}) and its card to model repo "
+               f"{report.repo} ({report.revision}) on {report.where}")
+
+
+@main.command("pull", short_help="Download a student pushed by `kava push` and check every file's sha256.")
+@click.argument("repo_id")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=str))
+@_hub_options
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def pull(repo_id: str, dest: str, hub_dir: str | None, revision: str, as_json: bool) -> None:
+    """Download the student in the model repo REPO_ID into DEST and check every file against the sha256 its card
+    records; DEST then loads with `from_pretrained` and `kava eval --model DEST`. DEST must be empty or new; run an
+    interrupted pull again to resume it. Stores: `kava store pull`."""
+    _print_pull(_hub_call("pull_student", repo_id, dest, write=False, hub_dir=hub_dir, revision=revision), as_json)
 
 
 @main.command("compare", short_help="Finished runs side by side by the students' data size (table and figure).")
@@ -508,7 +616,7 @@ def compare(runs: tuple[str, ...], out: str) -> None:
 
 
 @main.command("cka", short_help="Layer-by-layer CKA of a teacher's stored K/V, out of core with dask.")
-@click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="The store directory.")
+@click.option("--store", "store", required=True, help="The store: a directory or a URL (s3://bucket/kv.zarr).")
 @click.option("--teacher", required=True, help="The teacher whose layers are compared.")
 @click.option("--vs", default=None, help="Compare with this other teacher of the store instead of with itself.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for .npy, .csv, .png, .json.")

@@ -23,9 +23,10 @@ from typing import Any
 from kava.core.config import config_fields, option_names
 from kava.core.errors import ConfigError, short_repr
 from kava.core.safe_yaml import load_yaml
-from kava.core.synthetic import difficulty_problems
+from kava.core.synthetic import difficulty_problems, family_problems
 from kava.distill.config import MAX_SEED, DistillConfig
 from kava.distill.student import PRESETS as STUDENT_PRESETS
+from kava.distill.trackers import TRACKERS
 from kava.extract.config import ExtractConfig
 from kava.extract.templates import TOKENIZER_CHAT, check_template_name
 from kava.kvstore.manifest import is_teacher_name
@@ -40,7 +41,8 @@ COMPUTE_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_tokens", "
 """DistillConfig fields that decide a student's compute: set once in ``train:``, never per variant."""
 
 RUNNER_FIELDS = ("student", "out", "store", "teachers", "seed", "dataset", "split", "limit", "data_files", "difficulty",
-                 "tokenizer", "resume", "progress", "command", "threads", "device")
+                 "tokenizer", "resume", "progress", "command", "threads", "device", "sample_families", "tracker",
+                 "tracker_project", "tracker_name")
 """DistillConfig fields the runner sets itself."""
 
 
@@ -70,6 +72,10 @@ class DataSpec:
     validation_size: int = 0
     """Rows carved from the student share of the pool into a validation split: never trained on, never part of the
     store, read only by ``tune:`` (the eval split is never used to choose a setting)."""
+    families: dict[str, str] = field(default_factory=dict)
+    """Task families of the synthetic data: name → difficulty (as ``difficulty``), e.g. {add: 'ops=+', sub: 'ops=-'}.
+    The pool and the eval split mix them equally, every row is tagged with its family, a teacher may train on one
+    (``teachers[i].train.family``) and the report gives accuracy per family."""
 
 
 @dataclass
@@ -91,11 +97,13 @@ class TeacherTrainSpec:
     """The template it is trained on: plain, chat, cot, chat:tokenizer (its tokenizer's chat template) or a file."""
     system_prompt: str | None = None
     """With template chat:tokenizer: the system message (default: the chat template's own)."""
+    family: str | None = None
+    """Train on the teacher split's rows of this task family alone (one of data.families): a specialist."""
 
     def key(self) -> dict[str, Any]:
         """What its cache key digests: every setting, without the tokenizer options left at their defaults (so a
         teacher cached before they existed keeps its key)."""
-        new = {"tokenizer": None, "template": "plain", "system_prompt": None}
+        new = {"tokenizer": None, "template": "plain", "system_prompt": None, "family": None}
         return {k: v for k, v in self.__dict__.items() if k not in new or v != new[k]}
 
 
@@ -110,6 +118,10 @@ class TeacherSpec:
     extract: dict[str, Any] = field(default_factory=dict)
     """`kava extract` options for this teacher (with_q, layer_map, alignment, kv_dtype, ...)."""
 
+
+FAMILIES_FILE = "families.json"
+"""``<run>/data/families.json``: the student split's sample id → task family (with data.families), written by the
+data stage for `kava distill --sample-families`."""
 
 TEACHER_TOKENIZER = "teacher:"
 """``student.tokenizer: teacher:NAME`` takes the tokenizer of the teacher ``NAME`` trained here."""
@@ -220,6 +232,11 @@ class RunConfig:
     """cpu (default), cuda[:N] or mps, for every stage."""
     threads: int | None = None
     """CPU threads for torch in every stage."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers (wandb, mlflow, tensorboard: `kava distill --tracker`) every student logs to; the run
+    itself logs its config, the report's figures and each variant's accuracy to a tracker run of its own."""
+    tracker_project: str = "kava"
+    """With trackers: the wandb project or MLflow experiment of the students and the run."""
 
     @property
     def root(self) -> Path:
@@ -347,6 +364,27 @@ def _expand_paths(cfg: RunConfig) -> None:
 def load_config(path: str | Path | None) -> RunConfig:
     """The config at ``path`` (or a shipped config by name), or the embedded default
     (``pipelines/configs/default.yaml``) for None."""
+    data, source = config_data(path)
+    if is_latent_data(data):
+        raise ConfigError(f"{source}: a latent-reasoning experiment (kind: latent), which only `kava run` takes. "
+                          "Pass a distillation config here.")
+    return parse_config(data, source=source)
+
+
+def is_latent_data(data: Any) -> bool:
+    """Whether a config's YAML is a latent-reasoning experiment (``kind: latent``, :mod:`.latent_run`)."""
+    return isinstance(data, dict) and data.get("kind") == "latent"
+
+
+def distill_configs() -> list[str]:
+    """The shipped configs of distillation experiments (every one but ``kind: latent``)."""
+    return [n for n in shipped_configs()
+            if not is_latent_data(load_yaml((configs_dir() / f"{n}.yaml").read_text(), n))]
+
+
+def config_data(path: str | Path | None) -> tuple[Any, str]:
+    """The YAML of the config at ``path`` (resolved as :func:`load_config` does), and its path; `kava run` reads
+    ``kind`` from it to choose the parser (``kind: latent``: :mod:`.latent_run`)."""
     path = Path(path) if path is not None else default_config_path()
     if not path.is_file() and str(path) in shipped_configs():
         path = configs_dir() / f"{path}.yaml"  # a shipped config by name: `kava run ablation`
@@ -356,8 +394,7 @@ def load_config(path: str | Path | None) -> RunConfig:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}. "
                           "Pass the experiment's YAML file.")
-    data = load_yaml(path.read_text(), path)
-    return parse_config(data, source=str(path))
+    return load_yaml(path.read_text(), path), str(path)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -409,6 +446,7 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
         if value is not None and value < 1:
             p.append(f"{key}: expected a positive integer or null. Got {value} instead.")
     p += difficulty_problems("data.difficulty", d.difficulty, d.dataset)
+    p += family_problems("data.families", d.families, d.dataset, d.difficulty)
     if d.dataset != "gsm8k" and d.pool_split == d.eval_split and d.dataset == "synthetic":
         p.append(f"data.eval_split: it must differ from data.pool_split ({d.pool_split!r}); evaluation data is "
                  "never trained on.")
@@ -434,6 +472,9 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
             p.append(f"{w}.train.steps: expected a positive integer. Got {t.train.steps}.")
         if t.train is not None:
             p += _train_template_problems(t.train, f"{w}.train")
+        if t.train is not None and t.train.family is not None and t.train.family not in d.families:
+            p.append(f"{w}.train.family: {t.train.family!r} is not a family of data.families. Families: "
+                     f"{', '.join(d.families) or 'none (set data.families)'}.")
         who = {"student_layers": cfg.student.layers} if cfg.student.is_preset else {"student": cfg.student.model}
         try:  # the known options, by extraction's own rules
             ExtractConfig.from_dict({"teacher": "t", "store": "s", **who,
@@ -460,6 +501,8 @@ def semantic_problems(cfg: RunConfig) -> list[str]:
         p.append(f"student.tokenizer: teacher:{shared} names no teacher trained here. Teachers trained here: "
                  f"{', '.join(trained) or 'none'}.")
     p += tune_problems(cfg, distill_fields)
+    p += [f"trackers: expected names from {', '.join(TRACKERS)}. Got {short_repr(t)} instead."
+          for t in cfg.trackers if t not in TRACKERS]
     p += budget_problems(cfg)
     for v in cfg.variants:
         w = f"variants[{v.name}]"
@@ -597,12 +640,28 @@ def stage_distill_config(cfg: RunConfig, variant: VariantSpec, *, seed: int, sto
                                if k not in COMPUTE_FIELDS + RUNNER_FIELDS}  # refused by semantic_problems
     if not variant.teachers:
         options["kv_weight"] = 0.0  # CE only, on the same store grid: same tokens, same batches
+    elif cfg.data.families:  # each sample's family: oracle and rl routing read it, and the metrics log its routes
+        options["sample_families"] = str(cfg.root / "data" / FAMILIES_FILE)
+        trained_on = {t.train.family: t.name for t in cfg.teachers
+                      if t.train is not None and t.train.family is not None and t.name in variant.teachers}
+        if trained_on and options.get("fusion") == "oracle" and "family_teachers" not in options:
+            options["family_teachers"] = [f"{f}={t}" for f, t in trained_on.items()]
     return DistillConfig.from_dict(dict(
         student=cfg.student.model, out=out, store=store, seed=seed,
         teachers=list(variant.teachers) or None, steps=t.steps, batch_size=t.batch_size,
         grad_accum=t.grad_accum, max_length=t.max_length, device=cfg.device, threads=cfg.threads,
-        progress=False, **options,
+        progress=False, **_tracker_options(cfg, out), **options,
     ))
+
+
+def _tracker_options(cfg: RunConfig, out: str) -> dict[str, Any]:
+    """With ``trackers:``, a student's --tracker options: the run's trackers and project, and a run name that says
+    which run, variant and seed it is (``tiny/kv/seed-1``)."""
+    if not cfg.trackers:
+        return {}
+    where = Path(out)
+    name = "/".join(part for part in (cfg.name, where.parent.name, where.name) if part)
+    return {"tracker": list(cfg.trackers), "tracker_project": cfg.tracker_project, "tracker_name": name}
 
 
 def stage_extract_config(cfg: RunConfig, teacher: TeacherSpec, *, model: str | None = None,

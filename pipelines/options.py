@@ -2,7 +2,8 @@
 
 Each field ``foo_bar`` becomes ``--foo-bar`` (a group's fields too: ``data: DataSource`` gives ``--dataset``,
 ``--split``, ...); its attribute docstring is the help text; booleans that default to False are ``--flag``, those
-that default to True are ``--no-flag``; list options are typed text (``--kv-layers 0,2,3``) that the config parses.
+that default to True are ``--no-flag``; list options are typed text (``--kv-layers 0,2,3``) that the config parses,
+or a flag given once per item where the field says ``metadata={"repeatable": True}`` (``--tracker a --tracker b``).
 A config's ``ALIASES`` keep old spellings working (``kava extract --seed`` is ``--data-seed``). ``--config FILE``
 loads YAML into the same fields, and flags given on the command line win over it.
 """
@@ -10,6 +11,7 @@ loads YAML into the same fields, and flags given on the command line win over it
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import textwrap
 import typing
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 
 import click
 
-from kava.core.config import canonical_names, config_fields, config_from_dict, option_names
+from kava.core.config import ConfigField, canonical_names, config_fields, config_from_dict, option_names
 from kava.core.errors import ConfigError
 from kava.core.safe_yaml import load_yaml
 
@@ -51,6 +53,11 @@ def _option_type(annotation: Any) -> type:
     return {int: int, float: float}.get(_base_type(annotation), str)
 
 
+def _repeatable(c: ConfigField) -> bool:
+    """A list option whose field says ``metadata={"repeatable": True}``: its flag may be given several times."""
+    return any(f.name == c.name and f.metadata.get("repeatable") for f in dataclasses.fields(c.owner))
+
+
 def _show_default(default: Any) -> str:
     if isinstance(default, list):
         return ",".join(str(v) for v in default)
@@ -79,6 +86,10 @@ def config_options(cls: type, *, exclude: tuple[str, ...] = (), config_flag: boo
                     help_text = f"Turn off (on by default): {help_text[:1].lower()}{help_text[1:]}"
                 fn = click.option(name, c.name, is_flag=True, flag_value=c.default is False, default=None,
                                   help=help_text)(fn)
+            elif _repeatable(c):  # --tracker a --tracker b: a list, or None when not given (YAML's value stays)
+                fn = click.option(c.flag, *aliases.get(c.name, []), c.name, multiple=True,
+                                  callback=lambda _ctx, _param, given: list(given) or None,
+                                  help=help_text + " [repeatable]")(fn)
             else:
                 show = "" if c.required or c.default is None else f" [default: {_show_default(c.default)}]"
                 fn = click.option(c.flag, *aliases.get(c.name, []), c.name, type=_option_type(c.hint), default=None,

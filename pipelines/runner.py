@@ -38,6 +38,8 @@ from kava.core.rows import ReasoningRow
 from kava.distill.checkpoint import step_checkpoints, student_at
 from kava.distill.config import DistillConfig
 from kava.distill.evaluate import EvalConfig, EvalResult, evaluate, reference_nll, run_eval
+from kava.distill.routing import write_sample_families
+from kava.distill.trackers import check_trackers, log_summary
 from kava.distill.trainer import run_distill
 from kava.extract.recipe import run_extract
 from kava.extract.templates import template_from_record
@@ -46,6 +48,7 @@ from kava.kvstore import KVStore
 
 from . import splits
 from .config import (
+    FAMILIES_FILE,
     RunConfig,
     TeacherSpec,
     VariantSpec,
@@ -137,6 +140,7 @@ class Runner:
         hf_logging.disable_progress_bar()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        check_trackers(self.cfg.trackers)  # before the first stage, as `kava distill --tracker` does
         data = self.data()
         teachers = {t.name: self.teacher(t, data) for t in self.cfg.teachers}
         self._share_teacher_tokenizer(teachers)
@@ -146,17 +150,22 @@ class Runner:
                     for v in self.cfg.variants for s in self.cfg.seeds}
         evals = self.evaluate(teachers, students, data)
         self.report(data, teachers, store, students, evals)
+        track_report(self.cfg, self.root, log=self.log)
         (self.root / "timings.json").write_text(json.dumps(self.result.timings, indent=2))
         return self.result
 
     def data(self) -> dict[str, Any]:
         where = self.root / "data"
         d = self.cfg.data
-        key = digest({"data": d.__dict__, "student_tokenizer": self._student_tokenizer_settings()})
+        spec = {k: v for k, v in d.__dict__.items() if k != "families" or v}  # no families: the key it always had
+        key = digest({"data": spec, "student_tokenizer": self._student_tokenizer_settings()})
         trains_tokenizer = self.cfg.student.trains_tokenizer
 
         def work() -> dict[str, Any]:
             record = splits.make_splits(d, self.root)
+            if d.families:  # the student split's families by sample id, for `kava distill --sample-families`
+                write_sample_families(where / FAMILIES_FILE, list(d.families),
+                                      splits.families_of(self.root, "student-train"))
             if trains_tokenizer:
                 rows = splits.load_split(self.root, "student-train")
                 train_bpe_tokenizer(_texts(rows), where / "student-tokenizer", vocab_size=self.cfg.student.vocab_size)
@@ -168,6 +177,8 @@ class Runner:
                     splits.check_split(self.root, role, stage="data")
             except (KavaError, json.JSONDecodeError):  # missing, changed or torn: make them again
                 return False  # (any other exception is a bug, and propagates rather than redoing the stage)
+            if d.families and not (where / FAMILIES_FILE).is_file():
+                return False
             return not trains_tokenizer or (where / "student-tokenizer" / "tokenizer.json").is_file()
 
         return self._unit(where, "data", "data", key, work, check)
@@ -200,8 +211,13 @@ class Runner:
                       "max_length": self.cfg.train.max_length})
         where = Path(self.cfg.out) / ".cache" / "teachers" / key
 
+        # A specialist trains on its family's rows alone; its tokenizer, like every teacher's, on the whole split.
+        role = "teacher-train" if t.family is None else splits.family_role("teacher-train", t.family)
+
         def work() -> dict[str, Any]:
             rows = splits.check_split(self.root, "teacher-train", stage=f"teacher {spec.name}")
+            if role != "teacher-train":
+                splits.check_split(self.root, role, stage=f"teacher {spec.name}")
             if where.exists():
                 shutil.rmtree(where)  # a half-trained teacher from a killed run: train it again
             if t.tokenizer is None:
@@ -212,7 +228,7 @@ class Runner:
             config = DistillConfig.from_dict(dict(
                 student=t.preset, out=str(where / "model"), tokenizer=str(tok), student_template=t.template,
                 system_prompt=t.system_prompt,
-                dataset=str(splits.split_path(self.root, "teacher-train")), split=splits.FILE_SPLIT["teacher-train"],
+                dataset=str(splits.split_path(self.root, role)), split=splits.FILE_SPLIT["teacher-train"],
                 steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed, checkpoint_every=0, progress=False,
                 device=self.cfg.device, threads=self.cfg.threads, warmup_steps=max(1, t.steps // 10),
                 max_length=self.cfg.train.max_length, layers=t.layers,
@@ -318,7 +334,7 @@ class Runner:
             cfg.trainer.steps = steps
         # A tuning trial's record holds its validation score, so the eval settings that score it are part of its key.
         scoring = {"score": score, "max_new_tokens": self.cfg.eval.max_new_tokens} if score else {}
-        key = digest({"config": cfg.to_dict(), "store": store["digest"], **scoring})
+        key = student_key(cfg, store["digest"], scoring)
 
         def work() -> dict[str, Any]:
             splits.check_split(self.root, "student-train", stage=f"distill {variant.name}",
@@ -437,6 +453,27 @@ class Runner:
 
     def _quiet(self, line: str) -> None:
         """Stage logs are kept short: the runner prints one line per unit of work."""
+
+
+def student_key(cfg: DistillConfig, store_digest: str, scoring: dict[str, Any]) -> str:
+    """The key of a student's unit of work: its options, its store and how it is scored. The trackers it logs to
+    don't change it, so they are left out (adding ``trackers:`` to a run trains nothing again)."""
+    options = {k: v for k, v in cfg.to_dict().items() if k not in ("tracker", "tracker_project", "tracker_name")}
+    return digest({"config": options, "store": store_digest, **scoring})
+
+
+def track_report(cfg: RunConfig, root: Path, *, log: Log = log_stderr) -> None:
+    """With ``trackers:``, the run's own tracker run (named as its folder): the resolved run config, each variant's
+    mean accuracy over seeds and each teacher's (``report.json``, at step 0) and the report's figures."""
+    if not cfg.trackers:
+        return
+    report = json.loads((root / "report.json").read_text())
+    headline = {f"accuracy/{row['variant']}": row["mean"] for row in report.get("accuracy", [])
+                if isinstance(row.get("mean"), (int, float))}
+    headline |= {f"accuracy/teacher-{name}": e["accuracy"] for name, e in report.get("teachers", {}).items()
+                 if isinstance(e.get("accuracy"), (int, float))}
+    log_summary(root, cfg.trackers, project=cfg.tracker_project, name=root.name, config=cfg.to_dict(),
+                metrics=headline, artifacts=sorted((root / "figures").glob("*.png")), log=log)
 
 
 def _texts(rows: Iterable[ReasoningRow]) -> list[str]:

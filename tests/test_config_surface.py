@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pytest
 import yaml
 
 SNAPSHOT = Path(__file__).parent / "data" / "config_surface.json"
@@ -124,6 +125,7 @@ def _problems(cls: type, options: dict[str, Any]) -> str:
 def surface(tmp: Path) -> dict[str, Any]:
     """Everything the snapshot pins (``tmp``: a scratch directory for the written config.yaml)."""
     from kava.core.config import config_fields, option_names
+    from kava.core.safe_yaml import load_yaml
     from kava.distill.config import DistillConfig
     from kava.distill.evaluate import EvalConfig
     from kava.distill.outputs import write_config
@@ -132,11 +134,13 @@ def surface(tmp: Path) -> dict[str, Any]:
     from kava.pipelines.config import (
         RunConfig,
         configs_dir,
+        distill_configs,
         load_config,
         shipped_configs,
         stage_distill_config,
         stage_extract_config,
     )
+    from kava.pipelines.latent_run import parse_latent_config
     from kava.pipelines.slurm import config_flags
 
     out: dict[str, Any] = {"commands": {}, "configs": {}, "written": {}, "run": {}}
@@ -179,13 +183,20 @@ def surface(tmp: Path) -> dict[str, Any]:
                 for f in dataclasses.fields(cls)}
 
     out["run"]["sections"] = sections(RunConfig)
-    for name in shipped_configs():
+    for name in distill_configs():
         run = load_config(configs_dir() / f"{name}.yaml")
         stages = {f"extract {t.name}": yaml_of(stage_extract_config(run, t, model=t.model or "trained"))
                   for t in run.teachers}
         stages.update({f"distill {v.name}": yaml_of(stage_distill_config(run, v, seed=run.seeds[0], store="kv.zarr",
                                                                          out="o")) for v in run.variants})
         out["run"][name] = stages
+    for name in sorted(set(shipped_configs()) - set(distill_configs())):  # kind: latent
+        data = load_yaml((configs_dir() / f"{name}.yaml").read_text(), name)
+        with pytest.MonkeyPatch.context() as env:  # $KAVA_ASSETS stays as written: no machine's path in the snapshot
+            env.delenv("KAVA_ASSETS", raising=False)
+            latent = parse_latent_config(data, source=name)
+        out["run"][name] = {f"latent {v.name}": yaml_of(latent.student_config(v, latent.seeds[0]))
+                            for v in latent.variants}
     return json.loads(json.dumps(out))
 
 

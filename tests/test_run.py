@@ -20,7 +20,7 @@ from helpers import ENV, KAVA, sigkill_when
 from kava.core.errors import ConfigError, DatasetError
 from kava.kvstore import KVStore
 from kava.pipelines import splits
-from kava.pipelines.config import load_config, parse_config, shipped_configs
+from kava.pipelines.config import distill_configs, load_config, parse_config, shipped_configs
 from kava.pipelines.runner import Runner
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
@@ -324,7 +324,7 @@ def test_killed_run_resumes_the_interrupted_student_exactly(tmp_path):
 # Configs
 
 
-@pytest.mark.parametrize("name", shipped_configs())
+@pytest.mark.parametrize("name", distill_configs())
 def test_every_shipped_config_validates(name):
     from kava.pipelines.config import configs_dir
 
